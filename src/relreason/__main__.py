@@ -1,0 +1,5 @@
+import sys
+
+from relreason.cli import main
+
+sys.exit(main())

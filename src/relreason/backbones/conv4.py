@@ -1,0 +1,46 @@
+"""Conv-4: the reference's four-block CNN (8-16-32-64 channels, 64-d features)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def _conv_block(in_channels: int, out_channels: int, pool: nn.Module) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(),
+        pool,
+    )
+
+
+def init_conv_bn(module: nn.Module) -> None:
+    """The reference's initialisation: He-normal over fan-out for convs, BatchNorm at (1, 0)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class Conv4(nn.Module):
+    """Four conv-BN-ReLU-pool blocks; the last pools globally. Module names match the reference's."""
+
+    feature_dim = 64
+
+    def __init__(self, in_channels: int = 3) -> None:
+        super().__init__()
+        self.layer1 = _conv_block(in_channels, 8, nn.AvgPool2d(kernel_size=2, stride=2))
+        self.layer2 = _conv_block(8, 16, nn.AvgPool2d(kernel_size=2, stride=2))
+        self.layer3 = _conv_block(16, 32, nn.AvgPool2d(kernel_size=2, stride=2))
+        self.layer4 = _conv_block(32, 64, nn.AdaptiveAvgPool2d(1))
+        self.flatten = nn.Flatten()
+        init_conv_bn(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.flatten(self.layer4(self.layer3(self.layer2(self.layer1(x)))))

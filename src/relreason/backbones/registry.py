@@ -1,0 +1,71 @@
+"""Backbones by name, so configs and the CLI can name them; user factories load as ``module:function``."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from torch import nn
+
+from relreason.backbones.cifar_resnet import resnet8, resnet32, resnet56
+from relreason.backbones.conv4 import Conv4
+from relreason.backbones.torchvision_resnet import torchvision_resnet
+from relreason.errors import RelreasonError
+from relreason.model import infer_feature_dim
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_backbone(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: make a factory ``f(**kwargs) -> nn.Module`` buildable by ``name``."""
+
+    def decorate(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        BACKBONES[name] = factory
+        return factory
+
+    return decorate
+
+
+register_backbone("conv4")(Conv4)
+register_backbone("resnet8")(resnet8)
+register_backbone("resnet32")(resnet32)
+register_backbone("resnet56")(resnet56)
+for _name in ("resnet18", "resnet34", "resnet50"):
+    register_backbone(_name)(lambda small_stem=True, in_channels=3, _n=_name: torchvision_resnet(_n, small_stem, in_channels))
+
+
+def backbone_names() -> list[str]:
+    return sorted(BACKBONES)
+
+
+def _import_factory(spec: str) -> Callable[..., nn.Module]:
+    module_name, _, attribute = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, attribute)
+    except (ImportError, AttributeError) as error:
+        raise RelreasonError(
+            f"cannot load backbone factory '{spec}' ({error}); give 'package.module:function' importable from here"
+        ) from None
+
+
+def build_backbone(name: str, image_size: int = 32, **kwargs) -> nn.Module:
+    """A fresh backbone with a ``feature_dim`` attribute.
+
+    ``name`` is a registered name (``backbone_names()``) or ``"package.module:factory"`` for a user's own
+    module; a user module without ``feature_dim`` gets it inferred at ``image_size``.
+    """
+    if ":" in name:
+        factory = _import_factory(name)
+    elif name in BACKBONES:
+        factory = BACKBONES[name]
+    else:
+        raise RelreasonError(
+            f"unknown backbone '{name}'; choose one of {', '.join(backbone_names())} or give 'module:factory'"
+        )
+    backbone = factory(**kwargs)
+    if not isinstance(backbone, nn.Module):
+        raise RelreasonError(f"backbone factory '{name}' returned {type(backbone).__name__}, not a torch.nn.Module")
+    if getattr(backbone, "feature_dim", None) is None:
+        backbone.feature_dim = infer_feature_dim(backbone, image_size)
+    return backbone

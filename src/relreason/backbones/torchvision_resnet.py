@@ -1,0 +1,45 @@
+"""torchvision's ResNet-18/34/50 as feature extractors, with a small-image stem for 32-96 px inputs.
+
+The module *is* a ``torchvision.models.ResNet`` (stem swapped, ``fc`` an ``Identity``), so its
+state_dict loads into torchvision's class after the same two changes (see ``load_into_torchvision``).
+"""
+
+from __future__ import annotations
+
+import torchvision
+from torch import nn
+
+_WIDTHS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
+
+
+def small_image_stem(model: torchvision.models.ResNet, in_channels: int = 3) -> None:
+    """3x3 stride-1 first conv and no max-pool: the 7x7/2 + pool stem would shrink 32 px to 8 px at once."""
+    model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    model.maxpool = nn.Identity()
+
+
+def torchvision_resnet(name: str, small_stem: bool = True, in_channels: int = 3) -> torchvision.models.ResNet:
+    """A randomly initialised torchvision ResNet (``resnet18``, ``resnet34``, ``resnet50``) returning pooled features."""
+    model = getattr(torchvision.models, name)(weights=None)
+    if small_stem:
+        small_image_stem(model, in_channels)
+    elif in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    model.fc = nn.Identity()
+    model.feature_dim = _WIDTHS[name]
+    return model
+
+
+def load_into_torchvision(state_dict: dict, name: str, small_stem: bool = True) -> torchvision.models.ResNet:
+    """Load an exported backbone state_dict into a fresh ``torchvision.models.<name>()``.
+
+    Shows the two changes a user makes by hand: the stem (when small) and ``fc = Identity()``.
+    """
+    model = getattr(torchvision.models, name)(weights=None)
+    if small_stem:
+        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    model.fc = nn.Identity()
+    model.load_state_dict(state_dict)
+    return model

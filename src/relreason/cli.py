@@ -1,0 +1,199 @@
+"""``relreason`` command line: ``pretrain``, ``evaluate`` and ``list``; every option also from a YAML config."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from relreason.errors import RelreasonError
+
+
+def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
+    parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=help)
+
+
+def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
+    from relreason.pairing import AGGREGATIONS
+    from relreason.train import AMP_MODES, PretrainConfig
+
+    d = PretrainConfig()
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", help=f"dataset name (see `relreason list`) [{d.dataset}]")
+    data.add_argument("--data-root", help=f"where datasets live; for 'folder', the image folder itself [{d.data_root}]")
+    _bool_flag(data, "download", "download the dataset with torchvision if missing [off]")
+    data.add_argument("--image-size", type=int, help="side of the square views in pixels [the dataset's own]")
+    data.add_argument("--num-workers", type=int, help="DataLoader worker processes for augmentation [0 on CPU, up to 8 on CUDA]")
+    method = parser.add_argument_group("method")
+    method.add_argument("--backbone", help=f"registered backbone or 'package.module:factory' [{d.backbone}]")
+    method.add_argument("-K", "--num-views", type=int, dest="num_views", help=f"augmented views per image, K [{d.num_views}]")
+    method.add_argument("--aggregation", choices=AGGREGATIONS, help=f"how a pair is joined [{d.aggregation}]")
+    method.add_argument("--head-hidden", type=int, help=f"hidden width of the relation head [{d.head_hidden}]")
+    method.add_argument("--loss", choices=("bce", "focal"), help=f"relation loss [{d.loss}]")
+    method.add_argument("--focal-gamma", type=float, help=f"focal loss gamma [{d.focal_gamma}]")
+    method.add_argument("--focal-alpha", type=float, help=f"focal loss alpha, weight of positives [{d.focal_alpha}]")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, help=f"passes over the data [{d.epochs}]")
+    optim.add_argument("--batch-size", type=int, help=f"images per batch, B (each gives K views) [{d.batch_size}]")
+    optim.add_argument("--lr", type=float, help=f"Adam learning rate [{d.lr}]")
+    optim.add_argument("--weight-decay", type=float, help=f"Adam weight decay [{d.weight_decay}]")
+    optim.add_argument("--seed", type=int, help=f"random seed [{d.seed}]")
+    optim.add_argument("--device", help="auto, cpu, cuda or cuda:N [auto]")
+    optim.add_argument("--amp", choices=AMP_MODES, help=f"mixed precision: bf16 or fp16 autocast [{d.amp}]")
+    optim.add_argument("--time-limit", type=float, help="stop after this many minutes and export the backbone [none]")
+    run = parser.add_argument_group("run")
+    run.add_argument("--output-dir", help=f"folder for checkpoints, metrics and the exported backbone [{d.output_dir}]")
+    _bool_flag(run, "resume", "continue from the checkpoint in --output-dir [off]")
+    _bool_flag(run, "progress", "show a progress bar [on]")
+    _bool_flag(run, "tensorboard", "also log to TensorBoard when it is installed [on]")
+
+
+def add_evaluate_options(parser: argparse.ArgumentParser) -> None:
+    from relreason.evaluate import PROTOCOLS, EvaluateConfig
+
+    d = EvaluateConfig()
+    parser.add_argument("--run-dir", help=f"a pretraining output folder (holds backbone.pt and backbone.json) [{d.run_dir}]")
+    parser.add_argument("--weights", help="a backbone state_dict to evaluate instead of --run-dir's")
+    parser.add_argument("--backbone", help="backbone name, when --weights has no backbone.json beside it")
+    parser.add_argument("--dataset", help="labelled dataset to evaluate on [the one pretrained on]")
+    parser.add_argument("--data-root", help=f"where datasets live [{d.data_root}]")
+    _bool_flag(parser, "download", "download the dataset with torchvision if missing [off]")
+    parser.add_argument("--image-size", type=int, help="image side in pixels [the one pretrained at]")
+    parser.add_argument("--protocols", nargs="+", choices=PROTOCOLS, help=f"[{' '.join(d.protocols)}]")
+    parser.add_argument("--linear-epochs", type=int, help=f"epochs of the paper's linear probe [{d.linear_epochs}]")
+    parser.add_argument("--knn-k", type=int, help=f"neighbours for k-NN [{d.knn_k}]")
+    _bool_flag(parser, "random-baseline", "also evaluate a randomly initialised backbone (lower bound) [on]")
+    parser.add_argument("--batch-size", type=int, help=f"feature extraction batch size [{d.batch_size}]")
+    parser.add_argument("--seed", type=int, help=f"seed of the probe and of the random backbone [{d.seed}]")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N [auto]")
+    parser.add_argument("--output", help="results JSON path [<run-dir>/evaluation.json]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relreason",
+        description="Self-supervised relational reasoning: pretrain a backbone on unlabelled images, then evaluate it.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    pretrain = commands.add_parser(
+        "pretrain",
+        help="train a backbone with relational reasoning",
+        description="Train a backbone with self-supervised relational reasoning. Every option may also be set "
+        "in a YAML file given with --config (keys as option names, dashes or underscores); flags override it.",
+    )
+    pretrain.add_argument("--config", help="YAML file of options")
+    add_pretrain_options(pretrain)
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="linear probe and k-NN on frozen features, against a random backbone",
+        description="Judge a pretrained backbone on a labelled dataset: linear probe (the paper's 100-epoch "
+        "protocol and a standardised probe trained to convergence) and weighted k-NN, on features extracted "
+        "once and cached; a randomly initialised backbone gives the lower bound.",
+    )
+    evaluate.add_argument("--config", help="YAML file of options")
+    add_evaluate_options(evaluate)
+    commands.add_parser("list", help="list the datasets and backbones known by name")
+    return parser
+
+
+def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Options from a YAML mapping, keyed by option dest; unknown keys are refused, not ignored."""
+    try:
+        with open(path) as handle:
+            loaded = yaml.safe_load(handle) or {}
+    except OSError as error:
+        raise RelreasonError(f"cannot read config file {path} ({error.strerror}); check the --config path") from None
+    except yaml.YAMLError as error:
+        raise RelreasonError(f"config file {path} is not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise RelreasonError(f"config file {path} must be a mapping of option: value")
+    known = {action.dest for action in parser._actions} - {"help", "config"}
+    options = {}
+    for key, value in loaded.items():
+        dest = str(key).replace("-", "_")
+        if dest in ("k", "K"):
+            dest = "num_views"
+        if dest not in known:
+            raise RelreasonError(f"unknown option '{key}' in config file {path}; see --help for the valid names")
+        options[dest] = value
+    return options
+
+
+def parse_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """Parse ``argv`` with the YAML config's values as defaults, so explicit flags win."""
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        subparser = _subparser(parser, args.command)
+        subparser.set_defaults(**load_config_file(args.config, subparser))
+        args = parser.parse_args(argv)
+    return args
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]
+    raise KeyError(name)
+
+
+def _config_from(args: argparse.Namespace, config_class: type) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    try:
+        return config_class(**values)
+    except TypeError as error:
+        raise RelreasonError(f"bad option value ({error})") from None
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    from relreason.train import PretrainConfig, pretrain
+
+    config = _config_from(args, PretrainConfig)
+    result = pretrain(config)
+    print(
+        f"done: {result.epochs_done} epoch(s); backbone exported to {result.run_dir / 'backbone.pt'}; "
+        f"evaluate with: relreason evaluate --run-dir {result.run_dir}"
+    )
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from relreason.evaluate import EvaluateConfig, format_table, run_evaluation
+
+    config = _config_from(args, EvaluateConfig)
+    results = run_evaluation(config)
+    print(format_table(results["results"]))
+    print(f"results written to {results['output']}")
+    return 0
+
+
+def run_list(_: argparse.Namespace) -> int:
+    from relreason.backbones import backbone_names
+    from relreason.data import DATASET_NAMES
+
+    print("datasets:  " + ", ".join(DATASET_NAMES))
+    print("backbones: " + ", ".join(backbone_names()) + ", or package.module:factory")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_options(parser, argv)
+        handler = {"pretrain": run_pretrain, "evaluate": run_evaluate, "list": run_list}[args.command]
+        return handler(args)
+    except RelreasonError as error:
+        print(f"relreason: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("relreason: interrupted; the last checkpoint is kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

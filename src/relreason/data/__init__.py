@@ -1,0 +1,32 @@
+"""Datasets, transforms and the multi-view wrapper used for relational reasoning."""
+
+from .datasets import (
+    DATASET_NAMES,
+    IMAGE_EXTENSIONS,
+    SYSTEM_DATASET_DIRS,
+    ArrayImageDataset,
+    DatasetInfo,
+    ImageFolderDataset,
+    compute_normalization,
+    dataset_info,
+    load_dataset,
+    pil_to_rgb,
+)
+from .multiview import MultiViewDataset
+from .transforms import eval_transform, relational_augmentation
+
+__all__ = [
+    "DATASET_NAMES",
+    "IMAGE_EXTENSIONS",
+    "SYSTEM_DATASET_DIRS",
+    "ArrayImageDataset",
+    "DatasetInfo",
+    "ImageFolderDataset",
+    "MultiViewDataset",
+    "compute_normalization",
+    "dataset_info",
+    "eval_transform",
+    "load_dataset",
+    "pil_to_rgb",
+    "relational_augmentation",
+]

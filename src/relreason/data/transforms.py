@@ -1,0 +1,70 @@
+"""Image transforms: the relational-reasoning augmentation and the evaluation transform."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+from relreason.errors import RelreasonError
+
+__all__ = ["relational_augmentation", "eval_transform"]
+
+
+def _check(image_size: int, mean: Sequence[float] | None, std: Sequence[float] | None):
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise RelreasonError(f"image size must be a positive integer, got {image_size!r}; pass e.g. 32")
+    if mean is None or std is None:
+        raise RelreasonError(
+            "normalisation mean/std are missing; compute them with compute_normalization(dataset) or pass them explicitly"
+        )
+    mean_t, std_t = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    if len(mean_t) != 3 or len(std_t) != 3:
+        raise RelreasonError(
+            f"mean and std need 3 values (R, G, B), got {len(mean_t)} and {len(std_t)}; repeat a grey value 3 times"
+        )
+    if not all(math.isfinite(s) and s > 0 for s in std_t) or not all(math.isfinite(m) for m in mean_t):
+        raise RelreasonError(f"std must be positive and finite and mean finite, got mean {mean_t} std {std_t}; fix the normalisation values")
+    return mean_t, std_t
+
+
+def relational_augmentation(
+    image_size: int, mean: Sequence[float], std: Sequence[float]
+) -> T.Compose:
+    """The augmentation of Patacchiola & Storkey (2020), in the paper's order.
+
+    Random resized crop (scale 0.08..1, ratio 3/4..4/3, bilinear), horizontal flip,
+    colour jitter (0.8, 0.8, 0.8, 0.2) with probability 0.8, greyscale with
+    probability 0.2, then ToTensor and Normalize. Input: an RGB PIL image.
+    """
+    mean_t, std_t = _check(image_size, mean, std)
+    return T.Compose(
+        [
+            T.RandomResizedCrop(
+                image_size,
+                scale=(0.08, 1.0),
+                ratio=(3.0 / 4.0, 4.0 / 3.0),
+                interpolation=InterpolationMode.BILINEAR,
+            ),
+            T.RandomHorizontalFlip(p=0.5),
+            T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.ToTensor(),
+            T.Normalize(mean_t, std_t),
+        ]
+    )
+
+
+def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
+    """Deterministic transform: resize the short side, centre-crop, ToTensor, Normalize."""
+    mean_t, std_t = _check(image_size, mean, std)
+    return T.Compose(
+        [
+            T.Resize(image_size, interpolation=InterpolationMode.BILINEAR),
+            T.CenterCrop(image_size),
+            T.ToTensor(),
+            T.Normalize(mean_t, std_t),
+        ]
+    )

@@ -1,0 +1,753 @@
+"""Judge a pretrained backbone by what its frozen features make easy.
+
+Three protocols are offered, all on features extracted once with :func:`extract_features`:
+
+* ``"linear"`` -- the protocol of Patacchiola & Storkey (2020): one ``nn.Linear`` on the raw
+  features, Adam, cross-entropy, shuffled mini-batches for a fixed number of epochs.
+* ``"linear_converged"`` -- multinomial logistic regression on standardised features, trained
+  full-batch with L-BFGS until it converges.  A fixed-epoch probe on raw features under-trains
+  when feature scales are poor (common for small or random backbones) and then judges the
+  optimiser rather than the features; this protocol removes that confound.
+* ``"knn"`` -- weighted k-nearest-neighbour vote on cosine similarity (no training at all).
+
+Accuracies are always reported in percent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from relreason.checkpoint import atomic_torch_save, atomic_write_bytes
+from relreason.errors import RelreasonError
+
+__all__ = [
+    "PROTOCOLS",
+    "EvaluateConfig",
+    "run_evaluation",
+    "evaluate_features",
+    "extract_features",
+    "format_table",
+    "knn_accuracy",
+    "knn_predict",
+    "linear_probe",
+    "linear_probe_converged",
+    "train_linear_classifier",
+    "write_results_json",
+]
+
+#: Protocol names understood by :func:`evaluate_features`, in table-column order.
+PROTOCOLS: tuple[str, ...] = ("linear", "linear_converged", "knn")
+
+# Rows scored per forward pass when measuring accuracy (bounds memory, not results).
+_SCORE_CHUNK = 8192
+
+
+# --------------------------------------------------------------------------------------------
+# Small utilities
+# --------------------------------------------------------------------------------------------
+
+
+def _as_features(x: Any, name: str) -> torch.Tensor:
+    """Return ``x`` as a finite float32 (N, d) CPU tensor with N >= 1, or raise RelreasonError."""
+    try:
+        t = torch.as_tensor(x)
+    except Exception as exc:  # noqa: BLE001 - reported to the user as one line
+        raise RelreasonError(
+            f"{name} could not be converted to a tensor ({type(x).__name__}); pass a (N, d) "
+            "torch.Tensor or numpy array"
+        ) from exc
+    if t.dim() != 2:
+        raise RelreasonError(
+            f"{name} must be 2-D (N, d) but has shape {tuple(t.shape)}; flatten the backbone "
+            "output per sample"
+        )
+    if t.shape[0] == 0 or t.shape[1] == 0:
+        raise RelreasonError(f"{name} is empty (shape {tuple(t.shape)}); pass at least one sample and one feature")
+    if t.dtype == torch.bool or t.is_complex():
+        raise RelreasonError(f"{name} has dtype {t.dtype}; pass real-valued features")
+    t = t.detach().to(device="cpu", dtype=torch.float32)
+    if not torch.isfinite(t).all():
+        raise RelreasonError(
+            f"{name} contains NaN or infinite values; check the backbone and checkpoint that produced them"
+        )
+    return t
+
+
+def _as_labels(y: Any, n: int, name: str) -> torch.Tensor:
+    """Return ``y`` as an int64 (N,) CPU tensor of non-negative class indices, or raise."""
+    try:
+        t = torch.as_tensor(y)
+    except Exception as exc:  # noqa: BLE001
+        raise RelreasonError(
+            f"{name} could not be converted to a tensor ({type(y).__name__}); pass a 1-D tensor of class indices"
+        ) from exc
+    if t.dim() != 1:
+        raise RelreasonError(f"{name} must be 1-D but has shape {tuple(t.shape)}; pass one class index per sample")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise RelreasonError(f"{name} has dtype {t.dtype}; pass integer class indices (e.g. torch.int64)")
+    if t.shape[0] != n:
+        raise RelreasonError(
+            f"{name} has {t.shape[0]} labels but the features have {n} rows; pass one label per feature row"
+        )
+    t = t.detach().to(device="cpu", dtype=torch.int64)
+    if (t < 0).any():
+        raise RelreasonError(f"{name} contains negative labels; pass class indices 0..C-1")
+    return t
+
+
+def _prepare(
+    train_x: Any, train_y: Any, test_x: Any, test_y: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Validate a train/test split of features and labels; also return the number of classes."""
+    tr_x = _as_features(train_x, "train_x")
+    te_x = _as_features(test_x, "test_x")
+    if tr_x.shape[1] != te_x.shape[1]:
+        raise RelreasonError(
+            f"train_x has {tr_x.shape[1]} feature dims but test_x has {te_x.shape[1]}; extract both "
+            "splits with the same backbone"
+        )
+    tr_y = _as_labels(train_y, tr_x.shape[0], "train_y")
+    te_y = _as_labels(test_y, te_x.shape[0], "test_y")
+    num_classes = int(max(int(tr_y.max()), int(te_y.max()))) + 1
+    return tr_x, tr_y, te_x, te_y, num_classes
+
+
+def _check_positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RelreasonError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_positive_float(value: Any, name: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not (v > 0 and math.isfinite(v)):
+        raise RelreasonError(f"{name} must be a positive finite number, got {value!r}")
+    return v
+
+
+def _accuracy(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> float:
+    """Percent of rows of ``x`` whose argmax score under ``predict`` equals ``y``."""
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, x.shape[0], _SCORE_CHUNK):
+            scores = predict(x[start : start + _SCORE_CHUNK])
+            correct += int((scores.argmax(dim=1) == y[start : start + _SCORE_CHUNK]).sum())
+    return 100.0 * correct / x.shape[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Feature extraction
+# --------------------------------------------------------------------------------------------
+
+
+class _TransformedDataset(Dataset):
+    """Apply ``transform`` to the image of each ``(image, label)`` item of ``base``."""
+
+    def __init__(self, base: Any, transform: Callable[[Any], Any] | None) -> None:
+        self.base = base
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        item = self.base[index]
+        try:
+            image, label = item
+        except (TypeError, ValueError) as exc:
+            raise RelreasonError(
+                f"dataset item {index} is not an (image, label) pair; wrap the dataset so it yields (image, int label)"
+            ) from exc
+        if self.transform is not None:
+            image = self.transform(image)
+        if not isinstance(image, torch.Tensor):
+            raise RelreasonError(
+                f"transform returned {type(image).__name__}, not a tensor; end the transform with "
+                "torchvision.transforms.ToTensor()"
+            )
+        return image, int(label)
+
+
+def _load_feature_cache(path: Path, expected_len: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise RelreasonError(
+            f"feature cache {path} could not be read ({type(exc).__name__}); delete it to recompute the features"
+        ) from exc
+    if (
+        not isinstance(payload, dict)
+        or not isinstance(payload.get("features"), torch.Tensor)
+        or not isinstance(payload.get("labels"), torch.Tensor)
+        or payload["features"].dim() != 2
+        or payload["labels"].shape != (payload["features"].shape[0],)
+    ):
+        raise RelreasonError(
+            f"feature cache {path} is not a features/labels file written by relreason; delete it to recompute"
+        )
+    features = payload["features"].to(torch.float32)
+    labels = payload["labels"].to(torch.int64)
+    if expected_len is not None and features.shape[0] != expected_len:
+        raise RelreasonError(
+            f"feature cache {path} holds {features.shape[0]} items but the dataset has {expected_len}; "
+            "delete the stale cache to recompute"
+        )
+    return features, labels
+
+
+def _module_device(module: nn.Module) -> torch.device | None:
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return None
+
+
+def extract_features(
+    backbone: nn.Module,
+    dataset: Any,
+    transform: Callable[[Any], Any] | None,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    cache_path: str | Path | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a frozen ``backbone`` over ``dataset`` and return ``(features, labels)``.
+
+    ``dataset[i]`` must be ``(PIL image, int label)``; ``transform`` turns the image into a
+    tensor.  The backbone runs in eval mode (BatchNorm uses, and does not update, its running
+    statistics) under ``torch.no_grad()``; afterwards every submodule's train/eval flag and the
+    backbone's device are restored.  Outputs are flattened per sample.
+
+    Returns float32 CPU features ``(N, d)`` and int64 CPU labels ``(N,)``, in dataset order.
+    If ``cache_path`` exists it is loaded instead of running the backbone; otherwise the result
+    is written there atomically.  A cache is keyed only by its path: use one path per
+    (backbone checkpoint, split, transform).
+    """
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise RelreasonError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+    try:
+        n_items: int | None = len(dataset)
+    except TypeError:
+        n_items = None
+
+    cache = Path(cache_path) if cache_path is not None else None
+    if cache is not None and cache.exists():
+        return _load_feature_cache(cache, n_items)
+
+    if n_items == 0:
+        raise RelreasonError("dataset is empty; check the dataset root and split")
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise RelreasonError(f"unknown device {device!r}; use e.g. 'cpu' or 'cuda'") from exc
+
+    loader = DataLoader(
+        _TransformedDataset(dataset, transform),
+        batch_size=batch_size,
+        shuffle=False,
+        drop_last=False,
+        num_workers=num_workers,
+        pin_memory=target.type == "cuda",
+    )
+
+    modes = [(module, module.training) for module in backbone.modules()]
+    original_device = _module_device(backbone)
+    feature_chunks: list[torch.Tensor] = []
+    label_chunks: list[torch.Tensor] = []
+    try:
+        backbone.to(target)
+        backbone.eval()
+        with torch.no_grad():
+            for images, labels in tqdm(loader, desc="extracting features", unit="batch", disable=None):
+                out = backbone(images.to(target, non_blocking=True))
+                if not isinstance(out, torch.Tensor):
+                    raise RelreasonError(
+                        f"backbone returned {type(out).__name__}, not a tensor; pass a backbone whose "
+                        "forward returns the feature tensor"
+                    )
+                feature_chunks.append(out.reshape(out.shape[0], -1).to("cpu", torch.float32))
+                label_chunks.append(labels.to(torch.int64))
+    finally:
+        for module, was_training in modes:
+            module.training = was_training
+        if original_device is not None and original_device != target:
+            backbone.to(original_device)
+
+    if not feature_chunks:
+        raise RelreasonError("dataset yielded no items; check the dataset root and split")
+    features = torch.cat(feature_chunks).contiguous()
+    labels_all = torch.cat(label_chunks).contiguous()
+    if cache is not None:
+        atomic_torch_save({"features": features, "labels": labels_all}, cache)
+    return features, labels_all
+
+
+# --------------------------------------------------------------------------------------------
+# Linear probes
+# --------------------------------------------------------------------------------------------
+
+
+def train_linear_classifier(
+    train_x: Any,
+    train_y: Any,
+    num_classes: int,
+    epochs: int = 100,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> nn.Linear:
+    """Train the paper's probe: one ``nn.Linear`` with Adam + cross-entropy on shuffled mini-batches.
+
+    Initialisation (PyTorch's default ``U(-1/sqrt(d), 1/sqrt(d))``) and shuffling draw from a
+    private generator seeded with ``seed``, so the global RNG is untouched and repeated calls
+    give bit-identical weights on CPU.  Returns the trained layer on ``device``.
+    """
+    x = _as_features(train_x, "train_x")
+    y = _as_labels(train_y, x.shape[0], "train_y")
+    num_classes = _check_positive_int(num_classes, "num_classes")
+    if int(y.max()) >= num_classes:
+        raise RelreasonError(
+            f"train_y has label {int(y.max())} but num_classes is {num_classes}; pass num_classes > max label"
+        )
+    epochs = _check_positive_int(epochs, "epochs")
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    lr = _check_positive_float(lr, "lr")
+    target = torch.device(device)
+
+    generator = torch.Generator().manual_seed(int(seed))
+    n, dim = x.shape
+    layer = nn.utils.skip_init(nn.Linear, dim, num_classes)  # no draw from the global RNG
+    bound = 1.0 / math.sqrt(dim)
+    with torch.no_grad():
+        layer.weight.uniform_(-bound, bound, generator=generator)
+        layer.bias.uniform_(-bound, bound, generator=generator)
+    layer.to(target)
+    layer.train()
+    x, y = x.to(target), y.to(target)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=lr)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=generator).to(target)
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                loss = F.cross_entropy(layer(x[idx]), y[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+    layer.eval()
+    return layer
+
+
+def linear_probe(
+    train_x: Any,
+    train_y: Any,
+    test_x: Any,
+    test_y: Any,
+    epochs: int = 100,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
+    """Linear evaluation as in the paper: raw frozen features, one linear layer, Adam, fixed epochs.
+
+    No augmentation and no standardisation.  Returns ``{"train_accuracy", "test_accuracy"}``
+    in percent; deterministic for a given ``seed`` (on CPU).
+    """
+    tr_x, tr_y, te_x, te_y, num_classes = _prepare(train_x, train_y, test_x, test_y)
+    layer = train_linear_classifier(tr_x, tr_y, num_classes, epochs, lr, batch_size, seed, device)
+    target = torch.device(device)
+    return {
+        "train_accuracy": _accuracy(layer, tr_x.to(target), tr_y.to(target)),
+        "test_accuracy": _accuracy(layer, te_x.to(target), te_y.to(target)),
+    }
+
+
+# Standard deviations below this are treated as this (a constant feature then maps to 0).
+_STD_FLOOR = 1e-6
+# Above this many feature dims the converged probe works in float32 to bound memory and time.
+_FLOAT64_MAX_DIM = 2048
+
+
+def linear_probe_converged(
+    train_x: Any,
+    train_y: Any,
+    test_x: Any,
+    test_y: Any,
+    weight_decay: float = 1e-4,
+    max_iter: int = 1000,
+    device: str | torch.device = "cpu",
+) -> dict[str, float | int]:
+    """L2-regularised multinomial logistic regression on standardised features, run to convergence.
+
+    Features are standardised with the training mean and std (std floored at 1e-6).  The
+    objective ``mean CE + weight_decay * ||W||^2`` (bias unpenalised) is minimised full-batch
+    with L-BFGS and a strong-Wolfe line search from a zero start, until the largest gradient
+    entry falls below tolerance, progress stalls, or ``max_iter`` iterations pass.  The problem
+    is convex, so the result depends on neither a seed nor a learning rate.
+
+    Default ``weight_decay=1e-4``: any positive value makes the objective strongly convex, so a
+    unique optimum exists even when the training set is linearly separable (without it the
+    weights grow without bound and "converged" is meaningless).  1e-4 on standardised features
+    is mild enough not to cost accuracy, and matches scikit-learn's default ``C=1``
+    (``weight_decay = 1/(2*C*N)``) at N = 5,000, sitting between it at N = 500 and at N = 50,000.
+
+    Returns ``{"train_accuracy", "test_accuracy"}`` in percent plus ``"iterations"`` (L-BFGS
+    iterations used).  Works in float64 up to 2048 feature dims, float32 beyond.
+    """
+    tr_x, tr_y, te_x, te_y, num_classes = _prepare(train_x, train_y, test_x, test_y)
+    try:
+        wd = float(weight_decay)
+    except (TypeError, ValueError):
+        wd = float("nan")
+    if not (wd >= 0 and math.isfinite(wd)):
+        raise RelreasonError(f"weight_decay must be a non-negative finite number, got {weight_decay!r}")
+    max_iter = _check_positive_int(max_iter, "max_iter")
+    target = torch.device(device)
+
+    dim = tr_x.shape[1]
+    dtype = torch.float64 if dim <= _FLOAT64_MAX_DIM else torch.float32
+    x = tr_x.to(target, dtype)
+    mean = x.mean(dim=0)
+    std = x.std(dim=0, unbiased=False).clamp_min(_STD_FLOOR)
+    x = (x - mean) / std
+    y = tr_y.to(target)
+
+    weight = torch.zeros(num_classes, dim, dtype=dtype, device=target, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=dtype, device=target, requires_grad=True)
+    tol_grad = 1e-7 if dtype == torch.float64 else 1e-5
+    optimizer = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1.0,
+        max_iter=max_iter,
+        max_eval=2 * max_iter + 25,
+        tolerance_grad=tol_grad,
+        tolerance_change=1e-12 if dtype == torch.float64 else 1e-9,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(F.linear(x, weight, bias), y) + wd * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    iterations = int(optimizer.state[weight].get("n_iter", 0))
+
+    def scores(batch: torch.Tensor) -> torch.Tensor:
+        return F.linear((batch.to(dtype) - mean) / std, weight, bias)
+
+    return {
+        "train_accuracy": _accuracy(scores, tr_x.to(target), y),
+        "test_accuracy": _accuracy(scores, te_x.to(target), te_y.to(target)),
+        "iterations": iterations,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# k-nearest neighbours
+# --------------------------------------------------------------------------------------------
+
+
+def knn_predict(
+    train_x: Any,
+    train_y: Any,
+    test_x: Any,
+    k: int = 200,
+    temperature: float = 0.07,
+    batch_size: int = 1024,
+) -> torch.Tensor:
+    """Predict a class per test row by a weighted vote of its ``k`` most cosine-similar train rows.
+
+    Each neighbour votes for its class with weight ``exp(sim / temperature)``; the class with
+    the largest total wins (ties go to the lowest class index).  ``k`` is clipped to the train
+    size.  Test rows are processed ``batch_size`` at a time, so memory is
+    O(batch_size * N_train).  Returns int64 predictions ``(N_test,)``.
+    """
+    tr_x = _as_features(train_x, "train_x")
+    te_x = _as_features(test_x, "test_x")
+    if tr_x.shape[1] != te_x.shape[1]:
+        raise RelreasonError(
+            f"train_x has {tr_x.shape[1]} feature dims but test_x has {te_x.shape[1]}; extract both "
+            "splits with the same backbone"
+        )
+    tr_y = _as_labels(train_y, tr_x.shape[0], "train_y")
+    k = min(_check_positive_int(k, "k"), tr_x.shape[0])
+    temperature = _check_positive_float(temperature, "temperature")
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    num_classes = int(tr_y.max()) + 1
+
+    train_n = F.normalize(tr_x, dim=1)
+    test_n = F.normalize(te_x, dim=1)
+    predictions = []
+    for start in range(0, test_n.shape[0], batch_size):
+        sims = test_n[start : start + batch_size] @ train_n.T
+        top_sims, top_idx = sims.topk(k, dim=1, largest=True, sorted=True)
+        # Subtracting each row's largest similarity rescales that row's weights by a common
+        # positive factor: the vote is unchanged and exp() cannot overflow at small temperatures.
+        weights = torch.exp((top_sims - top_sims[:, :1]) / temperature)
+        votes = torch.zeros(sims.shape[0], num_classes, dtype=weights.dtype)
+        votes.scatter_add_(1, tr_y[top_idx], weights)
+        predictions.append(votes.argmax(dim=1))
+    return torch.cat(predictions)
+
+
+def knn_accuracy(
+    train_x: Any,
+    train_y: Any,
+    test_x: Any,
+    test_y: Any,
+    k: int = 200,
+    temperature: float = 0.07,
+    batch_size: int = 1024,
+) -> float:
+    """Accuracy (percent) of :func:`knn_predict` on the test set."""
+    te_y = _as_labels(test_y, _as_features(test_x, "test_x").shape[0], "test_y")
+    predictions = knn_predict(train_x, train_y, test_x, k=k, temperature=temperature, batch_size=batch_size)
+    return 100.0 * float((predictions == te_y).sum()) / te_y.shape[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Orchestration and reporting
+# --------------------------------------------------------------------------------------------
+
+
+def evaluate_features(
+    train_x: Any,
+    train_y: Any,
+    test_x: Any,
+    test_y: Any,
+    protocols: Iterable[str] = PROTOCOLS,
+    linear_epochs: int = 100,
+    knn_k: int = 200,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> dict[str, dict[str, float | int]]:
+    """Run the chosen protocols on one train/test feature split.
+
+    Returns ``{protocol: result}`` with ``"linear"`` and ``"linear_converged"`` holding the
+    dicts of :func:`linear_probe` / :func:`linear_probe_converged` and ``"knn"`` holding
+    ``{"test_accuracy": ...}``.  Protocol names are checked before anything runs.
+    """
+    if isinstance(protocols, str):
+        protocols = (protocols,)
+    chosen = list(dict.fromkeys(protocols))
+    unknown = [p for p in chosen if p not in PROTOCOLS]
+    if unknown:
+        raise RelreasonError(
+            f"unknown evaluation protocol(s) {', '.join(map(repr, unknown))}; choose from {', '.join(PROTOCOLS)}"
+        )
+    if not chosen:
+        raise RelreasonError(f"no evaluation protocol chosen; choose from {', '.join(PROTOCOLS)}")
+    tr_x, tr_y, te_x, te_y, _ = _prepare(train_x, train_y, test_x, test_y)
+
+    results: dict[str, dict[str, float | int]] = {}
+    for protocol in chosen:
+        if protocol == "linear":
+            results[protocol] = linear_probe(tr_x, tr_y, te_x, te_y, epochs=linear_epochs, seed=seed, device=device)
+        elif protocol == "linear_converged":
+            results[protocol] = linear_probe_converged(tr_x, tr_y, te_x, te_y, device=device)
+        else:
+            results[protocol] = {"test_accuracy": knn_accuracy(tr_x, tr_y, te_x, te_y, k=knn_k)}
+    return results
+
+
+def format_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
+    """Render ``{label: evaluate_features(...)}`` as a Markdown table of test accuracies (%).
+
+    One row per label, one column per protocol present in any row (known protocols first, in
+    :data:`PROTOCOLS` order); a protocol missing from a row shows ``-``.
+    """
+    columns = [p for p in PROTOCOLS if any(p in row for row in results.values())]
+    columns += sorted({p for row in results.values() for p in row if p not in PROTOCOLS})
+    header = ["backbone", *columns]
+    rows = []
+    for label, row in results.items():
+        cells = [str(label)]
+        for protocol in columns:
+            value = row.get(protocol, {}).get("test_accuracy") if isinstance(row.get(protocol), Mapping) else None
+            cells.append("-" if value is None else f"{float(value):.2f}")
+        rows.append(cells)
+    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
+
+    def render(cells: list[str]) -> str:
+        padded = [cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join(["-" * (widths[0] + 2)] + ["-" * (w + 1) + ":" for w in widths[1:]]) + "|"
+    return "\n".join([render(header), rule, *(render(r) for r in rows)])
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.device):
+        return str(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=repr)
+    if hasattr(obj, "tolist"):  # torch tensors and numpy arrays / scalars
+        return obj.tolist()
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
+
+
+def write_results_json(path: str | Path, payload: Mapping[str, Any]) -> Path:
+    """Write ``payload`` as indented JSON to ``path`` atomically; return the path.
+
+    Paths, devices, tensors and numpy values are converted to plain JSON types.
+    """
+    try:
+        text = json.dumps(payload, indent=2, default=_json_default) + "\n"
+    except (TypeError, ValueError) as exc:
+        raise RelreasonError(
+            f"results are not JSON serialisable ({exc}); pass plain numbers, strings, lists and dicts"
+        ) from exc
+    path = Path(path)
+    atomic_write_bytes(path, text.encode())
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# The `relreason evaluate` job: a pretrained backbone against a random one, on a labelled dataset
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvaluateConfig:
+    """Every option of ``relreason evaluate``; the CLI and YAML configs fill it by field name."""
+
+    run_dir: str = "runs/relreason"
+    weights: str | None = None
+    backbone: str | None = None
+    dataset: str | None = None
+    data_root: str = "data"
+    download: bool = False
+    image_size: int | None = None
+    protocols: tuple[str, ...] = PROTOCOLS
+    linear_epochs: int = 100
+    knn_k: int = 200
+    random_baseline: bool = True
+    batch_size: int = 256
+    seed: int = 0
+    device: str = "auto"
+    output: str | None = None
+
+
+def _load_backbone_source(config: EvaluateConfig) -> tuple[Path, dict[str, Any]]:
+    """The weights file and its metadata (backbone.json beside it, overridden by explicit options)."""
+    weights = Path(config.weights) if config.weights else Path(config.run_dir) / "backbone.pt"
+    if not weights.is_file():
+        raise RelreasonError(
+            f"no backbone weights at {weights}; run `relreason pretrain --output-dir {weights.parent}` first "
+            "or pass --weights"
+        )
+    meta_path = weights.parent / "backbone.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if config.backbone:
+        meta["backbone"] = config.backbone
+    if "backbone" not in meta:
+        raise RelreasonError(f"{weights} has no backbone.json beside it; pass --backbone NAME")
+    return weights, meta
+
+
+def _labelled_split(name: str, root: str, split: str, download: bool):
+    from relreason.data import load_dataset
+
+    dataset = load_dataset(name, root, split, download=download)
+    if dataset.labels is None:
+        raise RelreasonError(
+            f"the '{split}' split of dataset '{name}' has no labels; evaluation needs labelled images "
+            "(for a folder: one subfolder per class)"
+        )
+    return dataset
+
+
+def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
+    """Extract features once (cached beside the weights), run the protocols, write JSON; return the payload."""
+    from relreason.backbones import build_backbone
+    from relreason.data import compute_normalization, dataset_info, eval_transform
+    from relreason.train import resolve_device
+
+    unknown = [p for p in config.protocols if p not in PROTOCOLS]
+    if unknown:
+        raise RelreasonError(f"unknown protocol(s) {', '.join(unknown)}; choose from {', '.join(PROTOCOLS)}")
+    device = resolve_device(config.device)
+    weights, meta = _load_backbone_source(config)
+    dataset_name = config.dataset or meta.get("dataset")
+    if not dataset_name:
+        raise RelreasonError("no dataset known for these weights; pass --dataset NAME")
+    info = dataset_info(dataset_name)
+    image_size = config.image_size or meta.get("image_size") or info.image_size
+    train_set = _labelled_split(dataset_name, config.data_root, info.train_split, config.download)
+    test_set = _labelled_split(dataset_name, config.data_root, info.test_split, config.download)
+    if dataset_name == meta.get("dataset") and "mean" in meta:
+        mean, std = meta["mean"], meta["std"]  # exactly what the backbone was trained on
+    elif info.mean is not None:
+        mean, std = info.mean, info.std
+    else:
+        mean, std = compute_normalization(train_set)
+    transform = eval_transform(image_size, mean, std)
+
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    digest = hashlib.sha1(weights.read_bytes()).hexdigest()[:12]
+    cache_dir = weights.parent / "features"
+    backbones = {"pretrained": (digest, state)}
+    if config.random_baseline:
+        backbones["random"] = (f"random-seed{config.seed}", None)
+
+    results: dict[str, Any] = {}
+    for label, (key, weights_state) in backbones.items():
+        torch.manual_seed(config.seed)
+        backbone = build_backbone(meta["backbone"], image_size=image_size)
+        if weights_state is not None:
+            try:
+                backbone.load_state_dict(weights_state)
+            except RuntimeError as error:
+                raise RelreasonError(
+                    f"{weights} does not fit backbone '{meta['backbone']}' ({str(error).splitlines()[0]}); "
+                    "pass the --backbone it was trained with"
+                ) from None
+        features = {}
+        for split, dataset in (("train", train_set), ("test", test_set)):
+            cache = cache_dir / f"{meta['backbone']}-{key}-{dataset_name}-{split}-{image_size}px.pt"
+            features[split] = extract_features(
+                backbone, dataset, transform, batch_size=config.batch_size, device=device, cache_path=cache
+            )
+        results[label] = evaluate_features(
+            *features["train"], *features["test"], protocols=config.protocols, linear_epochs=config.linear_epochs,
+            knn_k=config.knn_k, seed=config.seed, device=device,
+        )
+    output = Path(config.output) if config.output else weights.parent / "evaluation.json"
+    payload = {
+        "weights": str(weights),
+        "backbone": meta["backbone"],
+        "pretrained_on": meta.get("dataset"),
+        "dataset": dataset_name,
+        "image_size": image_size,
+        "train_size": len(train_set),
+        "test_size": len(test_set),
+        "settings": {"linear_epochs": config.linear_epochs, "knn_k": config.knn_k, "seed": config.seed},
+        "results": results,
+    }
+    write_results_json(output, payload)
+    return payload | {"output": str(output)}

@@ -1,0 +1,127 @@
+"""``RelationalReasoning``: a backbone plus a relation head, trained to tell same-image pairs apart."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from relreason.errors import RelreasonError
+from relreason.head import RelationHead
+from relreason.losses import build_loss
+from relreason.pairing import aggregate_pairs, aggregation_width, relation_pair_indices
+
+
+@dataclass
+class RelationOutput:
+    """What one forward pass gives: the loss to minimise and the relation accuracies (fractions in [0, 1]).
+
+    Accuracies are detached tensors on the model's device, so reading them costs no host sync until
+    the caller asks for a number.
+    """
+
+    loss: torch.Tensor
+    accuracy: torch.Tensor
+    positive_accuracy: torch.Tensor
+    negative_accuracy: torch.Tensor
+    scores: torch.Tensor
+    targets: torch.Tensor
+
+
+@torch.no_grad()
+def infer_feature_dim(backbone: nn.Module, image_size: int = 32, in_channels: int = 3) -> int:
+    """Output width of ``backbone`` on a dummy batch, run in eval mode so no BatchNorm statistic moves."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        parameter = next(backbone.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+        output = backbone(torch.zeros(2, in_channels, image_size, image_size, device=device))
+    finally:
+        backbone.train(was_training)
+    if output.dim() != 2:
+        raise RelreasonError(
+            f"the backbone returns shape {tuple(output.shape)}; it must return (batch, features): "
+            "end it with global pooling and flatten"
+        )
+    return int(output.shape[1])
+
+
+def stack_views(views: Sequence[torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, int]:
+    """K views as one view-major batch ``(K * B, C, H, W)`` and K.
+
+    Accepts a list of K tensors ``(B, C, H, W)`` (what a K-view dataset's loader yields) or a tensor
+    ``(K, B, C, H, W)``.
+    """
+    if isinstance(views, torch.Tensor):
+        if views.dim() != 5:
+            raise RelreasonError(
+                f"views tensor must have shape (K, B, C, H, W), got {tuple(views.shape)}; "
+                "or pass a list of K tensors of shape (B, C, H, W)"
+            )
+        return views.flatten(0, 1), views.shape[0]
+    views = list(views)
+    if not views:
+        raise RelreasonError("no views given; pass a list of K >= 2 tensors of shape (B, C, H, W)")
+    shapes = {tuple(v.shape) for v in views}
+    if len(shapes) != 1:
+        raise RelreasonError(f"all views must share one shape, got {sorted(shapes)}")
+    return torch.cat(views, dim=0), len(views)
+
+
+class RelationalReasoning(nn.Module):
+    """Backbone + relation head. ``forward(views)`` returns the loss and relation accuracies.
+
+    Args:
+        backbone: any module mapping ``(N, C, H, W)`` images to ``(N, d)`` features.
+        feature_dim: ``d``; read from ``backbone.feature_dim`` or inferred with a dummy forward pass.
+        aggregation: ``cat`` (default), ``sum``, ``mean`` or ``max``.
+        hidden_features: width of the relation head's hidden layer (256 in the paper).
+        loss: ``"bce"``, ``"focal"`` or any module ``loss(logits, targets)``.
+        image_size: input size used only when ``feature_dim`` must be inferred.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_dim: int | None = None,
+        aggregation: str = "cat",
+        hidden_features: int = 256,
+        loss: str | nn.Module = "bce",
+        image_size: int = 32,
+    ) -> None:
+        super().__init__()
+        if feature_dim is None:
+            feature_dim = getattr(backbone, "feature_dim", None) or infer_feature_dim(backbone, image_size)
+        self.backbone = backbone
+        self.feature_dim = int(feature_dim)
+        self.aggregation = aggregation
+        self.relation_head = RelationHead(aggregation_width(self.feature_dim, aggregation), hidden_features)
+        self.criterion = build_loss(loss) if isinstance(loss, str) else loss
+
+    def relation_scores(self, features: torch.Tensor, num_views: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and targets of every relation pair formed from view-major ``features``."""
+        batch_size = features.shape[0] // num_views
+        left, right, targets = relation_pair_indices(num_views, batch_size, features.device)
+        # index_select, not features[left]: its backward (index_add) is deterministic on CPU, while advanced
+        # indexing's accumulate is not with several threads, which would break bit-exact resume.
+        pairs = aggregate_pairs(features.index_select(0, left), features.index_select(0, right), self.aggregation)
+        scores = self.relation_head(pairs).squeeze(1)
+        return scores, targets.to(scores.dtype)
+
+    def forward(self, views: Sequence[torch.Tensor] | torch.Tensor) -> RelationOutput:
+        images, num_views = stack_views(views)
+        features = self.backbone(images)
+        scores, targets = self.relation_scores(features, num_views)
+        # Under autocast the scores may be half precision; the loss is always taken in at least fp32.
+        loss_dtype = torch.promote_types(scores.dtype, torch.float32)
+        loss = self.criterion(scores.to(loss_dtype), targets.to(loss_dtype))
+        with torch.no_grad():
+            correct = (scores > 0).to(targets.dtype) == targets
+            positive = targets > 0.5
+            accuracy = correct.float().mean()
+            positive_accuracy = correct[positive].float().mean()
+            negative_accuracy = correct[~positive].float().mean()
+        return RelationOutput(loss, accuracy, positive_accuracy, negative_accuracy, scores, targets)

@@ -1,0 +1,105 @@
+"""Relation pairs for self-supervised relational reasoning.
+
+Features arrive view-major: row ``k * B + b`` holds view ``k`` of image ``b``. For every pair of view
+blocks ``i < j`` (in the order ``(0,1), (0,2), ..., (1,2), ...``) the reference forms one block of
+positives (view i of image b with view j of image b) followed by one block of negatives (view i of
+image b with view j of image ``(b - s) mod B``, which is ``torch.roll(block_j, s)``). The shift ``s``
+starts at 1, grows by one per block pair and wraps back to 1 when it reaches B, so no image is ever
+paired with itself. This module builds those pairs as index tensors in one shot.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from relreason.errors import RelreasonError
+
+AGGREGATIONS = ("cat", "sum", "mean", "max")
+
+
+def check_pairing_sizes(num_views: int, batch_size: int) -> None:
+    """Raise a one-line error when K views of B images cannot form positive and negative pairs."""
+    if num_views < 2:
+        raise RelreasonError(
+            f"need at least 2 views per image to form relation pairs, got K={num_views}; set K >= 2"
+        )
+    if batch_size < 2:
+        raise RelreasonError(
+            f"a batch of {batch_size} image(s) has no negative pairs (an image cannot be its own negative); "
+            "use a batch of at least 2 images"
+        )
+
+
+@lru_cache(maxsize=64)
+def _pair_indices_cpu(num_views: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_pairing_sizes(num_views, batch_size)
+    block_i, block_j = torch.triu_indices(num_views, num_views, offset=1)  # row-major: the reference order
+    num_block_pairs = block_i.numel()
+    shifts = torch.arange(num_block_pairs) % (batch_size - 1) + 1
+    image = torch.arange(batch_size)
+    left_block = block_i[:, None] * batch_size + image  # (P, B)
+    right_positive = block_j[:, None] * batch_size + image
+    right_negative = block_j[:, None] * batch_size + (image[None, :] - shifts[:, None]) % batch_size
+    # Interleave per block pair: [positives of (i,j), negatives of (i,j)], as the reference concatenates.
+    left = torch.stack([left_block, left_block], dim=1).reshape(-1)
+    right = torch.stack([right_positive, right_negative], dim=1).reshape(-1)
+    targets = torch.stack(
+        [torch.ones(num_block_pairs, batch_size), torch.zeros(num_block_pairs, batch_size)], dim=1
+    ).reshape(-1)
+    return left, right, targets
+
+
+def relation_pair_indices(
+    num_views: int, batch_size: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row indices of the left and right member of every relation pair, and its target (1 or 0).
+
+    Returns ``(left, right, targets)``, each of length ``K * (K - 1) * B``: ``features[left[p]]`` and
+    ``features[right[p]]`` form pair ``p``. Cached per ``(K, B)``; moved to ``device`` on request.
+    """
+    left, right, targets = _pair_indices_cpu(int(num_views), int(batch_size))
+    if device is not None:
+        left, right, targets = (t.to(device, non_blocking=True) for t in (left, right, targets))
+    return left, right, targets
+
+
+def aggregate_pairs(left: torch.Tensor, right: torch.Tensor, aggregation: str = "cat") -> torch.Tensor:
+    """Join the two members of each pair (rows of ``left`` and ``right``) into one relation vector."""
+    if aggregation == "cat":
+        return torch.cat([left, right], dim=1)
+    if aggregation == "sum":
+        return left + right
+    if aggregation == "mean":
+        return (left + right) / 2.0
+    if aggregation == "max":
+        return torch.maximum(left, right)
+    raise RelreasonError(f"unknown aggregation '{aggregation}'; choose one of {', '.join(AGGREGATIONS)}")
+
+
+def aggregation_width(feature_dim: int, aggregation: str) -> int:
+    """Width of the relation vector that ``aggregation`` makes from two ``feature_dim`` features."""
+    if aggregation not in AGGREGATIONS:
+        raise RelreasonError(f"unknown aggregation '{aggregation}'; choose one of {', '.join(AGGREGATIONS)}")
+    return 2 * feature_dim if aggregation == "cat" else feature_dim
+
+
+def make_relation_pairs(
+    features: torch.Tensor, num_views: int, aggregation: str = "cat"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Aggregated relation pairs and their targets from view-major features of shape ``(K * B, d)``.
+
+    Equal, row for row, to the reference implementation's ``aggregate``.
+    """
+    if features.dim() != 2:
+        raise RelreasonError(f"features must have shape (K*B, d), got {tuple(features.shape)}")
+    total = features.shape[0]
+    if num_views < 1 or total % num_views:
+        raise RelreasonError(
+            f"{total} feature rows cannot be split into K={num_views} equal view blocks; "
+            "pass all K views of every image"
+        )
+    left, right, targets = relation_pair_indices(num_views, total // num_views, features.device)
+    pairs = aggregate_pairs(features.index_select(0, left), features.index_select(0, right), aggregation)
+    return pairs, targets.to(features.dtype)

@@ -1,0 +1,81 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from relreason.cli import build_parser, main, parse_options
+
+
+def run_cli(*argv):
+    return subprocess.run([sys.executable, "-m", "relreason", *argv], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("command", [[], ["pretrain"], ["evaluate"]])
+def test_help(command):
+    result = run_cli(*command, "--help")
+    assert result.returncode == 0
+    assert "usage: relreason" in result.stdout
+
+
+def test_console_script_installed():
+    result = subprocess.run(["relreason", "list"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert "fashion-mnist" in result.stdout and "resnet32" in result.stdout
+
+
+def test_config_file_sets_options_and_flags_override(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"dataset": "fashion-mnist", "num-views": 8, "batch_size": 32, "K": 8, "lr": 0.01}))
+    args = parse_options(build_parser(), ["pretrain", "--config", str(config), "--batch-size", "16"])
+    assert (args.dataset, args.num_views, args.batch_size, args.lr) == ("fashion-mnist", 8, 16, 0.01)
+
+
+def test_shipped_configs_parse():
+    from pathlib import Path
+
+    from relreason.train import PretrainConfig
+
+    for path in sorted(Path(__file__).parent.parent.glob("configs/*.yaml")):
+        args = parse_options(build_parser(), ["pretrain", "--config", str(path)])
+        config = PretrainConfig(**{k: v for k, v in vars(args).items() if k in PretrainConfig.__dataclass_fields__ and v is not None})
+        config.validate()
+
+
+def expect_error(capsys, argv, fragment):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("relreason: error:") and len(err.splitlines()) == 1, err
+    assert fragment in err, err
+
+
+def test_bad_inputs_are_one_line_errors(capsys, tmp_path):
+    out = ["--output-dir", str(tmp_path / "run")]
+    expect_error(capsys, ["pretrain", "-K", "1", *out], "at least 2 views")
+    expect_error(capsys, ["pretrain", "--batch-size", "1", *out], "at least 2 images")
+    expect_error(capsys, ["pretrain", "--epochs", "0", *out], "--epochs must be >= 1")
+    expect_error(capsys, ["pretrain", "--dataset", "imagenet-99", *out], "unknown dataset")
+    expect_error(capsys, ["pretrain", "--backbone", "vgg99", "--epochs", "1", *out], "unknown backbone")
+    expect_error(capsys, ["pretrain", "--dataset", "cifar10", "--data-root", str(tmp_path / "empty"), *out], "--download")
+    bad_config = tmp_path / "bad.yaml"
+    bad_config.write_text("epochz: 3\n")
+    expect_error(capsys, ["pretrain", "--config", str(bad_config)], "unknown option 'epochz'")
+    expect_error(capsys, ["pretrain", "--config", str(tmp_path / "missing.yaml")], "cannot read config file")
+    expect_error(capsys, ["evaluate", "--run-dir", str(tmp_path / "nothing")], "no backbone weights")
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_unwritable_output_dir(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("user data")
+    expect_error(capsys, ["pretrain", "--output-dir", str(blocker / "run")], "not writable")
+    assert blocker.read_text() == "user data"
+
+
+def test_existing_checkpoint_needs_resume(capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"previous work")
+    expect_error(capsys, ["pretrain", "--output-dir", str(run)], "--resume")
+    assert (run / "checkpoint.pt").read_bytes() == b"previous work"
+    expect_error(capsys, ["pretrain", "--output-dir", str(run), "--resume"], "cannot be read")

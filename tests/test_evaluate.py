@@ -1,0 +1,293 @@
+"""Tests for relreason.evaluate: probes, k-NN, feature extraction and reporting."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torchvision.transforms import ToTensor
+
+from relreason.errors import RelreasonError
+from relreason.evaluate import (
+    evaluate_features,
+    extract_features,
+    format_table,
+    knn_accuracy,
+    knn_predict,
+    linear_probe,
+    linear_probe_converged,
+    train_linear_classifier,
+    write_results_json,
+)
+
+
+def make_blobs(n_per_class: int, num_classes: int, dim: int, spread: float, seed: int):
+    """Gaussian blobs with unit noise around class centres of norm ~ spread * sqrt(dim)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(num_classes, dim, generator=g) * spread
+    y = torch.arange(num_classes).repeat_interleave(n_per_class)
+    x = centres[y] + torch.randn(y.shape[0], dim, generator=g)
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    """Well-separated 4-class blobs, split into train and test from the same centres."""
+    x, y = make_blobs(n_per_class=150, num_classes=4, dim=16, spread=3.0, seed=0)
+    g = torch.Generator().manual_seed(1)
+    perm = torch.randperm(x.shape[0], generator=g)
+    train, test = perm[:450], perm[450:]
+    return x[train], y[train], x[test], y[test]
+
+
+# --------------------------------------------------------------------------------------------
+# Separable and unlearnable data
+# --------------------------------------------------------------------------------------------
+
+
+def test_all_protocols_solve_separable_blobs(blobs):
+    tr_x, tr_y, te_x, te_y = blobs
+    lin = linear_probe(tr_x, tr_y, te_x, te_y)  # the paper's 100 epochs
+    conv = linear_probe_converged(tr_x, tr_y, te_x, te_y)
+    knn = knn_accuracy(tr_x, tr_y, te_x, te_y, k=20)
+    assert lin["test_accuracy"] >= 98.0 and lin["train_accuracy"] >= 98.0
+    assert conv["train_accuracy"] == 100.0  # separable train set + converged probe
+    assert conv["test_accuracy"] >= 98.0
+    assert 1 <= conv["iterations"] < 1000  # stopped by tolerance, not by the cap
+    assert knn >= 98.0
+
+
+def test_random_labels_stay_near_chance():
+    g = torch.Generator().manual_seed(3)
+    num_classes = 4
+    tr_x, te_x = torch.randn(400, 16, generator=g), torch.randn(400, 16, generator=g)
+    tr_y = torch.randint(0, num_classes, (400,), generator=g)
+    te_y = torch.randint(0, num_classes, (400,), generator=g)
+    results = evaluate_features(tr_x, tr_y, te_x, te_y, linear_epochs=20, knn_k=50)
+    chance = 100.0 / num_classes
+    for protocol in ("linear", "linear_converged", "knn"):
+        assert abs(results[protocol]["test_accuracy"] - chance) < 10.0, protocol
+    # A converged probe can memorise some noise, but test accuracy must not follow it.
+    assert results["linear_converged"]["train_accuracy"] > results["linear_converged"]["test_accuracy"]
+
+
+# --------------------------------------------------------------------------------------------
+# k-NN against an obviously correct reference
+# --------------------------------------------------------------------------------------------
+
+
+def reference_knn_predict(train_x, train_y, test_x, k, temperature):
+    """Loop-by-loop weighted cosine k-NN in float64, for comparison."""
+    tr = np.asarray(train_x, dtype=np.float64)
+    te = np.asarray(test_x, dtype=np.float64)
+    labels = np.asarray(train_y)
+    num_classes = int(labels.max()) + 1
+    k = min(k, len(tr))
+    predictions = []
+    for q in te:
+        sims = [float(q @ t) / (np.linalg.norm(q) * np.linalg.norm(t)) for t in tr]
+        order = sorted(range(len(tr)), key=lambda i: sims[i], reverse=True)[:k]
+        votes = [0.0] * num_classes
+        for i in order:
+            votes[labels[i]] += math.exp(sims[i] / temperature)
+        predictions.append(int(np.argmax(votes)))
+    return predictions
+
+
+@pytest.mark.parametrize("k", [1, 3, 10, 37, 60, 500])
+@pytest.mark.parametrize("temperature", [0.07, 0.5])
+def test_knn_matches_reference_loop(k, temperature):
+    g = torch.Generator().manual_seed(10 * k + int(100 * temperature))
+    tr_x, te_x = torch.randn(60, 6, generator=g), torch.randn(35, 6, generator=g)
+    tr_y = torch.randint(0, 4, (60,), generator=g)
+    te_y = torch.randint(0, 4, (35,), generator=g)
+    expected = reference_knn_predict(tr_x, tr_y, te_x, k, temperature)
+    # batch_size=8 forces several uneven chunks of test points.
+    got = knn_predict(tr_x, tr_y, te_x, k=k, temperature=temperature, batch_size=8)
+    assert got.dtype == torch.int64
+    assert got.tolist() == expected
+    expected_acc = 100.0 * sum(p == t for p, t in zip(expected, te_y.tolist())) / len(expected)
+    assert knn_accuracy(tr_x, tr_y, te_x, te_y, k=k, temperature=temperature, batch_size=8) == pytest.approx(
+        expected_acc
+    )
+
+
+def test_knn_is_scale_invariant_and_stable_at_tiny_temperature():
+    g = torch.Generator().manual_seed(5)
+    tr_x, te_x = torch.randn(50, 5, generator=g), torch.randn(20, 5, generator=g)
+    tr_y = torch.randint(0, 3, (50,), generator=g)
+    base = knn_predict(tr_x, tr_y, te_x, k=7)
+    scaled = knn_predict(tr_x * 1000.0, tr_y, te_x * 0.001, k=7)
+    assert torch.equal(base, scaled)  # cosine similarity ignores per-row scale
+    # exp(1 / 1e-3) overflows float32; the vote must still equal the 1-NN answer.
+    tiny_t = knn_predict(tr_x, tr_y, te_x, k=7, temperature=1e-3)
+    assert torch.equal(tiny_t, knn_predict(tr_x, tr_y, te_x, k=1))
+
+
+# --------------------------------------------------------------------------------------------
+# Linear probes
+# --------------------------------------------------------------------------------------------
+
+
+def test_linear_probe_is_deterministic_for_a_seed():
+    x, y = make_blobs(n_per_class=60, num_classes=3, dim=8, spread=0.6, seed=7)  # overlapping
+    layer_a = train_linear_classifier(x, y, 3, epochs=3, seed=123)
+    layer_b = train_linear_classifier(x, y, 3, epochs=3, seed=123)
+    layer_c = train_linear_classifier(x, y, 3, epochs=3, seed=124)
+    assert torch.equal(layer_a.weight, layer_b.weight) and torch.equal(layer_a.bias, layer_b.bias)
+    assert not torch.equal(layer_a.weight, layer_c.weight)
+
+    state = torch.random.get_rng_state()
+    first = linear_probe(x[::2], y[::2], x[1::2], y[1::2], epochs=3, seed=123)
+    second = linear_probe(x[::2], y[::2], x[1::2], y[1::2], epochs=3, seed=123)
+    assert first == second
+    assert torch.equal(state, torch.random.get_rng_state())  # the global RNG is left alone
+
+
+def test_converged_probe_beats_short_probe_on_badly_scaled_features():
+    # Dims 0-3 separate the classes (centres 6 * one-hot, unit noise; Bayes error ~1e-5);
+    # dims 4-11 are pure noise blown up 1000x, swamping a barely trained raw-feature probe.
+    g = torch.Generator().manual_seed(11)
+    y = torch.arange(4).repeat_interleave(80)
+    informative = 6.0 * torch.eye(4)[y] + torch.randn(320, 4, generator=g)
+    x = torch.cat([informative, torch.randn(320, 8, generator=g) * 1000.0], dim=1)
+    tr_x, tr_y, te_x, te_y = x[::2], y[::2], x[1::2], y[1::2]
+    short = linear_probe(tr_x, tr_y, te_x, te_y, epochs=1)
+    converged = linear_probe_converged(tr_x, tr_y, te_x, te_y)
+    assert converged["test_accuracy"] >= 95.0
+    assert converged["test_accuracy"] > short["test_accuracy"] + 30.0
+
+
+def test_converged_probe_handles_constant_features_and_reports_iterations(blobs):
+    tr_x, tr_y, te_x, te_y = blobs
+    pad_tr = torch.cat([tr_x, torch.full((tr_x.shape[0], 3), 5.0)], dim=1)
+    pad_te = torch.cat([te_x, torch.full((te_x.shape[0], 3), 5.0)], dim=1)
+    result = linear_probe_converged(pad_tr, tr_y, pad_te, te_y)
+    assert set(result) == {"train_accuracy", "test_accuracy", "iterations"}
+    assert isinstance(result["iterations"], int)
+    assert result["test_accuracy"] >= 98.0
+    capped = linear_probe_converged(pad_tr, tr_y, pad_te, te_y, weight_decay=0.0, max_iter=3)
+    assert capped["iterations"] == 3
+
+
+def test_probes_reject_bad_input(blobs):
+    tr_x, tr_y, te_x, te_y = blobs
+    with pytest.raises(RelreasonError, match="feature dims"):
+        linear_probe(tr_x, tr_y, te_x[:, :5], te_y)
+    with pytest.raises(RelreasonError, match="labels"):
+        linear_probe_converged(tr_x, tr_y[:-1], te_x, te_y)
+    bad = tr_x.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(RelreasonError, match="NaN"):
+        knn_accuracy(bad, tr_y, te_x, te_y)
+    with pytest.raises(RelreasonError, match="unknown evaluation protocol"):
+        evaluate_features(tr_x, tr_y, te_x, te_y, protocols=("linear", "svm"))
+
+
+# --------------------------------------------------------------------------------------------
+# Feature extraction
+# --------------------------------------------------------------------------------------------
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, kernel_size=3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Dropout(0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bn(self.conv(x)))  # (N, 4, 1, 1): extract_features flattens it
+
+
+class ExplodingNet(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("the backbone must not run when the cache exists")
+
+
+def tiny_image_dataset(n: int = 10):
+    rng = np.random.default_rng(0)
+    return [
+        (Image.fromarray(rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)), i % 3) for i in range(n)
+    ]
+
+
+def test_extract_features_shapes_modes_and_cache(tmp_path):
+    torch.manual_seed(0)
+    net = TinyNet()
+    net.bn.running_mean.fill_(0.3)  # non-default stats, so eval-mode output is distinctive
+    net.train()
+    net.head.eval()  # a mixed train/eval state must survive exactly as it was
+    stats_before = {k: v.clone() for k, v in net.bn.state_dict().items()}
+    data = tiny_image_dataset(10)
+    cache = tmp_path / "cache" / "feats.pt"
+
+    feats, labels = extract_features(net, data, ToTensor(), batch_size=4, cache_path=cache)
+
+    assert feats.shape == (10, 4) and feats.dtype == torch.float32 and feats.device.type == "cpu"
+    assert labels.dtype == torch.int64 and labels.tolist() == [i % 3 for i in range(10)]
+    assert net.training and net.conv.training and net.bn.training and not net.head.training
+    for key, value in net.bn.state_dict().items():
+        assert torch.equal(value, stats_before[key]), key
+    # Same numbers as running the network in eval mode by hand.
+    net.eval()
+    with torch.no_grad():
+        expected = net(torch.stack([ToTensor()(img) for img, _ in data])).flatten(1)
+    assert torch.allclose(feats, expected, atol=1e-6)
+
+    assert cache.exists()
+    assert [p.name for p in cache.parent.iterdir()] == ["feats.pt"]  # no temp files left behind
+    cached_feats, cached_labels = extract_features(ExplodingNet(), data, ToTensor(), cache_path=cache)
+    assert torch.equal(cached_feats, feats) and torch.equal(cached_labels, labels)
+
+    with pytest.raises(RelreasonError, match="stale"):
+        extract_features(ExplodingNet(), data[:7], ToTensor(), cache_path=cache)
+
+
+def test_extract_features_restores_eval_mode_and_needs_tensor_transform():
+    net = TinyNet().eval()
+    feats, _ = extract_features(net, tiny_image_dataset(3), ToTensor(), batch_size=2)
+    assert not any(m.training for m in net.modules())
+    assert feats.shape == (3, 4)
+    with pytest.raises(RelreasonError, match="ToTensor"):
+        extract_features(net, tiny_image_dataset(3), None)
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------
+
+
+def test_format_table_has_labels_and_numbers():
+    results = {
+        "pretrained": {
+            "linear": {"train_accuracy": 90.0, "test_accuracy": 71.234},
+            "linear_converged": {"train_accuracy": 95.0, "test_accuracy": 74.5, "iterations": 40},
+            "knn": {"test_accuracy": 66.666},
+        },
+        "random": {"linear": {"train_accuracy": 40.0, "test_accuracy": 30.1}, "knn": {"test_accuracy": 25.0}},
+    }
+    table = format_table(results)
+    lines = table.splitlines()
+    assert len(lines) == 4  # header, rule, two rows
+    assert "linear_converged" in lines[0] and "knn" in lines[0]
+    assert "pretrained" in lines[2] and "71.23" in lines[2] and "74.50" in lines[2] and "66.67" in lines[2]
+    assert "random" in lines[3] and "30.10" in lines[3] and "25.00" in lines[3] and "-" in lines[3]
+    assert len({len(line) for line in lines}) == 1  # fixed width
+
+
+def test_write_results_json_round_trip(tmp_path):
+    path = tmp_path / "out" / "results.json"
+    payload = {"pretrained": {"knn": {"test_accuracy": 50.0}}, "features": torch.tensor([1.5]), "dir": tmp_path}
+    write_results_json(path, payload)
+    loaded = json.loads(path.read_text())
+    assert loaded == {"pretrained": {"knn": {"test_accuracy": 50.0}}, "features": [1.5], "dir": str(tmp_path)}
+    assert [p.name for p in path.parent.iterdir()] == ["results.json"]
+    with pytest.raises(RelreasonError, match="JSON"):
+        write_results_json(tmp_path / "bad.json", {"x": object()})
+    assert not (tmp_path / "bad.json").exists()

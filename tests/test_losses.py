@@ -1,0 +1,42 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from relreason import FocalLoss, RelreasonError, build_loss
+
+
+def plain_focal(logits, targets, gamma, alpha):
+    total = 0.0
+    for z, t in zip(logits.tolist(), targets.tolist()):
+        p = 1 / (1 + torch.exp(torch.tensor(-z, dtype=torch.float64)))
+        p_true = p if t == 1 else 1 - p
+        weight = alpha if t == 1 else 1 - alpha
+        total += weight * (1 - p_true) ** gamma * -torch.log(p_true)
+    return total / len(logits)
+
+
+@pytest.mark.parametrize("gamma,alpha", [(2.0, 0.5), (0.0, 0.5), (1.5, 0.25)])
+def test_focal_equals_plain_formula(gamma, alpha):
+    torch.manual_seed(0)
+    logits = torch.randn(50, dtype=torch.float64) * 3
+    targets = (torch.rand(50) > 0.5).double()
+    got = FocalLoss(gamma, alpha)(logits, targets)
+    assert torch.allclose(got, torch.as_tensor(plain_focal(logits, targets, gamma, alpha)), atol=1e-10)
+
+
+def test_focal_gamma_zero_is_half_bce_and_downweights_easy_pairs():
+    logits = torch.tensor([4.0, -4.0, 0.1, -0.2])
+    targets = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    bce = F.binary_cross_entropy_with_logits(logits, targets)
+    assert torch.allclose(FocalLoss(gamma=0.0, alpha=0.5)(logits, targets), bce / 2)
+    assert FocalLoss(gamma=2.0)(logits, targets) < bce / 2
+
+
+def test_build_loss_names_and_errors():
+    assert isinstance(build_loss("bce"), torch.nn.BCEWithLogitsLoss)
+    focal = build_loss("focal", gamma=3.0, alpha=0.3)
+    assert focal.gamma == 3.0 and focal.alpha == 0.3
+    with pytest.raises(RelreasonError, match="unknown loss"):
+        build_loss("hinge")
+    with pytest.raises(RelreasonError, match="alpha"):
+        FocalLoss(alpha=1.5)

@@ -1,0 +1,83 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from loop_reference import loop_step
+from relreason import RelationalReasoning, RelationHead, RelreasonError
+from relreason.backbones import Conv4
+
+
+def small_backbone():
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+@pytest.mark.parametrize("aggregation", ["cat", "sum", "mean", "max"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_loss_scores_gradients_equal_loop(aggregation, dtype):
+    torch.manual_seed(0)
+    model = RelationalReasoning(small_backbone(), aggregation=aggregation).to(dtype)
+    backbone, head = copy.deepcopy(model.backbone), copy.deepcopy(model.relation_head)
+    views = [torch.randn(5, 3, 8, 8, dtype=dtype) for _ in range(4)]
+
+    out = model(views)
+    out.loss.backward()
+    loss, scores, targets = loop_step(backbone, head, views, aggregation)
+    loss.backward()
+
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    assert torch.allclose(out.loss.to(dtype), loss, **tol)
+    assert torch.allclose(out.scores, scores, **tol)
+    assert torch.equal(out.targets, targets)
+    for fast, plain in zip(model.parameters(), list(backbone.parameters()) + list(head.parameters())):
+        assert torch.allclose(fast.grad, plain.grad, **tol)
+    # BatchNorm running statistics move identically.
+    assert torch.allclose(model.relation_head[1].running_mean, head[1].running_mean, **tol)
+
+
+def test_accuracies_match_definition():
+    torch.manual_seed(1)
+    model = RelationalReasoning(Conv4())
+    views = torch.randn(3, 4, 3, 32, 32)  # (K, B, C, H, W)
+    out = model(views)
+    predicted = (out.scores > 0).float()
+    assert out.accuracy.item() == pytest.approx((predicted == out.targets).float().mean().item())
+    pos = out.targets == 1
+    assert out.positive_accuracy.item() == pytest.approx((predicted[pos] == 1).float().mean().item())
+    assert out.negative_accuracy.item() == pytest.approx((predicted[~pos] == 0).float().mean().item())
+    assert not out.accuracy.requires_grad
+
+
+def test_feature_dim_read_inferred_and_head_width():
+    assert RelationalReasoning(Conv4()).relation_head[0].in_features == 128
+    model = RelationalReasoning(small_backbone(), aggregation="sum")
+    assert model.feature_dim == 6 and model.relation_head[0].in_features == 6
+    bn = model.backbone[1]
+    assert bn.num_batches_tracked.item() == 0  # inference ran in eval mode
+
+
+def test_focal_loss_by_name_and_module_train_untouched():
+    model = RelationalReasoning(Conv4(), loss="focal")
+    assert model.criterion.gamma == 2.0 and model.criterion.alpha == 0.5
+    model.eval()
+    assert not model.backbone.training and not model.relation_head.training
+    model.train()
+    assert model.relation_head.training
+
+
+def test_head_layout_matches_reference_keys():
+    head = RelationHead(128)
+    assert list(head.state_dict()) == [
+        "0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var",
+        "1.num_batches_tracked", "3.weight", "3.bias",
+    ]
+    assert RelationHead(10, hidden_features=32)[0].out_features == 32
+
+
+def test_bad_views_are_refused():
+    model = RelationalReasoning(Conv4())
+    with pytest.raises(RelreasonError, match="share one shape"):
+        model([torch.randn(4, 3, 32, 32), torch.randn(3, 3, 32, 32)])
+    with pytest.raises(RelreasonError, match="batch of 1"):
+        model([torch.randn(1, 3, 32, 32), torch.randn(1, 3, 32, 32)])

@@ -1,0 +1,74 @@
+import itertools
+
+import pytest
+import torch
+
+from loop_reference import loop_aggregate
+from relreason import AGGREGATIONS, RelreasonError, make_relation_pairs, relation_pair_indices
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("num_views,batch_size", list(itertools.product([2, 3, 4, 16], [2, 3, 7, 64])))
+def test_vectorised_pairs_equal_loop(aggregation, num_views, batch_size):
+    torch.manual_seed(num_views * 100 + batch_size)
+    features = torch.randn(num_views * batch_size, 5)
+    pairs, targets = make_relation_pairs(features, num_views, aggregation)
+    expected_pairs, expected_targets = loop_aggregate(features, num_views, aggregation)
+    assert pairs.shape == expected_pairs.shape
+    assert torch.equal(pairs, expected_pairs)
+    assert torch.equal(targets, expected_targets)
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_smaller_last_batch_equals_loop(aggregation):
+    # A 1,797-image epoch with batch 64 ends on a batch of 5: pairs must still follow the shift rule.
+    num_views = 4
+    for batch_size in (64, 1797 % 64):
+        features = torch.randn(num_views * batch_size, 3, dtype=torch.float64)
+        pairs, targets = make_relation_pairs(features, num_views, aggregation)
+        expected_pairs, expected_targets = loop_aggregate(features, num_views, aggregation)
+        assert torch.equal(pairs, expected_pairs) and torch.equal(targets, expected_targets)
+
+
+def test_pair_counts_and_no_self_negatives():
+    num_views, batch_size = 5, 4
+    left, right, targets = relation_pair_indices(num_views, batch_size)
+    assert left.numel() == num_views * (num_views - 1) * batch_size
+    assert targets.sum().item() == left.numel() // 2
+    image_left, image_right = left % batch_size, right % batch_size
+    view_left, view_right = left // batch_size, right // batch_size
+    positive = targets == 1
+    assert torch.equal(image_left[positive], image_right[positive])
+    assert (image_left[~positive] != image_right[~positive]).all()
+    assert (view_left < view_right).all()
+
+
+def test_shift_wraps_to_one_before_batch_size():
+    # 6 block pairs with B=3: shifts 1, 2, 1, 2, 1, 2 (never 3 == identity).
+    left, right, targets = relation_pair_indices(4, 3)
+    negatives = targets == 0
+    shifts = ((left[negatives] - right[negatives]) % 3).reshape(6, 3)
+    assert shifts[:, 0].tolist() == [1, 2, 1, 2, 1, 2]
+    assert (shifts == shifts[:, :1]).all()
+
+
+def test_batch_of_one_is_refused():
+    with pytest.raises(RelreasonError, match="batch of 1"):
+        make_relation_pairs(torch.randn(4, 8), num_views=4)
+
+
+def test_single_view_and_ragged_blocks_are_refused():
+    with pytest.raises(RelreasonError, match="at least 2 views"):
+        relation_pair_indices(1, 8)
+    with pytest.raises(RelreasonError, match="cannot be split"):
+        make_relation_pairs(torch.randn(10, 8), num_views=3)
+    with pytest.raises(RelreasonError, match="unknown aggregation"):
+        make_relation_pairs(torch.randn(8, 8), num_views=2, aggregation="product")
+
+
+def test_indices_follow_device_and_are_cached():
+    first = relation_pair_indices(3, 4)
+    second = relation_pair_indices(3, 4)
+    assert first[0] is second[0]
+    moved = relation_pair_indices(3, 4, device="cpu")
+    assert moved[0].device.type == "cpu"
