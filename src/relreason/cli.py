@@ -154,8 +154,9 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
     config = _config_from(args, PretrainConfig)
     result = pretrain(config)
+    partial = " and part of the next (time limit)" if result.stopped_early else ""
     print(
-        f"done: {result.epochs_done} epoch(s); backbone exported to {result.run_dir / 'backbone.pt'}; "
+        f"done: {result.epochs_done} epoch(s){partial}; backbone exported to {result.run_dir / 'backbone.pt'}; "
         f"evaluate with: relreason evaluate --run-dir {result.run_dir}"
     )
     return 0

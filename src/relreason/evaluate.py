@@ -107,10 +107,8 @@ def _as_labels(y: Any, n: int, name: str) -> torch.Tensor:
     return t
 
 
-def _prepare(
-    train_x: Any, train_y: Any, test_x: Any, test_y: Any
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Validate a train/test split of features and labels; also return the number of classes."""
+def _matching_features(train_x: Any, test_x: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both splits as float feature matrices of one width."""
     tr_x = _as_features(train_x, "train_x")
     te_x = _as_features(test_x, "test_x")
     if tr_x.shape[1] != te_x.shape[1]:
@@ -118,6 +116,14 @@ def _prepare(
             f"train_x has {tr_x.shape[1]} feature dims but test_x has {te_x.shape[1]}; extract both "
             "splits with the same backbone"
         )
+    return tr_x, te_x
+
+
+def _prepare(
+    train_x: Any, train_y: Any, test_x: Any, test_y: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Validate a train/test split of features and labels; also return the number of classes."""
+    tr_x, te_x = _matching_features(train_x, test_x)
     tr_y = _as_labels(train_y, tr_x.shape[0], "train_y")
     te_y = _as_labels(test_y, te_x.shape[0], "test_y")
     num_classes = int(max(int(tr_y.max()), int(te_y.max()))) + 1
@@ -485,13 +491,7 @@ def knn_predict(
     size.  Test rows are processed ``batch_size`` at a time, so memory is
     O(batch_size * N_train).  Returns int64 predictions ``(N_test,)``.
     """
-    tr_x = _as_features(train_x, "train_x")
-    te_x = _as_features(test_x, "test_x")
-    if tr_x.shape[1] != te_x.shape[1]:
-        raise RelreasonError(
-            f"train_x has {tr_x.shape[1]} feature dims but test_x has {te_x.shape[1]}; extract both "
-            "splits with the same backbone"
-        )
+    tr_x, te_x = _matching_features(train_x, test_x)
     tr_y = _as_labels(train_y, tr_x.shape[0], "train_y")
     k = min(_check_positive_int(k, "k"), tr_x.shape[0])
     temperature = _check_positive_float(temperature, "temperature")

@@ -1,0 +1,93 @@
+"""The trainer's promises beyond the happy path: AMP, logs, time limit, non-finite loss, resume checks."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from relreason.errors import RelreasonError
+from relreason.train import PretrainConfig, make_loader, pretrain
+
+
+def config(tmp_path, **overrides):
+    options = dict(dataset="digits", image_size=16, num_views=3, batch_size=64, epochs=1, seed=0,
+                   device="cpu", progress=False, output_dir=str(tmp_path / "run"))
+    return PretrainConfig(**(options | overrides))
+
+
+class NanAfter(nn.Module):
+    """A backbone whose features turn to NaN after a given number of forward passes."""
+
+    feature_dim = 4
+    calls = 0
+
+    def __init__(self, healthy_calls: int = 30) -> None:
+        super().__init__()
+        self.healthy_calls = healthy_calls
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, x):
+        NanAfter.calls += 1
+        features = self.net(x)
+        return features * float("nan") if NanAfter.calls > self.healthy_calls else features
+
+
+def test_bf16_autocast_on_cpu_trains(tmp_path):
+    result = pretrain(config(tmp_path, amp="bf16"))
+    assert result.epochs_done == 1
+    assert torch.isfinite(torch.tensor(result.history[0]["loss"]))
+
+
+def test_metrics_tensorboard_and_plot(tmp_path):
+    result = pretrain(config(tmp_path, epochs=2))
+    record = result.history[-1]
+    assert set(record) >= {"epoch", "loss", "relation_accuracy", "positive_accuracy", "negative_accuracy",
+                           "seconds", "views_per_second", "lr"}
+    assert list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    png = result.run_dir / "training_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_time_limit_exports_current_backbone(tmp_path):
+    result = pretrain(config(tmp_path, epochs=5, time_limit=1e-9))
+    assert result.stopped_early and result.epochs_done == 0
+    assert (result.run_dir / "backbone.pt").is_file()
+    assert not (result.run_dir / "checkpoint.pt").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    NanAfter.calls = 0
+    monkeypatch.setattr("relreason.backbones.registry.BACKBONES", {"nan-after": NanAfter})
+    with pytest.raises(RelreasonError, match=r"loss became nan in epoch 2.*last good checkpoint"):
+        pretrain(config(tmp_path, backbone="nan-after", epochs=3))
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert checkpoint["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in checkpoint["backbone"].values() if v.is_floating_point())
+
+
+def test_resume_refuses_changed_model_options(tmp_path):
+    pretrain(config(tmp_path))
+    with pytest.raises(RelreasonError, match="options differ.*aggregation"):
+        pretrain(config(tmp_path, epochs=2, resume=True, aggregation="sum"))
+
+
+def test_last_batch_of_one_image_is_dropped(tmp_path):
+    from relreason.data import ArrayImageDataset, MultiViewDataset, relational_augmentation
+
+    images = ArrayImageDataset(torch.randint(0, 255, (5, 8, 8), dtype=torch.uint8).numpy())
+    views = MultiViewDataset(images, relational_augmentation(8, (0.5,) * 3, (0.5,) * 3), num_views=2)
+    sizes = [len(labels) for _, labels in make_loader(views, config(tmp_path, batch_size=2), 0, torch.device("cpu"))]
+    assert sizes == [2, 2]
+    sizes = [len(labels) for _, labels in make_loader(views, config(tmp_path, batch_size=3), 0, torch.device("cpu"))]
+    assert sizes == [3, 2]
+
+
+def test_readme_python_example_runs():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = re.search(r"## Python API.*?```python\n(.*?)```", readme, re.S).group(1)
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["out"].loss.item() > 0
+    assert 0.0 <= namespace["out"].accuracy.item() <= 1.0
