@@ -72,10 +72,9 @@ def test_unwritable_output_dir(capsys, tmp_path):
     assert blocker.read_text() == "user data"
 
 
-def test_existing_checkpoint_needs_resume(capsys, tmp_path):
+def test_existing_checkpoints_are_never_overwritten_by_no_resume(capsys, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "checkpoint.pt").write_bytes(b"previous work")
-    expect_error(capsys, ["pretrain", "--output-dir", str(run)], "--resume")
-    assert (run / "checkpoint.pt").read_bytes() == b"previous work"
-    expect_error(capsys, ["pretrain", "--output-dir", str(run), "--resume"], "cannot be read")
+    (run / "checkpoint-e0001-s0000000.pt").write_bytes(b"previous work")
+    expect_error(capsys, ["pretrain", "--output-dir", str(run), "--no-resume"], "drop --no-resume")
+    assert (run / "checkpoint-e0001-s0000000.pt").read_bytes() == b"previous work"

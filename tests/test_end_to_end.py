@@ -26,15 +26,17 @@ def runs(tmp_path_factory):
 
 def test_run_folder_contents(runs):
     straight, _ = runs
-    for name in ("checkpoint.pt", "backbone.pt", "backbone.json", "metrics.jsonl", "config.json"):
+    for name in ("checkpoint-e0004-s0000000.pt", "checkpoint-e0003-s0000000.pt", "backbone.pt", "backbone.json",
+                 "metrics.jsonl", "config.json"):
         assert (straight / name).is_file(), name
     records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
     assert records[-1]["loss"] < records[0]["loss"]
     assert records[-1]["relation_accuracy"] > 52.0
-    checkpoint = torch.load(straight / "checkpoint.pt", weights_only=False)
+    assert not (straight / "checkpoint-e0002-s0000000.pt").exists()  # rotated: the newest two are kept
+    checkpoint = torch.load(straight / "checkpoint-e0004-s0000000.pt", weights_only=False)
     assert checkpoint["epoch"] == 4
-    assert {"backbone", "relation_head", "optimizer", "scaler", "rng", "config"} <= set(checkpoint)
+    assert {"backbone", "relation_head", "optimizer", "scaler", "rng", "config", "position"} <= set(checkpoint)
     meta = json.loads((straight / "backbone.json").read_text())
     assert meta["backbone"] == "conv4" and meta["feature_dim"] == 64 and meta["image_size"] == 32
 

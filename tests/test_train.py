@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from relreason.checkpoint import list_checkpoints
 from relreason.errors import RelreasonError
-from relreason.train import PretrainConfig, make_loader, pretrain
+from relreason.train import PretrainConfig, TrainingPosition, make_loader, pretrain
 
 
 def config(tmp_path, **overrides):
@@ -50,11 +51,11 @@ def test_metrics_tensorboard_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_time_limit_exports_current_backbone(tmp_path):
+def test_time_limit_exports_current_backbone_and_checkpoints_the_step(tmp_path):
     result = pretrain(config(tmp_path, epochs=5, time_limit=1e-9))
     assert result.stopped_early and result.epochs_done == 0
     assert (result.run_dir / "backbone.pt").is_file()
-    assert not (result.run_dir / "checkpoint.pt").exists()
+    assert [p.name for p in list_checkpoints(result.run_dir)] == ["checkpoint-e0000-s0000001.pt"]
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -62,7 +63,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     monkeypatch.setattr("relreason.backbones.registry.BACKBONES", {"nan-after": NanAfter})
     with pytest.raises(RelreasonError, match=r"loss became nan in epoch 2.*last good checkpoint"):
         pretrain(config(tmp_path, backbone="nan-after", epochs=3))
-    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    newest = list_checkpoints(tmp_path / "run")[0]
+    assert newest.name == "checkpoint-e0001-s0000000.pt"
+    checkpoint = torch.load(newest, weights_only=False)
     assert checkpoint["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in checkpoint["backbone"].values() if v.is_floating_point())
 
@@ -78,9 +81,10 @@ def test_last_batch_of_one_image_is_dropped(tmp_path):
 
     images = ArrayImageDataset(torch.randint(0, 255, (5, 8, 8), dtype=torch.uint8).numpy())
     views = MultiViewDataset(images, relational_augmentation(8, (0.5,) * 3, (0.5,) * 3), num_views=2)
-    sizes = [len(labels) for _, labels in make_loader(views, config(tmp_path, batch_size=2), 0, torch.device("cpu"))]
+    start = TrainingPosition()
+    sizes = [len(labels) for _, labels in make_loader(views, config(tmp_path, batch_size=2), start, torch.device("cpu"))]
     assert sizes == [2, 2]
-    sizes = [len(labels) for _, labels in make_loader(views, config(tmp_path, batch_size=3), 0, torch.device("cpu"))]
+    sizes = [len(labels) for _, labels in make_loader(views, config(tmp_path, batch_size=3), start, torch.device("cpu"))]
     assert sizes == [3, 2]
 
 

@@ -6,6 +6,8 @@ import io
 import json
 import os
 import random
+import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -69,8 +71,43 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch raises several types for truncated files
         raise RelreasonError(
-            f"checkpoint {path} cannot be read ({type(error).__name__}); delete it or start a new --output-dir"
+            f"checkpoint {path} cannot be read ({type(error).__name__}: {' '.join(str(error).split())[:120]}); "
+            "it is truncated or corrupt: delete it or start a new --output-dir"
         ) from None
     if not isinstance(checkpoint, dict) or "backbone" not in checkpoint or "epoch" not in checkpoint:
         raise RelreasonError(f"{path} is not a relreason training checkpoint; point --output-dir elsewhere")
     return checkpoint
+
+
+_CHECKPOINT_PATTERN = re.compile(r"^checkpoint-e(\d+)-s(\d+)\.pt$")
+
+
+def checkpoint_path(run_dir: str | os.PathLike, epoch: int, step: int) -> Path:
+    """Where the checkpoint taken after ``step`` steps of epoch ``epoch`` (0-based) lives."""
+    return Path(run_dir) / f"checkpoint-e{epoch:04d}-s{step:07d}.pt"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Training checkpoints in ``run_dir``, newest (furthest in training) first."""
+    found = []
+    for path in Path(run_dir).glob("checkpoint-e*-s*.pt"):
+        match = _CHECKPOINT_PATTERN.match(path.name)
+        if match:
+            found.append(((int(match.group(1)), int(match.group(2))), path))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def load_newest_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that reads back whole; corrupt or truncated ones are reported and passed over."""
+    for path in list_checkpoints(run_dir):
+        try:
+            return path, load_checkpoint(path)
+        except RelreasonError as error:
+            print(f"relreason: warning: skipping {path}: {error}", file=sys.stderr)
+    return None
+
+
+def rotate_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
+    """Delete all but the ``keep`` newest checkpoints."""
+    for path in list_checkpoints(run_dir)[keep:]:
+        path.unlink(missing_ok=True)

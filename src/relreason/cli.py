@@ -6,11 +6,18 @@ import argparse
 import dataclasses
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
 from relreason.errors import RelreasonError
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Usage mistakes print one line naming the problem and pointing at --help, like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"relreason: error: {message}; see `{self.prog} --help`\n")
 
 
 def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
@@ -47,7 +54,10 @@ def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--time-limit", type=float, help="stop after this many minutes and export the backbone [none]")
     run = parser.add_argument_group("run")
     run.add_argument("--output-dir", help=f"folder for checkpoints, metrics and the exported backbone [{d.output_dir}]")
-    _bool_flag(run, "resume", "continue from the checkpoint in --output-dir [off]")
+    _bool_flag(run, "resume", "continue from the newest valid checkpoint in --output-dir, if any [on]")
+    run.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps within an epoch [0: epoch ends only]")
+    run.add_argument("--keep-checkpoints", type=int, help=f"how many of the newest checkpoints to keep [{d.keep_checkpoints}]")
+    _bool_flag(run, "sync-batchnorm", "under torchrun on GPUs, BatchNorm statistics over all ranks' batches [off]")
     _bool_flag(run, "progress", "show a progress bar [on]")
     _bool_flag(run, "tensorboard", "also log to TensorBoard when it is installed [on]")
 
@@ -74,7 +84,7 @@ def add_evaluate_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="relreason",
         description="Self-supervised relational reasoning: pretrain a backbone on unlabelled images, then evaluate it.",
     )
@@ -111,16 +121,42 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
         raise RelreasonError(f"config file {path} is not valid YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(loaded, dict):
         raise RelreasonError(f"config file {path} must be a mapping of option: value")
-    known = {action.dest for action in parser._actions} - {"help", "config"}
+    actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
     options = {}
     for key, value in loaded.items():
         dest = str(key).replace("-", "_")
         if dest in ("k", "K"):
             dest = "num_views"
-        if dest not in known:
+        if dest not in actions:
             raise RelreasonError(f"unknown option '{key}' in config file {path}; see --help for the valid names")
-        options[dest] = value
+        options[dest] = _config_value(actions[dest], key, value, path)
     return options
+
+
+def _config_value(action: argparse.Action, key: str, value: Any, path: str) -> Any:
+    """A YAML value checked as strictly as the same value typed on the command line."""
+    def refuse(expected: str) -> NoReturn:
+        raise RelreasonError(f"option '{key}' in config file {path} must be {expected}, got {value!r}")
+
+    if value is None:
+        return None
+    if isinstance(action, argparse.BooleanOptionalAction):
+        if not isinstance(value, bool):
+            refuse("true or false")
+        return value
+    values = value if action.nargs == "+" and isinstance(value, list) else [value]
+    checked = []
+    for item in values:
+        if action.type is int and (isinstance(item, bool) or not isinstance(item, int)):
+            refuse("an integer")
+        if action.type is float and (isinstance(item, bool) or not isinstance(item, (int, float))):
+            refuse("a number")
+        if action.type is None and not isinstance(item, str):
+            refuse("a string")
+        if action.choices is not None and item not in action.choices:
+            refuse(f"one of {', '.join(map(str, action.choices))}")
+        checked.append(float(item) if action.type is float else item)
+    return checked if action.nargs == "+" else checked[0]
 
 
 def parse_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
@@ -154,6 +190,9 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
     config = _config_from(args, PretrainConfig)
     result = pretrain(config)
+    if result.preempted:
+        print(f"stopped by SIGTERM after {result.epochs_done} epoch(s); rerun the same command to continue")
+        return 143  # 128 + SIGTERM: the run is not finished
     partial = " and part of the next (time limit)" if result.stopped_early else ""
     print(
         f"done: {result.epochs_done} epoch(s){partial}; backbone exported to {result.run_dir / 'backbone.pt'}; "
@@ -185,7 +224,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parse_options(parser, argv)
+        try:
+            args = parse_options(parser, argv)
+        except SystemExit as done:  # --help, or a usage error already printed on one line
+            return int(done.code or 0)
         handler = {"pretrain": run_pretrain, "evaluate": run_evaluate, "list": run_list}[args.command]
         return handler(args)
     except RelreasonError as error:

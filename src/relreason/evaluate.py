@@ -682,6 +682,20 @@ def _labelled_split(name: str, root: str, split: str, download: bool):
     return dataset
 
 
+def load_matching_state(backbone: nn.Module, state: Mapping[str, torch.Tensor], weights: Path, name: str) -> None:
+    """Load ``state`` into ``backbone``, or say in one line how far apart they are."""
+    expected = backbone.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or misshaped:
+        raise RelreasonError(
+            f"{weights} does not fit backbone '{name}' ({len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(misshaped)} mis-shaped tensors); pass the --backbone it was trained with"
+        )
+    backbone.load_state_dict(state)
+
+
 def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     """Extract features once (cached beside the weights), run the protocols, write JSON; return the payload."""
     from relreason.backbones import build_backbone
@@ -720,13 +734,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         torch.manual_seed(config.seed)
         backbone = build_backbone(meta["backbone"], image_size=image_size)
         if weights_state is not None:
-            try:
-                backbone.load_state_dict(weights_state)
-            except RuntimeError as error:
-                raise RelreasonError(
-                    f"{weights} does not fit backbone '{meta['backbone']}' ({str(error).splitlines()[0]}); "
-                    "pass the --backbone it was trained with"
-                ) from None
+            load_matching_state(backbone, weights_state, weights, meta["backbone"])
         features = {}
         for split, dataset in (("train", train_set), ("test", test_set)):
             cache = cache_dir / f"{meta['backbone']}-{key}-{dataset_name}-{split}-{image_size}px.pt"

@@ -11,7 +11,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,29 +21,52 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from relreason.backbones import build_backbone
+from relreason.backbones.registry import check_backbone_name
 from relreason.checkpoint import (
     atomic_torch_save,
     atomic_write_bytes,
     atomic_write_json,
-    load_checkpoint,
+    checkpoint_path,
+    list_checkpoints,
+    load_newest_checkpoint,
     rng_state,
+    rotate_checkpoints,
     set_rng_state,
 )
-from relreason.data import MultiViewDataset, compute_normalization, dataset_info, load_dataset, relational_augmentation
+from relreason.data import (
+    ImageFolderDataset,
+    MultiViewDataset,
+    compute_normalization,
+    dataset_info,
+    load_dataset,
+    read_skip_log,
+    relational_augmentation,
+)
+from relreason.data.sampler import EpochBatchSampler
+from relreason.distributed import (
+    DistributedContext,
+    all_reduce_mean,
+    barrier,
+    broadcast_object,
+    init_distributed,
+    shutdown_distributed,
+)
 from relreason.errors import RelreasonError
 from relreason.losses import build_loss
 from relreason.model import RelationalReasoning
 from relreason.pairing import AGGREGATIONS, check_pairing_sizes
 
 AMP_MODES = ("off", "bf16", "fp16")
-CHECKPOINT_NAME = "checkpoint.pt"
 BACKBONE_NAME = "backbone.pt"
 BACKBONE_META_NAME = "backbone.json"
 METRICS_NAME = "metrics.jsonl"
+SKIPPED_IMAGES_NAME = "skipped_images.txt"
 
 
 @dataclass
@@ -68,7 +93,10 @@ class PretrainConfig:
     amp: str = "off"
     num_workers: int | None = None  # None: 0 on CPU (the cores train), up to 8 on CUDA
     output_dir: str = "runs/relreason"
-    resume: bool = False
+    resume: bool = True  # continue from the newest valid checkpoint in output_dir
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: at epoch ends only
+    keep_checkpoints: int = 2
+    sync_batchnorm: bool = False
     time_limit: float | None = None  # minutes
     progress: bool = True
     tensorboard: bool = True
@@ -88,10 +116,15 @@ class PretrainConfig:
             raise RelreasonError(f"--image-size must be >= 8, got {self.image_size}")
         if self.num_workers is not None and self.num_workers < 0:
             raise RelreasonError(f"--num-workers must be >= 0, got {self.num_workers}")
+        if self.checkpoint_every < 0:
+            raise RelreasonError(f"--checkpoint-every must be >= 0 steps, got {self.checkpoint_every}")
+        if self.keep_checkpoints < 1:
+            raise RelreasonError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.time_limit is not None and not self.time_limit > 0:
             raise RelreasonError(f"--time-limit must be > 0 minutes, got {self.time_limit}")
         build_loss(self.loss, self.focal_gamma, self.focal_alpha)
         dataset_info(self.dataset)
+        check_backbone_name(self.backbone)
         resolve_device(self.device)
 
 
@@ -100,7 +133,9 @@ class PretrainResult:
     run_dir: Path
     epochs_done: int
     history: list[dict[str, float]]
-    stopped_early: bool
+    stopped_early: bool  # by --time-limit or SIGTERM, with a checkpoint at the step it stopped
+    model: RelationalReasoning
+    preempted: bool = False  # stopped by SIGTERM rather than by --time-limit
 
 
 def resolve_device(name: str) -> torch.device:
@@ -125,18 +160,19 @@ def autocast_dtype(amp: str) -> torch.dtype | None:
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
-def prepare_output_dir(config: PretrainConfig) -> Path:
+def prepare_output_dir(config: PretrainConfig, context: DistributedContext = DistributedContext()) -> Path:
     run_dir = Path(config.output_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
+        probe = run_dir / f".write-test-{context.rank}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
         raise RelreasonError(f"output folder {run_dir} is not writable ({error.strerror}); choose another --output-dir") from None
-    if (run_dir / CHECKPOINT_NAME).exists() and not config.resume:
+    if list_checkpoints(run_dir) and not config.resume:
         raise RelreasonError(
-            f"{run_dir} already holds a training checkpoint; pass --resume to continue it or choose another --output-dir"
+            f"{run_dir} already holds training checkpoints and --no-resume was given; "
+            "drop --no-resume to continue them or choose another --output-dir"
         )
     return run_dir
 
@@ -167,7 +203,13 @@ class MetricsLog:
     def read(self) -> list[dict[str, float]]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # a line cut short by a killed process; its epoch is redone on resume
+        return records
 
     def truncate_after(self, epoch: int) -> None:
         """Drop records of epochs a resumed run will redo (written after the checkpoint it resumes)."""
@@ -190,22 +232,30 @@ def build_pretrain_data(config: PretrainConfig) -> tuple[MultiViewDataset, dict[
         mean, std = info.mean, info.std
     transform = relational_augmentation(image_size, mean, std)
     geometry = {"image_size": image_size, "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
-    return MultiViewDataset(dataset, transform, config.num_views), geometry
+    return MultiViewDataset(dataset, transform, config.num_views, seed=config.seed), geometry
 
 
-def make_loader(dataset: MultiViewDataset, config: PretrainConfig, epoch: int, device: torch.device) -> DataLoader:
-    # Shuffle order and worker seeds depend on (seed, epoch) only, so a resumed epoch replays exactly.
-    generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+def make_loader(
+    dataset: MultiViewDataset,
+    config: PretrainConfig,
+    position: TrainingPosition,
+    device: torch.device,
+    context: DistributedContext = DistributedContext(),
+) -> DataLoader:
+    """This rank's batches from ``position`` to the end of its epoch.
+
+    Order comes from (seed, epoch) and each image's views from (seed, epoch, index), so a resumed or
+    re-sharded epoch sees exactly the images and views it would have seen.
+    """
+    dataset.set_epoch(position.epoch)
+    sampler = EpochBatchSampler(
+        len(dataset), config.batch_size, config.seed, position.epoch, context.rank, context.world_size, position.step
+    )
     return DataLoader(
         dataset,
-        batch_size=config.batch_size,
-        shuffle=True,
-        generator=generator,
+        batch_sampler=sampler,
         num_workers=loader_workers(config.num_workers, device),
-        # A last batch of one image would have no negatives: drop it rather than fail.
-        drop_last=len(dataset) % config.batch_size == 1,
         pin_memory=device.type == "cuda",
-        persistent_workers=False,
     )
 
 
@@ -240,109 +290,197 @@ def export_backbone(run_dir: Path, model: RelationalReasoning, config: PretrainC
     atomic_write_json(run_dir / BACKBONE_META_NAME, meta)
 
 
-def _model_fields(config: PretrainConfig) -> dict[str, Any]:
-    return {k: getattr(config, k) for k in ("backbone", "aggregation", "head_hidden", "dataset", "image_size")}
-
-
 def pretrain(config: PretrainConfig) -> PretrainResult:
-    """Train ``config.backbone`` with relational reasoning on ``config.dataset``; see ``PretrainConfig``."""
+    """Train ``config.backbone`` with relational reasoning on ``config.dataset``; see ``PretrainConfig``.
+
+    Under ``torchrun`` each process trains on its own share of every epoch (pairs are formed inside each
+    rank's batch) and rank 0 alone writes files; otherwise this is a plain single-process loop.
+    """
     config.validate()
-    device = resolve_device(config.device)
-    run_dir = prepare_output_dir(config)
+    context, device = init_distributed(resolve_device(config.device))
+    try:
+        return _pretrain(config, context, device)
+    finally:
+        shutdown_distributed()
+
+
+def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch.device) -> PretrainResult:
+    if config.sync_batchnorm and context.enabled and device.type != "cuda":
+        raise RelreasonError("--sync-batchnorm needs CUDA devices (PyTorch's SyncBatchNorm is GPU-only); drop it on CPU")
     seed_everything(config.seed)
     dataset, geometry = build_pretrain_data(config)
-    if len(dataset) < 2:
-        raise RelreasonError(f"dataset '{config.dataset}' has {len(dataset)} image(s); relational reasoning needs at least 2")
+    if len(dataset) < 2 * context.world_size:
+        raise RelreasonError(
+            f"dataset '{config.dataset}' has {len(dataset)} image(s); each of the {context.world_size} process(es) "
+            "needs at least 2 (an image cannot be its own negative)"
+        )
+    run_dir = prepare_output_dir(config, context)
+    if isinstance(dataset.dataset, ImageFolderDataset):
+        dataset.dataset.skip_log = run_dir / SKIPPED_IMAGES_NAME  # unreadable files are listed, not fatal
     model = build_model(config, geometry["image_size"]).to(device)
+    if config.sync_batchnorm and context.enabled:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     amp_dtype = autocast_dtype(config.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
-    metrics = MetricsLog(run_dir, config.tensorboard)
+    metrics = MetricsLog(run_dir, config.tensorboard and context.is_main)
+    position = TrainingPosition()
 
-    start_epoch = 0
-    checkpoint_path = run_dir / CHECKPOINT_NAME
-    if config.resume and checkpoint_path.exists():
-        checkpoint = load_checkpoint(checkpoint_path)
-        saved = checkpoint.get("config", {})
-        mismatched = {k: (saved.get(k), v) for k, v in _model_fields(config).items() if saved.get(k) != v}
-        if mismatched:
-            detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items())
-            raise RelreasonError(f"cannot resume {checkpoint_path}: options differ ({detail}); use the original options")
+    found = broadcast_object(load_newest_checkpoint(run_dir) if context.is_main and config.resume else None, context)
+    if found is not None:
+        path, checkpoint = found
+        check_resumable(checkpoint, config, path)
         model.backbone.load_state_dict(checkpoint["backbone"])
         model.relation_head.load_state_dict(checkpoint["relation_head"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         set_rng_state(checkpoint["rng"])
-        start_epoch = checkpoint["epoch"]
-        metrics.truncate_after(start_epoch)
-        print(f"resuming {checkpoint_path} after epoch {start_epoch}", file=sys.stderr)
-    elif config.resume:
-        print(f"no checkpoint in {run_dir}; starting from scratch", file=sys.stderr)
+        position = TrainingPosition(**checkpoint["position"])
+        if context.is_main:
+            metrics.truncate_after(position.epoch)
+            log(f"resuming {path}: epoch {position.epoch + 1}, step {position.step}", context)
 
-    atomic_write_json(run_dir / "config.json", dataclasses.asdict(config) | {"geometry": geometry})
-    started = time.monotonic()
-    deadline = started + config.time_limit * 60 if config.time_limit else math.inf
+    if context.is_main:
+        atomic_write_json(run_dir / "config.json", dataclasses.asdict(config) | {"geometry": geometry})
+    train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if context.enabled else model
+    saver = CheckpointSaver(run_dir, config, geometry, model, optimizer, scaler, context)
+    deadline = time.monotonic() + config.time_limit * 60 if config.time_limit else math.inf
+    stop = StopRequest.install()
     stopped_early = False
-    epoch = start_epoch
-    for epoch in range(start_epoch, config.epochs):
-        record, stopped_early = train_one_epoch(
-            model, optimizer, scaler, dataset, config, epoch, device, amp_dtype, deadline
-        )
+    try:
+        while position.epoch < config.epochs and not stopped_early:
+            record, stopped_early = train_one_epoch(
+                train_model, optimizer, scaler, dataset, config, position, device, amp_dtype, deadline, stop, saver,
+                context,
+            )
+            if record is not None and context.is_main:
+                metrics.write(record)
+    finally:
+        stop.uninstall()
+    stopped_early = stopped_early and position.epoch < config.epochs
+    if context.is_main:
+        export_backbone(run_dir, model, config, geometry, position.epoch)
+        metrics.close()
+        plot_training_curves(metrics.read(), run_dir / "training_curves.png")
         if stopped_early:
-            break
-        metrics.write(record)
-        atomic_torch_save(
-            {
-                "backbone": model.backbone.state_dict(),
-                "relation_head": model.relation_head.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch + 1,
-                "config": dataclasses.asdict(config),
-                "geometry": geometry,
-                "rng": rng_state(),
-            },
-            checkpoint_path,
-        )
-        epoch += 1
-    epochs_done = epoch
-    export_backbone(run_dir, model, config, geometry, epochs_done)
-    metrics.close()
-    history = metrics.read()
-    plot_training_curves(history, run_dir / "training_curves.png")
-    if stopped_early:
-        print(
-            f"time limit of {config.time_limit} min reached during epoch {epochs_done + 1}; "
-            f"exported the current backbone, checkpoint holds epoch {epochs_done}",
-            file=sys.stderr,
-        )
-    return PretrainResult(run_dir, epochs_done, history, stopped_early)
+            log(f"stopped during epoch {position.epoch + 1} at step {position.step}; exported the current backbone "
+                "and saved a checkpoint there: rerun the same command to continue", context)
+    barrier(context)
+    history = metrics.read() if context.is_main else []
+    return PretrainResult(run_dir, position.epoch, history, stopped_early, model, stopped_early and stop.requested)
+
+
+@dataclass
+class TrainingPosition:
+    """Where training stands: epoch (0-based) in progress, steps done in it, and its running sums."""
+
+    epoch: int = 0
+    step: int = 0
+    totals: list[float] = dataclasses.field(default_factory=lambda: [0.0] * 4)
+    views: int = 0
+    seconds: float = 0.0
+
+    def next_epoch(self) -> None:
+        self.epoch, self.step, self.totals, self.views, self.seconds = self.epoch + 1, 0, [0.0] * 4, 0, 0.0
+
+
+def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, path: Path) -> None:
+    saved = checkpoint.get("config", {})
+    shaping = ("backbone", "aggregation", "head_hidden", "dataset", "image_size", "num_views", "batch_size", "seed")
+    mismatched = {k: (saved.get(k), getattr(config, k)) for k in shaping if saved.get(k) != getattr(config, k)}
+    if mismatched:
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items())
+        raise RelreasonError(f"cannot resume {path}: options differ ({detail}); rerun with the original options")
+
+
+class CheckpointSaver:
+    """Rank 0 writes a checkpoint atomically and keeps the newest few; other ranks do nothing."""
+
+    def __init__(self, run_dir, config, geometry, model, optimizer, scaler, context) -> None:
+        self.run_dir, self.config, self.geometry, self.context = run_dir, config, geometry, context
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+
+    def save(self, position: TrainingPosition) -> None:
+        if not self.context.is_main:
+            return
+        state = {
+            "backbone": self.model.backbone.state_dict(),
+            "relation_head": self.model.relation_head.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": position.epoch,
+            "position": dataclasses.asdict(position),
+            "config": dataclasses.asdict(self.config),
+            "geometry": self.geometry,
+            "rng": rng_state(),
+        }
+        atomic_torch_save(state, checkpoint_path(self.run_dir, position.epoch, position.step))
+        rotate_checkpoints(self.run_dir, self.config.keep_checkpoints)
+
+
+class StopRequest:
+    """SIGTERM (a scheduler's preemption notice) asks the loop to checkpoint and stop at the next step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = None
+
+    @classmethod
+    def install(cls) -> StopRequest:
+        request = cls()
+        if threading.current_thread() is threading.main_thread():
+            request.previous = signal.signal(signal.SIGTERM, request._handle)
+        return request
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def uninstall(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def log(message: str, context: DistributedContext) -> None:
+    if context.is_main:
+        print(message, file=sys.stderr, flush=True)
 
 
 def train_one_epoch(
-    model: RelationalReasoning,
+    model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     dataset: MultiViewDataset,
     config: PretrainConfig,
-    epoch: int,
+    position: TrainingPosition,
     device: torch.device,
     amp_dtype: torch.dtype | None,
     deadline: float,
-) -> tuple[dict[str, float], bool]:
-    """One pass over the data. Returns the epoch's metrics and whether the time limit cut it short."""
+    stop: StopRequest,
+    saver: CheckpointSaver,
+    context: DistributedContext,
+) -> tuple[dict[str, float] | None, bool]:
+    """Train from ``position`` to the end of its epoch, advancing ``position`` in place.
+
+    Returns the epoch's metrics (None when cut short) and whether a time limit or SIGTERM cut it short;
+    either way a checkpoint at the current step has been written.
+    """
     model.train()
-    loader = make_loader(dataset, config, epoch, device)
+    loader = make_loader(dataset, config, position, device, context)
+    steps_per_epoch = loader.batch_sampler.steps_per_epoch
     # Sums stay on the device: reading them every step would stall a GPU on each batch.
-    totals = torch.zeros(4, device=device, dtype=torch.float64)
-    steps = 0
-    views_seen = 0
-    started = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not config.progress, leave=False, dynamic_ncols=True)
+    totals = torch.tensor(position.totals, device=device, dtype=torch.float64)
+    started = time.perf_counter() - position.seconds
+    bar = tqdm(loader, desc=f"epoch {position.epoch + 1}/{config.epochs}", initial=position.step,
+               total=steps_per_epoch, disable=not (config.progress and context.is_main), leave=False,
+               dynamic_ncols=True)
+
+    def sync_position() -> None:
+        position.totals = totals.tolist()
+        position.seconds = time.perf_counter() - started
+        check_finite(position, config)
+
     for views, _ in bar:
-        if time.monotonic() > deadline:
-            bar.close()
-            return {}, True
         views = [v.to(device, non_blocking=True) for v in views]
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             out = model(views)
@@ -351,35 +489,55 @@ def train_one_epoch(
         scaler.step(optimizer)
         scaler.update()
         totals += torch.stack([out.loss.detach(), out.accuracy, out.positive_accuracy, out.negative_accuracy]).double()
-        steps += 1
-        views_seen += len(views) * views[0].shape[0]
-        if config.progress and (steps % 10 == 1 or steps == len(loader)):
-            loss, accuracy = (totals[:2] / steps).tolist()
+        position.step += 1
+        position.views += len(views) * views[0].shape[0] * context.world_size
+        if config.progress and context.is_main and (position.step % 10 == 1 or position.step == steps_per_epoch):
+            loss, accuracy = (totals[:2] / position.step).tolist()
             bar.set_postfix(loss=f"{loss:.4f}", rel_acc=f"{100 * accuracy:.1f}%")
+        interrupted = time.monotonic() > deadline or stop.requested
+        if position.step < steps_per_epoch and (interrupted or (
+                config.checkpoint_every and position.step % config.checkpoint_every == 0)):
+            sync_position()
+            saver.save(position)
+        if interrupted and position.step < steps_per_epoch:
+            bar.close()
+            return None, True
     bar.close()
-    seconds = time.perf_counter() - started
-    loss, accuracy, positive, negative = (totals / max(steps, 1)).tolist()
-    if not math.isfinite(loss):
-        raise RelreasonError(
-            f"the loss became {loss} in epoch {epoch + 1}; lower --lr or turn off --amp fp16 "
-            f"(the last good checkpoint is kept in {config.output_dir})"
-        )
+    all_reduce_mean(totals, context)
+    sync_position()
+    loss, accuracy, positive, negative = (t / max(position.step, 1) for t in position.totals)
     record = {
-        "epoch": epoch + 1,
+        "epoch": position.epoch + 1,
         "loss": loss,
         "relation_accuracy": 100 * accuracy,
         "positive_accuracy": 100 * positive,
         "negative_accuracy": 100 * negative,
-        "seconds": seconds,
-        "views_per_second": views_seen / seconds if seconds > 0 else 0.0,
+        "seconds": position.seconds,
+        "views_per_second": position.views / position.seconds if position.seconds > 0 else 0.0,
         "lr": optimizer.param_groups[0]["lr"],
     }
-    print(
-        f"epoch {epoch + 1}/{config.epochs}  loss {loss:.4f}  relation acc {100 * accuracy:.2f}% "
-        f"(+ {100 * positive:.1f}%, - {100 * negative:.1f}%)  {seconds:.1f}s  {record['views_per_second']:.0f} views/s",
-        flush=True,
-    )
-    return record, False
+    skip_log = getattr(dataset.dataset, "skip_log", None)
+    if skip_log is not None:
+        record["skipped_images"] = len(read_skip_log(skip_log))
+        if record["skipped_images"]:
+            log(f"skipped {record['skipped_images']} unreadable image(s) so far, each replaced by the next readable "
+                f"one; their paths are in {skip_log}", context)
+    log(f"epoch {position.epoch + 1}/{config.epochs}  loss {loss:.4f}  relation acc {100 * accuracy:.2f}% "
+        f"(+ {100 * positive:.1f}%, - {100 * negative:.1f}%)  {position.seconds:.1f}s  "
+        f"{record['views_per_second']:.0f} views/s", context)
+    position.next_epoch()
+    saver.save(position)
+    return record, time.monotonic() > deadline or stop.requested
+
+
+def check_finite(position: TrainingPosition, config: PretrainConfig) -> None:
+    """Stop before a checkpoint could store weights a non-finite loss has already spoilt."""
+    loss = position.totals[0]
+    if not math.isfinite(loss):
+        raise RelreasonError(
+            f"the loss became {loss / max(position.step, 1)} in epoch {position.epoch + 1}; lower --lr or turn off "
+            f"--amp fp16 (the last good checkpoint is kept in {config.output_dir})"
+        )
 
 
 def plot_training_curves(history: list[dict[str, float]], path: Path) -> bool:

@@ -49,6 +49,16 @@ def _import_factory(spec: str) -> Callable[..., nn.Module]:
         ) from None
 
 
+def check_backbone_name(name: str) -> None:
+    """Refuse an unknown backbone name, or a ``module:factory`` that does not import, before any work starts."""
+    if ":" in name:
+        _import_factory(name)
+    elif name not in BACKBONES:
+        raise RelreasonError(
+            f"unknown backbone '{name}'; choose one of {', '.join(backbone_names())} or give 'module:factory'"
+        )
+
+
 def build_backbone(name: str, image_size: int = 32, **kwargs) -> nn.Module:
     """A fresh backbone with a ``feature_dim`` attribute.
 
@@ -57,12 +67,9 @@ def build_backbone(name: str, image_size: int = 32, **kwargs) -> nn.Module:
     """
     if ":" in name:
         factory = _import_factory(name)
-    elif name in BACKBONES:
-        factory = BACKBONES[name]
     else:
-        raise RelreasonError(
-            f"unknown backbone '{name}'; choose one of {', '.join(backbone_names())} or give 'module:factory'"
-        )
+        check_backbone_name(name)
+        factory = BACKBONES[name]
     backbone = factory(**kwargs)
     if not isinstance(backbone, nn.Module):
         raise RelreasonError(f"backbone factory '{name}' returned {type(backbone).__name__}, not a torch.nn.Module")

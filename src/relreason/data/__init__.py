@@ -11,6 +11,7 @@ from .datasets import (
     dataset_info,
     load_dataset,
     pil_to_rgb,
+    read_skip_log,
 )
 from .multiview import MultiViewDataset
 from .transforms import eval_transform, relational_augmentation
@@ -28,5 +29,6 @@ __all__ = [
     "eval_transform",
     "load_dataset",
     "pil_to_rgb",
+    "read_skip_log",
     "relational_augmentation",
 ]

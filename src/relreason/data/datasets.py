@@ -12,12 +12,13 @@ The benchmark files are read from their real on-disk formats by the readers in
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from relreason.errors import RelreasonError
@@ -35,6 +36,7 @@ __all__ = [
     "load_dataset",
     "compute_normalization",
     "pil_to_rgb",
+    "read_skip_log",
 ]
 
 DATASET_NAMES: tuple[str, ...] = (
@@ -200,11 +202,13 @@ def _scale_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
     * ``I``/``F`` already within 0..255: kept; within 0..65535: divided by 257
       (16-bit PNGs often open as ``I``); anything else: min-max stretched.
     """
-    a = np.asarray(arr, dtype=np.float64)
+    raw = np.asarray(arr)
+    with np.errstate(invalid="ignore"):  # signalling-NaN bit patterns in F images
+        a = raw.astype(np.float64)
     if a.ndim == 3:  # some decoders give (H, W, 1)
         a = a[..., 0]
     a = np.where(np.isfinite(a), a, 0.0)
-    if mode.startswith("I;16"):
+    if mode.startswith("I;16") and raw.dtype.kind == "u":
         a = a / 257.0
     else:
         lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
@@ -225,17 +229,29 @@ def pil_to_rgb(image: Image.Image) -> Image.Image:
     """Convert a PIL image of any mode to RGB.
 
     Alpha is dropped (as torchvision's loader does); palette images with a
-    transparency key go through RGBA first; 16-bit, 32-bit integer and float
-    images are scaled to 0..255 by :func:`_scale_to_uint8` instead of clipped.
+    transparency key go through RGBA first; premultiplied ``La``/``RGBa`` are
+    un-premultiplied first; 16-bit, 32-bit integer and float images are scaled
+    to 0..255 by :func:`_scale_to_uint8` instead of clipped (NaN/inf become 0).
+    A mode PIL cannot convert raises :class:`RelreasonError`.
     """
     mode = image.mode
     if mode == "RGB":
         return image
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        return Image.fromarray(_scale_to_uint8(np.asarray(image), mode)).convert("RGB")
-    if mode in ("P", "PA") and "transparency" in image.info:
-        image = image.convert("RGBA")
-    return image.convert("RGB")
+    try:
+        if mode.startswith("I;16") or mode in ("I", "F"):
+            return Image.fromarray(_scale_to_uint8(np.asarray(image), mode)).convert("RGB")
+        if mode in ("P", "PA") and "transparency" in image.info:
+            image = image.convert("RGBA")
+        elif mode == "La":  # PIL has no La -> L/RGB path
+            image = image.convert("LA")
+        elif mode == "RGBa":
+            image = image.convert("RGBA")
+        return image.convert("RGB")
+    except ValueError as exc:
+        msg = " ".join(str(exc).split())
+        raise RelreasonError(
+            f"image mode {mode!r} cannot be converted to RGB ({msg}); save the image as RGB or greyscale"
+        ) from None
 
 
 def _is_hidden(name: str) -> bool:
@@ -261,6 +277,56 @@ def _scan_images(root: Path) -> list[tuple[str, ...]]:
     return found
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _skip_line(path: str, reason: str) -> bytes:
+    """``b"<path>\\t<reason>\\n"``: the path as its file-system bytes, the reason as UTF-8.
+
+    The reason holds no tab or newline (whitespace is collapsed); a newline or
+    carriage return inside the path is written as ``\\n`` / ``\\r`` so that
+    every record stays on one line (such names do not round-trip exactly).
+    """
+    raw = os.fsencode(path).replace(b"\n", b"\\n").replace(b"\r", b"\\r")
+    return raw + b"\t" + _one_line(reason).encode("utf-8", "backslashreplace") + b"\n"
+
+
+def read_skip_log(path: str | os.PathLike) -> dict[str, str]:
+    """Read a skip log written by :class:`ImageFolderDataset` (``skip_log=``).
+
+    Returns ``{image path: reason}`` with each path once (the first reason
+    recorded for it wins; several DataLoader workers, or several epochs, may
+    have logged the same file). A missing file means nothing was skipped: ``{}``.
+    Lines without a tab (e.g. cut off by a crash) are ignored.
+    """
+    path = Path(path).expanduser()
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise RelreasonError(
+            f"cannot read skip log {path} ({_one_line(exc)}); pass the file given as skip_log"
+        ) from None
+    out: dict[str, str] = {}
+    for line in data.split(b"\n"):
+        if b"\t" not in line:
+            continue
+        raw_path, raw_reason = line.rsplit(b"\t", 1)  # the reason never holds a tab
+        if not raw_path:
+            continue
+        out.setdefault(os.fsdecode(raw_path), raw_reason.decode("utf-8", "replace").rstrip("\r"))
+    return out
+
+
+class _UnreadableImage(Exception):
+    """Internal: an image file that cannot be opened or decoded (message = one-line reason)."""
+
+
+_LOG_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
 class ImageFolderDataset(Dataset):
     """Every image file under ``root`` (recursive, sorted), opened lazily.
 
@@ -269,9 +335,30 @@ class ImageFolderDataset(Dataset):
     ``labels`` holds class indices; otherwise the dataset is unlabelled.
     ``classes`` may be given to fix the class list (e.g. a test folder that must
     use the train folder's indices). Files are only read, never modified.
+
+    Bad files do not stop training: when image ``i`` cannot be read or decoded
+    (truncated, empty, not an image, a decompression bomb, ...), ``self[i]``
+    returns the next readable image ``i+1, i+2, ...`` (wrapping around) *with
+    that image's label*, so the substitution depends only on the files. The bad
+    file is recorded in ``self.skipped`` (``{path: one-line reason}``, per
+    process: DataLoader workers fill their own copies, and a file once found bad
+    is not tried again in that process) and, when ``skip_log`` is given, one
+    line ``"<path>\\t<reason>\\n"`` is appended to that file with a single
+    ``os.write`` on an ``O_APPEND`` descriptor, so all worker processes can log
+    to it safely; read it with :func:`read_skip_log`. If no image at all can be
+    read, ``self[i]`` raises :class:`RelreasonError`. :meth:`load_image` does not
+    substitute: it raises :class:`RelreasonError` for a bad file.
+
+    PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left off, so a truncated file
+    raises (and is skipped) rather than being half decoded.
     """
 
-    def __init__(self, root: str | os.PathLike, classes: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        classes: Sequence[str] | None = None,
+        skip_log: str | os.PathLike | None = None,
+    ) -> None:
         self.root = Path(root).expanduser()
         if not self.root.exists():
             raise RelreasonError(
@@ -309,26 +396,103 @@ class ImageFolderDataset(Dataset):
             self.classes = None
             self.class_to_idx = {}
             self.labels = None
+        self.skipped: dict[str, str] = {}
+        self.skip_log: Path | None = None
+        self._log_warned = False
+        if skip_log is not None:
+            self.skip_log = Path(skip_log).expanduser()
+            try:  # fail now, not hours into training; creates an empty log
+                os.close(os.open(self.skip_log, _LOG_FLAGS, 0o644))
+            except OSError as exc:
+                raise RelreasonError(
+                    f"cannot open skip log {self.skip_log} for appending ({_one_line(exc)}); "
+                    "pass a writable file path in an existing directory"
+                ) from None
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load_image(self, index: int) -> Image.Image:
-        """Open image ``index`` and return it as an RGB PIL image (first frame)."""
+    def _read(self, index: int) -> Image.Image:
+        """Open and fully decode image ``index`` as RGB, or raise :class:`_UnreadableImage`."""
         path = self.paths[index]
         try:
             with Image.open(path) as img:
-                img.load()
+                img.load()  # decode now: truncated / corrupt data raises here
+                if img.width < 1 or img.height < 1:
+                    raise ValueError(f"image has size {img.width}x{img.height}")
                 return pil_to_rgb(img)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            msg = " ".join(str(exc).split())
-            raise RelreasonError(f"cannot read image {path} ({msg}); remove or replace the file") from None
+        except Exception as exc:  # PIL raises many types on corrupt data (OSError, SyntaxError, struct.error, ...)
+            try:
+                empty = os.stat(path).st_size == 0
+            except OSError:
+                empty = False
+            if empty:
+                reason = "empty file (0 bytes)"
+            elif isinstance(exc, UnidentifiedImageError):  # its message only repeats the path
+                reason = "UnidentifiedImageError: not an image format PIL can identify"
+            else:
+                msg = _one_line(exc)
+                reason = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+            raise _UnreadableImage(reason) from None
+
+    def load_image(self, index: int) -> Image.Image:
+        """Open image ``index`` and return it as an RGB PIL image (first frame).
+
+        Raises :class:`RelreasonError` naming the file when it cannot be read
+        (no substitution here; that is what ``self[index]`` does).
+        """
+        try:
+            return self._read(index)
+        except _UnreadableImage as exc:
+            raise RelreasonError(
+                f"cannot read image {self.paths[index]} ({exc}); remove or replace the file"
+            ) from None
+
+    def _record_skip(self, path: str, reason: str) -> None:
+        self.skipped[path] = reason
+        if self.skip_log is None:
+            return
+        try:
+            fd = os.open(self.skip_log, _LOG_FLAGS, 0o644)
+            try:
+                os.write(fd, _skip_line(path, reason))  # one write on O_APPEND: lines never interleave
+            finally:
+                os.close(fd)
+        except OSError as exc:  # a full disk must not stop training; say so once per process
+            if not self._log_warned:
+                self._log_warned = True
+                warnings.warn(
+                    f"relreason: could not append to skip log {self.skip_log} ({_one_line(exc)}); "
+                    "skipped images are still listed in dataset.skipped",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        n = len(self.paths)
         index = int(index)
-        image = self.load_image(index)
-        label = -1 if self.labels is None else int(self.labels[index])
-        return image, label
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for {n} images")
+        for step in range(n):
+            j = (index + step) % n
+            key = str(self.paths[j])
+            if key in self.skipped:
+                continue
+            try:
+                image = self._read(j)
+            except _UnreadableImage as exc:
+                self._record_skip(key, str(exc))
+                continue
+            label = -1 if self.labels is None else int(self.labels[j])
+            return image, label
+        example = str(self.paths[index])
+        raise RelreasonError(
+            f"no readable image under {self.root} (all {n} image files failed, e.g. {example}: "
+            f"{self.skipped.get(example, 'unreadable')}); replace the broken files or point --data-root "
+            "at a folder of valid images"
+        )
 
 
 # =========================================================================== normalisation

@@ -4,11 +4,24 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
 from torch.utils.data import Dataset
 
 from relreason.errors import RelreasonError
 
-__all__ = ["MultiViewDataset"]
+__all__ = ["MultiViewDataset", "mix_seed"]
+
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*values: int) -> int:
+    """A well-spread 63-bit seed from integers (splitmix64 steps), so nearby items get unrelated streams."""
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (state ^ (value & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
+        state = (state ^ (state >> 27)) * 0x94D049BB133111EB & _MASK64
+        state ^= state >> 31
+    return state >> 1
 
 
 class MultiViewDataset(Dataset):
@@ -17,9 +30,15 @@ class MultiViewDataset(Dataset):
     Each view is an independent call of ``transform`` on the same image, so with
     the default collate a batch is ``(list of K tensors (B, C, H, W), labels (B,))``,
     the layout the relational-reasoning trainer expects.
+
+    With ``seed`` set, the views of item ``i`` in epoch ``e`` are drawn from a generator seeded by
+    ``(seed, e, i)`` alone: the same views whichever worker, rank or resumed run fetches the item.
+    Without it, views draw from the global torch RNG, as the reference does.
     """
 
-    def __init__(self, dataset: Dataset, transform: Callable[[Any], Any], num_views: int) -> None:
+    def __init__(
+        self, dataset: Dataset, transform: Callable[[Any], Any], num_views: int, seed: int | None = None
+    ) -> None:
         if isinstance(num_views, bool) or not isinstance(num_views, int) or num_views < 2:
             raise RelreasonError(
                 f"number of augmentations (views) must be an integer of at least 2, got {num_views!r}; pass e.g. 4"
@@ -29,10 +48,23 @@ class MultiViewDataset(Dataset):
         self.dataset = dataset
         self.transform = transform
         self.num_views = num_views
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Views differ from epoch to epoch; call before iterating over each epoch."""
+        self.epoch = epoch
+
+    def item_seed(self, index: int) -> int:
+        return mix_seed(self.seed, self.epoch, index)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[list[Any], int]:
         image, label = self.dataset[index]
-        return [self.transform(image) for _ in range(self.num_views)], label
+        if self.seed is None:
+            return [self.transform(image) for _ in range(self.num_views)], label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.item_seed(index))
+            return [self.transform(image) for _ in range(self.num_views)], label

@@ -1,0 +1,80 @@
+"""One process per device under ``torchrun``; a plain single process otherwise."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from relreason.errors import RelreasonError
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone logs, shows progress and writes files."""
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def init_distributed(device: torch.device) -> tuple[DistributedContext, torch.device]:
+    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA) and pick this rank's device."""
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        return DistributedContext(), device
+    context = DistributedContext(
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+    )
+    if device.type == "cuda":
+        if context.local_rank >= torch.cuda.device_count():
+            raise RelreasonError(
+                f"local rank {context.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                "start at most one process per GPU (torchrun --nproc-per-node)"
+            )
+        device = torch.device("cuda", context.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return context, device
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(tensor: torch.Tensor, context: DistributedContext) -> torch.Tensor:
+    if context.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor /= context.world_size
+    return tensor
+
+
+def broadcast_object(value: Any, context: DistributedContext) -> Any:
+    """Rank 0's ``value`` on every rank, so all ranks act on one decision (e.g. which checkpoint)."""
+    if not context.enabled:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def barrier(context: DistributedContext) -> None:
+    if context.enabled:
+        dist.barrier()

@@ -1,0 +1,305 @@
+"""Training survives bad data: corrupt files in an image folder are skipped, logged and replaced.
+
+Every test writes real files under tmp_path: valid PNG/JPEG images in class
+folders next to a truncated JPEG, a zero-byte PNG, a text file named .jpg, a PNG
+whose header is valid but whose compressed data is garbage, and a PNG whose
+header claims a decompression-bomb size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile
+from torch.utils.data import DataLoader
+
+from relreason.data import (
+    ImageFolderDataset,
+    MultiViewDataset,
+    eval_transform,
+    pil_to_rgb,
+    read_skip_log,
+    relational_augmentation,
+)
+from relreason.errors import RelreasonError
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+# =========================================================================== file writers
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _png(width: int, height: int, idat: bytes) -> bytes:
+    """A PNG (8-bit greyscale) with a valid signature, IHDR and CRCs around ``idat``."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def _noise(seed: int, size=(24, 20)) -> Image.Image:
+    arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(arr)
+
+
+def _jpeg_bytes(seed: int) -> bytes:
+    buf = io.BytesIO()
+    _noise(seed, (64, 48)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _write_bad_folder(root: Path) -> tuple[list[str], set[str]]:
+    """Write the folder; return the sorted relative paths and the set of bad relative paths."""
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir(parents=True)
+    _noise(0).save(root / "a" / "00.png")
+    _noise(1).save(root / "a" / "01.jpg", quality=90)
+    (root / "a" / "02_zero.png").write_bytes(b"")
+    (root / "a" / "03_text.jpg").write_text("this is a text file, not a JPEG\n")
+    _noise(2).save(root / "a" / "04.png")
+    _noise(3).save(root / "b" / "00.jpg", quality=90)
+    # header (signature, IHDR, CRCs) fine, the zlib stream is random bytes
+    garbage = np.random.default_rng(7).integers(0, 256, 400, dtype=np.uint8).tobytes()
+    (root / "b" / "01_garbage.png").write_bytes(_png(20, 20, garbage))
+    _noise(4).save(root / "b" / "02.png")
+    # 40000 x 40000 pixels > 2 * Image.MAX_IMAGE_PIXELS: refused before decoding
+    (root / "b" / "03_bomb.png").write_bytes(_png(40000, 40000, zlib.compress(bytes(40001))))
+    whole = _jpeg_bytes(5)
+    (root / "b" / "04_trunc.jpg").write_bytes(whole[: len(whole) // 2])  # last file: wraps around
+    rel = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    bad = {"a/02_zero.png", "a/03_text.jpg", "b/01_garbage.png", "b/03_bomb.png", "b/04_trunc.jpg"}
+    return rel, bad
+
+
+# index of the image each index is replaced by (the next readable one, wrapping)
+_EXPECTED_SOURCE = [0, 1, 4, 4, 4, 5, 7, 7, 0, 0]
+_EXPECTED_LABELS = [0, 0, 0, 0, 0, 1, 1, 1, 0, 0]
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+# =========================================================================== PIL itself
+
+
+def test_pil_raises_on_truncated_files_and_relreason_leaves_it_so():
+    import relreason.data
+
+    assert relreason.data  # importing the data package must not switch it on
+
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    whole = _jpeg_bytes(1)
+    with Image.open(io.BytesIO(whole[: len(whole) // 2])) as img:  # the header parses ...
+        with pytest.raises(OSError, match="truncated"):
+            img.load()  # ... decoding the missing half raises
+    buf = io.BytesIO()
+    _noise(2, (64, 64)).save(buf, "PNG")
+    with Image.open(io.BytesIO(buf.getvalue()[: len(buf.getvalue()) // 2])) as img:
+        with pytest.raises(OSError, match="truncated"):
+            img.load()
+
+
+# =========================================================================== (a) substitution
+
+
+def test_bad_images_are_replaced_by_next_readable_one(tmp_path):
+    root = tmp_path / "imgs"
+    rel, bad = _write_bad_folder(root)
+    ds = ImageFolderDataset(root)
+    assert [p.relative_to(root).as_posix() for p in ds.paths] == rel
+    assert ds.classes == ["a", "b"] and ds.skipped == {}
+
+    images = []
+    for i in range(len(ds)):
+        image, label = ds[i]
+        assert image.mode == "RGB" and label == _EXPECTED_LABELS[i]
+        images.append(np.asarray(image))
+    for i, src in enumerate(_EXPECTED_SOURCE):
+        np.testing.assert_array_equal(images[i], images[src])
+    assert images[0].shape == (20, 24, 3)
+    assert not np.array_equal(images[0], images[4])
+
+    assert set(ds.skipped) == {str(root / r) for r in bad}
+    for path, reason in ds.skipped.items():
+        assert reason and "\n" not in reason and "\t" not in reason, (path, reason)
+    assert ds.skipped[str(root / "a" / "02_zero.png")] == "empty file (0 bytes)"
+    assert "truncated" in ds.skipped[str(root / "b" / "04_trunc.jpg")]
+    assert "not an image" in ds.skipped[str(root / "a" / "03_text.jpg")]
+    assert "DecompressionBomb" in ds.skipped[str(root / "b" / "03_bomb.png")]
+
+    # deterministic: a fresh dataset, visited in another order, substitutes the same way
+    again = ImageFolderDataset(root)
+    for i in reversed(range(len(again))):
+        image, label = again[i]
+        assert label == _EXPECTED_LABELS[i]
+        np.testing.assert_array_equal(np.asarray(image), images[i])
+    assert set(again.skipped) == set(ds.skipped)
+    np.testing.assert_array_equal(np.asarray(ds[-1][0]), images[0])  # negative index = last
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+    # direct callers of load_image still get the error, naming the file
+    with pytest.raises(RelreasonError, match=r"04_trunc\.jpg.*truncated") as info:
+        ds.load_image(9)
+    assert "\n" not in str(info.value)
+    with pytest.raises(RelreasonError, match="02_zero"):
+        ds.load_image(2)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+# =========================================================================== (b) + (c) DataLoader
+
+
+def test_multiview_dataloader_pass_with_workers_writes_skip_log(tmp_path):
+    root = tmp_path / "imgs"
+    _, bad = _write_bad_folder(root)
+    before = _hashes(root)
+    log = tmp_path / "logs" / "skipped.tsv"
+    log.parent.mkdir()
+
+    ds = ImageFolderDataset(root, skip_log=log)
+    assert log.is_file() and read_skip_log(log) == {}  # opened (created) up front
+    mv = MultiViewDataset(ds, relational_augmentation(32, MEAN, STD), num_views=2)
+    loader = DataLoader(mv, batch_size=3, num_workers=2, shuffle=False)
+    labels = []
+    batches = 0
+    for views, y in loader:
+        batches += 1
+        assert isinstance(views, list) and len(views) == 2
+        for v in views:
+            assert v.shape == (y.shape[0], 3, 32, 32) and torch.isfinite(v).all()
+        labels.extend(y.tolist())
+    assert batches == 4 and labels == _EXPECTED_LABELS
+
+    logged = read_skip_log(log)
+    assert set(logged) == {str(root / r) for r in bad}
+    assert all(reason for reason in logged.values())
+    assert "truncated" in logged[str(root / "b" / "04_trunc.jpg")]
+    raw_lines = log.read_bytes().split(b"\n")
+    assert raw_lines[-1] == b""  # every record ends with a newline
+    assert all(line.count(b"\t") == 1 for line in raw_lines[:-1])
+    assert {line.split(b"\t")[0].decode() for line in raw_lines[:-1]} == set(logged)
+
+    # (c) the user's files are untouched, and nothing was added to the folder
+    assert _hashes(root) == before
+
+
+def test_skip_log_appends_and_reader_dedups(tmp_path):
+    root = tmp_path / "imgs"
+    _, bad = _write_bad_folder(root)
+    log = tmp_path / "skip.log"
+    log.write_bytes(b"/earlier/run.png\told reason\n")
+    for _ in range(2):  # two "epochs" in fresh processes: both log every bad file
+        ds = ImageFolderDataset(root, skip_log=str(log))
+        for i in range(len(ds)):
+            ds[i]
+    lines = log.read_bytes().splitlines()
+    assert len(lines) == 1 + 2 * len(bad)
+    logged = read_skip_log(log)
+    assert set(logged) == {"/earlier/run.png"} | {str(root / r) for r in bad}
+    assert logged["/earlier/run.png"] == "old reason"
+    assert read_skip_log(tmp_path / "missing.log") == {}
+    with pytest.raises(RelreasonError, match="skip log"):
+        ImageFolderDataset(root, skip_log=tmp_path / "no" / "such" / "dir" / "skip.log")
+
+
+# =========================================================================== (d) nothing readable
+
+
+def test_folder_with_only_bad_images_is_an_error(tmp_path):
+    root = tmp_path / "allbad"
+    (root / "x").mkdir(parents=True)
+    (root / "x" / "empty.png").write_bytes(b"")
+    (root / "x" / "text.jpg").write_text("hello")
+    whole = _jpeg_bytes(3)
+    (root / "x" / "trunc.jpg").write_bytes(whole[: len(whole) // 2])
+    log = tmp_path / "skip.log"
+    ds = ImageFolderDataset(root, skip_log=log)
+    for i in (0, 2, 1):
+        with pytest.raises(RelreasonError, match="no readable image under") as info:
+            ds[i]
+        assert "\n" not in str(info.value) and str(root) in str(info.value)
+    assert len(ds.skipped) == 3
+    assert len(read_skip_log(log)) == 3
+    assert len(log.read_bytes().splitlines()) == 3  # known-bad files are not retried or re-logged
+
+
+# =========================================================================== (e) modes and tiny sizes
+
+_ALL_MODES = ["1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
+              "LAB", "HSV", "I;16", "I;16B", "I;16L", "I;16N", "I", "F"]
+_SIZES = [(1, 1), (3, 5), (5, 3), (1, 50), (50, 1), (31, 33), (70, 40)]
+
+
+def _random_image(mode: str, size: tuple[int, int], seed: int) -> Image.Image:
+    """Random raw bytes in ``mode`` (for F this includes NaN and inf bit patterns)."""
+    nbytes = len(Image.new(mode, size).tobytes())
+    raw = np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8).tobytes()
+    return Image.frombytes(mode, size, raw)
+
+
+@pytest.mark.parametrize("mode", _ALL_MODES)
+def test_every_mode_and_tiny_sizes_give_finite_32x32_tensors(mode):
+    torch.manual_seed(0)
+    aug = relational_augmentation(32, MEAN, STD)
+    ev = eval_transform(32, MEAN, STD)
+    images = [_random_image(mode, size, seed) for seed, size in enumerate(_SIZES)]
+    if mode == "P":
+        keyed = _random_image("P", (3, 5), 99)
+        keyed.info["transparency"] = 0
+        images.append(keyed)
+        images.append(Image.new("P", (1, 1), 0))
+    if mode == "F":
+        images.append(Image.fromarray(np.array([[np.nan, np.inf], [-np.inf, 1e30]], dtype=np.float32)))
+    for image in images:
+        rgb = pil_to_rgb(image)
+        assert rgb.mode == "RGB" and rgb.size == image.size
+        for transform in (aug, ev):
+            x = transform(rgb)
+            assert x.shape == (3, 32, 32) and x.dtype == torch.float32, (mode, image.size)
+            assert torch.isfinite(x).all(), (mode, image.size)
+
+
+def test_files_of_many_modes_and_tiny_sizes_through_folder_and_transforms(tmp_path):
+    rng = np.random.default_rng(0)
+    Image.new("1", (1, 1), 1).save(tmp_path / "m1.png")
+    Image.fromarray(rng.integers(0, 256, (5, 3), dtype=np.uint8)).save(tmp_path / "l.png")
+    Image.new("LA", (3, 5), (9, 200)).save(tmp_path / "la.png")
+    pal = Image.new("P", (2, 3), 1)
+    pal.putpalette([0, 0, 0, 250, 0, 0] + [0, 0, 0] * 254)
+    pal.save(tmp_path / "p.png")
+    pal.save(tmp_path / "p_trns.png", transparency=1)
+    Image.new("RGBA", (1, 7), (1, 2, 3, 4)).save(tmp_path / "rgba.png")
+    Image.new("CMYK", (4, 4), (10, 20, 30, 40)).save(tmp_path / "cmyk.jpg")
+    Image.new("CMYK", (2, 1), (10, 20, 30, 40)).save(tmp_path / "cmyk.tif")
+    Image.new("YCbCr", (3, 3), (100, 120, 140)).save(tmp_path / "ycc.jpg")
+    Image.fromarray(np.array([[0, 65535], [300, 7]], dtype=np.uint16)).save(tmp_path / "i16.png")
+    Image.new("I;16B", (3, 2), 4000).save(tmp_path / "i16b.tif")
+    Image.fromarray(np.array([[-5, 10**6]], dtype=np.int32)).save(tmp_path / "i32.tif")
+    Image.fromarray(np.array([[0.25]], dtype=np.float32)).save(tmp_path / "f.tif")
+    ds = ImageFolderDataset(tmp_path)
+    aug = relational_augmentation(32, MEAN, STD)
+    ev = eval_transform(32, MEAN, STD)
+    torch.manual_seed(0)
+    for i in range(len(ds)):
+        image, _ = ds[i]
+        assert image.mode == "RGB"
+        for transform in (aug, ev):
+            x = transform(image)
+            assert x.shape == (3, 32, 32) and torch.isfinite(x).all(), ds.paths[i]
+    assert ds.skipped == {}
+    assert len(ds) == 13

@@ -1,0 +1,90 @@
+"""Runs that die (SIGKILL, truncated checkpoints) resume where they stopped and lose nothing."""
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from relreason.checkpoint import list_checkpoints
+from relreason.train import PretrainConfig, pretrain
+
+
+def command(output_dir):
+    return [sys.executable, "-m", "relreason", "pretrain", "--dataset", "digits", "--image-size", "16", "-K", "3",
+            "--batch-size", "32", "--epochs", "3", "--checkpoint-every", "5", "--seed", "7", "--device", "cpu",
+            "--no-progress", "--no-tensorboard", "--output-dir", str(output_dir)]
+
+
+def assert_same_weights(run_a, run_b):
+    a = torch.load(run_a / "backbone.pt", weights_only=True)
+    b = torch.load(run_b / "backbone.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def losses(run):
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sigkill_at_a_random_step_then_rerun_is_bit_identical(tmp_path):
+    reference = tmp_path / "reference"
+    subprocess.run(command(reference), check=True, capture_output=True, timeout=300)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list_checkpoints(killed) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    time.sleep(random.uniform(0.0, 4.0))  # one of ~135 steps, after the first checkpoint
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert not (killed / "backbone.pt").exists(), "the run finished before it could be killed"
+    stopped_at = list_checkpoints(killed)[0].name
+
+    rerun = subprocess.run(command(killed), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resuming" in rerun.stderr, stopped_at
+    assert_same_weights(reference, killed)
+    assert losses(reference) == losses(killed)
+
+
+def small_config(tmp_path, name, epochs):
+    return PretrainConfig(dataset="digits", image_size=16, num_views=3, batch_size=64, epochs=epochs, seed=2,
+                          device="cpu", progress=False, tensorboard=False, output_dir=str(tmp_path / name))
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
+    pretrain(small_config(tmp_path, "straight", 3))
+    run = tmp_path / "damaged"
+    pretrain(small_config(tmp_path, "damaged", 2))
+    newest, previous = list_checkpoints(run)
+    assert (newest.name, previous.name) == ("checkpoint-e0002-s0000000.pt", "checkpoint-e0001-s0000000.pt")
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+
+    pretrain(small_config(tmp_path, "damaged", 3))
+    err = capsys.readouterr().err
+    assert f"skipping {newest}" in err and "truncated or corrupt" in err
+    assert f"resuming {previous}" in err
+    assert_same_weights(tmp_path / "straight", run)
+    assert losses(tmp_path / "straight") == losses(run)
+
+
+def test_sigterm_checkpoints_mid_epoch_and_stops(tmp_path):
+    run = tmp_path / "preempted"
+    process = subprocess.Popen(command(run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list_checkpoints(run) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err[-2000:]
+    assert "stopped during epoch" in err and "rerun the same command" in out
+    assert (run / "backbone.pt").is_file()
