@@ -36,7 +36,8 @@ def test_run_folder_contents(runs):
     assert not (straight / "checkpoint-e0002-s0000000.pt").exists()  # rotated: the newest two are kept
     checkpoint = torch.load(straight / "checkpoint-e0004-s0000000.pt", weights_only=False)
     assert checkpoint["epoch"] == 4
-    assert {"backbone", "relation_head", "optimizer", "scaler", "rng", "config", "position"} <= set(checkpoint)
+    assert {"backbone", "model", "optimizer", "scaler", "rng", "config", "position"} <= set(checkpoint)
+    assert any(key.startswith("method.relation_head.") for key in checkpoint["model"])
     meta = json.loads((straight / "backbone.json").read_text())
     assert meta["backbone"] == "conv4" and meta["feature_dim"] == 64 and meta["image_size"] == 32
 

@@ -25,6 +25,7 @@ def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
 
 
 def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
+    from relreason.methods import METHOD_NAMES
     from relreason.pairing import AGGREGATIONS
     from relreason.train import AMP_MODES, PretrainConfig
 
@@ -36,6 +37,8 @@ def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--image-size", type=int, help="side of the square views in pixels [the dataset's own]")
     data.add_argument("--num-workers", type=int, help="DataLoader worker processes for augmentation [0 on CPU, up to 8 on CUDA]")
     method = parser.add_argument_group("method")
+    method.add_argument("--method", choices=METHOD_NAMES,
+                        help=f"relational reasoning or a baseline: simclr, rotation, supervised, random [{d.method}]")
     method.add_argument("--backbone", help=f"registered backbone or 'package.module:factory' [{d.backbone}]")
     method.add_argument("-K", "--num-views", type=int, dest="num_views", help=f"augmented views per image, K [{d.num_views}]")
     method.add_argument("--aggregation", choices=AGGREGATIONS, help=f"how a pair is joined [{d.aggregation}]")
@@ -43,6 +46,8 @@ def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--loss", choices=("bce", "focal"), help=f"relation loss [{d.loss}]")
     method.add_argument("--focal-gamma", type=float, help=f"focal loss gamma [{d.focal_gamma}]")
     method.add_argument("--focal-alpha", type=float, help=f"focal loss alpha, weight of positives [{d.focal_alpha}]")
+    method.add_argument("--simclr-temperature", type=float, help=f"NT-Xent temperature of --method simclr [{d.simclr_temperature}]")
+    _bool_flag(method, "online-probe", "train a linear classifier on detached features when the data has labels [on]")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, help=f"passes over the data [{d.epochs}]")
     optim.add_argument("--batch-size", type=int, help=f"images per batch, B (each gives K views) [{d.batch_size}]")
@@ -63,24 +68,65 @@ def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_evaluate_options(parser: argparse.ArgumentParser) -> None:
-    from relreason.evaluate import PROTOCOLS, EvaluateConfig
+    from relreason.evaluate import ALL_PROTOCOLS, EvaluateConfig
 
     d = EvaluateConfig()
     parser.add_argument("--run-dir", help=f"a pretraining output folder (holds backbone.pt and backbone.json) [{d.run_dir}]")
     parser.add_argument("--weights", help="a backbone state_dict to evaluate instead of --run-dir's")
     parser.add_argument("--backbone", help="backbone name, when --weights has no backbone.json beside it")
-    parser.add_argument("--dataset", help="labelled dataset to evaluate on [the one pretrained on]")
+    parser.add_argument("--eval-dataset", "--dataset", dest="dataset",
+                        help="labelled dataset to evaluate on; another than the one pretrained on gives a "
+                        "cross-domain evaluation, normalised with the evaluation dataset's own statistics "
+                        "[the one pretrained on]")
     parser.add_argument("--data-root", help=f"where datasets live [{d.data_root}]")
     _bool_flag(parser, "download", "download the dataset with torchvision if missing [off]")
     parser.add_argument("--image-size", type=int, help="image side in pixels [the one pretrained at]")
-    parser.add_argument("--protocols", nargs="+", choices=PROTOCOLS, help=f"[{' '.join(d.protocols)}]")
+    parser.add_argument("--protocols", nargs="+", choices=ALL_PROTOCOLS,
+                        help="linear, linear_converged, knn: frozen features; finetune: the backbone trained too; "
+                        "retrieval: precision@k and mAP on the test set; few_label: the linear probe(s), and "
+                        f"finetune if chosen, on --label-fractions of the training labels [{' '.join(d.protocols)}]")
     parser.add_argument("--linear-epochs", type=int, help=f"epochs of the paper's linear probe [{d.linear_epochs}]")
     parser.add_argument("--knn-k", type=int, help=f"neighbours for k-NN [{d.knn_k}]")
+    parser.add_argument("--label-fractions", nargs="+", type=float,
+                        help="few_label: fractions of the training labels, class-balanced "
+                        f"[{' '.join(f'{f:g}' for f in d.label_fractions)}]")
+    parser.add_argument("--finetune-epochs", type=int,
+                        help=f"finetune: epochs; both learning rates x0.1 at 50%% and 75%% [{d.finetune_epochs}]")
+    parser.add_argument("--finetune-backbone-lr", type=float,
+                        help=f"finetune: Adam learning rate of the backbone [{d.finetune_backbone_lr:g}]")
+    parser.add_argument("--finetune-head-lr", type=float,
+                        help=f"finetune: Adam learning rate of the linear head [{d.finetune_head_lr:g}]")
+    _bool_flag(parser, "retrieval-plot", "retrieval: also draw a PNG of queries and their nearest test images [on]")
     _bool_flag(parser, "random-baseline", "also evaluate a randomly initialised backbone (lower bound) [on]")
     parser.add_argument("--batch-size", type=int, help=f"feature extraction batch size [{d.batch_size}]")
     parser.add_argument("--seed", type=int, help=f"seed of the probe and of the random backbone [{d.seed}]")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N [auto]")
     parser.add_argument("--output", help="results JSON path [<run-dir>/evaluation.json]")
+
+
+def add_compare_options(parser: argparse.ArgumentParser) -> None:
+    from relreason.compare import COMPARABLE_PROTOCOLS, CompareConfig
+    from relreason.methods import METHOD_NAMES
+
+    d = CompareConfig()
+    parser.add_argument("--dataset", help=f"dataset to pretrain and evaluate on [{d.dataset}]")
+    parser.add_argument("--data-root", help=f"where datasets live [{d.data_root}]")
+    _bool_flag(parser, "download", "download the dataset with torchvision if missing [off]")
+    parser.add_argument("--backbone", help=f"backbone for every method [{d.backbone}]")
+    parser.add_argument("--methods", nargs="+", choices=METHOD_NAMES, help=f"[{' '.join(d.methods)}]")
+    parser.add_argument("--seeds", nargs="+", type=int, help=f"[{' '.join(map(str, d.seeds))}]")
+    parser.add_argument("--epochs", type=int, help=f"epochs per run (an upper bound with --time-limit) [{d.epochs}]")
+    parser.add_argument("--time-limit", type=float, help="minutes of training per run: the same budget for every method")
+    parser.add_argument("-K", "--num-views", type=int, dest="num_views", help=f"views per image for relational [{d.num_views}]")
+    parser.add_argument("--batch-size", type=int, help=f"images per batch [{d.batch_size}]")
+    parser.add_argument("--image-size", type=int, help="image side in pixels [the dataset's own]")
+    parser.add_argument("--protocols", nargs="+", choices=COMPARABLE_PROTOCOLS, help=f"[{' '.join(d.protocols)}]")
+    parser.add_argument("--linear-epochs", type=int, help=f"epochs of the paper's linear probe [{d.linear_epochs}]")
+    parser.add_argument("--knn-k", type=int, help=f"neighbours for k-NN [{d.knn_k}]")
+    parser.add_argument("--embedding-points", type=int, help=f"test images in the t-SNE map [{d.embedding_points}]")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N [auto]")
+    parser.add_argument("--output-dir", help=f"one run folder per method and seed, the tables and plots [{d.output_dir}]")
+    _bool_flag(parser, "progress", "show progress bars [on]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,13 +146,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "evaluate",
         help="linear probe and k-NN on frozen features, against a random backbone",
-        description="Judge a pretrained backbone on a labelled dataset: linear probe (the paper's 100-epoch "
-        "protocol and a standardised probe trained to convergence) and weighted k-NN, on features extracted "
-        "once and cached; a randomly initialised backbone gives the lower bound.",
+        description="Judge a pretrained backbone on a labelled dataset (its own or another: --eval-dataset): "
+        "linear probe (the paper's 100-epoch protocol and a standardised probe trained to convergence), "
+        "weighted k-NN, fine-tuning, few-label probes and image retrieval, on features extracted once and "
+        "cached; a randomly initialised backbone gives the lower bound.",
     )
     evaluate.add_argument("--config", help="YAML file of options")
     add_evaluate_options(evaluate)
-    commands.add_parser("list", help="list the datasets and backbones known by name")
+    compare = commands.add_parser(
+        "compare",
+        help="methods x seeds on one dataset, evaluated alike: a Markdown/JSON table and plots",
+        description="Pretrain each method with each seed (same backbone, data path and budget), evaluate each "
+        "with the chosen protocols, and write compare.md and compare.json (mean ± std over seeds), "
+        "training_curves.png and embedding_map.png (t-SNE of test features) under --output-dir. "
+        "Rerunning resumes: finished runs are not trained again.",
+    )
+    compare.add_argument("--config", help="YAML file of options")
+    add_compare_options(compare)
+    commands.add_parser("list", help="list the datasets, backbones and methods known by name")
     return parser
 
 
@@ -125,8 +182,7 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
     options = {}
     for key, value in loaded.items():
         dest = str(key).replace("-", "_")
-        if dest in ("k", "K"):
-            dest = "num_views"
+        dest = {"k": "num_views", "K": "num_views", "eval_dataset": "dataset"}.get(dest, dest)
         if dest not in actions:
             raise RelreasonError(f"unknown option '{key}' in config file {path}; see --help for the valid names")
         options[dest] = _config_value(actions[dest], key, value, path)
@@ -206,17 +262,33 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     config = _config_from(args, EvaluateConfig)
     results = run_evaluation(config)
+    if results["pretrained_on"] and results["pretrained_on"] != results["dataset"]:
+        print(f"cross-domain: pretrained on {results['pretrained_on']}, evaluated on {results['dataset']}")
     print(format_table(results["results"]))
+    for label, plot in results.get("retrieval_plots", {}).items():
+        print(f"retrieval plot ({label}) written to {plot}")
     print(f"results written to {results['output']}")
+    return 0
+
+
+def run_compare_command(args: argparse.Namespace) -> int:
+    from relreason.compare import CompareConfig, format_markdown, run_compare
+
+    config = _config_from(args, CompareConfig)
+    summary = run_compare(config)
+    print(format_markdown(summary, config))
+    print(f"tables and plots written to {config.output_dir}")
     return 0
 
 
 def run_list(_: argparse.Namespace) -> int:
     from relreason.backbones import backbone_names
     from relreason.data import DATASET_NAMES
+    from relreason.methods import METHOD_NAMES
 
     print("datasets:  " + ", ".join(DATASET_NAMES))
     print("backbones: " + ", ".join(backbone_names()) + ", or package.module:factory")
+    print("methods:   " + ", ".join(METHOD_NAMES))
     return 0
 
 
@@ -228,7 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = parse_options(parser, argv)
         except SystemExit as done:  # --help, or a usage error already printed on one line
             return int(done.code or 0)
-        handler = {"pretrain": run_pretrain, "evaluate": run_evaluate, "list": run_list}[args.command]
+        handler = {"pretrain": run_pretrain, "evaluate": run_evaluate, "compare": run_compare_command,
+                   "list": run_list}[args.command]
         return handler(args)
     except RelreasonError as error:
         print(f"relreason: error: {error}", file=sys.stderr)

@@ -1,6 +1,6 @@
-"""Judge a pretrained backbone by what its frozen features make easy.
+"""Judge a pretrained backbone by what its features make easy.
 
-Three protocols are offered, all on features extracted once with :func:`extract_features`:
+Frozen-feature protocols, all on features extracted once with :func:`extract_features`:
 
 * ``"linear"`` -- the protocol of Patacchiola & Storkey (2020): one ``nn.Linear`` on the raw
   features, Adam, cross-entropy, shuffled mini-batches for a fixed number of epochs.
@@ -9,8 +9,18 @@ Three protocols are offered, all on features extracted once with :func:`extract_
   when feature scales are poor (common for small or random backbones) and then judges the
   optimiser rather than the features; this protocol removes that confound.
 * ``"knn"`` -- weighted k-nearest-neighbour vote on cosine similarity (no training at all).
+* ``"retrieval"`` -- every test image queries the other test images by cosine similarity;
+  precision@1/5/10 and mAP (:func:`retrieval_metrics`, :func:`plot_retrieval`).
+* ``"few_label"`` -- the linear probe(s) trained on a class-balanced 1%, 10%, 25% of the
+  training labels (:func:`few_label_indices`), tested on the full test set.
 
-Accuracies are always reported in percent.
+And one protocol that trains the backbone itself (so it needs images, not features):
+
+* ``"finetune"`` -- a linear head on a copy of the backbone, both trained with labels
+  (:func:`fine_tune`); with ``"few_label"`` it is also run on each label fraction.
+
+:data:`PROTOCOLS` (linear, linear_converged, knn) is the default set; :data:`ALL_PROTOCOLS`
+lists every name.  Accuracies, precisions and mAP are always reported in percent.
 """
 
 from __future__ import annotations
@@ -26,29 +36,62 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from relreason.checkpoint import atomic_torch_save, atomic_write_bytes
 from relreason.errors import RelreasonError
+from relreason.protocols import (
+    check_label_fractions,
+    few_label_indices,
+    fine_tune,
+    finetune_transform,
+    fraction_key,
+    fraction_name,
+    plot_retrieval,
+    retrieval_metrics,
+)
+from relreason.protocols._common import TransformedDataset as _TransformedDataset
+from relreason.protocols._common import as_features as _as_features
+from relreason.protocols._common import as_labels as _as_labels
+from relreason.protocols._common import check_positive_float as _check_positive_float
+from relreason.protocols._common import check_positive_int as _check_positive_int
+from relreason.protocols._common import module_device as _module_device
 
 __all__ = [
+    "ALL_PROTOCOLS",
+    "DEFAULT_LABEL_FRACTIONS",
+    "FEATURE_PROTOCOLS",
     "PROTOCOLS",
     "EvaluateConfig",
     "run_evaluation",
     "evaluate_features",
     "extract_features",
+    "few_label_indices",
+    "few_label_probes",
+    "fine_tune",
+    "finetune_transform",
     "format_table",
     "knn_accuracy",
     "knn_predict",
     "linear_probe",
     "linear_probe_converged",
+    "plot_retrieval",
+    "retrieval_metrics",
     "train_linear_classifier",
     "write_results_json",
 ]
 
-#: Protocol names understood by :func:`evaluate_features`, in table-column order.
+#: The default protocols of ``relreason evaluate``, in table-column order.
 PROTOCOLS: tuple[str, ...] = ("linear", "linear_converged", "knn")
+#: Every protocol of ``relreason evaluate``, in table-column order.
+ALL_PROTOCOLS: tuple[str, ...] = (*PROTOCOLS, "finetune", "retrieval", "few_label")
+#: The protocols :func:`evaluate_features` runs on extracted features (all but ``"finetune"``).
+FEATURE_PROTOCOLS: tuple[str, ...] = tuple(p for p in ALL_PROTOCOLS if p != "finetune")
+#: Linear probes that ``"few_label"`` repeats on a fraction of the training labels.
+_LINEAR_PROTOCOLS: tuple[str, ...] = ("linear", "linear_converged")
+#: Label fractions of the few-label protocol (the paper's 1%, 10% and 25%).
+DEFAULT_LABEL_FRACTIONS: tuple[float, ...] = (0.01, 0.1, 0.25)
 
 # Rows scored per forward pass when measuring accuracy (bounds memory, not results).
 _SCORE_CHUNK = 8192
@@ -57,54 +100,6 @@ _SCORE_CHUNK = 8192
 # --------------------------------------------------------------------------------------------
 # Small utilities
 # --------------------------------------------------------------------------------------------
-
-
-def _as_features(x: Any, name: str) -> torch.Tensor:
-    """Return ``x`` as a finite float32 (N, d) CPU tensor with N >= 1, or raise RelreasonError."""
-    try:
-        t = torch.as_tensor(x)
-    except Exception as exc:  # noqa: BLE001 - reported to the user as one line
-        raise RelreasonError(
-            f"{name} could not be converted to a tensor ({type(x).__name__}); pass a (N, d) "
-            "torch.Tensor or numpy array"
-        ) from exc
-    if t.dim() != 2:
-        raise RelreasonError(
-            f"{name} must be 2-D (N, d) but has shape {tuple(t.shape)}; flatten the backbone "
-            "output per sample"
-        )
-    if t.shape[0] == 0 or t.shape[1] == 0:
-        raise RelreasonError(f"{name} is empty (shape {tuple(t.shape)}); pass at least one sample and one feature")
-    if t.dtype == torch.bool or t.is_complex():
-        raise RelreasonError(f"{name} has dtype {t.dtype}; pass real-valued features")
-    t = t.detach().to(device="cpu", dtype=torch.float32)
-    if not torch.isfinite(t).all():
-        raise RelreasonError(
-            f"{name} contains NaN or infinite values; check the backbone and checkpoint that produced them"
-        )
-    return t
-
-
-def _as_labels(y: Any, n: int, name: str) -> torch.Tensor:
-    """Return ``y`` as an int64 (N,) CPU tensor of non-negative class indices, or raise."""
-    try:
-        t = torch.as_tensor(y)
-    except Exception as exc:  # noqa: BLE001
-        raise RelreasonError(
-            f"{name} could not be converted to a tensor ({type(y).__name__}); pass a 1-D tensor of class indices"
-        ) from exc
-    if t.dim() != 1:
-        raise RelreasonError(f"{name} must be 1-D but has shape {tuple(t.shape)}; pass one class index per sample")
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise RelreasonError(f"{name} has dtype {t.dtype}; pass integer class indices (e.g. torch.int64)")
-    if t.shape[0] != n:
-        raise RelreasonError(
-            f"{name} has {t.shape[0]} labels but the features have {n} rows; pass one label per feature row"
-        )
-    t = t.detach().to(device="cpu", dtype=torch.int64)
-    if (t < 0).any():
-        raise RelreasonError(f"{name} contains negative labels; pass class indices 0..C-1")
-    return t
 
 
 def _matching_features(train_x: Any, test_x: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,22 +125,6 @@ def _prepare(
     return tr_x, tr_y, te_x, te_y, num_classes
 
 
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise RelreasonError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _check_positive_float(value: Any, name: str) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        v = float("nan")
-    if not (v > 0 and math.isfinite(v)):
-        raise RelreasonError(f"{name} must be a positive finite number, got {value!r}")
-    return v
-
-
 def _accuracy(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> float:
     """Percent of rows of ``x`` whose argmax score under ``predict`` equals ``y``."""
     correct = 0
@@ -159,34 +138,6 @@ def _accuracy(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
 # --------------------------------------------------------------------------------------------
 # Feature extraction
 # --------------------------------------------------------------------------------------------
-
-
-class _TransformedDataset(Dataset):
-    """Apply ``transform`` to the image of each ``(image, label)`` item of ``base``."""
-
-    def __init__(self, base: Any, transform: Callable[[Any], Any] | None) -> None:
-        self.base = base
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        item = self.base[index]
-        try:
-            image, label = item
-        except (TypeError, ValueError) as exc:
-            raise RelreasonError(
-                f"dataset item {index} is not an (image, label) pair; wrap the dataset so it yields (image, int label)"
-            ) from exc
-        if self.transform is not None:
-            image = self.transform(image)
-        if not isinstance(image, torch.Tensor):
-            raise RelreasonError(
-                f"transform returned {type(image).__name__}, not a tensor; end the transform with "
-                "torchvision.transforms.ToTensor()"
-            )
-        return image, int(label)
 
 
 def _load_feature_cache(path: Path, expected_len: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,14 +165,6 @@ def _load_feature_cache(path: Path, expected_len: int | None) -> tuple[torch.Ten
             "delete the stale cache to recompute"
         )
     return features, labels
-
-
-def _module_device(module: nn.Module) -> torch.device | None:
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
-    return None
 
 
 def extract_features(
@@ -533,6 +476,60 @@ def knn_accuracy(
 # --------------------------------------------------------------------------------------------
 
 
+def _choose_protocols(protocols: Iterable[str], allowed: tuple[str, ...]) -> list[str]:
+    """The distinct protocol names of ``protocols`` in the order given, all in ``allowed``."""
+    if isinstance(protocols, str):
+        protocols = (protocols,)
+    chosen = list(dict.fromkeys(protocols))
+    if "finetune" in chosen and "finetune" not in allowed:
+        raise RelreasonError(
+            "protocol 'finetune' trains the backbone, so it needs images, not features; call fine_tune() "
+            "or run_evaluation() (relreason evaluate --protocols finetune)"
+        )
+    unknown = [p for p in chosen if p not in allowed]
+    if unknown:
+        raise RelreasonError(
+            f"unknown evaluation protocol(s) {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)}"
+        )
+    if not chosen:
+        raise RelreasonError(f"no evaluation protocol chosen; choose from {', '.join(allowed)}")
+    return chosen
+
+
+def few_label_probes(
+    train_x: Any,
+    train_y: Any,
+    test_x: Any,
+    test_y: Any,
+    fractions: Iterable[float] = DEFAULT_LABEL_FRACTIONS,
+    probes: Iterable[str] = ("linear",),
+    linear_epochs: int = 100,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> dict[str, dict[str, Any]]:
+    """The linear ``probes`` trained on a class-balanced ``fraction`` of the training rows.
+
+    For each fraction, the rows :func:`few_label_indices` picks (``seed``) train each probe,
+    which is tested on the whole test set.  Returns ``{fraction_key: {"fraction", "train_size",
+    probe: result, ...}}`` keyed like ``"0.1"``.
+    """
+    probes = _choose_protocols(probes, _LINEAR_PROTOCOLS)
+    fractions = check_label_fractions(fractions)
+    tr_x, tr_y, te_x, te_y, _ = _prepare(train_x, train_y, test_x, test_y)
+    results: dict[str, dict[str, Any]] = {}
+    for fraction in fractions:
+        index = torch.from_numpy(few_label_indices(tr_y, fraction, seed))
+        sub_x, sub_y = tr_x[index], tr_y[index]
+        entry: dict[str, Any] = {"fraction": fraction, "train_size": int(index.shape[0])}
+        for probe in probes:
+            if probe == "linear":
+                entry[probe] = linear_probe(sub_x, sub_y, te_x, te_y, epochs=linear_epochs, seed=seed, device=device)
+            else:
+                entry[probe] = linear_probe_converged(sub_x, sub_y, te_x, te_y, device=device)
+        results[fraction_key(fraction)] = entry
+    return results
+
+
 def evaluate_features(
     train_x: Any,
     train_y: Any,
@@ -543,52 +540,58 @@ def evaluate_features(
     knn_k: int = 200,
     seed: int = 0,
     device: str | torch.device = "cpu",
-) -> dict[str, dict[str, float | int]]:
-    """Run the chosen protocols on one train/test feature split.
+    label_fractions: Iterable[float] = DEFAULT_LABEL_FRACTIONS,
+    retrieval_ks: Iterable[int] = (1, 5, 10),
+) -> dict[str, dict[str, Any]]:
+    """Run the chosen protocols (any of :data:`FEATURE_PROTOCOLS`) on one train/test feature split.
 
     Returns ``{protocol: result}`` with ``"linear"`` and ``"linear_converged"`` holding the
-    dicts of :func:`linear_probe` / :func:`linear_probe_converged` and ``"knn"`` holding
-    ``{"test_accuracy": ...}``.  Protocol names are checked before anything runs.
+    dicts of :func:`linear_probe` / :func:`linear_probe_converged`, ``"knn"`` holding
+    ``{"test_accuracy": ...}``, ``"retrieval"`` the :func:`retrieval_metrics` of the test
+    features and ``"few_label"`` the :func:`few_label_probes` of ``label_fractions`` with the
+    chosen linear probes (the paper's ``"linear"`` when neither is chosen).  Protocol names and
+    fractions are checked before anything runs.
     """
-    if isinstance(protocols, str):
-        protocols = (protocols,)
-    chosen = list(dict.fromkeys(protocols))
-    unknown = [p for p in chosen if p not in PROTOCOLS]
-    if unknown:
-        raise RelreasonError(
-            f"unknown evaluation protocol(s) {', '.join(map(repr, unknown))}; choose from {', '.join(PROTOCOLS)}"
-        )
-    if not chosen:
-        raise RelreasonError(f"no evaluation protocol chosen; choose from {', '.join(PROTOCOLS)}")
+    chosen = _choose_protocols(protocols, FEATURE_PROTOCOLS)
+    fractions = check_label_fractions(label_fractions) if "few_label" in chosen else ()
     tr_x, tr_y, te_x, te_y, _ = _prepare(train_x, train_y, test_x, test_y)
 
-    results: dict[str, dict[str, float | int]] = {}
+    results: dict[str, dict[str, Any]] = {}
     for protocol in chosen:
         if protocol == "linear":
             results[protocol] = linear_probe(tr_x, tr_y, te_x, te_y, epochs=linear_epochs, seed=seed, device=device)
         elif protocol == "linear_converged":
             results[protocol] = linear_probe_converged(tr_x, tr_y, te_x, te_y, device=device)
-        else:
+        elif protocol == "knn":
             results[protocol] = {"test_accuracy": knn_accuracy(tr_x, tr_y, te_x, te_y, k=knn_k)}
+        elif protocol == "retrieval":
+            results[protocol] = retrieval_metrics(te_x, te_y, ks=retrieval_ks, device=device)
+        else:
+            probes = [p for p in chosen if p in _LINEAR_PROTOCOLS] or ["linear"]
+            results[protocol] = few_label_probes(
+                tr_x, tr_y, te_x, te_y, fractions, probes, linear_epochs=linear_epochs, seed=seed, device=device
+            )
     return results
 
 
-def format_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
-    """Render ``{label: evaluate_features(...)}`` as a Markdown table of test accuracies (%).
+#: Columns of the main table: (protocol, result key, header), in order.
+_TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("linear", "test_accuracy", "linear"),
+    ("linear_converged", "test_accuracy", "linear_converged"),
+    ("knn", "test_accuracy", "knn"),
+    ("finetune", "test_accuracy", "finetune"),
+    ("retrieval", "mAP", "retrieval mAP"),
+    ("retrieval", "precision@1", "retrieval P@1"),
+)
 
-    One row per label, one column per protocol present in any row (known protocols first, in
-    :data:`PROTOCOLS` order); a protocol missing from a row shows ``-``.
-    """
-    columns = [p for p in PROTOCOLS if any(p in row for row in results.values())]
-    columns += sorted({p for row in results.values() for p in row if p not in PROTOCOLS})
-    header = ["backbone", *columns]
-    rows = []
-    for label, row in results.items():
-        cells = [str(label)]
-        for protocol in columns:
-            value = row.get(protocol, {}).get("test_accuracy") if isinstance(row.get(protocol), Mapping) else None
-            cells.append("-" if value is None else f"{float(value):.2f}")
-        rows.append(cells)
+
+def _cell(result: Any, key: str) -> str:
+    value = result.get(key) if isinstance(result, Mapping) else None
+    return "-" if value is None else f"{float(value):.2f}"
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    """A fixed-width Markdown table: first column left-aligned, the others right-aligned."""
     widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
 
     def render(cells: list[str]) -> str:
@@ -597,6 +600,47 @@ def format_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
 
     rule = "|" + "|".join(["-" * (widths[0] + 2)] + ["-" * (w + 1) + ":" for w in widths[1:]]) + "|"
     return "\n".join([render(header), rule, *(render(r) for r in rows)])
+
+
+def _fraction_label(key: str, entry: Mapping[str, Any]) -> str:
+    try:
+        return fraction_name(entry.get("fraction", key))
+    except (TypeError, ValueError):
+        return str(key)
+
+
+def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """Render ``{label: evaluate_features(...)}`` (plus ``"finetune"``) as Markdown tables (%).
+
+    The main table has one row per label and one column per headline number present in any
+    row: the test accuracy of ``linear``, ``linear_converged``, ``knn`` and ``finetune``, then
+    ``retrieval mAP`` and ``retrieval P@1``, then the test accuracy of any other protocol
+    (sorted).  When some row has ``"few_label"`` results, a second table follows after a blank
+    line: one row per (label, label fraction), one column per probe (test accuracy).  A value
+    missing from a row shows ``-``.
+    """
+    present = {p for row in results.values() for p in row}
+    columns = [c for c in _TABLE_COLUMNS if c[0] in present]
+    columns += [(p, "test_accuracy", p) for p in sorted(present - set(ALL_PROTOCOLS))]
+    few = [(label, row["few_label"]) for label, row in results.items() if isinstance(row.get("few_label"), Mapping)]
+
+    tables = []
+    if columns or not few:
+        rows = [
+            [str(label), *(_cell(row.get(protocol), key) for protocol, key, _ in columns)]
+            for label, row in results.items()
+        ]
+        tables.append(_markdown(["backbone", *(header for _, _, header in columns)], rows))
+    if few:
+        entries = [(label, key, entry) for label, by_fraction in few for key, entry in by_fraction.items()
+                   if isinstance(entry, Mapping)]
+        probes = [p for p in (*_LINEAR_PROTOCOLS, "finetune") if any(p in entry for _, _, entry in entries)]
+        rows = [
+            [str(label), _fraction_label(key, entry), *(_cell(entry.get(p), "test_accuracy") for p in probes)]
+            for label, key, entry in entries
+        ]
+        tables.append(_markdown(["backbone", "labels", *probes], rows))
+    return "\n\n".join(tables)
 
 
 def _json_default(obj: Any) -> Any:
@@ -646,6 +690,11 @@ class EvaluateConfig:
     protocols: tuple[str, ...] = PROTOCOLS
     linear_epochs: int = 100
     knn_k: int = 200
+    label_fractions: tuple[float, ...] = DEFAULT_LABEL_FRACTIONS
+    finetune_epochs: int = 20
+    finetune_backbone_lr: float = 1e-4
+    finetune_head_lr: float = 1e-3
+    retrieval_plot: bool = True
     random_baseline: bool = True
     batch_size: int = 256
     seed: int = 0
@@ -696,20 +745,44 @@ def load_matching_state(backbone: nn.Module, state: Mapping[str, torch.Tensor], 
     backbone.load_state_dict(state)
 
 
+def _data_tag(dataset_name: str, data_root: str, mean: Any, std: Any) -> str:
+    """A short digest of what decides the features of a dataset besides the backbone.
+
+    A feature cache name holds it, so evaluating the same weights on another image folder or
+    with another normalisation never reads stale features.
+    """
+    from relreason.data import dataset_info
+
+    root = str(Path(data_root).expanduser().resolve()) if dataset_info(dataset_name).name == "folder" else ""
+    key = json.dumps([dataset_name, root, [float(m) for m in mean], [float(v) for v in std]])
+    return hashlib.sha1(key.encode()).hexdigest()[:8]
+
+
 def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
-    """Extract features once (cached beside the weights), run the protocols, write JSON; return the payload."""
+    """Evaluate the weights (and a random backbone) with the chosen protocols, write JSON; return the payload.
+
+    Features are extracted once per backbone and split (cached beside the weights) for the
+    feature protocols; ``finetune`` trains a copy of each backbone on the images.  The
+    evaluation dataset may differ from the one pretrained on (cross-domain); its images are
+    then normalised with its own statistics.  With ``retrieval`` a PNG of retrievals per
+    backbone is written beside the JSON (``<output stem>-retrieval-<label>.png``).
+    """
     from relreason.backbones import build_backbone
     from relreason.data import compute_normalization, dataset_info, eval_transform
+    from relreason.protocols.finetune import finetune_milestones
     from relreason.train import resolve_device
 
-    unknown = [p for p in config.protocols if p not in PROTOCOLS]
-    if unknown:
-        raise RelreasonError(f"unknown protocol(s) {', '.join(unknown)}; choose from {', '.join(PROTOCOLS)}")
+    protocols = _choose_protocols(config.protocols, ALL_PROTOCOLS)
+    fractions = check_label_fractions(config.label_fractions) if "few_label" in protocols else ()
+    if "finetune" in protocols:
+        ft_epochs = _check_positive_int(config.finetune_epochs, "--finetune-epochs")
+        ft_backbone_lr = _check_positive_float(config.finetune_backbone_lr, "--finetune-backbone-lr")
+        ft_head_lr = _check_positive_float(config.finetune_head_lr, "--finetune-head-lr")
     device = resolve_device(config.device)
     weights, meta = _load_backbone_source(config)
     dataset_name = config.dataset or meta.get("dataset")
     if not dataset_name:
-        raise RelreasonError("no dataset known for these weights; pass --dataset NAME")
+        raise RelreasonError("no dataset known for these weights; pass --eval-dataset NAME")
     info = dataset_info(dataset_name)
     image_size = config.image_size or meta.get("image_size") or info.image_size
     train_set = _labelled_split(dataset_name, config.data_root, info.train_split, config.download)
@@ -725,37 +798,71 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     state = torch.load(weights, map_location="cpu", weights_only=True)
     digest = hashlib.sha1(weights.read_bytes()).hexdigest()[:12]
     cache_dir = weights.parent / "features"
+    data_tag = _data_tag(dataset_name, config.data_root, mean, std)
     backbones = {"pretrained": (digest, state)}
     if config.random_baseline:
         backbones["random"] = (f"random-seed{config.seed}", None)
+    output = Path(config.output) if config.output else weights.parent / "evaluation.json"
+    feature_protocols = [p for p in protocols if p != "finetune"]
+    num_classes = int(max(train_set.labels.max(), test_set.labels.max())) + 1
 
     results: dict[str, Any] = {}
+    plots: dict[str, str] = {}
     for label, (key, weights_state) in backbones.items():
         torch.manual_seed(config.seed)
         backbone = build_backbone(meta["backbone"], image_size=image_size)
         if weights_state is not None:
             load_matching_state(backbone, weights_state, weights, meta["backbone"])
-        features = {}
-        for split, dataset in (("train", train_set), ("test", test_set)):
-            cache = cache_dir / f"{meta['backbone']}-{key}-{dataset_name}-{split}-{image_size}px.pt"
-            features[split] = extract_features(
-                backbone, dataset, transform, batch_size=config.batch_size, device=device, cache_path=cache
+        row: dict[str, Any] = {}
+        if feature_protocols:
+            features = {}
+            for split, dataset in (("train", train_set), ("test", test_set)):
+                cache = cache_dir / f"{meta['backbone']}-{key}-{dataset_name}-{split}-{image_size}px-{data_tag}.pt"
+                features[split] = extract_features(
+                    backbone, dataset, transform, batch_size=config.batch_size, device=device, cache_path=cache
+                )
+            row = evaluate_features(
+                *features["train"], *features["test"], protocols=feature_protocols,
+                linear_epochs=config.linear_epochs, knn_k=config.knn_k, seed=config.seed, device=device,
+                label_fractions=fractions or DEFAULT_LABEL_FRACTIONS,
             )
-        results[label] = evaluate_features(
-            *features["train"], *features["test"], protocols=config.protocols, linear_epochs=config.linear_epochs,
-            knn_k=config.knn_k, seed=config.seed, device=device,
-        )
-    output = Path(config.output) if config.output else weights.parent / "evaluation.json"
+            if "retrieval" in protocols and config.retrieval_plot:
+                plot = output.with_name(f"{output.stem}-retrieval-{label}.png")
+                plots[label] = str(plot_retrieval(test_set, *features["test"], plot, seed=config.seed))
+        if "finetune" in protocols:
+            tune = {
+                "train_set": train_set, "test_set": test_set, "train_transform": finetune_transform(image_size, mean, std),
+                "test_transform": transform, "num_classes": num_classes, "epochs": ft_epochs,
+                "backbone_lr": ft_backbone_lr, "head_lr": ft_head_lr, "seed": config.seed, "device": device,
+            }
+            row["finetune"] = fine_tune(backbone, **tune)
+            for fraction in fractions:
+                indices = few_label_indices(train_set.labels, fraction, config.seed)
+                row["few_label"][fraction_key(fraction)]["finetune"] = fine_tune(backbone, **tune, label_indices=indices)
+        results[label] = {p: row[p] for p in ALL_PROTOCOLS if p in row}
+
+    settings: dict[str, Any] = {"linear_epochs": config.linear_epochs, "knn_k": config.knn_k, "seed": config.seed}
+    if fractions:
+        settings["label_fractions"] = list(fractions)
+    if "finetune" in protocols:
+        settings["finetune"] = {
+            "epochs": ft_epochs, "backbone_lr": ft_backbone_lr, "head_lr": ft_head_lr, "batch_size": 128,
+            "lr_decay_epochs": finetune_milestones(ft_epochs), "lr_decay": 0.1,
+        }
     payload = {
         "weights": str(weights),
         "backbone": meta["backbone"],
         "pretrained_on": meta.get("dataset"),
         "dataset": dataset_name,
         "image_size": image_size,
+        "normalization": {"mean": [float(m) for m in mean], "std": [float(v) for v in std]},
         "train_size": len(train_set),
         "test_size": len(test_set),
-        "settings": {"linear_epochs": config.linear_epochs, "knn_k": config.knn_k, "seed": config.seed},
+        "protocols": protocols,
+        "settings": settings,
         "results": results,
     }
+    if plots:
+        payload["retrieval_plots"] = plots
     write_results_json(output, payload)
     return payload | {"output": str(output)}

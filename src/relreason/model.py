@@ -11,6 +11,7 @@ from torch import nn
 from relreason.errors import RelreasonError
 from relreason.head import RelationHead
 from relreason.losses import build_loss
+from relreason.methods.base import PretrainMethod
 from relreason.pairing import aggregate_pairs, aggregation_width, relation_pair_indices
 
 
@@ -28,6 +29,16 @@ class RelationOutput:
     negative_accuracy: torch.Tensor
     scores: torch.Tensor
     targets: torch.Tensor
+    features: torch.Tensor | None = None  # detached features of the first view, (B, d)
+
+    @property
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """The accuracies under the names the trainer logs."""
+        return {
+            "relation_accuracy": self.accuracy,
+            "positive_accuracy": self.positive_accuracy,
+            "negative_accuracy": self.negative_accuracy,
+        }
 
 
 @torch.no_grad()
@@ -71,7 +82,7 @@ def stack_views(views: Sequence[torch.Tensor] | torch.Tensor) -> tuple[torch.Ten
     return torch.cat(views, dim=0), len(views)
 
 
-class RelationalReasoning(nn.Module):
+class RelationalReasoning(PretrainMethod):
     """Backbone + relation head. ``forward(views)`` returns the loss and relation accuracies.
 
     Args:
@@ -83,6 +94,8 @@ class RelationalReasoning(nn.Module):
         image_size: input size used only when ``feature_dim`` must be inferred.
     """
 
+    name = "relational"
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -92,14 +105,16 @@ class RelationalReasoning(nn.Module):
         loss: str | nn.Module = "bce",
         image_size: int = 32,
     ) -> None:
-        super().__init__()
         if feature_dim is None:
             feature_dim = getattr(backbone, "feature_dim", None) or infer_feature_dim(backbone, image_size)
-        self.backbone = backbone
-        self.feature_dim = int(feature_dim)
+        super().__init__(backbone, int(feature_dim))
         self.aggregation = aggregation
         self.relation_head = RelationHead(aggregation_width(self.feature_dim, aggregation), hidden_features)
         self.criterion = build_loss(loss) if isinstance(loss, str) else loss
+
+    @staticmethod
+    def views_per_image(num_views: int) -> int:
+        return num_views
 
     def relation_scores(self, features: torch.Tensor, num_views: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and targets of every relation pair formed from view-major ``features``."""
@@ -111,7 +126,8 @@ class RelationalReasoning(nn.Module):
         scores = self.relation_head(pairs).squeeze(1)
         return scores, targets.to(scores.dtype)
 
-    def forward(self, views: Sequence[torch.Tensor] | torch.Tensor) -> RelationOutput:
+    def forward(self, views: Sequence[torch.Tensor] | torch.Tensor, labels: torch.Tensor | None = None) -> RelationOutput:
+        """``labels`` are ignored (the method is self-supervised); accepted so every method is called alike."""
         images, num_views = stack_views(views)
         features = self.backbone(images)
         scores, targets = self.relation_scores(features, num_views)
@@ -124,4 +140,5 @@ class RelationalReasoning(nn.Module):
             accuracy = correct.float().mean()
             positive_accuracy = correct[positive].float().mean()
             negative_accuracy = correct[~positive].float().mean()
-        return RelationOutput(loss, accuracy, positive_accuracy, negative_accuracy, scores, targets)
+        first_view = features[: features.shape[0] // num_views].detach()
+        return RelationOutput(loss, accuracy, positive_accuracy, negative_accuracy, scores, targets, first_view)

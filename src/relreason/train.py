@@ -59,7 +59,8 @@ from relreason.distributed import (
 )
 from relreason.errors import RelreasonError
 from relreason.losses import build_loss
-from relreason.model import RelationalReasoning
+from relreason.methods import PretrainMethod, check_method_name, method_class
+from relreason.methods.online_probe import OnlineProbe, PretrainModule
 from relreason.pairing import AGGREGATIONS, check_pairing_sizes
 
 AMP_MODES = ("off", "bf16", "fp16")
@@ -73,6 +74,7 @@ SKIPPED_IMAGES_NAME = "skipped_images.txt"
 class PretrainConfig:
     """Every option of ``relreason pretrain``; the CLI and YAML configs fill it by field name."""
 
+    method: str = "relational"
     dataset: str = "digits"
     data_root: str = "data"
     download: bool = False
@@ -88,6 +90,8 @@ class PretrainConfig:
     focal_alpha: float = 0.5
     aggregation: str = "cat"
     head_hidden: int = 256
+    simclr_temperature: float = 0.5
+    online_probe: bool = True  # a linear classifier on detached features, when the data has labels
     seed: int = 0
     device: str = "auto"
     amp: str = "off"
@@ -103,9 +107,15 @@ class PretrainConfig:
 
     def validate(self) -> None:
         """Refuse bad options with one line each, before any data is read or any file written."""
-        check_pairing_sizes(self.num_views, self.batch_size)
+        check_method_name(self.method)
+        if self.method == "relational":
+            check_pairing_sizes(self.num_views, self.batch_size)
+        elif self.batch_size < 2:
+            raise RelreasonError(f"--batch-size must be >= 2 (BatchNorm needs two images), got {self.batch_size}")
         if self.epochs < 1:
             raise RelreasonError(f"--epochs must be >= 1, got {self.epochs}")
+        if not self.simclr_temperature > 0:
+            raise RelreasonError(f"--simclr-temperature must be > 0, got {self.simclr_temperature}")
         if not self.lr > 0:
             raise RelreasonError(f"--lr must be > 0, got {self.lr}")
         if self.aggregation not in AGGREGATIONS:
@@ -134,7 +144,7 @@ class PretrainResult:
     epochs_done: int
     history: list[dict[str, float]]
     stopped_early: bool  # by --time-limit or SIGTERM, with a checkpoint at the step it stopped
-    model: RelationalReasoning
+    model: PretrainMethod | nn.Module  # the trained method (its .backbone); the bare backbone for 'random'
     preempted: bool = False  # stopped by SIGTERM rather than by --time-limit
 
 
@@ -222,9 +232,12 @@ class MetricsLog:
 
 
 def build_pretrain_data(config: PretrainConfig) -> tuple[MultiViewDataset, dict[str, Any]]:
-    """The K-view pretraining set and the image geometry/normalisation the backbone is trained with."""
+    """The multi-view pretraining set and the image geometry/normalisation the backbone is trained with."""
     info = dataset_info(config.dataset)
-    dataset = load_dataset(config.dataset, config.data_root, info.pretrain_split, download=config.download)
+    method = method_class(config.method)
+    # Supervised pretraining needs the labelled split (STL-10's unlabelled split has none).
+    split = info.train_split if method is not None and method.needs_labels else info.pretrain_split
+    dataset = load_dataset(config.dataset, config.data_root, split, download=config.download)
     image_size = config.image_size or info.image_size
     if info.mean is None:
         mean, std = compute_normalization(dataset)
@@ -232,7 +245,8 @@ def build_pretrain_data(config: PretrainConfig) -> tuple[MultiViewDataset, dict[
         mean, std = info.mean, info.std
     transform = relational_augmentation(image_size, mean, std)
     geometry = {"image_size": image_size, "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
-    return MultiViewDataset(dataset, transform, config.num_views, seed=config.seed), geometry
+    views = method.views_per_image(config.num_views) if method is not None else 1
+    return MultiViewDataset(dataset, transform, views, seed=config.seed), geometry
 
 
 def make_loader(
@@ -266,21 +280,38 @@ def loader_workers(requested: int | None, device: torch.device) -> int:
     return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
 
 
-def build_model(config: PretrainConfig, image_size: int) -> RelationalReasoning:
+def num_classes_of(dataset: MultiViewDataset) -> int | None:
+    labels = getattr(dataset.dataset, "labels", None)
+    return None if labels is None or len(labels) == 0 else int(max(labels)) + 1
+
+
+def build_model(config: PretrainConfig, image_size: int, num_classes: int | None = None) -> PretrainMethod:
+    """The method ``config.method`` on a fresh ``config.backbone`` (None for ``random``, which trains nothing)."""
     backbone = build_backbone(config.backbone, image_size=image_size)
-    loss = build_loss(config.loss, config.focal_gamma, config.focal_alpha)
-    return RelationalReasoning(
-        backbone, backbone.feature_dim, config.aggregation, config.head_hidden, loss, image_size=image_size
-    )
+    method = method_class(config.method)
+    if method is None:
+        return None
+    if config.method == "relational":
+        loss = build_loss(config.loss, config.focal_gamma, config.focal_alpha)
+        return method(backbone, backbone.feature_dim, config.aggregation, config.head_hidden, loss, image_size=image_size)
+    if config.method == "simclr":
+        return method(backbone, backbone.feature_dim, temperature=config.simclr_temperature)
+    if config.method == "supervised":
+        if num_classes is None:
+            raise RelreasonError(f"--method supervised needs labels and dataset '{config.dataset}' has none; "
+                                 "choose a labelled dataset or another method")
+        return method(backbone, backbone.feature_dim, num_classes)
+    return method(backbone, backbone.feature_dim)
 
 
-def export_backbone(run_dir: Path, model: RelationalReasoning, config: PretrainConfig, geometry: dict, epochs_done: int) -> None:
+def export_backbone(run_dir: Path, backbone: nn.Module, config: PretrainConfig, geometry: dict, epochs_done: int) -> None:
     """The trained backbone alone, as a plain state_dict, plus what is needed to rebuild and feed it."""
-    state = {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
     atomic_torch_save(state, run_dir / BACKBONE_NAME)
     meta = {
         "backbone": config.backbone,
-        "feature_dim": model.feature_dim,
+        "method": config.method,
+        "feature_dim": backbone.feature_dim,
         "dataset": config.dataset,
         "epochs": epochs_done,
         "num_views": config.num_views,
@@ -317,10 +348,25 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
     run_dir = prepare_output_dir(config, context)
     if isinstance(dataset.dataset, ImageFolderDataset):
         dataset.dataset.skip_log = run_dir / SKIPPED_IMAGES_NAME  # unreadable files are listed, not fatal
-    model = build_model(config, geometry["image_size"]).to(device)
+    num_classes = num_classes_of(dataset)
+    method = build_model(config, geometry["image_size"], num_classes)
+    if method is None:  # 'random': the lower bound is the initialisation itself
+        backbone = build_backbone(config.backbone, image_size=geometry["image_size"])
+        if context.is_main:
+            export_backbone(run_dir, backbone, config, geometry, 0)
+            log("method 'random': exported the randomly initialised backbone without training", context)
+        barrier(context)
+        return PretrainResult(run_dir, 0, [], False, backbone)
+    probe = OnlineProbe(method.feature_dim, num_classes) if config.online_probe and num_classes else None
+    model = PretrainModule(method, probe).to(device)
     if config.sync_batchnorm and context.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    groups = [{"params": model.method.parameters()}]
+    if probe is not None:
+        # The probe must keep up with features that move every step; on standardised features a 10x
+        # larger step is safe, and it never touches the backbone.
+        groups.append({"params": probe.parameters(), "lr": 10 * config.lr, "weight_decay": 0.0})
+    optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
     amp_dtype = autocast_dtype(config.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     metrics = MetricsLog(run_dir, config.tensorboard and context.is_main)
@@ -330,8 +376,7 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
     if found is not None:
         path, checkpoint = found
         check_resumable(checkpoint, config, path)
-        model.backbone.load_state_dict(checkpoint["backbone"])
-        model.relation_head.load_state_dict(checkpoint["relation_head"])
+        model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         set_rng_state(checkpoint["rng"])
@@ -360,7 +405,7 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
         stop.uninstall()
     stopped_early = stopped_early and position.epoch < config.epochs
     if context.is_main:
-        export_backbone(run_dir, model, config, geometry, position.epoch)
+        export_backbone(run_dir, model.method.backbone, config, geometry, position.epoch)
         metrics.close()
         plot_training_curves(metrics.read(), run_dir / "training_curves.png")
         if stopped_early:
@@ -368,7 +413,9 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
                 "and saved a checkpoint there: rerun the same command to continue", context)
     barrier(context)
     history = metrics.read() if context.is_main else []
-    return PretrainResult(run_dir, position.epoch, history, stopped_early, model, stopped_early and stop.requested)
+    return PretrainResult(
+        run_dir, position.epoch, history, stopped_early, model.method, stopped_early and stop.requested
+    )
 
 
 @dataclass
@@ -377,17 +424,17 @@ class TrainingPosition:
 
     epoch: int = 0
     step: int = 0
-    totals: list[float] = dataclasses.field(default_factory=lambda: [0.0] * 4)
+    totals: dict[str, float] = dataclasses.field(default_factory=dict)  # loss and metrics summed over steps
     views: int = 0
     seconds: float = 0.0
 
     def next_epoch(self) -> None:
-        self.epoch, self.step, self.totals, self.views, self.seconds = self.epoch + 1, 0, [0.0] * 4, 0, 0.0
+        self.epoch, self.step, self.totals, self.views, self.seconds = self.epoch + 1, 0, {}, 0, 0.0
 
 
 def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, path: Path) -> None:
     saved = checkpoint.get("config", {})
-    shaping = ("backbone", "aggregation", "head_hidden", "dataset", "image_size", "num_views", "batch_size", "seed")
+    shaping = ("method", "backbone", "aggregation", "head_hidden", "dataset", "image_size", "num_views", "batch_size", "seed")
     mismatched = {k: (saved.get(k), getattr(config, k)) for k in shaping if saved.get(k) != getattr(config, k)}
     if mismatched:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items())
@@ -405,8 +452,8 @@ class CheckpointSaver:
         if not self.context.is_main:
             return
         state = {
-            "backbone": self.model.backbone.state_dict(),
-            "relation_head": self.model.relation_head.state_dict(),
+            "backbone": self.model.method.backbone.state_dict(),
+            "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": position.epoch,
@@ -469,31 +516,37 @@ def train_one_epoch(
     loader = make_loader(dataset, config, position, device, context)
     steps_per_epoch = loader.batch_sampler.steps_per_epoch
     # Sums stay on the device: reading them every step would stall a GPU on each batch.
-    totals = torch.tensor(position.totals, device=device, dtype=torch.float64)
+    names = list(position.totals)
+    totals = torch.tensor(list(position.totals.values()), device=device, dtype=torch.float64)
     started = time.perf_counter() - position.seconds
     bar = tqdm(loader, desc=f"epoch {position.epoch + 1}/{config.epochs}", initial=position.step,
                total=steps_per_epoch, disable=not (config.progress and context.is_main), leave=False,
                dynamic_ncols=True)
 
     def sync_position() -> None:
-        position.totals = totals.tolist()
+        position.totals = dict(zip(names, totals.tolist()))
         position.seconds = time.perf_counter() - started
         check_finite(position, config)
 
-    for views, _ in bar:
+    for views, labels in bar:
         views = [v.to(device, non_blocking=True) for v in views]
+        labels = labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out = model(views)
+            total_loss, out = model(views, labels)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(out.loss).backward()
+        scaler.scale(total_loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        totals += torch.stack([out.loss.detach(), out.accuracy, out.positive_accuracy, out.negative_accuracy]).double()
+        step_values = {"loss": out.loss.detach(), **out.metrics}
+        if not names:
+            names = list(step_values)
+            totals = torch.zeros(len(names), device=device, dtype=torch.float64)
+        totals += torch.stack([step_values[name].float() for name in names]).double()
         position.step += 1
         position.views += len(views) * views[0].shape[0] * context.world_size
         if config.progress and context.is_main and (position.step % 10 == 1 or position.step == steps_per_epoch):
-            loss, accuracy = (totals[:2] / position.step).tolist()
-            bar.set_postfix(loss=f"{loss:.4f}", rel_acc=f"{100 * accuracy:.1f}%")
+            means = dict(zip(names, (totals / position.step).tolist()))
+            bar.set_postfix({name: format_metric(name, value) for name, value in means.items()})
         interrupted = time.monotonic() > deadline or stop.requested
         if position.step < steps_per_epoch and (interrupted or (
                 config.checkpoint_every and position.step % config.checkpoint_every == 0)):
@@ -505,13 +558,10 @@ def train_one_epoch(
     bar.close()
     all_reduce_mean(totals, context)
     sync_position()
-    loss, accuracy, positive, negative = (t / max(position.step, 1) for t in position.totals)
+    means = {name: total / max(position.step, 1) for name, total in position.totals.items()}
     record = {
         "epoch": position.epoch + 1,
-        "loss": loss,
-        "relation_accuracy": 100 * accuracy,
-        "positive_accuracy": 100 * positive,
-        "negative_accuracy": 100 * negative,
+        **{name: 100 * value if name.endswith("accuracy") else value for name, value in means.items()},
         "seconds": position.seconds,
         "views_per_second": position.views / position.seconds if position.seconds > 0 else 0.0,
         "lr": optimizer.param_groups[0]["lr"],
@@ -522,17 +572,21 @@ def train_one_epoch(
         if record["skipped_images"]:
             log(f"skipped {record['skipped_images']} unreadable image(s) so far, each replaced by the next readable "
                 f"one; their paths are in {skip_log}", context)
-    log(f"epoch {position.epoch + 1}/{config.epochs}  loss {loss:.4f}  relation acc {100 * accuracy:.2f}% "
-        f"(+ {100 * positive:.1f}%, - {100 * negative:.1f}%)  {position.seconds:.1f}s  "
+    shown = "  ".join(f"{name} {format_metric(name, value)}" for name, value in means.items())
+    log(f"epoch {position.epoch + 1}/{config.epochs}  {shown}  {position.seconds:.1f}s  "
         f"{record['views_per_second']:.0f} views/s", context)
     position.next_epoch()
     saver.save(position)
     return record, time.monotonic() > deadline or stop.requested
 
 
+def format_metric(name: str, value: float) -> str:
+    return f"{100 * value:.2f}%" if name.endswith("accuracy") else f"{value:.4f}"
+
+
 def check_finite(position: TrainingPosition, config: PretrainConfig) -> None:
     """Stop before a checkpoint could store weights a non-finite loss has already spoilt."""
-    loss = position.totals[0]
+    loss = position.totals.get("loss", 0.0)
     if not math.isfinite(loss):
         raise RelreasonError(
             f"the loss became {loss / max(position.step, 1)} in epoch {position.epoch + 1}; lower --lr or turn off "
@@ -541,7 +595,7 @@ def check_finite(position: TrainingPosition, config: PretrainConfig) -> None:
 
 
 def plot_training_curves(history: list[dict[str, float]], path: Path) -> bool:
-    """Loss and relation accuracy per epoch as a PNG; skipped (returns False) without matplotlib."""
+    """Loss and every accuracy per epoch as a PNG; skipped (returns False) without matplotlib."""
     if not history:
         return False
     try:
@@ -554,14 +608,14 @@ def plot_training_curves(history: list[dict[str, float]], path: Path) -> bool:
     epochs = [r["epoch"] for r in history]
     figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
     left.plot(epochs, [r["loss"] for r in history], marker="o")
-    left.set(xlabel="epoch", ylabel="loss", title="relation loss")
-    for key, label in (("relation_accuracy", "all"), ("positive_accuracy", "positives"), ("negative_accuracy", "negatives")):
-        right.plot(epochs, [r[key] for r in history], marker="o", label=label)
-    right.set(xlabel="epoch", ylabel="accuracy (%)", title="relation accuracy")
-    right.legend()
+    left.set(xlabel="epoch", ylabel="loss", title="training loss")
+    for key in (k for k in history[-1] if k.endswith("accuracy")):
+        right.plot(epochs, [r.get(key, math.nan) for r in history], marker="o", label=key.replace("_", " "))
+    right.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracies")
+    right.legend(fontsize="small")
     figure.tight_layout()
-    buffer_path = path.with_suffix(".tmp.png")
-    figure.savefig(buffer_path, dpi=100)
+    temporary = path.with_suffix(".tmp.png")
+    figure.savefig(temporary, dpi=100)
     plt.close(figure)
-    os.replace(buffer_path, path)
+    os.replace(temporary, path)
     return True

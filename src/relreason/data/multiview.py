@@ -39,9 +39,10 @@ class MultiViewDataset(Dataset):
     def __init__(
         self, dataset: Dataset, transform: Callable[[Any], Any], num_views: int, seed: int | None = None
     ) -> None:
-        if isinstance(num_views, bool) or not isinstance(num_views, int) or num_views < 2:
+        # One view is valid (rotation and supervised pretraining); relational pairs check K >= 2 themselves.
+        if isinstance(num_views, bool) or not isinstance(num_views, int) or num_views < 1:
             raise RelreasonError(
-                f"number of augmentations (views) must be an integer of at least 2, got {num_views!r}; pass e.g. 4"
+                f"number of augmentations (views) must be an integer of at least 1, got {num_views!r}; pass e.g. 4"
             )
         if not callable(transform):
             raise RelreasonError("the multi-view transform is not callable; pass e.g. relational_augmentation(...)")

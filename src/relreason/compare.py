@@ -1,0 +1,248 @@
+"""``relreason compare``: methods x seeds on one dataset and backbone, evaluated alike, in one table.
+
+Each run is an ordinary ``pretrain`` run folder followed by ``evaluate``, so a comparison that dies
+resumes where it stopped (finished runs are not trained again; evaluations reuse cached features).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from relreason.checkpoint import atomic_write_bytes, atomic_write_json
+from relreason.errors import RelreasonError
+from relreason.methods import check_method_name
+
+
+# Protocols with one headline number per run (few-label results are per fraction: use `evaluate` for them).
+COMPARABLE_PROTOCOLS = ("linear", "linear_converged", "knn", "finetune", "retrieval")
+
+
+@dataclass
+class CompareConfig:
+    """Every option of ``relreason compare``; the CLI and YAML configs fill it by field name."""
+
+    dataset: str = "digits"
+    data_root: str = "data"
+    download: bool = False
+    backbone: str = "conv4"
+    methods: tuple[str, ...] = ("relational", "simclr", "supervised", "random")
+    seeds: tuple[int, ...] = (1, 2, 3)
+    epochs: int = 20
+    time_limit: float | None = None  # minutes of training per run: the same wall-clock budget for every method
+    num_views: int = 4
+    batch_size: int = 64
+    image_size: int | None = None
+    protocols: tuple[str, ...] = ("linear", "linear_converged", "knn")
+    linear_epochs: int = 100
+    knn_k: int = 200
+    embedding_points: int = 2000
+    device: str = "auto"
+    output_dir: str = "runs/compare"
+    progress: bool = True
+
+    def validate(self) -> None:
+        for method in self.methods:
+            check_method_name(method)
+        if not self.methods or not self.seeds:
+            raise RelreasonError("give at least one --methods name and one --seeds value")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise RelreasonError(f"--seeds must be distinct, got {list(self.seeds)}")
+        unknown = [p for p in self.protocols if p not in COMPARABLE_PROTOCOLS]
+        if unknown:
+            raise RelreasonError(f"compare cannot tabulate protocol(s) {', '.join(unknown)}; "
+                                 f"choose from {', '.join(COMPARABLE_PROTOCOLS)}")
+        if self.embedding_points < 10:
+            raise RelreasonError(f"--embedding-points must be >= 10, got {self.embedding_points}")
+
+
+def run_dir_of(config: CompareConfig, method: str, seed: int) -> Path:
+    return Path(config.output_dir) / f"{method}-seed{seed}"
+
+
+def pretrain_config_for(config: CompareConfig, method: str, seed: int):
+    from relreason.train import PretrainConfig
+
+    return PretrainConfig(
+        method=method, dataset=config.dataset, data_root=config.data_root, download=config.download,
+        backbone=config.backbone, image_size=config.image_size, num_views=config.num_views,
+        batch_size=config.batch_size, epochs=config.epochs, seed=seed, device=config.device,
+        time_limit=config.time_limit, output_dir=str(run_dir_of(config, method, seed)), progress=config.progress,
+    )
+
+
+def headline(result: dict[str, Any]) -> float | None:
+    """The one number a protocol is ranked by: its test accuracy, else its mAP."""
+    for key in ("test_accuracy", "mAP"):
+        if isinstance(result.get(key), (int, float)):
+            return float(result[key])
+    return None
+
+
+def summarise(values: list[float]) -> dict[str, float]:
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": std, "n": len(values)}
+
+
+def run_compare(config: CompareConfig) -> dict[str, Any]:
+    """Train and evaluate every method x seed; write compare.json, compare.md and the plots; return the summary."""
+    from relreason.evaluate import EvaluateConfig, run_evaluation
+    from relreason.train import pretrain
+
+    config.validate()
+    for method in config.methods:  # every option checked before the first run starts
+        pretrain_config_for(config, method, config.seeds[0]).validate()
+    output = Path(config.output_dir)
+    runs: list[dict[str, Any]] = []
+    for method in config.methods:
+        for seed in config.seeds:
+            print(f"== {method}, seed {seed} ==", file=sys.stderr, flush=True)
+            result = pretrain(pretrain_config_for(config, method, seed))
+            evaluation = run_evaluation(EvaluateConfig(
+                run_dir=str(result.run_dir), protocols=tuple(config.protocols), linear_epochs=config.linear_epochs,
+                knn_k=config.knn_k, random_baseline=False, seed=seed, device=config.device,
+                data_root=config.data_root, download=config.download,
+            ))
+            runs.append({
+                "method": method, "seed": seed, "run_dir": str(result.run_dir), "epochs": result.epochs_done,
+                "train_seconds": sum(r.get("seconds", 0.0) for r in result.history),
+                "history": result.history, "results": evaluation["results"]["pretrained"],
+            })
+    summary = summarise_runs(runs, config)
+    atomic_write_json(output / "compare.json", {"config": dataclasses.asdict(config), **summary, "runs": runs})
+    atomic_write_bytes(output / "compare.md", format_markdown(summary, config).encode())
+    plot_curves(runs, output / "training_curves.png")
+    plot_embeddings(config, output / "embedding_map.png")
+    return summary
+
+
+def summarise_runs(runs: list[dict[str, Any]], config: CompareConfig) -> dict[str, Any]:
+    table: dict[str, dict[str, Any]] = {}
+    for method in config.methods:
+        mine = [r for r in runs if r["method"] == method]
+        row: dict[str, Any] = {
+            "epochs": summarise([r["epochs"] for r in mine]),
+            "train_minutes": summarise([r["train_seconds"] / 60 for r in mine]),
+        }
+        for protocol in config.protocols:
+            values = [headline(r["results"].get(protocol, {})) for r in mine]
+            if all(v is not None for v in values):
+                row[protocol] = summarise(values)
+        table[method] = row
+    return {"table": table}
+
+
+def format_markdown(summary: dict[str, Any], config: CompareConfig) -> str:
+    budget = f"{config.time_limit:g} min of training per run" if config.time_limit else f"{config.epochs} epochs per run"
+    lines = [
+        f"# {config.dataset}, {config.backbone}: {len(config.seeds)} seed(s) ({', '.join(map(str, config.seeds))}), "
+        f"{budget}",
+        "",
+        "Test accuracy (%; retrieval: mAP in %) as mean ± std over seeds.",
+        "",
+        "| method | epochs | train min | " + " | ".join(config.protocols) + " |",
+        "|---|---:|---:|" + "---:|" * len(config.protocols),
+    ]
+    for method, row in summary["table"].items():
+        cells = [f"{row[p]['mean']:.2f} ± {row[p]['std']:.2f}" if p in row else "-" for p in config.protocols]
+        lines.append(
+            f"| {method} | {row['epochs']['mean']:.1f} | {row['train_minutes']['mean']:.1f} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(runs: list[dict[str, Any]], path: Path) -> None:
+    """Per method (mean over seeds): the training loss and the online probe's accuracy, per epoch."""
+    plt = _pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for method in dict.fromkeys(r["method"] for r in runs):
+        histories = [r["history"] for r in runs if r["method"] == method and r["history"]]
+        if not histories:
+            continue
+        length = min(len(h) for h in histories)
+        epochs = list(range(1, length + 1))
+        for axis, key in ((left, "loss"), (right, "probe_accuracy")):
+            if all(key in h[0] for h in histories):
+                axis.plot(epochs, np.mean([[h[i][key] for i in range(length)] for h in histories], axis=0),
+                          marker="o", label=method)
+    left.set(xlabel="epoch", ylabel="loss", title="training loss (each method its own objective)")
+    right.set(xlabel="epoch", ylabel="accuracy (%)", title="online linear probe")
+    for axis in (left, right):
+        if axis.lines:
+            axis.legend(fontsize="small")
+    figure.tight_layout()
+    _save(figure, plt, path)
+
+
+def plot_embeddings(config: CompareConfig, path: Path) -> None:
+    """A t-SNE map of test-set features per method (its first seed), coloured by class."""
+    from sklearn.manifold import TSNE
+
+    from relreason.evaluate import extract_features
+
+    plt = _pyplot()
+    columns = len(config.methods)
+    figure, axes = plt.subplots(1, columns, figsize=(3.4 * columns, 3.6), squeeze=False)
+    for axis, method in zip(axes[0], config.methods):
+        run_dir = run_dir_of(config, method, config.seeds[0])
+        backbone, dataset, transform = _test_features_source(run_dir, config)
+        features, labels = extract_features(backbone, dataset, transform, device=_device(config.device),
+                                            cache_path=run_dir / "features" / "embedding-test.pt")
+        chosen = np.random.default_rng(0).permutation(len(labels))[: config.embedding_points]
+        points = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(chosen) - 1) / 3),
+                      random_state=0).fit_transform(features[chosen].numpy())
+        axis.scatter(points[:, 0], points[:, 1], c=labels[chosen].numpy(), cmap="tab10", s=3)
+        axis.set_title(method)
+        axis.set_xticks([])
+        axis.set_yticks([])
+    figure.suptitle(f"t-SNE of {config.dataset} test features ({config.backbone}), coloured by class")
+    figure.tight_layout()
+    _save(figure, plt, path)
+
+
+def _device(name: str) -> torch.device:
+    from relreason.train import resolve_device
+
+    return resolve_device(name)
+
+
+def _test_features_source(run_dir: Path, config: CompareConfig):
+    import json
+
+    from relreason.backbones import build_backbone
+    from relreason.data import dataset_info, eval_transform, load_dataset
+
+    meta = json.loads((run_dir / "backbone.json").read_text())
+    backbone = build_backbone(meta["backbone"], image_size=meta["image_size"])
+    backbone.load_state_dict(torch.load(run_dir / "backbone.pt", map_location="cpu", weights_only=True))
+    info = dataset_info(config.dataset)
+    dataset = load_dataset(config.dataset, config.data_root, info.test_split, download=config.download)
+    return backbone, dataset, eval_transform(meta["image_size"], meta["mean"], meta["std"])
+
+
+def _save(figure, plt, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp.png")
+    figure.savefig(temporary, dpi=110)
+    plt.close(figure)
+    temporary.replace(path)
+
+
+__all__ = ["COMPARABLE_PROTOCOLS", "CompareConfig", "format_markdown", "run_compare", "summarise"]

@@ -1,0 +1,44 @@
+"""Pretraining methods on one interface: relational reasoning and the paper's baselines.
+
+``relational`` (the method), ``simclr`` (NT-Xent on two views), ``rotation`` (4-way rotation prediction),
+``supervised`` (labels; the upper bound) and ``random`` (no training; the lower bound).
+"""
+
+from __future__ import annotations
+
+
+from relreason.errors import RelreasonError
+from relreason.methods.base import PretrainMethod, StepOutput
+
+METHOD_NAMES = ("relational", "simclr", "rotation", "supervised", "random")
+
+
+def method_class(name: str) -> type[PretrainMethod] | None:
+    """The class of method ``name``; None for ``random``, which trains nothing."""
+    if name == "relational":
+        from relreason.model import RelationalReasoning
+
+        return RelationalReasoning
+    if name == "simclr":
+        from relreason.methods.simclr import SimCLR
+
+        return SimCLR
+    if name == "rotation":
+        from relreason.methods.rotation import RotationPrediction
+
+        return RotationPrediction
+    if name == "supervised":
+        from relreason.methods.supervised import Supervised
+
+        return Supervised
+    if name == "random":
+        return None
+    raise RelreasonError(f"unknown method '{name}'; choose one of {', '.join(METHOD_NAMES)}")
+
+
+def check_method_name(name: str) -> None:
+    if name not in METHOD_NAMES:
+        raise RelreasonError(f"unknown method '{name}'; choose one of {', '.join(METHOD_NAMES)}")
+
+
+__all__ = ["METHOD_NAMES", "PretrainMethod", "StepOutput", "check_method_name", "method_class"]

@@ -1,0 +1,49 @@
+"""What the trainer needs from a pretraining method, so one loop serves them all."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class StepOutput:
+    """One training step's result.
+
+    ``loss`` is minimised; ``metrics`` are detached scalar tensors on the device (accuracies as fractions
+    in [0, 1]), logged per epoch under their names; ``features`` are the detached backbone features of the
+    first view, ``(B, d)``, which the online probe learns from.
+    """
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    features: torch.Tensor | None = None
+
+
+class PretrainMethod(nn.Module):
+    """A pretraining objective over ``self.backbone``.
+
+    ``forward(views, labels)`` takes a list of ``views_per_image(K)`` tensors ``(B, C, H, W)`` (the views of
+    the same B images, in the same order) and their labels ``(B,)`` (-1 where unknown) and returns a
+    ``StepOutput``. Subclasses set ``name`` and, when they train on labels, ``needs_labels = True``.
+    """
+
+    name: ClassVar[str] = ""
+    needs_labels: ClassVar[bool] = False
+
+    def __init__(self, backbone: nn.Module, feature_dim: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.feature_dim = feature_dim
+
+    @staticmethod
+    def views_per_image(num_views: int) -> int:
+        """How many augmented views of each image a step needs, given the user's K."""
+        return 1
+
+    def forward(self, views: Sequence[torch.Tensor], labels: torch.Tensor) -> StepOutput:
+        raise NotImplementedError

@@ -1,0 +1,72 @@
+"""Supervised baseline: the backbone trained with labels, the paper's upper bound for self-supervision."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from relreason.errors import RelreasonError
+from relreason.methods.base import PretrainMethod, StepOutput
+
+
+class Supervised(PretrainMethod):
+    """Backbone + linear classifier trained with cross entropy on the class labels.
+
+    Args:
+        backbone: any module mapping ``(N, C, H, W)`` images to ``(N, d)`` features.
+        feature_dim: ``d``.
+        num_classes: number of classes; labels must lie in ``[0, num_classes)``.
+    """
+
+    name = "supervised"
+    needs_labels = True
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int) -> None:
+        super().__init__(backbone, feature_dim)
+        if num_classes < 2:
+            raise RelreasonError(f"supervised pretraining needs at least 2 classes, got {num_classes}")
+        self.num_classes = int(num_classes)
+        self.classifier = nn.Linear(feature_dim, self.num_classes)
+
+    @staticmethod
+    def views_per_image(num_views: int) -> int:
+        return 1
+
+    def check_labels(self, labels: torch.Tensor, batch_size: int) -> None:
+        """Refuse unknown (-1) or out-of-range labels with a readable error.
+
+        Costs one host sync per step on an accelerator; without it, cross entropy on a bad label fails
+        with an index error on CPU and a device-side assert on CUDA, neither naming the cause.
+        """
+        if labels.shape != (batch_size,):
+            raise RelreasonError(
+                f"labels must have shape ({batch_size},), one per image, got {tuple(labels.shape)}"
+            )
+        if bool(((labels < 0) | (labels >= self.num_classes)).any()):
+            if bool((labels < 0).any()):
+                raise RelreasonError(
+                    "supervised pretraining needs labels for every image; choose a labelled dataset/split"
+                )
+            raise RelreasonError(
+                f"a label is >= num_classes ({self.num_classes}); build the method with the dataset's class count"
+            )
+
+    def forward(self, views: Sequence[torch.Tensor], labels: torch.Tensor) -> StepOutput:
+        views = list(views)
+        if len(views) != 1:
+            raise RelreasonError(f"supervised needs exactly 1 view per image, got {len(views)}; pass one view")
+        if labels is None:
+            raise RelreasonError("supervised pretraining needs labels for every image; choose a labelled dataset/split")
+        images = views[0]
+        self.check_labels(labels, images.shape[0])
+        features = self.backbone(images)
+        logits = self.classifier(features)
+        # Under autocast the logits may be half precision; the loss is always taken in at least fp32.
+        loss_dtype = torch.promote_types(logits.dtype, torch.float32)
+        loss = F.cross_entropy(logits.to(loss_dtype), labels)
+        with torch.no_grad():
+            accuracy = (logits.argmax(dim=1) == labels).float().mean()
+        return StepOutput(loss, {"train_accuracy": accuracy}, features.detach())

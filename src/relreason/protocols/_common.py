@@ -1,0 +1,130 @@
+"""Input checks and small helpers shared by :mod:`relreason.evaluate` and the protocol modules.
+
+Kept apart from ``evaluate.py`` so that the protocol modules can use them without importing
+``relreason.evaluate`` (which imports the protocol modules).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from relreason.errors import RelreasonError
+
+
+def as_features(x: Any, name: str) -> torch.Tensor:
+    """Return ``x`` as a finite float32 (N, d) CPU tensor with N >= 1, or raise RelreasonError."""
+    try:
+        t = torch.as_tensor(x)
+    except Exception as exc:  # noqa: BLE001 - reported to the user as one line
+        raise RelreasonError(
+            f"{name} could not be converted to a tensor ({type(x).__name__}); pass a (N, d) "
+            "torch.Tensor or numpy array"
+        ) from exc
+    if t.dim() != 2:
+        raise RelreasonError(
+            f"{name} must be 2-D (N, d) but has shape {tuple(t.shape)}; flatten the backbone "
+            "output per sample"
+        )
+    if t.shape[0] == 0 or t.shape[1] == 0:
+        raise RelreasonError(f"{name} is empty (shape {tuple(t.shape)}); pass at least one sample and one feature")
+    if t.dtype == torch.bool or t.is_complex():
+        raise RelreasonError(f"{name} has dtype {t.dtype}; pass real-valued features")
+    t = t.detach().to(device="cpu", dtype=torch.float32)
+    if not torch.isfinite(t).all():
+        raise RelreasonError(
+            f"{name} contains NaN or infinite values; check the backbone and checkpoint that produced them"
+        )
+    return t
+
+
+def as_labels(y: Any, n: int, name: str) -> torch.Tensor:
+    """Return ``y`` as an int64 (N,) CPU tensor of non-negative class indices, or raise."""
+    try:
+        t = torch.as_tensor(y)
+    except Exception as exc:  # noqa: BLE001
+        raise RelreasonError(
+            f"{name} could not be converted to a tensor ({type(y).__name__}); pass a 1-D tensor of class indices"
+        ) from exc
+    if t.dim() != 1:
+        raise RelreasonError(f"{name} must be 1-D but has shape {tuple(t.shape)}; pass one class index per sample")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise RelreasonError(f"{name} has dtype {t.dtype}; pass integer class indices (e.g. torch.int64)")
+    if t.shape[0] != n:
+        raise RelreasonError(
+            f"{name} has {t.shape[0]} labels but the features have {n} rows; pass one label per feature row"
+        )
+    t = t.detach().to(device="cpu", dtype=torch.int64)
+    if (t < 0).any():
+        raise RelreasonError(f"{name} contains negative labels; pass class indices 0..C-1")
+    return t
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RelreasonError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_positive_float(value: Any, name: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not (v > 0 and math.isfinite(v)):
+        raise RelreasonError(f"{name} must be a positive finite number, got {value!r}")
+    return v
+
+
+def check_seed(value: Any, name: str = "seed") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise RelreasonError(f"{name} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def as_device(device: Any) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise RelreasonError(f"unknown device {device!r}; use e.g. 'cpu' or 'cuda'") from exc
+
+
+def module_device(module: nn.Module) -> torch.device | None:
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return None
+
+
+class TransformedDataset(Dataset):
+    """Apply ``transform`` to the image of each ``(image, label)`` item of ``base``."""
+
+    def __init__(self, base: Any, transform: Callable[[Any], Any] | None) -> None:
+        self.base = base
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        item = self.base[index]
+        try:
+            image, label = item
+        except (TypeError, ValueError) as exc:
+            raise RelreasonError(
+                f"dataset item {index} is not an (image, label) pair; wrap the dataset so it yields (image, int label)"
+            ) from exc
+        if self.transform is not None:
+            image = self.transform(image)
+        if not isinstance(image, torch.Tensor):
+            raise RelreasonError(
+                f"transform returned {type(image).__name__}, not a tensor; end the transform with "
+                "torchvision.transforms.ToTensor()"
+            )
+        return image, int(label)

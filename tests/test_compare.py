@@ -1,0 +1,83 @@
+"""Baselines through the one trainer, and `relreason compare` tables built from the runs' own evaluations."""
+
+import json
+import statistics
+
+import pytest
+import torch
+
+from relreason.cli import main
+from relreason.errors import RelreasonError
+from relreason.train import PretrainConfig, pretrain
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def config(tmp_path, method, **overrides):
+    options = dict(method=method, dataset="digits", image_size=16, num_views=3, batch_size=64, epochs=1, seed=0,
+                   device="cpu", progress=False, tensorboard=False, output_dir=str(tmp_path / method))
+    return PretrainConfig(**(options | overrides))
+
+
+@pytest.mark.parametrize("method,metric", [("simclr", "contrastive_accuracy"), ("rotation", "rotation_accuracy"),
+                                           ("supervised", "train_accuracy")])
+def test_baselines_train_through_the_trainer(tmp_path, method, metric):
+    result = pretrain(config(tmp_path, method))
+    record = result.history[0]
+    assert metric in record and "probe_accuracy" in record and "relation_accuracy" not in record
+    meta = json.loads((result.run_dir / "backbone.json").read_text())
+    assert meta["method"] == method
+    exported = torch.load(result.run_dir / "backbone.pt", weights_only=True)
+    assert exported.keys() == result.model.backbone.state_dict().keys()
+
+
+def test_random_method_exports_the_initialisation_untrained(tmp_path):
+    result = pretrain(config(tmp_path, "random", epochs=5))
+    assert result.epochs_done == 0 and result.history == []
+    from relreason.backbones import build_backbone
+
+    exported = torch.load(result.run_dir / "backbone.pt", weights_only=True)
+    assert set(exported) == set(build_backbone("conv4").state_dict())
+
+
+def test_supervised_refuses_unlabelled_data(tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(images / f"{i}.png")
+    with pytest.raises(RelreasonError, match="needs labels"):
+        pretrain(config(tmp_path, "supervised", dataset="folder", data_root=str(images)))
+
+
+def test_online_probe_learns_alongside_and_leaves_the_method_untouched(tmp_path):
+    with_probe = pretrain(config(tmp_path, "relational", epochs=2, output_dir=str(tmp_path / "probe")))
+    without = pretrain(config(tmp_path, "relational", epochs=2, online_probe=False, output_dir=str(tmp_path / "none")))
+    assert "probe_accuracy" in with_probe.history[-1] and "probe_accuracy" not in without.history[-1]
+    assert with_probe.history[-1]["probe_accuracy"] > 15.0  # 10 classes: chance is 10%
+    assert [r["loss"] for r in with_probe.history] == [r["loss"] for r in without.history]
+
+
+def test_compare_writes_tables_and_plots_from_the_runs(tmp_path, capsys):
+    output = tmp_path / "compare"
+    argv = ["compare", "--dataset", "digits", "--image-size", "16", "--methods", "relational", "random",
+            "--seeds", "1", "2", "--epochs", "1", "--protocols", "knn", "--embedding-points", "120",
+            "--device", "cpu", "--no-progress", "--output-dir", str(output)]
+    assert main(argv) == 0
+    summary = json.loads((output / "compare.json").read_text())
+    for method in ("relational", "random"):
+        values = [json.loads((output / f"{method}-seed{seed}" / "evaluation.json").read_text())
+                  ["results"]["pretrained"]["knn"]["test_accuracy"] for seed in (1, 2)]
+        row = summary["table"][method]["knn"]
+        assert row["mean"] == pytest.approx(statistics.fmean(values))
+        assert row["std"] == pytest.approx(statistics.stdev(values))
+        assert f"{row['mean']:.2f} ± {row['std']:.2f}" in (output / "compare.md").read_text()
+    assert summary["table"]["random"]["epochs"]["mean"] == 0
+    for name in ("training_curves.png", "embedding_map.png"):
+        assert (output / name).read_bytes()[:8] == PNG
+    # A second run resumes: nothing is trained again and the table is the same.
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "epoch 1/1" not in capsys.readouterr().err
+    assert json.loads((output / "compare.json").read_text())["table"] == summary["table"]

@@ -1,0 +1,259 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from relreason.errors import RelreasonError
+from relreason.methods.rotation import RotationPrediction, rotate_batch
+from relreason.methods.simclr import SimCLR, nt_xent_logits, nt_xent_loss, contrastive_accuracy
+from relreason.methods.supervised import Supervised
+
+FEATURES = 16
+
+
+def tiny_backbone():
+    # Flatten + Linear after the conv keeps spatial layout, so rotations are distinguishable.
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, FEATURES)
+    )
+
+
+class CountingBackbone(nn.Module):
+    """No BatchNorm, so its output on a batch equals its output on any part of it; counts its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, FEATURES))
+        self.calls = []
+
+    def forward(self, x):
+        self.calls.append(x.shape[0])
+        return self.net(x)
+
+
+def loop_nt_xent(z1, z2, temperature):
+    """Plain per-anchor NT-Xent: for anchor i, -log(exp(s_ip/T) / sum_{k != i} exp(s_ik/T)), averaged."""
+    z = torch.cat([z1, z2])
+    n, b = z.shape[0], z1.shape[0]
+    unit = [z[i] / z[i].norm() for i in range(n)]
+    total = 0.0
+    for i in range(n):
+        p = i + b if i < b else i - b
+        denominator = sum(torch.exp(torch.dot(unit[i], unit[k]) / temperature) for k in range(n) if k != i)
+        total = total - torch.log(torch.exp(torch.dot(unit[i], unit[p]) / temperature) / denominator)
+    return total / n
+
+
+# ---------------------------------------------------------------- NT-Xent
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+@pytest.mark.parametrize("temperature", [0.1, 0.5, 2.0])
+def test_nt_xent_equals_loop_with_gradients(batch_size, temperature):
+    torch.manual_seed(batch_size)
+    z1 = torch.randn(batch_size, 7, dtype=torch.float64, requires_grad=True)
+    z2 = torch.randn(batch_size, 7, dtype=torch.float64, requires_grad=True)
+    loss = nt_xent_loss(z1, z2, temperature)
+    grads = torch.autograd.grad(loss, (z1, z2))
+    expected = loop_nt_xent(z1, z2, temperature)
+    expected_grads = torch.autograd.grad(expected, (z1, z2))
+
+    assert loss.dtype == torch.float64
+    assert torch.allclose(loss, expected, rtol=1e-10, atol=1e-12)
+    for got, want in zip(grads, expected_grads):
+        assert torch.allclose(got, want, rtol=1e-9, atol=1e-12)
+    if batch_size == 1:  # the only other sample is the positive
+        assert loss.item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_nt_xent_scale_invariant_and_rejects_bad_input():
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    assert torch.allclose(nt_xent_loss(z1, z2), nt_xent_loss(3 * z1, 0.5 * z2))  # cosine similarity
+    assert not torch.allclose(nt_xent_loss(z1, z2, 0.5), nt_xent_loss(z1, z2, 0.2))
+    with pytest.raises(RelreasonError, match="equal shape"):
+        nt_xent_loss(z1, z2[:3])
+    with pytest.raises(RelreasonError, match="temperature"):
+        nt_xent_loss(z1, z2, 0.0)
+
+
+def test_contrastive_accuracy_one_when_views_agree_and_separated():
+    z = torch.eye(6, 8)  # orthogonal rows: well separated
+    logits, positives = nt_xent_logits(z, z.clone())
+    assert positives.tolist() == [6, 7, 8, 9, 10, 11, 0, 1, 2, 3, 4, 5]
+    assert contrastive_accuracy(logits, positives).item() == 1.0
+    # Swap two images' second views: those 4 anchors now find the wrong image's view most similar.
+    swapped = z.clone()[[1, 0, 2, 3, 4, 5]]
+    logits, positives = nt_xent_logits(z, swapped)
+    assert contrastive_accuracy(logits, positives).item() == pytest.approx(8 / 12)
+
+
+# ---------------------------------------------------------------- SimCLR
+
+
+def test_simclr_identical_views_lower_loss_and_perfect_accuracy():
+    torch.manual_seed(0)
+    model = SimCLR(tiny_backbone(), FEATURES)
+    images = torch.randn(8, 3, 8, 8)
+    same = model([images, images.clone()], torch.full((8,), -1))
+    different = model([images, torch.randn(8, 3, 8, 8)], torch.full((8,), -1))
+    assert same.loss < different.loss
+    assert same.metrics["contrastive_accuracy"].item() == 1.0
+    assert different.metrics["contrastive_accuracy"].item() < 1.0
+
+
+def test_simclr_one_backbone_call_features_and_metrics():
+    torch.manual_seed(0)
+    backbone = CountingBackbone()
+    model = SimCLR(backbone, FEATURES, temperature=0.2, projection_dim=32)
+    assert model.name == "simclr" and not model.needs_labels
+    assert SimCLR.views_per_image(1) == SimCLR.views_per_image(4) == 2
+    assert model.projection_head[-1].out_features == 32
+    views = [torch.randn(5, 3, 8, 8), torch.randn(5, 3, 8, 8)]
+    out = model(views, torch.full((5,), -1))
+
+    assert backbone.calls == [10]  # both views in one call
+    assert out.features.shape == (5, FEATURES) and not out.features.requires_grad
+    assert torch.allclose(out.features, backbone.net(views[0]))  # the first view's features
+    assert set(out.metrics) == {"contrastive_accuracy"}
+    accuracy = out.metrics["contrastive_accuracy"]
+    assert accuracy.dim() == 0 and not accuracy.requires_grad and 0.0 <= accuracy.item() <= 1.0
+    out.loss.backward()
+    assert backbone.net[1].weight.grad is not None
+    with pytest.raises(RelreasonError, match="2 views"):
+        model(views[:1], torch.full((5,), -1))
+
+
+# ---------------------------------------------------------------- rotation
+
+
+def test_rotate_batch_moves_pixel_counter_clockwise_rotation_major():
+    n = 5
+    images = torch.zeros(2, 1, n, n)
+    images[0, 0, 0, n - 1] = 1.0  # image 0: top-right corner
+    images[1, 0, 1, 0] = 1.0  # image 1: row 1, left edge
+    rotated, labels = rotate_batch(images)
+    assert rotated.shape == (8, 1, n, n)
+    assert labels.dtype == torch.int64 and labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+
+    def bright(image):
+        return tuple((image[0] == 1).nonzero()[0].tolist())
+
+    # k counter-clockwise quarter turns as displayed: top-right -> top-left -> bottom-left -> bottom-right.
+    assert [bright(rotated[2 * k]) for k in range(4)] == [(0, n - 1), (0, 0), (n - 1, 0), (n - 1, n - 1)]
+    # One counter-clockwise quarter turn sends (row, col) to (n - 1 - col, row).
+    position = (1, 0)
+    for k in range(4):
+        assert bright(rotated[2 * k + 1]) == position
+        position = (n - 1 - position[1], position[0])
+    assert torch.equal(rotated[:2], images)  # rotation 0 first, unchanged
+
+
+def test_rotate_batch_refuses_non_square_and_bad_rank():
+    with pytest.raises(RelreasonError, match="square"):
+        rotate_batch(torch.zeros(2, 3, 8, 6))
+    with pytest.raises(RelreasonError, match=r"\(B, C, H, W\)"):
+        rotate_batch(torch.zeros(3, 8, 8))
+
+
+def test_rotation_one_call_features_of_unrotated_view():
+    backbone = CountingBackbone()
+    model = RotationPrediction(backbone, FEATURES)
+    assert model.name == "rotation" and not model.needs_labels and RotationPrediction.views_per_image(4) == 1
+    images = torch.randn(3, 3, 8, 8)
+    out = model([images], torch.full((3,), -1))
+    assert backbone.calls == [12]
+    assert torch.allclose(out.features, backbone.net(images)) and not out.features.requires_grad
+
+
+# ---------------------------------------------------------------- training steps
+
+
+def train_losses(model, views, labels, steps=15):
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        out = model(views, labels)
+        optimiser.zero_grad()
+        out.loss.backward()
+        optimiser.step()
+        losses.append(out.loss.item())
+    return losses, out
+
+
+@pytest.mark.parametrize("kind", ["rotation", "supervised", "simclr"])
+def test_few_adam_steps_reduce_loss(kind):
+    torch.manual_seed(0)
+    images = torch.randn(8, 3, 8, 8)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    if kind == "rotation":
+        model, views, key = RotationPrediction(tiny_backbone(), FEATURES), [images], "rotation_accuracy"
+    elif kind == "supervised":
+        model, views, key = Supervised(tiny_backbone(), FEATURES, num_classes=3), [images], "train_accuracy"
+    else:
+        model, views, key = SimCLR(tiny_backbone(), FEATURES), [images, images.flip(3)], "contrastive_accuracy"
+    losses, out = train_losses(model, views, labels)
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < 0.7 * losses[0]
+    assert set(out.metrics) == {key}
+    metric = out.metrics[key]
+    assert metric.dim() == 0 and not metric.requires_grad and 0.0 <= metric.item() <= 1.0
+
+
+# ---------------------------------------------------------------- supervised
+
+
+def test_supervised_refuses_unknown_and_out_of_range_labels():
+    model = Supervised(tiny_backbone(), FEATURES, num_classes=3)
+    assert model.name == "supervised" and model.needs_labels and Supervised.views_per_image(4) == 1
+    images = torch.randn(3, 3, 8, 8)
+    with pytest.raises(RelreasonError, match="needs labels for every image; choose a labelled dataset/split"):
+        model([images], torch.tensor([0, -1, 1]))
+    with pytest.raises(RelreasonError, match="num_classes"):
+        model([images], torch.tensor([0, 3, 1]))
+    with pytest.raises(RelreasonError, match="shape"):
+        model([images], torch.tensor([0, 1]))
+    out = model([images], torch.tensor([0, 2, 1]))
+    assert out.features.shape == (3, FEATURES) and not out.features.requires_grad
+
+
+def test_supervised_accuracy_matches_definition():
+    torch.manual_seed(0)
+    model = Supervised(tiny_backbone(), FEATURES, num_classes=4).eval()
+    images, labels = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
+    out = model([images], labels)
+    predicted = model.classifier(model.backbone(images)).argmax(1)
+    assert out.metrics["train_accuracy"].item() == pytest.approx((predicted == labels).float().mean().item())
+
+
+# ---------------------------------------------------------------- autocast
+
+
+@pytest.mark.parametrize("kind", ["simclr", "rotation", "supervised"])
+def test_bfloat16_autocast_loss_is_float32(kind):
+    torch.manual_seed(0)
+    images = torch.randn(4, 3, 8, 8)
+    labels = torch.tensor([0, 1, 2, 0])
+    if kind == "simclr":
+        model, views = SimCLR(tiny_backbone(), FEATURES), [images, images + 0.1 * torch.randn_like(images)]
+    elif kind == "rotation":
+        model, views = RotationPrediction(tiny_backbone(), FEATURES), [images]
+    else:
+        model, views = Supervised(tiny_backbone(), FEATURES, num_classes=3), [images]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(views, labels)
+    assert out.features.dtype == torch.bfloat16  # autocast really ran the backbone in bf16
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_nt_xent_under_autocast_is_computed_in_float32():
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(6, 9).bfloat16(), torch.randn(6, 9).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = nt_xent_logits(z1, z2)
+        loss = nt_xent_loss(z1, z2)
+    assert logits.dtype == torch.float32
+    assert torch.allclose(loss, nt_xent_loss(z1.float(), z2.float()), rtol=1e-6, atol=1e-7)
