@@ -62,7 +62,7 @@ def test_online_probe_learns_alongside_and_leaves_the_method_untouched(tmp_path)
 def test_compare_writes_tables_and_plots_from_the_runs(tmp_path, capsys):
     output = tmp_path / "compare"
     argv = ["compare", "--dataset", "digits", "--image-size", "16", "--methods", "relational", "random",
-            "--seeds", "1", "2", "--epochs", "1", "--protocols", "knn", "--embedding-points", "120",
+            "--seeds", "1", "2", "--epochs", "1", "--protocols", "knn", "--embedding-points", "120", "--log-every", "5",
             "--device", "cpu", "--no-progress", "--output-dir", str(output)]
     assert main(argv) == 0
     summary = json.loads((output / "compare.json").read_text())
@@ -74,6 +74,9 @@ def test_compare_writes_tables_and_plots_from_the_runs(tmp_path, capsys):
         assert row["std"] == pytest.approx(statistics.stdev(values))
         assert f"{row['mean']:.2f} ± {row['std']:.2f}" in (output / "compare.md").read_text()
     assert summary["table"]["random"]["epochs"]["mean"] == 0
+    assert summary["table"]["relational"]["epochs"]["mean"] == 1
+    assert summary["table"]["relational"]["train_minutes"]["mean"] > 0
+    assert all(run["steps"] for run in summary["runs"] if run["method"] == "relational")
     for name in ("training_curves.png", "embedding_map.png"):
         assert (output / name).read_bytes()[:8] == PNG
     # A second run resumes: nothing is trained again and the table is the same.

@@ -64,6 +64,7 @@ def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--keep-checkpoints", type=int, help=f"how many of the newest checkpoints to keep [{d.keep_checkpoints}]")
     _bool_flag(run, "sync-batchnorm", "under torchrun on GPUs, BatchNorm statistics over all ranks' batches [off]")
     _bool_flag(run, "progress", "show a progress bar [on]")
+    run.add_argument("--log-every", type=int, help=f"steps between running-mean records in steps.jsonl [{d.log_every}]")
     _bool_flag(run, "tensorboard", "also log to TensorBoard when it is installed [on]")
 
 
@@ -124,6 +125,7 @@ def add_compare_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--linear-epochs", type=int, help=f"epochs of the paper's linear probe [{d.linear_epochs}]")
     parser.add_argument("--knn-k", type=int, help=f"neighbours for k-NN [{d.knn_k}]")
     parser.add_argument("--embedding-points", type=int, help=f"test images in the t-SNE map [{d.embedding_points}]")
+    parser.add_argument("--log-every", type=int, help=f"steps between points of the training curves [{d.log_every}]")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N [auto]")
     parser.add_argument("--output-dir", help=f"one run folder per method and seed, the tables and plots [{d.output_dir}]")
     _bool_flag(parser, "progress", "show progress bars [on]")

@@ -7,6 +7,7 @@ resumes where it stopped (finished runs are not trained again; evaluations reuse
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
 import sys
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ class CompareConfig:
     linear_epochs: int = 100
     knn_k: int = 200
     embedding_points: int = 2000
+    log_every: int = 50  # steps between points of the training curves
     device: str = "auto"
     output_dir: str = "runs/compare"
     progress: bool = True
@@ -75,7 +77,23 @@ def pretrain_config_for(config: CompareConfig, method: str, seed: int):
         backbone=config.backbone, image_size=config.image_size, num_views=config.num_views,
         batch_size=config.batch_size, epochs=config.epochs, seed=seed, device=config.device,
         time_limit=config.time_limit, output_dir=str(run_dir_of(config, method, seed)), progress=config.progress,
+        log_every=config.log_every,
     )
+
+
+def budget_spent(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` trained all its epochs or used up its time limit (rerunning would train more)."""
+    meta_path = run_dir / "backbone.json"
+    if not meta_path.is_file():
+        return False
+    meta = json.loads(meta_path.read_text())
+    return bool(meta.get("finished")) or meta.get("stopped_by") == "time limit"
+
+
+def read_json_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def headline(result: dict[str, Any]) -> float | None:
@@ -104,17 +122,20 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     for method in config.methods:
         for seed in config.seeds:
-            print(f"== {method}, seed {seed} ==", file=sys.stderr, flush=True)
-            result = pretrain(pretrain_config_for(config, method, seed))
+            run_dir = run_dir_of(config, method, seed)
+            if not budget_spent(run_dir):
+                print(f"== {method}, seed {seed} ==", file=sys.stderr, flush=True)
+                pretrain(pretrain_config_for(config, method, seed))
+            meta = json.loads((run_dir / "backbone.json").read_text())
             evaluation = run_evaluation(EvaluateConfig(
-                run_dir=str(result.run_dir), protocols=tuple(config.protocols), linear_epochs=config.linear_epochs,
+                run_dir=str(run_dir), protocols=tuple(config.protocols), linear_epochs=config.linear_epochs,
                 knn_k=config.knn_k, random_baseline=False, seed=seed, device=config.device,
                 data_root=config.data_root, download=config.download,
             ))
             runs.append({
-                "method": method, "seed": seed, "run_dir": str(result.run_dir), "epochs": result.epochs_done,
-                "train_seconds": sum(r.get("seconds", 0.0) for r in result.history),
-                "history": result.history, "results": evaluation["results"]["pretrained"],
+                "method": method, "seed": seed, "run_dir": str(run_dir), "epochs": meta["epochs_done"],
+                "train_seconds": meta["train_seconds"], "steps": read_json_lines(run_dir / "steps.jsonl"),
+                "results": evaluation["results"]["pretrained"],
             })
     summary = summarise_runs(runs, config)
     atomic_write_json(output / "compare.json", {"config": dataclasses.asdict(config), **summary, "runs": runs})
@@ -169,21 +190,21 @@ def _pyplot():
 
 
 def plot_curves(runs: list[dict[str, Any]], path: Path) -> None:
-    """Per method (mean over seeds): the training loss and the online probe's accuracy, per epoch."""
+    """Per run, against minutes of training: the loss and the online probe's accuracy (epoch running means)."""
     plt = _pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for method in dict.fromkeys(r["method"] for r in runs):
-        histories = [r["history"] for r in runs if r["method"] == method and r["history"]]
-        if not histories:
-            continue
-        length = min(len(h) for h in histories)
-        epochs = list(range(1, length + 1))
+    colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["method"] for r in runs))}
+    for run in runs:
+        steps = run["steps"]
+        label = run["method"] if run["seed"] == runs[0]["seed"] else None  # one legend entry per method
         for axis, key in ((left, "loss"), (right, "probe_accuracy")):
-            if all(key in h[0] for h in histories):
-                axis.plot(epochs, np.mean([[h[i][key] for i in range(length)] for h in histories], axis=0),
-                          marker="o", label=method)
-    left.set(xlabel="epoch", ylabel="loss", title="training loss (each method its own objective)")
-    right.set(xlabel="epoch", ylabel="accuracy (%)", title="online linear probe")
+            points = [(s["minutes"], s[key]) for s in steps if key in s]
+            if points:
+                axis.plot(*zip(*points), color=colours[run["method"]], alpha=0.8, linewidth=1, label=label)
+    left.set(xlabel="training minutes", ylabel="loss (epoch running mean)",
+             title="training loss (each method its own objective)")
+    left.set_yscale("log")
+    right.set(xlabel="training minutes", ylabel="accuracy (%)", title="online linear probe (epoch running mean)")
     for axis in (left, right):
         if axis.lines:
             axis.legend(fontsize="small")
@@ -224,8 +245,6 @@ def _device(name: str) -> torch.device:
 
 
 def _test_features_source(run_dir: Path, config: CompareConfig):
-    import json
-
     from relreason.backbones import build_backbone
     from relreason.data import dataset_info, eval_transform, load_dataset
 

@@ -67,6 +67,7 @@ AMP_MODES = ("off", "bf16", "fp16")
 BACKBONE_NAME = "backbone.pt"
 BACKBONE_META_NAME = "backbone.json"
 METRICS_NAME = "metrics.jsonl"
+STEPS_NAME = "steps.jsonl"
 SKIPPED_IMAGES_NAME = "skipped_images.txt"
 
 
@@ -104,6 +105,7 @@ class PretrainConfig:
     time_limit: float | None = None  # minutes
     progress: bool = True
     tensorboard: bool = True
+    log_every: int = 50  # steps between running-mean records in steps.jsonl; 0: none
 
     def validate(self) -> None:
         """Refuse bad options with one line each, before any data is read or any file written."""
@@ -128,6 +130,8 @@ class PretrainConfig:
             raise RelreasonError(f"--num-workers must be >= 0, got {self.num_workers}")
         if self.checkpoint_every < 0:
             raise RelreasonError(f"--checkpoint-every must be >= 0 steps, got {self.checkpoint_every}")
+        if self.log_every < 0:
+            raise RelreasonError(f"--log-every must be >= 0 steps, got {self.log_every}")
         if self.keep_checkpoints < 1:
             raise RelreasonError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.time_limit is not None and not self.time_limit > 0:
@@ -188,10 +192,12 @@ def prepare_output_dir(config: PretrainConfig, context: DistributedContext = Dis
 
 
 class MetricsLog:
-    """Per-epoch metrics as JSON lines, mirrored to TensorBoard when it is installed."""
+    """Per-epoch metrics (metrics.jsonl) and running means every few steps (steps.jsonl), as JSON lines;
+    the epoch records are mirrored to TensorBoard when it is installed."""
 
     def __init__(self, run_dir: Path, use_tensorboard: bool) -> None:
         self.path = run_dir / METRICS_NAME
+        self.steps_path = run_dir / STEPS_NAME
         self.writer = None
         if use_tensorboard:
             try:
@@ -202,33 +208,48 @@ class MetricsLog:
                 self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
     def write(self, record: dict[str, float]) -> None:
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        _append_json_line(self.path, record)
         if self.writer is not None:
             for key, value in record.items():
                 if key != "epoch":
                     self.writer.add_scalar(f"pretrain/{key}", value, record["epoch"])
             self.writer.flush()
 
-    def read(self) -> list[dict[str, float]]:
-        if not self.path.exists():
-            return []
-        records = []
-        for line in self.path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass  # a line cut short by a killed process; its epoch is redone on resume
-        return records
+    def write_step(self, record: dict[str, float]) -> None:
+        _append_json_line(self.steps_path, record)
 
-    def truncate_after(self, epoch: int) -> None:
-        """Drop records of epochs a resumed run will redo (written after the checkpoint it resumes)."""
-        kept = [r for r in self.read() if r["epoch"] <= epoch]
-        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+    def read(self) -> list[dict[str, float]]:
+        return _read_json_lines(self.path)
+
+    def read_steps(self) -> list[dict[str, float]]:
+        return _read_json_lines(self.steps_path)
+
+    def truncate_after(self, epochs_done: float) -> None:
+        """Drop records a resumed run will write again (those after the checkpoint it resumes)."""
+        for path in (self.path, self.steps_path):
+            kept = [r for r in _read_json_lines(path) if r["epoch"] <= epochs_done]
+            atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _append_json_line(path: Path, record: dict[str, float]) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _read_json_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # a line cut short by a killed process; its steps are redone on resume
+    return records
 
 
 def build_pretrain_data(config: PretrainConfig) -> tuple[MultiViewDataset, dict[str, Any]]:
@@ -304,7 +325,14 @@ def build_model(config: PretrainConfig, image_size: int, num_classes: int | None
     return method(backbone, backbone.feature_dim)
 
 
-def export_backbone(run_dir: Path, backbone: nn.Module, config: PretrainConfig, geometry: dict, epochs_done: int) -> None:
+def export_backbone(
+    run_dir: Path,
+    backbone: nn.Module,
+    config: PretrainConfig,
+    geometry: dict,
+    position: TrainingPosition,
+    stopped_by: str | None = None,
+) -> None:
     """The trained backbone alone, as a plain state_dict, plus what is needed to rebuild and feed it."""
     state = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
     atomic_torch_save(state, run_dir / BACKBONE_NAME)
@@ -313,7 +341,11 @@ def export_backbone(run_dir: Path, backbone: nn.Module, config: PretrainConfig, 
         "method": config.method,
         "feature_dim": backbone.feature_dim,
         "dataset": config.dataset,
-        "epochs": epochs_done,
+        "epochs": position.epoch,
+        "epochs_done": position.epochs_done,
+        "train_seconds": position.past_seconds + position.seconds,
+        "finished": position.epoch >= config.epochs or config.method == "random",
+        "stopped_by": stopped_by,
         "num_views": config.num_views,
         "seed": config.seed,
         **geometry,
@@ -353,7 +385,7 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
     if method is None:  # 'random': the lower bound is the initialisation itself
         backbone = build_backbone(config.backbone, image_size=geometry["image_size"])
         if context.is_main:
-            export_backbone(run_dir, backbone, config, geometry, 0)
+            export_backbone(run_dir, backbone, config, geometry, TrainingPosition())
             log("method 'random': exported the randomly initialised backbone without training", context)
         barrier(context)
         return PretrainResult(run_dir, 0, [], False, backbone)
@@ -382,7 +414,7 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
         set_rng_state(checkpoint["rng"])
         position = TrainingPosition(**checkpoint["position"])
         if context.is_main:
-            metrics.truncate_after(position.epoch)
+            metrics.truncate_after(position.epochs_done)
             log(f"resuming {path}: epoch {position.epoch + 1}, step {position.step}", context)
 
     if context.is_main:
@@ -397,7 +429,7 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
         while position.epoch < config.epochs and not stopped_early:
             record, stopped_early = train_one_epoch(
                 train_model, optimizer, scaler, dataset, config, position, device, amp_dtype, deadline, stop, saver,
-                context,
+                context, metrics,
             )
             if record is not None and context.is_main:
                 metrics.write(record)
@@ -405,7 +437,8 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
         stop.uninstall()
     stopped_early = stopped_early and position.epoch < config.epochs
     if context.is_main:
-        export_backbone(run_dir, model.method.backbone, config, geometry, position.epoch)
+        stopped_by = ("SIGTERM" if stop.requested else "time limit") if stopped_early else None
+        export_backbone(run_dir, model.method.backbone, config, geometry, position, stopped_by)
         metrics.close()
         plot_training_curves(metrics.read(), run_dir / "training_curves.png")
         if stopped_early:
@@ -426,9 +459,17 @@ class TrainingPosition:
     step: int = 0
     totals: dict[str, float] = dataclasses.field(default_factory=dict)  # loss and metrics summed over steps
     views: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # training time in this epoch
+    past_seconds: float = 0.0  # training time in the epochs before it
+    steps_per_epoch: int = 0
+
+    @property
+    def epochs_done(self) -> float:
+        """Epochs trained, the current one counted by its fraction done."""
+        return self.epoch + (self.step / self.steps_per_epoch if self.steps_per_epoch else 0.0)
 
     def next_epoch(self) -> None:
+        self.past_seconds += self.seconds
         self.epoch, self.step, self.totals, self.views, self.seconds = self.epoch + 1, 0, {}, 0, 0.0
 
 
@@ -506,6 +547,7 @@ def train_one_epoch(
     stop: StopRequest,
     saver: CheckpointSaver,
     context: DistributedContext,
+    metrics: MetricsLog,
 ) -> tuple[dict[str, float] | None, bool]:
     """Train from ``position`` to the end of its epoch, advancing ``position`` in place.
 
@@ -514,7 +556,7 @@ def train_one_epoch(
     """
     model.train()
     loader = make_loader(dataset, config, position, device, context)
-    steps_per_epoch = loader.batch_sampler.steps_per_epoch
+    steps_per_epoch = position.steps_per_epoch = loader.batch_sampler.steps_per_epoch
     # Sums stay on the device: reading them every step would stall a GPU on each batch.
     names = list(position.totals)
     totals = torch.tensor(list(position.totals.values()), device=device, dtype=torch.float64)
@@ -547,6 +589,9 @@ def train_one_epoch(
         if config.progress and context.is_main and (position.step % 10 == 1 or position.step == steps_per_epoch):
             means = dict(zip(names, (totals / position.step).tolist()))
             bar.set_postfix({name: format_metric(name, value) for name, value in means.items()})
+        if config.log_every and context.is_main and position.step % config.log_every == 0:
+            sync_position()
+            metrics.write_step(step_record(position))
         interrupted = time.monotonic() > deadline or stop.requested
         if position.step < steps_per_epoch and (interrupted or (
                 config.checkpoint_every and position.step % config.checkpoint_every == 0)):
@@ -578,6 +623,16 @@ def train_one_epoch(
     position.next_epoch()
     saver.save(position)
     return record, time.monotonic() > deadline or stop.requested
+
+
+def step_record(position: TrainingPosition) -> dict[str, float]:
+    """The running means of the current epoch, placed in training time and epochs, for fine-grained curves."""
+    means = {name: total / max(position.step, 1) for name, total in position.totals.items()}
+    return {
+        "epoch": position.epochs_done,
+        "minutes": (position.past_seconds + position.seconds) / 60,
+        **{name: 100 * value if name.endswith("accuracy") else value for name, value in means.items()},
+    }
 
 
 def format_metric(name: str, value: float) -> str:

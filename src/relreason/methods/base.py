@@ -7,7 +7,10 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from relreason.errors import RelreasonError
 
 
 @dataclass
@@ -47,3 +50,21 @@ class PretrainMethod(nn.Module):
 
     def forward(self, views: Sequence[torch.Tensor], labels: torch.Tensor) -> StepOutput:
         raise NotImplementedError
+
+
+def single_view(views: Sequence[torch.Tensor], method: str) -> torch.Tensor:
+    """The one view a single-view method trains on."""
+    views = list(views)
+    if len(views) != 1:
+        raise RelreasonError(f"{method} needs exactly 1 view per image, got {len(views)}; pass one view")
+    return views[0]
+
+
+def classification_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy and detached accuracy (a fraction) of class ``logits`` against ``targets``."""
+    # Under autocast the logits may be half precision; the loss is always taken in at least fp32.
+    loss_dtype = torch.promote_types(logits.dtype, torch.float32)
+    loss = F.cross_entropy(logits.to(loss_dtype), targets)
+    with torch.no_grad():
+        accuracy = (logits.argmax(dim=1) == targets).float().mean()
+    return loss, accuracy

@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from relreason.errors import RelreasonError
-from relreason.methods.base import PretrainMethod, StepOutput
+from relreason.methods.base import PretrainMethod, StepOutput, classification_loss, single_view
 
 NUM_ROTATIONS = 4
 
@@ -56,18 +55,11 @@ class RotationPrediction(PretrainMethod):
 
     def forward(self, views: Sequence[torch.Tensor], labels: torch.Tensor | None = None) -> StepOutput:
         """``labels`` are ignored (the rotations are the targets); accepted so every method is called alike."""
-        views = list(views)
-        if len(views) != 1:
-            raise RelreasonError(f"rotation needs exactly 1 view per image, got {len(views)}; pass one view")
-        batch_size = views[0].shape[0]
-        rotated, targets = rotate_batch(views[0])
+        images = single_view(views, "rotation")
+        rotated, targets = rotate_batch(images)
         # All 4B rotated images in one backbone call, so BatchNorm sees every rotation in one batch.
         features = self.backbone(rotated)
-        logits = self.rotation_head(features)
-        # Under autocast the logits may be half precision; the loss is always taken in at least fp32.
-        loss_dtype = torch.promote_types(logits.dtype, torch.float32)
-        loss = F.cross_entropy(logits.to(loss_dtype), targets)
-        with torch.no_grad():
-            accuracy = (logits.argmax(dim=1) == targets).float().mean()
+        loss, accuracy = classification_loss(self.rotation_head(features), targets)
+        batch_size = images.shape[0]
         # Rotation 0 comes first, so the first B rows are the features of the unrotated view.
         return StepOutput(loss, {"rotation_accuracy": accuracy}, features[:batch_size].detach())

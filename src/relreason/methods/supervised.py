@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from relreason.errors import RelreasonError
-from relreason.methods.base import PretrainMethod, StepOutput
+from relreason.methods.base import PretrainMethod, StepOutput, classification_loss, single_view
 
 
 class Supervised(PretrainMethod):
@@ -55,18 +54,10 @@ class Supervised(PretrainMethod):
             )
 
     def forward(self, views: Sequence[torch.Tensor], labels: torch.Tensor) -> StepOutput:
-        views = list(views)
-        if len(views) != 1:
-            raise RelreasonError(f"supervised needs exactly 1 view per image, got {len(views)}; pass one view")
+        images = single_view(views, "supervised")
         if labels is None:
             raise RelreasonError("supervised pretraining needs labels for every image; choose a labelled dataset/split")
-        images = views[0]
         self.check_labels(labels, images.shape[0])
         features = self.backbone(images)
-        logits = self.classifier(features)
-        # Under autocast the logits may be half precision; the loss is always taken in at least fp32.
-        loss_dtype = torch.promote_types(logits.dtype, torch.float32)
-        loss = F.cross_entropy(logits.to(loss_dtype), labels)
-        with torch.no_grad():
-            accuracy = (logits.argmax(dim=1) == labels).float().mean()
+        loss, accuracy = classification_loss(self.classifier(features), labels)
         return StepOutput(loss, {"train_accuracy": accuracy}, features.detach())
