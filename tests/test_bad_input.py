@@ -21,6 +21,8 @@ PRETRAIN_CASES = [
     ("unknown loss", ["--loss", "hinge"], "invalid choice: 'hinge'"),
     ("unknown aggregation", ["--aggregation", "product"], "invalid choice: 'product'"),
     ("unknown AMP mode", ["--amp", "fp8"], "invalid choice: 'fp8'"),
+    ("unknown augmentation path", ["--augment", "gpu"], "invalid choice: 'gpu'"),
+    ("batched augmentation of an image folder", ["--augment", "tensor", "--dataset", "folder"], "use --augment pil"),
     ("focal alpha out of range", ["--loss", "focal", "--focal-alpha", "2"], "alpha must lie in [0, 1]"),
     ("unknown device", ["--device", "tpu"], "unknown --device 'tpu'"),
     ("image size too small", ["--image-size", "4"], "--image-size must be >= 8"),

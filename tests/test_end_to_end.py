@@ -17,25 +17,25 @@ def pretrain(output_dir, *extra):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     straight = tmp_path_factory.mktemp("straight")
-    pretrain(straight, "--epochs", "4")
+    pretrain(straight, "--epochs", "8")
     resumed = tmp_path_factory.mktemp("resumed")
-    pretrain(resumed, "--epochs", "2")
-    pretrain(resumed, "--epochs", "4", "--resume")
+    pretrain(resumed, "--epochs", "4")
+    pretrain(resumed, "--epochs", "8", "--resume")
     return straight, resumed
 
 
 def test_run_folder_contents(runs):
     straight, _ = runs
-    for name in ("checkpoint-e0004-s0000000.pt", "checkpoint-e0003-s0000000.pt", "backbone.pt", "backbone.json",
+    for name in ("checkpoint-e0008-s0000000.pt", "checkpoint-e0007-s0000000.pt", "backbone.pt", "backbone.json",
                  "metrics.jsonl", "config.json"):
         assert (straight / name).is_file(), name
     records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in records] == list(range(1, 9))
     assert records[-1]["loss"] < records[0]["loss"]
     assert records[-1]["relation_accuracy"] > 52.0
-    assert not (straight / "checkpoint-e0002-s0000000.pt").exists()  # rotated: the newest two are kept
-    checkpoint = torch.load(straight / "checkpoint-e0004-s0000000.pt", weights_only=False)
-    assert checkpoint["epoch"] == 4
+    assert not (straight / "checkpoint-e0006-s0000000.pt").exists()  # rotated: the newest two are kept
+    checkpoint = torch.load(straight / "checkpoint-e0008-s0000000.pt", weights_only=False)
+    assert checkpoint["epoch"] == 8
     assert {"backbone", "model", "optimizer", "scaler", "rng", "config", "position"} <= set(checkpoint)
     assert any(key.startswith("method.relation_head.") for key in checkpoint["model"])
     meta = json.loads((straight / "backbone.json").read_text())

@@ -13,11 +13,12 @@ def small_backbone():
     return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
+@pytest.mark.parametrize("factorised", [True, False])
 @pytest.mark.parametrize("aggregation", ["cat", "sum", "mean", "max"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_loss_scores_gradients_equal_loop(aggregation, dtype):
+def test_loss_scores_gradients_equal_loop(aggregation, dtype, factorised):
     torch.manual_seed(0)
-    model = RelationalReasoning(small_backbone(), aggregation=aggregation).to(dtype)
+    model = RelationalReasoning(small_backbone(), aggregation=aggregation, factorised_head=factorised).to(dtype)
     backbone, head = copy.deepcopy(model.backbone), copy.deepcopy(model.relation_head)
     views = [torch.randn(5, 3, 8, 8, dtype=dtype) for _ in range(4)]
 
@@ -34,6 +35,7 @@ def test_loss_scores_gradients_equal_loop(aggregation, dtype):
         assert torch.allclose(fast.grad, plain.grad, **tol)
     # BatchNorm running statistics move identically.
     assert torch.allclose(model.relation_head[1].running_mean, head[1].running_mean, **tol)
+    assert torch.allclose(model.relation_head[1].running_var, head[1].running_var, **tol)
 
 
 def test_accuracies_match_definition():

@@ -40,7 +40,9 @@ def test_sigkill_at_a_random_step_then_rerun_is_bit_identical(tmp_path):
     deadline = time.monotonic() + 120
     while not list_checkpoints(killed) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.02)
-    time.sleep(random.uniform(0.0, 4.0))  # one of ~135 steps, after the first checkpoint
+    # A random step after the first checkpoint, before the end (training time read from the reference run).
+    train_seconds = sum(json.loads(line)["seconds"] for line in (reference / "metrics.jsonl").read_text().splitlines())
+    time.sleep(random.uniform(0.0, 0.6 * train_seconds))
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL

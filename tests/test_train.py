@@ -41,6 +41,23 @@ def test_bf16_autocast_on_cpu_trains(tmp_path):
     assert torch.isfinite(torch.tensor(result.history[0]["loss"]))
 
 
+def test_channels_last_trains_and_exports_a_plain_state_dict(tmp_path):
+    result = pretrain(config(tmp_path, amp="bf16", channels_last=True, tensorboard=False))
+    assert torch.isfinite(torch.tensor(result.history[0]["loss"]))
+    weight = next(p for p in result.model.backbone.parameters() if p.dim() == 4)
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    exported = torch.load(Path(result.run_dir) / "backbone.pt", weights_only=True)
+    assert set(exported) == set(result.model.backbone.state_dict())
+
+
+@pytest.mark.parametrize("augment", ["tensor", "pil"])
+def test_both_augmentation_paths_train_and_are_reproducible(tmp_path, augment):
+    first = pretrain(config(tmp_path / "a", augment=augment, tensorboard=False))
+    second = pretrain(config(tmp_path / "b", augment=augment, tensorboard=False))
+    assert first.history[0]["loss"] == second.history[0]["loss"]
+    assert first.history[0]["relation_accuracy"] > 50.0
+
+
 def test_metrics_tensorboard_and_plot(tmp_path):
     result = pretrain(config(tmp_path, epochs=2))
     record = result.history[-1]

@@ -27,7 +27,7 @@ def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
 def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
     from relreason.methods import METHOD_NAMES
     from relreason.pairing import AGGREGATIONS
-    from relreason.train import AMP_MODES, PretrainConfig
+    from relreason.train import AMP_MODES, AUGMENT_MODES, PretrainConfig
 
     d = PretrainConfig()
     data = parser.add_argument_group("data")
@@ -35,7 +35,11 @@ def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--data-root", help=f"where datasets live; for 'folder', the image folder itself [{d.data_root}]")
     _bool_flag(data, "download", "download the dataset with torchvision if missing [off]")
     data.add_argument("--image-size", type=int, help="side of the square views in pixels [the dataset's own]")
-    data.add_argument("--num-workers", type=int, help="DataLoader worker processes for augmentation [0 on CPU, up to 8 on CUDA]")
+    data.add_argument("--augment", choices=AUGMENT_MODES,
+                      help="tensor: all views of a step made in a few batched operations on the device, from the "
+                      "dataset kept there as uint8; pil: torchvision's per-image transforms in a DataLoader; "
+                      f"auto: tensor for in-memory datasets, pil for image folders [{d.augment}]")
+    data.add_argument("--num-workers", type=int, help="DataLoader worker processes of --augment pil [0 on CPU, up to 8 on CUDA]")
     method = parser.add_argument_group("method")
     method.add_argument("--method", choices=METHOD_NAMES,
                         help=f"relational reasoning or a baseline: simclr, rotation, supervised, random [{d.method}]")
@@ -56,6 +60,8 @@ def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--seed", type=int, help=f"random seed [{d.seed}]")
     optim.add_argument("--device", help="auto, cpu, cuda or cuda:N [auto]")
     optim.add_argument("--amp", choices=AMP_MODES, help=f"mixed precision: bf16 or fp16 autocast [{d.amp}]")
+    _bool_flag(optim, "channels-last", "keep the backbone in channels_last memory format (faster convolutions) [off]")
+    _bool_flag(optim, "compile", "torch.compile the backbone (a slow first step, faster after) [off]")
     optim.add_argument("--time-limit", type=float, help="stop after this many minutes and export the backbone [none]")
     run = parser.add_argument_group("run")
     run.add_argument("--output-dir", help=f"folder for checkpoints, metrics and the exported backbone [{d.output_dir}]")

@@ -92,6 +92,9 @@ class RelationalReasoning(PretrainMethod):
         hidden_features: width of the relation head's hidden layer (256 in the paper).
         loss: ``"bce"``, ``"focal"`` or any module ``loss(logits, targets)``.
         image_size: input size used only when ``feature_dim`` must be inferred.
+        factorised_head: score pairs with ``RelationHead.score_pairs`` (the first Linear once per view, not
+            once per pair). Same outputs and gradients up to float rounding; ``False`` forms every pair vector
+            as the reference does.
     """
 
     name = "relational"
@@ -104,6 +107,7 @@ class RelationalReasoning(PretrainMethod):
         hidden_features: int = 256,
         loss: str | nn.Module = "bce",
         image_size: int = 32,
+        factorised_head: bool = True,
     ) -> None:
         if feature_dim is None:
             feature_dim = getattr(backbone, "feature_dim", None) or infer_feature_dim(backbone, image_size)
@@ -111,6 +115,7 @@ class RelationalReasoning(PretrainMethod):
         self.aggregation = aggregation
         self.relation_head = RelationHead(aggregation_width(self.feature_dim, aggregation), hidden_features)
         self.criterion = build_loss(loss) if isinstance(loss, str) else loss
+        self.factorised_head = factorised_head
 
     @staticmethod
     def views_per_image(num_views: int) -> int:
@@ -120,10 +125,13 @@ class RelationalReasoning(PretrainMethod):
         """Logits and targets of every relation pair formed from view-major ``features``."""
         batch_size = features.shape[0] // num_views
         left, right, targets = relation_pair_indices(num_views, batch_size, features.device)
-        # index_select, not features[left]: its backward (index_add) is deterministic on CPU, while advanced
-        # indexing's accumulate is not with several threads, which would break bit-exact resume.
-        pairs = aggregate_pairs(features.index_select(0, left), features.index_select(0, right), self.aggregation)
-        scores = self.relation_head(pairs).squeeze(1)
+        if self.factorised_head:
+            scores = self.relation_head.score_pairs(features, left, right, self.aggregation)
+        else:
+            # index_select, not features[left]: its backward (index_add) is deterministic on CPU, while advanced
+            # indexing's accumulate is not with several threads, which would break bit-exact resume.
+            pairs = aggregate_pairs(features.index_select(0, left), features.index_select(0, right), self.aggregation)
+            scores = self.relation_head(pairs).squeeze(1)
         return scores, targets.to(scores.dtype)
 
     def forward(self, views: Sequence[torch.Tensor] | torch.Tensor, labels: torch.Tensor | None = None) -> RelationOutput:

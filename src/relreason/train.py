@@ -48,6 +48,9 @@ from relreason.data import (
     read_skip_log,
     relational_augmentation,
 )
+from relreason.data.batch_augment import BatchRelationalAugmentation
+from relreason.data.batch_views import BatchViewLoader, DeviceMultiViewDataset
+from relreason.data.datasets import ArrayImageDataset
 from relreason.data.sampler import EpochBatchSampler
 from relreason.distributed import (
     DistributedContext,
@@ -64,6 +67,7 @@ from relreason.methods.online_probe import OnlineProbe, PretrainModule
 from relreason.pairing import AGGREGATIONS, check_pairing_sizes
 
 AMP_MODES = ("off", "bf16", "fp16")
+AUGMENT_MODES = ("auto", "tensor", "pil")
 BACKBONE_NAME = "backbone.pt"
 BACKBONE_META_NAME = "backbone.json"
 METRICS_NAME = "metrics.jsonl"
@@ -96,6 +100,9 @@ class PretrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: str = "off"
+    augment: str = "auto"  # tensor: batched on the device; pil: per-image torchvision; auto: tensor when possible
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the backbone
     num_workers: int | None = None  # None: 0 on CPU (the cores train), up to 8 on CUDA
     output_dir: str = "runs/relreason"
     resume: bool = True  # continue from the newest valid checkpoint in output_dir
@@ -124,6 +131,11 @@ class PretrainConfig:
             raise RelreasonError(f"unknown --aggregation '{self.aggregation}'; choose one of {', '.join(AGGREGATIONS)}")
         if self.amp not in AMP_MODES:
             raise RelreasonError(f"unknown --amp '{self.amp}'; choose one of {', '.join(AMP_MODES)}")
+        if self.augment not in AUGMENT_MODES:
+            raise RelreasonError(f"unknown --augment '{self.augment}'; choose one of {', '.join(AUGMENT_MODES)}")
+        if self.augment == "tensor" and self.dataset == "folder":
+            raise RelreasonError("--augment tensor needs images of one size held in memory; "
+                                 "use --augment pil (or auto) for an image folder")
         if self.image_size is not None and self.image_size < 8:
             raise RelreasonError(f"--image-size must be >= 8, got {self.image_size}")
         if self.num_workers is not None and self.num_workers < 0:
@@ -252,8 +264,14 @@ def _read_json_lines(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def build_pretrain_data(config: PretrainConfig) -> tuple[MultiViewDataset, dict[str, Any]]:
-    """The multi-view pretraining set and the image geometry/normalisation the backbone is trained with."""
+def build_pretrain_data(
+    config: PretrainConfig, device: torch.device = torch.device("cpu")
+) -> tuple[MultiViewDataset | DeviceMultiViewDataset, dict[str, Any]]:
+    """The multi-view pretraining set and the image geometry/normalisation the backbone is trained with.
+
+    In-memory datasets get their views made in batches on ``device`` (``--augment tensor``, the default
+    when possible); others, or ``--augment pil``, get torchvision's per-image transforms in a DataLoader.
+    """
     info = dataset_info(config.dataset)
     method = method_class(config.method)
     # Supervised pretraining needs the labelled split (STL-10's unlabelled split has none).
@@ -264,19 +282,22 @@ def build_pretrain_data(config: PretrainConfig) -> tuple[MultiViewDataset, dict[
         mean, std = compute_normalization(dataset)
     else:
         mean, std = info.mean, info.std
-    transform = relational_augmentation(image_size, mean, std)
     geometry = {"image_size": image_size, "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
     views = method.views_per_image(config.num_views) if method is not None else 1
+    if config.augment == "tensor" or (config.augment == "auto" and isinstance(dataset, ArrayImageDataset)):
+        augmentation = BatchRelationalAugmentation(image_size, mean, std)
+        return DeviceMultiViewDataset(dataset, augmentation, views, config.seed, device), geometry
+    transform = relational_augmentation(image_size, mean, std)
     return MultiViewDataset(dataset, transform, views, seed=config.seed), geometry
 
 
 def make_loader(
-    dataset: MultiViewDataset,
+    dataset: MultiViewDataset | DeviceMultiViewDataset,
     config: PretrainConfig,
     position: TrainingPosition,
     device: torch.device,
     context: DistributedContext = DistributedContext(),
-) -> DataLoader:
+) -> DataLoader | BatchViewLoader:
     """This rank's batches from ``position`` to the end of its epoch.
 
     Order comes from (seed, epoch) and each image's views from (seed, epoch, index), so a resumed or
@@ -286,6 +307,8 @@ def make_loader(
     sampler = EpochBatchSampler(
         len(dataset), config.batch_size, config.seed, position.epoch, context.rank, context.world_size, position.step
     )
+    if isinstance(dataset, DeviceMultiViewDataset):
+        return BatchViewLoader(dataset, sampler, context.rank)
     return DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -301,7 +324,7 @@ def loader_workers(requested: int | None, device: torch.device) -> int:
     return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
 
 
-def num_classes_of(dataset: MultiViewDataset) -> int | None:
+def num_classes_of(dataset: MultiViewDataset | DeviceMultiViewDataset) -> int | None:
     labels = getattr(dataset.dataset, "labels", None)
     return None if labels is None or len(labels) == 0 else int(max(labels)) + 1
 
@@ -371,7 +394,7 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
     if config.sync_batchnorm and context.enabled and device.type != "cuda":
         raise RelreasonError("--sync-batchnorm needs CUDA devices (PyTorch's SyncBatchNorm is GPU-only); drop it on CPU")
     seed_everything(config.seed)
-    dataset, geometry = build_pretrain_data(config)
+    dataset, geometry = build_pretrain_data(config, device)
     if len(dataset) < 2 * context.world_size:
         raise RelreasonError(
             f"dataset '{config.dataset}' has {len(dataset)} image(s); each of the {context.world_size} process(es) "
@@ -391,6 +414,10 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
         return PretrainResult(run_dir, 0, [], False, backbone)
     probe = OnlineProbe(method.feature_dim, num_classes) if config.online_probe and num_classes else None
     model = PretrainModule(method, probe).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if config.compile:
+        model.method.backbone.compile()  # in place: state_dict keys stay those of the plain backbone
     if config.sync_batchnorm and context.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     groups = [{"params": model.method.parameters()}]
@@ -538,7 +565,7 @@ def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
-    dataset: MultiViewDataset,
+    dataset: MultiViewDataset | DeviceMultiViewDataset,
     config: PretrainConfig,
     position: TrainingPosition,
     device: torch.device,
@@ -571,7 +598,10 @@ def train_one_epoch(
         check_finite(position, config)
 
     for views, labels in bar:
-        views = [v.to(device, non_blocking=True) for v in views]
+        if isinstance(views, torch.Tensor):  # (K, B, C, H, W), made on the device
+            views = views.to(device, non_blocking=True)
+        else:
+            views = [v.to(device, non_blocking=True) for v in views]
         labels = labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             total_loss, out = model(views, labels)

@@ -13,7 +13,7 @@ from relreason.errors import RelreasonError
 __all__ = ["relational_augmentation", "eval_transform"]
 
 
-def _check(image_size: int, mean: Sequence[float] | None, std: Sequence[float] | None):
+def check_normalization(image_size: int, mean: Sequence[float] | None, std: Sequence[float] | None):
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise RelreasonError(f"image size must be a positive integer, got {image_size!r}; pass e.g. 32")
     if mean is None or std is None:
@@ -39,7 +39,7 @@ def relational_augmentation(
     colour jitter (0.8, 0.8, 0.8, 0.2) with probability 0.8, greyscale with
     probability 0.2, then ToTensor and Normalize. Input: an RGB PIL image.
     """
-    mean_t, std_t = _check(image_size, mean, std)
+    mean_t, std_t = check_normalization(image_size, mean, std)
     return T.Compose(
         [
             T.RandomResizedCrop(
@@ -59,7 +59,7 @@ def relational_augmentation(
 
 def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
     """Deterministic transform: resize the short side, centre-crop, ToTensor, Normalize."""
-    mean_t, std_t = _check(image_size, mean, std)
+    mean_t, std_t = check_normalization(image_size, mean, std)
     return T.Compose(
         [
             T.Resize(image_size, interpolation=InterpolationMode.BILINEAR),

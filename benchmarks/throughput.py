@@ -1,0 +1,226 @@
+"""Training-step throughput: relreason's step against a reference-style step and the backbone alone.
+
+For each backbone and K it times, in this one process and on the same device:
+
+* ``reference``: the reference notebook's way: per-image PIL views from a DataLoader, Python-loop pairing
+  (``torch.roll`` per block pair), the relation head on materialised pair vectors, fp32;
+* ``relreason``: the trainer's step: views made in a batch on the device from a uint8 tensor, vectorised
+  pairing, factorised head, metrics kept on the device, in the chosen numeric mode;
+* ``backbone``: forward + backward of the backbone alone on views that are already made (the ceiling),
+  in the same numeric mode.
+
+    python benchmarks/throughput.py                       # CPU or CUDA, whichever is there
+    python benchmarks/throughput.py --modes fp32 bf16+cl  # several numeric modes side by side
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from relreason import RelationalReasoning
+from relreason.backbones import build_backbone
+from relreason.data import ArrayImageDataset, MultiViewDataset, load_dataset, relational_augmentation
+from relreason.data.batch_augment import BatchRelationalAugmentation
+from relreason.data.batch_views import BatchViewLoader, DeviceMultiViewDataset
+from relreason.data.sampler import EpochBatchSampler
+from relreason.errors import RelreasonError
+from relreason.head import RelationHead
+
+MEAN, STD = (0.286, 0.286, 0.286), (0.353, 0.353, 0.353)  # Fashion-MNIST's
+
+
+def load_images(name: str, data_root: str, limit: int) -> ArrayImageDataset:
+    if name != "synthetic":
+        try:
+            dataset = load_dataset(name, data_root, "train")
+            if isinstance(dataset, ArrayImageDataset):
+                return ArrayImageDataset(dataset.images[:limit], dataset.labels[:limit])
+        except RelreasonError as error:
+            print(f"# {error}; using synthetic 28x28 images")
+    rng = np.random.default_rng(0)
+    return ArrayImageDataset(rng.integers(0, 256, (limit, 28, 28), dtype=np.uint8), np.zeros(limit, dtype=np.int64))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device, mode: str):
+    if "bf16" in mode:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if "fp16" in mode:
+        return torch.autocast(device.type, dtype=torch.float16)
+    return nullcontext()
+
+
+def prepare(module: nn.Module, mode: str, device: torch.device) -> nn.Module:
+    module = module.to(device)
+    if "cl" in mode.split("+"):
+        module = module.to(memory_format=torch.channels_last)
+    if "compile" in mode.split("+"):
+        module.compile()
+    return module
+
+
+def timed(step, steps: int, warmup: int, device: torch.device) -> float:
+    """Seconds per step, after ``warmup`` untimed steps."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+# --- the reference-style step, kept for comparison --------------------------------------------------------------
+
+def reference_pairs(features: torch.Tensor, num_views: int) -> tuple[torch.Tensor, torch.Tensor]:
+    size = features.shape[0] // num_views
+    pairs, targets, shift = [], [], 1
+    for start_1 in range(0, size * num_views, size):
+        for start_2 in range(start_1 + size, size * num_views, size):
+            a, b = features[start_1:start_1 + size], features[start_2:start_2 + size]
+            pairs += [torch.cat([a, b], 1), torch.cat([a, torch.roll(b, shifts=shift, dims=0)], 1)]
+            targets += [torch.ones(size, device=features.device), torch.zeros(size, device=features.device)]
+            shift = shift + 1 if shift + 1 < size else 1
+    return torch.cat(pairs), torch.cat(targets)
+
+
+def reference_step_factory(backbone_name, images, num_views, batch_size, workers, device):
+    backbone = build_backbone(backbone_name, image_size=32).to(device)
+    head = RelationHead(2 * backbone.feature_dim).to(device)
+    optimizer = torch.optim.Adam(list(backbone.parameters()) + list(head.parameters()), lr=1e-3)
+    views = MultiViewDataset(images, relational_augmentation(32, MEAN, STD), num_views)
+    loader = DataLoader(views, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers,
+                        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    batches = iter(loader)
+
+    def step():
+        nonlocal batches
+        try:
+            data, _ = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            data, _ = next(batches)
+        features = backbone(torch.cat([v.to(device, non_blocking=True) for v in data], 0))
+        pairs, targets = reference_pairs(features, num_views)
+        scores = head(pairs).squeeze()
+        loss = nn.functional.binary_cross_entropy_with_logits(scores, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        # The notebook reads the accuracy every step, which waits for the device.
+        ((scores > 0).float() == targets).float().mean().item()
+
+    return step
+
+
+# --- relreason's step ---------------------------------------------------------------------------------------------
+
+def relreason_step_factory(backbone_name, images, num_views, batch_size, mode, device):
+    model = RelationalReasoning(prepare(build_backbone(backbone_name, image_size=32), mode, device), image_size=32)
+    model = model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    dataset = DeviceMultiViewDataset(images, BatchRelationalAugmentation(32, MEAN, STD), num_views, 0, device)
+    epoch = 0
+
+    def batches():
+        nonlocal epoch
+        while True:
+            dataset.set_epoch(epoch)
+            yield from BatchViewLoader(dataset, EpochBatchSampler(len(dataset), batch_size, 0, epoch))
+            epoch += 1
+
+    source = batches()
+    totals = torch.zeros(2, device=device, dtype=torch.float64)
+
+    def step():
+        views, _ = next(source)
+        with autocast(device, mode):
+            out = model(views)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        totals.add_(torch.stack([out.loss.detach(), out.accuracy]).double())  # on the device: no sync
+
+    return step
+
+
+def backbone_step_factory(backbone_name, num_views, batch_size, mode, device):
+    backbone = prepare(build_backbone(backbone_name, image_size=32), mode, device)
+    views = torch.randn(num_views * batch_size, 3, 32, 32, device=device)
+
+    def step():
+        with autocast(device, mode):
+            features = backbone(views)
+        features.float().square().mean().backward()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backbones", nargs="+", default=["conv4", "resnet32"])
+    parser.add_argument("--views", nargs="+", type=int, default=[4, 16, 32], help="values of K")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--modes", nargs="+", default=None,
+                        help="numeric modes of relreason's step and the backbone: fp32, bf16, fp16, each optionally "
+                        "+cl (channels_last) and +compile [fp32 and bf16+cl]")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per row")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--reference-workers", type=int, default=None,
+                        help="DataLoader workers of the reference step [0 on CPU, min(16, cores) on CUDA]")
+    parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--dataset", default="fashion-mnist", help="images to augment, or 'synthetic' [fashion-mnist]")
+    parser.add_argument("--data-root", default="data")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    modes = args.modes or ["fp32", "bf16+cl"]
+    workers = args.reference_workers
+    if workers is None:
+        workers = 0 if device.type == "cpu" else min(16, os.cpu_count() or 1)
+    images = load_images(args.dataset, args.data_root, 60000)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"# device {device} ({where}), {torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
+          f"batch {args.batch_size}, {args.steps} timed steps after {args.warmup}; reference with {workers} workers")
+    header = f"| backbone | K | step | mode | ms/step | views/s | x reference | / backbone-only |"
+    print(header)
+    print("|---|---|---|---|---:|---:|---:|---:|")
+    for backbone_name in args.backbones:
+        for num_views in args.views:
+            views_per_step = num_views * args.batch_size
+            reference = None
+            if not args.skip_reference:
+                step = reference_step_factory(backbone_name, images, num_views, args.batch_size, workers, device)
+                reference = timed(step, args.steps, args.warmup, device)
+                print(f"| {backbone_name} | {num_views} | reference | fp32 | {1000 * reference:.0f} | "
+                      f"{views_per_step / reference:,.0f} | 1.00 | |", flush=True)
+            for mode in modes:
+                ceiling = timed(backbone_step_factory(backbone_name, num_views, args.batch_size, mode, device),
+                                args.steps, args.warmup, device)
+                ours = timed(relreason_step_factory(backbone_name, images, num_views, args.batch_size, mode, device),
+                             args.steps, args.warmup, device)
+                speedup = f"{reference / ours:.2f}" if reference else ""
+                print(f"| {backbone_name} | {num_views} | relreason | {mode} | {1000 * ours:.0f} | "
+                      f"{views_per_step / ours:,.0f} | {speedup} | {ours / ceiling:.2f} |", flush=True)
+                ratio = f"{reference / ceiling:.2f}" if reference else ""
+                print(f"| {backbone_name} | {num_views} | backbone only | {mode} | {1000 * ceiling:.0f} | "
+                      f"{views_per_step / ceiling:,.0f} | {ratio} | 1.00 |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""The paper's augmentation applied to a whole batch of views at once, on the device that holds the images.
+
+Every view draws its own random parameters (crop box, flip, jitter factors and order, greyscale), as the
+per-image torchvision pipeline does, but the work is a handful of batched tensor operations:
+
+* random resized crop + horizontal flip + resize: one pair of batched matrix products with per-view
+  bilinear interpolation matrices built like PIL's resampler (a triangle filter widened when shrinking,
+  so downscaling is antialiased as it is with PIL images);
+* colour jitter: brightness, contrast, saturation and hue as torchvision's tensor functions define them,
+  in a random order per view, applied with probability ``jitter_p``;
+* greyscale with probability ``grayscale_p`` (ITU-R 601-2 luma, as torchvision and PIL), then normalisation.
+
+Differences from the PIL pipeline: intermediate results stay in float instead of being rounded to uint8
+after every operation, and contrast uses the exact mean of the greyscale image (PIL rounds it to an integer).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from relreason.data.transforms import check_normalization
+
+__all__ = [
+    "AugmentationRecipe",
+    "BatchRelationalAugmentation",
+    "ViewParameters",
+    "adjust_brightness",
+    "adjust_contrast",
+    "adjust_hue",
+    "adjust_saturation",
+    "color_jitter",
+    "resized_crop",
+    "sample_crop_boxes",
+    "sample_view_parameters",
+]
+
+_LUMA = (0.299, 0.587, 0.114)
+
+
+@dataclass(frozen=True)
+class AugmentationRecipe:
+    """The knobs of the relational-reasoning augmentation; the defaults are the paper's."""
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    flip_p: float = 0.5
+    brightness: float = 0.8
+    contrast: float = 0.8
+    saturation: float = 0.8
+    hue: float = 0.2
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+
+
+@dataclass
+class ViewParameters:
+    """The random choices of N views. ``boxes`` rows are ``(top, left, height, width)`` in source pixels;
+    ``factors`` columns are brightness, contrast, saturation, hue; ``order[v]`` is the permutation in which
+    view ``v`` applies those four operations."""
+
+    boxes: torch.Tensor  # (N, 4) int64
+    flip: torch.Tensor  # (N,) bool
+    jitter: torch.Tensor  # (N,) bool
+    factors: torch.Tensor  # (N, 4) float32
+    order: torch.Tensor  # (N, 4) int64
+    grayscale: torch.Tensor  # (N,) bool
+
+
+def _uniform(shape: Sequence[int], low: float, high: float, generator: torch.Generator | None, device) -> torch.Tensor:
+    return torch.rand(shape, generator=generator, device=device) * (high - low) + low
+
+
+def sample_crop_boxes(
+    num: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    tries: int = 10,
+) -> torch.Tensor:
+    """``num`` crop boxes ``(top, left, height, width)`` drawn as ``RandomResizedCrop.get_params`` draws one.
+
+    Each view gets ``tries`` candidate (area, log-aspect) draws and keeps the first that fits in the image;
+    a view with none falls back to the central crop with the aspect ratio clamped into ``ratio``.
+    """
+    area = height * width
+    target_area = area * _uniform((num, tries), scale[0], scale[1], generator, device)
+    log_ratio = _uniform((num, tries), math.log(ratio[0]), math.log(ratio[1]), generator, device)
+    aspect = torch.exp(log_ratio)
+    crop_w = torch.round(torch.sqrt(target_area * aspect))
+    crop_h = torch.round(torch.sqrt(target_area / aspect))
+    fits = (crop_w > 0) & (crop_w <= width) & (crop_h > 0) & (crop_h <= height)
+    first = fits.int().argmax(dim=1, keepdim=True)  # first fitting try (0 when none fits)
+    any_fit = fits.any(dim=1)
+    crop_w = crop_w.gather(1, first).squeeze(1)
+    crop_h = crop_h.gather(1, first).squeeze(1)
+
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fallback_w, fallback_h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        fallback_w, fallback_h = int(round(height * max(ratio))), height
+    else:
+        fallback_w, fallback_h = width, height
+    crop_w = torch.where(any_fit, crop_w, torch.full_like(crop_w, fallback_w))
+    crop_h = torch.where(any_fit, crop_h, torch.full_like(crop_h, fallback_h))
+    position = torch.rand((num, 2), generator=generator, device=device)
+    top = torch.floor(position[:, 0] * (height - crop_h + 1))
+    left = torch.floor(position[:, 1] * (width - crop_w + 1))
+    top = torch.where(any_fit, top, torch.div(height - crop_h, 2, rounding_mode="floor"))
+    left = torch.where(any_fit, left, torch.div(width - crop_w, 2, rounding_mode="floor"))
+    return torch.stack([top, left, crop_h, crop_w], dim=1).long()
+
+
+def sample_view_parameters(
+    num: int,
+    height: int,
+    width: int,
+    recipe: AugmentationRecipe = AugmentationRecipe(),
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> ViewParameters:
+    """Every random choice of ``num`` views of ``height`` x ``width`` images, drawn independently per view."""
+    boxes = sample_crop_boxes(num, height, width, recipe.scale, recipe.ratio, generator, device)
+    coins = torch.rand((num, 3), generator=generator, device=device)
+    low = [max(0.0, 1.0 - recipe.brightness), max(0.0, 1.0 - recipe.contrast), max(0.0, 1.0 - recipe.saturation),
+           -recipe.hue]
+    high = [1.0 + recipe.brightness, 1.0 + recipe.contrast, 1.0 + recipe.saturation, recipe.hue]
+    low_t = torch.tensor(low, device=device)
+    high_t = torch.tensor(high, device=device)
+    factors = torch.rand((num, 4), generator=generator, device=device) * (high_t - low_t) + low_t
+    # argsort of i.i.d. uniforms: a uniformly random permutation per view, as torch.randperm(4) per image.
+    order = torch.rand((num, 4), generator=generator, device=device).argsort(dim=1)
+    return ViewParameters(
+        boxes=boxes,
+        flip=coins[:, 0] < recipe.flip_p,
+        jitter=coins[:, 1] < recipe.jitter_p,
+        factors=factors,
+        order=order,
+        grayscale=coins[:, 2] < recipe.grayscale_p,
+    )
+
+
+def _interpolation_matrices(
+    start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int, flip: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``(N, out_size, in_size)`` matrices mapping a source line to the resized crop ``[start, start+length)``.
+
+    PIL's bilinear resampling: output pixel ``o`` is centred at ``start + (o + 0.5) * length / out_size``
+    and averages the crop's pixels under a triangle filter whose width grows with the shrink factor.
+    """
+    dtype = torch.float32
+    start = start.to(dtype)[:, None, None]
+    length = length.to(dtype)[:, None, None]
+    out = torch.arange(out_size, device=start.device, dtype=dtype)[None, :, None]
+    source = torch.arange(in_size, device=start.device, dtype=dtype)[None, None, :]
+    step = length / out_size
+    support = torch.clamp(step, min=1.0)
+    centre = start + (out + 0.5) * step
+    weights = torch.clamp(1.0 - torch.abs((source + 0.5 - centre) / support), min=0.0)
+    weights = weights * ((source >= start) & (source < start + length))
+    weights = weights / weights.sum(dim=2, keepdim=True)
+    if flip is not None:
+        weights = torch.where(flip[:, None, None], weights.flip(1), weights)
+    return weights
+
+
+def resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Crop each image ``(N, C, H, W)`` (float) to its box, mirror it where ``flip``, resize to ``size`` x ``size``."""
+    _, _, height, width = images.shape
+    num, channels = images.shape[:2]
+    rows = _interpolation_matrices(boxes[:, 0], boxes[:, 2], height, size)  # (N, S, H)
+    cols = _interpolation_matrices(boxes[:, 1], boxes[:, 3], width, size, flip)  # (N, S, W)
+    # Columns first, as one batched product over (C * H) rows per view, then rows per channel.
+    narrow = torch.bmm(images.to(rows.dtype).reshape(num, channels * height, width), cols.transpose(1, 2))
+    return rows[:, None] @ narrow.view(num, channels, height, size)
+
+
+def _grey(images: torch.Tensor) -> torch.Tensor:
+    r, g, b = images.unbind(dim=1)
+    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
+
+
+def _blend(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    factor = factor.to(images.dtype)[:, None, None, None]
+    return (factor * images + (1.0 - factor) * other).clamp_(0.0, 1.0)
+
+
+def adjust_brightness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] scaled by a per-image factor, as ``torchvision.transforms.functional.adjust_brightness``."""
+    return (images * factor.to(images.dtype)[:, None, None, None]).clamp_(0.0, 1.0)
+
+
+def adjust_contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend with each image's mean grey level, as ``torchvision.transforms.functional.adjust_contrast``."""
+    return _blend(images, _grey(images).mean(dim=(1, 2, 3), keepdim=True), factor)
+
+
+def adjust_saturation(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend with each image's greyscale version, as ``torchvision.transforms.functional.adjust_saturation``."""
+    return _blend(images, _grey(images), factor)
+
+
+def adjust_hue(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Rotate hue by ``factor`` turns (in [-0.5, 0.5]) through HSV, as ``torchvision``'s tensor ``adjust_hue``."""
+    r, g, b = images.unbind(dim=1)
+    value = images.amax(dim=1)
+    chroma = value - images.amin(dim=1)
+    grey = chroma == 0
+    saturation = chroma / torch.where(grey, torch.ones_like(value), value)
+    safe_chroma = torch.where(grey, torch.ones_like(chroma), chroma)
+    rc, gc, bc = (value - r) / safe_chroma, (value - g) / safe_chroma, (value - b) / safe_chroma
+    hue = torch.where(value == r, bc - gc, torch.where(value == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    hue = torch.where(grey, torch.zeros_like(hue), hue)  # in sixths of a turn
+    hue = torch.remainder(hue + 6.0 * factor.to(images.dtype)[:, None, None], 6.0)
+    # HSV -> RGB without branches: channel c is V - V S clamp(min(k, 4 - k), 0, 1), k = (n_c + 6h) mod 6,
+    # with n = 5, 3, 1 for R, G, B; the same values as the sector table of torchvision's _hsv2rgb.
+    offsets = torch.tensor([5.0, 3.0, 1.0], device=images.device, dtype=images.dtype)[None, :, None, None]
+    k = torch.remainder(offsets + hue[:, None], 6.0)
+    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return value[:, None] * (1.0 - saturation[:, None] * ramp)
+
+
+_JITTER_OPERATIONS: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = (
+    adjust_brightness,
+    adjust_contrast,
+    adjust_saturation,
+    adjust_hue,
+)
+
+
+def _apply_where(images: torch.Tensor, selected: torch.Tensor, operation, factor: torch.Tensor) -> torch.Tensor:
+    if images.device.type == "cpu":
+        # On the CPU, work on the selected views only (finding them costs nothing there).
+        index = selected.nonzero().squeeze(1)
+        if index.numel() == 0:
+            return images
+        return images.index_copy(0, index, operation(images.index_select(0, index), factor.index_select(0, index)))
+    # On an accelerator, listing the selected views would wait for the device; compute all and select.
+    return torch.where(selected[:, None, None, None], operation(images, factor), images)
+
+
+def color_jitter(images: torch.Tensor, jitter: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``ColorJitter`` per view: the four operations in each view's own ``order``, only where ``jitter``."""
+    for slot in range(order.shape[1]):
+        for index, operation in enumerate(_JITTER_OPERATIONS):
+            selected = jitter & (order[:, slot] == index)
+            images = _apply_where(images, selected, operation, factors[:, index])
+    return images
+
+
+class BatchRelationalAugmentation:
+    """``augment(images, num_views, generator)``: K augmented views of each uint8 image, made in one batch.
+
+    Args:
+        image_size: side of the square views.
+        mean, std: per-channel normalisation (3 values each).
+        recipe: the random augmentation's parameters; the paper's by default.
+
+    ``images`` is ``(B, 3, H, W)`` uint8 on any device; the result is ``(K, B, 3, S, S)`` float32 on the same
+    device, view-major as the relational-reasoning model expects.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        recipe: AugmentationRecipe = AugmentationRecipe(),
+    ) -> None:
+        mean_t, std_t = check_normalization(image_size, mean, std)
+        self.image_size = image_size
+        self.mean = torch.tensor(mean_t).view(1, 3, 1, 1)
+        self.std = torch.tensor(std_t).view(1, 3, 1, 1)
+        self.recipe = recipe
+
+    def parameters(self, num: int, height: int, width: int, generator=None, device=None) -> ViewParameters:
+        return sample_view_parameters(num, height, width, self.recipe, generator, device)
+
+    def apply(self, images: torch.Tensor, params: ViewParameters, normalize: bool = True) -> torch.Tensor:
+        """Views ``(N, 3, S, S)`` of ``images`` (``(N, 3, H, W)`` uint8, one row per view) with ``params``."""
+        source = images.float().div_(255.0)
+        views = resized_crop(source, params.boxes, self.image_size, params.flip).clamp_(0.0, 1.0)
+        views = color_jitter(views, params.jitter, params.factors, params.order)
+        views = torch.where(params.grayscale[:, None, None, None], _grey(views).expand_as(views), views)
+        if normalize:
+            views = (views - self.mean.to(views.device)) / self.std.to(views.device)
+        return views
+
+    def __call__(self, images: torch.Tensor, num_views: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        batch, channels, height, width = images.shape
+        params = self.parameters(num_views * batch, height, width, generator, images.device)
+        # View-major rows: row k * B + b is view k of image b.
+        views = self.apply(images.repeat(num_views, 1, 1, 1), params)
+        return views.view(num_views, batch, channels, self.image_size, self.image_size)

@@ -1,0 +1,94 @@
+"""K views per image made a batch at a time on the device, from images kept there as one uint8 tensor."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from relreason.data.batch_augment import BatchRelationalAugmentation
+from relreason.data.multiview import mix_seed
+from relreason.errors import RelreasonError
+
+__all__ = ["BatchViewLoader", "DeviceMultiViewDataset", "images_as_tensor"]
+
+
+def images_as_tensor(dataset: Dataset) -> torch.Tensor:
+    """The images of an in-memory dataset (``ArrayImageDataset``) as one ``(N, 3, H, W)`` uint8 tensor."""
+    images = getattr(dataset, "images", None)
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        raise RelreasonError(
+            f"{type(dataset).__name__} does not hold its images as one uint8 array, so views cannot be made on "
+            "the device; use --augment pil (per-image torchvision transforms) for this dataset"
+        )
+    tensor = torch.from_numpy(np.ascontiguousarray(images))
+    if tensor.dim() == 4 and tensor.shape[3] == 1:
+        tensor = tensor[..., 0]
+    if tensor.dim() == 3:  # grey: three equal channels, as the PIL path's convert("RGB")
+        return tensor[:, None].expand(-1, 3, -1, -1).contiguous()
+    return tensor.permute(0, 3, 1, 2).contiguous()
+
+
+class DeviceMultiViewDataset:
+    """A labelled image set held on ``device`` as uint8, and the batched augmentation that makes its views.
+
+    ``views(indices, generator)`` returns ``(K, B, 3, S, S)`` float views and the ``(B,)`` labels. The source
+    dataset stays reachable as ``.dataset`` (its labels, classes), as with ``MultiViewDataset``.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        augmentation: BatchRelationalAugmentation,
+        num_views: int,
+        seed: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if isinstance(num_views, bool) or not isinstance(num_views, int) or num_views < 1:
+            raise RelreasonError(f"number of views must be an integer of at least 1, got {num_views!r}; pass e.g. 4")
+        self.dataset = dataset
+        self.augmentation = augmentation
+        self.num_views = num_views
+        self.seed = seed
+        self.device = torch.device(device)
+        self.images = images_as_tensor(dataset).to(self.device)
+        labels = getattr(dataset, "labels", None)
+        labels = np.full(len(self.images), -1) if labels is None else np.asarray(labels)
+        self.labels = torch.as_tensor(labels, dtype=torch.long).to(self.device)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def views(self, indices: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = indices.to(self.device)
+        batch = self.images.index_select(0, indices)
+        return self.augmentation(batch, self.num_views, generator), self.labels.index_select(0, indices)
+
+
+class BatchViewLoader:
+    """Iterates over ``(views, labels)`` for the batches of ``batch_sampler``, each made in one go on the device.
+
+    The random parameters of step ``s`` come from a generator seeded by ``(seed, epoch, s, rank)`` alone, so
+    a resumed epoch makes exactly the views it would have made.
+    """
+
+    def __init__(self, dataset: DeviceMultiViewDataset, batch_sampler, rank: int = 0) -> None:
+        self.dataset = dataset
+        self.batch_sampler = batch_sampler
+        self.rank = rank
+        self.generator = torch.Generator(device=dataset.device)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        sampler = self.batch_sampler
+        for step, indices in enumerate(sampler, start=sampler.start_step):
+            self.generator.manual_seed(mix_seed(self.dataset.seed, self.dataset.epoch, step, self.rank))
+            yield self.dataset.views(torch.as_tensor(indices, dtype=torch.long), self.generator)

@@ -1,0 +1,182 @@
+"""The batched on-device augmentation against torchvision's per-image pipeline: same operations, same laws."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from relreason import RelreasonError
+from relreason.data import ArrayImageDataset, relational_augmentation
+from relreason.data import batch_augment as ba
+from relreason.data.batch_views import BatchViewLoader, DeviceMultiViewDataset, images_as_tensor
+from relreason.data.sampler import EpochBatchSampler
+
+
+def colour_images(num, height, width, seed=0):
+    """Smooth colour images with edges: gradients, a bright disc and noise, so every operation has work."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    images = []
+    for _ in range(num):
+        a, b, c = rng.uniform(0, 1, 3), rng.uniform(-1, 1, 3), rng.uniform(-1, 1, 3)
+        img = a + b * x[..., None] + c * y[..., None]
+        cy, cx, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.1, 0.3)
+        img[(y - cy) ** 2 + (x - cx) ** 2 < r * r] = rng.uniform(0, 1, 3)
+        img = img + rng.normal(0, 0.05, img.shape)
+        images.append(np.clip(img * 255, 0, 255).astype(np.uint8))
+    return np.stack(images)
+
+
+def torchvision_boxes(num, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    torch.manual_seed(0)
+    image = torch.zeros(1, height, width)
+    return torch.tensor([T.RandomResizedCrop.get_params(image, list(scale), list(ratio)) for _ in range(num)])
+
+
+@pytest.mark.parametrize("height,width", [(28, 28), (32, 32), (20, 40)])
+def test_crop_boxes_follow_torchvision_distribution(height, width):
+    ours = ba.sample_crop_boxes(20000, height, width, generator=torch.Generator().manual_seed(1))
+    theirs = torchvision_boxes(20000, height, width)
+    for boxes in (ours, theirs):
+        top, left, h, w = boxes.T
+        assert (top >= 0).all() and (left >= 0).all() and (h >= 1).all() and (w >= 1).all()
+        assert (top + h <= height).all() and (left + w <= width).all()
+
+    def laws(boxes):
+        top, left, h, w = boxes.double().T
+        area = h * w / (height * width)
+        aspect = torch.log(w / h)
+        centre_x = (left + w / 2) / width
+        return {"area": area, "log aspect": aspect, "centre x": centre_x}
+
+    quantiles = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64)
+    for name, (a, b) in {k: (v, laws(theirs)[k]) for k, v in laws(ours).items()}.items():
+        assert torch.allclose(a.mean(), b.mean(), atol=0.01), name
+        assert torch.allclose(torch.quantile(a, quantiles), torch.quantile(b, quantiles), atol=0.03), name
+
+
+def test_crop_fallback_is_torchvision_central_crop():
+    # No (area, ratio) draw fits a 10x100 strip at scale >= 0.5: torchvision's fallback, a centred crop.
+    ours = ba.sample_crop_boxes(50, 10, 100, scale=(0.5, 1.0), generator=torch.Generator().manual_seed(0))
+    theirs = torchvision_boxes(50, 10, 100, scale=(0.5, 1.0))
+    assert torch.equal(ours, theirs)
+    assert ours[0].tolist() == [0, 43, 10, 13]
+
+
+@pytest.mark.parametrize("box,size", [((3, 2, 20, 17), 32), ((0, 0, 28, 28), 32), ((5, 1, 22, 26), 12), ((0, 0, 28, 28), 28)])
+@pytest.mark.parametrize("flip", [False, True])
+def test_resized_crop_equals_pil_bilinear(box, size, flip):
+    image = colour_images(1, 28, 28, seed=3)[0]
+    pil = TF.resized_crop(Image.fromarray(image), *box, [size, size], InterpolationMode.BILINEAR)
+    if flip:
+        pil = TF.hflip(pil)
+    expected = TF.to_tensor(pil)
+    source = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    ours = ba.resized_crop(source, torch.tensor([box]), size, torch.tensor([flip]))[0]
+    # PIL rounds to uint8 (and uses fixed-point weights): at most one grey level apart.
+    assert (ours - expected).abs().max() <= 1.01 / 255
+
+
+@pytest.mark.parametrize("operation,reference,low,high", [
+    (ba.adjust_brightness, TF.adjust_brightness, 0.2, 1.8),
+    (ba.adjust_contrast, TF.adjust_contrast, 0.2, 1.8),
+    (ba.adjust_saturation, TF.adjust_saturation, 0.2, 1.8),
+    (ba.adjust_hue, TF.adjust_hue, -0.5, 0.5),
+])
+def test_jitter_operations_equal_torchvision_tensor_functions(operation, reference, low, high):
+    torch.manual_seed(0)
+    images = torch.from_numpy(colour_images(12, 9, 11)).permute(0, 3, 1, 2).float() / 255
+    images[0] = images[0].mean(0, keepdim=True)  # a grey image: hue and saturation leave it alone
+    factors = torch.rand(12) * (high - low) + low
+    expected = torch.stack([reference(image, factor.item()) for image, factor in zip(images, factors)])
+    assert torch.allclose(operation(images, factors), expected, atol=1e-4)
+
+
+def test_color_jitter_applies_each_views_order_only_where_selected():
+    images = torch.from_numpy(colour_images(24, 8, 8, seed=5)).permute(0, 3, 1, 2).float() / 255
+    orders = torch.tensor(list(itertools.permutations(range(4))))  # all 24 orders, one per view
+    factors = torch.tensor([[1.6, 0.4, 1.7, 0.15]]).repeat(24, 1)
+    jitter = torch.ones(24, dtype=torch.bool)
+    jitter[5] = False
+    out = ba.color_jitter(images, jitter, factors, orders)
+    functions = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for view in range(24):
+        expected = images[view]
+        if jitter[view]:
+            for op in orders[view].tolist():
+                expected = functions[op](expected, factors[view, op].item())
+        assert torch.allclose(out[view], expected, atol=1e-4), view
+    assert not torch.allclose(out[0], out[23], atol=1e-3)  # the order matters
+
+
+def test_random_choices_have_the_recipe_rates_and_ranges():
+    params = ba.sample_view_parameters(48000, 28, 28, generator=torch.Generator().manual_seed(2))
+    assert params.flip.float().mean().item() == pytest.approx(0.5, abs=0.01)
+    assert params.jitter.float().mean().item() == pytest.approx(0.8, abs=0.01)
+    assert params.grayscale.float().mean().item() == pytest.approx(0.2, abs=0.01)
+    for column, (low, high) in enumerate([(0.2, 1.8), (0.2, 1.8), (0.2, 1.8), (-0.2, 0.2)]):
+        factor = params.factors[:, column]
+        assert factor.min() >= low and factor.max() <= high
+        assert factor.mean().item() == pytest.approx((low + high) / 2, abs=0.01)
+        assert factor.std().item() == pytest.approx((high - low) / 12**0.5, rel=0.02)  # uniform
+    assert (params.order.sort(dim=1).values == torch.arange(4)).all()  # permutations
+    counts = torch.unique(params.order, dim=0, return_counts=True)[1]
+    assert counts.numel() == 24 and (counts.float() / 48000 - 1 / 24).abs().max() < 0.006
+
+
+def test_per_channel_statistics_match_torchvision_pipeline():
+    images = colour_images(6, 28, 28, seed=7)
+    per_image = relational_augmentation(32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    batched = ba.BatchRelationalAugmentation(32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    views = 400
+    torch.manual_seed(0)
+    theirs = torch.stack([per_image(Image.fromarray(image)) for image in images for _ in range(views)])
+    source = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    ours = batched(source, views, torch.Generator().manual_seed(0)).transpose(0, 1).reshape(-1, 3, 32, 32)
+    assert ours.shape == theirs.shape
+    for a, b in ((ours, theirs), (ours.view(6, views, 3, 32, 32)[2], theirs.view(6, views, 3, 32, 32)[2])):
+        assert torch.allclose(a.mean(dim=(0, 2, 3)), b.mean(dim=(0, 2, 3)), atol=0.02)
+        assert torch.allclose(a.std(dim=(0, 2, 3)), b.std(dim=(0, 2, 3)), atol=0.02)
+        # The spread across views (how different the views of one image are) matches too.
+        assert torch.allclose(a.mean(dim=(2, 3)).std(dim=0), b.mean(dim=(2, 3)).std(dim=0), atol=0.02)
+
+
+def test_normalisation_and_layout():
+    images = torch.from_numpy(colour_images(5, 28, 28)).permute(0, 3, 1, 2).contiguous()
+    augment = ba.BatchRelationalAugmentation(16, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    raw = ba.BatchRelationalAugmentation(16, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    views = augment(images, 3, torch.Generator().manual_seed(4))
+    plain = raw(images, 3, torch.Generator().manual_seed(4))
+    assert views.shape == (3, 5, 3, 16, 16) and views.dtype == torch.float32
+    mean, std = torch.tensor([0.5, 0.4, 0.3]).view(3, 1, 1), torch.tensor([0.2, 0.25, 0.3]).view(3, 1, 1)
+    assert torch.allclose(views, (plain - mean) / std, atol=1e-5)
+    assert plain.min() >= 0 and plain.max() <= 1
+    assert not torch.allclose(plain[0], plain[1])  # views differ
+    again = augment(images, 3, torch.Generator().manual_seed(4))
+    assert torch.equal(views, again)  # a seed fixes the views
+
+
+def test_device_dataset_and_loader_are_reproducible_per_step():
+    grey = colour_images(10, 12, 12)[..., 0]
+    dataset = ArrayImageDataset(grey, np.arange(10) % 3)
+    tensor = images_as_tensor(dataset)
+    assert tensor.shape == (10, 3, 12, 12) and torch.equal(tensor[:, 0], tensor[:, 2])
+    views = DeviceMultiViewDataset(dataset, ba.BatchRelationalAugmentation(8, (0.5,) * 3, (0.5,) * 3), 2, seed=3)
+    full = list(BatchViewLoader(views, EpochBatchSampler(10, 4, seed=3, epoch=0)))
+    assert [v.shape for v, _ in full] == [(2, 4, 3, 8, 8), (2, 4, 3, 8, 8), (2, 2, 3, 8, 8)]
+    resumed = list(BatchViewLoader(views, EpochBatchSampler(10, 4, seed=3, epoch=0, start_step=1)))
+    for (a, la), (b, lb) in zip(full[1:], resumed):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+    views.set_epoch(1)
+    next_epoch = list(BatchViewLoader(views, EpochBatchSampler(10, 4, seed=3, epoch=1)))
+    assert not torch.equal(next_epoch[0][0], full[0][0])
+
+
+def test_datasets_without_an_image_array_are_refused():
+    with pytest.raises(RelreasonError, match="--augment pil"):
+        images_as_tensor([(Image.new("RGB", (4, 4)), 0)])
