@@ -133,7 +133,8 @@ def relreason_step_factory(backbone_name, images, num_views, batch_size, mode, d
     model = RelationalReasoning(prepare(build_backbone(backbone_name, image_size=32), mode, device), image_size=32)
     model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    dataset = DeviceMultiViewDataset(images, BatchRelationalAugmentation(32, MEAN, STD), num_views, 0, device)
+    augmentation = BatchRelationalAugmentation(32, MEAN, STD, compile="compile" in mode.split("+"))
+    dataset = DeviceMultiViewDataset(images, augmentation, num_views, 0, device)
     epoch = 0
 
     def batches():

@@ -180,3 +180,13 @@ def test_device_dataset_and_loader_are_reproducible_per_step():
 def test_datasets_without_an_image_array_are_refused():
     with pytest.raises(RelreasonError, match="--augment pil"):
         images_as_tensor([(Image.new("RGB", (4, 4)), 0)])
+
+
+def test_compiled_colour_operations_give_the_same_views():
+    images = torch.from_numpy(colour_images(6, 12, 12, seed=9)).permute(0, 3, 1, 2).contiguous()
+    plain = ba.BatchRelationalAugmentation(8, (0.5,) * 3, (0.25,) * 3)
+    compiled = ba.BatchRelationalAugmentation(8, (0.5,) * 3, (0.25,) * 3, compile=True)
+    for seed in (0, 1):  # two steps: different numbers of selected views per operation
+        a = plain(images, 4, torch.Generator().manual_seed(seed))
+        b = compiled(images, 4, torch.Generator().manual_seed(seed))
+        assert torch.allclose(a, b, atol=1e-5)

@@ -102,7 +102,7 @@ class PretrainConfig:
     amp: str = "off"
     augment: str = "auto"  # tensor: batched on the device; pil: per-image torchvision; auto: tensor when possible
     channels_last: bool = False
-    compile: bool = False  # torch.compile the backbone
+    compile: bool = False  # torch.compile the backbone and the batched colour jitter
     num_workers: int | None = None  # None: 0 on CPU (the cores train), up to 8 on CUDA
     output_dir: str = "runs/relreason"
     resume: bool = True  # continue from the newest valid checkpoint in output_dir
@@ -285,7 +285,7 @@ def build_pretrain_data(
     geometry = {"image_size": image_size, "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
     views = method.views_per_image(config.num_views) if method is not None else 1
     if config.augment == "tensor" or (config.augment == "auto" and isinstance(dataset, ArrayImageDataset)):
-        augmentation = BatchRelationalAugmentation(image_size, mean, std)
+        augmentation = BatchRelationalAugmentation(image_size, mean, std, compile=config.compile)
         return DeviceMultiViewDataset(dataset, augmentation, views, config.seed, device), geometry
     transform = relational_augmentation(image_size, mean, std)
     return MultiViewDataset(dataset, transform, views, seed=config.seed), geometry

@@ -212,19 +212,17 @@ def adjust_hue(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     r, g, b = images.unbind(dim=1)
     value = images.amax(dim=1)
     chroma = value - images.amin(dim=1)
-    grey = chroma == 0
-    saturation = chroma / torch.where(grey, torch.ones_like(value), value)
-    safe_chroma = torch.where(grey, torch.ones_like(chroma), chroma)
-    rc, gc, bc = (value - r) / safe_chroma, (value - g) / safe_chroma, (value - b) / safe_chroma
-    hue = torch.where(value == r, bc - gc, torch.where(value == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    hue = torch.where(grey, torch.zeros_like(hue), hue)  # in sixths of a turn
-    hue = torch.remainder(hue + 6.0 * factor.to(images.dtype)[:, None, None], 6.0)
-    # HSV -> RGB without branches: channel c is V - V S clamp(min(k, 4 - k), 0, 1), k = (n_c + 6h) mod 6,
-    # with n = 5, 3, 1 for R, G, B; the same values as the sector table of torchvision's _hsv2rgb.
+    # Hue in sixths of a turn, as torchvision's _rgb2hsv, with one division: (g - b) / C when R is the
+    # maximum, 2 + (b - r) / C when G is, 4 + (r - g) / C otherwise. Grey pixels (C = 0) get hue 0.
+    numerator = torch.where(value == r, g - b, torch.where(value == g, (b - r) + 2.0 * chroma, (r - g) + 4.0 * chroma))
+    hue = numerator / torch.where(chroma == 0, torch.ones_like(chroma), chroma)
+    hue = hue + 6.0 * factor.to(images.dtype)[:, None, None]
+    # HSV -> RGB without branches: channel c is V - C clamp(min(k, 4 - k), 0, 1) with k = (n_c + hue) mod 6,
+    # n = 5, 3, 1 for R, G, B (V S = C); the same values as the sector table of torchvision's _hsv2rgb.
     offsets = torch.tensor([5.0, 3.0, 1.0], device=images.device, dtype=images.dtype)[None, :, None, None]
     k = torch.remainder(offsets + hue[:, None], 6.0)
     ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    return value[:, None] * (1.0 - saturation[:, None] * ramp)
+    return value[:, None] - chroma[:, None] * ramp
 
 
 _JITTER_OPERATIONS: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = (
@@ -246,10 +244,18 @@ def _apply_where(images: torch.Tensor, selected: torch.Tensor, operation, factor
     return torch.where(selected[:, None, None, None], operation(images, factor), images)
 
 
-def color_jitter(images: torch.Tensor, jitter: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """``ColorJitter`` per view: the four operations in each view's own ``order``, only where ``jitter``."""
+def color_jitter(
+    images: torch.Tensor,
+    jitter: torch.Tensor,
+    factors: torch.Tensor,
+    order: torch.Tensor,
+    operations: Sequence[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = _JITTER_OPERATIONS,
+) -> torch.Tensor:
+    """``ColorJitter`` per view: the four operations in each view's own ``order``, only where ``jitter``.
+
+    ``operations`` are brightness, contrast, saturation and hue (compiled versions may be passed)."""
     for slot in range(order.shape[1]):
-        for index, operation in enumerate(_JITTER_OPERATIONS):
+        for index, operation in enumerate(operations):
             selected = jitter & (order[:, slot] == index)
             images = _apply_where(images, selected, operation, factors[:, index])
     return images
@@ -262,6 +268,8 @@ class BatchRelationalAugmentation:
         image_size: side of the square views.
         mean, std: per-channel normalisation (3 values each).
         recipe: the random augmentation's parameters; the paper's by default.
+        compile: ``torch.compile`` the colour operations (each fuses into one loop: hue ~8x faster on CPU)
+            at the price of a one-off compilation (~1 minute on 2 cores). Same values.
 
     ``images`` is ``(B, 3, H, W)`` uint8 on any device; the result is ``(K, B, 3, S, S)`` float32 on the same
     device, view-major as the relational-reasoning model expects.
@@ -273,8 +281,12 @@ class BatchRelationalAugmentation:
         mean: Sequence[float],
         std: Sequence[float],
         recipe: AugmentationRecipe = AugmentationRecipe(),
+        compile: bool = False,
     ) -> None:
         mean_t, std_t = check_normalization(image_size, mean, std)
+        # dynamic: the number of selected views changes every step.
+        self.operations = tuple(torch.compile(op, dynamic=True) for op in _JITTER_OPERATIONS) if compile \
+            else _JITTER_OPERATIONS
         self.image_size = image_size
         self.mean = torch.tensor(mean_t).view(1, 3, 1, 1)
         self.std = torch.tensor(std_t).view(1, 3, 1, 1)
@@ -287,7 +299,7 @@ class BatchRelationalAugmentation:
         """Views ``(N, 3, S, S)`` of ``images`` (``(N, 3, H, W)`` uint8, one row per view) with ``params``."""
         source = images.float().div_(255.0)
         views = resized_crop(source, params.boxes, self.image_size, params.flip).clamp_(0.0, 1.0)
-        views = color_jitter(views, params.jitter, params.factors, params.order)
+        views = color_jitter(views, params.jitter, params.factors, params.order, self.operations)
         views = torch.where(params.grayscale[:, None, None, None], _grey(views).expand_as(views), views)
         if normalize:
             views = (views - self.mean.to(views.device)) / self.std.to(views.device)
