@@ -19,7 +19,7 @@ import argparse
 import os
 import platform
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -70,6 +70,19 @@ def prepare(module: nn.Module, mode: str, device: torch.device) -> nn.Module:
     if "compile" in mode.split("+"):
         module.compile()
     return module
+
+
+@contextmanager
+def no_host_sync(device: torch.device):
+    """On CUDA, make any operation that waits for the GPU an error: a step must queue its work and go on."""
+    if device.type != "cuda":
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def timed(step, steps: int, warmup: int, device: torch.device) -> float:
@@ -130,10 +143,14 @@ def reference_step_factory(backbone_name, images, num_views, batch_size, workers
 # --- relreason's step ---------------------------------------------------------------------------------------------
 
 def relreason_step_factory(backbone_name, images, num_views, batch_size, mode, device):
-    model = RelationalReasoning(prepare(build_backbone(backbone_name, image_size=32), mode, device), image_size=32)
+    compiled = "compile" in mode.split("+")
+    plain_mode = "+".join(part for part in mode.split("+") if part != "compile")
+    model = RelationalReasoning(prepare(build_backbone(backbone_name, image_size=32), plain_mode, device), image_size=32)
     model = model.to(device)
+    if compiled:  # the whole forward, as the trainer's --compile: backbone, pairing, relation head, loss
+        model.compile()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    augmentation = BatchRelationalAugmentation(32, MEAN, STD, compile="compile" in mode.split("+"))
+    augmentation = BatchRelationalAugmentation(32, MEAN, STD, compile=compiled)
     dataset = DeviceMultiViewDataset(images, augmentation, num_views, 0, device)
     epoch = 0
 
@@ -148,9 +165,10 @@ def relreason_step_factory(backbone_name, images, num_views, batch_size, mode, d
     totals = torch.zeros(2, device=device, dtype=torch.float64)
 
     def step():
-        views, _ = next(source)
-        with autocast(device, mode):
-            out = model(views)
+        with no_host_sync(device):
+            views, _ = next(source)
+            with autocast(device, mode):
+                out = model(views)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
@@ -179,7 +197,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--modes", nargs="+", default=None,
                         help="numeric modes of relreason's step and the backbone: fp32, bf16, fp16, each optionally "
-                        "+cl (channels_last) and +compile [fp32 and bf16+cl]")
+                        "+cl (channels_last) and +compile (as --compile: the forward and the colour jitter; the backbone alone "
+                        "for the ceiling) [fp32 and bf16+cl]")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per row")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reference-workers", type=int, default=None,
@@ -187,6 +206,9 @@ def main() -> None:
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--dataset", default="fashion-mnist", help="images to augment, or 'synthetic' [fashion-mnist]")
     parser.add_argument("--data-root", default="data")
+    parser.add_argument("--rgb", action="store_true",
+                        help="give the images as three channels, so every colour operation runs (grey images skip "
+                        "saturation, hue and greyscale, which leave them unchanged)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -195,9 +217,12 @@ def main() -> None:
     if workers is None:
         workers = 0 if device.type == "cpu" else min(16, os.cpu_count() or 1)
     images = load_images(args.dataset, args.data_root, 60000)
+    if args.rgb and images.images.ndim == 3:
+        images = ArrayImageDataset(np.repeat(images.images[..., None], 3, axis=3), images.labels)
+    colours = "RGB" if images.images.ndim == 4 and images.images.shape[3] == 3 else "grey"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"# device {device} ({where}), {torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
-          f"batch {args.batch_size}, {args.steps} timed steps after {args.warmup}; reference with {workers} workers")
+          f"{colours} images, batch {args.batch_size}, {args.steps} timed steps after {args.warmup}; reference with {workers} workers")
     header = f"| backbone | K | step | mode | ms/step | views/s | x reference | / backbone-only |"
     print(header)
     print("|---|---|---|---|---:|---:|---:|---:|")

@@ -190,3 +190,28 @@ def test_compiled_colour_operations_give_the_same_views():
         a = plain(images, 4, torch.Generator().manual_seed(seed))
         b = compiled(images, 4, torch.Generator().manual_seed(seed))
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_grey_images_make_the_views_of_their_three_channel_copies():
+    grey = torch.from_numpy(colour_images(6, 12, 12, seed=2)[..., 0]).unsqueeze(1)  # (6, 1, 12, 12)
+    as_rgb = grey.expand(-1, 3, -1, -1).contiguous()
+    augment = ba.BatchRelationalAugmentation(8, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    for seed in (0, 1):
+        one = augment(grey, 4, torch.Generator().manual_seed(seed))
+        three = augment(as_rgb, 4, torch.Generator().manual_seed(seed))
+        assert one.shape == three.shape == (4, 6, 3, 8, 8)
+        assert torch.allclose(one, three, atol=1e-5)
+    params = augment.parameters(6, 12, 12, torch.Generator().manual_seed(3))
+    plain = augment.apply(grey, params, normalize=False)
+    assert plain.shape == (6, 3, 8, 8)
+    assert torch.allclose(plain, augment.apply(as_rgb, params, normalize=False), atol=1e-6)
+
+
+def test_device_dataset_keeps_grey_images_as_one_channel():
+    grey = colour_images(5, 12, 12)[..., 0]
+    views = DeviceMultiViewDataset(
+        ArrayImageDataset(grey, np.arange(5)), ba.BatchRelationalAugmentation(8, (0.5,) * 3, (0.5,) * 3), 3, seed=0
+    )
+    assert views.images.shape == (5, 1, 12, 12)
+    batch, labels = views.views(torch.tensor([4, 0]), torch.Generator().manual_seed(0))
+    assert batch.shape == (3, 2, 3, 8, 8) and labels.tolist() == [4, 0]

@@ -72,3 +72,12 @@ def test_indices_follow_device_and_are_cached():
     assert first[0] is second[0]
     moved = relation_pair_indices(3, 4, device="cpu")
     assert moved[0].device.type == "cpu"
+
+
+def test_pair_indices_are_made_once_per_device():
+    # An accelerator gets its copy once, not a host-to-device transfer per step ("meta" stands in for one).
+    first = relation_pair_indices(4, 5, "meta")
+    again = relation_pair_indices(4, 5, torch.device("meta"))
+    assert all(a is b for a, b in zip(first, again)) and first[0].device.type == "meta"
+    on_cpu = relation_pair_indices(4, 5, "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(on_cpu, relation_pair_indices(4, 5)))

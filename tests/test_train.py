@@ -122,3 +122,20 @@ def test_compile_trains_and_keeps_plain_state_dict_keys(tmp_path):
     exported = torch.load(Path(compiled.run_dir) / "backbone.pt", weights_only=True)
     assert set(exported) == set(torch.load(Path(plain.run_dir) / "backbone.pt", weights_only=True))
     assert not any("_orig_mod" in key for key in exported)
+
+
+@pytest.mark.parametrize("augment", ["tensor", "pil"])
+def test_min_crop_scale_reaches_the_augmentation(tmp_path, augment):
+    from torchvision import transforms as T
+
+    from relreason.train import build_pretrain_data
+
+    dataset, _ = build_pretrain_data(config(tmp_path, augment=augment, min_crop_scale=0.5))
+    if augment == "tensor":
+        assert dataset.augmentation.recipe.scale == (0.5, 1.0)
+        params = dataset.augmentation.parameters(4000, 8, 8, torch.Generator().manual_seed(0))
+        areas = (params.boxes[:, 2] * params.boxes[:, 3]).float() / 64
+        assert areas.min() >= 0.5 * 0.85  # rounding the crop sides to pixels moves small areas a little
+    else:
+        crop = next(t for t in dataset.transform.transforms if isinstance(t, T.RandomResizedCrop))
+        assert crop.scale == (0.5, 1.0)

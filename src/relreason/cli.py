@@ -35,6 +35,9 @@ def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--data-root", help=f"where datasets live; for 'folder', the image folder itself [{d.data_root}]")
     _bool_flag(data, "download", "download the dataset with torchvision if missing [off]")
     data.add_argument("--image-size", type=int, help="side of the square views in pixels [the dataset's own]")
+    data.add_argument("--min-crop-scale", type=float,
+                      help="smallest random crop as a fraction of the image area; larger keeps more of each "
+                      f"image in every view, which can suit small images [{d.min_crop_scale}, the paper's]")
     data.add_argument("--augment", choices=AUGMENT_MODES,
                       help="tensor: all views of a step made in a few batched operations on the device, from the "
                       "dataset kept there as uint8; pil: torchvision's per-image transforms in a DataLoader; "
@@ -61,7 +64,8 @@ def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--device", help="auto, cpu, cuda or cuda:N [auto]")
     optim.add_argument("--amp", choices=AMP_MODES, help=f"mixed precision: bf16 or fp16 autocast [{d.amp}]")
     _bool_flag(optim, "channels-last", "keep the backbone in channels_last memory format (faster convolutions) [off]")
-    _bool_flag(optim, "compile", "torch.compile the backbone and the batched colour jitter (slow first steps, faster after) [off]")
+    _bool_flag(optim, "compile", "torch.compile the forward pass (backbone, pairing, relation head, loss) and the batched colour "
+               "jitter (slow first steps, faster after) [off]")
     optim.add_argument("--time-limit", type=float, help="stop after this many minutes and export the backbone [none]")
     run = parser.add_argument_group("run")
     run.add_argument("--output-dir", help=f"folder for checkpoints, metrics and the exported backbone [{d.output_dir}]")

@@ -143,10 +143,11 @@ class RelationalReasoning(PretrainMethod):
         loss_dtype = torch.promote_types(scores.dtype, torch.float32)
         loss = self.criterion(scores.to(loss_dtype), targets.to(loss_dtype))
         with torch.no_grad():
-            correct = (scores > 0).to(targets.dtype) == targets
-            positive = targets > 0.5
-            accuracy = correct.float().mean()
-            positive_accuracy = correct[positive].float().mean()
-            negative_accuracy = correct[~positive].float().mean()
+            correct = ((scores > 0).to(targets.dtype) == targets).float()
+            positive = (targets > 0.5).float()
+            accuracy = correct.mean()
+            # Sums, not boolean indexing: a masked select must learn its size, which waits for an accelerator.
+            positive_accuracy = (correct * positive).sum() / positive.sum()
+            negative_accuracy = (correct * (1.0 - positive)).sum() / (1.0 - positive).sum()
         first_view = features[: features.shape[0] // num_views].detach()
         return RelationOutput(loss, accuracy, positive_accuracy, negative_accuracy, scores, targets, first_view)

@@ -32,23 +32,27 @@ def check_pairing_sizes(num_views: int, batch_size: int) -> None:
         )
 
 
-@lru_cache(maxsize=64)
-def _pair_indices_cpu(num_views: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _build_pair_indices(
+    num_views: int, batch_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_pairing_sizes(num_views, batch_size)
-    block_i, block_j = torch.triu_indices(num_views, num_views, offset=1)  # row-major: the reference order
+    block_i, block_j = torch.triu_indices(num_views, num_views, offset=1, device=device)  # the reference order
     num_block_pairs = block_i.numel()
-    shifts = torch.arange(num_block_pairs) % (batch_size - 1) + 1
-    image = torch.arange(batch_size)
+    shifts = torch.arange(num_block_pairs, device=device) % (batch_size - 1) + 1
+    image = torch.arange(batch_size, device=device)
     left_block = block_i[:, None] * batch_size + image  # (P, B)
     right_positive = block_j[:, None] * batch_size + image
     right_negative = block_j[:, None] * batch_size + (image[None, :] - shifts[:, None]) % batch_size
     # Interleave per block pair: [positives of (i,j), negatives of (i,j)], as the reference concatenates.
     left = torch.stack([left_block, left_block], dim=1).reshape(-1)
     right = torch.stack([right_positive, right_negative], dim=1).reshape(-1)
-    targets = torch.stack(
-        [torch.ones(num_block_pairs, batch_size), torch.zeros(num_block_pairs, batch_size)], dim=1
-    ).reshape(-1)
+    ones = torch.ones(num_block_pairs, batch_size, device=device)
+    targets = torch.stack([ones, torch.zeros_like(ones)], dim=1).reshape(-1)
     return left, right, targets
+
+
+# Made once per (K, B, device): on an accelerator, a copy from the host every step would cost a transfer each.
+_cached_pair_indices = lru_cache(maxsize=64)(_build_pair_indices)
 
 
 def relation_pair_indices(
@@ -57,12 +61,12 @@ def relation_pair_indices(
     """Row indices of the left and right member of every relation pair, and its target (1 or 0).
 
     Returns ``(left, right, targets)``, each of length ``K * (K - 1) * B``: ``features[left[p]]`` and
-    ``features[right[p]]`` form pair ``p``. Cached per ``(K, B)``; moved to ``device`` on request.
+    ``features[right[p]]`` form pair ``p``. Made once per ``(K, B, device)`` and cached.
     """
-    left, right, targets = _pair_indices_cpu(int(num_views), int(batch_size))
-    if device is not None:
-        left, right, targets = (t.to(device, non_blocking=True) for t in (left, right, targets))
-    return left, right, targets
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if torch.compiler.is_compiling():  # traced into the compiled graph once per shape: no cache to consult
+        return _build_pair_indices(int(num_views), int(batch_size), device)
+    return _cached_pair_indices(int(num_views), int(batch_size), device)
 
 
 def aggregate_pairs(left: torch.Tensor, right: torch.Tensor, aggregation: str = "cat") -> torch.Tensor:

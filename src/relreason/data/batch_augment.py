@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -118,6 +119,12 @@ def sample_crop_boxes(
     return torch.stack([top, left, crop_h, crop_w], dim=1).long()
 
 
+@lru_cache(maxsize=256)
+def _constant(values: tuple[float, ...], device: torch.device | str | None) -> torch.Tensor:
+    # Made once per device: copying host values to an accelerator every step would wait for it every step.
+    return torch.tensor(values, device=device)
+
+
 def sample_view_parameters(
     num: int,
     height: int,
@@ -132,8 +139,7 @@ def sample_view_parameters(
     low = [max(0.0, 1.0 - recipe.brightness), max(0.0, 1.0 - recipe.contrast), max(0.0, 1.0 - recipe.saturation),
            -recipe.hue]
     high = [1.0 + recipe.brightness, 1.0 + recipe.contrast, 1.0 + recipe.saturation, recipe.hue]
-    low_t = torch.tensor(low, device=device)
-    high_t = torch.tensor(high, device=device)
+    low_t, high_t = _constant(tuple(low), device), _constant(tuple(high), device)
     factors = torch.rand((num, 4), generator=generator, device=device) * (high_t - low_t) + low_t
     # argsort of i.i.d. uniforms: a uniformly random permutation per view, as torch.randperm(4) per image.
     order = torch.rand((num, 4), generator=generator, device=device).argsort(dim=1)
@@ -183,6 +189,8 @@ def resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: int, flip: tor
 
 
 def _grey(images: torch.Tensor) -> torch.Tensor:
+    if images.shape[1] == 1:
+        return images
     r, g, b = images.unbind(dim=1)
     return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
 
@@ -219,7 +227,7 @@ def adjust_hue(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     hue = hue + 6.0 * factor.to(images.dtype)[:, None, None]
     # HSV -> RGB without branches: channel c is V - C clamp(min(k, 4 - k), 0, 1) with k = (n_c + hue) mod 6,
     # n = 5, 3, 1 for R, G, B (V S = C); the same values as the sector table of torchvision's _hsv2rgb.
-    offsets = torch.tensor([5.0, 3.0, 1.0], device=images.device, dtype=images.dtype)[None, :, None, None]
+    offsets = torch.arange(5.0, 0.0, -2.0, device=images.device, dtype=images.dtype)[None, :, None, None]  # 5, 3, 1
     k = torch.remainder(offsets + hue[:, None], 6.0)
     ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     return value[:, None] - chroma[:, None] * ramp
@@ -253,9 +261,12 @@ def color_jitter(
 ) -> torch.Tensor:
     """``ColorJitter`` per view: the four operations in each view's own ``order``, only where ``jitter``.
 
-    ``operations`` are brightness, contrast, saturation and hue (compiled versions may be passed)."""
+    ``operations`` are brightness, contrast, saturation and hue (compiled versions may be passed); one given
+    as ``None`` is skipped, for operations that leave these images unchanged (saturation and hue on grey)."""
     for slot in range(order.shape[1]):
         for index, operation in enumerate(operations):
+            if operation is None:
+                continue
             selected = jitter & (order[:, slot] == index)
             images = _apply_where(images, selected, operation, factors[:, index])
     return images
@@ -272,7 +283,11 @@ class BatchRelationalAugmentation:
             at the price of a one-off compilation (~1 minute on 2 cores). Same values.
 
     ``images`` is ``(B, 3, H, W)`` uint8 on any device; the result is ``(K, B, 3, S, S)`` float32 on the same
-    device, view-major as the relational-reasoning model expects.
+    device, view-major as the relational-reasoning model expects. Grey images may come as ``(B, 1, H, W)``:
+    their views are made on the one channel and spread to three at the end. Saturation, hue and greyscale
+    leave a grey image unchanged, so they are skipped (their random parameters are still drawn, so the views
+    equal those of the same images given as three equal channels, up to float rounding) and the rest costs a
+    third: what ``DeviceMultiViewDataset`` does for grey datasets such as Fashion-MNIST.
     """
 
     def __init__(
@@ -296,18 +311,24 @@ class BatchRelationalAugmentation:
         return sample_view_parameters(num, height, width, self.recipe, generator, device)
 
     def apply(self, images: torch.Tensor, params: ViewParameters, normalize: bool = True) -> torch.Tensor:
-        """Views ``(N, 3, S, S)`` of ``images`` (``(N, 3, H, W)`` uint8, one row per view) with ``params``."""
+        """Views ``(N, 3, S, S)`` of ``images`` (``(N, 3, H, W)`` or grey ``(N, 1, H, W)`` uint8, one row per
+        view) with ``params``."""
+        grey = images.shape[1] == 1
         source = images.float().div_(255.0)
         views = resized_crop(source, params.boxes, self.image_size, params.flip).clamp_(0.0, 1.0)
-        views = color_jitter(views, params.jitter, params.factors, params.order, self.operations)
-        views = torch.where(params.grayscale[:, None, None, None], _grey(views).expand_as(views), views)
+        operations = (*self.operations[:2], None, None) if grey else self.operations
+        views = color_jitter(views, params.jitter, params.factors, params.order, operations)
+        if not grey:
+            views = torch.where(params.grayscale[:, None, None, None], _grey(views).expand_as(views), views)
         if normalize:
-            views = (views - self.mean.to(views.device)) / self.std.to(views.device)
-        return views
+            mean, std = (_constant(tuple(t.flatten().tolist()), views.device).view(1, 3, 1, 1)
+                         for t in (self.mean, self.std))
+            return (views - mean) / std  # grey views broadcast to three channels here
+        return views.expand(-1, 3, -1, -1) if grey else views
 
     def __call__(self, images: torch.Tensor, num_views: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        batch, channels, height, width = images.shape
+        batch, _, height, width = images.shape
         params = self.parameters(num_views * batch, height, width, generator, images.device)
         # View-major rows: row k * B + b is view k of image b.
         views = self.apply(images.repeat(num_views, 1, 1, 1), params)
-        return views.view(num_views, batch, channels, self.image_size, self.image_size)
+        return views.view(num_views, batch, 3, self.image_size, self.image_size)

@@ -15,8 +15,11 @@ from relreason.errors import RelreasonError
 __all__ = ["BatchViewLoader", "DeviceMultiViewDataset", "images_as_tensor"]
 
 
-def images_as_tensor(dataset: Dataset) -> torch.Tensor:
-    """The images of an in-memory dataset (``ArrayImageDataset``) as one ``(N, 3, H, W)`` uint8 tensor."""
+def images_as_tensor(dataset: Dataset, keep_grey: bool = False) -> torch.Tensor:
+    """The images of an in-memory dataset (``ArrayImageDataset``) as one ``(N, 3, H, W)`` uint8 tensor.
+
+    A grey dataset comes as three equal channels, or with ``keep_grey`` as ``(N, 1, H, W)``: a third of the
+    memory, and ``BatchRelationalAugmentation`` makes its views at a third of the cost."""
     images = getattr(dataset, "images", None)
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
         raise RelreasonError(
@@ -27,7 +30,7 @@ def images_as_tensor(dataset: Dataset) -> torch.Tensor:
     if tensor.dim() == 4 and tensor.shape[3] == 1:
         tensor = tensor[..., 0]
     if tensor.dim() == 3:  # grey: three equal channels, as the PIL path's convert("RGB")
-        return tensor[:, None].expand(-1, 3, -1, -1).contiguous()
+        return tensor[:, None] if keep_grey else tensor[:, None].expand(-1, 3, -1, -1).contiguous()
     return tensor.permute(0, 3, 1, 2).contiguous()
 
 
@@ -53,7 +56,7 @@ class DeviceMultiViewDataset:
         self.num_views = num_views
         self.seed = seed
         self.device = torch.device(device)
-        self.images = images_as_tensor(dataset).to(self.device)
+        self.images = images_as_tensor(dataset, keep_grey=True).to(self.device)
         labels = getattr(dataset, "labels", None)
         labels = np.full(len(self.images), -1) if labels is None else np.asarray(labels)
         self.labels = torch.as_tensor(labels, dtype=torch.long).to(self.device)
@@ -66,7 +69,7 @@ class DeviceMultiViewDataset:
         return int(self.images.shape[0])
 
     def views(self, indices: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        indices = indices.to(self.device)
+        indices = indices.to(self.device, non_blocking=True)  # a blocking copy would wait for the device
         batch = self.images.index_select(0, indices)
         return self.augmentation(batch, self.num_views, generator), self.labels.index_select(0, indices)
 

@@ -30,21 +30,32 @@ def check_normalization(image_size: int, mean: Sequence[float] | None, std: Sequ
     return mean_t, std_t
 
 
+def check_crop_scale(min_scale: float) -> tuple[float, float]:
+    """The crop-area range ``(min_scale, 1)`` of the random resized crop, or a one-line error."""
+    if isinstance(min_scale, bool) or not isinstance(min_scale, (int, float)) or not 0 < min_scale <= 1:
+        raise RelreasonError(
+            f"the smallest crop (--min-crop-scale) must be a fraction of the image area in (0, 1], got {min_scale!r}; "
+            "pass e.g. 0.08 (the paper's)"
+        )
+    return float(min_scale), 1.0
+
+
 def relational_augmentation(
-    image_size: int, mean: Sequence[float], std: Sequence[float]
+    image_size: int, mean: Sequence[float], std: Sequence[float], min_crop_scale: float = 0.08
 ) -> T.Compose:
     """The augmentation of Patacchiola & Storkey (2020), in the paper's order.
 
     Random resized crop (scale 0.08..1, ratio 3/4..4/3, bilinear), horizontal flip,
     colour jitter (0.8, 0.8, 0.8, 0.2) with probability 0.8, greyscale with
     probability 0.2, then ToTensor and Normalize. Input: an RGB PIL image.
+    ``min_crop_scale`` replaces the 0.08: the smallest crop, as a fraction of the image's area.
     """
     mean_t, std_t = check_normalization(image_size, mean, std)
     return T.Compose(
         [
             T.RandomResizedCrop(
                 image_size,
-                scale=(0.08, 1.0),
+                scale=check_crop_scale(min_crop_scale),
                 ratio=(3.0 / 4.0, 4.0 / 3.0),
                 interpolation=InterpolationMode.BILINEAR,
             ),
