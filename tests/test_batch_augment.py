@@ -215,3 +215,16 @@ def test_device_dataset_keeps_grey_images_as_one_channel():
     assert views.images.shape == (5, 1, 12, 12)
     batch, labels = views.views(torch.tensor([4, 0]), torch.Generator().manual_seed(0))
     assert batch.shape == (3, 2, 3, 8, 8) and labels.tolist() == [4, 0]
+
+
+@pytest.mark.parametrize("in_size,out_size", [(28, 32), (12, 8), (32, 32)])
+def test_interpolation_table_lookup_equals_building_the_matrices(in_size, out_size):
+    generator = torch.Generator().manual_seed(in_size)
+    boxes = ba.sample_crop_boxes(500, in_size, in_size, generator=generator)
+    flip = torch.rand(500, generator=generator) < 0.5
+    for start, length, mirrored in ((boxes[:, 0], boxes[:, 2], None), (boxes[:, 1], boxes[:, 3], flip)):
+        looked_up = ba._line_matrices(start, length, in_size, out_size, mirrored)
+        built = ba._interpolation_matrices(start, length, in_size, out_size, mirrored)
+        assert torch.equal(looked_up, built)
+    full = torch.tensor([0]), torch.tensor([in_size])  # the whole line, the largest length
+    assert torch.equal(ba._line_matrices(*full, in_size, out_size), ba._interpolation_matrices(*full, in_size, out_size))

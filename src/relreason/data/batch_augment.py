@@ -5,7 +5,8 @@ per-image torchvision pipeline does, but the work is a handful of batched tensor
 
 * random resized crop + horizontal flip + resize: one pair of batched matrix products with per-view
   bilinear interpolation matrices built like PIL's resampler (a triangle filter widened when shrinking,
-  so downscaling is antialiased as it is with PIL images);
+  so downscaling is antialiased as it is with PIL images); for small images every possible line matrix is
+  precomputed once, so a batch's matrices are one table lookup;
 * colour jitter: brightness, contrast, saturation and hue as torchvision's tensor functions define them,
   in a random order per view, applied with probability ``jitter_p``;
 * greyscale with probability ``grayscale_p`` (ITU-R 601-2 luma, as torchvision and PIL), then normalisation.
@@ -177,12 +178,40 @@ def _interpolation_matrices(
     return weights
 
 
+# Tables of every (start, length) line matrix stay below this many floats (28 -> 32 px: 0.7M; 32 -> 32: 1.1M).
+_TABLE_LIMIT = 4_000_000
+
+
+@lru_cache(maxsize=16)
+def _interpolation_table(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
+    """``(2, in_size, in_size + 1, out_size, in_size)``: the matrix of every crop line ``[start, start+length)``,
+    plain and mirrored, so a batch's matrices are one lookup instead of a dozen passes over ``(N, S, H)``."""
+    start, length = torch.meshgrid(torch.arange(in_size), torch.arange(in_size + 1), indexing="ij")
+    valid = (length >= 1) & (start + length <= in_size)
+    start, length = start.flatten().clamp(max=in_size - 1), length.flatten().clamp(min=1)
+    plain = _interpolation_matrices(start, length.clamp(max=in_size - start), in_size, out_size)
+    plain = plain * valid.flatten()[:, None, None]
+    table = torch.stack([plain, plain.flip(1)]).view(2, in_size, in_size + 1, out_size, in_size)
+    return table.to(device)
+
+
+def _line_matrices(
+    start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int, flip: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``_interpolation_matrices``, looked up in a table when one is small enough."""
+    if 2 * in_size * (in_size + 1) * out_size * in_size > _TABLE_LIMIT or torch.compiler.is_compiling():
+        return _interpolation_matrices(start, length, in_size, out_size, flip)
+    table = _interpolation_table(in_size, out_size, start.device)
+    mirrored = flip.long() if flip is not None else torch.zeros_like(start)
+    return table[mirrored, start, length]
+
+
 def resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor | None = None) -> torch.Tensor:
     """Crop each image ``(N, C, H, W)`` (float) to its box, mirror it where ``flip``, resize to ``size`` x ``size``."""
     _, _, height, width = images.shape
     num, channels = images.shape[:2]
-    rows = _interpolation_matrices(boxes[:, 0], boxes[:, 2], height, size)  # (N, S, H)
-    cols = _interpolation_matrices(boxes[:, 1], boxes[:, 3], width, size, flip)  # (N, S, W)
+    rows = _line_matrices(boxes[:, 0], boxes[:, 2], height, size)  # (N, S, H)
+    cols = _line_matrices(boxes[:, 1], boxes[:, 3], width, size, flip)  # (N, S, W)
     # Columns first, as one batched product over (C * H) rows per view, then rows per channel.
     narrow = torch.bmm(images.to(rows.dtype).reshape(num, channels * height, width), cols.transpose(1, 2))
     return rows[:, None] @ narrow.view(num, channels, height, size)
@@ -321,9 +350,11 @@ class BatchRelationalAugmentation:
         if not grey:
             views = torch.where(params.grayscale[:, None, None, None], _grey(views).expand_as(views), views)
         if normalize:
-            mean, std = (_constant(tuple(t.flatten().tolist()), views.device).view(1, 3, 1, 1)
-                         for t in (self.mean, self.std))
-            return (views - mean) / std  # grey views broadcast to three channels here
+            # (v - mean) / std as one multiply-add pass; grey views broadcast to three channels here.
+            scale = _constant(tuple(1.0 / s for s in self.std.flatten().tolist()), views.device).view(1, 3, 1, 1)
+            shift = _constant(tuple(-m / s for m, s in zip(self.mean.flatten().tolist(), self.std.flatten().tolist())),
+                              views.device).view(1, 3, 1, 1)
+            return torch.addcmul(shift, views, scale)
         return views.expand(-1, 3, -1, -1) if grey else views
 
     def __call__(self, images: torch.Tensor, num_views: int, generator: torch.Generator | None = None) -> torch.Tensor:
