@@ -143,12 +143,9 @@ def reference_step_factory(backbone_name, images, num_views, batch_size, workers
 # --- relreason's step ---------------------------------------------------------------------------------------------
 
 def relreason_step_factory(backbone_name, images, num_views, batch_size, mode, device):
-    compiled = "compile" in mode.split("+")
-    plain_mode = "+".join(part for part in mode.split("+") if part != "compile")
-    model = RelationalReasoning(prepare(build_backbone(backbone_name, image_size=32), plain_mode, device), image_size=32)
+    compiled = "compile" in mode.split("+")  # as the trainer's --compile: the backbone and the colour jitter
+    model = RelationalReasoning(prepare(build_backbone(backbone_name, image_size=32), mode, device), image_size=32)
     model = model.to(device)
-    if compiled:  # the whole forward, as the trainer's --compile: backbone, pairing, relation head, loss
-        model.compile()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     augmentation = BatchRelationalAugmentation(32, MEAN, STD, compile=compiled)
     dataset = DeviceMultiViewDataset(images, augmentation, num_views, 0, device)
@@ -197,8 +194,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--modes", nargs="+", default=None,
                         help="numeric modes of relreason's step and the backbone: fp32, bf16, fp16, each optionally "
-                        "+cl (channels_last) and +compile (as --compile: the forward and the colour jitter; the backbone alone "
-                        "for the ceiling) [fp32 and bf16+cl]")
+                        "+cl (channels_last) and +compile (as --compile: the backbone and the colour jitter) [fp32 and bf16+cl]")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per row")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reference-workers", type=int, default=None,

@@ -51,11 +51,13 @@ class RelationHead(nn.Sequential):
                     f"the relation head takes {first.in_features} inputs but 'cat' of {width}-d features gives "
                     f"{2 * width}; build the head with in_features={2 * width}"
                 )
-            left_part = F.linear(features, first.weight[:, :width])
+            # The bias joins the left projection, once per view rather than once per pair (under bf16
+            # autocast a per-pair fp32 bias would also turn the whole tail back to fp32: 2x slower).
+            left_part = F.linear(features, first.weight[:, :width], first.bias)
             right_part = F.linear(features, first.weight[:, width:])
         else:
-            projected = F.linear(features, first.weight if aggregation == "sum" else first.weight * 0.5)
-            left_part = right_part = projected
+            weight = first.weight if aggregation == "sum" else first.weight * 0.5
+            left_part, right_part = F.linear(features, weight, first.bias), F.linear(features, weight)
         # index_select, not advanced indexing: its backward (index_add) is deterministic on CPU.
-        hidden = torch.add(left_part.index_select(0, left), right_part.index_select(0, right)) + first.bias
+        hidden = left_part.index_select(0, left) + right_part.index_select(0, right)
         return self[3](self[2](self[1](hidden))).squeeze(1)
