@@ -64,3 +64,19 @@ def test_score_pairs_refuses_mismatched_width():
     left, right, _ = relation_pair_indices(2, 3)
     with pytest.raises(RelreasonError, match="in_features=8"):
         head.score_pairs(torch.randn(6, 4), left, right, "cat")
+
+
+def test_score_pairs_under_bf16_autocast_stays_low_precision_and_close_to_the_plain_head():
+    torch.manual_seed(5)
+    head = RelationHead(2 * 16, hidden_features=64)
+    features = torch.randn(4 * 9, 16)
+    left, right, _ = relation_pair_indices(4, 9)
+    plain = plain_scores(copy.deepcopy(head), features, 4, "cat")
+    seen = []
+    head[1].register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = head.score_pairs(features, left, right, "cat")
+    # The bias joins a per-view projection, so no fp32 term promotes the per-pair tail back to fp32.
+    assert seen == [torch.bfloat16]
+    assert torch.allclose(fast.float(), plain, atol=0.1, rtol=0.05)  # bf16 keeps ~3 significant digits
+    assert (fast.float() - plain).abs().mean() < 0.02
