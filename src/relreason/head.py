@@ -24,7 +24,7 @@ class RelationHead(nn.Sequential):
         super().__init__(
             nn.Linear(in_features, hidden_features),
             nn.BatchNorm1d(hidden_features),
-            nn.LeakyReLU(negative_slope),
+            nn.LeakyReLU(negative_slope, inplace=True),  # on BatchNorm's fresh output: one (P, h) buffer fewer
             nn.Linear(hidden_features, 1),
         )
         self.in_features = in_features
