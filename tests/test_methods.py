@@ -257,3 +257,32 @@ def test_nt_xent_under_autocast_is_computed_in_float32():
         loss = nt_xent_loss(z1, z2)
     assert logits.dtype == torch.float32
     assert torch.allclose(loss, nt_xent_loss(z1.float(), z2.float()), rtol=1e-6, atol=1e-7)
+
+
+def test_supervised_label_values_can_be_checked_once_instead_of_every_step():
+    model = Supervised(tiny_backbone(), FEATURES, num_classes=3)
+    bad = torch.tensor([0, 5, 1])
+    with pytest.raises(RelreasonError, match="num_classes"):
+        model.check_labels(bad, 3)
+    model.check_label_values = False  # what the trainer does after checking the dataset's labels once
+    model.check_labels(bad, 3)  # no per-step look at the values (on a GPU it would wait for the device)
+    with pytest.raises(RelreasonError, match="shape"):
+        model.check_labels(torch.tensor([0, 1]), 3)
+
+
+def test_trainer_checks_every_image_is_labelled_before_supervised_training():
+    import numpy as np
+
+    from relreason.data import ArrayImageDataset
+    from relreason.train import check_every_image_labelled
+
+    class Views:  # what the trainer holds: a K-view wrapper with the source dataset at .dataset
+        def __init__(self, labels):
+            self.dataset = ArrayImageDataset(np.zeros((len(labels), 4, 4), np.uint8), np.asarray(labels))
+
+        def __len__(self):
+            return len(self.dataset.labels)
+
+    check_every_image_labelled(Views([0, 2, 1]), "toy")
+    with pytest.raises(RelreasonError, match=r"2 image\(s\) of dataset 'toy' have none"):
+        check_every_image_labelled(Views([0, -1, -1]), "toy")

@@ -333,6 +333,17 @@ def num_classes_of(dataset: MultiViewDataset | DeviceMultiViewDataset) -> int | 
     return None if labels is None or len(labels) == 0 else int(max(labels)) + 1
 
 
+def check_every_image_labelled(dataset: MultiViewDataset | DeviceMultiViewDataset, name: str) -> None:
+    """A one-line error unless every image of ``dataset`` has a label (unlabelled images are marked -1)."""
+    labels = getattr(dataset.dataset, "labels", None)
+    missing = len(dataset) if labels is None else int((np.asarray(labels) < 0).sum())
+    if missing:
+        raise RelreasonError(
+            f"--method supervised needs a label for every image, and {missing} image(s) of dataset '{name}' have "
+            "none; choose a labelled dataset/split or another method"
+        )
+
+
 def build_model(config: PretrainConfig, image_size: int, num_classes: int | None = None) -> PretrainMethod:
     """The method ``config.method`` on a fresh ``config.backbone`` (None for ``random``, which trains nothing)."""
     backbone = build_backbone(config.backbone, image_size=image_size)
@@ -416,6 +427,9 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
             log("method 'random': exported the randomly initialised backbone without training", context)
         barrier(context)
         return PretrainResult(run_dir, 0, [], False, backbone)
+    if method.needs_labels:
+        check_every_image_labelled(dataset, config.dataset)
+        method.check_label_values = False  # checked once here, so no step waits on the device to check them
     probe = OnlineProbe(method.feature_dim, num_classes) if config.online_probe and num_classes else None
     model = PretrainModule(method, probe).to(device)
     if config.channels_last:

@@ -29,6 +29,8 @@ class Supervised(PretrainMethod):
             raise RelreasonError(f"supervised pretraining needs at least 2 classes, got {num_classes}")
         self.num_classes = int(num_classes)
         self.classifier = nn.Linear(feature_dim, self.num_classes)
+        # The trainer checks the whole dataset's labels once and turns the per-step check off.
+        self.check_label_values = True
 
     @staticmethod
     def views_per_image(num_views: int) -> int:
@@ -38,13 +40,14 @@ class Supervised(PretrainMethod):
         """Refuse unknown (-1) or out-of-range labels with a readable error.
 
         Costs one host sync per step on an accelerator; without it, cross entropy on a bad label fails
-        with an index error on CPU and a device-side assert on CUDA, neither naming the cause.
+        with an index error on CPU and a device-side assert on CUDA, neither naming the cause. With
+        ``check_label_values`` off (labels checked beforehand, as the trainer does) only the shape is checked.
         """
         if labels.shape != (batch_size,):
             raise RelreasonError(
                 f"labels must have shape ({batch_size},), one per image, got {tuple(labels.shape)}"
             )
-        if bool(((labels < 0) | (labels >= self.num_classes)).any()):
+        if self.check_label_values and bool(((labels < 0) | (labels >= self.num_classes)).any()):
             if bool((labels < 0).any()):
                 raise RelreasonError(
                     "supervised pretraining needs labels for every image; choose a labelled dataset/split"
