@@ -142,3 +142,16 @@ def test_min_crop_scale_reaches_the_augmentation(tmp_path, augment):
     else:
         crop = next(t for t in dataset.transform.transforms if isinstance(t, T.RandomResizedCrop))
         assert crop.scale == (0.5, 1.0)
+
+
+def test_supervised_on_partly_unlabelled_data_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    import numpy as np
+
+    from relreason.data import ArrayImageDataset
+
+    labels = np.array([0, 1, -1, 2] * 8)
+    monkeypatch.setattr("relreason.train.load_dataset",
+                        lambda *args, **kwargs: ArrayImageDataset(np.zeros((32, 8, 8), np.uint8), labels))
+    with pytest.raises(RelreasonError, match=r"8 image\(s\) of dataset 'digits' have none"):
+        pretrain(config(tmp_path, method="supervised"))
+    assert not (tmp_path / "run").exists()

@@ -333,10 +333,17 @@ def num_classes_of(dataset: MultiViewDataset | DeviceMultiViewDataset) -> int | 
     return None if labels is None or len(labels) == 0 else int(max(labels)) + 1
 
 
+def no_labels_error(name: str) -> RelreasonError:
+    return RelreasonError(f"--method supervised needs labels and dataset '{name}' has none; "
+                          "choose a labelled dataset or another method")
+
+
 def check_every_image_labelled(dataset: MultiViewDataset | DeviceMultiViewDataset, name: str) -> None:
     """A one-line error unless every image of ``dataset`` has a label (unlabelled images are marked -1)."""
     labels = getattr(dataset.dataset, "labels", None)
-    missing = len(dataset) if labels is None else int((np.asarray(labels) < 0).sum())
+    if labels is None or len(labels) == 0:
+        raise no_labels_error(name)
+    missing = int((np.asarray(labels) < 0).sum())
     if missing:
         raise RelreasonError(
             f"--method supervised needs a label for every image, and {missing} image(s) of dataset '{name}' have "
@@ -357,8 +364,7 @@ def build_model(config: PretrainConfig, image_size: int, num_classes: int | None
         return method(backbone, backbone.feature_dim, temperature=config.simclr_temperature)
     if config.method == "supervised":
         if num_classes is None:
-            raise RelreasonError(f"--method supervised needs labels and dataset '{config.dataset}' has none; "
-                                 "choose a labelled dataset or another method")
+            raise no_labels_error(config.dataset)
         return method(backbone, backbone.feature_dim, num_classes)
     return method(backbone, backbone.feature_dim)
 
@@ -415,6 +421,9 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
             f"dataset '{config.dataset}' has {len(dataset)} image(s); each of the {context.world_size} process(es) "
             "needs at least 2 (an image cannot be its own negative)"
         )
+    method_type = method_class(config.method)
+    if method_type is not None and method_type.needs_labels:
+        check_every_image_labelled(dataset, config.dataset)  # before the output folder exists
     run_dir = prepare_output_dir(config, context)
     if isinstance(dataset.dataset, ImageFolderDataset):
         dataset.dataset.skip_log = run_dir / SKIPPED_IMAGES_NAME  # unreadable files are listed, not fatal
@@ -428,8 +437,7 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
         barrier(context)
         return PretrainResult(run_dir, 0, [], False, backbone)
     if method.needs_labels:
-        check_every_image_labelled(dataset, config.dataset)
-        method.check_label_values = False  # checked once here, so no step waits on the device to check them
+        method.check_label_values = False  # checked once above, so no step waits on the device to check them
     probe = OnlineProbe(method.feature_dim, num_classes) if config.online_probe and num_classes else None
     model = PretrainModule(method, probe).to(device)
     if config.channels_last:

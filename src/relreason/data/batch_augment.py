@@ -334,6 +334,9 @@ class BatchRelationalAugmentation:
         self.image_size = image_size
         self.mean = torch.tensor(mean_t).view(1, 3, 1, 1)
         self.std = torch.tensor(std_t).view(1, 3, 1, 1)
+        # (v - mean) / std is v * scale + shift: one multiply-add pass per step.
+        self._scale = tuple(1.0 / s for s in std_t)
+        self._shift = tuple(-m / s for m, s in zip(mean_t, std_t))
         self.recipe = recipe
 
     def parameters(self, num: int, height: int, width: int, generator=None, device=None) -> ViewParameters:
@@ -350,11 +353,9 @@ class BatchRelationalAugmentation:
         if not grey:
             views = torch.where(params.grayscale[:, None, None, None], _grey(views).expand_as(views), views)
         if normalize:
-            # (v - mean) / std as one multiply-add pass; grey views broadcast to three channels here.
-            scale = _constant(tuple(1.0 / s for s in self.std.flatten().tolist()), views.device).view(1, 3, 1, 1)
-            shift = _constant(tuple(-m / s for m, s in zip(self.mean.flatten().tolist(), self.std.flatten().tolist())),
-                              views.device).view(1, 3, 1, 1)
-            return torch.addcmul(shift, views, scale)
+            scale = _constant(self._scale, views.device).view(1, 3, 1, 1)
+            shift = _constant(self._shift, views.device).view(1, 3, 1, 1)
+            return torch.addcmul(shift, views, scale)  # grey views broadcast to three channels here
         return views.expand(-1, 3, -1, -1) if grey else views
 
     def __call__(self, images: torch.Tensor, num_views: int, generator: torch.Generator | None = None) -> torch.Tensor:
