@@ -85,16 +85,25 @@ def no_host_sync(device: torch.device):
         torch.cuda.set_sync_debug_mode("default")
 
 
-def timed(step, steps: int, warmup: int, device: torch.device) -> float:
-    """Seconds per step, after ``warmup`` untimed steps."""
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    return (time.perf_counter() - start) / steps
+def timed(steps_by_name: dict, steps: int, warmup: int, device: torch.device, block: int = 2) -> dict:
+    """Median seconds per step of each step function, timed in interleaved blocks of ``block`` steps.
+
+    Interleaving spreads any drift in the machine's load (other processes, clock changes) over every row
+    alike, so the ratios between rows hold better than with one row timed after another.
+    """
+    for step in steps_by_name.values():
+        for _ in range(warmup):
+            step()
+    per_block = {name: [] for name in steps_by_name}
+    for _ in range(max(1, steps // block)):
+        for name, step in steps_by_name.items():
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(block):
+                step()
+            synchronize(device)
+            per_block[name].append((time.perf_counter() - start) / block)
+    return {name: float(np.median(times)) for name, times in per_block.items()}
 
 
 # --- the reference-style step, kept for comparison --------------------------------------------------------------
@@ -195,7 +204,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=None,
                         help="numeric modes of relreason's step and the backbone: fp32, bf16, fp16, each optionally "
                         "+cl (channels_last) and +compile (as --compile: the backbone and the colour jitter) [fp32 and bf16+cl]")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per row")
+    parser.add_argument("--steps", type=int, default=10,
+                        help="timed steps per row, in blocks of 2 that alternate between the rows; a row reports the median block")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reference-workers", type=int, default=None,
                         help="DataLoader workers of the reference step [0 on CPU, min(16, cores) on CUDA]")
@@ -218,31 +228,32 @@ def main() -> None:
     colours = "RGB" if images.images.ndim == 4 and images.images.shape[3] == 3 else "grey"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"# device {device} ({where}), {torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
-          f"{colours} images, batch {args.batch_size}, {args.steps} timed steps after {args.warmup}; reference with {workers} workers")
+          f"{colours} images, batch {args.batch_size}, {args.steps} timed steps after {args.warmup} (rows interleaved, medians); reference with {workers} workers")
     header = f"| backbone | K | step | mode | ms/step | views/s | x reference | / backbone-only |"
     print(header)
     print("|---|---|---|---|---:|---:|---:|---:|")
     for backbone_name in args.backbones:
         for num_views in args.views:
             views_per_step = num_views * args.batch_size
-            reference = None
+            steps = {}
             if not args.skip_reference:
-                step = reference_step_factory(backbone_name, images, num_views, args.batch_size, workers, device)
-                reference = timed(step, args.steps, args.warmup, device)
+                steps["reference"] = reference_step_factory(backbone_name, images, num_views, args.batch_size, workers, device)
+            for mode in modes:
+                steps[("relreason", mode)] = relreason_step_factory(backbone_name, images, num_views, args.batch_size, mode, device)
+                steps[("backbone", mode)] = backbone_step_factory(backbone_name, num_views, args.batch_size, mode, device)
+            seconds = timed(steps, args.steps, args.warmup, device)
+            reference = seconds.get("reference")
+            if reference is not None:
                 print(f"| {backbone_name} | {num_views} | reference | fp32 | {1000 * reference:.0f} | "
                       f"{views_per_step / reference:,.0f} | 1.00 | |", flush=True)
             for mode in modes:
-                ceiling = timed(backbone_step_factory(backbone_name, num_views, args.batch_size, mode, device),
-                                args.steps, args.warmup, device)
-                ours = timed(relreason_step_factory(backbone_name, images, num_views, args.batch_size, mode, device),
-                             args.steps, args.warmup, device)
+                ours, ceiling = seconds[("relreason", mode)], seconds[("backbone", mode)]
                 speedup = f"{reference / ours:.2f}" if reference else ""
                 print(f"| {backbone_name} | {num_views} | relreason | {mode} | {1000 * ours:.0f} | "
                       f"{views_per_step / ours:,.0f} | {speedup} | {ours / ceiling:.2f} |", flush=True)
                 ratio = f"{reference / ceiling:.2f}" if reference else ""
                 print(f"| {backbone_name} | {num_views} | backbone only | {mode} | {1000 * ceiling:.0f} | "
                       f"{views_per_step / ceiling:,.0f} | {ratio} | 1.00 |", flush=True)
-
 
 if __name__ == "__main__":
     main()

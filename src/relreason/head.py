@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from relreason.errors import RelreasonError
+from relreason.pair_tail import FUSE_ABOVE_BYTES, can_stream, streamed_pair_tail
 from relreason.pairing import aggregate_pairs
 
 FACTORISABLE = ("cat", "sum", "mean")
@@ -31,7 +32,12 @@ class RelationHead(nn.Sequential):
         self.hidden_features = hidden_features
 
     def score_pairs(
-        self, features: torch.Tensor, left: torch.Tensor, right: torch.Tensor, aggregation: str = "cat"
+        self,
+        features: torch.Tensor,
+        left: torch.Tensor,
+        right: torch.Tensor,
+        aggregation: str = "cat",
+        stream_tail: bool | None = None,
     ) -> torch.Tensor:
         """Logits ``(P,)`` of the pairs ``(features[left[p]], features[right[p]])`` joined by ``aggregation``.
 
@@ -39,6 +45,11 @@ class RelationHead(nn.Sequential):
         aggregations, the first Linear runs once per view instead of once per pair: ``W [a; b] = W_a a + W_b b``
         and ``W (a + b) = W a + W b``. With K views a feature takes part in 2(K-1) pairs, so this removes a
         factor ~2(K-1) of the head's matrix work and never materialises the ``(P, 2d)`` pair matrix.
+
+        ``stream_tail``: run BatchNorm, LeakyReLU and the last Linear chunk by chunk
+        (``relreason.pair_tail``) instead of on whole ``(P, h)`` tensors. ``None`` (default) streams on CPU in
+        training, outside autocast, when a ``(P, h)`` buffer would outgrow a typical last-level cache (K=32,
+        batch 64); ``False`` never; ``True`` wherever it applies.
         """
         if aggregation not in FACTORISABLE:  # max does not factorise: the pairs are formed
             joined = aggregate_pairs(features.index_select(0, left), features.index_select(0, right), aggregation)
@@ -59,5 +70,9 @@ class RelationHead(nn.Sequential):
             weight = first.weight if aggregation == "sum" else first.weight * 0.5
             left_part, right_part = F.linear(features, weight, first.bias), F.linear(features, weight)
         # index_select, not advanced indexing: its backward (index_add) is deterministic on CPU.
+        if stream_tail is not False and can_stream(left_part, self[1], self.training):
+            pair_bytes = left.numel() * left_part.shape[1] * left_part.element_size()
+            if stream_tail or pair_bytes > FUSE_ABOVE_BYTES:
+                return streamed_pair_tail(left_part, right_part, left, right, self[1], self[2].negative_slope, self[3])
         hidden = left_part.index_select(0, left) + right_part.index_select(0, right)
         return self[3](self[2](self[1](hidden))).squeeze(1)

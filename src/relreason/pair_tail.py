@@ -1,0 +1,176 @@
+"""The relation head's per-pair tail (BatchNorm1d -> LeakyReLU -> Linear(h, 1)), streamed in cache-sized chunks.
+
+With the factorised head a pair's hidden vector is ``u[left[p]] + v[right[p]]``: two gathered rows of small
+per-view tables. Left to autograd, the tail materialises several ``(P, h)`` tensors (the sum, BatchNorm's
+output, the activation and their gradients) and each elementwise op streams one of them through memory. At
+the paper's K=32 and batch 64 that is 63,488 x 256 floats (65 MB) per buffer: far more than a CPU's cache,
+so the tail costs as much as half the backbone. Here the pair rows are rebuilt from the tables a chunk at a
+time, and every op of the forward and backward pass runs on a chunk that stays in cache. Nothing of size
+``(P, h)`` is kept between forward and backward.
+
+Same outputs, gradients and running statistics as ``BatchNorm1d -> LeakyReLU -> Linear`` on the gathered
+sums, up to float rounding (``tests/test_head.py`` checks fp32 and fp64). Training mode only: in eval mode
+the tail is an affine map and a LeakyReLU, which the plain modules already do in one pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Rows per chunk so that one (rows, h) fp32 chunk is 2 MB: a core's L2 on common x86 parts.
+_CHUNK_ELEMENTS = 1 << 19
+# Stream the tail only when a (P, h) buffer outgrows a typical last-level cache (measured on a 32 MB-L3 CPU:
+# K=32 head 243 -> 133 ms; K=16, whose 16 MB buffers still fit, gains nothing).
+FUSE_ABOVE_BYTES = 16 * 2**20
+
+
+def chunk_rows(hidden: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // hidden)
+
+
+def _gather_sum(left_table: torch.Tensor, right_table: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    return left_table.index_select(0, left).add_(right_table.index_select(0, right))
+
+
+class _StreamedPairTail(torch.autograd.Function):
+    """Logits of ``Linear(LeakyReLU(BatchNorm(u[left] + v[right])))`` with BatchNorm on batch statistics.
+
+    Returns ``(logits, batch_mean, batch_var)``; the statistics (biased variance) are for the running
+    averages and carry no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, left_part, right_part, left, right, bn_weight, bn_bias, out_weight, out_bias, eps, slope, rows):
+        dtype = torch.promote_types(left_part.dtype, torch.float32)
+        num_pairs, (num_views, hidden) = left.numel(), left_part.shape
+        with torch.autocast(left_part.device.type, enabled=False):
+            u, v = left_part.to(dtype), right_part.to(dtype)
+            # Each side's share of the mean, from how often each view appears on that side.
+            left_mean = torch.bincount(left, minlength=num_views).to(dtype) @ u / num_pairs
+            right_mean = torch.bincount(right, minlength=num_views).to(dtype) @ v / num_pairs
+            u, v = u - left_mean, v - right_mean  # centred: z - mean = u[left] + v[right]
+            # The variance as a second pass over centred values, not E[z^2] - E[z]^2, which cancels in fp32
+            # when the pair sums sit far from zero but close together.
+            square_sum = u.new_zeros(hidden)
+            for start in range(0, num_pairs, rows):
+                centred = _gather_sum(u, v, left[start : start + rows], right[start : start + rows])
+                square_sum += centred.mul_(centred).sum(0)
+            var = square_sum / num_pairs
+            rstd = torch.rsqrt(var + eps)
+            x_left, x_right = u * rstd, v * rstd  # the normalised value is x_left[l] + x_right[r]
+            gamma, beta = bn_weight.to(dtype), bn_bias.to(dtype)
+            y_left, y_right = torch.addcmul(beta, x_left, gamma), x_right * gamma  # BatchNorm's output tables
+            w = out_weight.to(dtype).reshape(-1)
+            logits = u.new_empty(num_pairs)
+            for start in range(0, num_pairs, rows):
+                y = _gather_sum(y_left, y_right, left[start : start + rows], right[start : start + rows])
+                torch.mv(F.leaky_relu_(y, slope), w, out=logits[start : start + rows])
+            logits += out_bias.to(dtype)
+        ctx.save_for_backward(left, right, x_left, x_right, y_left, y_right, gamma, rstd, w)
+        ctx.slope, ctx.rows = slope, rows
+        ctx.dtypes = (left_part.dtype, right_part.dtype, bn_weight.dtype, bn_bias.dtype, out_weight.dtype)
+        mean = left_mean + right_mean
+        ctx.mark_non_differentiable(mean, var)
+        return logits, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_logits, _grad_mean, _grad_var):
+        left, right, x_left, x_right, y_left, y_right, gamma, rstd, w = ctx.saved_tensors
+        slope, rows = ctx.slope, ctx.rows
+        num_pairs, (num_views, hidden) = left.numel(), x_left.shape
+        g = grad_logits.to(x_left.dtype)
+        # First pass: the sums over pairs that BatchNorm's backward needs. With d = LeakyReLU's slope at y
+        # (1 or `slope`), dL/dy = g * w * d, so every sum is a matrix-vector product with g.
+        g_positive = x_left.new_zeros(hidden)  # sum of g where y > 0
+        g_x = x_left.new_zeros(hidden)  # sum of g * x
+        g_x_positive = x_left.new_zeros(hidden)  # sum of g * x where y > 0
+        g_activation = x_left.new_zeros(hidden)  # sum of g * LeakyReLU(y): the last Linear's weight gradient
+        for start in range(0, num_pairs, rows):
+            pair_left, pair_right, g_chunk = left[start : start + rows], right[start : start + rows], g[start : start + rows]
+            x = _gather_sum(x_left, x_right, pair_left, pair_right)
+            y = _gather_sum(y_left, y_right, pair_left, pair_right)
+            positive = (y > 0).to(x.dtype)
+            g_positive += g_chunk @ positive
+            g_x += g_chunk @ x
+            g_x_positive += g_chunk @ x.mul_(positive)
+            g_activation += g_chunk @ F.leaky_relu_(y, slope)
+        g_sum = g.sum()
+        g_d = slope * g_sum + (1 - slope) * g_positive  # sum of g * d
+        grad_beta = w * g_d
+        grad_gamma = w * (slope * g_x + (1 - slope) * g_x_positive)  # sum of dL/dy * x
+        # dL/dz = gamma * rstd * (dL/dy - mean(dL/dy) - x * mean(dL/dy * x)), taken apart into terms in g, x and y > 0.
+        scale = gamma * rstd
+        per_g = scale * w * slope
+        per_g_positive = scale * w * (1 - slope)
+        per_x = scale * grad_gamma / num_pairs
+        constant = -scale * grad_beta / num_pairs
+        grad_left, grad_right = x_left.new_zeros(num_views, hidden), x_left.new_zeros(num_views, hidden)
+        for start in range(0, num_pairs, rows):
+            pair_left, pair_right = left[start : start + rows], right[start : start + rows]
+            g_chunk = g[start : start + rows, None]
+            x = _gather_sum(x_left, x_right, pair_left, pair_right)
+            positive = _gather_sum(y_left, y_right, pair_left, pair_right).gt_(0)
+            grad_z = torch.addcmul(constant, g_chunk, per_g).addcmul_(positive, g_chunk * per_g_positive)
+            grad_z.sub_(x.mul_(per_x))
+            grad_left.index_add_(0, pair_left, grad_z)
+            grad_right.index_add_(0, pair_right, grad_z)
+        left_dtype, right_dtype, gamma_dtype, beta_dtype, weight_dtype = ctx.dtypes
+        return (
+            grad_left.to(left_dtype),
+            grad_right.to(right_dtype),
+            None,
+            None,
+            grad_gamma.to(gamma_dtype),
+            grad_beta.to(beta_dtype),
+            g_activation.reshape(1, hidden).to(weight_dtype),
+            g_sum.reshape(1).to(weight_dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def streamed_pair_tail(
+    left_part: torch.Tensor,
+    right_part: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    batch_norm: nn.BatchNorm1d,
+    negative_slope: float,
+    last: nn.Linear,
+) -> torch.Tensor:
+    """Logits ``(P,)`` of ``last(LeakyReLU(batch_norm(left_part[left] + right_part[right])))``, batch_norm training.
+
+    Updates ``batch_norm``'s running statistics as ``BatchNorm1d`` does (unbiased variance, ``momentum`` or the
+    cumulative average when it is ``None``).
+    """
+    logits, mean, var = _StreamedPairTail.apply(
+        left_part, right_part, left, right, batch_norm.weight, batch_norm.bias, last.weight, last.bias,
+        batch_norm.eps, negative_slope, chunk_rows(left_part.shape[1]),
+    )
+    if batch_norm.track_running_stats:
+        with torch.no_grad():
+            batch_norm.num_batches_tracked.add_(1)
+            momentum = batch_norm.momentum
+            if momentum is None:
+                momentum = 1.0 / float(batch_norm.num_batches_tracked)
+            num_pairs = left.numel()
+            unbiased = var * (num_pairs / max(num_pairs - 1, 1))
+            batch_norm.running_mean.lerp_(mean.to(batch_norm.running_mean.dtype), momentum)
+            batch_norm.running_var.lerp_(unbiased.to(batch_norm.running_var.dtype), momentum)
+    return logits
+
+
+def can_stream(features: torch.Tensor, batch_norm: nn.Module, training: bool) -> bool:
+    """Whether ``streamed_pair_tail`` applies: CPU fp32/fp64 outside autocast and compile, affine BatchNorm in training."""
+    return (
+        training
+        and features.device.type == "cpu"
+        and features.dtype in (torch.float32, torch.float64)
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and isinstance(batch_norm, nn.BatchNorm1d)
+        and batch_norm.affine
+    )
