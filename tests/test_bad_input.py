@@ -14,6 +14,8 @@ PRETRAIN_CASES = [
     ("batch below 2", ["--batch-size", "1"], "no negative pairs"),
     ("negative epochs", ["--epochs", "-3"], "--epochs must be >= 1"),
     ("zero learning rate", ["--lr", "0"], "--lr must be > 0"),
+    ("unknown learning-rate schedule", ["--lr-schedule", "step"], "invalid choice: 'step'"),
+    ("warm-up as long as the run", ["--epochs", "5", "--warmup-epochs", "5"], "--warmup-epochs must lie in [0, --epochs)"),
     ("not a number", ["--epochs", "ten"], "invalid int value: 'ten'"),
     ("unknown dataset", ["--dataset", "imagenet-99"], "unknown dataset"),
     ("unknown backbone", ["--backbone", "vgg99"], "unknown backbone 'vgg99'"),

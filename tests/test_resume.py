@@ -16,6 +16,7 @@ from relreason.train import PretrainConfig, pretrain
 def command(output_dir):
     return [sys.executable, "-m", "relreason", "pretrain", "--dataset", "digits", "--image-size", "16", "-K", "3",
             "--batch-size", "32", "--epochs", "3", "--checkpoint-every", "5", "--seed", "7", "--device", "cpu",
+            "--lr-schedule", "cosine", "--warmup-epochs", "0.5",  # the rate depends on the step: resumed alike
             "--no-progress", "--no-tensorboard", "--output-dir", str(output_dir)]
 
 

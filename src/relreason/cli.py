@@ -27,6 +27,7 @@ def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
 def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
     from relreason.methods import METHOD_NAMES
     from relreason.pairing import AGGREGATIONS
+    from relreason.schedule import LR_SCHEDULES
     from relreason.train import AMP_MODES, AUGMENT_MODES, PretrainConfig
 
     d = PretrainConfig()
@@ -59,6 +60,10 @@ def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--epochs", type=int, help=f"passes over the data [{d.epochs}]")
     optim.add_argument("--batch-size", type=int, help=f"images per batch, B (each gives K views) [{d.batch_size}]")
     optim.add_argument("--lr", type=float, help=f"Adam learning rate [{d.lr}]")
+    optim.add_argument("--lr-schedule", choices=LR_SCHEDULES,
+                       help=f"constant (the paper's) or cosine: decay towards 0 at the last of --epochs [{d.lr_schedule}]")
+    optim.add_argument("--warmup-epochs", type=float,
+                       help=f"epochs of linear learning-rate warm-up at the start (fractions allowed) [{d.warmup_epochs}]")
     optim.add_argument("--weight-decay", type=float, help=f"Adam weight decay [{d.weight_decay}]")
     optim.add_argument("--seed", type=int, help=f"random seed [{d.seed}]")
     optim.add_argument("--device", help="auto, cpu, cuda or cuda:N [auto]")

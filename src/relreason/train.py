@@ -66,6 +66,7 @@ from relreason.losses import build_loss
 from relreason.methods import PretrainMethod, check_method_name, method_class
 from relreason.methods.online_probe import OnlineProbe, PretrainModule
 from relreason.pairing import AGGREGATIONS, check_pairing_sizes
+from relreason.schedule import check_schedule, learning_rate_factor, set_learning_rate
 
 AMP_MODES = ("off", "bf16", "fp16")
 AUGMENT_MODES = ("auto", "tensor", "pil")
@@ -90,6 +91,8 @@ class PretrainConfig:
     batch_size: int = 64
     epochs: int = 20
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # the paper's; or cosine decay towards 0 at the last epoch
+    warmup_epochs: float = 0.0  # linear warm-up of the learning rate, in epochs
     weight_decay: float = 0.0
     loss: str = "bce"
     focal_gamma: float = 2.0
@@ -129,6 +132,7 @@ class PretrainConfig:
             raise RelreasonError(f"--simclr-temperature must be > 0, got {self.simclr_temperature}")
         if not self.lr > 0:
             raise RelreasonError(f"--lr must be > 0, got {self.lr}")
+        check_schedule(self.lr_schedule, self.warmup_epochs, self.epochs)
         if self.aggregation not in AGGREGATIONS:
             raise RelreasonError(f"unknown --aggregation '{self.aggregation}'; choose one of {', '.join(AGGREGATIONS)}")
         if self.amp not in AMP_MODES:
@@ -449,11 +453,11 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
         model.method.backbone.compile()
     if config.sync_batchnorm and context.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    groups = [{"params": model.method.parameters()}]
+    groups = [{"params": model.method.parameters(), "base_lr": config.lr}]
     if probe is not None:
         # The probe must keep up with features that move every step; on standardised features a 10x
         # larger step is safe, and it never touches the backbone.
-        groups.append({"params": probe.parameters(), "lr": 10 * config.lr, "weight_decay": 0.0})
+        groups.append({"params": probe.parameters(), "lr": 10 * config.lr, "base_lr": 10 * config.lr, "weight_decay": 0.0})
     optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
     amp_dtype = autocast_dtype(config.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
@@ -466,6 +470,8 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
         check_resumable(checkpoint, config, path)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
+        for group, fresh in zip(optimizer.param_groups, groups):  # this command's --lr, not the checkpoint's
+            group["base_lr"] = fresh["base_lr"]
         scaler.load_state_dict(checkpoint["scaler"])
         set_rng_state(checkpoint["rng"])
         position = TrainingPosition(**checkpoint["position"])
@@ -632,6 +638,9 @@ def train_one_epoch(
         else:
             views = [v.to(device, non_blocking=True) for v in views]
         labels = labels.to(device, non_blocking=True)
+        set_learning_rate(optimizer, learning_rate_factor(
+            position.epoch * steps_per_epoch + position.step, config.epochs * steps_per_epoch,
+            round(config.warmup_epochs * steps_per_epoch), config.lr_schedule))
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             total_loss, out = model(views, labels)
         optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,42 @@
+"""Learning-rate schedules as a function of the optimizer step, so a resumed run picks up the same rate."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from relreason.errors import RelreasonError
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def check_schedule(schedule: str, warmup_epochs: float, epochs: int) -> None:
+    """Raise a one-line error for an unknown schedule or a warm-up that does not fit in the run."""
+    if schedule not in LR_SCHEDULES:
+        raise RelreasonError(f"unknown --lr-schedule '{schedule}'; choose one of {', '.join(LR_SCHEDULES)}")
+    if not 0 <= warmup_epochs < epochs:
+        raise RelreasonError(
+            f"--warmup-epochs must lie in [0, --epochs) = [0, {epochs}), got {warmup_epochs}; "
+            "use a shorter warm-up or more epochs"
+        )
+
+
+def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier of the base learning rate for optimizer step ``step`` (0-based) of ``total_steps``.
+
+    A linear warm-up over the first ``warmup_steps`` (from ``1/warmup_steps`` up to 1), then 1 for
+    ``constant`` or a half cosine from 1 towards 0 at ``total_steps`` for ``cosine``.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Set every parameter group's rate to its ``base_lr`` times ``factor``."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
