@@ -164,3 +164,13 @@ def test_streamed_tail_is_deterministic():
     assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])
     for a, b in zip(first[0].parameters(), second[0].parameters()):
         assert torch.equal(a.grad, b.grad)
+
+
+def test_streamed_tail_refuses_a_second_derivative():
+    head = RelationHead(2 * 4, hidden_features=8)
+    features = torch.randn(12, 4, requires_grad=True)
+    left, right, _ = relation_pair_indices(3, 4)
+    scores = head.score_pairs(features, left, right, stream_tail=True)
+    (grad,) = torch.autograd.grad(scores.square().sum(), features, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        grad.sum().backward()

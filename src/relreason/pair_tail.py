@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 # Rows per chunk so that one (rows, h) fp32 chunk is 2 MB: a core's L2 on common x86 parts.
 _CHUNK_ELEMENTS = 1 << 19
@@ -76,6 +77,7 @@ class _StreamedPairTail(torch.autograd.Function):
         return logits, mean, var
 
     @staticmethod
+    @once_differentiable  # the backward is hand-written: a second derivative through it would be wrong, so refuse
     def backward(ctx, grad_logits, _grad_mean, _grad_var):
         left, right, x_left, x_right, y_left, y_right, gamma, rstd, w = ctx.saved_tensors
         slope, rows = ctx.slope, ctx.rows
