@@ -35,6 +35,12 @@ def _gather_sum(left_table: torch.Tensor, right_table: torch.Tensor, left: torch
     return left_table.index_select(0, left).add_(right_table.index_select(0, right))
 
 
+def _affine(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """BatchNorm's output from the normalised values; forward and backward compute it alike, so they agree on
+    which side of zero every value lies."""
+    return torch.addcmul(beta, x, gamma)
+
+
 class _StreamedPairTail(torch.autograd.Function):
     """Logits of ``Linear(LeakyReLU(BatchNorm(u[left] + v[right])))`` with BatchNorm on batch statistics.
 
@@ -62,14 +68,13 @@ class _StreamedPairTail(torch.autograd.Function):
             rstd = torch.rsqrt(var + eps)
             x_left, x_right = u * rstd, v * rstd  # the normalised value is x_left[l] + x_right[r]
             gamma, beta = bn_weight.to(dtype), bn_bias.to(dtype)
-            y_left, y_right = torch.addcmul(beta, x_left, gamma), x_right * gamma  # BatchNorm's output tables
             w = out_weight.to(dtype).reshape(-1)
             logits = u.new_empty(num_pairs)
             for start in range(0, num_pairs, rows):
-                y = _gather_sum(y_left, y_right, left[start : start + rows], right[start : start + rows])
-                torch.mv(F.leaky_relu_(y, slope), w, out=logits[start : start + rows])
+                x = _gather_sum(x_left, x_right, left[start : start + rows], right[start : start + rows])
+                torch.mv(F.leaky_relu_(_affine(x, gamma, beta), slope), w, out=logits[start : start + rows])
             logits += out_bias.to(dtype)
-        ctx.save_for_backward(left, right, x_left, x_right, y_left, y_right, gamma, rstd, w)
+        ctx.save_for_backward(left, right, x_left, x_right, gamma, beta, rstd, w)
         ctx.slope, ctx.rows = slope, rows
         ctx.dtypes = (left_part.dtype, right_part.dtype, bn_weight.dtype, bn_bias.dtype, out_weight.dtype)
         mean = left_mean + right_mean
@@ -79,7 +84,7 @@ class _StreamedPairTail(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the backward is hand-written: a second derivative through it would be wrong, so refuse
     def backward(ctx, grad_logits, _grad_mean, _grad_var):
-        left, right, x_left, x_right, y_left, y_right, gamma, rstd, w = ctx.saved_tensors
+        left, right, x_left, x_right, gamma, beta, rstd, w = ctx.saved_tensors
         slope, rows = ctx.slope, ctx.rows
         num_pairs, (num_views, hidden) = left.numel(), x_left.shape
         g = grad_logits.to(x_left.dtype)
@@ -92,7 +97,7 @@ class _StreamedPairTail(torch.autograd.Function):
         for start in range(0, num_pairs, rows):
             pair_left, pair_right, g_chunk = left[start : start + rows], right[start : start + rows], g[start : start + rows]
             x = _gather_sum(x_left, x_right, pair_left, pair_right)
-            y = _gather_sum(y_left, y_right, pair_left, pair_right)
+            y = _affine(x, gamma, beta)
             positive = (y > 0).to(x.dtype)
             g_positive += g_chunk @ positive
             g_x += g_chunk @ x
@@ -113,7 +118,7 @@ class _StreamedPairTail(torch.autograd.Function):
             pair_left, pair_right = left[start : start + rows], right[start : start + rows]
             g_chunk = g[start : start + rows, None]
             x = _gather_sum(x_left, x_right, pair_left, pair_right)
-            positive = _gather_sum(y_left, y_right, pair_left, pair_right).gt_(0)
+            positive = _affine(x, gamma, beta).gt_(0)
             grad_z = torch.addcmul(constant, g_chunk, per_g).addcmul_(positive, g_chunk * per_g_positive)
             grad_z.sub_(x.mul_(per_x))
             grad_left.index_add_(0, pair_left, grad_z)
