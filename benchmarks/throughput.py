@@ -16,6 +16,7 @@ For each backbone and K it times, in this one process and on the same device:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import time
@@ -95,7 +96,7 @@ def timed(steps_by_name: dict, steps: int, warmup: int, device: torch.device, bl
         for _ in range(warmup):
             step()
     per_block = {name: [] for name in steps_by_name}
-    for _ in range(max(1, steps // block)):
+    for _ in range(max(1, math.ceil(steps / block))):
         for name, step in steps_by_name.items():
             synchronize(device)
             start = time.perf_counter()
@@ -205,7 +206,8 @@ def main() -> None:
                         help="numeric modes of relreason's step and the backbone: fp32, bf16, fp16, each optionally "
                         "+cl (channels_last) and +compile (as --compile: the backbone and the colour jitter) [fp32 and bf16+cl]")
     parser.add_argument("--steps", type=int, default=10,
-                        help="timed steps per row, in blocks of 2 that alternate between the rows; a row reports the median block")
+                        help="timed steps per row: relreason's and the backbone's rows alternate in blocks of 2 and report "
+                        "their median block; the reference runs its steps in one block of its own")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reference-workers", type=int, default=None,
                         help="DataLoader workers of the reference step [0 on CPU, min(16, cores) on CUDA]")
@@ -228,21 +230,24 @@ def main() -> None:
     colours = "RGB" if images.images.ndim == 4 and images.images.shape[3] == 3 else "grey"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"# device {device} ({where}), {torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
-          f"{colours} images, batch {args.batch_size}, {args.steps} timed steps after {args.warmup} (rows interleaved, medians); reference with {workers} workers")
+          f"{colours} images, batch {args.batch_size}, {args.steps} timed steps after {args.warmup} (relreason and backbone rows interleaved, medians); reference with {workers} workers")
     header = f"| backbone | K | step | mode | ms/step | views/s | x reference | / backbone-only |"
     print(header)
     print("|---|---|---|---|---:|---:|---:|---:|")
     for backbone_name in args.backbones:
         for num_views in args.views:
             views_per_step = num_views * args.batch_size
-            steps = {}
+            reference = None
             if not args.skip_reference:
-                steps["reference"] = reference_step_factory(backbone_name, images, num_views, args.batch_size, workers, device)
+                # On its own, in one block: its DataLoader workers would otherwise fill their queue while the
+                # other rows run, and the reference would be timed on batches prepared for free.
+                step = reference_step_factory(backbone_name, images, num_views, args.batch_size, workers, device)
+                reference = timed({"reference": step}, args.steps, args.warmup, device, block=args.steps)["reference"]
+            steps = {}
             for mode in modes:
                 steps[("relreason", mode)] = relreason_step_factory(backbone_name, images, num_views, args.batch_size, mode, device)
                 steps[("backbone", mode)] = backbone_step_factory(backbone_name, num_views, args.batch_size, mode, device)
             seconds = timed(steps, args.steps, args.warmup, device)
-            reference = seconds.get("reference")
             if reference is not None:
                 print(f"| {backbone_name} | {num_views} | reference | fp32 | {1000 * reference:.0f} | "
                       f"{views_per_step / reference:,.0f} | 1.00 | |", flush=True)

@@ -15,10 +15,10 @@ def plain_scores(head, features, num_views, aggregation):
     return head(pairs).squeeze(1)
 
 
-@pytest.mark.parametrize("aggregation", ["cat", "sum", "mean", "max"])
+@pytest.mark.parametrize("aggregation,stream_tail", [(a, False) for a in ("cat", "sum", "mean", "max")] +
+                         [(a, True) for a in ("cat", "sum", "mean")])  # max forms its pairs: nothing to stream
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("num_views,batch_size", [(2, 2), (4, 7), (16, 5)])
-@pytest.mark.parametrize("stream_tail", [False, True])
 def test_score_pairs_equals_plain_head(aggregation, dtype, num_views, batch_size, stream_tail, monkeypatch):
     # Chunks of 7 pairs: several per batch, the last one partial.
     monkeypatch.setattr(pair_tail, "_CHUNK_ELEMENTS", 7 * 32)
@@ -174,3 +174,65 @@ def test_streamed_tail_refuses_a_second_derivative():
     (grad,) = torch.autograd.grad(scores.square().sum(), features, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
         grad.sum().backward()
+
+
+def spy_on_streaming(monkeypatch):
+    calls = []
+    real = pair_tail.streamed_pair_tail
+    monkeypatch.setattr("relreason.head.streamed_pair_tail", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def frozen_batchnorm(head):
+    head.train()
+    head[1].eval()  # a common way to freeze BatchNorm's statistics while the rest trains
+    return head
+
+
+def no_running_statistics(head):
+    head[1] = torch.nn.BatchNorm1d(head.hidden_features, track_running_stats=False)
+    return head
+
+
+def relu_activation(head):
+    head[2] = torch.nn.ReLU()
+    return head
+
+
+def last_without_bias(head):
+    head[3] = torch.nn.Linear(head.hidden_features, 1, bias=False)
+    return head
+
+
+def hooked_batchnorm(head):
+    head[1].register_forward_hook(lambda module, inputs, output: output * 2)
+    return head
+
+
+@pytest.mark.parametrize("change,streams", [
+    (frozen_batchnorm, False), (no_running_statistics, True), (relu_activation, False),
+    (last_without_bias, False), (hooked_batchnorm, False),
+])
+def test_stream_tail_only_where_it_computes_what_the_modules_would(change, streams, monkeypatch):
+    """A forced stream_tail=True streams only the stock tail; otherwise the modules themselves run."""
+    torch.manual_seed(6)
+    head = RelationHead(2 * 4, hidden_features=8)
+    head(torch.randn(30, 8))  # running statistics away from their initial values
+    head = change(head)
+    calls = spy_on_streaming(monkeypatch)
+    features = torch.randn(5 * 4, 4)
+    left, right, _ = relation_pair_indices(5, 4)
+    expected_head = copy.deepcopy(head)
+    scores = head.score_pairs(features, left, right, stream_tail=True)
+    expected = expected_head(torch.cat([features[left], features[right]], 1)).squeeze(1)
+    assert calls == ([1] if streams else [])
+    assert torch.allclose(scores, expected, atol=1e-5)
+    for a, b in zip(head.buffers(), expected_head.buffers()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6)
+
+
+def test_one_pair_is_refused_as_batchnorm_refuses_it():
+    head = RelationHead(2 * 4, hidden_features=8)
+    one = torch.tensor([0])
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        head.score_pairs(torch.randn(2, 4), one, one + 1, stream_tail=True)

@@ -93,6 +93,27 @@ def test_resume_refuses_changed_model_options(tmp_path):
         pretrain(config(tmp_path, epochs=2, resume=True, aggregation="sum"))
 
 
+def test_resume_refuses_a_changed_schedule_and_reads_older_checkpoints_as_defaults(tmp_path):
+    from relreason.train import check_resumable
+
+    pretrain(config(tmp_path))
+    with pytest.raises(RelreasonError, match="options differ.*lr_schedule: checkpoint 'constant' vs now 'cosine'"):
+        pretrain(config(tmp_path, epochs=2, resume=True, lr_schedule="cosine"))
+    checkpoint = torch.load(list_checkpoints(tmp_path / "run")[0], weights_only=False)
+    for option in ("lr_schedule", "warmup_epochs"):  # as a checkpoint written before these options existed
+        del checkpoint["config"][option]
+    check_resumable(checkpoint, config(tmp_path), tmp_path / "old.pt")
+    with pytest.raises(RelreasonError, match="warmup_epochs: checkpoint 0.0 vs now 0.5"):
+        check_resumable(checkpoint, config(tmp_path, epochs=2, warmup_epochs=0.5), tmp_path / "old.pt")
+
+
+def test_resuming_a_cosine_run_with_more_epochs_warns_of_the_new_curve(tmp_path, capsys):
+    pretrain(config(tmp_path, lr_schedule="cosine"))
+    capsys.readouterr()
+    pretrain(config(tmp_path, epochs=2, resume=True, lr_schedule="cosine"))
+    assert "the cosine schedule now spans the new length" in capsys.readouterr().err
+
+
 def test_last_batch_of_one_image_is_dropped(tmp_path):
     from relreason.data import ArrayImageDataset, MultiViewDataset, relational_augmentation
 

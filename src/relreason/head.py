@@ -49,7 +49,8 @@ class RelationHead(nn.Sequential):
         ``stream_tail``: run BatchNorm, LeakyReLU and the last Linear chunk by chunk
         (``relreason.pair_tail``) instead of on whole ``(P, h)`` tensors. ``None`` (default) streams on CPU in
         training, outside autocast, when a ``(P, h)`` buffer would outgrow a typical last-level cache (K=32,
-        batch 64); ``False`` never; ``True`` wherever it applies.
+        batch 64); ``False`` never; ``True`` wherever it applies (``pair_tail.can_stream``: the stock modules,
+        no hooks, BatchNorm in training mode, fp32/fp64 on CPU).
         """
         if aggregation not in FACTORISABLE:  # max does not factorise: the pairs are formed
             joined = aggregate_pairs(features.index_select(0, left), features.index_select(0, right), aggregation)
@@ -69,10 +70,10 @@ class RelationHead(nn.Sequential):
         else:
             weight = first.weight if aggregation == "sum" else first.weight * 0.5
             left_part, right_part = F.linear(features, weight, first.bias), F.linear(features, weight)
-        # index_select, not advanced indexing: its backward (index_add) is deterministic on CPU.
-        if stream_tail is not False and can_stream(left_part, self[1], self.training):
+        if stream_tail is not False and can_stream(left_part, self[1], self[2], self[3], left.numel()):
             pair_bytes = left.numel() * left_part.shape[1] * left_part.element_size()
             if stream_tail or pair_bytes > FUSE_ABOVE_BYTES:
                 return streamed_pair_tail(left_part, right_part, left, right, self[1], self[2].negative_slope, self[3])
+        # index_select, not advanced indexing: its backward (index_add) is deterministic on CPU.
         hidden = left_part.index_select(0, left) + right_part.index_select(0, right)
         return self[3](self[2](self[1](hidden))).squeeze(1)

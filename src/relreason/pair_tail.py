@@ -170,14 +170,33 @@ def streamed_pair_tail(
     return logits
 
 
-def can_stream(features: torch.Tensor, batch_norm: nn.Module, training: bool) -> bool:
-    """Whether ``streamed_pair_tail`` applies: CPU fp32/fp64 outside autocast and compile, affine BatchNorm in training."""
+def _is_plain(module: nn.Module, kind: type[nn.Module]) -> bool:
+    """Exactly ``kind`` (not a subclass with its own forward) and without hooks, which streaming would bypass."""
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return type(module) is kind and not any(getattr(module, name, None) for name in hooks)
+
+
+def can_stream(features: torch.Tensor, batch_norm: nn.Module, activation: nn.Module, last: nn.Module, num_pairs: int) -> bool:
+    """Whether ``streamed_pair_tail`` computes exactly what ``last(activation(batch_norm(hidden)))`` would.
+
+    That needs the stock modules (a training-mode affine BatchNorm1d, a LeakyReLU, a Linear to one logit with a
+    bias) without hooks, CPU fp32/fp64 features outside autocast and compile, and at least two pairs (one
+    pair is an error for BatchNorm, which the plain modules report).
+    """
+    global_hooks = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                    "_global_backward_pre_hooks")
     return (
-        training
+        num_pairs > 1
         and features.device.type == "cpu"
         and features.dtype in (torch.float32, torch.float64)
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
-        and isinstance(batch_norm, nn.BatchNorm1d)
+        and _is_plain(batch_norm, nn.BatchNorm1d)
+        and batch_norm.training
         and batch_norm.affine
+        and _is_plain(activation, nn.LeakyReLU)
+        and _is_plain(last, nn.Linear)
+        and last.out_features == 1
+        and last.bias is not None
+        and not any(getattr(torch.nn.modules.module, name, None) for name in global_hooks)
     )

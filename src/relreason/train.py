@@ -478,6 +478,10 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
         if context.is_main:
             metrics.truncate_after(position.epochs_done)
             log(f"resuming {path}: epoch {position.epoch + 1}, step {position.step}", context)
+            saved_epochs = checkpoint.get("config", {}).get("epochs", config.epochs)
+            if config.lr_schedule == "cosine" and saved_epochs != config.epochs:
+                log(f"relreason: warning: --epochs changed from {saved_epochs} to {config.epochs}: the cosine schedule "
+                    "now spans the new length, so the learning rate jumps to that curve", context)
 
     if context.is_main:
         atomic_write_json(run_dir / "config.json", dataclasses.asdict(config) | {"geometry": geometry})
@@ -537,8 +541,11 @@ class TrainingPosition:
 
 def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, path: Path) -> None:
     saved = checkpoint.get("config", {})
-    shaping = ("method", "backbone", "aggregation", "head_hidden", "dataset", "image_size", "num_views", "batch_size", "seed")
-    mismatched = {k: (saved.get(k), getattr(config, k)) for k in shaping if saved.get(k) != getattr(config, k)}
+    defaults = PretrainConfig()  # for options that checkpoints from older versions do not record
+    shaping = ("method", "backbone", "aggregation", "head_hidden", "dataset", "image_size", "num_views", "batch_size",
+               "seed", "lr_schedule", "warmup_epochs")
+    mismatched = {k: (saved.get(k, getattr(defaults, k)), getattr(config, k)) for k in shaping
+                  if saved.get(k, getattr(defaults, k)) != getattr(config, k)}
     if mismatched:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items())
         raise RelreasonError(f"cannot resume {path}: options differ ({detail}); rerun with the original options")
