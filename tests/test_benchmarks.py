@@ -26,3 +26,20 @@ def test_throughput_benchmark_prints_consistent_rows():
         # The printed ratios follow from the printed rates (the times are rounded to whole milliseconds).
         assert abs(float(speedup) - ours / views_per_s(("reference", "fp32"))) <= 0.02 * float(speedup) + 0.01
         assert abs(float(per_backbone) - views_per_s(("backbone only", mode)) / ours) <= 0.02 * float(per_backbone) + 0.01
+
+
+def test_device_check_script_runs_its_steps_tiny_on_the_cpu(tmp_path):
+    """The prepared GPU check, run small on the CPU: every step runs and leaves its file."""
+    import os
+
+    environment = os.environ | {"DEVICE": "cpu", "QUICK": "1"}
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_check.sh"), str(tmp_path)], cwd=ROOT,
+                            env=environment, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    files = {path.name: path.read_text() for path in tmp_path.iterdir()}
+    assert set(files) == {"machine.txt", "throughput_conv4.md", "throughput_resnet32.md", "pretrain.log", "evaluate.md"}
+    assert "torch" in files["machine.txt"]
+    assert "| conv4 | 2 | relreason | bf16 |" in files["throughput_conv4.md"]
+    assert "| resnet32 | 2 | backbone only | fp32 |" in files["throughput_resnet32.md"]
+    assert "done: 1 epoch(s)" in files["pretrain.log"]
+    assert "| pretrained |" in files["evaluate.md"] and "| random " in files["evaluate.md"]

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The prepared check for a lent GPU machine, in one call (about 6 minutes on an H100/H200):
+# the throughput tables on CUDA (reference vs relreason vs backbone alone; the step runs under
+# torch.cuda.set_sync_debug_mode("error"), so a host sync inside it fails the row), then a short
+# pretraining run on CUDA with bf16 and channels_last and its evaluation.
+#
+#   bash benchmarks/device_check.sh OUT_DIR          # from the repository root
+#
+# It runs from src/ without installing (such a machine has no package index) and writes five small
+# files to OUT_DIR. Fashion-MNIST is read from data/FashionMNIST/raw when that folder travels with the
+# tree (copy the IDX .gz files there and carry it); otherwise the benchmark uses synthetic images.
+# DEVICE=cpu QUICK=1 runs the same steps tiny, on the CPU, to check the script itself.
+set -uo pipefail
+out=${1:?give the folder for the results}
+device=${DEVICE:-cuda}
+mkdir -p "$out"
+work=$(mktemp -d)
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if [[ -n "${QUICK:-}" ]]; then
+    conv4=(--views 2 --batch-size 8 --modes fp32 bf16 --steps 2 --warmup 1 --dataset synthetic)
+    resnet=(--views 2 --batch-size 8 --modes fp32 --steps 2 --warmup 1 --dataset synthetic)
+    pretrain=(--epochs 1)
+else
+    conv4=(--views 4 16 32 --modes fp32 bf16+cl bf16+cl+compile --steps 20 --warmup 5)
+    resnet=(--views 16 32 --modes fp32 bf16+cl --steps 10 --warmup 3)
+    pretrain=()
+fi
+
+{
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    python3 -c "import os, torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cores', os.cpu_count())"
+} > "$out/machine.txt" 2>&1
+status=0
+timeout 330 python3 benchmarks/throughput.py --device "$device" --backbones conv4 "${conv4[@]}" 2>&1 \
+    | tee "$out/throughput_conv4.md" || status=1
+timeout 150 python3 benchmarks/throughput.py --device "$device" --backbones resnet32 "${resnet[@]}" 2>&1 \
+    | tee "$out/throughput_resnet32.md" || status=1
+amp=(--amp bf16 --channels-last)
+timeout 90 python3 -m relreason pretrain --config configs/digits_conv4.yaml --device "$device" "${amp[@]}" \
+    "${pretrain[@]}" --output-dir "$work/run" --no-progress --no-tensorboard > "$out/pretrain.log" 2>&1 || status=1
+timeout 90 python3 -m relreason evaluate --run-dir "$work/run" --device "$device" 2>&1 \
+    | tee "$out/evaluate.md" || status=1
+rm -rf "$work"
+exit $status
