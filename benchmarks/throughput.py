@@ -51,6 +51,17 @@ def load_images(name: str, data_root: str, limit: int) -> ArrayImageDataset:
     return ArrayImageDataset(rng.integers(0, 256, (limit, 28, 28), dtype=np.uint8), np.zeros(limit, dtype=np.int64))
 
 
+def cpu_name() -> str:
+    """The processor's model name where the OS tells it (Linux), with its core count."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            name = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {os.cpu_count()} cores"
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -228,7 +239,7 @@ def main() -> None:
     if args.rgb and images.images.ndim == 3:
         images = ArrayImageDataset(np.repeat(images.images[..., None], 3, axis=3), images.labels)
     colours = "RGB" if images.images.ndim == 4 and images.images.shape[3] == 3 else "grey"
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(f"# device {device} ({where}), {torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
           f"{colours} images, batch {args.batch_size}, {args.steps} timed steps after {args.warmup} (relreason and backbone rows interleaved, medians); reference with {workers} workers")
     header = f"| backbone | K | step | mode | ms/step | views/s | x reference | / backbone-only |"
