@@ -78,3 +78,28 @@ def test_existing_checkpoints_are_never_overwritten_by_no_resume(capsys, tmp_pat
     (run / "checkpoint-e0001-s0000000.pt").write_bytes(b"previous work")
     expect_error(capsys, ["pretrain", "--output-dir", str(run), "--no-resume"], "drop --no-resume")
     assert (run / "checkpoint-e0001-s0000000.pt").read_bytes() == b"previous work"
+
+
+def test_every_relreason_command_in_the_readme_parses(capsys, monkeypatch):
+    """The README's shell examples use options that exist (and config files that parse)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from relreason.cli import build_parser, parse_options
+
+    root = Path(__file__).parent.parent
+    monkeypatch.chdir(root)  # the examples name config files relative to the repository
+    readme = (root / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", readme, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in line.split("#")[0].split("&&"):
+                if part.strip().startswith("relreason "):
+                    commands.append(shlex.split(part)[1:])
+    assert len(commands) >= 10
+    for argv in commands:
+        try:
+            parse_options(build_parser(), argv)
+        except SystemExit as stop:  # --help prints and exits 0; anything else is a broken example
+            assert stop.code == 0 and "--help" in argv, (argv, capsys.readouterr().err)
