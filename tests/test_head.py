@@ -136,9 +136,7 @@ def test_streamed_tail_variance_survives_a_large_shared_offset_in_fp32():
 
 
 def test_stream_tail_default_follows_the_pair_buffer_size(monkeypatch):
-    calls = []
-    real = pair_tail.streamed_pair_tail
-    monkeypatch.setattr("relreason.head.streamed_pair_tail", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = spy_on_streaming(monkeypatch)
     head = RelationHead(2 * 4, hidden_features=8)
     left, right, _ = relation_pair_indices(4, 5)  # 60 pairs x 8 hidden fp32 = 1,920 bytes
     features = torch.randn(20, 4)

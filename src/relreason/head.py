@@ -70,10 +70,10 @@ class RelationHead(nn.Sequential):
         else:
             weight = first.weight if aggregation == "sum" else first.weight * 0.5
             left_part, right_part = F.linear(features, weight, first.bias), F.linear(features, weight)
-        if stream_tail is not False and can_stream(left_part, self[1], self[2], self[3], left.numel()):
-            pair_bytes = left.numel() * left_part.shape[1] * left_part.element_size()
-            if stream_tail or pair_bytes > FUSE_ABOVE_BYTES:
-                return streamed_pair_tail(left_part, right_part, left, right, self[1], self[2].negative_slope, self[3])
+        if stream_tail is None:
+            stream_tail = left.numel() * left_part.shape[1] * left_part.element_size() > FUSE_ABOVE_BYTES
+        if stream_tail and can_stream(left_part, self[1], self[2], self[3], left.numel()):
+            return streamed_pair_tail(left_part, right_part, left, right, self[1], self[2].negative_slope, self[3])
         # index_select, not advanced indexing: its backward (index_add) is deterministic on CPU.
         hidden = left_part.index_select(0, left) + right_part.index_select(0, right)
         return self[3](self[2](self[1](hidden))).squeeze(1)

@@ -23,7 +23,7 @@ from torch.autograd.function import once_differentiable
 # Rows per chunk so that one (rows, h) fp32 chunk is 2 MB: a core's L2 on common x86 parts.
 _CHUNK_ELEMENTS = 1 << 19
 # Stream the tail only when a (P, h) buffer outgrows a typical last-level cache (measured on a 32 MB-L3 CPU:
-# K=32 head 243 -> 133 ms; K=16, whose 16 MB buffers still fit, gains nothing).
+# K=32 head forward+backward 213-234 -> 79-106 ms; K=16, whose 16 MB buffers still fit, gains nothing).
 FUSE_ABOVE_BYTES = 16 * 2**20
 
 
@@ -31,8 +31,12 @@ def chunk_rows(hidden: int) -> int:
     return max(1, _CHUNK_ELEMENTS // hidden)
 
 
-def _gather_sum(left_table: torch.Tensor, right_table: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    return left_table.index_select(0, left).add_(right_table.index_select(0, right))
+def _pair_chunks(left_table: torch.Tensor, right_table: torch.Tensor, left: torch.Tensor, right: torch.Tensor, rows: int):
+    """For each chunk of ``rows`` pairs: its slice, its left and right indices and ``left_table[left] + right_table[right]``."""
+    for start in range(0, left.numel(), rows):
+        chunk = slice(start, start + rows)
+        pair_left, pair_right = left[chunk], right[chunk]
+        yield chunk, pair_left, pair_right, left_table.index_select(0, pair_left).add_(right_table.index_select(0, pair_right))
 
 
 def _affine(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -61,8 +65,7 @@ class _StreamedPairTail(torch.autograd.Function):
             # The variance as a second pass over centred values, not E[z^2] - E[z]^2, which cancels in fp32
             # when the pair sums sit far from zero but close together.
             square_sum = u.new_zeros(hidden)
-            for start in range(0, num_pairs, rows):
-                centred = _gather_sum(u, v, left[start : start + rows], right[start : start + rows])
+            for _, _, _, centred in _pair_chunks(u, v, left, right, rows):
                 square_sum += centred.mul_(centred).sum(0)
             var = square_sum / num_pairs
             rstd = torch.rsqrt(var + eps)
@@ -70,9 +73,8 @@ class _StreamedPairTail(torch.autograd.Function):
             gamma, beta = bn_weight.to(dtype), bn_bias.to(dtype)
             w = out_weight.to(dtype).reshape(-1)
             logits = u.new_empty(num_pairs)
-            for start in range(0, num_pairs, rows):
-                x = _gather_sum(x_left, x_right, left[start : start + rows], right[start : start + rows])
-                torch.mv(F.leaky_relu_(_affine(x, gamma, beta), slope), w, out=logits[start : start + rows])
+            for chunk, _, _, x in _pair_chunks(x_left, x_right, left, right, rows):
+                torch.mv(F.leaky_relu_(_affine(x, gamma, beta), slope), w, out=logits[chunk])
             logits += out_bias.to(dtype)
         ctx.save_for_backward(left, right, x_left, x_right, gamma, beta, rstd, w)
         ctx.slope, ctx.rows = slope, rows
@@ -94,9 +96,8 @@ class _StreamedPairTail(torch.autograd.Function):
         g_x = x_left.new_zeros(hidden)  # sum of g * x
         g_x_positive = x_left.new_zeros(hidden)  # sum of g * x where y > 0
         g_activation = x_left.new_zeros(hidden)  # sum of g * LeakyReLU(y): the last Linear's weight gradient
-        for start in range(0, num_pairs, rows):
-            pair_left, pair_right, g_chunk = left[start : start + rows], right[start : start + rows], g[start : start + rows]
-            x = _gather_sum(x_left, x_right, pair_left, pair_right)
+        for chunk, _, _, x in _pair_chunks(x_left, x_right, left, right, rows):
+            g_chunk = g[chunk]
             y = _affine(x, gamma, beta)
             positive = (y > 0).to(x.dtype)
             g_positive += g_chunk @ positive
@@ -114,10 +115,8 @@ class _StreamedPairTail(torch.autograd.Function):
         per_x = scale * grad_gamma / num_pairs
         constant = -scale * grad_beta / num_pairs
         grad_left, grad_right = x_left.new_zeros(num_views, hidden), x_left.new_zeros(num_views, hidden)
-        for start in range(0, num_pairs, rows):
-            pair_left, pair_right = left[start : start + rows], right[start : start + rows]
-            g_chunk = g[start : start + rows, None]
-            x = _gather_sum(x_left, x_right, pair_left, pair_right)
+        for chunk, pair_left, pair_right, x in _pair_chunks(x_left, x_right, left, right, rows):
+            g_chunk = g[chunk, None]
             positive = _affine(x, gamma, beta).gt_(0)
             grad_z = torch.addcmul(constant, g_chunk, per_g).addcmul_(positive, g_chunk * per_g_positive)
             grad_z.sub_(x.mul_(per_x))

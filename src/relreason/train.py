@@ -544,8 +544,8 @@ def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, path: Pa
     defaults = PretrainConfig()  # for options that checkpoints from older versions do not record
     shaping = ("method", "backbone", "aggregation", "head_hidden", "dataset", "image_size", "num_views", "batch_size",
                "seed", "lr_schedule", "warmup_epochs")
-    mismatched = {k: (saved.get(k, getattr(defaults, k)), getattr(config, k)) for k in shaping
-                  if saved.get(k, getattr(defaults, k)) != getattr(config, k)}
+    recorded = {k: saved.get(k, getattr(defaults, k)) for k in shaping}
+    mismatched = {k: (v, getattr(config, k)) for k, v in recorded.items() if v != getattr(config, k)}
     if mismatched:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items())
         raise RelreasonError(f"cannot resume {path}: options differ ({detail}); rerun with the original options")

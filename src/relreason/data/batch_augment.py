@@ -332,8 +332,6 @@ class BatchRelationalAugmentation:
         self.operations = tuple(torch.compile(op, dynamic=True) for op in _JITTER_OPERATIONS) if compile \
             else _JITTER_OPERATIONS
         self.image_size = image_size
-        self.mean = torch.tensor(mean_t).view(1, 3, 1, 1)
-        self.std = torch.tensor(std_t).view(1, 3, 1, 1)
         # (v - mean) / std is v * scale + shift: one multiply-add pass per step.
         self._scale = tuple(1.0 / s for s in std_t)
         self._shift = tuple(-m / s for m, s in zip(mean_t, std_t))
