@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The prepared check for a lent GPU machine, in one call (about 6 minutes on an H100/H200):
-# the throughput tables on CUDA (reference vs relreason vs backbone alone; the step runs under
-# torch.cuda.set_sync_debug_mode("error"), so a host sync inside it fails the row), then a short
-# pretraining run on CUDA with bf16 and channels_last and its evaluation.
+# The prepared check for a lent GPU machine, in one call (about 4 minutes on an H100/H200, at most 7.5
+# by its timeouts; run it with timeout_s 480): the throughput tables on CUDA (reference vs relreason vs
+# backbone alone; relreason's steps after the first run under torch.cuda.set_sync_debug_mode("error"), so a
+# host sync inside a step is reported), Conv-4 compiled at the paper's K=32, then a short pretraining run
+# on CUDA with bf16 and channels_last and its evaluation.
 #
 #   bash benchmarks/device_check.sh OUT_DIR          # from the repository root
 #
-# It runs from src/ without installing (such a machine has no package index) and writes five small
+# It runs from src/ without installing (such a machine has no package index) and writes seven small
 # files to OUT_DIR. Fashion-MNIST is read from data/FashionMNIST/raw when that folder travels with the
 # tree (copy the IDX .gz files there and carry it); otherwise the benchmark uses synthetic images.
-# DEVICE=cpu QUICK=1 runs the same steps tiny, on the CPU, to check the script itself.
+# DEVICE=cpu QUICK=1 runs the same steps tiny, on the CPU, to check the script itself (its "compile"
+# line then runs uncompiled: compiling on a small CPU takes longer than the whole check).
 set -uo pipefail
 out=${1:?give the folder for the results}
 device=${DEVICE:-cuda}
@@ -18,10 +20,12 @@ work=$(mktemp -d)
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if [[ -n "${QUICK:-}" ]]; then
     conv4=(--views 2 --batch-size 8 --modes fp32 bf16 --steps 2 --warmup 1 --dataset synthetic)
+    compiled=(--views 2 --batch-size 8 --modes bf16 --steps 2 --warmup 1 --dataset synthetic)
     resnet=(--views 2 --batch-size 8 --modes fp32 --steps 2 --warmup 1 --dataset synthetic)
     pretrain=(--epochs 1)
 else
-    conv4=(--views 4 16 32 --modes fp32 bf16+cl bf16+cl+compile --steps 20 --warmup 5)
+    conv4=(--views 4 16 32 --modes fp32 bf16+cl --steps 20 --warmup 5)
+    compiled=(--views 32 --modes bf16+cl+compile --steps 20 --warmup 5)
     resnet=(--views 16 32 --modes fp32 bf16+cl --steps 10 --warmup 3)
     pretrain=()
 fi
@@ -31,14 +35,19 @@ fi
     python3 -c "import os, torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cores', os.cpu_count())"
 } > "$out/machine.txt" 2>&1
 status=0
-timeout 330 python3 benchmarks/throughput.py --device "$device" --backbones conv4 "${conv4[@]}" 2>&1 \
-    | tee "$out/throughput_conv4.md" || status=1
-timeout 150 python3 benchmarks/throughput.py --device "$device" --backbones resnet32 "${resnet[@]}" 2>&1 \
-    | tee "$out/throughput_resnet32.md" || status=1
+bench() {  # seconds, output file, arguments of throughput.py
+    local limit=$1 file=$2
+    shift 2
+    timeout "$limit" python3 benchmarks/throughput.py --device "$device" "$@" 2>&1 | tee "$out/$file" || status=1
+}
+bench 110 throughput_conv4.md --backbones conv4 "${conv4[@]}"
+bench 140 throughput_conv4_compile.md --backbones conv4 --skip-reference "${compiled[@]}"
+bench 90 throughput_resnet32.md --backbones resnet32 "${resnet[@]}"
 amp=(--amp bf16 --channels-last)
-timeout 90 python3 -m relreason pretrain --config configs/digits_conv4.yaml --device "$device" "${amp[@]}" \
+timeout 60 python3 -m relreason pretrain --config configs/digits_conv4.yaml --device "$device" "${amp[@]}" \
     "${pretrain[@]}" --output-dir "$work/run" --no-progress --no-tensorboard > "$out/pretrain.log" 2>&1 || status=1
-timeout 90 python3 -m relreason evaluate --run-dir "$work/run" --device "$device" 2>&1 \
+timeout 50 python3 -m relreason evaluate --run-dir "$work/run" --device "$device" 2>&1 \
     | tee "$out/evaluate.md" || status=1
+cp "$work/run/evaluation.json" "$out/" 2>/dev/null || status=1
 rm -rf "$work"
 exit $status

@@ -28,6 +28,16 @@ def test_throughput_benchmark_prints_consistent_rows():
         assert abs(float(per_backbone) - views_per_s(("backbone only", mode)) / ours) <= 0.02 * float(per_backbone) + 0.01
 
 
+def test_a_failing_row_is_reported_and_the_others_still_run():
+    command = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--backbones", "no_such_net", "conv4",
+               "--views", "2", "--batch-size", "4", "--modes", "fp32", "--steps", "1", "--warmup", "0",
+               "--dataset", "synthetic", "--skip-reference"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 1
+    assert "| no_such_net | 2 | FAILED |" in result.stdout and "no_such_net" in result.stdout.split("FAILED")[1]
+    assert "| conv4 | 2 | relreason | fp32 |" in result.stdout
+
+
 def test_device_check_script_runs_its_steps_tiny_on_the_cpu(tmp_path):
     """The prepared GPU check, run small on the CPU: every step runs and leaves its file."""
     import os
@@ -37,7 +47,10 @@ def test_device_check_script_runs_its_steps_tiny_on_the_cpu(tmp_path):
                             env=environment, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     files = {path.name: path.read_text() for path in tmp_path.iterdir()}
-    assert set(files) == {"machine.txt", "throughput_conv4.md", "throughput_resnet32.md", "pretrain.log", "evaluate.md"}
+    assert set(files) == {"machine.txt", "throughput_conv4.md", "throughput_conv4_compile.md", "throughput_resnet32.md",
+                          "pretrain.log", "evaluate.md", "evaluation.json"}
+    assert "| conv4 | 2 | relreason | bf16 |" in files["throughput_conv4_compile.md"]
+    assert "| reference |" not in files["throughput_conv4_compile.md"]
     assert "torch" in files["machine.txt"]
     assert "| conv4 | 2 | relreason | bf16 |" in files["throughput_conv4.md"]
     assert "| resnet32 | 2 | backbone only | fp32 |" in files["throughput_resnet32.md"]

@@ -17,21 +17,30 @@ from relreason.train import PretrainConfig, build_model, build_pretrain_data, se
 WORLD_SIZE = 2
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    images = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(42):
-        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(images / f"{i:03d}.png")
-    output = tmp_path_factory.mktemp("ddp")
+def run_workers(images: Path, output: Path, *extra: str) -> subprocess.CompletedProcess:
     worker = Path(__file__).parent / "ddp_worker.py"
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD_SIZE}",
-         str(worker), str(images), str(output)],
+         str(worker), str(images), str(output), *extra],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return images, output, result
+    return result
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(42):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ddp_run(images, tmp_path_factory):
+    output = tmp_path_factory.mktemp("ddp")
+    return images, output, run_workers(images, output)
 
 
 def single_process_reference(images: Path) -> dict[str, torch.Tensor]:
@@ -85,3 +94,15 @@ def test_only_rank_zero_writes(ddp_run):
     assert result.stderr.count("epoch 2/2") == 1
     assert (output / "backbone.pt").is_file()
     assert records[0]["views_per_second"] > 0
+
+
+def test_ranks_stop_after_the_same_step_when_one_rank_reaches_the_time_limit(images, tmp_path):
+    # Rank 1's limit passes during the first step, rank 0's not for an hour. Stopping alone, rank 1 would
+    # leave rank 0 in the next step's gradient all-reduce until the subprocess timeout fails the test.
+    result = run_workers(images, tmp_path, "skewed-time-limit")
+    assert "stopped during epoch 1 at step 1" in result.stderr
+    assert [p.name for p in tmp_path.glob("checkpoint-*.pt")] == ["checkpoint-e0000-s0000001.pt"]
+    assert json.loads((tmp_path / "backbone.json").read_text())["stopped_by"] == "time limit"
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 
 from relreason.checkpoint import list_checkpoints
@@ -91,3 +92,25 @@ def test_sigterm_checkpoints_mid_epoch_and_stops(tmp_path):
     assert process.returncode == 143, err[-2000:]
     assert "stopped during epoch" in err and "rerun the same command" in out
     assert (run / "backbone.pt").is_file()
+
+
+def test_random_state_round_trip_keeps_to_the_training_device(monkeypatch):
+    from relreason.checkpoint import rng_state, set_rng_state
+
+    state = rng_state(torch.device("cpu"))
+    assert "cuda" not in state  # a CPU run never touches (or initialises) a GPU
+    first = (random.random(), np.random.rand(), torch.rand(3))
+    set_rng_state(state, torch.device("cpu"))
+    second = (random.random(), np.random.rand(), torch.rand(3))
+    assert first[:2] == second[:2] and torch.equal(first[2], second[2])
+
+    # On a GPU only that GPU's generator is restored; older checkpoints hold a list with one per GPU.
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda value, device: restored.append((value, device)))
+    gpu = torch.device("cuda", 1)
+    per_gpu = [torch.full((4,), i, dtype=torch.uint8) for i in range(3)]
+    set_rng_state(state | {"cuda": per_gpu}, gpu)
+    set_rng_state(state | {"cuda": per_gpu[2]}, gpu)
+    set_rng_state(state | {"cuda": per_gpu[:1]}, gpu)  # saved on a machine with fewer GPUs: left as seeded
+    set_rng_state(state | {"cuda": per_gpu}, torch.device("cpu"))
+    assert [(int(v[0]), d) for v, d in restored] == [(1, gpu), (2, gpu)]

@@ -49,20 +49,28 @@ def atomic_write_json(path: str | os.PathLike, payload: Any) -> None:
     atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
 
 
-def rng_state() -> dict[str, Any]:
-    """Every random generator a training step may draw from."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Every random generator a training step may draw from: the host's, and the training device's when it is
+    a GPU (only that one: asking for every GPU's state would open a context on each, from every rank)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device is None or device.type != "cuda" or "cuda" not in state:
+        return
+    saved = state["cuda"]
+    if isinstance(saved, (list, tuple)):  # older checkpoints kept every visible GPU's state
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= len(saved):
+            return
+        saved = saved[index]
+    torch.cuda.set_rng_state(saved, device)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

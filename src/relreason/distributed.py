@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,6 +18,9 @@ class DistributedContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    # A CPU (gloo) group for small control decisions: under nccl a CPU flag cannot use the default group,
+    # and a flag on the GPU would make every step wait for the device to read it.
+    control_group: Any = field(default=None, compare=False, repr=False)
 
     @property
     def enabled(self) -> bool:
@@ -51,6 +55,8 @@ def init_distributed(device: torch.device) -> tuple[DistributedContext, torch.de
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if dist.get_backend() != "gloo":
+        context = dataclasses.replace(context, control_group=dist.new_group(backend="gloo"))
     return context, device
 
 
@@ -64,6 +70,15 @@ def all_reduce_mean(tensor: torch.Tensor, context: DistributedContext) -> torch.
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         tensor /= context.world_size
     return tensor
+
+
+def max_over_ranks(value: int, context: DistributedContext) -> int:
+    """The largest of every rank's ``value``, on every rank: one decision that all ranks act on alike."""
+    if not context.enabled:
+        return value
+    vote = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=context.control_group)
+    return int(vote.item())
 
 
 def broadcast_object(value: Any, context: DistributedContext) -> Any:

@@ -56,6 +56,7 @@ from relreason.data.sampler import EpochBatchSampler
 from relreason.distributed import (
     DistributedContext,
     all_reduce_mean,
+    max_over_ranks,
     barrier,
     broadcast_object,
     init_distributed,
@@ -473,7 +474,7 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
         for group, fresh in zip(optimizer.param_groups, groups):  # this command's --lr, not the checkpoint's
             group["base_lr"] = fresh["base_lr"]
         scaler.load_state_dict(checkpoint["scaler"])
-        set_rng_state(checkpoint["rng"])
+        set_rng_state(checkpoint["rng"], device)
         position = TrainingPosition(**checkpoint["position"])
         if context.is_main:
             metrics.truncate_after(position.epochs_done)
@@ -487,7 +488,7 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
         atomic_write_json(run_dir / "config.json", dataclasses.asdict(config) | {"geometry": geometry})
     train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if context.enabled else model
-    saver = CheckpointSaver(run_dir, config, geometry, model, optimizer, scaler, context)
+    saver = CheckpointSaver(run_dir, config, geometry, model, optimizer, scaler, context, device)
     deadline = time.monotonic() + config.time_limit * 60 if config.time_limit else math.inf
     stop = StopRequest.install()
     stopped_early = False
@@ -554,8 +555,8 @@ def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, path: Pa
 class CheckpointSaver:
     """Rank 0 writes a checkpoint atomically and keeps the newest few; other ranks do nothing."""
 
-    def __init__(self, run_dir, config, geometry, model, optimizer, scaler, context) -> None:
-        self.run_dir, self.config, self.geometry, self.context = run_dir, config, geometry, context
+    def __init__(self, run_dir, config, geometry, model, optimizer, scaler, context, device) -> None:
+        self.run_dir, self.config, self.geometry, self.context, self.device = run_dir, config, geometry, context, device
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
 
     def save(self, position: TrainingPosition) -> None:
@@ -570,7 +571,7 @@ class CheckpointSaver:
             "position": dataclasses.asdict(position),
             "config": dataclasses.asdict(self.config),
             "geometry": self.geometry,
-            "rng": rng_state(),
+            "rng": rng_state(self.device),
         }
         atomic_torch_save(state, checkpoint_path(self.run_dir, position.epoch, position.step))
         rotate_checkpoints(self.run_dir, self.config.keep_checkpoints)
@@ -596,6 +597,17 @@ class StopRequest:
     def uninstall(self) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
+
+    def agreed(self, deadline: float, context: DistributedContext) -> bool:
+        """Whether to stop after this step, decided alike on every rank (a SIGTERM on one counts for all).
+
+        A rank that stopped alone, its own clock past the time limit or a SIGTERM reaching it first, would
+        leave the others waiting in the next gradient all-reduce.
+        """
+        vote = max_over_ranks(2 if self.requested else int(time.monotonic() > deadline), context)
+        if vote == 2:  # never cleared here: a signal may arrive while the vote runs
+            self.requested = True
+        return vote > 0
 
 
 def log(message: str, context: DistributedContext) -> None:
@@ -667,7 +679,7 @@ def train_one_epoch(
         if config.log_every and context.is_main and position.step % config.log_every == 0:
             sync_position()
             metrics.write_step(step_record(position))
-        interrupted = time.monotonic() > deadline or stop.requested
+        interrupted = stop.agreed(deadline, context)
         if position.step < steps_per_epoch and (interrupted or (
                 config.checkpoint_every and position.step % config.checkpoint_every == 0)):
             sync_position()
@@ -697,7 +709,7 @@ def train_one_epoch(
         f"{record['views_per_second']:.0f} views/s", context)
     position.next_epoch()
     saver.save(position)
-    return record, time.monotonic() > deadline or stop.requested
+    return record, stop.agreed(deadline, context)
 
 
 def step_record(position: TrainingPosition) -> dict[str, float]:

@@ -69,7 +69,10 @@ class DeviceMultiViewDataset:
         return int(self.images.shape[0])
 
     def views(self, indices: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        indices = indices.to(self.device, non_blocking=True)  # a blocking copy would wait for the device
+        if self.device.type == "cuda" and indices.device.type == "cpu":
+            # From pageable memory even a non-blocking copy waits for the stream to drain; pinned, it does not.
+            indices = indices.pin_memory()
+        indices = indices.to(self.device, non_blocking=True)
         batch = self.images.index_select(0, indices)
         return self.augmentation(batch, self.num_views, generator), self.labels.index_select(0, indices)
 
