@@ -252,9 +252,9 @@ def main() -> None:
     for backbone_name in args.backbones:
         for num_views in args.views:
             try:
-                time_rows(backbone_name, num_views, images, modes, workers, device, args)
+                failed |= not time_rows(backbone_name, num_views, images, modes, workers, device, args)
             except Exception as error:  # one failed row must not cost the rest of the table (one GPU call)
-                message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                message = str(error).strip().splitlines()[0].replace("|", "/") if str(error).strip() else ""
                 print(f"| {backbone_name} | {num_views} | FAILED | | {type(error).__name__}: {message} | | | |",
                       flush=True)
                 failed = True
@@ -262,7 +262,9 @@ def main() -> None:
         raise SystemExit(1)
 
 
-def time_rows(backbone_name, num_views, images, modes, workers, device, args) -> None:
+def time_rows(backbone_name, num_views, images, modes, workers, device, args) -> bool:
+    """Time and print one backbone and K; False when relreason's step waited for the GPU (rows still printed)."""
+    synced = False
     views_per_step = num_views * args.batch_size
     reference = None
     if not args.skip_reference:
@@ -282,9 +284,11 @@ def time_rows(backbone_name, num_views, images, modes, workers, device, args) ->
     except RuntimeError as error:
         if "synchroniz" not in str(error):
             raise
-        # Say so, then time the same steps unchecked: the figures are still worth having.
-        print(f"# SYNC: relreason's {backbone_name} K={num_views} step waited for the device "
-              f"({str(error).splitlines()[0]}); the rows below are timed without the check", flush=True)
+        # Say so (and exit non-zero at the end), then time the same steps unchecked: the figures still count.
+        synced = True
+        print(f"# SYNC: relreason's {backbone_name} K={num_views} step waited for the device in one of the modes "
+              f"{', '.join(modes)} ({str(error).splitlines()[0]}); the rows below are timed without the check",
+              flush=True)
         for mode in modes:
             steps[("relreason", mode)] = relreason_step_factory(
                 backbone_name, images, num_views, args.batch_size, mode, device, sync_check=False)
@@ -297,6 +301,7 @@ def time_rows(backbone_name, num_views, images, modes, workers, device, args) ->
         ratio = f"{reference / ceiling:.2f}" if reference else ""
         print(f"| {backbone_name} | {num_views} | backbone only | {mode} | {1000 * ceiling:.0f} | "
               f"{views_per_step / ceiling:,.0f} | {ratio} | 1.00 |", flush=True)
+    return not synced
 
 
 if __name__ == "__main__":

@@ -106,3 +106,31 @@ def test_ranks_stop_after_the_same_step_when_one_rank_reaches_the_time_limit(ima
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
+
+
+def test_the_stop_vote_carries_a_sigterm_from_any_rank(monkeypatch):
+    import math
+
+    import relreason.train as train
+    from relreason.distributed import DistributedContext
+
+    stop, context = train.StopRequest(), DistributedContext(rank=1, world_size=2)
+    votes = []
+
+    def other_rank_votes(value, context, decided):
+        votes.append(value)
+        return max(value, decided)
+
+    monkeypatch.setattr(train, "max_over_ranks", lambda value, context: other_rank_votes(value, context, 0))
+    assert not stop.agreed(math.inf, context) and not stop.signalled  # nobody asks to stop
+    monkeypatch.setattr(train, "max_over_ranks", lambda value, context: other_rank_votes(value, context, 1))
+    assert stop.agreed(math.inf, context) and not stop.signalled  # another rank's time limit: stop, no SIGTERM
+    monkeypatch.setattr(train, "max_over_ranks", lambda value, context: other_rank_votes(value, context, 2))
+    assert stop.agreed(math.inf, context) and stop.signalled  # another rank's SIGTERM counts here
+    assert not stop.requested  # this rank received none
+    stop.requested = True
+    monkeypatch.setattr(train, "max_over_ranks", lambda value, context: other_rank_votes(value, context, 0))
+    assert stop.agreed(math.inf, context) and stop.signalled
+    fresh = train.StopRequest()
+    assert fresh.agreed(-math.inf, context) and not fresh.signalled  # its own passed deadline
+    assert votes == [0, 0, 0, 2, 1]  # what this rank put to the vote each time

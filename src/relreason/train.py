@@ -56,10 +56,10 @@ from relreason.data.sampler import EpochBatchSampler
 from relreason.distributed import (
     DistributedContext,
     all_reduce_mean,
-    max_over_ranks,
     barrier,
     broadcast_object,
     init_distributed,
+    max_over_ranks,
     shutdown_distributed,
 )
 from relreason.errors import RelreasonError
@@ -504,7 +504,7 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
         stop.uninstall()
     stopped_early = stopped_early and position.epoch < config.epochs
     if context.is_main:
-        stopped_by = ("SIGTERM" if stop.requested else "time limit") if stopped_early else None
+        stopped_by = ("SIGTERM" if stop.signalled else "time limit") if stopped_early else None
         export_backbone(run_dir, model.method.backbone, config, geometry, position, stopped_by)
         metrics.close()
         plot_training_curves(metrics.read(), run_dir / "training_curves.png")
@@ -514,7 +514,7 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
     barrier(context)
     history = metrics.read() if context.is_main else []
     return PretrainResult(
-        run_dir, position.epoch, history, stopped_early, model.method, stopped_early and stop.requested
+        run_dir, position.epoch, history, stopped_early, model.method, stopped_early and stop.signalled
     )
 
 
@@ -581,7 +581,8 @@ class StopRequest:
     """SIGTERM (a scheduler's preemption notice) asks the loop to checkpoint and stop at the next step."""
 
     def __init__(self) -> None:
-        self.requested = False
+        self.requested = False  # set by the signal handler on this rank
+        self.signalled = False  # the ranks' agreed decision: stop because of a SIGTERM
         self.previous = None
 
     @classmethod
@@ -605,8 +606,9 @@ class StopRequest:
         leave the others waiting in the next gradient all-reduce.
         """
         vote = max_over_ranks(2 if self.requested else int(time.monotonic() > deadline), context)
-        if vote == 2:  # never cleared here: a signal may arrive while the vote runs
-            self.requested = True
+        # The agreed reason, not this rank's flag (a SIGTERM may reach this rank after a time-limit vote):
+        # every rank then reports the same reason and exits with the same status.
+        self.signalled = vote == 2
         return vote > 0
 
 

@@ -70,7 +70,7 @@ class DeviceMultiViewDataset:
 
     def views(self, indices: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.device.type == "cuda" and indices.device.type == "cpu":
-            # From pageable memory even a non-blocking copy waits for the stream to drain; pinned, it does not.
+            # From pageable memory the driver may wait for the stream before it stages the copy; pinned, never.
             indices = indices.pin_memory()
         indices = indices.to(self.device, non_blocking=True)
         batch = self.images.index_select(0, indices)
