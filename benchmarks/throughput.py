@@ -21,6 +21,7 @@ import os
 import platform
 import time
 from contextlib import contextmanager, nullcontext
+from functools import partial
 
 import numpy as np
 import torch
@@ -163,7 +164,7 @@ def reference_step_factory(backbone_name, images, num_views, batch_size, workers
 
 # --- relreason's step ---------------------------------------------------------------------------------------------
 
-def relreason_step_factory(backbone_name, images, num_views, batch_size, mode, device, sync_check=True):
+def relreason_step_factory(backbone_name, images, num_views, batch_size, mode, device):
     compiled = "compile" in mode.split("+")  # as the trainer's --compile: the backbone and the colour jitter
     model = RelationalReasoning(prepare(build_backbone(backbone_name, image_size=32), mode, device), image_size=32)
     model = model.to(device)
@@ -182,7 +183,7 @@ def relreason_step_factory(backbone_name, images, num_views, batch_size, mode, d
     source = batches()
     totals = torch.zeros(2, device=device, dtype=torch.float64)
 
-    def step(check_sync: bool = sync_check):
+    def step(check_sync: bool = True):
         with no_host_sync(device) if check_sync else nullcontext():
             views, _ = next(source)
             with autocast(device, mode):
@@ -289,10 +290,9 @@ def time_rows(backbone_name, num_views, images, modes, workers, device, args) ->
         print(f"# SYNC: relreason's {backbone_name} K={num_views} step waited for the device in one of the modes "
               f"{', '.join(modes)} ({str(error).splitlines()[0]}); the rows below are timed without the check",
               flush=True)
-        for mode in modes:
-            steps[("relreason", mode)] = relreason_step_factory(
-                backbone_name, images, num_views, args.batch_size, mode, device, sync_check=False)
-        seconds = timed(steps, args.steps, args.warmup, device)
+        unchecked = {name: partial(step, check_sync=False) if name[0] == "relreason" else step
+                     for name, step in steps.items()}
+        seconds = timed(unchecked, args.steps, args.warmup, device)
     for mode in modes:
         ours, ceiling = seconds[("relreason", mode)], seconds[("backbone", mode)]
         speedup = f"{reference / ours:.2f}" if reference else ""

@@ -56,3 +56,29 @@ def test_device_check_script_runs_its_steps_tiny_on_the_cpu(tmp_path):
     assert "| resnet32 | 2 | backbone only | fp32 |" in files["throughput_resnet32.md"]
     assert "done: 1 epoch(s)" in files["pretrain.log"]
     assert "| pretrained |" in files["evaluate.md"] and "| random " in files["evaluate.md"]
+
+
+def test_a_step_that_waits_for_the_device_is_reported_timed_unchecked_and_fails_the_run(monkeypatch, capsys):
+    """CUDA's sync check cannot fire on a CPU, so the check is replaced by one that always fires."""
+    import contextlib
+
+    import pytest
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import throughput
+
+    @contextlib.contextmanager
+    def always_syncs(device):
+        raise RuntimeError("called a synchronizing CUDA operation")
+        yield
+
+    monkeypatch.setattr(throughput, "no_host_sync", always_syncs)
+    monkeypatch.setattr(sys, "argv", ["throughput.py", "--backbones", "conv4", "--views", "2", "--batch-size", "4",
+                                      "--modes", "fp32", "--steps", "1", "--warmup", "1", "--dataset", "synthetic",
+                                      "--skip-reference"])
+    with pytest.raises(SystemExit) as exit_info:
+        throughput.main()
+    assert exit_info.value.code == 1
+    out = capsys.readouterr().out
+    assert "# SYNC: relreason's conv4 K=2 step waited for the device" in out
+    assert "| conv4 | 2 | relreason | fp32 |" in out and "| conv4 | 2 | backbone only | fp32 |" in out
