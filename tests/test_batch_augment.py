@@ -114,6 +114,22 @@ def test_color_jitter_applies_each_views_order_only_where_selected():
     assert not torch.allclose(out[0], out[23], atol=1e-3)  # the order matters
 
 
+def test_greyscale_follows_the_jitter_as_in_torchvision():
+    """RandomApply(ColorJitter) then RandomGrayscale: the hue shift changes the luma the greyscale keeps."""
+    images = torch.from_numpy(colour_images(4, 16, 16, seed=8)).permute(0, 3, 1, 2).contiguous()
+    params = ba.ViewParameters(
+        boxes=torch.tensor([[0, 0, 16, 16]]).repeat(4, 1), flip=torch.zeros(4, dtype=torch.bool),
+        jitter=torch.ones(4, dtype=torch.bool), factors=torch.tensor([[1.0, 1.0, 1.0, 0.2]]).repeat(4, 1),
+        order=torch.arange(4).repeat(4, 1), grayscale=torch.tensor([True, True, False, False]),
+    )
+    views = ba.BatchRelationalAugmentation(16, (0.5,) * 3, (0.5,) * 3).apply(images, params, normalize=False)
+    source = images.float() / 255
+    shifted = TF.adjust_hue(source, 0.2)
+    expected = torch.cat([TF.rgb_to_grayscale(shifted[:2], 3), shifted[2:]])
+    assert torch.allclose(views, expected, atol=2e-3)
+    assert not torch.allclose(views[:2], TF.rgb_to_grayscale(source[:2], 3), atol=2e-2)
+
+
 def test_random_choices_have_the_recipe_rates_and_ranges():
     params = ba.sample_view_parameters(48000, 28, 28, generator=torch.Generator().manual_seed(2))
     assert params.flip.float().mean().item() == pytest.approx(0.5, abs=0.01)

@@ -234,3 +234,37 @@ def test_one_pair_is_refused_as_batchnorm_refuses_it():
     one = torch.tensor([0])
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         head.score_pairs(torch.randn(2, 4), one, one + 1, stream_tail=True)
+
+
+def scaled_first_layer(head):
+    head[0].register_forward_hook(lambda module, inputs, output: output * 3)
+    return head
+
+
+def shifted_head_input(head):
+    head.register_forward_pre_hook(lambda module, inputs: (inputs[0] + 1,))
+    return head
+
+
+class TwiceHead(RelationHead):
+    def forward(self, pairs):
+        return super().forward(pairs) * 2
+
+
+def subclass_with_forward(head):
+    twice = TwiceHead(head.in_features, head.hidden_features)
+    twice.load_state_dict(head.state_dict())
+    return twice
+
+
+@pytest.mark.parametrize("aggregation", ["cat", "sum"])
+@pytest.mark.parametrize("change", [scaled_first_layer, shifted_head_input, subclass_with_forward])
+def test_factorised_path_gives_way_to_hooks_and_overrides(change, aggregation):
+    """What the factorised path would skip (hooks on the head or its first Linear, a forward of its own)
+    makes score_pairs run the modules on formed pairs."""
+    torch.manual_seed(7)
+    head = change(RelationHead(aggregation_width(4, aggregation), hidden_features=8)).eval()
+    features = torch.randn(3 * 5, 4)
+    left, right, _ = relation_pair_indices(3, 5)
+    pairs = torch.cat([features[left], features[right]], 1) if aggregation == "cat" else features[left] + features[right]
+    assert torch.allclose(head.score_pairs(features, left, right, aggregation), head(pairs).squeeze(1), atol=1e-5)

@@ -24,6 +24,29 @@ def test_focal_equals_plain_formula(gamma, alpha):
     assert torch.allclose(got, torch.as_tensor(plain_focal(logits, targets, gamma, alpha)), atol=1e-10)
 
 
+@pytest.mark.parametrize("gamma", [0.0, 0.001, 0.5, 0.999, 2.0])
+def test_focal_gradient_stays_finite_on_saturated_logits(gamma):
+    # fp32 sigmoid rounds to exactly 1 here; (1 - p) ** gamma has an infinite slope at 0 when gamma < 1.
+    logits = torch.tensor([17.0, 17.5, 30.0, -30.0, 1.0, 30.0], requires_grad=True)
+    targets = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0])
+    loss = FocalLoss(gamma, 0.25)(logits, targets)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+    assert logits.grad[:4].abs().max() < 1e-6  # confident and right: almost no gradient
+    assert logits.grad[5] > 0  # confident and wrong: pushed back
+    exact = plain_focal(logits.detach().double(), targets.double(), gamma, 0.25)
+    assert torch.allclose(loss.double(), torch.as_tensor(exact, dtype=torch.float64), rtol=1e-4)
+
+
+def test_focal_with_soft_targets_blends_both_terms():
+    logits = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)
+    soft = torch.tensor([0.7, 0.2, 0.5], dtype=torch.float64)
+    p = torch.sigmoid(logits)
+    p_true = soft * p + (1 - soft) * (1 - p)
+    expected = ((1 - p_true) ** 2 * F.binary_cross_entropy_with_logits(logits, soft, reduction="none")).mean()
+    assert torch.allclose(FocalLoss(2.0, None)(logits, soft), expected, atol=1e-12)
+
+
 def test_focal_gamma_zero_is_half_bce_and_downweights_easy_pairs():
     logits = torch.tensor([4.0, -4.0, 0.1, -0.2])
     targets = torch.tensor([1.0, 0.0, 0.0, 1.0])

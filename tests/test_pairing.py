@@ -81,3 +81,16 @@ def test_pair_indices_are_made_once_per_device():
     assert all(a is b for a, b in zip(first, again)) and first[0].device.type == "meta"
     on_cpu = relation_pair_indices(4, 5, "cpu")
     assert all(torch.equal(a, b) for a, b in zip(on_cpu, relation_pair_indices(4, 5)))
+
+
+def test_returned_targets_are_the_callers_own():
+    """Changing the targets a caller gets back must not change the cached ones later calls use."""
+    from relreason import RelationalReasoning
+    from relreason.backbones import build_backbone
+
+    expected = relation_pair_indices(3, 4)[2].clone()
+    _, targets = make_relation_pairs(torch.randn(12, 5), 3)
+    targets.zero_()
+    model = RelationalReasoning(build_backbone("conv4", image_size=32), image_size=32)
+    model(torch.rand(3, 4, 3, 32, 32)).targets.zero_()
+    assert torch.equal(relation_pair_indices(3, 4)[2], expected)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from relreason.errors import RelreasonError
-from relreason.pair_tail import FUSE_ABOVE_BYTES, can_stream, streamed_pair_tail
+from relreason.pair_tail import FUSE_ABOVE_BYTES, can_stream, is_plain, streamed_pair_tail
 from relreason.pairing import aggregate_pairs
 
 FACTORISABLE = ("cat", "sum", "mean")
@@ -52,7 +52,9 @@ class RelationHead(nn.Sequential):
         batch 64); ``False`` never; ``True`` wherever it applies (``pair_tail.can_stream``: the stock modules,
         no hooks, BatchNorm in training mode, fp32/fp64 on CPU).
         """
-        if aggregation not in FACTORISABLE:  # max does not factorise: the pairs are formed
+        # max does not factorise; hooks on the head or its first Linear, or a replaced first layer, would be
+        # bypassed by the factorised path: the pairs are formed and run through the modules.
+        if aggregation not in FACTORISABLE or not (is_plain(self, RelationHead) and is_plain(self[0], nn.Linear)):
             joined = aggregate_pairs(features.index_select(0, left), features.index_select(0, right), aggregation)
             return self(joined).squeeze(1)
         first = self[0]

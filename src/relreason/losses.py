@@ -29,9 +29,10 @@ class FocalLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         cross_entropy = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-        probability = torch.sigmoid(logits)
-        p_true = targets * probability + (1 - targets) * (1 - probability)
-        loss = (1 - p_true).pow(self.gamma) * cross_entropy
+        # (1 - p_true) ** gamma in log space: 1 - sigmoid(z) rounds to 0 from |z| ~ 17 in fp32, where the
+        # derivative of x ** gamma is infinite for gamma < 1 and the gradient would be NaN.
+        log_miss = torch.logaddexp(targets.log() + F.logsigmoid(-logits), (-targets).log1p() + F.logsigmoid(logits))
+        loss = torch.exp(self.gamma * log_miss) * cross_entropy
         if self.alpha is not None:
             loss = (targets * self.alpha + (1 - targets) * (1 - self.alpha)) * loss
         return loss.mean()

@@ -132,7 +132,7 @@ class RelationalReasoning(PretrainMethod):
             # indexing's accumulate is not with several threads, which would break bit-exact resume.
             pairs = aggregate_pairs(features.index_select(0, left), features.index_select(0, right), self.aggregation)
             scores = self.relation_head(pairs).squeeze(1)
-        return scores, targets.to(scores.dtype)
+        return scores, targets.to(scores.dtype, copy=True)  # the caller's own: the cached one stays intact
 
     def forward(self, views: Sequence[torch.Tensor] | torch.Tensor, labels: torch.Tensor | None = None) -> RelationOutput:
         """``labels`` are ignored (the method is self-supervised); accepted so every method is called alike."""

@@ -169,10 +169,17 @@ def streamed_pair_tail(
     return logits
 
 
-def _is_plain(module: nn.Module, kind: type[nn.Module]) -> bool:
-    """Exactly ``kind`` (not a subclass with its own forward) and without hooks, which streaming would bypass."""
+def is_plain(module: nn.Module, kind: type[nn.Module]) -> bool:
+    """Exactly ``kind`` (not a subclass with its own forward), without hooks of its own or global module hooks:
+    the fast paths call functions, not the module, so they would bypass all of these."""
     hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    return type(module) is kind and not any(getattr(module, name, None) for name in hooks)
+    global_hooks = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                    "_global_backward_pre_hooks")
+    return (
+        type(module) is kind
+        and not any(getattr(module, name, None) for name in hooks)
+        and not any(getattr(torch.nn.modules.module, name, None) for name in global_hooks)
+    )
 
 
 def can_stream(features: torch.Tensor, batch_norm: nn.Module, activation: nn.Module, last: nn.Module, num_pairs: int) -> bool:
@@ -182,20 +189,17 @@ def can_stream(features: torch.Tensor, batch_norm: nn.Module, activation: nn.Mod
     bias) without hooks, CPU fp32/fp64 features outside autocast and compile, and at least two pairs (one
     pair is an error for BatchNorm, which the plain modules report).
     """
-    global_hooks = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                    "_global_backward_pre_hooks")
     return (
         num_pairs > 1
         and features.device.type == "cpu"
         and features.dtype in (torch.float32, torch.float64)
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
-        and _is_plain(batch_norm, nn.BatchNorm1d)
+        and is_plain(batch_norm, nn.BatchNorm1d)
         and batch_norm.training
         and batch_norm.affine
-        and _is_plain(activation, nn.LeakyReLU)
-        and _is_plain(last, nn.Linear)
+        and is_plain(activation, nn.LeakyReLU)
+        and is_plain(last, nn.Linear)
         and last.out_features == 1
         and last.bias is not None
-        and not any(getattr(torch.nn.modules.module, name, None) for name in global_hooks)
     )

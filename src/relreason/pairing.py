@@ -61,7 +61,8 @@ def relation_pair_indices(
     """Row indices of the left and right member of every relation pair, and its target (1 or 0).
 
     Returns ``(left, right, targets)``, each of length ``K * (K - 1) * B``: ``features[left[p]]`` and
-    ``features[right[p]]`` form pair ``p``. Made once per ``(K, B, device)`` and cached.
+    ``features[right[p]]`` form pair ``p``. Made once per ``(K, B, device)`` and cached: every call returns
+    the same tensors, so never change them in place (clone first).
     """
     device = torch.device("cpu") if device is None else torch.device(device)
     if torch.compiler.is_compiling():  # traced into the compiled graph once per shape: no cache to consult
@@ -106,4 +107,4 @@ def make_relation_pairs(
         )
     left, right, targets = relation_pair_indices(num_views, total // num_views, features.device)
     pairs = aggregate_pairs(features.index_select(0, left), features.index_select(0, right), aggregation)
-    return pairs, targets.to(features.dtype)
+    return pairs, targets.to(features.dtype, copy=True)  # the caller's own: the cached one stays intact

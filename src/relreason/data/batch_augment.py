@@ -12,7 +12,9 @@ per-image torchvision pipeline does, but the work is a handful of batched tensor
 * greyscale with probability ``grayscale_p`` (ITU-R 601-2 luma, as torchvision and PIL), then normalisation.
 
 Differences from the PIL pipeline: intermediate results stay in float instead of being rounded to uint8
-after every operation, and contrast uses the exact mean of the greyscale image (PIL rounds it to an integer).
+after every operation, contrast uses the exact mean of the greyscale image (PIL rounds it to an integer),
+and hue is shifted in float HSV as torchvision's tensor ``adjust_hue`` does, where PIL goes through 8-bit
+HSV (the same shift, but up to ~17 grey levels apart on some pixels; under one level on average).
 """
 
 from __future__ import annotations
