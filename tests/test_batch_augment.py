@@ -185,7 +185,7 @@ def test_device_dataset_and_loader_are_reproducible_per_step():
     views = DeviceMultiViewDataset(dataset, ba.BatchRelationalAugmentation(8, (0.5,) * 3, (0.5,) * 3), 2, seed=3)
     full = list(BatchViewLoader(views, EpochBatchSampler(10, 4, seed=3, epoch=0)))
     assert [v.shape for v, _ in full] == [(2, 4, 3, 8, 8), (2, 4, 3, 8, 8), (2, 2, 3, 8, 8)]
-    resumed = list(BatchViewLoader(views, EpochBatchSampler(10, 4, seed=3, epoch=0, start_step=1)))
+    resumed = list(BatchViewLoader(views, EpochBatchSampler(10, 4, seed=3, epoch=0, start_item=4)))
     for (a, la), (b, lb) in zip(full[1:], resumed):
         assert torch.equal(a, b) and torch.equal(la, lb)
     views.set_epoch(1)

@@ -108,6 +108,38 @@ def test_ranks_stop_after_the_same_step_when_one_rank_reaches_the_time_limit(ima
     assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
 
 
+def test_a_run_stopped_on_one_rank_resumes_to_the_same_weights_and_epoch_metrics(ddp_run, tmp_path):
+    """SIGTERM on rank 1 alone in step 2 of 3: both ranks checkpoint there; the rerun ends where the run
+    that was never stopped ended, with the same epoch records (each rank's running sums were kept)."""
+    images, reference, _ = ddp_run
+    stopped = run_workers(images, tmp_path, "sigterm-at-step-2")
+    assert "stopped during epoch 1 at step 2" in stopped.stderr
+    run_workers(images, tmp_path)
+    weights, expected = (torch.load(d / "rank0.pt", weights_only=True) for d in (tmp_path, reference))
+    assert all(torch.equal(weights[key], expected[key]) for key in expected)
+    records, expected_records = ([json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+                                 for d in (tmp_path, reference))
+    assert [r["epoch"] for r in records] == [1, 2]
+    for record, wanted in zip(records, expected_records):
+        for key in ("loss", "relation_accuracy", "positive_accuracy", "negative_accuracy"):
+            assert record[key] == pytest.approx(wanted[key], rel=1e-9), key
+
+
+def test_the_stop_vote_carries_a_failure_found_on_one_rank(monkeypatch):
+    import math
+
+    import relreason.train as train
+    from relreason.distributed import DistributedContext
+
+    context = DistributedContext(rank=1, world_size=2)
+    monkeypatch.setattr(train, "max_over_ranks", lambda value, context: max(value, 3))  # rank 0 found NaN
+    stop = train.StopRequest()
+    assert stop.agreed(math.inf, context) and stop.failed and not stop.signalled
+    monkeypatch.setattr(train, "max_over_ranks", lambda value, context: value)
+    assert stop.agreed(math.inf, context, failing=True) and stop.failed
+    assert not stop.agreed(math.inf, context) and not stop.failed
+
+
 def test_the_stop_vote_carries_a_sigterm_from_any_rank(monkeypatch):
     import math
 

@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import torch
 
 from relreason.checkpoint import list_checkpoints
@@ -119,3 +120,26 @@ def test_random_state_round_trip_keeps_to_the_training_device(monkeypatch):
     set_rng_state(state | {"cuda": per_gpu[:1]}, gpu)  # saved on a machine with fewer GPUs: left as seeded
     set_rng_state(state | {"cuda": per_gpu}, torch.device("cpu"))
     assert [(int(v[0]), d) for v, d in restored] == [(1, gpu), (2, gpu)]
+
+
+def test_pruning_keeps_the_checkpoint_just_written_beside_an_unreadable_later_one(tmp_path):
+    from relreason.checkpoint import checkpoint_path, rotate_checkpoints
+
+    unreadable = checkpoint_path(tmp_path, 9, 0)
+    unreadable.write_bytes(b"cut short")
+    older = [checkpoint_path(tmp_path, 0, step) for step in (10, 20)]
+    for path in older:
+        path.write_bytes(b"x")
+    just_written = checkpoint_path(tmp_path, 0, 30)
+    just_written.write_bytes(b"x")
+    rotate_checkpoints(tmp_path, 1, newest=just_written)
+    assert list_checkpoints(tmp_path) == [unreadable, just_written]
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_writes_follow_the_umask(tmp_path, monkeypatch, umask, mode):
+    from relreason import checkpoint
+
+    monkeypatch.setattr(checkpoint, "_UMASK", umask)
+    checkpoint.atomic_write_json(tmp_path / "config.json", {"a": 1})
+    assert (tmp_path / "config.json").stat().st_mode & 0o777 == mode

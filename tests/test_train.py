@@ -1,5 +1,6 @@
 """The trainer's promises beyond the happy path: AMP, logs, time limit, non-finite loss, resume checks."""
 
+import json
 import re
 from pathlib import Path
 
@@ -102,9 +103,9 @@ def test_resume_refuses_a_changed_schedule_and_reads_older_checkpoints_as_defaul
     checkpoint = torch.load(list_checkpoints(tmp_path / "run")[0], weights_only=False)
     for option in ("lr_schedule", "warmup_epochs"):  # as a checkpoint written before these options existed
         del checkpoint["config"][option]
-    check_resumable(checkpoint, config(tmp_path), tmp_path / "old.pt")
+    check_resumable(checkpoint, config(tmp_path), checkpoint["geometry"], tmp_path / "old.pt")
     with pytest.raises(RelreasonError, match="warmup_epochs: checkpoint 0.0 vs now 0.5"):
-        check_resumable(checkpoint, config(tmp_path, epochs=2, warmup_epochs=0.5), tmp_path / "old.pt")
+        check_resumable(checkpoint, config(tmp_path, epochs=2, warmup_epochs=0.5), checkpoint["geometry"], tmp_path / "old.pt")
 
 
 def test_resuming_a_cosine_run_with_more_epochs_warns_of_the_new_curve(tmp_path, capsys):
@@ -176,3 +177,117 @@ def test_supervised_on_partly_unlabelled_data_is_refused_before_anything_is_writ
     with pytest.raises(RelreasonError, match=r"8 image\(s\) of dataset 'digits' have none"):
         pretrain(config(tmp_path, method="supervised"))
     assert not (tmp_path / "run").exists()
+
+
+def stop_at_step(monkeypatch, step):
+    """Make the stop vote say 'time limit' at ``step`` (its ``step``-th call), as a deadline passing there."""
+    from relreason.train import StopRequest
+
+    real, calls = StopRequest.agreed, []
+
+    def agreed(self, deadline, context, failing=False):
+        calls.append(1)
+        return real(self, -1.0 if len(calls) == step else deadline, context, failing)
+
+    monkeypatch.setattr(StopRequest, "agreed", agreed)
+
+
+def test_resume_under_another_number_of_processes_goes_on_with_the_unused_images(tmp_path, monkeypatch, capsys):
+    # digits: 1,438 training images, 23 steps of 64. A checkpoint after 5 steps of 2 processes has used 640.
+    stop_at_step(monkeypatch, 5)
+    pretrain(config(tmp_path))
+    monkeypatch.undo()
+    path = list_checkpoints(tmp_path / "run")[0]
+    checkpoint = torch.load(path, weights_only=False)
+    checkpoint["position"]["items"] = 5 * 64 * 2
+    torch.save(checkpoint, path)
+    capsys.readouterr()
+    result = pretrain(config(tmp_path, log_every=1))
+    err = capsys.readouterr().err
+    assert "resumed under 1 process(es)" in err and "its 798 unused image(s), as step 10 of 23" in err
+    steps = [json.loads(line) for line in (result.run_dir / "steps.jsonl").read_text().splitlines()]
+    assert steps[0]["epoch"] == pytest.approx(11 / 23)  # the first step after the resume is step 11 of 23
+    assert result.history[-1]["epoch"] == 1
+
+
+def test_a_fresh_start_drops_the_records_a_killed_run_left(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "steps.jsonl").write_text('{"epoch": 0.5, "loss": 9.0}\n')
+    (run / "metrics.jsonl").write_text('{"epoch": 1, "loss": 9.0}\n')
+    result = pretrain(config(tmp_path, log_every=10))
+    steps = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in result.history] == [1] and result.history[0]["loss"] != 9.0
+    assert all(r["loss"] != 9.0 for r in steps) and steps == sorted(steps, key=lambda r: r["epoch"])
+
+
+def test_the_epoch_record_is_written_before_the_checkpoint_that_passes_it(tmp_path, monkeypatch):
+    import relreason.train as train
+
+    seen = []
+    real = train.atomic_torch_save
+
+    def save(state, path):
+        if Path(path).name.startswith("checkpoint-"):
+            seen.append((Path(path).name, len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines())))
+        real(state, path)
+
+    monkeypatch.setattr(train, "atomic_torch_save", save)
+    pretrain(config(tmp_path, epochs=2))
+    assert seen == [("checkpoint-e0001-s0000000.pt", 1), ("checkpoint-e0002-s0000000.pt", 2)]
+
+
+def test_resume_applies_this_commands_weight_decay_and_a_newly_enabled_fp16_scaler(tmp_path):
+    pretrain(config(tmp_path, epochs=1))
+    pretrain(config(tmp_path, epochs=2, weight_decay=0.1, amp="fp16"))
+    checkpoint = torch.load(list_checkpoints(tmp_path / "run")[0], weights_only=False)
+    assert [g["weight_decay"] for g in checkpoint["optimizer"]["param_groups"]] == [0.1, 0.0]  # the probe: none
+    assert checkpoint["scaler"]  # the fp16 scaler's state, started afresh at the resume
+
+
+def test_resume_refuses_a_changed_online_probe_and_accepts_the_dataset_size_given_explicitly(tmp_path):
+    pretrain(config(tmp_path, image_size=None))
+    with pytest.raises(RelreasonError, match="online_probe: checkpoint True vs now False"):
+        pretrain(config(tmp_path, image_size=None, epochs=2, online_probe=False))
+    native = json.loads((tmp_path / "run" / "backbone.json").read_text())["image_size"]
+    assert pretrain(config(tmp_path, image_size=native, epochs=2)).epochs_done == 2
+
+
+def test_random_method_refuses_a_folder_with_another_run(tmp_path):
+    pretrain(config(tmp_path))
+    exported = (tmp_path / "run" / "backbone.pt").read_bytes()
+    with pytest.raises(RelreasonError, match="holds training checkpoints; choose another --output-dir"):
+        pretrain(config(tmp_path, method="random"))
+    for path in list_checkpoints(tmp_path / "run"):
+        path.unlink()
+    with pytest.raises(RelreasonError, match="holds the backbone of a 'relational' run"):
+        pretrain(config(tmp_path, method="random"))
+    assert (tmp_path / "run" / "backbone.pt").read_bytes() == exported
+    pretrain(config(tmp_path, method="random", output_dir=str(tmp_path / "random")))
+    pretrain(config(tmp_path, method="random", output_dir=str(tmp_path / "random")))  # its own folder: fine
+
+
+def test_stale_temporary_files_of_a_killed_write_are_removed(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = [run / ".checkpoint-e0000-s0000003.pt.k2j4.tmp", run / ".backbone.pt.x9q1.tmp"]
+    kept = run / ".notes.txt.a1b2.tmp"  # not a name relreason writes
+    for path in (*stale, kept):
+        path.write_bytes(b"partial")
+    pretrain(config(tmp_path))
+    assert not any(path.exists() for path in stale) and kept.exists()
+
+
+def test_only_process_zero_prints_the_summary(monkeypatch, capsys):
+    import argparse
+
+    import relreason.train as train
+    from relreason import cli
+
+    result = train.PretrainResult(Path("runs/x"), 1, [], False, None)
+    monkeypatch.setattr(train, "pretrain", lambda config: result)
+    args = argparse.Namespace(dataset="digits")
+    for rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        assert cli.run_pretrain(args) == 0
+        assert ("done: 1 epoch(s)" in capsys.readouterr().out) == printed

@@ -18,12 +18,22 @@ import torch
 from relreason.errors import RelreasonError
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # once, at import: the round trip above is not safe beside threads that create files
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temporary file beside ``path``, fsync it, then rename over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(descriptor, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide the file from the user's group
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -37,6 +47,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         os.fsync(directory)  # make the rename itself durable
     finally:
         os.close(directory)
+
+
+def remove_stale_temporaries(directory: str | os.PathLike, name_pattern: str) -> None:
+    """Delete the temporary files that ``atomic_write_bytes`` left for names matching ``name_pattern`` when a
+    process was killed mid-write (they are never renamed into place)."""
+    for path in Path(directory).glob(f".{name_pattern}.*.tmp"):
+        path.unlink(missing_ok=True)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -115,7 +132,14 @@ def load_newest_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict[str, 
     return None
 
 
-def rotate_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
-    """Delete all but the ``keep`` newest checkpoints."""
-    for path in list_checkpoints(run_dir)[keep:]:
+def rotate_checkpoints(run_dir: str | os.PathLike, keep: int, newest: str | os.PathLike | None = None) -> None:
+    """Delete all but the ``keep`` newest checkpoints, counting from ``newest`` (the one just written).
+
+    Files named as later than ``newest`` are left alone: a run resumes from the newest checkpoint that reads
+    back, so such a file could not be read, and counting it would delete the checkpoint just written.
+    """
+    found = list_checkpoints(run_dir)
+    if newest is not None and Path(newest) in found:
+        found = found[found.index(Path(newest)):]
+    for path in found[keep:]:
         path.unlink(missing_ok=True)

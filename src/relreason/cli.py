@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -262,14 +263,17 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
     config = _config_from(args, PretrainConfig)
     result = pretrain(config)
+    reports = os.environ.get("RANK", "0") == "0"  # under torchrun, process 0 alone speaks for the run
     if result.preempted:
-        print(f"stopped by SIGTERM after {result.epochs_done} epoch(s); rerun the same command to continue")
+        if reports:
+            print(f"stopped by SIGTERM after {result.epochs_done} epoch(s); rerun the same command to continue")
         return 143  # 128 + SIGTERM: the run is not finished
     partial = " and part of the next (time limit)" if result.stopped_early else ""
-    print(
-        f"done: {result.epochs_done} epoch(s){partial}; backbone exported to {result.run_dir / 'backbone.pt'}; "
-        f"evaluate with: relreason evaluate --run-dir {result.run_dir}"
-    )
+    if reports:
+        print(
+            f"done: {result.epochs_done} epoch(s){partial}; backbone exported to {result.run_dir / 'backbone.pt'}; "
+            f"evaluate with: relreason evaluate --run-dir {result.run_dir}"
+        )
     return 0
 
 

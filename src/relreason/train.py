@@ -35,6 +35,7 @@ from relreason.checkpoint import (
     checkpoint_path,
     list_checkpoints,
     load_newest_checkpoint,
+    remove_stale_temporaries,
     rng_state,
     rotate_checkpoints,
     set_rng_state,
@@ -203,6 +204,9 @@ def prepare_output_dir(config: PretrainConfig, context: DistributedContext = Dis
         probe.unlink()
     except OSError as error:
         raise RelreasonError(f"output folder {run_dir} is not writable ({error.strerror}); choose another --output-dir") from None
+    if context.is_main:  # left by a run killed while writing them
+        for name in ("checkpoint-e*-s*.pt", BACKBONE_NAME):
+            remove_stale_temporaries(run_dir, name)
     if list_checkpoints(run_dir) and not config.resume:
         raise RelreasonError(
             f"{run_dir} already holds training checkpoints and --no-resume was given; "
@@ -309,12 +313,16 @@ def make_loader(
 ) -> DataLoader | BatchViewLoader:
     """This rank's batches from ``position`` to the end of its epoch.
 
-    Order comes from (seed, epoch) and each image's views from (seed, epoch, index), so a resumed or
-    re-sharded epoch sees exactly the images and views it would have seen.
+    Order comes from (seed, epoch), so a resumed epoch goes on with the images not yet used, also under another
+    number of ranks; each image's views come from (seed, epoch, index) on the per-image path and from (seed,
+    epoch, step, rank) on the batched one, so a resume under the same number of ranks repeats them exactly.
     """
     dataset.set_epoch(position.epoch)
+    # Checkpoints from before ``items`` was recorded were taken under this number of ranks.
+    start_item = position.items if position.items is not None else position.step * config.batch_size * context.world_size
     sampler = EpochBatchSampler(
-        len(dataset), config.batch_size, config.seed, position.epoch, context.rank, context.world_size, position.step
+        len(dataset), config.batch_size, config.seed, position.epoch, context.rank, context.world_size,
+        min(start_item, len(dataset)),
     )
     if isinstance(dataset, DeviceMultiViewDataset):
         return BatchViewLoader(dataset, sampler, context.rank)
@@ -435,6 +443,7 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
     num_classes = num_classes_of(dataset)
     method = build_model(config, geometry["image_size"], num_classes)
     if method is None:  # 'random': the lower bound is the initialisation itself
+        check_no_other_run(run_dir)
         backbone = build_backbone(config.backbone, image_size=geometry["image_size"])
         if context.is_main:
             export_backbone(run_dir, backbone, config, geometry, TrainingPosition())
@@ -468,16 +477,17 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
     found = broadcast_object(load_newest_checkpoint(run_dir) if context.is_main and config.resume else None, context)
     if found is not None:
         path, checkpoint = found
-        check_resumable(checkpoint, config, path)
+        check_resumable(checkpoint, config, geometry, path)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        for group, fresh in zip(optimizer.param_groups, groups):  # this command's --lr, not the checkpoint's
+        for group, fresh in zip(optimizer.param_groups, groups):  # this command's --lr and --weight-decay
             group["base_lr"] = fresh["base_lr"]
-        scaler.load_state_dict(checkpoint["scaler"])
+            group["weight_decay"] = fresh.get("weight_decay", config.weight_decay)
+        if checkpoint["scaler"]:  # empty when saved without --amp fp16: a newly enabled scaler starts afresh
+            scaler.load_state_dict(checkpoint["scaler"])
         set_rng_state(checkpoint["rng"], device)
         position = TrainingPosition(**checkpoint["position"])
         if context.is_main:
-            metrics.truncate_after(position.epochs_done)
             log(f"resuming {path}: epoch {position.epoch + 1}, step {position.step}", context)
             saved_epochs = checkpoint.get("config", {}).get("epochs", config.epochs)
             if config.lr_schedule == "cosine" and saved_epochs != config.epochs:
@@ -485,6 +495,8 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
                     "now spans the new length, so the learning rate jumps to that curve", context)
 
     if context.is_main:
+        # Records past the starting point (all of them on a fresh start) are of steps about to be redone.
+        metrics.truncate_after(position.epochs_done)
         atomic_write_json(run_dir / "config.json", dataclasses.asdict(config) | {"geometry": geometry})
     train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if context.enabled else model
@@ -498,8 +510,6 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
                 train_model, optimizer, scaler, dataset, config, position, device, amp_dtype, deadline, stop, saver,
                 context, metrics,
             )
-            if record is not None and context.is_main:
-                metrics.write(record)
     finally:
         stop.uninstall()
     stopped_early = stopped_early and position.epoch < config.epochs
@@ -529,6 +539,7 @@ class TrainingPosition:
     seconds: float = 0.0  # training time in this epoch
     past_seconds: float = 0.0  # training time in the epochs before it
     steps_per_epoch: int = 0
+    items: int | None = None  # images of the epoch's shuffled order used so far by all ranks together
 
     @property
     def epochs_done(self) -> float:
@@ -537,19 +548,37 @@ class TrainingPosition:
 
     def next_epoch(self) -> None:
         self.past_seconds += self.seconds
-        self.epoch, self.step, self.totals, self.views, self.seconds = self.epoch + 1, 0, {}, 0, 0.0
+        self.epoch, self.step, self.totals, self.views, self.seconds, self.items = self.epoch + 1, 0, {}, 0, 0.0, 0
 
 
-def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, path: Path) -> None:
+def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, geometry: dict, path: Path) -> None:
     saved = checkpoint.get("config", {})
     defaults = PretrainConfig()  # for options that checkpoints from older versions do not record
-    shaping = ("method", "backbone", "aggregation", "head_hidden", "dataset", "image_size", "num_views", "batch_size",
-               "seed", "lr_schedule", "warmup_epochs")
+    shaping = ("method", "backbone", "aggregation", "head_hidden", "dataset", "num_views", "batch_size",
+               "seed", "lr_schedule", "warmup_epochs", "online_probe")
     recorded = {k: saved.get(k, getattr(defaults, k)) for k in shaping}
     mismatched = {k: (v, getattr(config, k)) for k, v in recorded.items() if v != getattr(config, k)}
+    # The size the run trains at, not the option: no --image-size and the dataset's own size are the same run.
+    saved_size = checkpoint.get("geometry", {}).get("image_size", geometry["image_size"])
+    if saved_size != geometry["image_size"]:
+        mismatched["image_size"] = (saved_size, geometry["image_size"])
     if mismatched:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items())
         raise RelreasonError(f"cannot resume {path}: options differ ({detail}); rerun with the original options")
+
+
+def check_no_other_run(run_dir: Path) -> None:
+    """``--method random`` writes its backbone without checkpoints: refuse a folder that holds another run's."""
+    if list_checkpoints(run_dir):
+        raise RelreasonError(f"{run_dir} holds training checkpoints; choose another --output-dir for the random backbone")
+    try:
+        other = json.loads((run_dir / BACKBONE_META_NAME).read_text()).get("method")
+    except (OSError, ValueError, AttributeError):
+        return  # no backbone (or none relreason can read) to overwrite
+    if other != "random":
+        raise RelreasonError(
+            f"{run_dir} holds the backbone of a '{other}' run; choose another --output-dir for the random backbone"
+        )
 
 
 class CheckpointSaver:
@@ -573,8 +602,9 @@ class CheckpointSaver:
             "geometry": self.geometry,
             "rng": rng_state(self.device),
         }
-        atomic_torch_save(state, checkpoint_path(self.run_dir, position.epoch, position.step))
-        rotate_checkpoints(self.run_dir, self.config.keep_checkpoints)
+        path = checkpoint_path(self.run_dir, position.epoch, position.step)
+        atomic_torch_save(state, path)
+        rotate_checkpoints(self.run_dir, self.config.keep_checkpoints, newest=path)
 
 
 class StopRequest:
@@ -583,6 +613,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.requested = False  # set by the signal handler on this rank
         self.signalled = False  # the ranks' agreed decision: stop because of a SIGTERM
+        self.failed = False  # the ranks' agreed decision: stop because a rank found the training broken
         self.previous = None
 
     @classmethod
@@ -599,16 +630,17 @@ class StopRequest:
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
 
-    def agreed(self, deadline: float, context: DistributedContext) -> bool:
+    def agreed(self, deadline: float, context: DistributedContext, failing: bool = False) -> bool:
         """Whether to stop after this step, decided alike on every rank (a SIGTERM on one counts for all).
 
-        A rank that stopped alone, its own clock past the time limit or a SIGTERM reaching it first, would
-        leave the others waiting in the next gradient all-reduce.
+        A rank that stopped alone, its own clock past the time limit, a SIGTERM reaching it first or an
+        error (``failing``) found by it alone, would leave the others waiting in the next gradient all-reduce.
         """
-        vote = max_over_ranks(2 if self.requested else int(time.monotonic() > deadline), context)
+        own = 3 if failing else 2 if self.requested else int(time.monotonic() > deadline)
+        vote = max_over_ranks(own, context)
         # The agreed reason, not this rank's flag (a SIGTERM may reach this rank after a time-limit vote):
         # every rank then reports the same reason and exits with the same status.
-        self.signalled = vote == 2
+        self.signalled, self.failed = vote == 2, vote == 3
         return vote > 0
 
 
@@ -639,7 +671,18 @@ def train_one_epoch(
     """
     model.train()
     loader = make_loader(dataset, config, position, device, context)
-    steps_per_epoch = position.steps_per_epoch = loader.batch_sampler.steps_per_epoch
+    sampler = loader.batch_sampler
+    steps_per_epoch = position.steps_per_epoch = sampler.steps_per_epoch
+    position.items = sampler.start_item
+    if position.step != sampler.start_step:
+        # Resumed under another number of ranks: count the images already used in this run's steps, so
+        # that the schedule, the progress and the running means go on from the same fraction of the epoch.
+        log(f"resumed under {context.world_size} process(es), a different number from the checkpoint's: the "
+            f"epoch goes on with its {len(dataset) - sampler.start_item} unused image(s), as step "
+            f"{sampler.start_step} of {steps_per_epoch}", context)
+        scale = sampler.start_step / position.step if position.step else 0.0
+        position.totals = {name: value * scale for name, value in position.totals.items()}
+        position.step = sampler.start_step
     # Sums stay on the device: reading them every step would stall a GPU on each batch.
     names = list(position.totals)
     totals = torch.tensor(list(position.totals.values()), device=device, dtype=torch.float64)
@@ -648,10 +691,13 @@ def train_one_epoch(
                total=steps_per_epoch, disable=not (config.progress and context.is_main), leave=False,
                dynamic_ncols=True)
 
-    def sync_position() -> None:
-        position.totals = dict(zip(names, totals.tolist()))
+    def sync_position(across_ranks: bool) -> None:
+        """Copy the device sums into ``position``; ``across_ranks`` (every rank must call it then): their mean
+        over the ranks, the same on each, which is what a checkpoint keeps (each rank resumes from it, and
+        the epoch's mean of (shared + own) is shared + the mean of its own)."""
+        values = all_reduce_mean(totals.clone(), context) if across_ranks else totals
+        position.totals = dict(zip(names, values.tolist()))
         position.seconds = time.perf_counter() - started
-        check_finite(position, config)
 
     for views, labels in bar:
         if isinstance(views, torch.Tensor):  # (K, B, C, H, W), made on the device
@@ -674,24 +720,32 @@ def train_one_epoch(
             totals = torch.zeros(len(names), device=device, dtype=torch.float64)
         totals += torch.stack([step_values[name].float() for name in names]).double()
         position.step += 1
+        position.items += config.batch_size * context.world_size
         position.views += len(views) * views[0].shape[0] * context.world_size
         if config.progress and context.is_main and (position.step % 10 == 1 or position.step == steps_per_epoch):
             means = dict(zip(names, (totals / position.step).tolist()))
             bar.set_postfix({name: format_metric(name, value) for name, value in means.items()})
+        failure = None
         if config.log_every and context.is_main and position.step % config.log_every == 0:
-            sync_position()
-            metrics.write_step(step_record(position))
-        interrupted = stop.agreed(deadline, context)
+            sync_position(across_ranks=False)  # rank 0's own running means: no collective on one rank
+            failure = non_finite_loss(position, config)
+            if failure is None:
+                metrics.write_step(step_record(position))
+        # The check above ran on rank 0 alone: its verdict is part of the vote, so every rank stops with it.
+        interrupted = stop.agreed(deadline, context, failing=failure is not None)
+        if stop.failed:
+            raise failure or RelreasonError("process 0 found a non-finite loss; see its message")
         if position.step < steps_per_epoch and (interrupted or (
                 config.checkpoint_every and position.step % config.checkpoint_every == 0)):
-            sync_position()
+            sync_position(across_ranks=True)
+            check_finite(position, config)
             saver.save(position)
         if interrupted and position.step < steps_per_epoch:
             bar.close()
             return None, True
     bar.close()
-    all_reduce_mean(totals, context)
-    sync_position()
+    sync_position(across_ranks=True)
+    check_finite(position, config)
     means = {name: total / max(position.step, 1) for name, total in position.totals.items()}
     record = {
         "epoch": position.epoch + 1,
@@ -709,6 +763,8 @@ def train_one_epoch(
     shown = "  ".join(f"{name} {format_metric(name, value)}" for name, value in means.items())
     log(f"epoch {position.epoch + 1}/{config.epochs}  {shown}  {position.seconds:.1f}s  "
         f"{record['views_per_second']:.0f} views/s", context)
+    if context.is_main:
+        metrics.write(record)  # before the checkpoint that moves past it: a kill in between cannot lose it
     position.next_epoch()
     saver.save(position)
     return record, stop.agreed(deadline, context)
@@ -728,14 +784,22 @@ def format_metric(name: str, value: float) -> str:
     return f"{100 * value:.2f}%" if name.endswith("accuracy") else f"{value:.4f}"
 
 
+def non_finite_loss(position: TrainingPosition, config: PretrainConfig) -> RelreasonError | None:
+    """The error to stop with when the running loss is no longer finite, else None."""
+    loss = position.totals.get("loss", 0.0)
+    if math.isfinite(loss):
+        return None
+    return RelreasonError(
+        f"the loss became {loss / max(position.step, 1)} in epoch {position.epoch + 1}; lower --lr or turn off "
+        f"--amp fp16 (the last good checkpoint is kept in {config.output_dir})"
+    )
+
+
 def check_finite(position: TrainingPosition, config: PretrainConfig) -> None:
     """Stop before a checkpoint could store weights a non-finite loss has already spoilt."""
-    loss = position.totals.get("loss", 0.0)
-    if not math.isfinite(loss):
-        raise RelreasonError(
-            f"the loss became {loss / max(position.step, 1)} in epoch {position.epoch + 1}; lower --lr or turn off "
-            f"--amp fp16 (the last good checkpoint is kept in {config.output_dir})"
-        )
+    failure = non_finite_loss(position, config)
+    if failure is not None:
+        raise failure
 
 
 def plot_training_curves(history: list[dict[str, float]], path: Path) -> bool:
