@@ -303,3 +303,22 @@ def test_files_of_many_modes_and_tiny_sizes_through_folder_and_transforms(tmp_pa
             assert x.shape == (3, 32, 32) and torch.isfinite(x).all(), ds.paths[i]
     assert ds.skipped == {}
     assert len(ds) == 13
+
+
+def test_pretraining_on_a_folder_lists_every_bad_file_and_counts_them(tmp_path):
+    """The bad files are first met while the normalisation statistics are computed, before the run folder
+    exists: they must still reach skipped_images.txt and the epoch record."""
+    import json
+
+    from relreason.train import PretrainConfig, pretrain
+
+    root = tmp_path / "imgs"
+    _, bad = _write_bad_folder(root)
+    before = _hashes(root)
+    run = tmp_path / "run"
+    pretrain(PretrainConfig(dataset="folder", data_root=str(root), image_size=16, num_views=2, batch_size=4,
+                            epochs=1, device="cpu", progress=False, tensorboard=False, output_dir=str(run)))
+    logged = {Path(p).relative_to(root).as_posix() for p in read_skip_log(run / "skipped_images.txt")}
+    assert logged == bad
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["skipped_images"] == len(bad)
+    assert _hashes(root) == before

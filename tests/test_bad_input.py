@@ -3,6 +3,9 @@
 docs/bad-input.md shows the message for each of these cases.
 """
 
+import gzip
+import struct
+
 import pytest
 import torch
 
@@ -41,10 +44,34 @@ PRETRAIN_CASES = [
     ("wrong type in config", ["--config", "{tmp}/wrong-type.yaml"], "must be an integer, got [1, 2]"),
     ("config is not YAML", ["--config", "{tmp}/broken.yaml"], "is not valid YAML"),
     ("--no-resume over checkpoints", ["--no-resume", "--output-dir", "{tmp}/has-checkpoint"], "drop --no-resume"),
+    ("output folder inside the image folder", ["--dataset", "folder", "--data-root", "{tmp}/no-images",
+                                               "--output-dir", "{tmp}/no-images/runs/x"], "lies inside --data-root"),
+    ("negative weight decay", ["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0, got -1.0"),
+    ("weight decay not a number", ["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0, got nan"),
+    ("relation head without hidden units", ["--head-hidden", "0"], "--head-hidden must be >= 1, got 0"),
+    ("negative relation head width", ["--head-hidden", "-5"], "--head-hidden must be >= 1, got -5"),
+    ("backbone factory is a module", ["--backbone", "os:path"],
+     "backbone factory 'os:path' is a module, not a function or class returning an nn.Module"),
+    ("seed beyond int64", ["--seed", "100000000000000000000000"], "--seed must be an integer in [0, 2**63 - 1]"),
+    ("negative seed", ["--seed", "-1"], "--seed must be an integer in [0, 2**63 - 1], got -1"),
+    ("meta device", ["--device", "meta"], "unknown --device 'meta'; use auto, cpu, cuda or cuda:N"),
+    ("device not a name", ["--device", "nonsense"], "unknown --device 'nonsense'"),
+    ("config is not a text file", ["--config", "{tmp}/photo.jpg"], "is not a text YAML file"),
+    ("a word for a number in config", ["--config", "{tmp}/not-a-number.yaml"], "must be a number, got 'fast'"),
+    ("focal gamma not a number", ["--loss", "focal", "--focal-gamma", "nan"],
+     "focal loss gamma must be a finite number >= 0, got nan"),
+    ("focal alpha not a number", ["--loss", "focal", "--focal-alpha", "nan"], "alpha must lie in [0, 1], got nan"),
+    ("corrupt gzip dataset file", ["--dataset", "mnist", "--data-root", "{tmp}/corrupt-mnist"],
+     "(corrupt gzip data: Error -3 while decompressing data"),
 ]
 if not torch.cuda.is_available():
     PRETRAIN_CASES.append(("CUDA asked, none present", ["--device", "cuda"], "no CUDA GPU is visible"))
+elif torch.cuda.device_count() < 99:
+    PRETRAIN_CASES.append(("CUDA GPU index beyond those visible", ["--device", "cuda:99"], "CUDA GPU(s) are visible"))
+if not torch.backends.mps.is_available():
+    PRETRAIN_CASES.append(("MPS asked, none present", ["--device", "mps"], "MPS (Apple GPU) is not available here"))
 
+BARE_DIGITS = ["--weights", "{tmp}/bare/weights.pt", "--backbone", "conv4", "--dataset", "digits"]
 EVALUATE_CASES = [
     ("no pretrained run", ["--run-dir", "{tmp}/nothing"], "no backbone weights"),
     ("weights without metadata", ["--weights", "{tmp}/bare/weights.pt"], "pass --backbone NAME"),
@@ -53,6 +80,22 @@ EVALUATE_CASES = [
     ("unknown protocol", ["--run-dir", "{tmp}", "--protocols", "svm"], "invalid choice: 'svm'"),
     ("unlabelled images", ["--weights", "{tmp}/bare/weights.pt", "--backbone", "conv4", "--dataset", "folder",
                            "--data-root", "{tmp}/unlabelled"], "has no labels"),
+    # Options refused by name before the weights are read or a feature is extracted.
+    ("image size too small", [*BARE_DIGITS, "--image-size", "2"], "--image-size must be >= 8, got 2"),
+    ("no neighbours for k-NN", [*BARE_DIGITS, "--knn-k", "0"], "--knn-k must be a positive integer, got 0"),
+    ("negative linear-probe epochs", [*BARE_DIGITS, "--linear-epochs", "-1"],
+     "--linear-epochs must be a positive integer, got -1"),
+    ("zero batch size", [*BARE_DIGITS, "--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+    ("seed beyond int64", [*BARE_DIGITS, "--seed", "100000000000000000000000"],
+     "--seed must be an integer in [0, 2**63 - 1]"),
+    ("meta device", [*BARE_DIGITS, "--device", "meta"], "unknown --device 'meta'"),
+]
+
+# `compare` checks its evaluation options before the first training run.
+COMPARE_CASES = [
+    ("no neighbours for k-NN", ["--knn-k", "0"], "--knn-k must be a positive integer, got 0"),
+    ("negative linear-probe epochs", ["--linear-epochs", "-1"], "--linear-epochs must be a positive integer, got -1"),
+    ("a seed beyond int64", ["--seeds", "1", "100000000000000000000000"], "--seed must be an integer in [0, 2**63 - 1]"),
 ]
 
 
@@ -69,6 +112,7 @@ def workspace(tmp_path):
     (tmp_path / "unknown-key.yaml").write_text("epochz: 3\n")
     (tmp_path / "wrong-type.yaml").write_text("epochs: [1, 2]\n")
     (tmp_path / "broken.yaml").write_text("epochs: [1, 2\n")
+    (tmp_path / "not-a-number.yaml").write_text("lr: fast\n")  # while lr: 1e-3 is read as the number
     (tmp_path / "has-checkpoint").mkdir()
     (tmp_path / "has-checkpoint" / "checkpoint-e0001-s0000000.pt").write_bytes(b"earlier work")
     (tmp_path / "bare").mkdir()
@@ -76,12 +120,20 @@ def workspace(tmp_path):
     for split in ("train", "test"):
         (tmp_path / "unlabelled" / split).mkdir(parents=True)
         Image.new("RGB", (8, 8)).save(tmp_path / "unlabelled" / split / "x.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.jpg")
+    (tmp_path / "corrupt-mnist").mkdir()
+    images = bytes([0, 0, 0x08, 3]) + struct.pack(">III", 4, 28, 28) + bytes(4 * 28 * 28)
+    corrupt = bytearray(gzip.compress(images, mtime=0))
+    corrupt[10] ^= 0xFF  # the first byte of the deflate stream (gzip.compress writes a 10-byte header)
+    (tmp_path / "corrupt-mnist" / "train-images-idx3-ubyte.gz").write_bytes(bytes(corrupt))
+    labels = bytes([0, 0, 0x08, 1]) + struct.pack(">I", 4) + bytes(4)
+    (tmp_path / "corrupt-mnist" / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels, mtime=0))
     return tmp_path
 
 
 def run_case(workspace, capsys, command, argv):
     argv = [a.replace("{tmp}", str(workspace)) for a in argv]
-    if command == "pretrain" and "--output-dir" not in argv:
+    if command in ("pretrain", "compare") and "--output-dir" not in argv:
         argv += ["--output-dir", str(workspace / "run")]
     before = sorted(p.relative_to(workspace) for p in workspace.rglob("*"))
     code = main([command, *argv])
@@ -108,3 +160,12 @@ def test_evaluate_bad_input(workspace, capsys, case, argv, fragment):
     assert err.startswith("relreason: error:") and "\n" not in err, err
     assert fragment in err, err
     assert after == before
+
+
+@pytest.mark.parametrize("case,argv,fragment", COMPARE_CASES, ids=[c[0] for c in COMPARE_CASES])
+def test_compare_bad_input(workspace, capsys, case, argv, fragment):
+    code, err, before, after = run_case(workspace, capsys, "compare", argv)
+    assert code == 2
+    assert err.startswith("relreason: error:") and "\n" not in err, err
+    assert fragment in err, err
+    assert after == before, "a refused comparison must write nothing (no run folder, no training)"

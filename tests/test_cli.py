@@ -31,6 +31,22 @@ def test_config_file_sets_options_and_flags_override(tmp_path):
     assert (args.dataset, args.num_views, args.batch_size, args.lr) == ("fashion-mnist", 8, 16, 0.01)
 
 
+def test_config_file_takes_exponent_floats_as_the_command_line_does(tmp_path, capsys):
+    # YAML 1.1 reads 1e-3 (no dot) as the string '1e-3'; `--lr 1e-3` on the command line is a float.
+    config = tmp_path / "c.yaml"
+    config.write_text("lr: 1e-3\nweight-decay: 5e-4\n")
+    args = parse_options(build_parser(), ["pretrain", "--config", str(config)])
+    assert (args.lr, args.weight_decay) == (1e-3, 5e-4)
+    assert type(args.lr) is float and type(args.weight_decay) is float
+    evaluate = tmp_path / "e.yaml"
+    evaluate.write_text("label-fractions: [1e-2, 0.1]\nfinetune-head-lr: 2E-4\n")
+    args = parse_options(build_parser(), ["evaluate", "--config", str(evaluate)])
+    assert args.label_fractions == [0.01, 0.1] and args.finetune_head_lr == 2e-4
+    not_a_number = tmp_path / "n.yaml"
+    not_a_number.write_text("lr: fast\n")
+    expect_error(capsys, ["pretrain", "--config", str(not_a_number)], "must be a number, got 'fast'")
+
+
 def test_shipped_configs_parse():
     from pathlib import Path
 

@@ -84,3 +84,66 @@ def test_compare_writes_tables_and_plots_from_the_runs(tmp_path, capsys):
     assert main(argv) == 0
     assert "epoch 1/1" not in capsys.readouterr().err
     assert json.loads((output / "compare.json").read_text())["table"] == summary["table"]
+
+
+def compare_argv(output, *extra):
+    return ["compare", "--dataset", "digits", "--image-size", "16", "-K", "3", "--methods", "relational", "--seeds",
+            "1", "--epochs", "1", "--protocols", "knn", "--embedding-points", "60", "--device", "cpu", "--no-progress",
+            "--output-dir", str(output), *extra]
+
+
+def test_compare_refuses_runs_made_with_other_options_and_trains_on_for_more_epochs(tmp_path, capsys):
+    output = tmp_path / "compare"
+    assert main(compare_argv(output)) == 0
+    capsys.readouterr()
+    assert main(compare_argv(output, "--batch-size", "32")) == 2
+    assert "was trained with other options (batch_size: run 64 vs now 32)" in capsys.readouterr().err
+    assert main(compare_argv(output, "--time-limit", "5")) == 2
+    assert "holds runs trained with --time-limit None (now 5.0)" in capsys.readouterr().err
+    assert main(compare_argv(output, "--epochs", "2")) == 0
+    assert "epoch 2/2" in capsys.readouterr().err
+    assert json.loads((output / "compare.json").read_text())["table"]["relational"]["epochs"]["mean"] == 2
+
+
+def test_sigterm_during_a_run_ends_the_whole_comparison(tmp_path, monkeypatch, capsys):
+    from relreason.train import StopRequest
+
+    install = StopRequest.install
+
+    def install_with_a_sigterm_received():
+        request = install()
+        request.requested = True
+        return request
+
+    monkeypatch.setattr(StopRequest, "install", staticmethod(install_with_a_sigterm_received))
+    output = tmp_path / "compare"
+    assert main(compare_argv(output, "--seeds", "1", "2")) == 143
+    captured = capsys.readouterr()
+    assert "stopped by SIGTERM during the run relational, seed 1" in captured.out
+    assert "seed 2" not in captured.err and not (output / "relational-seed2").exists()
+
+
+def test_a_resumed_run_gets_what_is_left_of_its_time_budget(tmp_path):
+    from relreason.compare import remaining_minutes
+
+    pretrain(config(tmp_path, "relational", epochs=1))
+    trained = json.loads((tmp_path / "relational" / "backbone.json").read_text())["train_seconds"] / 60
+    assert remaining_minutes(tmp_path / "relational", 10.0) == pytest.approx(10.0 - trained)
+    assert remaining_minutes(tmp_path / "relational", trained / 2) == pytest.approx(1e-9)
+    assert remaining_minutes(tmp_path / "nothing-yet", 10.0) == 10.0
+    assert remaining_minutes(tmp_path / "relational", None) is None
+
+
+def test_compare_refuses_unlabelled_images_before_training(tmp_path, capsys):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(images / f"{i}.png")
+    output = tmp_path / "compare"
+    argv = compare_argv(output)
+    argv[argv.index("digits")] = "folder"
+    assert main(argv + ["--data-root", str(images)]) == 2
+    assert "has no labels" in capsys.readouterr().err
+    assert not (output / "relational-seed1").exists()

@@ -29,6 +29,7 @@ from relreason.data import (
     dataset_info,
     load_dataset,
 )
+from relreason.data.formats import read_idx
 from relreason.errors import RelreasonError
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -222,6 +223,21 @@ def test_idx_header_is_checked(tmp_path):
     _write_idx(tmp_path / "t10k-labels-idx1-ubyte", y[:2], compress=False)  # count mismatch
     with pytest.raises(RelreasonError, match="3 images but"):
         load_dataset("mnist", tmp_path, "test")
+
+
+def test_corrupt_gzip_idx_is_a_one_line_error(tmp_path):
+    # One byte flipped in the deflate stream: zlib.error, not OSError/EOFError/BadGzipFile.
+    x, y = _mnist_arrays(3, seed=5)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", y, compress=True)
+    corrupt = bytearray(gzip.compress(_idx_bytes(x), mtime=0))
+    corrupt[10] ^= 0xFF  # the first byte after gzip.compress's 10-byte header
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(bytes(corrupt))
+    with pytest.raises(RelreasonError, match=r"cannot read IDX file .*t10k-images-idx3-ubyte\.gz \(corrupt gzip data: "
+                       r"Error -3 while decompressing data.*\); delete it and fetch it again") as caught:
+        load_dataset("mnist", tmp_path, "test")
+    assert "\n" not in str(caught.value)
+    with pytest.raises(RelreasonError, match="corrupt gzip data"):
+        read_idx(tmp_path / "t10k-images-idx3-ubyte.gz")
 
 
 @pytest.mark.skipif(not DEBIAN_FASHION.is_dir(), reason="dataset-fashion-mnist is not installed")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -291,3 +292,98 @@ def test_write_results_json_round_trip(tmp_path):
     with pytest.raises(RelreasonError, match="JSON"):
         write_results_json(tmp_path / "bad.json", {"x": object()})
     assert not (tmp_path / "bad.json").exists()
+
+
+# --- `relreason evaluate` on what users point it at ----------------------------------------------------------
+
+def labelled_folder(root, corrupt=None):
+    """train/ and test/ with two classes of 6 and 3 small images each; ``corrupt``: a relative path to spoil."""
+    rng = np.random.default_rng(4)
+    for split, count in (("train", 6), ("test", 3)):
+        for label, name in enumerate(("cat", "dog")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 120, (12, 12, 3)) + 120 * label
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+    if corrupt:
+        (root / corrupt).write_bytes(b"not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    from relreason.train import PretrainConfig, pretrain
+
+    base = tmp_path_factory.mktemp("folder-run")
+    images = labelled_folder(base / "images")
+    run = base / "run"
+    pretrain(PretrainConfig(dataset="folder", data_root=str(images), image_size=12, num_views=2, batch_size=8,
+                            epochs=1, device="cpu", progress=False, tensorboard=False, output_dir=str(run)))
+    return images, run
+
+
+def evaluate_args(*args):
+    from relreason.cli import main
+
+    return main(["evaluate", "--protocols", "knn", "--knn-k", "3", "--no-random-baseline", "--device", "cpu", *args])
+
+
+def test_evaluate_finds_the_runs_own_data_root_and_takes_a_training_checkpoint(folder_run, tmp_path, capsys):
+    from relreason.checkpoint import list_checkpoints
+
+    images, run = folder_run
+    assert evaluate_args("--run-dir", str(run), "--output", str(tmp_path / "exported.json")) == 0  # no --data-root
+    checkpoint = list_checkpoints(run)[0]
+    assert evaluate_args("--weights", str(checkpoint), "--output", str(tmp_path / "checkpoint.json")) == 0
+    exported, from_checkpoint = (json.loads((tmp_path / n).read_text()) for n in ("exported.json", "checkpoint.json"))
+    assert from_checkpoint["results"] == exported["results"]  # the last checkpoint holds the exported backbone
+    assert exported["test_size"] == 6
+
+
+@pytest.mark.parametrize("case,message", [
+    ("not-weights", "cannot be read as backbone weights (")
+    , ("output-is-a-folder", "is a folder; give a file path")
+    , ("broken-backbone-json", "backbone.json cannot be read (")
+])
+def test_evaluate_refuses_unusable_paths_before_extracting_features(folder_run, tmp_path, capsys, case, message):
+    import shutil
+
+    _, run = folder_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("features", "evaluation*"))
+    args = ["--run-dir", str(copy)]
+    if case == "not-weights":
+        (tmp_path / "notes.pt").write_text("hello")
+        args = ["--weights", str(tmp_path / "notes.pt"), "--backbone", "conv4"]
+    elif case == "output-is-a-folder":
+        args += ["--output", str(tmp_path)]
+    else:
+        (copy / "backbone.json").write_text('{"backbone": ')
+    assert evaluate_args(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (copy / "features").exists()
+
+
+def test_a_read_only_weights_folder_keeps_its_feature_cache_beside_the_output(folder_run, tmp_path, monkeypatch):
+    import os
+
+    import relreason.evaluate as evaluate
+
+    _, run = folder_run
+    monkeypatch.setattr(evaluate.os, "access", lambda path, mode: Path(path) != run)  # root ignores chmod
+    assert evaluate_args("--run-dir", str(run), "--output", str(tmp_path / "out" / "results.json")) == 0
+    assert list((tmp_path / "out" / "features").glob("*.pt"))
+    assert os.path.isfile(tmp_path / "out" / "results.json")
+
+
+def test_an_unreadable_evaluation_image_is_refused_not_replaced(folder_run, tmp_path, capsys):
+    _, run = folder_run
+    images = labelled_folder(tmp_path / "images", corrupt="test/dog/1.png")
+    args = ["--run-dir", str(run), "--dataset", "folder", "--data-root", str(images), "--output",
+            str(tmp_path / "results.json")]
+    for _ in range(2):  # the second time too: no cache of the spoilt rows is left behind
+        assert evaluate_args(*args) == 2
+        err = capsys.readouterr().err
+        assert "1 image(s) of the 'test' split cannot be read" in err and "test/dog/1.png" in err

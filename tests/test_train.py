@@ -291,3 +291,21 @@ def test_only_process_zero_prints_the_summary(monkeypatch, capsys):
         monkeypatch.setenv("RANK", rank)
         assert cli.run_pretrain(args) == 0
         assert ("done: 1 epoch(s)" in capsys.readouterr().out) == printed
+
+
+def test_resume_after_a_class_folder_was_added_is_a_one_line_error(tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "images"
+
+    def add_class(index, name):
+        (images / name).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (10, 10), (60 * index, 10 * i, 0)).save(images / name / f"{i}.png")
+
+    add_class(0, "cat"), add_class(1, "dog")
+    folder = dict(dataset="folder", data_root=str(images), image_size=8, num_views=2, batch_size=4)
+    pretrain(config(tmp_path, **folder))
+    add_class(2, "owl")
+    with pytest.raises(RelreasonError, match=r"cannot resume .*no longer fits it \(size mismatch for probe"):
+        pretrain(config(tmp_path, **folder, epochs=2))

@@ -107,6 +107,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 _CHECKPOINT_PATTERN = re.compile(r"^checkpoint-e(\d+)-s(\d+)\.pt$")
 
 
+def is_checkpoint_path(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is named as the training checkpoints ``checkpoint_path`` makes."""
+    return _CHECKPOINT_PATTERN.match(Path(path).name) is not None
+
+
 def checkpoint_path(run_dir: str | os.PathLike, epoch: int, step: int) -> Path:
     """Where the checkpoint taken after ``step`` steps of epoch ``epoch`` (0-based) lives."""
     return Path(run_dir) / f"checkpoint-e{epoch:04d}-s{step:07d}.pt"

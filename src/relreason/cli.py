@@ -94,7 +94,8 @@ def add_evaluate_options(parser: argparse.ArgumentParser) -> None:
                         help="labelled dataset to evaluate on; another than the one pretrained on gives a "
                         "cross-domain evaluation, normalised with the evaluation dataset's own statistics "
                         "[the one pretrained on]")
-    parser.add_argument("--data-root", help=f"where datasets live [{d.data_root}]")
+    parser.add_argument("--data-root", help="where datasets live [the pretraining run's own when evaluating on its "
+                        "dataset, else data]")
     _bool_flag(parser, "download", "download the dataset with torchvision if missing [off]")
     parser.add_argument("--image-size", type=int, help="image side in pixels [the one pretrained at]")
     parser.add_argument("--protocols", nargs="+", choices=ALL_PROTOCOLS,
@@ -187,10 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
 def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """Options from a YAML mapping, keyed by option dest; unknown keys are refused, not ignored."""
     try:
-        with open(path) as handle:
+        with open(path, encoding="utf-8") as handle:
             loaded = yaml.safe_load(handle) or {}
     except OSError as error:
         raise RelreasonError(f"cannot read config file {path} ({error.strerror}); check the --config path") from None
+    except UnicodeDecodeError as error:  # an image, a checkpoint, ...: not text at all
+        raise RelreasonError(
+            f"config file {path} is not a text YAML file (byte {error.start} is not UTF-8); check the --config path"
+        ) from None
     except yaml.YAMLError as error:
         raise RelreasonError(f"config file {path} is not valid YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(loaded, dict):
@@ -222,6 +227,12 @@ def _config_value(action: argparse.Action, key: str, value: Any, path: str) -> A
     for item in values:
         if action.type is int and (isinstance(item, bool) or not isinstance(item, int)):
             refuse("an integer")
+        if action.type is float and isinstance(item, str):
+            # YAML 1.1 reads 1e-3 (no dot) as a string; take it as the command line would: float('1e-3').
+            try:
+                item = float(item)
+            except ValueError:
+                refuse("a number")
         if action.type is float and (isinstance(item, bool) or not isinstance(item, (int, float))):
             refuse("a number")
         if action.type is None and not isinstance(item, str):
@@ -296,6 +307,9 @@ def run_compare_command(args: argparse.Namespace) -> int:
 
     config = _config_from(args, CompareConfig)
     summary = run_compare(config)
+    if "preempted" in summary:
+        print(f"stopped by SIGTERM during the run {summary['preempted']}; rerun the same command to continue")
+        return 143  # 128 + SIGTERM, as pretrain: the comparison is not finished
     print(format_markdown(summary, config))
     print(f"tables and plots written to {config.output_dir}")
     return 0

@@ -81,13 +81,66 @@ def pretrain_config_for(config: CompareConfig, method: str, seed: int):
     )
 
 
-def budget_spent(run_dir: Path) -> bool:
-    """Whether the run in ``run_dir`` trained all its epochs or used up its time limit (rerunning would train more)."""
-    meta_path = run_dir / "backbone.json"
-    if not meta_path.is_file():
+# What makes a run this comparison's run; --epochs may grow (pretrain resumes and trains on). The time
+# limit is checked against the comparison's own record: a resumed run's config.json holds what was left of it.
+_RUN_DEFINING = ("method", "dataset", "data_root", "backbone", "image_size", "num_views", "batch_size", "seed")
+BUDGET_NAME = "budget.json"
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        raise RelreasonError(f"{path} cannot be read ({error}); delete that run folder to train it again") from None
+
+
+def check_existing_runs(config: CompareConfig) -> None:
+    """Refuse, before anything trains, run folders that another comparison's options made."""
+    budget = _read_json(Path(config.output_dir) / BUDGET_NAME)
+    if isinstance(budget, dict) and budget.get("time_limit") != config.time_limit:
+        raise RelreasonError(
+            f"{config.output_dir} holds runs trained with --time-limit {budget.get('time_limit')} (now "
+            f"{config.time_limit}); rerun with the original budget or choose another --output-dir"
+        )
+    for method in config.methods:
+        for seed in config.seeds:
+            run_dir = run_dir_of(config, method, seed)
+            recorded = _read_json(run_dir / "config.json")
+            if not isinstance(recorded, dict):
+                continue
+            wanted = dataclasses.asdict(pretrain_config_for(config, method, seed))
+            differ = [f"{key}: run {recorded.get(key)!r} vs now {wanted[key]!r}"
+                      for key in _RUN_DEFINING if recorded.get(key) != wanted[key]]
+            if differ:
+                raise RelreasonError(
+                    f"{run_dir} was trained with other options ({', '.join(differ)}); rerun with the original "
+                    "options or choose another --output-dir"
+                )
+
+
+def budget_spent(run_dir: Path, epochs: int) -> bool:
+    """Whether the run in ``run_dir`` trained ``epochs`` epochs or used up its time limit (rerunning would train more)."""
+    meta = _read_json(run_dir / "backbone.json")
+    if not isinstance(meta, dict):
         return False
-    meta = json.loads(meta_path.read_text())
-    return bool(meta.get("finished")) or meta.get("stopped_by") == "time limit"
+    return (bool(meta.get("finished")) and meta.get("epochs", 0) >= epochs) or meta.get("stopped_by") == "time limit"
+
+
+def remaining_minutes(run_dir: Path, time_limit: float | None) -> float | None:
+    """What is left of a run's time budget: a run stopped (SIGTERM, SIGKILL) and resumed gets the rest, not
+    a new budget."""
+    if time_limit is None:
+        return None
+    from relreason.checkpoint import load_newest_checkpoint
+
+    found = load_newest_checkpoint(run_dir)
+    if found is None:
+        return time_limit
+    position = found[1].get("position", {})
+    trained = (position.get("past_seconds", 0.0) + position.get("seconds", 0.0)) / 60
+    return max(time_limit - trained, 1e-9)  # spent: one step, which exports the backbone and marks the budget spent
 
 
 def read_json_lines(path: Path) -> list[dict[str, Any]]:
@@ -112,21 +165,31 @@ def summarise(values: list[float]) -> dict[str, float]:
 
 def run_compare(config: CompareConfig) -> dict[str, Any]:
     """Train and evaluate every method x seed; write compare.json, compare.md and the plots; return the summary."""
-    from relreason.evaluate import EvaluateConfig, run_evaluation
+    from relreason.evaluate import EvaluateConfig, _labelled_split, run_evaluation
     from relreason.train import pretrain
 
     config.validate()
     for method in config.methods:  # every option checked before the first run starts
         pretrain_config_for(config, method, config.seeds[0]).validate()
+    for seed in config.seeds:  # the evaluation options too (named by their flags), and every seed's range
+        EvaluateConfig(protocols=tuple(config.protocols), linear_epochs=config.linear_epochs, knn_k=config.knn_k,
+                       seed=seed, device=config.device).validate()
+    check_existing_runs(config)
+    _labelled_split(config.dataset, config.data_root, "train", config.download)  # evaluation will need labels
     output = Path(config.output_dir)
+    atomic_write_json(output / BUDGET_NAME, {"time_limit": config.time_limit})
     runs: list[dict[str, Any]] = []
     for method in config.methods:
         for seed in config.seeds:
             run_dir = run_dir_of(config, method, seed)
-            if not budget_spent(run_dir):
+            if not budget_spent(run_dir, config.epochs):
                 print(f"== {method}, seed {seed} ==", file=sys.stderr, flush=True)
-                pretrain(pretrain_config_for(config, method, seed))
-            meta = json.loads((run_dir / "backbone.json").read_text())
+                run_config = pretrain_config_for(config, method, seed)
+                run_config.time_limit = remaining_minutes(run_dir, config.time_limit)
+                if pretrain(run_config).preempted:
+                    # A scheduler's notice ends the whole comparison (the next run would be killed anyway).
+                    return {"preempted": f"{method}, seed {seed}"}
+            meta = _read_json(run_dir / "backbone.json")
             evaluation = run_evaluation(EvaluateConfig(
                 run_dir=str(run_dir), protocols=tuple(config.protocols), linear_epochs=config.linear_epochs,
                 knn_k=config.knn_k, random_baseline=False, seed=seed, device=config.device,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -684,7 +685,7 @@ class EvaluateConfig:
     weights: str | None = None
     backbone: str | None = None
     dataset: str | None = None
-    data_root: str = "data"
+    data_root: str | None = None  # None: the pretraining run's own when evaluating on its dataset, else "data"
     download: bool = False
     image_size: int | None = None
     protocols: tuple[str, ...] = PROTOCOLS
@@ -701,22 +702,110 @@ class EvaluateConfig:
     device: str = "auto"
     output: str | None = None
 
+    def validate(self) -> None:
+        """Refuse bad options with one line each, naming the flag, before any weights or data are read."""
+        from relreason.train import check_seed, resolve_device
 
-def _load_backbone_source(config: EvaluateConfig) -> tuple[Path, dict[str, Any]]:
-    """The weights file and its metadata (backbone.json beside it, overridden by explicit options)."""
+        protocols = _choose_protocols(self.protocols, ALL_PROTOCOLS)
+        _check_positive_int(self.linear_epochs, "--linear-epochs")
+        _check_positive_int(self.knn_k, "--knn-k")
+        _check_positive_int(self.batch_size, "--batch-size")
+        if self.image_size is not None and self.image_size < 8:
+            raise RelreasonError(f"--image-size must be >= 8, got {self.image_size}")
+        check_seed(self.seed)
+        if "few_label" in protocols:
+            check_label_fractions(self.label_fractions)
+        if "finetune" in protocols:
+            _check_positive_int(self.finetune_epochs, "--finetune-epochs")
+            _check_positive_float(self.finetune_backbone_lr, "--finetune-backbone-lr")
+            _check_positive_float(self.finetune_head_lr, "--finetune-head-lr")
+        resolve_device(self.device)
+
+
+def _load_backbone_source(config: EvaluateConfig) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:
+    """The weights file, its metadata (backbone.json beside it, overridden by explicit options) and its state.
+
+    A training checkpoint (``checkpoint-eEEEE-sSSSSSS.pt``) may be given instead of an exported backbone: its
+    backbone is evaluated, described by the options and geometry the checkpoint records.
+    """
+    from relreason.checkpoint import is_checkpoint_path, load_checkpoint
+
     weights = Path(config.weights) if config.weights else Path(config.run_dir) / "backbone.pt"
     if not weights.is_file():
         raise RelreasonError(
             f"no backbone weights at {weights}; run `relreason pretrain --output-dir {weights.parent}` first "
             "or pass --weights"
         )
-    meta_path = weights.parent / "backbone.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if is_checkpoint_path(weights):
+        checkpoint = load_checkpoint(weights)
+        saved = checkpoint.get("config", {})
+        meta = {key: saved[key] for key in ("backbone", "dataset", "data_root") if key in saved}
+        meta |= checkpoint.get("geometry", {})
+        state = checkpoint["backbone"]
+    else:
+        meta = _read_backbone_meta(weights.parent / "backbone.json")
+        state = _load_state_dict(weights)
     if config.backbone:
         meta["backbone"] = config.backbone
     if "backbone" not in meta:
         raise RelreasonError(f"{weights} has no backbone.json beside it; pass --backbone NAME")
-    return weights, meta
+    return weights, meta, state
+
+
+def _read_backbone_meta(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise RelreasonError(
+            f"{path} cannot be read ({' '.join(str(error).split())}); restore it (pretrain rewrites it when rerun) or "
+            "pass --backbone NAME with --weights"
+        ) from None
+    if not isinstance(meta, dict):
+        raise RelreasonError(f"{path} does not hold backbone metadata; restore it or pass --backbone NAME")
+    return meta
+
+
+def _load_state_dict(weights: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for files that are not (whole) weights
+        raise RelreasonError(
+            f"{weights} cannot be read as backbone weights ({type(error).__name__}); pass the backbone.pt that "
+            "relreason pretrain exports, a training checkpoint, or a state_dict saved with torch.save"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise RelreasonError(f"{weights} does not hold a state_dict of tensors; pass the backbone.pt that "
+                             "relreason pretrain exports")
+    return state
+
+
+def _check_output_path(output: Path) -> None:
+    """Refuse, before any feature is extracted, a results path that could not be written at the end."""
+    if output.is_dir():
+        raise RelreasonError(f"--output {output} is a folder; give a file path such as {output / 'evaluation.json'}")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RelreasonError(f"cannot create the folder of --output {output} ({error.strerror}); choose another "
+                             "--output") from None
+    if not os.access(output.parent, os.W_OK):
+        raise RelreasonError(f"{output.parent} is not writable; pass --output with a writable path")
+
+
+def check_nothing_skipped(dataset: Any, split: str, cache: Path) -> None:
+    """An image folder replaces an unreadable file by the next readable one, which training can live with;
+    an evaluation would count that image twice, under another file's label. Refuse it (and drop the cache
+    that holds those rows, so the next run checks again)."""
+    skipped = getattr(dataset, "skipped", None)
+    if skipped:
+        cache.unlink(missing_ok=True)
+        path, reason = next(iter(skipped.items()))
+        raise RelreasonError(
+            f"{len(skipped)} image(s) of the '{split}' split cannot be read (e.g. {path}: {reason}); an evaluation "
+            "needs every image: remove or replace them"
+        )
 
 
 def _labelled_split(name: str, root: str, split: str, download: bool):
@@ -772,6 +861,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     from relreason.protocols.finetune import finetune_milestones
     from relreason.train import resolve_device
 
+    config.validate()  # every option, named by its flag, before anything is read or written
     protocols = _choose_protocols(config.protocols, ALL_PROTOCOLS)
     fractions = check_label_fractions(config.label_fractions) if "few_label" in protocols else ()
     if "finetune" in protocols:
@@ -779,14 +869,18 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         ft_backbone_lr = _check_positive_float(config.finetune_backbone_lr, "--finetune-backbone-lr")
         ft_head_lr = _check_positive_float(config.finetune_head_lr, "--finetune-head-lr")
     device = resolve_device(config.device)
-    weights, meta = _load_backbone_source(config)
+    weights, meta, state = _load_backbone_source(config)
+    output = Path(config.output) if config.output else weights.parent / "evaluation.json"
+    _check_output_path(output)
     dataset_name = config.dataset or meta.get("dataset")
     if not dataset_name:
         raise RelreasonError("no dataset known for these weights; pass --eval-dataset NAME")
     info = dataset_info(dataset_name)
     image_size = config.image_size or meta.get("image_size") or info.image_size
-    train_set = _labelled_split(dataset_name, config.data_root, info.train_split, config.download)
-    test_set = _labelled_split(dataset_name, config.data_root, info.test_split, config.download)
+    # The pretraining run's --data-root when the data is the run's own, so its "evaluate with" line just works.
+    data_root = config.data_root or (meta.get("data_root") if dataset_name == meta.get("dataset") else None) or "data"
+    train_set = _labelled_split(dataset_name, data_root, info.train_split, config.download)
+    test_set = _labelled_split(dataset_name, data_root, info.test_split, config.download)
     if dataset_name == meta.get("dataset") and "mean" in meta:
         mean, std = meta["mean"], meta["std"]  # exactly what the backbone was trained on
     elif info.mean is not None:
@@ -795,14 +889,13 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         mean, std = compute_normalization(train_set)
     transform = eval_transform(image_size, mean, std)
 
-    state = torch.load(weights, map_location="cpu", weights_only=True)
     digest = hashlib.sha1(weights.read_bytes()).hexdigest()[:12]
-    cache_dir = weights.parent / "features"
-    data_tag = _data_tag(dataset_name, config.data_root, mean, std)
+    # Beside the weights, unless that folder is read-only (a shared or downloaded backbone): then beside the output.
+    cache_dir = (weights.parent if os.access(weights.parent, os.W_OK) else output.parent) / "features"
+    data_tag = _data_tag(dataset_name, data_root, mean, std)
     backbones = {"pretrained": (digest, state)}
     if config.random_baseline:
         backbones["random"] = (f"random-seed{config.seed}", None)
-    output = Path(config.output) if config.output else weights.parent / "evaluation.json"
     feature_protocols = [p for p in protocols if p != "finetune"]
     num_classes = int(max(train_set.labels.max(), test_set.labels.max())) + 1
 
@@ -821,6 +914,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
                 features[split] = extract_features(
                     backbone, dataset, transform, batch_size=config.batch_size, device=device, cache_path=cache
                 )
+                check_nothing_skipped(dataset, split, cache)
             row = evaluate_features(
                 *features["train"], *features["test"], protocols=feature_protocols,
                 linear_epochs=config.linear_epochs, knn_k=config.knn_k, seed=config.seed, device=device,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,9 +22,9 @@ class FocalLoss(nn.Module):
 
     def __init__(self, gamma: float = 2.0, alpha: float | None = 0.5) -> None:
         super().__init__()
-        if gamma < 0:
-            raise RelreasonError(f"focal loss gamma must be >= 0, got {gamma}")
-        if alpha is not None and not 0.0 <= alpha <= 1.0:
+        if not (gamma >= 0 and math.isfinite(gamma)):  # NaN passes a plain `gamma < 0` check
+            raise RelreasonError(f"focal loss gamma must be a finite number >= 0, got {gamma}; pass e.g. 2 (the paper's)")
+        if alpha is not None and not 0.0 <= alpha <= 1.0:  # also refuses NaN and infinities
             raise RelreasonError(f"focal loss alpha must lie in [0, 1], got {alpha}")
         self.gamma = gamma
         self.alpha = alpha

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -134,6 +135,13 @@ class PretrainConfig:
             raise RelreasonError(f"--simclr-temperature must be > 0, got {self.simclr_temperature}")
         if not self.lr > 0:
             raise RelreasonError(f"--lr must be > 0, got {self.lr}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise RelreasonError(
+                f"--weight-decay must be a finite number >= 0, got {self.weight_decay}; pass e.g. 0 or 5e-4"
+            )
+        if self.head_hidden < 1:
+            raise RelreasonError(f"--head-hidden must be >= 1, got {self.head_hidden}")
+        check_seed(self.seed)
         check_schedule(self.lr_schedule, self.warmup_epochs, self.epochs)
         if self.aggregation not in AGGREGATIONS:
             raise RelreasonError(f"unknown --aggregation '{self.aggregation}'; choose one of {', '.join(AGGREGATIONS)}")
@@ -158,7 +166,13 @@ class PretrainConfig:
         if self.time_limit is not None and not self.time_limit > 0:
             raise RelreasonError(f"--time-limit must be > 0 minutes, got {self.time_limit}")
         build_loss(self.loss, self.focal_gamma, self.focal_alpha)
-        dataset_info(self.dataset)
+        if dataset_info(self.dataset).name == "folder":
+            images, output = Path(self.data_root).expanduser().resolve(), Path(self.output_dir).expanduser().resolve()
+            if output == images or images in output.parents:
+                raise RelreasonError(
+                    f"--output-dir {self.output_dir} lies inside --data-root {self.data_root}, so the run's own files "
+                    "would be read as images; choose an --output-dir outside it"
+                )
         check_backbone_name(self.backbone)
         resolve_device(self.device)
 
@@ -174,15 +188,34 @@ class PretrainResult:
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto, cpu, cuda, cuda:N (a visible GPU) or mps (where available); anything else is refused in one line."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise RelreasonError(f"unknown --device '{name}'; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RelreasonError("--device cuda requested but no CUDA GPU is visible; use --device cpu")
+    if name == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise RelreasonError("--device mps requested but MPS (Apple GPU) is not available here; use --device cpu")
+        return torch.device("mps")
+    if not isinstance(name, str) or re.fullmatch(r"cpu|cuda(:[0-9]+)?", name) is None:
+        raise RelreasonError(f"unknown --device '{name}'; use auto, cpu, cuda or cuda:N")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RelreasonError("--device cuda requested but no CUDA GPU is visible; use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            visible = "cuda:0" if count == 1 else f"one of cuda:0 to cuda:{count - 1}"
+            raise RelreasonError(f"--device {name} requested but only {count} CUDA GPU(s) are visible; use {visible}")
     return device
+
+
+MAX_SEED = 2**63 - 1  # int64: what torch.manual_seed, torch.Generator and numpy's generators all take
+
+
+def check_seed(seed: int, flag: str = "--seed") -> int:
+    """Refuse a seed that some generator it reaches would reject (a negative one or one beyond int64)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise RelreasonError(f"{flag} must be an integer in [0, 2**63 - 1], got {seed!r}; pass e.g. 0")
+    return seed
 
 
 def seed_everything(seed: int) -> None:
@@ -398,6 +431,7 @@ def export_backbone(
         "method": config.method,
         "feature_dim": backbone.feature_dim,
         "dataset": config.dataset,
+        "data_root": config.data_root,
         "epochs": position.epoch,
         "epochs_done": position.epochs_done,
         "train_seconds": position.past_seconds + position.seconds,
@@ -439,7 +473,7 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
         check_every_image_labelled(dataset, config.dataset)  # before the output folder exists
     run_dir = prepare_output_dir(config, context)
     if isinstance(dataset.dataset, ImageFolderDataset):
-        dataset.dataset.skip_log = run_dir / SKIPPED_IMAGES_NAME  # unreadable files are listed, not fatal
+        dataset.dataset.log_skips_to(run_dir / SKIPPED_IMAGES_NAME)  # unreadable files are listed, not fatal
     num_classes = num_classes_of(dataset)
     method = build_model(config, geometry["image_size"], num_classes)
     if method is None:  # 'random': the lower bound is the initialisation itself
@@ -478,7 +512,15 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
     if found is not None:
         path, checkpoint = found
         check_resumable(checkpoint, config, geometry, path)
-        model.load_state_dict(checkpoint["model"])
+        try:
+            model.load_state_dict(checkpoint["model"])
+        except RuntimeError as error:  # e.g. a class folder added since: the online probe's output grew
+            detail = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line
+                           or "Missing" in line or "Unexpected" in line), "")
+            raise RelreasonError(
+                f"cannot resume {path}: this run's model no longer fits it ({detail[:160]}); was data or a class "
+                "folder added? Rerun with the original data or choose another --output-dir"
+            ) from None
         optimizer.load_state_dict(checkpoint["optimizer"])
         for group, fresh in zip(optimizer.param_groups, groups):  # this command's --lr and --weight-decay
             group["base_lr"] = fresh["base_lr"]

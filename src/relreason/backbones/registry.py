@@ -42,11 +42,17 @@ def _import_factory(spec: str) -> Callable[..., nn.Module]:
     module_name, _, attribute = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
-        return getattr(module, attribute)
-    except (ImportError, AttributeError) as error:
+        factory = getattr(module, attribute)
+    except (ImportError, AttributeError, ValueError, TypeError) as error:  # ValueError/TypeError: '' or '.rel'
         raise RelreasonError(
             f"cannot load backbone factory '{spec}' ({error}); give 'package.module:function' importable from here"
         ) from None
+    if not callable(factory):  # e.g. 'os:path', a module
+        raise RelreasonError(
+            f"backbone factory '{spec}' is a {type(factory).__name__}, not a function or class returning an "
+            "nn.Module; give 'package.module:function'"
+        )
+    return factory
 
 
 def check_backbone_name(name: str) -> None:

@@ -400,14 +400,21 @@ class ImageFolderDataset(Dataset):
         self.skip_log: Path | None = None
         self._log_warned = False
         if skip_log is not None:
-            self.skip_log = Path(skip_log).expanduser()
-            try:  # fail now, not hours into training; creates an empty log
-                os.close(os.open(self.skip_log, _LOG_FLAGS, 0o644))
-            except OSError as exc:
-                raise RelreasonError(
-                    f"cannot open skip log {self.skip_log} for appending ({_one_line(exc)}); "
-                    "pass a writable file path in an existing directory"
-                ) from None
+            self.log_skips_to(skip_log)
+
+    def log_skips_to(self, path: str | os.PathLike) -> None:
+        """Append every skipped file to ``path`` from now on, starting with those skipped already (e.g. while
+        the normalisation statistics were computed)."""
+        self.skip_log = Path(path).expanduser()
+        try:  # fail now, not hours into training; creates an empty log
+            os.close(os.open(self.skip_log, _LOG_FLAGS, 0o644))
+        except OSError as exc:
+            raise RelreasonError(
+                f"cannot open skip log {self.skip_log} for appending ({_one_line(exc)}); "
+                "pass a writable file path in an existing directory"
+            ) from None
+        for skipped_path, reason in list(self.skipped.items()):
+            self._record_skip(skipped_path, reason)
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +112,9 @@ def read_idx(path: str | os.PathLike, expected_ndim: int | None = None) -> np.nd
     path = Path(path)
     try:
         raw = _read_maybe_gzip(path)
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise RelreasonError(f"cannot read IDX file {path} ({_one_line(exc)}); {_REFETCH}") from None
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:  # zlib.error: corrupt compressed data
+        reason = f"corrupt gzip data: {exc}" if isinstance(exc, zlib.error) else _one_line(exc)
+        raise RelreasonError(f"cannot read IDX file {path} ({reason}); {_REFETCH}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise RelreasonError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()}); {_REFETCH}")
     type_code, ndim = raw[2], raw[3]
