@@ -44,6 +44,7 @@ PRETRAIN_CASES = [
     ("wrong type in config", ["--config", "{tmp}/wrong-type.yaml"], "must be an integer, got [1, 2]"),
     ("config is not YAML", ["--config", "{tmp}/broken.yaml"], "is not valid YAML"),
     ("--no-resume over checkpoints", ["--no-resume", "--output-dir", "{tmp}/has-checkpoint"], "drop --no-resume"),
+    ("an abbreviated option", ["--epoch", "1"], "unrecognized arguments: --epoch 1"),
     ("output folder inside the image folder", ["--dataset", "folder", "--data-root", "{tmp}/no-images",
                                                "--output-dir", "{tmp}/no-images/runs/x"], "lies inside --data-root"),
     ("negative weight decay", ["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0, got -1.0"),
@@ -95,7 +96,7 @@ EVALUATE_CASES = [
 COMPARE_CASES = [
     ("no neighbours for k-NN", ["--knn-k", "0"], "--knn-k must be a positive integer, got 0"),
     ("negative linear-probe epochs", ["--linear-epochs", "-1"], "--linear-epochs must be a positive integer, got -1"),
-    ("a seed beyond int64", ["--seeds", "1", "100000000000000000000000"], "--seed must be an integer in [0, 2**63 - 1]"),
+    ("a seed beyond int64", ["--seeds", "1", "100000000000000000000000"], "--seeds must be an integer in [0, 2**63 - 1]"),
 ]
 
 

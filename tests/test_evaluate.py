@@ -387,3 +387,18 @@ def test_an_unreadable_evaluation_image_is_refused_not_replaced(folder_run, tmp_
         assert evaluate_args(*args) == 2
         err = capsys.readouterr().err
         assert "1 image(s) of the 'test' split cannot be read" in err and "test/dog/1.png" in err
+
+
+def test_evaluating_a_run_stopped_early_says_so(folder_run, tmp_path, capsys):
+    import shutil
+
+    _, run = folder_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("features", "evaluation*"))
+    meta = json.loads((copy / "backbone.json").read_text())
+    meta |= {"finished": False, "stopped_by": "time limit", "epochs_done": 0.5}
+    (copy / "backbone.json").write_text(json.dumps(meta))
+    assert evaluate_args("--run-dir", str(copy)) == 0
+    assert "stopped by time limit after 0.50 epoch(s)" in capsys.readouterr().err
+    recorded = json.loads((copy / "evaluation.json").read_text())["pretraining"]
+    assert recorded == {"finished": False, "epochs_done": 0.5, "stopped_by": "time limit"}

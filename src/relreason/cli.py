@@ -153,9 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Self-supervised relational reasoning: pretrain a backbone on unlabelled images, then evaluate it.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Subcommands take no abbreviations (--epoch for --epochs), as config files take none: one spelling each.
     pretrain = commands.add_parser(
         "pretrain",
-        help="train a backbone with relational reasoning",
+        allow_abbrev=False,
+        help="train a backbone with relational reasoning (or a baseline: --method)",
         description="Train a backbone with self-supervised relational reasoning. Every option may also be set "
         "in a YAML file given with --config (keys as option names, dashes or underscores); flags override it.",
     )
@@ -163,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_pretrain_options(pretrain)
     evaluate = commands.add_parser(
         "evaluate",
+        allow_abbrev=False,
         help="linear probe and k-NN on frozen features, against a random backbone",
         description="Judge a pretrained backbone on a labelled dataset (its own or another: --eval-dataset): "
         "linear probe (the paper's 100-epoch protocol and a standardised probe trained to convergence), "
@@ -173,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_options(evaluate)
     compare = commands.add_parser(
         "compare",
+        allow_abbrev=False,
         help="methods x seeds on one dataset, evaluated alike: a Markdown/JSON table and plots",
         description="Pretrain each method with each seed (same backbone, data path and budget), evaluate each "
         "with the chosen protocols, and write compare.md and compare.json (mean ± std over seeds), "

@@ -57,6 +57,10 @@ class CompareConfig:
             raise RelreasonError("give at least one --methods name and one --seeds value")
         if len(set(self.seeds)) != len(self.seeds):
             raise RelreasonError(f"--seeds must be distinct, got {list(self.seeds)}")
+        from relreason.train import check_seed
+
+        for seed in self.seeds:
+            check_seed(seed, "--seeds")
         unknown = [p for p in self.protocols if p not in COMPARABLE_PROTOCOLS]
         if unknown:
             raise RelreasonError(f"compare cannot tabulate protocol(s) {', '.join(unknown)}; "

@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -872,6 +873,10 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     weights, meta, state = _load_backbone_source(config)
     output = Path(config.output) if config.output else weights.parent / "evaluation.json"
     _check_output_path(output)
+    if meta.get("finished") is False:  # a time limit or SIGTERM stopped it; the numbers are of a partial run
+        print(f"relreason: warning: {weights} is from a run stopped by {meta.get('stopped_by') or 'an interruption'} "
+              f"after {meta.get('epochs_done', 0):.2f} epoch(s); rerun its pretrain command to finish it",
+              file=sys.stderr)
     dataset_name = config.dataset or meta.get("dataset")
     if not dataset_name:
         raise RelreasonError("no dataset known for these weights; pass --eval-dataset NAME")
@@ -950,6 +955,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         "dataset": dataset_name,
         "image_size": image_size,
         "normalization": {"mean": [float(m) for m in mean], "std": [float(v) for v in std]},
+        "pretraining": {key: meta[key] for key in ("finished", "epochs_done", "stopped_by") if key in meta},
         "train_size": len(train_set),
         "test_size": len(test_set),
         "protocols": protocols,
