@@ -132,41 +132,32 @@ def workspace(tmp_path):
     return tmp_path
 
 
-def run_case(workspace, capsys, command, argv):
+def assert_refused(workspace, capsys, command, argv, fragment):
+    """The command exits 2 with one line holding ``fragment`` and writes nothing (no folder, no file)."""
     argv = [a.replace("{tmp}", str(workspace)) for a in argv]
     if command in ("pretrain", "compare") and "--output-dir" not in argv:
         argv += ["--output-dir", str(workspace / "run")]
     before = sorted(p.relative_to(workspace) for p in workspace.rglob("*"))
     code = main([command, *argv])
     err = capsys.readouterr().err.strip()
-    after = sorted(p.relative_to(workspace) for p in workspace.rglob("*"))
-    return code, err, before, after
+    assert code == 2
+    assert err.startswith("relreason: error:") and "\n" not in err, err
+    assert fragment in err, err
+    assert sorted(p.relative_to(workspace) for p in workspace.rglob("*")) == before, "a refused run must write nothing"
 
 
 @pytest.mark.parametrize("case,argv,fragment", PRETRAIN_CASES, ids=[c[0] for c in PRETRAIN_CASES])
 def test_pretrain_bad_input(workspace, capsys, case, argv, fragment):
-    code, err, before, after = run_case(workspace, capsys, "pretrain", argv)
-    assert code == 2
-    assert err.startswith("relreason: error:") and "\n" not in err, err
-    assert fragment in err, err
-    assert after == before, "a refused run must write nothing"
+    assert_refused(workspace, capsys, "pretrain", argv, fragment)
     assert (workspace / "a-file").read_text() == "user data"
     assert (workspace / "has-checkpoint" / "checkpoint-e0001-s0000000.pt").read_bytes() == b"earlier work"
 
 
 @pytest.mark.parametrize("case,argv,fragment", EVALUATE_CASES, ids=[c[0] for c in EVALUATE_CASES])
 def test_evaluate_bad_input(workspace, capsys, case, argv, fragment):
-    code, err, before, after = run_case(workspace, capsys, "evaluate", argv)
-    assert code == 2
-    assert err.startswith("relreason: error:") and "\n" not in err, err
-    assert fragment in err, err
-    assert after == before
+    assert_refused(workspace, capsys, "evaluate", argv, fragment)
 
 
 @pytest.mark.parametrize("case,argv,fragment", COMPARE_CASES, ids=[c[0] for c in COMPARE_CASES])
 def test_compare_bad_input(workspace, capsys, case, argv, fragment):
-    code, err, before, after = run_case(workspace, capsys, "compare", argv)
-    assert code == 2
-    assert err.startswith("relreason: error:") and "\n" not in err, err
-    assert fragment in err, err
-    assert after == before, "a refused comparison must write nothing (no run folder, no training)"
+    assert_refused(workspace, capsys, "compare", argv, fragment)
