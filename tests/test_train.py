@@ -94,6 +94,11 @@ def test_resume_refuses_changed_model_options(tmp_path):
         pretrain(config(tmp_path, epochs=2, resume=True, aggregation="sum"))
 
 
+def test_resume_ignores_relation_options_for_a_method_without_a_relation_head(tmp_path):
+    pretrain(config(tmp_path, method="simclr"))  # two views whatever K is
+    assert pretrain(config(tmp_path, method="simclr", epochs=2, num_views=8, aggregation="max")).epochs_done == 2
+
+
 def test_resume_refuses_a_changed_schedule_and_reads_older_checkpoints_as_defaults(tmp_path):
     from relreason.train import check_resumable
 

@@ -596,8 +596,9 @@ class TrainingPosition:
 def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, geometry: dict, path: Path) -> None:
     saved = checkpoint.get("config", {})
     defaults = PretrainConfig()  # for options that checkpoints from older versions do not record
-    shaping = ("method", "backbone", "aggregation", "head_hidden", "dataset", "num_views", "batch_size",
-               "seed", "lr_schedule", "warmup_epochs", "online_probe")
+    shaping = ("method", "backbone", "dataset", "batch_size", "seed", "lr_schedule", "warmup_epochs", "online_probe")
+    if config.method == "relational":  # the relation head's options, and K, shape only this method's runs
+        shaping += ("aggregation", "head_hidden", "num_views")
     recorded = {k: saved.get(k, getattr(defaults, k)) for k in shaping}
     mismatched = {k: (v, getattr(config, k)) for k, v in recorded.items() if v != getattr(config, k)}
     # The size the run trains at, not the option: no --image-size and the dataset's own size are the same run.
