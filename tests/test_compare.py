@@ -147,3 +147,11 @@ def test_compare_refuses_unlabelled_images_before_training(tmp_path, capsys):
     assert main(argv + ["--data-root", str(images)]) == 2
     assert "has no labels" in capsys.readouterr().err
     assert not (output / "relational-seed1").exists()
+
+
+def test_the_embedding_map_follows_the_weights(tmp_path):
+    output = tmp_path / "compare"
+    assert main(compare_argv(output)) == 0
+    assert main(compare_argv(output, "--epochs", "2")) == 0
+    caches = sorted((output / "relational-seed1" / "features").glob("embedding-test-*.pt"))
+    assert len(caches) == 2  # one per exported backbone: the trained-on run's map is not the old one

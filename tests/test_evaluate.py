@@ -402,3 +402,43 @@ def test_evaluating_a_run_stopped_early_says_so(folder_run, tmp_path, capsys):
     assert "stopped by time limit after 0.50 epoch(s)" in capsys.readouterr().err
     recorded = json.loads((copy / "evaluation.json").read_text())["pretraining"]
     assert recorded == {"finished": False, "epochs_done": 0.5, "stopped_by": "time limit"}
+
+
+def test_a_cached_split_whose_files_were_relabelled_is_extracted_again(tmp_path):
+    import shutil
+
+    from relreason.cli import main
+    from relreason.train import PretrainConfig, pretrain
+
+    images = labelled_folder(tmp_path / "images")
+    run = tmp_path / "run"
+    pretrain(PretrainConfig(dataset="folder", data_root=str(images), image_size=12, num_views=2, batch_size=8,
+                            epochs=1, device="cpu", progress=False, tensorboard=False, output_dir=str(run)))
+    args = ["evaluate", "--run-dir", str(run), "--protocols", "knn", "--knn-k", "3", "--no-random-baseline",
+            "--device", "cpu"]
+    assert main(args) == 0
+    before = json.loads((run / "evaluation.json").read_text())["results"]["pretrained"]["knn"]["test_accuracy"]
+    # Swap the two test classes (same files, same count): every test label flips.
+    test = images / "test"
+    for source, target in (("cat", "tmp"), ("dog", "cat"), ("tmp", "dog")):
+        shutil.move(test / source, test / target)
+    assert main(args) == 0
+    after = json.loads((run / "evaluation.json").read_text())["results"]["pretrained"]["knn"]["test_accuracy"]
+    assert after == pytest.approx(100.0 - before)
+
+
+def test_cached_features_with_other_labels_are_not_reused(tmp_path):
+    class Labelled(list):
+        @property
+        def labels(self):
+            return [label for _, label in self]
+
+    images = tiny_image_dataset(6)
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
+    cache = tmp_path / "cache.pt"
+    extract_features(backbone, Labelled(images), ToTensor(), cache_path=cache)
+    relabelled = Labelled((image, 2 - label) for image, label in images)
+    _, labels = extract_features(backbone, relabelled, ToTensor(), cache_path=cache)
+    assert labels.tolist() == relabelled.labels
+    _, labels = extract_features(backbone, relabelled, ToTensor(), cache_path=cache)  # and the cache now holds them
+    assert labels.tolist() == relabelled.labels

@@ -409,3 +409,11 @@ def test_cli_rejects_bad_protocol_options(tmp_path, capsys):
     assert "--finetune-epochs" in capsys.readouterr().err
     assert main([*base, "--protocols", "nonsense"]) == 2
     assert not (tmp_path / "run" / "evaluation.json").exists()
+
+
+def test_label_fractions_that_would_share_a_result_key_are_refused():
+    from relreason.protocols.few_label import check_label_fractions
+
+    assert check_label_fractions([0.1, 0.25]) == (0.1, 0.25)
+    with pytest.raises(RelreasonError, match="too close to tell apart"):
+        check_label_fractions([0.1, 0.1000001])

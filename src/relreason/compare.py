@@ -7,6 +7,8 @@ resumes where it stopped (finished runs are not trained again; evaluations reuse
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 import statistics
 import sys
@@ -290,9 +292,10 @@ def plot_embeddings(config: CompareConfig, path: Path) -> None:
     figure, axes = plt.subplots(1, columns, figsize=(3.4 * columns, 3.6), squeeze=False)
     for axis, method in zip(axes[0], config.methods):
         run_dir = run_dir_of(config, method, config.seeds[0])
-        backbone, dataset, transform = _test_features_source(run_dir, config)
+        backbone, dataset, transform, digest = _test_features_source(run_dir, config)
+        # Named by the weights: a run trained on (more epochs, the rest of its budget) gets a new map.
         features, labels = extract_features(backbone, dataset, transform, device=_device(config.device),
-                                            cache_path=run_dir / "features" / "embedding-test.pt")
+                                            cache_path=run_dir / "features" / f"embedding-test-{digest}.pt")
         chosen = np.random.default_rng(0).permutation(len(labels))[: config.embedding_points]
         points = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(chosen) - 1) / 3),
                       random_state=0).fit_transform(features[chosen].numpy())
@@ -317,10 +320,12 @@ def _test_features_source(run_dir: Path, config: CompareConfig):
 
     meta = json.loads((run_dir / "backbone.json").read_text())
     backbone = build_backbone(meta["backbone"], image_size=meta["image_size"])
-    backbone.load_state_dict(torch.load(run_dir / "backbone.pt", map_location="cpu", weights_only=True))
+    weights = (run_dir / "backbone.pt").read_bytes()
+    backbone.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True))
     info = dataset_info(config.dataset)
     dataset = load_dataset(config.dataset, config.data_root, info.test_split, download=config.download)
-    return backbone, dataset, eval_transform(meta["image_size"], meta["mean"], meta["std"])
+    digest = hashlib.sha1(weights).hexdigest()[:12]
+    return backbone, dataset, eval_transform(meta["image_size"], meta["mean"], meta["std"]), digest
 
 
 def _save(figure, plt, path: Path) -> None:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -200,7 +201,11 @@ def extract_features(
 
     cache = Path(cache_path) if cache_path is not None else None
     if cache is not None and cache.exists():
-        return _load_feature_cache(cache, n_items)
+        features, labels = _load_feature_cache(cache, n_items)
+        current = getattr(dataset, "labels", None)
+        # Free to check, and it catches data relabelled (files moved between class folders) under the same path.
+        if current is None or torch.equal(labels, torch.as_tensor(np.asarray(current), dtype=torch.int64)):
+            return features, labels
 
     if n_items == 0:
         raise RelreasonError("dataset is empty; check the dataset root and split")
@@ -835,16 +840,32 @@ def load_matching_state(backbone: nn.Module, state: Mapping[str, torch.Tensor], 
     backbone.load_state_dict(state)
 
 
-def _data_tag(dataset_name: str, data_root: str, mean: Any, std: Any) -> str:
+def _same_dataset(name: str, other: str | None) -> bool:
+    from relreason.data import dataset_info
+
+    try:
+        return other is not None and dataset_info(name).name == dataset_info(other).name
+    except RelreasonError:  # a name this version does not know (e.g. from a foreign backbone.json)
+        return False
+
+
+def _data_tag(dataset_name: str, data_root: str, mean: Any, std: Any, splits: Iterable[Any] = ()) -> str:
     """A short digest of what decides the features of a dataset besides the backbone.
 
-    A feature cache name holds it, so evaluating the same weights on another image folder or
-    with another normalisation never reads stale features.
+    A feature cache name holds it, so evaluating the same weights on another image folder, on a folder whose
+    files changed (each file's path, size and modification time) or with another normalisation never reads
+    stale features.
     """
     from relreason.data import dataset_info
 
-    root = str(Path(data_root).expanduser().resolve()) if dataset_info(dataset_name).name == "folder" else ""
-    key = json.dumps([dataset_name, root, [float(m) for m in mean], [float(v) for v in std]])
+    folder = dataset_info(dataset_name).name == "folder"
+    root = str(Path(data_root).expanduser().resolve()) if folder else ""
+    files = []
+    for split in splits if folder else ():
+        for path in getattr(split, "paths", ()):
+            stat = os.stat(path)
+            files.append([str(path), stat.st_size, stat.st_mtime_ns])
+    key = json.dumps([dataset_info(dataset_name).name, root, [float(m) for m in mean], [float(v) for v in std], files])
     return hashlib.sha1(key.encode()).hexdigest()[:8]
 
 
@@ -883,10 +904,11 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     info = dataset_info(dataset_name)
     image_size = config.image_size or meta.get("image_size") or info.image_size
     # The pretraining run's --data-root when the data is the run's own, so its "evaluate with" line just works.
-    data_root = config.data_root or (meta.get("data_root") if dataset_name == meta.get("dataset") else None) or "data"
+    own_data = _same_dataset(dataset_name, meta.get("dataset"))  # names as typed: fashion_mnist is fashion-mnist
+    data_root = config.data_root or (meta.get("data_root") if own_data else None) or "data"
     train_set = _labelled_split(dataset_name, data_root, info.train_split, config.download)
     test_set = _labelled_split(dataset_name, data_root, info.test_split, config.download)
-    if dataset_name == meta.get("dataset") and "mean" in meta:
+    if own_data and "mean" in meta:
         mean, std = meta["mean"], meta["std"]  # exactly what the backbone was trained on
     elif info.mean is not None:
         mean, std = info.mean, info.std
@@ -897,7 +919,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     digest = hashlib.sha1(weights.read_bytes()).hexdigest()[:12]
     # Beside the weights, unless that folder is read-only (a shared or downloaded backbone): then beside the output.
     cache_dir = (weights.parent if os.access(weights.parent, os.W_OK) else output.parent) / "features"
-    data_tag = _data_tag(dataset_name, data_root, mean, std)
+    data_tag = _data_tag(dataset_name, data_root, mean, std, (train_set, test_set))
     backbones = {"pretrained": (digest, state)}
     if config.random_baseline:
         backbones["random"] = (f"random-seed{config.seed}", None)

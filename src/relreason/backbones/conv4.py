@@ -29,7 +29,8 @@ def init_conv_bn(module: nn.Module) -> None:
 
 
 class Conv4(nn.Module):
-    """Four conv-BN-ReLU-pool blocks; the last pools globally. Module names match the reference's."""
+    """Four conv-BN-ReLU-pool blocks; the last pools globally. Module names match the reference notebook's
+    (``layer1.0.weight``, ...; the paper's repository names them ``layer1.conv``, ``layer1.bn``)."""
 
     feature_dim = 64
 

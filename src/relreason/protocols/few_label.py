@@ -38,6 +38,10 @@ def check_label_fractions(fractions: Any) -> tuple[float, ...]:
         ) from None
     if not checked:
         raise RelreasonError("no label fraction given; pass e.g. --label-fractions 0.01 0.1 0.25")
+    keys = [fraction_key(f) for f in checked]
+    if len(set(keys)) != len(keys):  # their results would share one JSON key, the second overwriting the first
+        raise RelreasonError(f"label fractions {list(checked)} are too close to tell apart ({', '.join(keys)}); "
+                             "pass fractions that differ in their first 6 digits")
     return checked
 
 
