@@ -63,6 +63,15 @@ def test_torchvision_resnet_state_dict_loads_into_torchvision(small_stem):
         assert torch.equal(model(x), loaded(x))
 
 
+@pytest.mark.parametrize("small_stem", [True, False])
+def test_one_channel_weights_load_into_torchvision(small_stem):
+    model = build_backbone("resnet18", small_stem=small_stem, in_channels=1).eval()
+    loaded = load_into_torchvision(model.state_dict(), "resnet18", small_stem=small_stem).eval()
+    x = torch.randn(2, 1, 40, 40)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
 def test_registry_user_factory_and_errors():
     assert {"conv4", "resnet8", "resnet32", "resnet56", "resnet18", "resnet34", "resnet50"} <= set(backbone_names())
     user = build_backbone("test_backbones:user_net", image_size=16)

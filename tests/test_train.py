@@ -49,6 +49,7 @@ def test_channels_last_trains_and_exports_a_plain_state_dict(tmp_path):
     assert weight.is_contiguous(memory_format=torch.channels_last)
     exported = torch.load(Path(result.run_dir) / "backbone.pt", weights_only=True)
     assert set(exported) == set(result.model.backbone.state_dict())
+    assert all(tensor.is_contiguous() for tensor in exported.values())  # plain strides, as any loader expects
 
 
 @pytest.mark.parametrize("augment", ["tensor", "pil"])

@@ -424,7 +424,8 @@ def export_backbone(
     stopped_by: str | None = None,
 ) -> None:
     """The trained backbone alone, as a plain state_dict, plus what is needed to rebuild and feed it."""
-    state = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
+    # Contiguous: a --channels-last run's tensors would otherwise keep their strides into the file.
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     atomic_torch_save(state, run_dir / BACKBONE_NAME)
     meta = {
         "backbone": config.backbone,

@@ -34,12 +34,9 @@ def torchvision_resnet(name: str, small_stem: bool = True, in_channels: int = 3)
 def load_into_torchvision(state_dict: dict, name: str, small_stem: bool = True) -> torchvision.models.ResNet:
     """Load an exported backbone state_dict into a fresh ``torchvision.models.<name>()``.
 
-    Shows the two changes a user makes by hand: the stem (when small) and ``fc = Identity()``.
+    The model is torchvision's own class with the changes a user makes by hand (README): the stem (when small,
+    and for the number of input channels the weights were trained on) and ``fc = Identity()``.
     """
-    model = getattr(torchvision.models, name)(weights=None)
-    if small_stem:
-        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        model.maxpool = nn.Identity()
-    model.fc = nn.Identity()
+    model = torchvision_resnet(name, small_stem, in_channels=state_dict["conv1.weight"].shape[1])
     model.load_state_dict(state_dict)
     return model

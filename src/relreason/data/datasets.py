@@ -792,7 +792,7 @@ def _load_folder(root: Path, split: str) -> ImageFolderDataset:
     if not has_split_dirs:
         raise RelreasonError(
             f"image folder {root} has no train/ and test/ subfolders, so it has no 'test' split; "
-            "split the images into train/ and test/ or use split 'train'"
+            "split the images into train/ and test/, each with one subfolder per class"
         )
     train = ImageFolderDataset(root / "train")
     return ImageFolderDataset(root / "test", classes=train.classes)
