@@ -8,7 +8,7 @@
 #
 #   bash benchmarks/device_check.sh OUT_DIR          # from the repository root
 #
-# It runs from src/ without installing (such a machine has no package index) and writes seven small
+# It runs from src/ without installing (no package index is needed) and writes seven small
 # files to OUT_DIR. Fashion-MNIST is read from data/FashionMNIST/raw when that folder travels with the
 # tree (copy the IDX .gz files there and carry it); otherwise the benchmark uses synthetic images.
 # DEVICE=cpu QUICK=1 runs the same steps tiny, on the CPU, to check the script itself (its "compile"

@@ -315,3 +315,13 @@ def test_resume_after_a_class_folder_was_added_is_a_one_line_error(tmp_path):
     add_class(2, "owl")
     with pytest.raises(RelreasonError, match=r"cannot resume .*no longer fits it \(size mismatch for probe"):
         pretrain(config(tmp_path, **folder, epochs=2))
+
+
+def test_step_records_count_steps_over_the_run_and_close_each_epoch(tmp_path):
+    # digits: 23 steps an epoch at batch 64. Every 10 steps of the run, and at each epoch's end.
+    result = pretrain(config(tmp_path, epochs=2, log_every=10))
+    steps = [json.loads(line) for line in (result.run_dir / "steps.jsonl").read_text().splitlines()]
+    assert [round(r["epoch"] * 23) for r in steps] == [10, 20, 23, 30, 40, 46]
+    assert steps[2]["loss"] == pytest.approx(result.history[0]["loss"])  # the epoch's end: the epoch's mean
+    quiet = pretrain(config(tmp_path, epochs=2, log_every=50, output_dir=str(tmp_path / "quiet")))
+    assert [r["epoch"] for r in map(json.loads, (quiet.run_dir / "steps.jsonl").read_text().splitlines())] == [1, 2]

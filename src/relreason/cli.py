@@ -67,7 +67,7 @@ def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
                        help=f"epochs of linear learning-rate warm-up at the start (fractions allowed) [{d.warmup_epochs}]")
     optim.add_argument("--weight-decay", type=float, help=f"Adam weight decay [{d.weight_decay}]")
     optim.add_argument("--seed", type=int, help=f"random seed [{d.seed}]")
-    optim.add_argument("--device", help="auto, cpu, cuda or cuda:N [auto]")
+    optim.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps [auto]")
     optim.add_argument("--amp", choices=AMP_MODES, help=f"mixed precision: bf16 or fp16 autocast [{d.amp}]")
     _bool_flag(optim, "channels-last", "keep the backbone in channels_last memory format (faster convolutions) [off]")
     _bool_flag(optim, "compile", "torch.compile the backbone and the batched colour jitter (slow first steps, faster after) [off]")
@@ -79,7 +79,8 @@ def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--keep-checkpoints", type=int, help=f"how many of the newest checkpoints to keep [{d.keep_checkpoints}]")
     _bool_flag(run, "sync-batchnorm", "under torchrun on GPUs, BatchNorm statistics over all ranks' batches [off]")
     _bool_flag(run, "progress", "show a progress bar [on]")
-    run.add_argument("--log-every", type=int, help=f"steps between running-mean records in steps.jsonl [{d.log_every}]")
+    run.add_argument("--log-every", type=int, help="steps between running-mean records in steps.jsonl, which also "
+                     f"gets one at each epoch's end; 0: none [{d.log_every}]")
     _bool_flag(run, "tensorboard", "also log to TensorBoard when it is installed [on]")
 
 
@@ -117,32 +118,39 @@ def add_evaluate_options(parser: argparse.ArgumentParser) -> None:
     _bool_flag(parser, "random-baseline", "also evaluate a randomly initialised backbone (lower bound) [on]")
     parser.add_argument("--batch-size", type=int, help=f"feature extraction batch size [{d.batch_size}]")
     parser.add_argument("--seed", type=int, help=f"seed of the probe and of the random backbone [{d.seed}]")
-    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N [auto]")
-    parser.add_argument("--output", help="results JSON path [<run-dir>/evaluation.json]")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps [auto]")
+    parser.add_argument("--output", help="results JSON path [evaluation.json beside the weights]")
 
 
 def add_compare_options(parser: argparse.ArgumentParser) -> None:
     from relreason.compare import COMPARABLE_PROTOCOLS, CompareConfig
     from relreason.methods import METHOD_NAMES
+    from relreason.train import AUGMENT_MODES
 
     d = CompareConfig()
     parser.add_argument("--dataset", help=f"dataset to pretrain and evaluate on [{d.dataset}]")
     parser.add_argument("--data-root", help=f"where datasets live [{d.data_root}]")
     _bool_flag(parser, "download", "download the dataset with torchvision if missing [off]")
     parser.add_argument("--backbone", help=f"backbone for every method [{d.backbone}]")
-    parser.add_argument("--methods", nargs="+", choices=METHOD_NAMES, help=f"[{' '.join(d.methods)}]")
-    parser.add_argument("--seeds", nargs="+", type=int, help=f"[{' '.join(map(str, d.seeds))}]")
+    parser.add_argument("--methods", nargs="+", choices=METHOD_NAMES,
+                        help=f"methods to pretrain, each with every seed [{' '.join(d.methods)}]")
+    parser.add_argument("--seeds", nargs="+", type=int, help=f"one run per seed and method [{' '.join(map(str, d.seeds))}]")
     parser.add_argument("--epochs", type=int, help=f"epochs per run (an upper bound with --time-limit) [{d.epochs}]")
-    parser.add_argument("--time-limit", type=float, help="minutes of training per run: the same budget for every method")
+    parser.add_argument("--time-limit", type=float,
+                        help="minutes of training per run: the same budget for every method [none]")
     parser.add_argument("-K", "--num-views", type=int, dest="num_views", help=f"views per image for relational [{d.num_views}]")
     parser.add_argument("--batch-size", type=int, help=f"images per batch [{d.batch_size}]")
     parser.add_argument("--image-size", type=int, help="image side in pixels [the dataset's own]")
-    parser.add_argument("--protocols", nargs="+", choices=COMPARABLE_PROTOCOLS, help=f"[{' '.join(d.protocols)}]")
+    parser.add_argument("--augment", choices=AUGMENT_MODES,
+                        help=f"how views are made, as for pretrain [{d.augment}]")
+    parser.add_argument("--protocols", nargs="+", choices=COMPARABLE_PROTOCOLS,
+                        help=f"evaluation protocols, one table column each [{' '.join(d.protocols)}]")
     parser.add_argument("--linear-epochs", type=int, help=f"epochs of the paper's linear probe [{d.linear_epochs}]")
     parser.add_argument("--knn-k", type=int, help=f"neighbours for k-NN [{d.knn_k}]")
     parser.add_argument("--embedding-points", type=int, help=f"test images in the t-SNE map [{d.embedding_points}]")
-    parser.add_argument("--log-every", type=int, help=f"steps between points of the training curves [{d.log_every}]")
-    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N [auto]")
+    parser.add_argument("--log-every", type=int,
+                        help=f"steps between points of the training curves (plus one at each epoch's end) [{d.log_every}]")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps [auto]")
     parser.add_argument("--output-dir", help=f"one run folder per method and seed, the tables and plots [{d.output_dir}]")
     _bool_flag(parser, "progress", "show progress bars [on]")
 

@@ -43,6 +43,7 @@ class CompareConfig:
     num_views: int = 4
     batch_size: int = 64
     image_size: int | None = None
+    augment: str = "auto"  # as pretrain's --augment
     protocols: tuple[str, ...] = ("linear", "linear_converged", "knn")
     linear_epochs: int = 100
     knn_k: int = 200
@@ -81,7 +82,7 @@ def pretrain_config_for(config: CompareConfig, method: str, seed: int):
     return PretrainConfig(
         method=method, dataset=config.dataset, data_root=config.data_root, download=config.download,
         backbone=config.backbone, image_size=config.image_size, num_views=config.num_views,
-        batch_size=config.batch_size, epochs=config.epochs, seed=seed, device=config.device,
+        batch_size=config.batch_size, epochs=config.epochs, seed=seed, device=config.device, augment=config.augment,
         time_limit=config.time_limit, output_dir=str(run_dir_of(config, method, seed)), progress=config.progress,
         log_every=config.log_every,
     )
@@ -89,7 +90,8 @@ def pretrain_config_for(config: CompareConfig, method: str, seed: int):
 
 # What makes a run this comparison's run; --epochs may grow (pretrain resumes and trains on). The time
 # limit is checked against the comparison's own record: a resumed run's config.json holds what was left of it.
-_RUN_DEFINING = ("method", "dataset", "data_root", "backbone", "image_size", "num_views", "batch_size", "seed")
+_RUN_DEFINING = ("method", "dataset", "data_root", "backbone", "image_size", "num_views", "batch_size", "seed",
+                 "augment")
 BUDGET_NAME = "budget.json"
 
 

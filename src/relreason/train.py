@@ -120,7 +120,8 @@ class PretrainConfig:
     time_limit: float | None = None  # minutes
     progress: bool = True
     tensorboard: bool = True
-    log_every: int = 50  # steps between running-mean records in steps.jsonl; 0: none
+    log_every: int = 50  # steps (counted over the run) between running-mean records in steps.jsonl, plus one at
+    # each epoch's end; 0: none
 
     def validate(self) -> None:
         """Refuse bad options with one line each, before any data is read or any file written."""
@@ -770,7 +771,11 @@ def train_one_epoch(
             means = dict(zip(names, (totals / position.step).tolist()))
             bar.set_postfix({name: format_metric(name, value) for name, value in means.items()})
         failure = None
-        if config.log_every and context.is_main and position.step % config.log_every == 0:
+        # Counted over the whole run, so epochs shorter than --log-every still get points; the epoch's last
+        # step is recorded at its end (below), with the means over all ranks.
+        global_step = position.epoch * steps_per_epoch + position.step
+        if (config.log_every and context.is_main and global_step % config.log_every == 0
+                and position.step < steps_per_epoch):
             sync_position(across_ranks=False)  # rank 0's own running means: no collective on one rank
             failure = non_finite_loss(position, config)
             if failure is None:
@@ -808,6 +813,8 @@ def train_one_epoch(
     log(f"epoch {position.epoch + 1}/{config.epochs}  {shown}  {position.seconds:.1f}s  "
         f"{record['views_per_second']:.0f} views/s", context)
     if context.is_main:
+        if config.log_every:
+            metrics.write_step(step_record(position))  # the curve's point at the epoch's end
         metrics.write(record)  # before the checkpoint that moves past it: a kill in between cannot lose it
     position.next_epoch()
     saver.save(position)
