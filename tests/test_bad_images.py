@@ -320,5 +320,9 @@ def test_pretraining_on_a_folder_lists_every_bad_file_and_counts_them(tmp_path):
                             epochs=1, device="cpu", progress=False, tensorboard=False, output_dir=str(run)))
     logged = {Path(p).relative_to(root).as_posix() for p in read_skip_log(run / "skipped_images.txt")}
     assert logged == bad
+    pretrain(PretrainConfig(dataset="folder", data_root=str(root), image_size=16, num_views=2, batch_size=4,
+                            epochs=2, device="cpu", progress=False, tensorboard=False, output_dir=str(run)))
+    lines = (run / "skipped_images.txt").read_text().splitlines()
+    assert len(lines) == len(bad)  # the resumed run met them again, and did not list them twice
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["skipped_images"] == len(bad)
     assert _hashes(root) == before

@@ -55,7 +55,7 @@ PRETRAIN_CASES = [
      "backbone factory 'os:path' is a module, not a function or class returning an nn.Module"),
     ("seed beyond int64", ["--seed", "100000000000000000000000"], "--seed must be an integer in [0, 2**63 - 1]"),
     ("negative seed", ["--seed", "-1"], "--seed must be an integer in [0, 2**63 - 1], got -1"),
-    ("meta device", ["--device", "meta"], "unknown --device 'meta'; use auto, cpu, cuda or cuda:N"),
+    ("meta device", ["--device", "meta"], "unknown --device 'meta'; use auto, cpu, cuda, cuda:N or mps"),
     ("device not a name", ["--device", "nonsense"], "unknown --device 'nonsense'"),
     ("config is not a text file", ["--config", "{tmp}/photo.jpg"], "is not a text YAML file"),
     ("a word for a number in config", ["--config", "{tmp}/not-a-number.yaml"], "must be a number, got 'fast'"),

@@ -442,3 +442,39 @@ def test_cached_features_with_other_labels_are_not_reused(tmp_path):
     assert labels.tolist() == relabelled.labels
     _, labels = extract_features(backbone, relabelled, ToTensor(), cache_path=cache)  # and the cache now holds them
     assert labels.tolist() == relabelled.labels
+
+
+def test_a_vanished_file_is_refused_in_one_line_and_an_unwritable_cache_only_warned(folder_run, tmp_path, monkeypatch,
+                                                                                    capsys):
+    import relreason.evaluate as evaluate
+
+    _, run = folder_run
+    images = labelled_folder(tmp_path / "images")
+    (images / "test" / "dog" / "9.png").symlink_to(tmp_path / "nowhere.png")  # listed, but cannot be opened
+    args = ["--run-dir", str(run), "--dataset", "folder", "--data-root", str(images), "--output",
+            str(tmp_path / "results.json")]
+    assert evaluate_args(*args) == 2
+    err = capsys.readouterr().err
+    assert "cannot be read" in err and "9.png" in err and "Traceback" not in err
+    (images / "test" / "dog" / "9.png").unlink()
+
+    def refuse(*args):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(evaluate, "atomic_torch_save", refuse)
+    assert evaluate_args(*args) == 0
+    assert "could not cache features" in capsys.readouterr().err
+    assert json.loads((tmp_path / "results.json").read_text())["test_size"] == 6
+
+
+def test_a_checkpoints_results_do_not_replace_the_exported_backbones(folder_run, tmp_path):
+    import shutil
+
+    from relreason.checkpoint import list_checkpoints
+
+    _, run = folder_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("features", "evaluation*"))
+    checkpoint = list_checkpoints(copy)[0]
+    assert evaluate_args("--weights", str(checkpoint)) == 0
+    assert (copy / f"evaluation-{checkpoint.stem}.json").is_file() and not (copy / "evaluation.json").exists()

@@ -122,9 +122,13 @@ def test_random_state_round_trip_keeps_to_the_training_device(monkeypatch):
     assert [(int(v[0]), d) for v, d in restored] == [(1, gpu), (2, gpu)]
 
 
-def test_pruning_keeps_the_checkpoint_just_written_beside_an_unreadable_later_one(tmp_path):
+def test_pruning_keeps_the_checkpoint_just_written_and_drops_those_named_later(tmp_path):
+    """A later-named file is unreadable (a resume would have used it) or lies behind a run resumed under more
+    processes, whose steps are counted anew: kept, the next resume would go back to it."""
     from relreason.checkpoint import checkpoint_path, rotate_checkpoints
 
+    behind = checkpoint_path(tmp_path, 0, 40)  # e.g. resumed from here under twice the processes
+    behind.write_bytes(b"x")
     unreadable = checkpoint_path(tmp_path, 9, 0)
     unreadable.write_bytes(b"cut short")
     older = [checkpoint_path(tmp_path, 0, step) for step in (10, 20)]
@@ -132,8 +136,20 @@ def test_pruning_keeps_the_checkpoint_just_written_beside_an_unreadable_later_on
         path.write_bytes(b"x")
     just_written = checkpoint_path(tmp_path, 0, 30)
     just_written.write_bytes(b"x")
-    rotate_checkpoints(tmp_path, 1, newest=just_written)
-    assert list_checkpoints(tmp_path) == [unreadable, just_written]
+    rotate_checkpoints(tmp_path, 2, newest=just_written)
+    assert list_checkpoints(tmp_path) == [just_written, older[1]]
+
+
+def test_the_umask_is_read_without_being_changed():
+    import os
+
+    from relreason.checkpoint import _read_umask
+
+    previous = os.umask(0o027)
+    try:
+        assert _read_umask() == 0o027 and _read_umask() == 0o027
+    finally:
+        os.umask(previous)
 
 
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])

@@ -262,8 +262,11 @@ def test_resume_refuses_a_changed_online_probe_and_accepts_the_dataset_size_give
 def test_random_method_refuses_a_folder_with_another_run(tmp_path):
     pretrain(config(tmp_path))
     exported = (tmp_path / "run" / "backbone.pt").read_bytes()
+    (tmp_path / "run" / ".config.json.x1.tmp").write_text("left by a killed write")
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
     with pytest.raises(RelreasonError, match="holds training checkpoints; choose another --output-dir"):
         pretrain(config(tmp_path, method="random"))
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before  # untouched
     for path in list_checkpoints(tmp_path / "run"):
         path.unlink()
     with pytest.raises(RelreasonError, match="holds the backbone of a 'relational' run"):
@@ -325,3 +328,18 @@ def test_step_records_count_steps_over_the_run_and_close_each_epoch(tmp_path):
     assert steps[2]["loss"] == pytest.approx(result.history[0]["loss"])  # the epoch's end: the epoch's mean
     quiet = pretrain(config(tmp_path, epochs=2, log_every=50, output_dir=str(tmp_path / "quiet")))
     assert [r["epoch"] for r in map(json.loads, (quiet.run_dir / "steps.jsonl").read_text().splitlines())] == [1, 2]
+
+
+def test_after_a_resume_that_counts_fewer_steps_the_next_resume_starts_from_the_new_checkpoint(tmp_path, monkeypatch):
+    # As after a resume under more processes: the checkpoint says step 20, its images make step 5 here.
+    stop_at_step(monkeypatch, 20)
+    pretrain(config(tmp_path, batch_size=32))
+    path = list_checkpoints(tmp_path / "run")[0]
+    assert path.name == "checkpoint-e0000-s0000020.pt"
+    checkpoint = torch.load(path, weights_only=False)
+    checkpoint["position"]["items"] = 5 * 32
+    torch.save(checkpoint, path)
+    monkeypatch.undo()
+    stop_at_step(monkeypatch, 3)
+    pretrain(config(tmp_path, batch_size=32))
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-e0000-s0000008.pt"]

@@ -33,7 +33,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(descriptor, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide the file from the user's group
+        try:
+            os.fchmod(descriptor, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide the file from the user's group
+        except OSError:
+            pass  # a file system without modes (e.g. vfat): its own defaults apply
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -140,11 +143,15 @@ def load_newest_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict[str, 
 def rotate_checkpoints(run_dir: str | os.PathLike, keep: int, newest: str | os.PathLike | None = None) -> None:
     """Delete all but the ``keep`` newest checkpoints, counting from ``newest`` (the one just written).
 
-    Files named as later than ``newest`` are left alone: a run resumes from the newest checkpoint that reads
-    back, so such a file could not be read, and counting it would delete the checkpoint just written.
+    Files named as later than ``newest`` are deleted too: a run resumes from the newest checkpoint that reads
+    back, so such a file either could not be read or lies behind this run (a run resumed under more
+    processes counts its steps anew, so its names can sort before the one it resumed from); kept, it would
+    be resumed from instead of the one just written.
     """
     found = list_checkpoints(run_dir)
     if newest is not None and Path(newest) in found:
+        for path in found[: found.index(Path(newest))]:
+            path.unlink(missing_ok=True)
         found = found[found.index(Path(newest)):]
     for path in found[keep:]:
         path.unlink(missing_ok=True)

@@ -42,7 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from relreason.checkpoint import atomic_torch_save, atomic_write_bytes
+from relreason.checkpoint import atomic_torch_save, atomic_write_bytes, is_checkpoint_path
 from relreason.errors import RelreasonError
 from relreason.protocols import (
     check_label_fractions,
@@ -251,7 +251,11 @@ def extract_features(
     features = torch.cat(feature_chunks).contiguous()
     labels_all = torch.cat(label_chunks).contiguous()
     if cache is not None:
-        atomic_torch_save({"features": features, "labels": labels_all}, cache)
+        try:
+            atomic_torch_save({"features": features, "labels": labels_all}, cache)
+        except OSError as error:  # a read-only or full disk costs the cache, not the evaluation
+            print(f"relreason: warning: could not cache features at {cache} ({error.strerror or error}); "
+                  "they are used without being kept", file=sys.stderr)
     return features, labels_all
 
 
@@ -731,10 +735,10 @@ class EvaluateConfig:
 def _load_backbone_source(config: EvaluateConfig) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:
     """The weights file, its metadata (backbone.json beside it, overridden by explicit options) and its state.
 
-    A training checkpoint (``checkpoint-eEEEE-sSSSSSS.pt``) may be given instead of an exported backbone: its
+    A training checkpoint (``checkpoint-eEEEE-sSSSSSSS.pt``) may be given instead of an exported backbone: its
     backbone is evaluated, described by the options and geometry the checkpoint records.
     """
-    from relreason.checkpoint import is_checkpoint_path, load_checkpoint
+    from relreason.checkpoint import load_checkpoint
 
     weights = Path(config.weights) if config.weights else Path(config.run_dir) / "backbone.pt"
     if not weights.is_file():
@@ -863,7 +867,11 @@ def _data_tag(dataset_name: str, data_root: str, mean: Any, std: Any, splits: It
     files = []
     for split in splits if folder else ():
         for path in getattr(split, "paths", ()):
-            stat = os.stat(path)
+            try:
+                stat = os.stat(path)
+            except OSError:  # gone or a broken link: extraction finds it unreadable and says so
+                files.append([str(path), -1, -1])
+                continue
             files.append([str(path), stat.st_size, stat.st_mtime_ns])
     key = json.dumps([dataset_info(dataset_name).name, root, [float(m) for m in mean], [float(v) for v in std], files])
     return hashlib.sha1(key.encode()).hexdigest()[:8]
@@ -892,7 +900,9 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         ft_head_lr = _check_positive_float(config.finetune_head_lr, "--finetune-head-lr")
     device = resolve_device(config.device)
     weights, meta, state = _load_backbone_source(config)
-    output = Path(config.output) if config.output else weights.parent / "evaluation.json"
+    # A training checkpoint's results go beside it under their own name, not over the exported backbone's.
+    default = f"evaluation-{weights.stem}.json" if is_checkpoint_path(weights) else "evaluation.json"
+    output = Path(config.output) if config.output else weights.parent / default
     _check_output_path(output)
     if meta.get("finished") is False:  # a time limit or SIGTERM stopped it; the numbers are of a partial run
         print(f"relreason: warning: {weights} is from a run stopped by {meta.get('stopped_by') or 'an interruption'} "

@@ -197,7 +197,7 @@ def resolve_device(name: str) -> torch.device:
             raise RelreasonError("--device mps requested but MPS (Apple GPU) is not available here; use --device cpu")
         return torch.device("mps")
     if not isinstance(name, str) or re.fullmatch(r"cpu|cuda(:[0-9]+)?", name) is None:
-        raise RelreasonError(f"unknown --device '{name}'; use auto, cpu, cuda or cuda:N")
+        raise RelreasonError(f"unknown --device '{name}'; use auto, cpu, cuda, cuda:N or mps")
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -239,7 +239,7 @@ def prepare_output_dir(config: PretrainConfig, context: DistributedContext = Dis
     except OSError as error:
         raise RelreasonError(f"output folder {run_dir} is not writable ({error.strerror}); choose another --output-dir") from None
     if context.is_main:  # left by a run killed while writing them
-        for name in ("checkpoint-e*-s*.pt", BACKBONE_NAME):
+        for name in ("checkpoint-e*-s*.pt", BACKBONE_NAME, BACKBONE_META_NAME, "config.json", METRICS_NAME, STEPS_NAME):
             remove_stale_temporaries(run_dir, name)
     if list_checkpoints(run_dir) and not config.resume:
         raise RelreasonError(
@@ -473,19 +473,20 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
     method_type = method_class(config.method)
     if method_type is not None and method_type.needs_labels:
         check_every_image_labelled(dataset, config.dataset)  # before the output folder exists
+    if method_type is None:
+        check_no_other_run(Path(config.output_dir))  # before anything in that folder is touched
     run_dir = prepare_output_dir(config, context)
-    if isinstance(dataset.dataset, ImageFolderDataset):
-        dataset.dataset.log_skips_to(run_dir / SKIPPED_IMAGES_NAME)  # unreadable files are listed, not fatal
     num_classes = num_classes_of(dataset)
     method = build_model(config, geometry["image_size"], num_classes)
     if method is None:  # 'random': the lower bound is the initialisation itself
-        check_no_other_run(run_dir)
         backbone = build_backbone(config.backbone, image_size=geometry["image_size"])
         if context.is_main:
             export_backbone(run_dir, backbone, config, geometry, TrainingPosition())
             log("method 'random': exported the randomly initialised backbone without training", context)
         barrier(context)
         return PretrainResult(run_dir, 0, [], False, backbone)
+    if isinstance(dataset.dataset, ImageFolderDataset):
+        dataset.dataset.log_skips_to(run_dir / SKIPPED_IMAGES_NAME)  # unreadable files are listed, not fatal
     if method.needs_labels:
         method.check_label_values = False  # checked once above, so no step waits on the device to check them
     probe = OnlineProbe(method.feature_dim, num_classes) if config.online_probe and num_classes else None

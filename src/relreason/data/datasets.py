@@ -413,8 +413,10 @@ class ImageFolderDataset(Dataset):
                 f"cannot open skip log {self.skip_log} for appending ({_one_line(exc)}); "
                 "pass a writable file path in an existing directory"
             ) from None
+        logged = read_skip_log(self.skip_log)  # a resumed run's log already holds what it met before
         for skipped_path, reason in list(self.skipped.items()):
-            self._record_skip(skipped_path, reason)
+            if skipped_path not in logged:
+                self._record_skip(skipped_path, reason)
 
     def __len__(self) -> int:
         return len(self.paths)
