@@ -157,26 +157,13 @@ def test_the_embedding_map_follows_the_weights(tmp_path):
     assert len(caches) == 2  # one per exported backbone: the trained-on run's map is not the old one
 
 
-def test_a_finished_comparison_trains_nothing_again_not_even_random(tmp_path, capsys):
+def test_a_finished_comparison_trains_nothing_again_and_remakes_random_with_the_new_options(tmp_path, capsys):
     output = tmp_path / "compare"
     argv = compare_argv(output, "--methods", "relational", "random")
     assert main(argv) == 0
     capsys.readouterr()
     assert main(argv) == 0
-    assert "== " not in capsys.readouterr().err  # no run started
-    assert main(compare_argv(output, "--methods", "random", "--backbone", "resnet8")) == 2
-    assert "backbone: run 'conv4' vs now 'resnet8'" in capsys.readouterr().err
-    assert main(compare_argv(output, "--methods", "random", "-K", "5")) == 0  # K is not random's
-
-
-def test_an_unstarted_comparison_does_not_hold_a_budget(tmp_path, monkeypatch):
-    import relreason.evaluate as evaluate
-
-    def no_labels(*args):
-        raise RelreasonError("no labels")
-
-    monkeypatch.setattr(evaluate, "_labelled_split", no_labels)  # fails after every option was checked
-    output = tmp_path / "compare"
-    assert main(compare_argv(output, "--time-limit", "1")) == 2
-    monkeypatch.undo()
-    assert not (output / "budget.json").exists()
+    assert "epoch 1/1" not in capsys.readouterr().err  # nothing trained
+    assert main(compare_argv(output, "--methods", "random", "--image-size", "12")) == 0  # no training to refuse
+    evaluation = json.loads((output / "random-seed1" / "evaluation.json").read_text())
+    assert evaluation["image_size"] == 12

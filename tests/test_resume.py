@@ -122,22 +122,22 @@ def test_random_state_round_trip_keeps_to_the_training_device(monkeypatch):
     assert [(int(v[0]), d) for v, d in restored] == [(1, gpu), (2, gpu)]
 
 
-def test_pruning_keeps_the_checkpoint_just_written_and_drops_those_named_later(tmp_path):
-    """A later-named file is unreadable (a resume would have used it) or lies behind a run resumed under more
-    processes, whose steps are counted anew: kept, the next resume would go back to it."""
+def test_pruning_counts_from_the_checkpoint_just_written_and_drops_those_known_to_be_behind(tmp_path):
+    """A later-named file that could not be read at the resume (perhaps only for a moment) is kept and not
+    counted; one known to hold less progress (a resume under more processes numbers its steps anew) goes."""
     from relreason.checkpoint import checkpoint_path, rotate_checkpoints
 
     behind = checkpoint_path(tmp_path, 0, 40)  # e.g. resumed from here under twice the processes
     behind.write_bytes(b"x")
     unreadable = checkpoint_path(tmp_path, 9, 0)
-    unreadable.write_bytes(b"cut short")
+    unreadable.write_bytes(b"could not be read when the run resumed")
     older = [checkpoint_path(tmp_path, 0, step) for step in (10, 20)]
     for path in older:
         path.write_bytes(b"x")
     just_written = checkpoint_path(tmp_path, 0, 30)
     just_written.write_bytes(b"x")
-    rotate_checkpoints(tmp_path, 2, newest=just_written)
-    assert list_checkpoints(tmp_path) == [just_written, older[1]]
+    rotate_checkpoints(tmp_path, 2, newest=just_written, behind=[behind])
+    assert list_checkpoints(tmp_path) == [unreadable, just_written, older[1]]
 
 
 def test_the_umask_is_read_without_being_changed():

@@ -262,7 +262,7 @@ def test_resume_refuses_a_changed_online_probe_and_accepts_the_dataset_size_give
 def test_random_method_refuses_a_folder_with_another_run(tmp_path):
     pretrain(config(tmp_path))
     exported = (tmp_path / "run" / "backbone.pt").read_bytes()
-    (tmp_path / "run" / ".config.json.x1.tmp").write_text("left by a killed write")
+    (tmp_path / "run" / ".checkpoint-e0000-s0000009.pt.x1.tmp").write_text("left by a killed write")
     before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
     with pytest.raises(RelreasonError, match="holds training checkpoints; choose another --output-dir"):
         pretrain(config(tmp_path, method="random"))
@@ -343,3 +343,23 @@ def test_after_a_resume_that_counts_fewer_steps_the_next_resume_starts_from_the_
     stop_at_step(monkeypatch, 3)
     pretrain(config(tmp_path, batch_size=32))
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-e0000-s0000008.pt"]
+
+
+def test_a_later_checkpoint_that_could_not_be_read_once_survives_the_next_save(tmp_path, monkeypatch):
+    import relreason.checkpoint as checkpoint_module
+
+    pretrain(config(tmp_path, epochs=2, checkpoint_every=10))
+    newest, previous = list_checkpoints(tmp_path / "run")
+    assert (newest.name, previous.name) == ("checkpoint-e0002-s0000000.pt", "checkpoint-e0001-s0000020.pt")
+    real, failed = checkpoint_module.load_checkpoint, []
+
+    def fails_once_for_the_newest(path):
+        if Path(path) == newest and not failed:
+            failed.append(path)
+            raise RelreasonError("input/output error")
+        return real(path)
+
+    monkeypatch.setattr(checkpoint_module, "load_checkpoint", fails_once_for_the_newest)
+    stop_at_step(monkeypatch, 1)
+    pretrain(config(tmp_path, epochs=2, checkpoint_every=10))  # resumes from e0001-s20, stops at s21
+    assert newest in list_checkpoints(tmp_path / "run")  # the finished epoch's checkpoint is not deleted

@@ -9,6 +9,7 @@ import random
 import re
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -140,18 +141,23 @@ def load_newest_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict[str, 
     return None
 
 
-def rotate_checkpoints(run_dir: str | os.PathLike, keep: int, newest: str | os.PathLike | None = None) -> None:
-    """Delete all but the ``keep`` newest checkpoints, counting from ``newest`` (the one just written).
+def rotate_checkpoints(
+    run_dir: str | os.PathLike,
+    keep: int,
+    newest: str | os.PathLike | None = None,
+    behind: Iterable[str | os.PathLike] = (),
+) -> None:
+    """Delete all but the ``keep`` newest checkpoints, counting from ``newest`` (the one just written), and
+    those in ``behind`` (known to hold less progress than ``newest`` whatever their names say).
 
-    Files named as later than ``newest`` are deleted too: a run resumes from the newest checkpoint that reads
-    back, so such a file either could not be read or lies behind this run (a run resumed under more
-    processes counts its steps anew, so its names can sort before the one it resumed from); kept, it would
-    be resumed from instead of the one just written.
+    Other files named as later than ``newest`` are left alone: they could not be read when the run resumed,
+    perhaps only for a moment, and counting them would delete the checkpoint just written.
     """
-    found = list_checkpoints(run_dir)
+    behind = {Path(path) for path in behind}
+    for path in behind - ({Path(newest)} if newest is not None else set()):
+        path.unlink(missing_ok=True)
+    found = [path for path in list_checkpoints(run_dir) if path not in behind]
     if newest is not None and Path(newest) in found:
-        for path in found[: found.index(Path(newest))]:
-            path.unlink(missing_ok=True)
         found = found[found.index(Path(newest)):]
     for path in found[keep:]:
         path.unlink(missing_ok=True)

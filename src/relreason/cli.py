@@ -119,7 +119,8 @@ def add_evaluate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help=f"feature extraction batch size [{d.batch_size}]")
     parser.add_argument("--seed", type=int, help=f"seed of the probe and of the random backbone [{d.seed}]")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps [auto]")
-    parser.add_argument("--output", help="results JSON path [evaluation.json beside the weights]")
+    parser.add_argument("--output", help="results JSON path [evaluation.json beside the weights; "
+                        "evaluation-<name>.json for a training checkpoint]")
 
 
 def add_compare_options(parser: argparse.ArgumentParser) -> None:

@@ -115,11 +115,8 @@ def check_existing_runs(config: CompareConfig) -> None:
     for method in config.methods:
         for seed in config.seeds:
             run_dir = run_dir_of(config, method, seed)
-            recorded = _read_json(run_dir / "config.json")
+            recorded = _read_json(run_dir / "config.json")  # random runs have none: they are made again anyway
             keys = _RUN_DEFINING if method == "relational" else [k for k in _RUN_DEFINING if k != "num_views"]
-            if not isinstance(recorded, dict):  # a random backbone has only its backbone.json
-                recorded = _read_json(run_dir / "backbone.json")
-                keys = ("method", "backbone", "dataset", "seed")
             if not isinstance(recorded, dict):
                 continue
             wanted = dataclasses.asdict(pretrain_config_for(config, method, seed))
@@ -138,7 +135,7 @@ def budget_spent(run_dir: Path, epochs: int) -> bool:
     if not isinstance(meta, dict):
         return False
     if meta.get("method") == "random":
-        return True  # nothing to train: the initialisation is the run
+        return False  # made again each time (no training, same seed, same weights): never stale
     return (bool(meta.get("finished")) and meta.get("epochs", 0) >= epochs) or meta.get("stopped_by") == "time limit"
 
 
@@ -191,6 +188,7 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     check_existing_runs(config)
     _labelled_split(config.dataset, config.data_root, "train", config.download)  # evaluation will need labels
     output = Path(config.output_dir)
+    atomic_write_json(output / BUDGET_NAME, {"time_limit": config.time_limit})
     runs: list[dict[str, Any]] = []
     for method in config.methods:
         for seed in config.seeds:
@@ -199,7 +197,6 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
                 print(f"== {method}, seed {seed} ==", file=sys.stderr, flush=True)
                 run_config = pretrain_config_for(config, method, seed)
                 run_config.time_limit = remaining_minutes(run_dir, config.time_limit)
-                atomic_write_json(output / BUDGET_NAME, {"time_limit": config.time_limit})  # once a run trains
                 if pretrain(run_config).preempted:
                     # A scheduler's notice ends the whole comparison (the next run would be killed anyway).
                     return {"preempted": f"{method}, seed {seed}"}

@@ -546,6 +546,7 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
     train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if context.enabled else model
     saver = CheckpointSaver(run_dir, config, geometry, model, optimizer, scaler, context, device)
+    saver.resumed_from = found[0] if found is not None else None
     deadline = time.monotonic() + config.time_limit * 60 if config.time_limit else math.inf
     stop = StopRequest.install()
     stopped_early = False
@@ -633,6 +634,18 @@ class CheckpointSaver:
     def __init__(self, run_dir, config, geometry, model, optimizer, scaler, context, device) -> None:
         self.run_dir, self.config, self.geometry, self.context, self.device = run_dir, config, geometry, context, device
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.resumed_from: Path | None = None
+        self.behind: list[Path] = []  # pruned at the next save whatever their names
+
+    def steps_renumbered(self, epoch: int, step: int) -> None:
+        """The run resumed in ``epoch`` under more processes and counts its steps anew from ``step``: this epoch's
+        checkpoints named after that step, up to the one it resumed from, hold less progress than any it writes
+        now, though their names sort later."""
+        if self.resumed_from is None:
+            return
+        start = checkpoint_path(self.run_dir, epoch, step).name
+        self.behind = [path for path in list_checkpoints(self.run_dir)
+                       if path.name.startswith(f"checkpoint-e{epoch:04d}-") and start < path.name <= self.resumed_from.name]
 
     def save(self, position: TrainingPosition) -> None:
         if not self.context.is_main:
@@ -650,7 +663,8 @@ class CheckpointSaver:
         }
         path = checkpoint_path(self.run_dir, position.epoch, position.step)
         atomic_torch_save(state, path)
-        rotate_checkpoints(self.run_dir, self.config.keep_checkpoints, newest=path)
+        rotate_checkpoints(self.run_dir, self.config.keep_checkpoints, newest=path, behind=self.behind)
+        self.behind = []
 
 
 class StopRequest:
@@ -728,6 +742,8 @@ def train_one_epoch(
             f"{sampler.start_step} of {steps_per_epoch}", context)
         scale = sampler.start_step / position.step if position.step else 0.0
         position.totals = {name: value * scale for name, value in position.totals.items()}
+        if sampler.start_step < position.step:
+            saver.steps_renumbered(position.epoch, sampler.start_step)
         position.step = sampler.start_step
     # Sums stay on the device: reading them every step would stall a GPU on each batch.
     names = list(position.totals)

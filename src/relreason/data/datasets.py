@@ -398,6 +398,7 @@ class ImageFolderDataset(Dataset):
             self.labels = None
         self.skipped: dict[str, str] = {}
         self.skip_log: Path | None = None
+        self._logged: set[str] = set()  # paths the log already lists (e.g. from before a resume)
         self._log_warned = False
         if skip_log is not None:
             self.log_skips_to(skip_log)
@@ -413,10 +414,9 @@ class ImageFolderDataset(Dataset):
                 f"cannot open skip log {self.skip_log} for appending ({_one_line(exc)}); "
                 "pass a writable file path in an existing directory"
             ) from None
-        logged = read_skip_log(self.skip_log)  # a resumed run's log already holds what it met before
+        self._logged = set(read_skip_log(self.skip_log))  # a resumed run's log already lists what it met before
         for skipped_path, reason in list(self.skipped.items()):
-            if skipped_path not in logged:
-                self._record_skip(skipped_path, reason)
+            self._record_skip(skipped_path, reason)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -459,8 +459,9 @@ class ImageFolderDataset(Dataset):
 
     def _record_skip(self, path: str, reason: str) -> None:
         self.skipped[path] = reason
-        if self.skip_log is None:
+        if self.skip_log is None or path in self._logged:
             return
+        self._logged.add(path)
         try:
             fd = os.open(self.skip_log, _LOG_FLAGS, 0o644)
             try:
