@@ -327,3 +327,18 @@ def test_pretraining_on_a_folder_lists_every_bad_file_and_counts_them(tmp_path):
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["skipped_images"] == len(bad)
     assert _hashes(root) == before
 
+
+
+def test_dataloader_workers_list_each_bad_file_once(tmp_path):
+    """Workers are forked copies of the dataset; each learns from the log what the others listed."""
+    import copy
+
+    root = tmp_path / "imgs"
+    _, bad = _write_bad_folder(root)
+    dataset = ImageFolderDataset(root)
+    dataset.log_skips_to(tmp_path / "skip.log")
+    workers = [copy.deepcopy(dataset) for _ in range(2)]
+    for worker in workers:
+        for i in range(len(worker)):
+            worker[i]
+    assert len((tmp_path / "skip.log").read_text().splitlines()) == len(bad)

@@ -167,3 +167,22 @@ def test_a_finished_comparison_trains_nothing_again_and_remakes_random_with_the_
     assert main(compare_argv(output, "--methods", "random", "--image-size", "12")) == 0  # no training to refuse
     evaluation = json.loads((output / "random-seed1" / "evaluation.json").read_text())
     assert evaluation["image_size"] == 12
+
+
+def test_random_runs_remade_for_other_data_or_budget_get_their_own_map(tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    for split, count in (("train", 8), ("test", 4)):
+        for label in range(2):
+            (images / split / f"c{label}").mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (10, 10), (200 * label, 20 * i, 0)).save(images / split / f"c{label}" / f"{i}.png")
+    output = tmp_path / "compare"
+    random_only = compare_argv(output, "--methods", "random", "--embedding-points", "10", "--knn-k", "3")
+    assert main(random_only + ["--time-limit", "1"]) == 0
+    assert main(random_only + ["--time-limit", "2"]) == 0  # random trains nothing: no budget is bound
+    on_folder = list(random_only)
+    on_folder[on_folder.index("digits")] = "folder"
+    assert main(on_folder + ["--data-root", str(images)]) == 0  # the same weights, another data set's map
+    assert len(list((output / "random-seed1" / "features").glob("embedding-test-*.pt"))) == 2

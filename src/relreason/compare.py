@@ -176,7 +176,7 @@ def summarise(values: list[float]) -> dict[str, float]:
 
 def run_compare(config: CompareConfig) -> dict[str, Any]:
     """Train and evaluate every method x seed; write compare.json, compare.md and the plots; return the summary."""
-    from relreason.evaluate import EvaluateConfig, _labelled_split, run_evaluation
+    from relreason.evaluate import EvaluateConfig, labelled_split, run_evaluation
     from relreason.train import pretrain
 
     config.validate()
@@ -186,9 +186,8 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
         EvaluateConfig(protocols=tuple(config.protocols), linear_epochs=config.linear_epochs, knn_k=config.knn_k,
                        seed=seed, device=config.device).validate()
     check_existing_runs(config)
-    _labelled_split(config.dataset, config.data_root, "train", config.download)  # evaluation will need labels
+    labelled_split(config.dataset, config.data_root, "train", config.download)  # evaluation will need labels
     output = Path(config.output_dir)
-    atomic_write_json(output / BUDGET_NAME, {"time_limit": config.time_limit})
     runs: list[dict[str, Any]] = []
     for method in config.methods:
         for seed in config.seeds:
@@ -197,6 +196,8 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
                 print(f"== {method}, seed {seed} ==", file=sys.stderr, flush=True)
                 run_config = pretrain_config_for(config, method, seed)
                 run_config.time_limit = remaining_minutes(run_dir, config.time_limit)
+                if method != "random":  # the budget binds the folder once a run trains under it
+                    atomic_write_json(output / BUDGET_NAME, {"time_limit": config.time_limit})
                 if pretrain(run_config).preempted:
                     # A scheduler's notice ends the whole comparison (the next run would be killed anyway).
                     return {"preempted": f"{method}, seed {seed}"}
@@ -297,10 +298,11 @@ def plot_embeddings(config: CompareConfig, path: Path) -> None:
     figure, axes = plt.subplots(1, columns, figsize=(3.4 * columns, 3.6), squeeze=False)
     for axis, method in zip(axes[0], config.methods):
         run_dir = run_dir_of(config, method, config.seeds[0])
-        backbone, dataset, transform, digest = _test_features_source(run_dir, config)
-        # Named by the weights: a run trained on (more epochs, the rest of its budget) gets a new map.
+        backbone, dataset, transform, key = _test_features_source(run_dir, config)
+        # Named by the weights and the data, as evaluate names its caches: a run trained on (more epochs, the
+        # rest of its budget) or a random backbone remade for other data gets a new map.
         features, labels = extract_features(backbone, dataset, transform, device=_device(config.device),
-                                            cache_path=run_dir / "features" / f"embedding-test-{digest}.pt")
+                                            cache_path=run_dir / "features" / f"embedding-test-{key}.pt")
         chosen = np.random.default_rng(0).permutation(len(labels))[: config.embedding_points]
         points = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(chosen) - 1) / 3),
                       random_state=0).fit_transform(features[chosen].numpy())
@@ -322,6 +324,7 @@ def _device(name: str) -> torch.device:
 def _test_features_source(run_dir: Path, config: CompareConfig):
     from relreason.backbones import build_backbone
     from relreason.data import dataset_info, eval_transform, load_dataset
+    from relreason.evaluate import data_tag_of
 
     meta = json.loads((run_dir / "backbone.json").read_text())
     backbone = build_backbone(meta["backbone"], image_size=meta["image_size"])
@@ -330,7 +333,9 @@ def _test_features_source(run_dir: Path, config: CompareConfig):
     info = dataset_info(config.dataset)
     dataset = load_dataset(config.dataset, config.data_root, info.test_split, download=config.download)
     digest = hashlib.sha1(weights).hexdigest()[:12]
-    return backbone, dataset, eval_transform(meta["image_size"], meta["mean"], meta["std"]), digest
+    tag = data_tag_of(config.dataset, config.data_root, meta["mean"], meta["std"], (dataset,))
+    key = f"{digest}-{meta['image_size']}px-{tag}"
+    return backbone, dataset, eval_transform(meta["image_size"], meta["mean"], meta["std"]), key
 
 
 def _save(figure, plt, path: Path) -> None:

@@ -818,7 +818,7 @@ def check_nothing_skipped(dataset: Any, split: str, cache: Path) -> None:
         )
 
 
-def _labelled_split(name: str, root: str, split: str, download: bool):
+def labelled_split(name: str, root: str, split: str, download: bool):
     from relreason.data import load_dataset
 
     dataset = load_dataset(name, root, split, download=download)
@@ -853,7 +853,7 @@ def _same_dataset(name: str, other: str | None) -> bool:
         return False
 
 
-def _data_tag(dataset_name: str, data_root: str, mean: Any, std: Any, splits: Iterable[Any] = ()) -> str:
+def data_tag_of(dataset_name: str, data_root: str, mean: Any, std: Any, splits: Iterable[Any] = ()) -> str:
     """A short digest of what decides the features of a dataset besides the backbone.
 
     A feature cache name holds it, so evaluating the same weights on another image folder, on a folder whose
@@ -916,8 +916,8 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     # The pretraining run's --data-root when the data is the run's own, so its "evaluate with" line just works.
     own_data = _same_dataset(dataset_name, meta.get("dataset"))  # names as typed: fashion_mnist is fashion-mnist
     data_root = config.data_root or (meta.get("data_root") if own_data else None) or "data"
-    train_set = _labelled_split(dataset_name, data_root, info.train_split, config.download)
-    test_set = _labelled_split(dataset_name, data_root, info.test_split, config.download)
+    train_set = labelled_split(dataset_name, data_root, info.train_split, config.download)
+    test_set = labelled_split(dataset_name, data_root, info.test_split, config.download)
     if own_data and "mean" in meta:
         mean, std = meta["mean"], meta["std"]  # exactly what the backbone was trained on
     elif info.mean is not None:
@@ -929,7 +929,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     digest = hashlib.sha1(weights.read_bytes()).hexdigest()[:12]
     # Beside the weights, unless that folder is read-only (a shared or downloaded backbone): then beside the output.
     cache_dir = (weights.parent if os.access(weights.parent, os.W_OK) else output.parent) / "features"
-    data_tag = _data_tag(dataset_name, data_root, mean, std, (train_set, test_set))
+    data_tag = data_tag_of(dataset_name, data_root, mean, std, (train_set, test_set))
     backbones = {"pretrained": (digest, state)}
     if config.random_baseline:
         backbones["random"] = (f"random-seed{config.seed}", None)

@@ -461,6 +461,10 @@ class ImageFolderDataset(Dataset):
         self.skipped[path] = reason
         if self.skip_log is None or path in self._logged:
             return
+        # DataLoader workers fork from this process each epoch: what another worker logged since is in the file.
+        self._logged |= set(read_skip_log(self.skip_log))
+        if path in self._logged:
+            return
         self._logged.add(path)
         try:
             fd = os.open(self.skip_log, _LOG_FLAGS, 0o644)
