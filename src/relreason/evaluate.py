@@ -894,10 +894,9 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     config.validate()  # every option, named by its flag, before anything is read or written
     protocols = _choose_protocols(config.protocols, ALL_PROTOCOLS)
     fractions = check_label_fractions(config.label_fractions) if "few_label" in protocols else ()
-    if "finetune" in protocols:
-        ft_epochs = _check_positive_int(config.finetune_epochs, "--finetune-epochs")
-        ft_backbone_lr = _check_positive_float(config.finetune_backbone_lr, "--finetune-backbone-lr")
-        ft_head_lr = _check_positive_float(config.finetune_head_lr, "--finetune-head-lr")
+    if "finetune" in protocols:  # checked by validate() above
+        ft_epochs = config.finetune_epochs
+        ft_backbone_lr, ft_head_lr = float(config.finetune_backbone_lr), float(config.finetune_head_lr)
     device = resolve_device(config.device)
     weights, meta, state = _load_backbone_source(config)
     # A training checkpoint's results go beside it under their own name, not over the exported backbone's.

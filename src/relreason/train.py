@@ -545,8 +545,8 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
         atomic_write_json(run_dir / "config.json", dataclasses.asdict(config) | {"geometry": geometry})
     train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if context.enabled else model
-    saver = CheckpointSaver(run_dir, config, geometry, model, optimizer, scaler, context, device)
-    saver.resumed_from = found[0] if found is not None else None
+    saver = CheckpointSaver(run_dir, config, geometry, model, optimizer, scaler, context, device,
+                            resumed_from=found[0] if found is not None else None)
     deadline = time.monotonic() + config.time_limit * 60 if config.time_limit else math.inf
     stop = StopRequest.install()
     stopped_early = False
@@ -631,10 +631,11 @@ def check_no_other_run(run_dir: Path) -> None:
 class CheckpointSaver:
     """Rank 0 writes a checkpoint atomically and keeps the newest few; other ranks do nothing."""
 
-    def __init__(self, run_dir, config, geometry, model, optimizer, scaler, context, device) -> None:
+    def __init__(self, run_dir, config, geometry, model, optimizer, scaler, context, device,
+                 resumed_from: Path | None = None) -> None:
         self.run_dir, self.config, self.geometry, self.context, self.device = run_dir, config, geometry, context, device
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
-        self.resumed_from: Path | None = None
+        self.resumed_from = resumed_from
         self.behind: list[Path] = []  # pruned at the next save whatever their names
 
     def steps_renumbered(self, epoch: int, step: int) -> None:
@@ -643,9 +644,9 @@ class CheckpointSaver:
         now, though their names sort later."""
         if self.resumed_from is None:
             return
+        # The one resumed from is of this epoch (only a mid-epoch resume renumbers), so the names between are too.
         start = checkpoint_path(self.run_dir, epoch, step).name
-        self.behind = [path for path in list_checkpoints(self.run_dir)
-                       if path.name.startswith(f"checkpoint-e{epoch:04d}-") and start < path.name <= self.resumed_from.name]
+        self.behind = [path for path in list_checkpoints(self.run_dir) if start < path.name <= self.resumed_from.name]
 
     def save(self, position: TrainingPosition) -> None:
         if not self.context.is_main:
@@ -756,10 +757,12 @@ def train_one_epoch(
     def sync_position(across_ranks: bool) -> None:
         """Copy the device sums into ``position``; ``across_ranks`` (every rank must call it then): their mean
         over the ranks, the same on each, which is what a checkpoint keeps (each rank resumes from it, and
-        the epoch's mean of (shared + own) is shared + the mean of its own)."""
+        the epoch's mean of (shared + own) is shared + the mean of its own), checked finite on every rank alike."""
         values = all_reduce_mean(totals.clone(), context) if across_ranks else totals
         position.totals = dict(zip(names, values.tolist()))
         position.seconds = time.perf_counter() - started
+        if across_ranks:
+            check_finite(position, config)
 
     for views, labels in bar:
         if isinstance(views, torch.Tensor):  # (K, B, C, H, W), made on the device
@@ -804,14 +807,12 @@ def train_one_epoch(
         if position.step < steps_per_epoch and (interrupted or (
                 config.checkpoint_every and position.step % config.checkpoint_every == 0)):
             sync_position(across_ranks=True)
-            check_finite(position, config)
             saver.save(position)
         if interrupted and position.step < steps_per_epoch:
             bar.close()
             return None, True
     bar.close()
     sync_position(across_ranks=True)
-    check_finite(position, config)
     means = {name: total / max(position.step, 1) for name, total in position.totals.items()}
     record = {
         "epoch": position.epoch + 1,

@@ -398,7 +398,6 @@ class ImageFolderDataset(Dataset):
             self.labels = None
         self.skipped: dict[str, str] = {}
         self.skip_log: Path | None = None
-        self._logged: set[str] = set()  # paths the log already lists (e.g. from before a resume)
         self._log_warned = False
         if skip_log is not None:
             self.log_skips_to(skip_log)
@@ -414,7 +413,6 @@ class ImageFolderDataset(Dataset):
                 f"cannot open skip log {self.skip_log} for appending ({_one_line(exc)}); "
                 "pass a writable file path in an existing directory"
             ) from None
-        self._logged = set(read_skip_log(self.skip_log))  # a resumed run's log already lists what it met before
         for skipped_path, reason in list(self.skipped.items()):
             self._record_skip(skipped_path, reason)
 
@@ -459,13 +457,10 @@ class ImageFolderDataset(Dataset):
 
     def _record_skip(self, path: str, reason: str) -> None:
         self.skipped[path] = reason
-        if self.skip_log is None or path in self._logged:
+        # The log itself says what is listed: a resumed run's earlier entries, and those of DataLoader workers
+        # (forked copies of this dataset). Each process meets a bad file once (then it is in ``skipped``).
+        if self.skip_log is None or path in read_skip_log(self.skip_log):
             return
-        # DataLoader workers fork from this process each epoch: what another worker logged since is in the file.
-        self._logged |= set(read_skip_log(self.skip_log))
-        if path in self._logged:
-            return
-        self._logged.add(path)
         try:
             fd = os.open(self.skip_log, _LOG_FLAGS, 0o644)
             try:
