@@ -37,6 +37,7 @@ fi
 {
     command -v nvidia-smi >/dev/null && timeout 15 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     timeout 30 python3 -c "import os, torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cores', os.cpu_count())"
+    df -h /dev/shm  # DataLoader workers pass batches through it: the reference falls back to 4 workers if it is small
 } > "$out/machine.txt" 2>&1
 status=0
 bench() {  # seconds, output file, arguments of throughput.py

@@ -81,7 +81,7 @@ def prepare(module: nn.Module, mode: str, device: torch.device) -> nn.Module:
     if "cl" in mode.split("+"):
         module = module.to(memory_format=torch.channels_last)
     if "compile" in mode.split("+"):
-        module.compile()
+        module.compile(dynamic=False)  # as the trainer's --compile
     return module
 
 
@@ -168,7 +168,7 @@ def relreason_step_factory(backbone_name, images, num_views, batch_size, mode, d
     compiled = "compile" in mode.split("+")  # as the trainer's --compile: the backbone and the colour jitter
     model = RelationalReasoning(prepare(build_backbone(backbone_name, image_size=32), mode, device), image_size=32)
     model = model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type == "cuda")  # as the trainer's
     augmentation = BatchRelationalAugmentation(32, MEAN, STD, compile=compiled)
     dataset = DeviceMultiViewDataset(images, augmentation, num_views, 0, device)
     epoch = 0
@@ -246,6 +246,9 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(f"# device {device} ({where}), {torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
           f"{colours} images, batch {args.batch_size}, {args.steps} timed steps after {args.warmup} (relreason and backbone rows interleaved, medians); reference with {workers} workers")
+    if device.type == "cuda":
+        print(f"# CUDA fp32 rows: cuDNN convolutions in TF32 {torch.backends.cudnn.allow_tf32} (PyTorch's default: True), "
+              f"matmuls in TF32 {torch.backends.cuda.matmul.allow_tf32}", flush=True)
     header = f"| backbone | K | step | mode | ms/step | views/s | x reference | / backbone-only |"
     print(header)
     print("|---|---|---|---|---:|---:|---:|---:|")
@@ -263,19 +266,39 @@ def main() -> None:
         raise SystemExit(1)
 
 
+def time_reference(backbone_name, num_views, images, workers, device, args) -> float | None:
+    """Seconds per reference step, printed as its row; None (and a note) when it cannot run.
+
+    Many DataLoader workers can die where shared memory is small (K=32 batches are ~25 MB each): then once
+    more with at most 4, so the other rows still get their ratios."""
+    views_per_step = num_views * args.batch_size
+    for count in dict.fromkeys([workers, min(workers, 4)]):
+        step = None
+        try:
+            # On its own, in one block: its DataLoader workers would otherwise fill their queue while the
+            # other rows run, and the reference would be timed on batches prepared for free.
+            step = reference_step_factory(backbone_name, images, num_views, args.batch_size, count, device)
+            seconds = timed({"reference": step}, args.steps, args.warmup, device, block=args.steps)["reference"]
+        except Exception as error:  # noqa: BLE001 - reported, and the rows of relreason still run
+            print(f"# reference {backbone_name} K={num_views} with {count} DataLoader workers failed: "
+                  f"{type(error).__name__}: {str(error).strip()[:200]}", flush=True)
+            continue
+        finally:
+            del step  # ends its DataLoader workers before the other rows are timed
+        label = "reference" if count == workers else f"reference, {count} workers"
+        print(f"| {backbone_name} | {num_views} | {label} | fp32 | {1000 * seconds:.0f} | "
+              f"{views_per_step / seconds:,.0f} | 1.00 | |", flush=True)
+        return seconds
+    return None
+
+
 def time_rows(backbone_name, num_views, images, modes, workers, device, args) -> bool:
     """Time and print one backbone and K; False when relreason's step waited for the GPU (rows still printed)."""
     synced = False
     views_per_step = num_views * args.batch_size
     reference = None
     if not args.skip_reference:
-        # On its own, in one block: its DataLoader workers would otherwise fill their queue while the
-        # other rows run, and the reference would be timed on batches prepared for free.
-        step = reference_step_factory(backbone_name, images, num_views, args.batch_size, workers, device)
-        reference = timed({"reference": step}, args.steps, args.warmup, device, block=args.steps)["reference"]
-        del step  # ends its DataLoader workers before the other rows are timed
-        print(f"| {backbone_name} | {num_views} | reference | fp32 | {1000 * reference:.0f} | "
-              f"{views_per_step / reference:,.0f} | 1.00 | |", flush=True)
+        reference = time_reference(backbone_name, num_views, images, workers, device, args)
     steps = {}
     for mode in modes:
         steps[("relreason", mode)] = relreason_step_factory(backbone_name, images, num_views, args.batch_size, mode, device)

@@ -82,3 +82,30 @@ def test_a_step_that_waits_for_the_device_is_reported_timed_unchecked_and_fails_
     out = capsys.readouterr().out
     assert "# SYNC: relreason's conv4 K=2 step waited for the device" in out
     assert "| conv4 | 2 | relreason | fp32 |" in out and "| conv4 | 2 | backbone only | fp32 |" in out
+
+
+def test_a_reference_whose_workers_die_is_retried_with_fewer_and_the_other_rows_still_run(monkeypatch, capsys):
+    """Where shared memory is small, many DataLoader workers die: the reference is retried with at most 4."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import throughput
+
+    real = throughput.reference_step_factory
+    tried = []
+
+    def dies_with_many_workers(backbone_name, images, num_views, batch_size, workers, device):
+        tried.append(workers)
+        if workers > 4:
+            raise RuntimeError("DataLoader worker (pid 1234) is killed by signal: Bus error.")
+        return real(backbone_name, images, num_views, batch_size, 0, device)
+
+    monkeypatch.setattr(throughput, "reference_step_factory", dies_with_many_workers)
+    monkeypatch.setattr(sys, "argv", ["throughput.py", "--backbones", "conv4", "--views", "2", "--batch-size", "4",
+                                      "--modes", "fp32", "--steps", "1", "--warmup", "1", "--dataset", "synthetic",
+                                      "--reference-workers", "16"])
+    throughput.main()
+    out = capsys.readouterr().out
+    assert tried == [16, 4]
+    assert "# reference conv4 K=2 with 16 DataLoader workers failed: RuntimeError: DataLoader worker" in out
+    assert "| conv4 | 2 | reference, 4 workers | fp32 |" in out
+    row = next(line for line in out.splitlines() if line.startswith("| conv4 | 2 | relreason | fp32 |"))
+    assert row.split("|")[7].strip()  # the ratio to the reference is there

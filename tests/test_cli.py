@@ -119,3 +119,77 @@ def test_every_relreason_command_in_the_readme_parses(capsys, monkeypatch):
             parse_options(build_parser(), argv)
         except SystemExit as stop:  # --help prints and exits 0; anything else is a broken example
             assert stop.code == 0 and "--help" in argv, (argv, capsys.readouterr().err)
+
+
+def test_version(capsys):
+    import relreason
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"relreason {relreason.__version__}"
+
+
+def _digit_pngs(root, count, classes=None):
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for i in range(count):
+        folder = root / f"digit{digits.target[i]}" if classes else root
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((digits.images[i] * 255 / 16).astype("uint8")).save(folder / f"{i:03d}.png")
+
+
+TINY = ["--image-size", "16", "-K", "2", "--batch-size", "16", "--epochs", "1", "--no-progress", "--no-tensorboard"]
+
+
+def test_pretraining_an_unlabelled_folder_says_so_and_how_to_evaluate(tmp_path, capsys):
+    _digit_pngs(tmp_path / "photos", 40)
+    assert main(["pretrain", "--dataset", "folder", "--data-root", str(tmp_path / "photos"), *TINY,
+                 "--output-dir", str(tmp_path / "run")]) == 0
+    out, err = capsys.readouterr()
+    assert f"image folder {tmp_path / 'photos'}: 40 images, unlabelled: its 40 images lie directly in" in err
+    assert (f"evaluate with: relreason evaluate --run-dir {tmp_path / 'run'} --data-root DIR (DIR: train/ and test/, "
+            "each with one subfolder per class)") in out
+
+
+def test_one_stray_file_is_named_when_it_leaves_a_class_folder_unlabelled(tmp_path, capsys):
+    _digit_pngs(tmp_path / "classes", 40, classes=True)
+    (tmp_path / "classes" / "digit0" / "000.png").rename(tmp_path / "classes" / "stray.png")
+    assert main(["pretrain", "--dataset", "folder", "--data-root", str(tmp_path / "classes"), *TINY,
+                 "--output-dir", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert "40 images, unlabelled: 1 of its 40 images lie directly in" in err
+    assert "outside the class subfolders (e.g. stray.png)" in err
+    (tmp_path / "classes" / "stray.png").unlink()
+    assert main(["pretrain", "--dataset", "folder", "--data-root", str(tmp_path / "classes"), *TINY,
+                 "--output-dir", str(tmp_path / "run2")]) == 0
+    assert "39 images, 10 classes from its subfolders" in capsys.readouterr().err
+
+
+def test_evaluate_finds_a_runs_relative_data_root_from_another_folder(tmp_path, monkeypatch, capsys):
+    for split in ("train", "test"):
+        _digit_pngs(tmp_path / "work" / "labelled" / split, 60, classes=True)
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["pretrain", "--dataset", "folder", "--data-root", "labelled", *TINY, "--output-dir", "run"]) == 0
+    out = capsys.readouterr().out
+    assert "--data-root DIR" not in out  # its own folder has train/ and test/
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", "--run-dir", "work/run", "--protocols", "knn", "--no-random-baseline"]) == 0
+    assert "knn" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command, says", [
+    ("pretrain", "relreason: interrupted; the checkpoints written so far are kept, and the same command resumes "
+                 "from the newest\n"),
+    ("compare", "relreason: interrupted; finished runs are kept, and the same command goes on from where it stopped\n"),
+    ("evaluate", "relreason: interrupted\n"),  # it keeps no checkpoints
+])
+def test_an_interrupt_says_what_is_kept_for_the_command_it_stopped(monkeypatch, capsys, command, says):
+    import relreason.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(relreason.cli, "run_compare_command" if command == "compare" else f"run_{command}", interrupted)
+    assert main([command]) == 130
+    assert capsys.readouterr().err == says

@@ -186,3 +186,15 @@ def test_random_runs_remade_for_other_data_or_budget_get_their_own_map(tmp_path)
     on_folder[on_folder.index("digits")] = "folder"
     assert main(on_folder + ["--data-root", str(images)]) == 0  # the same weights, another data set's map
     assert len(list((output / "random-seed1" / "features").glob("embedding-test-*.pt"))) == 2
+
+
+def test_one_seed_is_tabulated_without_a_spread_of_zero():
+    from relreason.compare import CompareConfig, format_markdown, summarise
+
+    for seeds, values, cell in (((1,), [81.5], "| 81.50 |"), ((1, 2), [81.0, 83.0], "| 82.00 ± 1.41 |")):
+        config = CompareConfig(dataset="digits", methods=("relational",), seeds=seeds, protocols=("knn",))
+        table = {"relational": {"epochs": summarise([1.0] * len(values)), "train_minutes": summarise([0.5] * len(values)),
+                                "knn": summarise(values)}}
+        text = format_markdown({"table": table}, config)
+        assert text.rstrip().endswith(cell)
+        assert ("mean ± std over seeds" in text) == (len(seeds) > 1)

@@ -12,7 +12,8 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 from relreason.data.sampler import EpochBatchSampler
-from relreason.train import PretrainConfig, build_model, build_pretrain_data, seed_everything
+from relreason.seeding import seed_everything
+from relreason.train import PretrainConfig, build_model, build_pretrain_data
 
 WORLD_SIZE = 2
 

@@ -389,6 +389,31 @@ def test_an_unreadable_evaluation_image_is_refused_not_replaced(folder_run, tmp_
         assert "1 image(s) of the 'test' split cannot be read" in err and "test/dog/1.png" in err
 
 
+def test_a_refused_evaluation_leaves_no_feature_folder_behind(folder_run, tmp_path, capsys):
+    import shutil
+
+    _, run = folder_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("features", "evaluation*"))
+    images = labelled_folder(tmp_path / "images", corrupt="train/dog/1.png")
+    assert evaluate_args("--run-dir", str(copy), "--dataset", "folder", "--data-root", str(images)) == 2
+    assert "of the 'train' split cannot be read" in capsys.readouterr().err
+    assert not (copy / "features").exists()
+
+
+def test_bare_weights_say_which_image_size_they_are_evaluated_at(folder_run, tmp_path, capsys):
+    _, run = folder_run
+    assert evaluate_args("--weights", str(run / "backbone.pt"), "--backbone", "conv4", "--dataset", "digits",
+                         "--protocols", "knn", "--no-random-baseline", "--output", str(tmp_path / "r.json")) == 0
+    assert "evaluating at" not in capsys.readouterr().err  # its backbone.json says
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "w.pt").write_bytes((run / "backbone.pt").read_bytes())
+    assert evaluate_args("--weights", str(bare / "w.pt"), "--backbone", "conv4", "--dataset", "digits",
+                         "--protocols", "knn", "--no-random-baseline") == 0
+    assert "evaluating at 32 px, the dataset's own size (no backbone.json" in capsys.readouterr().err
+
+
 def test_evaluating_a_run_stopped_early_says_so(folder_run, tmp_path, capsys):
     import shutil
 

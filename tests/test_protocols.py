@@ -166,6 +166,15 @@ def test_few_label_indices_reject_bad_fraction(fraction):
         few_label_indices(np.array([0, 1, 0, 1]), fraction, seed=0)
 
 
+@pytest.mark.parametrize("seed", [-1, 2**63, 1.5, True])
+def test_protocol_seeds_take_the_training_seed_range(seed):
+    # The protocols seed numpy and torch generators: a seed either would reject is refused up front, with
+    # the same range as --seed.
+    with pytest.raises(RelreasonError, match=r"seed must be an integer in \[0, 2\*\*63 - 1\]"):
+        few_label_indices(np.array([0, 1, 0, 1]), 0.5, seed=seed)
+    few_label_indices(np.array([0, 1, 0, 1]), 0.5, seed=2**63 - 1)
+
+
 def test_few_label_indices_reject_unlabelled():
     with pytest.raises(RelreasonError, match="unlabelled"):
         few_label_indices(np.array([0, -1, 1]), 0.5)

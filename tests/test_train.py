@@ -95,6 +95,51 @@ def test_resume_refuses_changed_model_options(tmp_path):
         pretrain(config(tmp_path, epochs=2, resume=True, aggregation="sum"))
 
 
+@pytest.mark.parametrize("first, then, message", [
+    ({}, dict(loss="focal"), "loss: checkpoint 'bce' vs now 'focal'"),
+    (dict(loss="focal"), dict(loss="focal", focal_gamma=1.0), "focal_gamma: checkpoint 2.0 vs now 1.0"),
+    ({}, dict(min_crop_scale=0.5), "min_crop_scale: checkpoint 0.08 vs now 0.5"),
+    (dict(method="simclr"), dict(method="simclr", simclr_temperature=0.1), "simclr_temperature: checkpoint 0.5 vs now 0.1"),
+])
+def test_resume_refuses_another_objective_or_crop(tmp_path, first, then, message):
+    pretrain(config(tmp_path, **first))
+    with pytest.raises(RelreasonError, match=re.escape(message)):
+        pretrain(config(tmp_path, epochs=2, **then))
+
+
+def _write_digit_pngs(root: Path, start: int, count: int) -> None:
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    root.mkdir(parents=True)
+    for i, image in enumerate(load_digits().images[start:start + count]):
+        Image.fromarray((image * 255 / 16).astype("uint8")).save(root / f"{i:03d}.png")
+
+
+def test_resume_refuses_other_images_and_follows_a_moved_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _write_digit_pngs(tmp_path / "first", 0, 80)
+    _write_digit_pngs(tmp_path / "other", 500, 80)
+    folder = dict(dataset="folder", num_views=2, batch_size=16, output_dir="run", tensorboard=False)
+    pretrain(config(tmp_path, data_root="first", **folder))
+    with pytest.raises(RelreasonError, match=r"the images differ from those the run started on \(normalisation mean "
+                                             r".* another --data-root than 'first', or files added or removed\)"):
+        pretrain(config(tmp_path, data_root="other", epochs=2, **folder))
+    assert json.loads((tmp_path / "run" / "backbone.json").read_text())["data_root"] == str(tmp_path / "first")
+    (tmp_path / "first").rename(tmp_path / "moved")
+    assert pretrain(config(tmp_path, data_root="moved", epochs=2, **folder)).epochs_done == 2  # same images
+    assert json.loads((tmp_path / "run" / "backbone.json").read_text())["data_root"] == str(tmp_path / "moved")
+
+
+def test_rerunning_a_finished_run_says_so_instead_of_resuming_an_epoch_past_the_end(tmp_path, capsys):
+    pretrain(config(tmp_path, tensorboard=False))
+    capsys.readouterr()
+    result = pretrain(config(tmp_path, tensorboard=False))
+    err = capsys.readouterr().err
+    assert "checkpoint-e0001-s0000000.pt ends the run's 1 epoch(s): nothing to train" in err
+    assert "resuming" not in err and result.epochs_done == 1
+
+
 def test_resume_ignores_relation_options_for_a_method_without_a_relation_head(tmp_path):
     pretrain(config(tmp_path, method="simclr"))  # two views whatever K is
     assert pretrain(config(tmp_path, method="simclr", epochs=2, num_views=8, aggregation="max")).epochs_done == 2
@@ -153,6 +198,44 @@ def test_compile_trains_and_keeps_plain_state_dict_keys(tmp_path):
     exported = torch.load(Path(compiled.run_dir) / "backbone.pt", weights_only=True)
     assert set(exported) == set(torch.load(Path(plain.run_dir) / "backbone.pt", weights_only=True))
     assert not any("_orig_mod" in key for key in exported)
+
+
+def test_adam_is_fused_on_cuda_only():
+    # Fused on CUDA: with --amp fp16 the GradScaler then never reads its overflow flag on the host. The CPU keeps
+    # the foreach kernel that its bit-exact resume tests were written against.
+    from relreason.train import make_optimizer
+
+    parameters = [nn.Parameter(torch.zeros(3))]
+    assert make_optimizer([{"params": parameters}], PretrainConfig(), torch.device("cuda")).defaults["fused"] is True
+    assert not make_optimizer([{"params": parameters}], PretrainConfig(), torch.device("cpu")).defaults["fused"]
+
+
+@pytest.mark.parametrize("interval, expected", [(1e9, 2), (0.0, 23)])
+def test_progress_means_are_read_by_time_not_every_few_steps(tmp_path, monkeypatch, interval, expected):
+    """Each refresh waits for the device; it happens on the first and last step and then by the clock."""
+    import tqdm
+
+    import relreason.train
+
+    shown = []
+    monkeypatch.setattr(relreason.train, "POSTFIX_SECONDS", interval)
+    monkeypatch.setattr(tqdm.tqdm, "set_postfix", lambda self, values, **kwargs: shown.append(values))
+    pretrain(config(tmp_path, progress=True, tensorboard=False))  # digits: 1,438 images, 23 steps
+    assert len(shown) == expected and set(shown[-1]) >= {"loss", "relation_accuracy"}
+
+
+def test_compile_uses_static_shapes(tmp_path, monkeypatch):
+    """An epoch's short last batch must not turn the backbone's graph dynamic for every later step."""
+    calls = []
+    original = nn.Module.compile
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "compile", spy)
+    pretrain(config(tmp_path / "run", compile=True, tensorboard=False))
+    assert calls == [{"dynamic": False}]
 
 
 @pytest.mark.parametrize("augment", ["tensor", "pil"])
@@ -315,7 +398,10 @@ def test_resume_after_a_class_folder_was_added_is_a_one_line_error(tmp_path):
     add_class(0, "cat"), add_class(1, "dog")
     folder = dict(dataset="folder", data_root=str(images), image_size=8, num_views=2, batch_size=4)
     pretrain(config(tmp_path, **folder))
-    add_class(2, "owl")
+    # A class of copies of the others: the same normalisation statistics, so only the probe's size tells.
+    (images / "owl").mkdir()
+    for source in sorted(images.glob("[cd]*/*.png")):
+        (images / "owl" / f"{source.parent.name}-{source.name}").write_bytes(source.read_bytes())
     with pytest.raises(RelreasonError, match=r"cannot resume .*no longer fits it \(size mismatch for probe"):
         pretrain(config(tmp_path, **folder, epochs=2))
 

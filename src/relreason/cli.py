@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import os
 import sys
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -34,16 +35,19 @@ def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
     d = PretrainConfig()
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", help=f"dataset name (see `relreason list`) [{d.dataset}]")
-    data.add_argument("--data-root", help=f"where datasets live; for 'folder', the image folder itself [{d.data_root}]")
+    data.add_argument("--data-root", help="where datasets live; for 'folder', the image folder itself (its train/ "
+                      f"subfolder when it holds train/ and test/) [{d.data_root}]")
     _bool_flag(data, "download", "download the dataset with torchvision if missing [off]")
-    data.add_argument("--image-size", type=int, help="side of the square views in pixels [the dataset's own]")
+    data.add_argument("--image-size", type=int, help="side of the square views in pixels [the dataset's own; 32 "
+                      "for 'folder']")
     data.add_argument("--min-crop-scale", type=float,
                       help="smallest random crop as a fraction of the image area; larger keeps more of each "
                       f"image in every view, which can suit small images [{d.min_crop_scale}, the paper's]")
     data.add_argument("--augment", choices=AUGMENT_MODES,
                       help="tensor: all views of a step made in a few batched operations on the device, from the "
-                      "dataset kept there as uint8; pil: torchvision's per-image transforms in a DataLoader; "
-                      f"auto: tensor for in-memory datasets, pil for image folders [{d.augment}]")
+                      "dataset kept there as uint8 (an image folder is decoded once, each image resized and "
+                      "centre-cropped to --image-size); pil: torchvision's per-image transforms in a DataLoader, "
+                      f"crops taken from the original files; auto: tensor for in-memory datasets, pil for image folders [{d.augment}]")
     data.add_argument("--num-workers", type=int, help="DataLoader worker processes of --augment pil [0 on CPU, up to 8 on CUDA]")
     method = parser.add_argument_group("method")
     method.add_argument("--method", choices=METHOD_NAMES,
@@ -161,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="relreason",
         description="Self-supervised relational reasoning: pretrain a backbone on unlabelled images, then evaluate it.",
     )
+    from relreason import __version__
+
+    parser.add_argument("--version", action="version", version=f"relreason {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Subcommands take no abbreviations (--epoch for --epochs), as config files take none: one spelling each.
     pretrain = commands.add_parser(
@@ -283,6 +290,7 @@ def _config_from(args: argparse.Namespace, config_class: type) -> Any:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
+    from relreason.data import dataset_info
     from relreason.train import PretrainConfig, pretrain
 
     config = _config_from(args, PretrainConfig)
@@ -293,10 +301,15 @@ def run_pretrain(args: argparse.Namespace) -> int:
             print(f"stopped by SIGTERM after {result.epochs_done} epoch(s); rerun the same command to continue")
         return 143  # 128 + SIGTERM: the run is not finished
     partial = " and part of the next (time limit)" if result.stopped_early else ""
+    evaluate = f"relreason evaluate --run-dir {result.run_dir}"
+    root = Path(config.data_root or ".")
+    if dataset_info(config.dataset).name == "folder" and not ((root / "train").is_dir() and (root / "test").is_dir()):
+        # Evaluation needs labelled train and test images, which a pretraining folder need not hold.
+        evaluate += " --data-root DIR (DIR: train/ and test/, each with one subfolder per class)"
     if reports:
         print(
             f"done: {result.epochs_done} epoch(s){partial}; backbone exported to {result.run_dir / 'backbone.pt'}; "
-            f"evaluate with: relreason evaluate --run-dir {result.run_dir}"
+            f"evaluate with: {evaluate}"
         )
     return 0
 
@@ -342,20 +355,28 @@ def run_list(_: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = None
     try:
         try:
             args = parse_options(parser, argv)
         except SystemExit as done:  # --help, or a usage error already printed on one line
             return int(done.code or 0)
+        command = args.command
         handler = {"pretrain": run_pretrain, "evaluate": run_evaluate, "compare": run_compare_command,
-                   "list": run_list}[args.command]
+                   "list": run_list}[command]
         return handler(args)
     except RelreasonError as error:
         print(f"relreason: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("relreason: interrupted; the last checkpoint is kept", file=sys.stderr)
+        print(f"relreason: interrupted{_AFTER_INTERRUPT.get(command, '')}", file=sys.stderr)
         return 130
+
+
+_AFTER_INTERRUPT = {
+    "pretrain": "; the checkpoints written so far are kept, and the same command resumes from the newest",
+    "compare": "; finished runs are kept, and the same command goes on from where it stopped",
+}
 
 
 if __name__ == "__main__":

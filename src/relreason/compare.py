@@ -22,6 +22,7 @@ import torch
 from relreason.checkpoint import atomic_write_bytes, atomic_write_json
 from relreason.errors import RelreasonError
 from relreason.methods import check_method_name
+from relreason.seeding import check_seed
 
 
 # Protocols with one headline number per run (few-label results are per fraction: use `evaluate` for them).
@@ -60,8 +61,6 @@ class CompareConfig:
             raise RelreasonError("give at least one --methods name and one --seeds value")
         if len(set(self.seeds)) != len(self.seeds):
             raise RelreasonError(f"--seeds must be distinct, got {list(self.seeds)}")
-        from relreason.train import check_seed
-
         for seed in self.seeds:
             check_seed(seed, "--seeds")
         unknown = [p for p in self.protocols if p not in COMPARABLE_PROTOCOLS]
@@ -236,19 +235,24 @@ def summarise_runs(runs: list[dict[str, Any]], config: CompareConfig) -> dict[st
     return {"table": table}
 
 
+def _mean_and_spread(stats: dict[str, float]) -> str:
+    return f"{stats['mean']:.2f} ± {stats['std']:.2f}" if stats["n"] > 1 else f"{stats['mean']:.2f}"
+
+
 def format_markdown(summary: dict[str, Any], config: CompareConfig) -> str:
     budget = f"{config.time_limit:g} min of training per run" if config.time_limit else f"{config.epochs} epochs per run"
     lines = [
         f"# {config.dataset}, {config.backbone}: {len(config.seeds)} seed(s) ({', '.join(map(str, config.seeds))}), "
         f"{budget}",
         "",
-        "Test accuracy (%; retrieval: mAP in %) as mean ± std over seeds.",
+        "Test accuracy (%; retrieval: mAP in %) as mean ± std over seeds." if len(config.seeds) > 1 else
+        "Test accuracy (%; retrieval: mAP in %) of one seed: no spread to show.",
         "",
         "| method | epochs | train min | " + " | ".join(config.protocols) + " |",
         "|---|---:|---:|" + "---:|" * len(config.protocols),
     ]
     for method, row in summary["table"].items():
-        cells = [f"{row[p]['mean']:.2f} ± {row[p]['std']:.2f}" if p in row else "-" for p in config.protocols]
+        cells = [_mean_and_spread(row[p]) if p in row else "-" for p in config.protocols]
         lines.append(
             f"| {method} | {row['epochs']['mean']:.1f} | {row['train_minutes']['mean']:.1f} | " + " | ".join(cells) + " |"
         )

@@ -86,10 +86,11 @@ def broadcast_object(value: Any, context: DistributedContext) -> Any:
     if not context.enabled:
         return value
     holder = [value]
-    dist.broadcast_object_list(holder, src=0)
+    # Over the CPU group: under NCCL the pickled object (a whole checkpoint) would otherwise pass through GPU memory.
+    dist.broadcast_object_list(holder, src=0, group=context.control_group)
     return holder[0]
 
 
 def barrier(context: DistributedContext) -> None:
     if context.enabled:
-        dist.barrier()
+        dist.barrier(group=context.control_group)  # a wait for files rank 0 writes: the CPU group suffices

@@ -60,6 +60,7 @@ from relreason.protocols._common import as_labels as _as_labels
 from relreason.protocols._common import check_positive_float as _check_positive_float
 from relreason.protocols._common import check_positive_int as _check_positive_int
 from relreason.protocols._common import module_device as _module_device
+from relreason.seeding import check_seed
 
 __all__ = [
     "ALL_PROTOCOLS",
@@ -714,7 +715,7 @@ class EvaluateConfig:
 
     def validate(self) -> None:
         """Refuse bad options with one line each, naming the flag, before any weights or data are read."""
-        from relreason.train import check_seed, resolve_device
+        from relreason.train import resolve_device
 
         protocols = _choose_protocols(self.protocols, ALL_PROTOCOLS)
         _check_positive_int(self.linear_epochs, "--linear-epochs")
@@ -722,7 +723,7 @@ class EvaluateConfig:
         _check_positive_int(self.batch_size, "--batch-size")
         if self.image_size is not None and self.image_size < 8:
             raise RelreasonError(f"--image-size must be >= 8, got {self.image_size}")
-        check_seed(self.seed)
+        check_seed(self.seed, "--seed")
         if "few_label" in protocols:
             check_label_fractions(self.label_fractions)
         if "finetune" in protocols:
@@ -811,6 +812,10 @@ def check_nothing_skipped(dataset: Any, split: str, cache: Path) -> None:
     skipped = getattr(dataset, "skipped", None)
     if skipped:
         cache.unlink(missing_ok=True)
+        try:
+            cache.parent.rmdir()  # a folder made for that cache alone: a refused evaluation leaves nothing
+        except OSError:
+            pass  # other caches live there
         path, reason = next(iter(skipped.items()))
         raise RelreasonError(
             f"{len(skipped)} image(s) of the '{split}' split cannot be read (e.g. {path}: {reason}); an evaluation "
@@ -823,9 +828,11 @@ def labelled_split(name: str, root: str, split: str, download: bool):
 
     dataset = load_dataset(name, root, split, download=download)
     if dataset.labels is None:
+        why = getattr(dataset, "why_unlabelled", None)
         raise RelreasonError(
-            f"the '{split}' split of dataset '{name}' has no labels; evaluation needs labelled images "
-            "(for a folder: one subfolder per class)"
+            f"the '{split}' split of dataset '{name}' has no labels{f' ({why})' if why else ''}; evaluation needs "
+            "labelled images: for a folder, pass --data-root DIR holding train/ and test/, each with one subfolder "
+            "per class"
         )
     return dataset
 
@@ -942,6 +949,9 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         backbone = build_backbone(meta["backbone"], image_size=image_size)
         if weights_state is not None:
             load_matching_state(backbone, weights_state, weights, meta["backbone"])
+            if not (config.image_size or meta.get("image_size")):
+                print(f"relreason: note: evaluating at {image_size} px, the dataset's own size (no backbone.json says "
+                      "what the weights were trained at); pass --image-size if it was another", file=sys.stderr)
         row: dict[str, Any] = {}
         if feature_protocols:
             features = {}

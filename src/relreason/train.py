@@ -10,7 +10,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 import re
 import signal
 import sys
@@ -54,6 +53,7 @@ from relreason.data.transforms import check_crop_scale
 from relreason.data.batch_augment import AugmentationRecipe, BatchRelationalAugmentation
 from relreason.data.batch_views import BatchViewLoader, DeviceMultiViewDataset
 from relreason.data.datasets import ArrayImageDataset
+from relreason.data.decoded_folder import DecodedImageFolder
 from relreason.data.sampler import EpochBatchSampler
 from relreason.distributed import (
     DistributedContext,
@@ -70,6 +70,7 @@ from relreason.methods import PretrainMethod, check_method_name, method_class
 from relreason.methods.online_probe import OnlineProbe, PretrainModule
 from relreason.pairing import AGGREGATIONS, check_pairing_sizes
 from relreason.schedule import check_schedule, learning_rate_factor, set_learning_rate
+from relreason.seeding import check_seed, seed_everything
 
 AMP_MODES = ("off", "bf16", "fp16")
 AUGMENT_MODES = ("auto", "tensor", "pil")
@@ -78,6 +79,7 @@ BACKBONE_META_NAME = "backbone.json"
 METRICS_NAME = "metrics.jsonl"
 STEPS_NAME = "steps.jsonl"
 SKIPPED_IMAGES_NAME = "skipped_images.txt"
+POSTFIX_SECONDS = 2.0  # how often the progress bar's running means are refreshed
 
 
 @dataclass
@@ -134,15 +136,15 @@ class PretrainConfig:
             raise RelreasonError(f"--epochs must be >= 1, got {self.epochs}")
         if not self.simclr_temperature > 0:
             raise RelreasonError(f"--simclr-temperature must be > 0, got {self.simclr_temperature}")
-        if not self.lr > 0:
-            raise RelreasonError(f"--lr must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise RelreasonError(f"--lr must be a finite number > 0, got {self.lr}; pass e.g. 0.001")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise RelreasonError(
                 f"--weight-decay must be a finite number >= 0, got {self.weight_decay}; pass e.g. 0 or 5e-4"
             )
         if self.head_hidden < 1:
             raise RelreasonError(f"--head-hidden must be >= 1, got {self.head_hidden}")
-        check_seed(self.seed)
+        check_seed(self.seed, "--seed")
         check_schedule(self.lr_schedule, self.warmup_epochs, self.epochs)
         if self.aggregation not in AGGREGATIONS:
             raise RelreasonError(f"unknown --aggregation '{self.aggregation}'; choose one of {', '.join(AGGREGATIONS)}")
@@ -150,9 +152,6 @@ class PretrainConfig:
             raise RelreasonError(f"unknown --amp '{self.amp}'; choose one of {', '.join(AMP_MODES)}")
         if self.augment not in AUGMENT_MODES:
             raise RelreasonError(f"unknown --augment '{self.augment}'; choose one of {', '.join(AUGMENT_MODES)}")
-        if self.augment == "tensor" and self.dataset == "folder":
-            raise RelreasonError("--augment tensor needs images of one size held in memory; "
-                                 "use --augment pil (or auto) for an image folder")
         check_crop_scale(self.min_crop_scale)
         if self.image_size is not None and self.image_size < 8:
             raise RelreasonError(f"--image-size must be >= 8, got {self.image_size}")
@@ -207,22 +206,6 @@ def resolve_device(name: str) -> torch.device:
             visible = "cuda:0" if count == 1 else f"one of cuda:0 to cuda:{count - 1}"
             raise RelreasonError(f"--device {name} requested but only {count} CUDA GPU(s) are visible; use {visible}")
     return device
-
-
-MAX_SEED = 2**63 - 1  # int64: what torch.manual_seed, torch.Generator and numpy's generators all take
-
-
-def check_seed(seed: int, flag: str = "--seed") -> int:
-    """Refuse a seed that some generator it reaches would reject (a negative one or one beyond int64)."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise RelreasonError(f"{flag} must be an integer in [0, 2**63 - 1], got {seed!r}; pass e.g. 0")
-    return seed
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def autocast_dtype(amp: str) -> torch.dtype | None:
@@ -315,8 +298,9 @@ def build_pretrain_data(
 ) -> tuple[MultiViewDataset | DeviceMultiViewDataset, dict[str, Any]]:
     """The multi-view pretraining set and the image geometry/normalisation the backbone is trained with.
 
-    In-memory datasets get their views made in batches on ``device`` (``--augment tensor``, the default
-    when possible); others, or ``--augment pil``, get torchvision's per-image transforms in a DataLoader.
+    In-memory datasets get their views made in batches on ``device`` (``--augment tensor``, the default for
+    them; an image folder is decoded into memory at the training size first); image folders by default, or
+    ``--augment pil``, get torchvision's per-image transforms in a DataLoader.
     """
     info = dataset_info(config.dataset)
     method = method_class(config.method)
@@ -330,7 +314,13 @@ def build_pretrain_data(
         mean, std = info.mean, info.std
     geometry = {"image_size": image_size, "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
     views = method.views_per_image(config.num_views) if method is not None else 1
-    if config.augment == "tensor" or (config.augment == "auto" and isinstance(dataset, ArrayImageDataset)):
+    batched = config.augment == "tensor" or (config.augment == "auto" and isinstance(dataset, ArrayImageDataset))
+    if batched and isinstance(dataset, ImageFolderDataset):
+        if method is None:  # 'random' makes no views: nothing to decode
+            batched = False
+        else:
+            dataset = DecodedImageFolder(dataset, image_size)
+    if batched:
         recipe = AugmentationRecipe(scale=check_crop_scale(config.min_crop_scale))
         augmentation = BatchRelationalAugmentation(image_size, mean, std, recipe, compile=config.compile)
         return DeviceMultiViewDataset(dataset, augmentation, views, config.seed, device), geometry
@@ -366,6 +356,12 @@ def make_loader(
         num_workers=loader_workers(config.num_workers, device),
         pin_memory=device.type == "cuda",
     )
+
+
+def make_optimizer(groups: list[dict[str, Any]], config: PretrainConfig, device: torch.device) -> torch.optim.Adam:
+    """Adam as in the paper. On CUDA the fused kernel: one launch for all parameters, and with --amp fp16 the
+    GradScaler hands it the overflow flag on the device instead of reading it on the host every step."""
+    return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay, fused=device.type == "cuda")
 
 
 def loader_workers(requested: int | None, device: torch.device) -> int:
@@ -433,7 +429,8 @@ def export_backbone(
         "method": config.method,
         "feature_dim": backbone.feature_dim,
         "dataset": config.dataset,
-        "data_root": config.data_root,
+        # Absolute: `evaluate --run-dir` finds the data from any working folder.
+        "data_root": str(Path(config.data_root).expanduser().resolve()) if config.data_root else None,
         "epochs": position.epoch,
         "epochs_done": position.epochs_done,
         "train_seconds": position.past_seconds + position.seconds,
@@ -465,6 +462,13 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
         raise RelreasonError("--sync-batchnorm needs CUDA devices (PyTorch's SyncBatchNorm is GPU-only); drop it on CPU")
     seed_everything(config.seed)
     dataset, geometry = build_pretrain_data(config, device)
+    folder = getattr(dataset.dataset, "folder", dataset.dataset)
+    if isinstance(folder, ImageFolderDataset):
+        classes = f"{len(folder.classes)} classes from its subfolders" if folder.classes else \
+            f"unlabelled: {folder.why_unlabelled}"
+        log(f"image folder {folder.root}: {len(folder)} images, {classes}", context)
+    if isinstance(dataset.dataset, DecodedImageFolder):
+        log(dataset.dataset.describe(), context)
     if len(dataset) < 2 * context.world_size:
         raise RelreasonError(
             f"dataset '{config.dataset}' has {len(dataset)} image(s); each of the {context.world_size} process(es) "
@@ -485,7 +489,7 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
             log("method 'random': exported the randomly initialised backbone without training", context)
         barrier(context)
         return PretrainResult(run_dir, 0, [], False, backbone)
-    if isinstance(dataset.dataset, ImageFolderDataset):
+    if isinstance(dataset.dataset, (ImageFolderDataset, DecodedImageFolder)):
         dataset.dataset.log_skips_to(run_dir / SKIPPED_IMAGES_NAME)  # unreadable files are listed, not fatal
     if method.needs_labels:
         method.check_label_values = False  # checked once above, so no step waits on the device to check them
@@ -497,7 +501,9 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
         # The backbone only: compiling the whole forward was faster at K=16 but slower at K=32 on the CPU (the
         # relation pairs' gradient becomes an atomic scatter-add, which is also not deterministic), while the
         # eager relation head is cheap. In place: the state_dict keys stay those of the plain backbone.
-        model.method.backbone.compile()
+        # Static shapes: an epoch's short last batch then gets a graph of its own, instead of turning every
+        # later step into a dynamic-shape graph.
+        model.method.backbone.compile(dynamic=False)
     if config.sync_batchnorm and context.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     groups = [{"params": model.method.parameters(), "base_lr": config.lr}]
@@ -505,7 +511,7 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
         # The probe must keep up with features that move every step; on standardised features a 10x
         # larger step is safe, and it never touches the backbone.
         groups.append({"params": probe.parameters(), "lr": 10 * config.lr, "base_lr": 10 * config.lr, "weight_decay": 0.0})
-    optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(groups, config, device)
     amp_dtype = autocast_dtype(config.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     metrics = MetricsLog(run_dir, config.tensorboard and context.is_main)
@@ -533,7 +539,11 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
         set_rng_state(checkpoint["rng"], device)
         position = TrainingPosition(**checkpoint["position"])
         if context.is_main:
-            log(f"resuming {path}: epoch {position.epoch + 1}, step {position.step}", context)
+            if position.epoch >= config.epochs:
+                log(f"{path} ends the run's {position.epoch} epoch(s): nothing to train (pass a larger --epochs to "
+                    "train on); exporting its backbone again", context)
+            else:
+                log(f"resuming {path}: epoch {position.epoch + 1}, step {position.step}", context)
             saved_epochs = checkpoint.get("config", {}).get("epochs", config.epochs)
             if config.lr_schedule == "cosine" and saved_epochs != config.epochs:
                 log(f"relreason: warning: --epochs changed from {saved_epochs} to {config.epochs}: the cosine schedule "
@@ -600,9 +610,14 @@ class TrainingPosition:
 def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, geometry: dict, path: Path) -> None:
     saved = checkpoint.get("config", {})
     defaults = PretrainConfig()  # for options that checkpoints from older versions do not record
-    shaping = ("method", "backbone", "dataset", "batch_size", "seed", "lr_schedule", "warmup_epochs", "online_probe")
-    if config.method == "relational":  # the relation head's options, and K, shape only this method's runs
-        shaping += ("aggregation", "head_hidden", "num_views")
+    shaping = ("method", "backbone", "dataset", "batch_size", "seed", "lr_schedule", "warmup_epochs", "online_probe",
+               "min_crop_scale")
+    if config.method == "relational":  # the relation head's options, its loss, and K shape only this method's runs
+        shaping += ("aggregation", "head_hidden", "num_views", "loss")
+        if config.loss == "focal":
+            shaping += ("focal_gamma", "focal_alpha")
+    if config.method == "simclr":
+        shaping += ("simclr_temperature",)
     recorded = {k: saved.get(k, getattr(defaults, k)) for k in shaping}
     mismatched = {k: (v, getattr(config, k)) for k, v in recorded.items() if v != getattr(config, k)}
     # The size the run trains at, not the option: no --image-size and the dataset's own size are the same run.
@@ -612,6 +627,22 @@ def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, geometry
     if mismatched:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items())
         raise RelreasonError(f"cannot resume {path}: options differ ({detail}); rerun with the original options")
+    # Same statistics, same images: a folder moved elsewhere resumes, another folder (or one whose files
+    # changed) does not, as its views would be normalised unlike the weights' first epochs.
+    saved_geometry = checkpoint.get("geometry", {})
+    for key in ("mean", "std"):
+        before, now = saved_geometry.get(key), geometry[key]
+        if before is not None and not np.allclose(before, now, rtol=1e-6, atol=1e-9):
+            raise RelreasonError(
+                f"cannot resume {path}: the images differ from those the run started on (normalisation {key} "
+                f"{_rounded(before)} then, {_rounded(now)} now: another --data-root than "
+                f"{saved.get('data_root')!r}, or files added or removed); rerun on the run's images or choose "
+                "another --output-dir"
+            )
+
+
+def _rounded(values: list[float]) -> list[float]:
+    return [round(float(v), 4) for v in values]
 
 
 def check_no_other_run(run_dir: Path) -> None:
@@ -753,6 +784,7 @@ def train_one_epoch(
     bar = tqdm(loader, desc=f"epoch {position.epoch + 1}/{config.epochs}", initial=position.step,
                total=steps_per_epoch, disable=not (config.progress and context.is_main), leave=False,
                dynamic_ncols=True)
+    shown_at = -math.inf  # the first step's means are shown at once
 
     def sync_position(across_ranks: bool) -> None:
         """Copy the device sums into ``position``; ``across_ranks`` (every rank must call it then): their mean
@@ -787,9 +819,12 @@ def train_one_epoch(
         position.step += 1
         position.items += config.batch_size * context.world_size
         position.views += len(views) * views[0].shape[0] * context.world_size
-        if config.progress and context.is_main and (position.step % 10 == 1 or position.step == steps_per_epoch):
+        # Reading the sums waits for the device: at most every POSTFIX_SECONDS, not every few (fast) steps.
+        if (config.progress and context.is_main
+                and (time.perf_counter() - shown_at >= POSTFIX_SECONDS or position.step == steps_per_epoch)):
             means = dict(zip(names, (totals / position.step).tolist()))
             bar.set_postfix({name: format_metric(name, value) for name, value in means.items()})
+            shown_at = time.perf_counter()
         failure = None
         # Counted over the whole run, so epochs shorter than --log-every still get points; the epoch's last
         # step is recorded at its end (below), with the means over all ranks.

@@ -396,6 +396,13 @@ class ImageFolderDataset(Dataset):
             self.classes = None
             self.class_to_idx = {}
             self.labels = None
+        loose = [parts[0] for parts in rel if len(parts) < 2]
+        #: Why the folder has no classes, in words (None when it has them): images outside class subfolders.
+        self.why_unlabelled: str | None = None if labelled else (
+            f"its {len(loose)} images lie directly in {self.root}, not in class subfolders" if len(loose) == len(rel)
+            else f"{len(loose)} of its {len(rel)} images lie directly in {self.root}, outside the class subfolders "
+            f"(e.g. {loose[0]})"
+        )
         self.skipped: dict[str, str] = {}
         self.skip_log: Path | None = None
         self._log_warned = False

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from relreason.errors import RelreasonError
+from relreason.seeding import check_seed  # noqa: F401 - the protocols' seed check, shared with training
 
 
 def as_features(x: Any, name: str) -> torch.Tensor:
@@ -79,12 +80,6 @@ def check_positive_float(value: Any, name: str) -> float:
     if not (v > 0 and math.isfinite(v)):
         raise RelreasonError(f"{name} must be a positive finite number, got {value!r}")
     return v
-
-
-def check_seed(value: Any, name: str = "seed") -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise RelreasonError(f"{name} must be a non-negative integer, got {value!r}")
-    return value
 
 
 def as_device(device: Any) -> torch.device:

@@ -1,0 +1,108 @@
+"""An image folder decoded once into memory at the training size, so its views can be made in batches.
+
+The per-image path decodes every file again for every view it makes. For ``--augment tensor`` a folder is
+read once instead: each image is resized (short side) and centre-cropped to the training size, exactly as
+:func:`relreason.data.eval_transform` does before evaluation, and the folder becomes one uint8 array. The
+random resized crops are then taken from that square rather than from the original file: the same views
+for images already at the training size; for larger photos the edges outside the central square are never
+seen, and small crops are upsampled from fewer pixels. ``--augment pil`` keeps cropping the original files.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torchvision.transforms.functional as TF
+from torchvision.transforms import InterpolationMode
+
+from relreason.data.datasets import ArrayImageDataset, ImageFolderDataset
+from relreason.errors import RelreasonError
+
+__all__ = ["DecodedImageFolder", "available_memory_bytes"]
+
+#: The decoded images may take at most this share of the memory available when decoding starts.
+MEMORY_SHARE = 0.5
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the kernel reports as available to new allocations (Linux), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+class DecodedImageFolder(ArrayImageDataset):
+    """Every image of ``folder`` as one ``(N, S, S)`` (all grey) or ``(N, S, S, 3)`` uint8 array, S = ``image_size``.
+
+    Image ``i`` is ``center_crop(resize(folder[i], S), S)``: for an unreadable file that is the next readable
+    image with its label, as the folder itself substitutes, and the file is listed in the folder's skip log
+    (:meth:`log_skips_to` passes through to the folder). Labels and classes are the folder's. Files are
+    decoded by ``threads`` threads (PIL releases the interpreter lock while it decodes and resizes); the order
+    and the result do not depend on their number.
+    """
+
+    def __init__(self, folder: ImageFolderDataset, image_size: int, threads: int | None = None) -> None:
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise RelreasonError(f"image size must be a positive integer, got {image_size!r}; pass e.g. 32")
+        n = len(folder)
+        needed = n * image_size * image_size * 3
+        available = available_memory_bytes()
+        if available is not None and needed > MEMORY_SHARE * available:
+            raise RelreasonError(
+                f"decoding the {n} images of {folder.root} at {image_size}x{image_size} needs {_format_bytes(needed)} of "
+                f"memory and {_format_bytes(available)} is available; use --augment pil (reads files as it goes) or "
+                "a smaller --image-size"
+            )
+        start = time.perf_counter()
+        images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
+        labels = np.full(n, -1, dtype=np.int64)
+
+        def decode(index: int) -> None:
+            image, labels[index] = folder[index]
+            image = TF.resize(image, image_size, interpolation=InterpolationMode.BILINEAR)
+            images[index] = np.asarray(TF.center_crop(image, image_size))
+
+        workers = threads if threads is not None else min(8, os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            list(pool.map(decode, range(n)))  # list(): re-raises a worker's exception here
+        grey = bool((images[..., 0] == images[..., 1]).all() and (images[..., 0] == images[..., 2]).all())
+        if grey:  # a third of the memory, and the batched augmentation works on the one channel
+            images = np.ascontiguousarray(images[..., 0])
+        super().__init__(images, labels if folder.labels is not None else None, folder.classes)
+        self.folder = folder
+        self.root: Path = folder.root
+        self.decode_seconds = time.perf_counter() - start
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        return self.folder.skipped
+
+    @property
+    def skip_log(self) -> Path | None:
+        return self.folder.skip_log
+
+    def log_skips_to(self, path: str | os.PathLike) -> None:
+        self.folder.log_skips_to(path)
+
+    def describe(self) -> str:
+        """One line for the training log: what was decoded, at which size, how much memory, how long."""
+        shape = "grey" if self.images.ndim == 3 else "RGB"
+        return (f"decoded {len(self)} images of {self.root} into memory at {self.images.shape[1]}x{self.images.shape[2]} "
+                f"{shape} ({_format_bytes(self.images.nbytes)}) in {self.decode_seconds:.1f}s")

@@ -1,0 +1,150 @@
+"""An image folder decoded into memory for the batched augmentation (--augment tensor on a folder)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from test_bad_images import _EXPECTED_LABELS, _EXPECTED_SOURCE, _hashes, _write_bad_folder
+
+from relreason.cli import main
+from relreason.data import ImageFolderDataset, read_skip_log
+from relreason.data import decoded_folder
+from relreason.data.batch_views import DeviceMultiViewDataset
+from relreason.data.decoded_folder import DecodedImageFolder
+from relreason.errors import RelreasonError
+from relreason.train import PretrainConfig, build_pretrain_data, pretrain
+
+
+def _plain_decode(folder: ImageFolderDataset, size: int) -> tuple[np.ndarray, list[int]]:
+    """The obvious way: each image as the per-image path reads it, through the evaluation's resize and crop."""
+    images, labels = [], []
+    for i in range(len(folder)):
+        image, label = folder[i]
+        image = TF.center_crop(TF.resize(image, size), size)
+        images.append(np.asarray(image))
+        labels.append(label)
+    return np.stack(images), labels
+
+
+def _write_mixed_folder(root: Path) -> None:
+    """Colour and grey files of several sizes and aspect ratios, in two class folders."""
+    rng = np.random.default_rng(0)
+    for cls, sizes in (("cat", [(40, 30), (17, 23), (16, 16)]), ("dog", [(64, 20), (12, 50)])):
+        (root / cls).mkdir(parents=True)
+        for j, (w, h) in enumerate(sizes):
+            arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / cls / f"{j}.png")
+    Image.fromarray(rng.integers(0, 256, (30, 20), dtype=np.uint8)).save(root / "dog" / "grey.PNG")
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_decoded_folder_equals_per_image_resize_and_crop(tmp_path, threads):
+    _write_mixed_folder(tmp_path / "imgs")
+    folder = ImageFolderDataset(tmp_path / "imgs")
+    decoded = DecodedImageFolder(folder, 16, threads=threads)
+    expected, labels = _plain_decode(ImageFolderDataset(tmp_path / "imgs"), 16)
+    assert decoded.images.shape == (6, 16, 16, 3) and decoded.images.dtype == np.uint8
+    assert np.array_equal(decoded.images, expected)
+    assert decoded.labels.tolist() == labels == [0, 0, 0, 1, 1, 1]
+    assert decoded.classes == ["cat", "dog"]
+    # The evaluation transform sees the same pixels (before its ToTensor/Normalize).
+    image, _ = folder[0]
+    assert np.array_equal(np.asarray(TF.center_crop(TF.resize(image, 16), 16)), decoded.images[0])
+
+
+def test_bad_files_are_replaced_as_the_folder_replaces_them_and_logged(tmp_path):
+    root = tmp_path / "imgs"
+    _, bad = _write_bad_folder(root)
+    before = _hashes(root)
+    decoded = DecodedImageFolder(ImageFolderDataset(root), 12, threads=2)
+    plain = ImageFolderDataset(root)
+    for i, source in enumerate(_EXPECTED_SOURCE):
+        image = plain.load_image(source)
+        assert np.array_equal(decoded.images[i], np.asarray(TF.center_crop(TF.resize(image, 12), 12)))
+    assert decoded.labels.tolist() == _EXPECTED_LABELS
+    assert {Path(p).relative_to(root).as_posix() for p in decoded.skipped} == bad
+    decoded.log_skips_to(tmp_path / "skip.log")  # the ones met while decoding reach the log
+    assert {Path(p).relative_to(root).as_posix() for p in read_skip_log(tmp_path / "skip.log")} == bad
+    assert decoded.skip_log == tmp_path / "skip.log"
+    assert _hashes(root) == before
+
+
+def test_a_grey_folder_is_kept_as_one_channel(tmp_path):
+    root = tmp_path / "grey"
+    root.mkdir()
+    rng = np.random.default_rng(1)
+    for j in range(3):
+        Image.fromarray(rng.integers(0, 256, (20 + j, 18), dtype=np.uint8)).save(root / f"{j}.png")
+    decoded = DecodedImageFolder(ImageFolderDataset(root), 8)
+    assert decoded.images.shape == (3, 8, 8)
+    assert decoded.labels is None
+    expected, _ = _plain_decode(ImageFolderDataset(root), 8)
+    assert np.array_equal(decoded.images, expected[..., 0])
+    assert "grey" in decoded.describe() and "3 images" in decoded.describe()
+
+
+def test_a_folder_too_large_for_memory_is_refused_before_decoding(tmp_path, monkeypatch):
+    _write_mixed_folder(tmp_path / "imgs")
+    monkeypatch.setattr(decoded_folder, "available_memory_bytes", lambda: 9_000)
+    with pytest.raises(RelreasonError, match=r"needs 4\.5 KB of memory .* use --augment pil"):
+        DecodedImageFolder(ImageFolderDataset(tmp_path / "imgs"), 16)  # 6 x 16 x 16 x 3 = 4,608 bytes > 9,000 / 2
+    monkeypatch.setattr(decoded_folder, "available_memory_bytes", lambda: None)  # unknown: no check
+    assert len(DecodedImageFolder(ImageFolderDataset(tmp_path / "imgs"), 16)) == 6
+
+
+def test_available_memory_is_read_from_the_kernel():
+    available = decoded_folder.available_memory_bytes()
+    assert available is None or available > 0
+
+
+def test_augment_tensor_on_a_folder_makes_batched_views_and_auto_keeps_the_files(tmp_path):
+    _write_mixed_folder(tmp_path / "imgs")
+    common = dict(dataset="folder", data_root=str(tmp_path / "imgs"), image_size=16, num_views=2)
+    dataset, geometry = build_pretrain_data(PretrainConfig(augment="tensor", **common))
+    assert isinstance(dataset, DeviceMultiViewDataset) and isinstance(dataset.dataset, DecodedImageFolder)
+    views, labels = dataset.views(torch.arange(4), torch.Generator().manual_seed(0))
+    assert views.shape == (2, 4, 3, 16, 16) and torch.isfinite(views).all()
+    assert labels.tolist() == [0, 0, 0, 1]
+    auto, auto_geometry = build_pretrain_data(PretrainConfig(augment="auto", **common))
+    assert isinstance(auto.dataset, ImageFolderDataset)  # crops from the original files by default
+    assert auto_geometry == geometry  # one normalisation whichever path: computed from the files
+
+
+def test_pretraining_a_folder_with_batched_views_logs_skips_and_resumes(tmp_path, capsys):
+    root = tmp_path / "imgs"
+    _, bad = _write_bad_folder(root)
+    before = _hashes(root)
+    run = tmp_path / "run"
+    args = ["pretrain", "--dataset", "folder", "--data-root", str(root), "--augment", "tensor", "--image-size", "16",
+            "-K", "2", "--batch-size", "4", "--device", "cpu", "--no-progress", "--no-tensorboard",
+            "--output-dir", str(run)]
+    assert main([*args, "--epochs", "1"]) == 0
+    assert f"decoded 10 images of {root} into memory at 16x16 RGB" in capsys.readouterr().err
+    logged = {Path(p).relative_to(root).as_posix() for p in read_skip_log(run / "skipped_images.txt")}
+    assert logged == bad
+    assert main([*args, "--epochs", "2"]) == 0  # resumes
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2] and records[-1]["skipped_images"] == len(bad)
+    assert len((run / "skipped_images.txt").read_text().splitlines()) == len(bad)
+    assert _hashes(root) == before
+    torch.load(run / "backbone.pt", weights_only=True)
+
+
+def test_method_random_does_not_decode_the_folder(tmp_path, monkeypatch):
+    _write_mixed_folder(tmp_path / "imgs")
+
+    class Refused(DecodedImageFolder):
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("decoded a folder for a method that makes no views")
+
+    monkeypatch.setattr("relreason.train.DecodedImageFolder", Refused)
+    pretrain(PretrainConfig(dataset="folder", data_root=str(tmp_path / "imgs"), augment="tensor", method="random",
+                            image_size=16, device="cpu", progress=False, tensorboard=False,
+                            output_dir=str(tmp_path / "run")))
+    assert (tmp_path / "run" / "backbone.pt").is_file()
