@@ -81,7 +81,7 @@ EVALUATE_CASES = [
     ("unknown protocol", ["--run-dir", "{tmp}", "--protocols", "svm"], "invalid choice: 'svm'"),
     ("unlabelled images", ["--weights", "{tmp}/bare/weights.pt", "--backbone", "conv4", "--dataset", "folder",
                            "--data-root", "{tmp}/unlabelled"],
-     "has no labels (its 1 images lie directly in {tmp}/unlabelled/train, not in class subfolders); evaluation "
+     "has no labels (its 1 image lies directly in {tmp}/unlabelled/train, not in class subfolders); evaluation "
      "needs labelled images: for a folder, pass --data-root DIR holding train/ and test/"),
     # Options refused by name before the weights are read or a feature is extracted.
     ("image size too small", [*BARE_DIGITS, "--image-size", "2"], "--image-size must be >= 8, got 2"),
@@ -89,6 +89,8 @@ EVALUATE_CASES = [
     ("negative linear-probe epochs", [*BARE_DIGITS, "--linear-epochs", "-1"],
      "--linear-epochs must be a positive integer, got -1"),
     ("zero batch size", [*BARE_DIGITS, "--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+    ("held-out share out of range", [*BARE_DIGITS, "--test-fraction", "1.5"],
+     "--test-fraction must lie in (0, 1), got 1.5; pass e.g. 0.2"),
     ("seed beyond int64", [*BARE_DIGITS, "--seed", "100000000000000000000000"],
      "--seed must be an integer in [0, 2**63 - 1]"),
     ("meta device", [*BARE_DIGITS, "--device", "meta"], "unknown --device 'meta'"),

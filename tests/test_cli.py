@@ -158,12 +158,14 @@ def test_one_stray_file_is_named_when_it_leaves_a_class_folder_unlabelled(tmp_pa
     assert main(["pretrain", "--dataset", "folder", "--data-root", str(tmp_path / "classes"), *TINY,
                  "--output-dir", str(tmp_path / "run")]) == 0
     err = capsys.readouterr().err
-    assert "40 images, unlabelled: 1 of its 40 images lie directly in" in err
+    assert "40 images, unlabelled: 1 of its 40 images lies directly in" in err
     assert "outside the class subfolders (e.g. stray.png)" in err
     (tmp_path / "classes" / "stray.png").unlink()
     assert main(["pretrain", "--dataset", "folder", "--data-root", str(tmp_path / "classes"), *TINY,
                  "--output-dir", str(tmp_path / "run2")]) == 0
-    assert "39 images, 10 classes from its subfolders" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "39 images, 10 classes from its subfolders" in err
+    assert f"evaluate with: relreason evaluate --run-dir {tmp_path / 'run2'} --test-fraction 0.2\n" in out
 
 
 def test_evaluate_finds_a_runs_relative_data_root_from_another_folder(tmp_path, monkeypatch, capsys):
@@ -179,8 +181,8 @@ def test_evaluate_finds_a_runs_relative_data_root_from_another_folder(tmp_path, 
 
 
 @pytest.mark.parametrize("command, says", [
-    ("pretrain", "relreason: interrupted; the checkpoints written so far are kept, and the same command resumes "
-                 "from the newest\n"),
+    ("pretrain", "relreason: interrupted; the checkpoints written so far are kept, and the same command (without "
+                 "--no-resume) resumes from the newest\n"),
     ("compare", "relreason: interrupted; finished runs are kept, and the same command goes on from where it stopped\n"),
     ("evaluate", "relreason: interrupted\n"),  # it keeps no checkpoints
 ])
@@ -193,3 +195,12 @@ def test_an_interrupt_says_what_is_kept_for_the_command_it_stopped(monkeypatch, 
     monkeypatch.setattr(relreason.cli, "run_compare_command" if command == "compare" else f"run_{command}", interrupted)
     assert main([command]) == 130
     assert capsys.readouterr().err == says
+
+
+def test_the_evaluate_hint_expands_a_home_relative_data_root(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for split in ("train", "test"):
+        _digit_pngs(tmp_path / "lab" / split, 30, classes=True)
+    assert main(["pretrain", "--dataset", "folder", "--data-root", "~/lab", *TINY,
+                 "--output-dir", str(tmp_path / "run")]) == 0
+    assert f"evaluate with: relreason evaluate --run-dir {tmp_path / 'run'}\n" in capsys.readouterr().out

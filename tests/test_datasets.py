@@ -356,12 +356,12 @@ def test_digits_deterministic_stratified_split():
     assert train.images.max() == 255
     _check_item(train, 0, int(train.labels[0]))
     # no overlap: compare the split indices and also the image rows themselves
-    tr_idx, te_idx = ds_mod._digits_split(np.concatenate([train.labels, test.labels]))
+    tr_idx, te_idx = ds_mod.stratified_split(np.concatenate([train.labels, test.labels]))
     assert not set(tr_idx.tolist()) & set(te_idx.tolist())
     from sklearn.datasets import load_digits
 
     full = load_digits()
-    tr_i, te_i = ds_mod._digits_split(full.target.astype(np.int64))
+    tr_i, te_i = ds_mod.stratified_split(full.target.astype(np.int64))
     assert not set(tr_i.tolist()) & set(te_i.tolist())
     assert len(tr_i) == len(train) and len(te_i) == len(test)
     np.testing.assert_array_equal(train.labels, full.target[tr_i])

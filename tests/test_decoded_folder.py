@@ -91,16 +91,28 @@ def test_a_grey_folder_is_kept_as_one_channel(tmp_path):
 
 def test_a_folder_too_large_for_memory_is_refused_before_decoding(tmp_path, monkeypatch):
     _write_mixed_folder(tmp_path / "imgs")
-    monkeypatch.setattr(decoded_folder, "available_memory_bytes", lambda: 9_000)
-    with pytest.raises(RelreasonError, match=r"needs 4\.5 KB of memory .* use --augment pil"):
-        DecodedImageFolder(ImageFolderDataset(tmp_path / "imgs"), 16)  # 6 x 16 x 16 x 3 = 4,608 bytes > 9,000 / 2
+    # Two copies of 6 x 16 x 16 x 3 = 4,608 bytes (the array, and the tensor the views are made from).
+    monkeypatch.setattr(decoded_folder, "available_memory_bytes", lambda: 18_000)
+    with pytest.raises(RelreasonError, match=r"needs 9\.0 KB of memory and 17\.6 KB is available; use --augment pil"):
+        DecodedImageFolder(ImageFolderDataset(tmp_path / "imgs"), 16)
+    monkeypatch.setattr(decoded_folder, "available_memory_bytes", lambda: 19_000)
+    assert len(DecodedImageFolder(ImageFolderDataset(tmp_path / "imgs"), 16)) == 6
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: every process on this machine decodes its own copy
+    with pytest.raises(RelreasonError, match=r"needs 18\.0 KB of memory \(2 processes\)"):
+        DecodedImageFolder(ImageFolderDataset(tmp_path / "imgs"), 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.setattr(decoded_folder, "available_memory_bytes", lambda: None)  # unknown: no check
     assert len(DecodedImageFolder(ImageFolderDataset(tmp_path / "imgs"), 16)) == 6
 
 
-def test_available_memory_is_read_from_the_kernel():
-    available = decoded_folder.available_memory_bytes()
+def test_available_memory_is_read_from_the_kernel_and_a_containers_limit(tmp_path):
+    available = decoded_folder.available_memory_bytes(str(tmp_path / "no-cgroup"))
     assert available is None or available > 0
+    (tmp_path / "memory.max").write_text("3000000\n")
+    (tmp_path / "memory.current").write_text("1000000\n")
+    assert decoded_folder.available_memory_bytes(str(tmp_path)) == 2_000_000  # below any machine's MemAvailable
+    (tmp_path / "memory.max").write_text("max\n")
+    assert decoded_folder.available_memory_bytes(str(tmp_path)) == available
 
 
 def test_augment_tensor_on_a_folder_makes_batched_views_and_auto_keeps_the_files(tmp_path):
@@ -113,6 +125,7 @@ def test_augment_tensor_on_a_folder_makes_batched_views_and_auto_keeps_the_files
     assert labels.tolist() == [0, 0, 0, 1]
     auto, auto_geometry = build_pretrain_data(PretrainConfig(augment="auto", **common))
     assert isinstance(auto.dataset, ImageFolderDataset)  # crops from the original files by default
+    assert (geometry.pop("augment"), auto_geometry.pop("augment")) == ("tensor", "pil")  # the path taken
     assert auto_geometry == geometry  # one normalisation whichever path: computed from the files
 
 
@@ -148,3 +161,29 @@ def test_method_random_does_not_decode_the_folder(tmp_path, monkeypatch):
                             image_size=16, device="cpu", progress=False, tensorboard=False,
                             output_dir=str(tmp_path / "run")))
     assert (tmp_path / "run" / "backbone.pt").is_file()
+
+
+def test_images_too_large_for_the_gpu_are_refused_in_one_line(tmp_path, monkeypatch):
+    from relreason.data import batch_views
+    from relreason.data.batch_augment import BatchRelationalAugmentation
+
+    _write_mixed_folder(tmp_path / "imgs")
+    decoded = DecodedImageFolder(ImageFolderDataset(tmp_path / "imgs"), 16)  # 4,608 bytes as a tensor
+    augmentation = BatchRelationalAugmentation(16, (0.5,) * 3, (0.25,) * 3)
+    monkeypatch.setattr(batch_views, "free_device_memory", lambda device: 9_000 if device.type == "cuda" else None)
+    with pytest.raises(RelreasonError, match=r"the images take 0\.00 GiB on cuda and 0\.00 GiB is free; use --augment pil"):
+        DeviceMultiViewDataset(decoded, augmentation, 2, 0, "cuda")
+    assert len(DeviceMultiViewDataset(decoded, augmentation, 2, 0, "cpu")) == 6
+    batch_views.check_fits_on_device(4_500, torch.device("cuda"))  # within half of 9,000
+
+
+def test_a_folder_run_resumes_only_on_the_augmentation_path_it_started_on(tmp_path):
+    # The two paths crop different things for a folder (the original files, or the decoded square).
+    _write_mixed_folder(tmp_path / "imgs")
+    common = dict(dataset="folder", data_root=str(tmp_path / "imgs"), image_size=16, num_views=2, batch_size=3,
+                  device="cpu", progress=False, tensorboard=False, output_dir=str(tmp_path / "run"))
+    pretrain(PretrainConfig(augment="tensor", epochs=1, **common))
+    with pytest.raises(RelreasonError, match="augment: checkpoint 'tensor' vs now 'pil'"):
+        pretrain(PretrainConfig(augment="auto", epochs=2, **common))  # auto takes the per-file path for a folder
+    assert pretrain(PretrainConfig(augment="tensor", epochs=2, **common)).epochs_done == 2
+    assert json.loads((tmp_path / "run" / "backbone.json").read_text())["augment"] == "tensor"

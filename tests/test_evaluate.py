@@ -503,3 +503,71 @@ def test_a_checkpoints_results_do_not_replace_the_exported_backbones(folder_run,
     checkpoint = list_checkpoints(copy)[0]
     assert evaluate_args("--weights", str(checkpoint)) == 0
     assert (copy / f"evaluation-{checkpoint.stem}.json").is_file() and not (copy / "evaluation.json").exists()
+
+
+def test_test_fraction_holds_out_a_stratified_seeded_share_of_one_labelled_folder(folder_run, tmp_path, capsys):
+    from relreason.data import ImageFolderDataset, split_image_folder, stratified_split
+
+    images, run = folder_run
+    one = tmp_path / "one"  # the train/ and test/ images merged into class folders, as a user's single folder
+    for path in sorted(images.glob("*/*/*.png")):
+        target = one / path.parent.name / f"{path.parent.parent.name}-{path.name}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    train, test = split_image_folder(one, 0.25)
+    whole = ImageFolderDataset(one)
+    train_idx, test_idx = stratified_split(whole.labels, 0.25, 0)
+    assert [str(p) for p in test.paths] == [str(whole.paths[i]) for i in test_idx]  # 0.25 of each class of 9, rounded
+    assert sorted(map(str, train.paths + test.paths)) == sorted(map(str, whole.paths))
+    assert test.labels.tolist() == [0, 0, 1, 1] and train.labels.tolist() == [0] * 7 + [1] * 7
+    assert np.asarray(test[0][0]).shape == (12, 12, 3) and test.classes == ["cat", "dog"]
+    assert [str(p) for p in split_image_folder(one, 0.25)[1].paths] == [str(p) for p in test.paths]  # same each time
+
+    assert evaluate_args("--run-dir", str(run), "--data-root", str(one), "--test-fraction", "0.25",
+                         "--output", str(tmp_path / "held-out.json")) == 0
+    result = json.loads((tmp_path / "held-out.json").read_text())
+    assert (result["train_size"], result["test_size"], result["test_fraction"]) == (14, 4, 0.25)
+
+
+@pytest.mark.parametrize("where, fraction, message", [
+    ("split", "0.25", "already holds train/ and test/; drop --test-fraction"),
+    ("digits", "0.25", "dataset 'digits' comes with its own test split; drop --test-fraction"),
+    ("flat", "0.25", "has no classes (its 2 images lie directly in"),
+    ("classes", "0.01", "leaves 4 to train and 0 to test"),
+    ("classes", "1.5", "--test-fraction must lie in (0, 1), got 1.5"),
+])
+def test_test_fraction_refusals(folder_run, tmp_path, capsys, where, fraction, message):
+    images, run = folder_run
+    (tmp_path / "flat").mkdir()
+    for name in ("a", "b"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "flat" / f"{name}.png")
+        (tmp_path / "classes" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8)).save(tmp_path / "classes" / name / f"{i}.png")
+    root = {"split": images, "flat": tmp_path / "flat", "classes": tmp_path / "classes"}.get(where)
+    args = ["--dataset", "digits"] if where == "digits" else ["--data-root", str(root)]
+    assert evaluate_args("--run-dir", str(run), *args, "--test-fraction", fraction,
+                         "--output", str(tmp_path / "out.json")) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_run_copied_from_another_machine_looks_for_a_named_dataset_in_data_here(tmp_path, monkeypatch):
+    from test_datasets import _mnist_arrays, _write_idx
+
+    from relreason.train import PretrainConfig, pretrain
+
+    raw = tmp_path / "elsewhere" / "data" / "MNIST" / "raw"
+    for prefix, n, seed in (("train", 80, 1), ("t10k", 30, 2)):
+        images, labels = _mnist_arrays(n, seed)
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", images, compress=True)
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels, compress=True)
+    pretrain(PretrainConfig(dataset="mnist", image_size=12, num_views=2, batch_size=16, epochs=1, device="cpu",
+                            progress=False, tensorboard=False, data_root=str(tmp_path / "elsewhere" / "data"),
+                            output_dir=str(tmp_path / "run")))
+    meta = json.loads((tmp_path / "run" / "backbone.json").read_text())
+    assert meta["data_root"] == str(tmp_path / "elsewhere" / "data")  # absolute
+    (tmp_path / "elsewhere" / "data").rename(tmp_path / "data")  # "another machine": the data lives in ./data there
+    monkeypatch.chdir(tmp_path)
+    assert evaluate_args("--run-dir", "run", "--output", "here.json") == 0
+    assert json.loads((tmp_path / "here.json").read_text())["test_size"] == 30

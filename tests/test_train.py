@@ -200,14 +200,27 @@ def test_compile_trains_and_keeps_plain_state_dict_keys(tmp_path):
     assert not any("_orig_mod" in key for key in exported)
 
 
-def test_adam_is_fused_on_cuda_only():
+def test_adam_is_fused_on_cuda_only_and_stays_so_when_resumed_from_a_cpu_checkpoint():
     # Fused on CUDA: with --amp fp16 the GradScaler then never reads its overflow flag on the host. The CPU keeps
-    # the foreach kernel that its bit-exact resume tests were written against.
-    from relreason.train import make_optimizer
+    # PyTorch's default kernel, which its bit-exact resume tests were written against.
+    from relreason.train import load_optimizer_state, make_optimizer
 
-    parameters = [nn.Parameter(torch.zeros(3))]
-    assert make_optimizer([{"params": parameters}], PretrainConfig(), torch.device("cuda")).defaults["fused"] is True
-    assert not make_optimizer([{"params": parameters}], PretrainConfig(), torch.device("cpu")).defaults["fused"]
+    parameter = nn.Parameter(torch.ones(3))
+    groups = [{"params": [parameter], "base_lr": 1e-3}]
+    cpu = make_optimizer(groups, PretrainConfig(), torch.device("cpu"))
+    assert not cpu.defaults["fused"]
+    parameter.sum().backward()
+    cpu.step()
+    # The fused kernel also runs on the CPU, so the CUDA optimizer can be exercised here on CPU tensors.
+    cuda = make_optimizer(groups, PretrainConfig(), torch.device("cuda"))
+    assert cuda.defaults["fused"] is True
+    load_optimizer_state(cuda, cpu.state_dict(), groups, PretrainConfig())
+    assert cuda.param_groups[0]["fused"] is True
+    scaler = torch.amp.GradScaler("cpu")  # as fp16 does: it hands a fused optimizer its flags
+    scaler.scale(parameter.sum()).backward()
+    scaler.step(cuda)  # raised "Expected grad_scale and found_inf to be None" when the checkpoint unfused it
+    scaler.update()
+    assert torch.isfinite(parameter).all() and cuda.state[parameter]["step"].item() == 2
 
 
 @pytest.mark.parametrize("interval, expected", [(1e9, 2), (0.0, 23)])

@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import os
 import sys
-from pathlib import Path
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -102,6 +101,9 @@ def add_evaluate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", help="where datasets live [the pretraining run's own when evaluating on its "
                         "dataset, else data]")
     _bool_flag(parser, "download", "download the dataset with torchvision if missing [off]")
+    parser.add_argument("--test-fraction", type=float,
+                        help="for an image folder with class subfolders but no train/ and test/: hold out this share "
+                        "of each class (seeded, the same every time) as the test set [off]")
     parser.add_argument("--image-size", type=int, help="image side in pixels [the one pretrained at]")
     parser.add_argument("--protocols", nargs="+", choices=ALL_PROTOCOLS,
                         help="linear, linear_converged, knn: frozen features; finetune: the backbone trained too; "
@@ -290,7 +292,7 @@ def _config_from(args: argparse.Namespace, config_class: type) -> Any:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    from relreason.data import dataset_info
+    from relreason.data import ImageFolderDataset, dataset_info, has_split_dirs
     from relreason.train import PretrainConfig, pretrain
 
     config = _config_from(args, PretrainConfig)
@@ -302,10 +304,12 @@ def run_pretrain(args: argparse.Namespace) -> int:
         return 143  # 128 + SIGTERM: the run is not finished
     partial = " and part of the next (time limit)" if result.stopped_early else ""
     evaluate = f"relreason evaluate --run-dir {result.run_dir}"
-    root = Path(config.data_root or ".")
-    if dataset_info(config.dataset).name == "folder" and not ((root / "train").is_dir() and (root / "test").is_dir()):
+    if dataset_info(config.dataset).name == "folder" and not has_split_dirs(config.data_root or "."):
         # Evaluation needs labelled train and test images, which a pretraining folder need not hold.
-        evaluate += " --data-root DIR (DIR: train/ and test/, each with one subfolder per class)"
+        if ImageFolderDataset(config.data_root or ".").labels is not None:  # a scan of names: its classes can be split
+            evaluate += " --test-fraction 0.2"
+        else:
+            evaluate += " --data-root DIR (DIR: train/ and test/, each with one subfolder per class)"
     if reports:
         print(
             f"done: {result.epochs_done} epoch(s){partial}; backbone exported to {result.run_dir / 'backbone.pt'}; "
@@ -374,7 +378,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 _AFTER_INTERRUPT = {
-    "pretrain": "; the checkpoints written so far are kept, and the same command resumes from the newest",
+    "pretrain": "; the checkpoints written so far are kept, and the same command (without --no-resume) resumes "
+                "from the newest",
     "compare": "; finished runs are kept, and the same command goes on from where it stopped",
 }
 

@@ -710,6 +710,7 @@ class EvaluateConfig:
     random_baseline: bool = True
     batch_size: int = 256
     seed: int = 0
+    test_fraction: float | None = None  # a labelled folder without train/ and test/: the share held out to test
     device: str = "auto"
     output: str | None = None
 
@@ -724,6 +725,9 @@ class EvaluateConfig:
         if self.image_size is not None and self.image_size < 8:
             raise RelreasonError(f"--image-size must be >= 8, got {self.image_size}")
         check_seed(self.seed, "--seed")
+        if self.test_fraction is not None and not (isinstance(self.test_fraction, (int, float)) and
+                                                   not isinstance(self.test_fraction, bool) and 0 < self.test_fraction < 1):
+            raise RelreasonError(f"--test-fraction must lie in (0, 1), got {self.test_fraction!r}; pass e.g. 0.2")
         if "few_label" in protocols:
             check_label_fractions(self.label_fractions)
         if "finetune" in protocols:
@@ -837,6 +841,20 @@ def labelled_split(name: str, root: str, split: str, download: bool):
     return dataset
 
 
+def held_out_split(name: str, root: str, test_fraction: float):
+    """``--test-fraction``: train and test parts of one labelled image folder that has no train/ and test/."""
+    from relreason.data import dataset_info, has_split_dirs, split_image_folder
+
+    root_path = Path(root).expanduser()
+    if dataset_info(name).name != "folder":
+        raise RelreasonError(f"--test-fraction splits an image folder, and dataset '{name}' comes with its own test "
+                             "split; drop --test-fraction")
+    if has_split_dirs(root_path):
+        raise RelreasonError(f"image folder {root_path} already holds train/ and test/; drop --test-fraction to "
+                             "evaluate on them")
+    return split_image_folder(root_path, test_fraction)
+
+
 def load_matching_state(backbone: nn.Module, state: Mapping[str, torch.Tensor], weights: Path, name: str) -> None:
     """Load ``state`` into ``backbone``, or say in one line how far apart they are."""
     expected = backbone.state_dict()
@@ -921,9 +939,15 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     image_size = config.image_size or meta.get("image_size") or info.image_size
     # The pretraining run's --data-root when the data is the run's own, so its "evaluate with" line just works.
     own_data = _same_dataset(dataset_name, meta.get("dataset"))  # names as typed: fashion_mnist is fashion-mnist
-    data_root = config.data_root or (meta.get("data_root") if own_data else None) or "data"
-    train_set = labelled_split(dataset_name, data_root, info.train_split, config.download)
-    test_set = labelled_split(dataset_name, data_root, info.test_split, config.download)
+    recorded = meta.get("data_root") if own_data else None
+    if recorded and info.name != "folder" and not Path(recorded).exists():
+        recorded = None  # a run folder copied from another machine: its dataset is looked for here, in ./data
+    data_root = config.data_root or recorded or "data"
+    if config.test_fraction is not None:
+        train_set, test_set = held_out_split(dataset_name, data_root, config.test_fraction)
+    else:
+        train_set = labelled_split(dataset_name, data_root, info.train_split, config.download)
+        test_set = labelled_split(dataset_name, data_root, info.test_split, config.download)
     if own_data and "mean" in meta:
         mean, std = meta["mean"], meta["std"]  # exactly what the backbone was trained on
     elif info.mean is not None:
@@ -999,6 +1023,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         "pretraining": {key: meta[key] for key in ("finished", "epochs_done", "stopped_by") if key in meta},
         "train_size": len(train_set),
         "test_size": len(test_set),
+        "test_fraction": config.test_fraction,  # None: the dataset's own test split
         "protocols": protocols,
         "settings": settings,
         "results": results,

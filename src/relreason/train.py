@@ -312,7 +312,6 @@ def build_pretrain_data(
         mean, std = compute_normalization(dataset)
     else:
         mean, std = info.mean, info.std
-    geometry = {"image_size": image_size, "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
     views = method.views_per_image(config.num_views) if method is not None else 1
     batched = config.augment == "tensor" or (config.augment == "auto" and isinstance(dataset, ArrayImageDataset))
     if batched and isinstance(dataset, ImageFolderDataset):
@@ -320,6 +319,8 @@ def build_pretrain_data(
             batched = False
         else:
             dataset = DecodedImageFolder(dataset, image_size)
+    geometry = {"image_size": image_size, "mean": [float(m) for m in mean], "std": [float(s) for s in std],
+                "augment": "tensor" if batched else "pil"}  # the path taken, which 'auto' does not say
     if batched:
         recipe = AugmentationRecipe(scale=check_crop_scale(config.min_crop_scale))
         augmentation = BatchRelationalAugmentation(image_size, mean, std, recipe, compile=config.compile)
@@ -360,8 +361,21 @@ def make_loader(
 
 def make_optimizer(groups: list[dict[str, Any]], config: PretrainConfig, device: torch.device) -> torch.optim.Adam:
     """Adam as in the paper. On CUDA the fused kernel: one launch for all parameters, and with --amp fp16 the
-    GradScaler hands it the overflow flag on the device instead of reading it on the host every step."""
+    GradScaler hands it the overflow flag on the device instead of reading it on the host every step. On the
+    CPU PyTorch's default (the per-parameter loop), which the bit-exact resume tests were written against."""
     return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay, fused=device.type == "cuda")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], groups: list[dict[str, Any]],
+                         config: PretrainConfig) -> None:
+    """A checkpoint's moments and step counts, with this command's --lr and --weight-decay and this device's kernel."""
+    optimizer.load_state_dict(state)
+    for group, fresh in zip(optimizer.param_groups, groups):
+        group["base_lr"] = fresh["base_lr"]
+        group["weight_decay"] = fresh.get("weight_decay", config.weight_decay)
+        # A checkpoint from the CPU (or an older one) would otherwise unfuse a CUDA Adam, to which the fp16
+        # GradScaler, still seeing a fused optimizer, hands flags the other kernels refuse.
+        group["fused"], group["foreach"] = optimizer.defaults["fused"], optimizer.defaults["foreach"]
 
 
 def loader_workers(requested: int | None, device: torch.device) -> int:
@@ -530,10 +544,7 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
                 f"cannot resume {path}: this run's model no longer fits it ({detail[:160]}); was data or a class "
                 "folder added? Rerun with the original data or choose another --output-dir"
             ) from None
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        for group, fresh in zip(optimizer.param_groups, groups):  # this command's --lr and --weight-decay
-            group["base_lr"] = fresh["base_lr"]
-            group["weight_decay"] = fresh.get("weight_decay", config.weight_decay)
+        load_optimizer_state(optimizer, checkpoint["optimizer"], groups, config)
         if checkpoint["scaler"]:  # empty when saved without --amp fp16: a newly enabled scaler starts afresh
             scaler.load_state_dict(checkpoint["scaler"])
         set_rng_state(checkpoint["rng"], device)
@@ -624,6 +635,10 @@ def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, geometry
     saved_size = checkpoint.get("geometry", {}).get("image_size", geometry["image_size"])
     if saved_size != geometry["image_size"]:
         mismatched["image_size"] = (saved_size, geometry["image_size"])
+    # A folder's views differ in kind between the paths (crops of the original files or of the decoded square).
+    saved_path, path_now = checkpoint.get("geometry", {}).get("augment"), geometry.get("augment")
+    if dataset_info(config.dataset).name == "folder" and None not in (saved_path, path_now) and saved_path != path_now:
+        mismatched["augment"] = (saved_path, path_now)
     if mismatched:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items())
         raise RelreasonError(f"cannot resume {path}: options differ ({detail}); rerun with the original options")

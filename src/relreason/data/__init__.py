@@ -9,9 +9,12 @@ from .datasets import (
     ImageFolderDataset,
     compute_normalization,
     dataset_info,
+    has_split_dirs,
     load_dataset,
     pil_to_rgb,
     read_skip_log,
+    split_image_folder,
+    stratified_split,
 )
 from .multiview import MultiViewDataset
 from .transforms import eval_transform, relational_augmentation
@@ -27,8 +30,11 @@ __all__ = [
     "compute_normalization",
     "dataset_info",
     "eval_transform",
+    "has_split_dirs",
     "load_dataset",
     "pil_to_rgb",
     "read_skip_log",
     "relational_augmentation",
+    "split_image_folder",
+    "stratified_split",
 ]

@@ -34,6 +34,22 @@ def images_as_tensor(dataset: Dataset, keep_grey: bool = False) -> torch.Tensor:
     return tensor.permute(0, 3, 1, 2).contiguous()
 
 
+def free_device_memory(device: torch.device) -> int | None:
+    """Free bytes on a CUDA device, None elsewhere (the host's memory is checked where images are decoded)."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
+def check_fits_on_device(nbytes: int, device: torch.device, share: float = 0.5) -> None:
+    """Refuse, in one line, a dataset that would take more than ``share`` of the device's free memory, leaving
+    too little for the step itself."""
+    free = free_device_memory(device)
+    if free is not None and nbytes > share * free:
+        raise RelreasonError(
+            f"the images take {nbytes / 2**30:.2f} GiB on {device} and {free / 2**30:.2f} GiB is free; use "
+            "--augment pil (views made on the CPU) or a smaller --image-size"
+        )
+
+
 class DeviceMultiViewDataset:
     """A labelled image set held on ``device`` as uint8, and the batched augmentation that makes its views.
 
@@ -56,7 +72,9 @@ class DeviceMultiViewDataset:
         self.num_views = num_views
         self.seed = seed
         self.device = torch.device(device)
-        self.images = images_as_tensor(dataset, keep_grey=True).to(self.device)
+        images = images_as_tensor(dataset, keep_grey=True)
+        check_fits_on_device(images.nbytes, self.device)
+        self.images = images.to(self.device)
         labels = getattr(dataset, "labels", None)
         labels = np.full(len(self.images), -1) if labels is None else np.asarray(labels)
         self.labels = torch.as_tensor(labels, dtype=torch.long).to(self.device)

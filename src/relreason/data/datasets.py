@@ -11,6 +11,7 @@ The benchmark files are read from their real on-disk formats by the readers in
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from dataclasses import dataclass
@@ -398,16 +399,26 @@ class ImageFolderDataset(Dataset):
             self.labels = None
         loose = [parts[0] for parts in rel if len(parts) < 2]
         #: Why the folder has no classes, in words (None when it has them): images outside class subfolders.
+        lie = "image lies" if len(loose) == 1 else "images lie"
         self.why_unlabelled: str | None = None if labelled else (
-            f"its {len(loose)} images lie directly in {self.root}, not in class subfolders" if len(loose) == len(rel)
-            else f"{len(loose)} of its {len(rel)} images lie directly in {self.root}, outside the class subfolders "
-            f"(e.g. {loose[0]})"
+            f"its {len(loose)} {lie} directly in {self.root}, not in class subfolders" if len(loose) == len(rel)
+            else f"{len(loose)} of its {len(rel)} images {lie.split()[1]} directly in {self.root}, outside the class "
+            f"subfolders (e.g. {loose[0]})"
         )
         self.skipped: dict[str, str] = {}
         self.skip_log: Path | None = None
         self._log_warned = False
         if skip_log is not None:
             self.log_skips_to(skip_log)
+
+    def subset(self, indices: Sequence[int]) -> ImageFolderDataset:
+        """The images at ``indices`` (in that order) as a folder dataset of their own, with the same classes; an
+        unreadable one is replaced by the next readable image of the subset."""
+        part = copy.copy(self)
+        part.paths = [self.paths[int(i)] for i in indices]
+        part.labels = None if self.labels is None else self.labels[np.asarray(indices, dtype=np.int64)]
+        part.skipped = {}
+        return part
 
     def log_skips_to(self, path: str | os.PathLike) -> None:
         """Append every skipped file to ``path`` from now on, starting with those skipped already (e.g. while
@@ -770,8 +781,8 @@ _READERS: dict[str, Callable[[dict[str, Path], str], Dataset]] = {
 }
 
 
-def _digits_split(labels: np.ndarray, test_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified, seeded train/test index split (sorted indices)."""
+def stratified_split(labels: np.ndarray, test_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded train/test index split (sorted indices): ``test_fraction`` of each class, rounded."""
     perm = np.random.default_rng(seed).permutation(labels.shape[0])
     test: list[np.ndarray] = []
     for c in np.unique(labels):
@@ -789,22 +800,51 @@ def _load_digits(split: str) -> ArrayImageDataset:
     bunch = load_digits()
     images = np.clip(np.rint(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
     labels = np.asarray(bunch.target, dtype=np.int64)
-    train_idx, test_idx = _digits_split(labels)
+    train_idx, test_idx = stratified_split(labels)
     idx = train_idx if split == "train" else test_idx
     return ArrayImageDataset(np.ascontiguousarray(images[idx]), labels[idx], list(_DIGIT_CLASSES))
 
 
+def has_split_dirs(root: str | os.PathLike) -> bool:
+    """Whether an image folder holds ``train/`` and ``test/`` (then pretraining reads ``train/``)."""
+    root = Path(root).expanduser()
+    return (root / "train").is_dir() and (root / "test").is_dir()
+
+
 def _load_folder(root: Path, split: str) -> ImageFolderDataset:
-    has_split_dirs = (root / "train").is_dir() and (root / "test").is_dir()
+    has_split = has_split_dirs(root)
     if split == "train":
-        return ImageFolderDataset(root / "train" if has_split_dirs else root)
-    if not has_split_dirs:
+        return ImageFolderDataset(root / "train" if has_split else root)
+    if not has_split:
         raise RelreasonError(
             f"image folder {root} has no train/ and test/ subfolders, so it has no 'test' split; "
-            "split the images into train/ and test/, each with one subfolder per class"
+            "split the images into train/ and test/, each with one subfolder per class, or let evaluate hold out "
+            "a stratified share of each class with --test-fraction 0.2"
         )
     train = ImageFolderDataset(root / "train")
     return ImageFolderDataset(root / "test", classes=train.classes)
+
+
+def split_image_folder(
+    root: str | os.PathLike, test_fraction: float, seed: int = 0
+) -> tuple[ImageFolderDataset, ImageFolderDataset]:
+    """A labelled folder without train/ and test/ as two disjoint parts: ``test_fraction`` of each class
+    (rounded, seeded, the same for any later call) held out for testing, the rest for training."""
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
+        raise RelreasonError(f"--test-fraction must lie in (0, 1), got {test_fraction!r}; pass e.g. 0.2")
+    folder = ImageFolderDataset(root)
+    if folder.labels is None:
+        raise RelreasonError(
+            f"image folder {folder.root} has no classes ({folder.why_unlabelled}); --test-fraction splits a folder "
+            "with one subfolder per class"
+        )
+    train_idx, test_idx = stratified_split(folder.labels, test_fraction, seed)
+    if len(train_idx) == 0 or len(test_idx) == 0:
+        raise RelreasonError(
+            f"--test-fraction {test_fraction:g} of the {len(folder)} images of {folder.root} leaves "
+            f"{len(train_idx)} to train and {len(test_idx)} to test; choose a fraction that leaves images on both sides"
+        )
+    return folder.subset(train_idx), folder.subset(test_idx)
 
 
 def load_dataset(

@@ -28,16 +28,25 @@ __all__ = ["DecodedImageFolder", "available_memory_bytes"]
 MEMORY_SHARE = 0.5
 
 
-def available_memory_bytes() -> int | None:
-    """Memory the kernel reports as available to new allocations (Linux), or None where unknown."""
+def available_memory_bytes(cgroup: str = "/sys/fs/cgroup") -> int | None:
+    """Memory the kernel reports as available to new allocations (Linux), or None where unknown; inside a
+    container with a memory limit (cgroup v2), at most what the limit leaves."""
+    available = None
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    available = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    try:
+        limit = Path(cgroup, "memory.max").read_text().strip()
+        if limit != "max":
+            left = int(limit) - int(Path(cgroup, "memory.current").read_text())
+            available = left if available is None else min(available, left)
+    except (OSError, ValueError):
+        pass
+    return available
 
 
 def _format_bytes(n: float) -> str:
@@ -62,13 +71,17 @@ class DecodedImageFolder(ArrayImageDataset):
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise RelreasonError(f"image size must be a positive integer, got {image_size!r}; pass e.g. 32")
         n = len(folder)
-        needed = n * image_size * image_size * 3
+        # Two copies at the peak (this array, and the channels-first tensor the views are made from) in each of
+        # the processes torchrun started on this machine, all decoding at once.
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        needed = 2 * n * image_size * image_size * 3 * processes
         available = available_memory_bytes()
         if available is not None and needed > MEMORY_SHARE * available:
+            each = f" ({processes} processes)" if processes > 1 else ""
             raise RelreasonError(
                 f"decoding the {n} images of {folder.root} at {image_size}x{image_size} needs {_format_bytes(needed)} of "
-                f"memory and {_format_bytes(available)} is available; use --augment pil (reads files as it goes) or "
-                "a smaller --image-size"
+                f"memory{each} and {_format_bytes(available)} is available; use --augment pil (reads files as it goes) "
+                "or a smaller --image-size"
             )
         start = time.perf_counter()
         images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
