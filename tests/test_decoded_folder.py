@@ -106,13 +106,22 @@ def test_a_folder_too_large_for_memory_is_refused_before_decoding(tmp_path, monk
 
 
 def test_available_memory_is_read_from_the_kernel_and_a_containers_limit(tmp_path):
-    available = decoded_folder.available_memory_bytes(str(tmp_path / "no-cgroup"))
-    assert available is None or available > 0
-    (tmp_path / "memory.max").write_text("3000000\n")
-    (tmp_path / "memory.current").write_text("1000000\n")
-    assert decoded_folder.available_memory_bytes(str(tmp_path)) == 2_000_000  # below any machine's MemAvailable
-    (tmp_path / "memory.max").write_text("max\n")
-    assert decoded_folder.available_memory_bytes(str(tmp_path)) == available
+    real = decoded_folder.available_memory_bytes()
+    assert real is None or real > 0
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       8000 kB\nMemFree:         100 kB\nMemAvailable:    5000 kB\n")
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    available = decoded_folder.available_memory_bytes(str(meminfo), str(cgroup))  # no limit files: no container
+    assert available == 5000 * 1024
+    (cgroup / "memory.max").write_text("3000000\n")
+    (cgroup / "memory.current").write_text("1000000\n")
+    assert decoded_folder.available_memory_bytes(str(meminfo), str(cgroup)) == 2_000_000  # the limit leaves less
+    (cgroup / "memory.max").write_text("100000000\n")
+    assert decoded_folder.available_memory_bytes(str(meminfo), str(cgroup)) == available  # the machine has less
+    (cgroup / "memory.max").write_text("max\n")
+    assert decoded_folder.available_memory_bytes(str(meminfo), str(cgroup)) == available
+    assert decoded_folder.available_memory_bytes(str(tmp_path / "none"), str(cgroup)) is None  # not Linux
 
 
 def test_augment_tensor_on_a_folder_makes_batched_views_and_auto_keeps_the_files(tmp_path):

@@ -28,13 +28,13 @@ __all__ = ["DecodedImageFolder", "available_memory_bytes"]
 MEMORY_SHARE = 0.5
 
 
-def available_memory_bytes(cgroup: str = "/sys/fs/cgroup") -> int | None:
+def available_memory_bytes(meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs/cgroup") -> int | None:
     """Memory the kernel reports as available to new allocations (Linux), or None where unknown; inside a
     container with a memory limit (cgroup v2), at most what the limit leaves."""
     available = None
     try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
+        with open(meminfo) as lines:
+            for line in lines:
                 if line.startswith("MemAvailable:"):
                     available = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
