@@ -165,7 +165,12 @@ def test_one_stray_file_is_named_when_it_leaves_a_class_folder_unlabelled(tmp_pa
                  "--output-dir", str(tmp_path / "run2")]) == 0
     out, err = capsys.readouterr()
     assert "39 images, 10 classes from its subfolders" in err
-    assert f"evaluate with: relreason evaluate --run-dir {tmp_path / 'run2'} --test-fraction 0.2\n" in out
+    assert (f"evaluate with: relreason evaluate --run-dir {tmp_path / 'run2'} --test-fraction 0.2 (its held-out "
+            "images were seen, unlabelled, in pretraining)\n") in out
+    # Trained on every label: holding some out afterwards would test on training labels.
+    assert main(["pretrain", "--dataset", "folder", "--data-root", str(tmp_path / "classes"), *TINY,
+                 "--method", "supervised", "--output-dir", str(tmp_path / "run3")]) == 0
+    assert "--test-fraction" not in capsys.readouterr().out
 
 
 def test_evaluate_finds_a_runs_relative_data_root_from_another_folder(tmp_path, monkeypatch, capsys):

@@ -198,3 +198,19 @@ def test_one_seed_is_tabulated_without_a_spread_of_zero():
         text = format_markdown({"table": table}, config)
         assert text.rstrip().endswith(cell)
         assert ("mean ± std over seeds" in text) == (len(seeds) > 1)
+
+
+def test_compare_refuses_a_labelled_folder_without_a_test_split_before_training(tmp_path, capsys):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    for name in ("cat", "dog"):
+        (images / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(images / name / f"{i}.png")
+    output = tmp_path / "compare"
+    argv = compare_argv(output)
+    argv[argv.index("digits")] = "folder"
+    assert main(argv + ["--data-root", str(images)]) == 2
+    assert "has no train/ and test/ (or val/) subfolders, so it has no 'test' split" in capsys.readouterr().err
+    assert not (output / "relational-seed1").exists()

@@ -105,23 +105,35 @@ def test_a_folder_too_large_for_memory_is_refused_before_decoding(tmp_path, monk
     assert len(DecodedImageFolder(ImageFolderDataset(tmp_path / "imgs"), 16)) == 6
 
 
-def test_available_memory_is_read_from_the_kernel_and_a_containers_limit(tmp_path):
+def test_available_memory_is_read_from_the_kernel_and_the_tightest_cgroup_limit(tmp_path):
     real = decoded_folder.available_memory_bytes()
     assert real is None or real > 0
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       8000 kB\nMemFree:         100 kB\nMemAvailable:    5000 kB\n")
-    cgroup = tmp_path / "cgroup"
-    cgroup.mkdir()
-    available = decoded_folder.available_memory_bytes(str(meminfo), str(cgroup))  # no limit files: no container
-    assert available == 5000 * 1024
-    (cgroup / "memory.max").write_text("3000000\n")
-    (cgroup / "memory.current").write_text("1000000\n")
-    assert decoded_folder.available_memory_bytes(str(meminfo), str(cgroup)) == 2_000_000  # the limit leaves less
-    (cgroup / "memory.max").write_text("100000000\n")
-    assert decoded_folder.available_memory_bytes(str(meminfo), str(cgroup)) == available  # the machine has less
-    (cgroup / "memory.max").write_text("max\n")
-    assert decoded_folder.available_memory_bytes(str(meminfo), str(cgroup)) == available
-    assert decoded_folder.available_memory_bytes(str(tmp_path / "none"), str(cgroup)) is None  # not Linux
+    root, own = tmp_path / "cgroup", tmp_path / "self-cgroup"
+    job = root / "slurm" / "job7"
+    job.mkdir(parents=True)
+    own.write_text("0::/slurm/job7\n")
+
+    def available():
+        return decoded_folder.available_memory_bytes(str(meminfo), str(root), str(own))
+
+    assert available() == 5000 * 1024  # no limit files: the machine's MemAvailable
+    (job / "memory.max").write_text("3000000\n")
+    (job / "memory.current").write_text("2500000\n")
+    (job / "memory.stat").write_text("anon 1500000\nfile 1000000\ninactive_file 1000000\n")
+    assert available() == 1_500_000  # the job's limit, its reclaimable file cache counted as free
+    (root / "slurm" / "memory.max").write_text("1200000\n")  # a tighter limit on an ancestor
+    (root / "slurm" / "memory.current").write_text("0\n")
+    assert available() == 1_200_000
+    (job / "memory.max").write_text("max\n")
+    (root / "slurm" / "memory.max").write_text("max\n")
+    assert available() == 5000 * 1024
+    own.write_text("4:memory:/x\n")  # cgroup v1 only: the root alone is looked at
+    (root / "memory.max").write_text("2000000\n")
+    (root / "memory.current").write_text("500000\n")
+    assert available() == 1_500_000
+    assert decoded_folder.available_memory_bytes(str(tmp_path / "none"), str(tmp_path / "none"), str(own)) is None
 
 
 def test_augment_tensor_on_a_folder_makes_batched_views_and_auto_keeps_the_files(tmp_path):
@@ -180,7 +192,7 @@ def test_images_too_large_for_the_gpu_are_refused_in_one_line(tmp_path, monkeypa
     decoded = DecodedImageFolder(ImageFolderDataset(tmp_path / "imgs"), 16)  # 4,608 bytes as a tensor
     augmentation = BatchRelationalAugmentation(16, (0.5,) * 3, (0.25,) * 3)
     monkeypatch.setattr(batch_views, "free_device_memory", lambda device: 9_000 if device.type == "cuda" else None)
-    with pytest.raises(RelreasonError, match=r"the images take 0\.00 GiB on cuda and 0\.00 GiB is free; use --augment pil"):
+    with pytest.raises(RelreasonError, match=r"the images take 4\.5 KB on cuda and 8\.8 KB is free; use --augment pil"):
         DeviceMultiViewDataset(decoded, augmentation, 2, 0, "cuda")
     assert len(DeviceMultiViewDataset(decoded, augmentation, 2, 0, "cpu")) == 6
     batch_views.check_fits_on_device(4_500, torch.device("cuda"))  # within half of 9,000

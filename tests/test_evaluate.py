@@ -506,7 +506,9 @@ def test_a_checkpoints_results_do_not_replace_the_exported_backbones(folder_run,
 
 
 def test_test_fraction_holds_out_a_stratified_seeded_share_of_one_labelled_folder(folder_run, tmp_path, capsys):
-    from relreason.data import ImageFolderDataset, split_image_folder, stratified_split
+    import hashlib
+
+    from relreason.data import ImageFolderDataset, split_image_folder
 
     images, run = folder_run
     one = tmp_path / "one"  # the train/ and test/ images merged into class folders, as a user's single folder
@@ -516,8 +518,13 @@ def test_test_fraction_holds_out_a_stratified_seeded_share_of_one_labelled_folde
         target.write_bytes(path.read_bytes())
     train, test = split_image_folder(one, 0.25)
     whole = ImageFolderDataset(one)
-    train_idx, test_idx = stratified_split(whole.labels, 0.25, 0)
-    assert [str(p) for p in test.paths] == [str(whole.paths[i]) for i in test_idx]  # 0.25 of each class of 9, rounded
+    # The plain rule: in each class, the files first by sha1("0:<relative path>"), round(0.25 x 9) = 2 of them.
+    expected = []
+    for name in ("cat", "dog"):
+        files = sorted((p.relative_to(one).as_posix() for p in (one / name).iterdir()),
+                       key=lambda rel: hashlib.sha1(f"0:{rel}".encode()).hexdigest())
+        expected += files[:2]
+    assert sorted(p.relative_to(one).as_posix() for p in test.paths) == sorted(expected)
     assert sorted(map(str, train.paths + test.paths)) == sorted(map(str, whole.paths))
     assert test.labels.tolist() == [0, 0, 1, 1] and train.labels.tolist() == [0] * 7 + [1] * 7
     assert np.asarray(test[0][0]).shape == (12, 12, 3) and test.classes == ["cat", "dog"]
@@ -533,7 +540,8 @@ def test_test_fraction_holds_out_a_stratified_seeded_share_of_one_labelled_folde
     ("split", "0.25", "already holds train/ and test/; drop --test-fraction"),
     ("digits", "0.25", "dataset 'digits' comes with its own test split; drop --test-fraction"),
     ("flat", "0.25", "has no classes (its 2 images lie directly in"),
-    ("classes", "0.01", "leaves 4 to train and 0 to test"),
+    ("classes", "0.01", "rounds to no test image in any class; choose a larger fraction"),
+    ("classes", "0.75", "--test-fraction 0.75 of class 'a' (2 image(s)) leaves none of it to train on"),
     ("classes", "1.5", "--test-fraction must lie in (0, 1), got 1.5"),
 ])
 def test_test_fraction_refusals(folder_run, tmp_path, capsys, where, fraction, message):
@@ -552,7 +560,7 @@ def test_test_fraction_refusals(folder_run, tmp_path, capsys, where, fraction, m
     assert message in err and len(err.strip().splitlines()) == 1
 
 
-def test_a_run_copied_from_another_machine_looks_for_a_named_dataset_in_data_here(tmp_path, monkeypatch):
+def test_a_run_copied_from_another_machine_looks_for_a_named_dataset_in_data_here(tmp_path, monkeypatch, capsys):
     from test_datasets import _mnist_arrays, _write_idx
 
     from relreason.train import PretrainConfig, pretrain
@@ -571,3 +579,43 @@ def test_a_run_copied_from_another_machine_looks_for_a_named_dataset_in_data_her
     monkeypatch.chdir(tmp_path)
     assert evaluate_args("--run-dir", "run", "--output", "here.json") == 0
     assert json.loads((tmp_path / "here.json").read_text())["test_size"] == 30
+    assert f"the run's data root {tmp_path / 'elsewhere' / 'data'} does not exist here; looking for mnist in ./data" \
+        in capsys.readouterr().err
+
+
+def test_a_held_out_file_keeps_its_side_when_other_files_come_and_go(tmp_path):
+    from relreason.data import split_image_folder
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(40):
+            Image.fromarray(rng.integers(0, 255, (6, 6), dtype=np.uint8)).save(tmp_path / name / f"{i:02d}.png")
+
+    def sides():
+        train, test = split_image_folder(tmp_path, 0.2)
+        return {p.relative_to(tmp_path).as_posix() for p in train.paths}, {p.relative_to(tmp_path).as_posix() for p in test.paths}
+
+    train, test = sides()
+    assert len(test) == 16
+    removed = sorted(test)[0]
+    (tmp_path / removed).unlink()  # e.g. a corrupt file evaluate refused
+    Image.new("L", (6, 6)).save(tmp_path / "b" / "new.png")
+    train_after, test_after = sides()
+    # Class a: 39 files, 8 held out (one came in for the one removed); class b: 41 files, 8 held out.
+    assert len(test - test_after - {removed}) == 0 and len(test_after - test - {"b/new.png"}) <= 1
+    assert (train - {removed}) - train_after == test_after - test - {"b/new.png"}
+
+
+def test_an_imagenet_style_train_and_val_folder_is_its_own_split(tmp_path):
+    from relreason.data import has_split_dirs, load_dataset
+
+    for split, count in (("train", 3), ("val", 2)):
+        for name in ("cat", "dog"):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (8, 8)).save(tmp_path / split / name / f"{i}.png")
+    assert has_split_dirs(tmp_path)
+    train, test = load_dataset("folder", tmp_path, "train"), load_dataset("folder", tmp_path, "test")
+    assert (len(train), len(test), test.classes) == (6, 4, ["cat", "dog"])
+    assert all(p.parent.parent.name == "val" for p in test.paths)

@@ -221,6 +221,13 @@ def test_adam_is_fused_on_cuda_only_and_stays_so_when_resumed_from_a_cpu_checkpo
     scaler.step(cuda)  # raised "Expected grad_scale and found_inf to be None" when the checkpoint unfused it
     scaler.update()
     assert torch.isfinite(parameter).all() and cuda.state[parameter]["step"].item() == 2
+    # The fused kernel keeps its step counts beside the parameters; a CPU checkpoint keeps them on the CPU.
+    # Parameters on the meta device stand for a GPU here.
+    elsewhere = nn.Parameter(torch.ones(3, device="meta"))
+    fused = make_optimizer([{"params": [elsewhere], "base_lr": 1e-3}], PretrainConfig(), torch.device("cuda"))
+    load_optimizer_state(fused, cpu.state_dict(), [{"params": [elsewhere], "base_lr": 1e-3}], PretrainConfig())
+    step = fused.state[elsewhere]["step"]
+    assert (step.device.type, step.dtype) == ("meta", torch.float32)
 
 
 @pytest.mark.parametrize("interval, expected", [(1e9, 2), (0.0, 23)])

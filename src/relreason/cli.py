@@ -103,7 +103,8 @@ def add_evaluate_options(parser: argparse.ArgumentParser) -> None:
     _bool_flag(parser, "download", "download the dataset with torchvision if missing [off]")
     parser.add_argument("--test-fraction", type=float,
                         help="for an image folder with class subfolders but no train/ and test/: hold out this share "
-                        "of each class (seeded, the same every time) as the test set [off]")
+                        "of each class as the test set, chosen by each file's own path (a file keeps its side as "
+                        "others come and go) [off]")
     parser.add_argument("--image-size", type=int, help="image side in pixels [the one pretrained at]")
     parser.add_argument("--protocols", nargs="+", choices=ALL_PROTOCOLS,
                         help="linear, linear_converged, knn: frozen features; finetune: the backbone trained too; "
@@ -306,8 +307,9 @@ def run_pretrain(args: argparse.Namespace) -> int:
     evaluate = f"relreason evaluate --run-dir {result.run_dir}"
     if dataset_info(config.dataset).name == "folder" and not has_split_dirs(config.data_root or "."):
         # Evaluation needs labelled train and test images, which a pretraining folder need not hold.
-        if ImageFolderDataset(config.data_root or ".").labels is not None:  # a scan of names: its classes can be split
-            evaluate += " --test-fraction 0.2"
+        # A scan of names: a labelled folder's classes can be split, unless the labels were trained on.
+        if config.method != "supervised" and ImageFolderDataset(config.data_root or ".").labels is not None:
+            evaluate += " --test-fraction 0.2 (its held-out images were seen, unlabelled, in pretraining)"
         else:
             evaluate += " --data-root DIR (DIR: train/ and test/, each with one subfolder per class)"
     if reports:

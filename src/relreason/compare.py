@@ -175,6 +175,7 @@ def summarise(values: list[float]) -> dict[str, float]:
 
 def run_compare(config: CompareConfig) -> dict[str, Any]:
     """Train and evaluate every method x seed; write compare.json, compare.md and the plots; return the summary."""
+    from relreason.data import dataset_info
     from relreason.evaluate import EvaluateConfig, labelled_split, run_evaluation
     from relreason.train import pretrain
 
@@ -185,7 +186,9 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
         EvaluateConfig(protocols=tuple(config.protocols), linear_epochs=config.linear_epochs, knn_k=config.knn_k,
                        seed=seed, device=config.device).validate()
     check_existing_runs(config)
-    labelled_split(config.dataset, config.data_root, "train", config.download)  # evaluation will need labels
+    info = dataset_info(config.dataset)
+    for split in (info.train_split, info.test_split):  # evaluation will need both, labelled
+        labelled_split(config.dataset, config.data_root, split, config.download)
     output = Path(config.output_dir)
     runs: list[dict[str, Any]] = []
     for method in config.methods:

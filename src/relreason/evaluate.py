@@ -940,8 +940,11 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     # The pretraining run's --data-root when the data is the run's own, so its "evaluate with" line just works.
     own_data = _same_dataset(dataset_name, meta.get("dataset"))  # names as typed: fashion_mnist is fashion-mnist
     recorded = meta.get("data_root") if own_data else None
-    if recorded and info.name != "folder" and not Path(recorded).exists():
-        recorded = None  # a run folder copied from another machine: its dataset is looked for here, in ./data
+    if recorded and info.name != "folder" and not Path(recorded).exists() and not config.data_root:
+        # A run folder copied from another machine: its dataset is looked for here, in ./data.
+        print(f"relreason: note: the run's data root {recorded} does not exist here; looking for {dataset_name} in "
+              "./data (pass --data-root to say where it is)", file=sys.stderr)
+        recorded = None
     data_root = config.data_root or recorded or "data"
     if config.test_fraction is not None:
         train_set, test_set = held_out_split(dataset_name, data_root, config.test_fraction)

@@ -376,6 +376,11 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
         # A checkpoint from the CPU (or an older one) would otherwise unfuse a CUDA Adam, to which the fp16
         # GradScaler, still seeing a fused optimizer, hands flags the other kernels refuse.
         group["fused"], group["foreach"] = optimizer.defaults["fused"], optimizer.defaults["foreach"]
+        for parameter in group["params"]:
+            step = optimizer.state.get(parameter, {}).get("step")
+            if torch.is_tensor(step):  # where this kernel keeps it: beside the parameter if fused, else on the CPU
+                place = parameter.device if group["fused"] else torch.device("cpu")
+                optimizer.state[parameter]["step"] = step.to(place, torch.float32)
 
 
 def loader_workers(requested: int | None, device: torch.device) -> int:

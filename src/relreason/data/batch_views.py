@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from relreason.data.batch_augment import BatchRelationalAugmentation
 from relreason.data.multiview import mix_seed
-from relreason.errors import RelreasonError
+from relreason.errors import RelreasonError, format_bytes
 
 __all__ = ["BatchViewLoader", "DeviceMultiViewDataset", "images_as_tensor"]
 
@@ -45,8 +45,8 @@ def check_fits_on_device(nbytes: int, device: torch.device, share: float = 0.5) 
     free = free_device_memory(device)
     if free is not None and nbytes > share * free:
         raise RelreasonError(
-            f"the images take {nbytes / 2**30:.2f} GiB on {device} and {free / 2**30:.2f} GiB is free; use "
-            "--augment pil (views made on the CPU) or a smaller --image-size"
+            f"the images take {format_bytes(nbytes)} on {device} and {format_bytes(free)} is free; use --augment pil "
+            "(views made on the CPU from images kept in host memory)"
         )
 
 

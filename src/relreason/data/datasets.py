@@ -12,6 +12,7 @@ The benchmark files are read from their real on-disk formats by the readers in
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -805,31 +806,53 @@ def _load_digits(split: str) -> ArrayImageDataset:
     return ArrayImageDataset(np.ascontiguousarray(images[idx]), labels[idx], list(_DIGIT_CLASSES))
 
 
-def has_split_dirs(root: str | os.PathLike) -> bool:
-    """Whether an image folder holds ``train/`` and ``test/`` (then pretraining reads ``train/``)."""
+#: Subfolders that hold a folder's held-out images, in the order they are looked for (ImageNet-style: val/).
+TEST_DIR_NAMES = ("test", "val")
+
+
+def test_dir_of(root: str | os.PathLike) -> Path | None:
+    """``root/test`` (or ``root/val``) when ``root`` also holds ``train/``: the folder's own split; else None."""
     root = Path(root).expanduser()
-    return (root / "train").is_dir() and (root / "test").is_dir()
+    if not (root / "train").is_dir():
+        return None
+    return next((root / name for name in TEST_DIR_NAMES if (root / name).is_dir()), None)
+
+
+def has_split_dirs(root: str | os.PathLike) -> bool:
+    """Whether an image folder holds ``train/`` and ``test/`` or ``val/`` (then pretraining reads ``train/``)."""
+    return test_dir_of(root) is not None
 
 
 def _load_folder(root: Path, split: str) -> ImageFolderDataset:
-    has_split = has_split_dirs(root)
+    test_dir = test_dir_of(root)
     if split == "train":
-        return ImageFolderDataset(root / "train" if has_split else root)
-    if not has_split:
+        return ImageFolderDataset(root / "train" if test_dir is not None else root)
+    if test_dir is None:
         raise RelreasonError(
-            f"image folder {root} has no train/ and test/ subfolders, so it has no 'test' split; "
-            "split the images into train/ and test/, each with one subfolder per class, or let evaluate hold out "
-            "a stratified share of each class with --test-fraction 0.2"
+            f"image folder {root} has no train/ and test/ (or val/) subfolders, so it has no 'test' split; "
+            "split the images into train/ and test/, each with one subfolder per class (relreason evaluate can "
+            "instead hold out a share of each class with --test-fraction)"
         )
     train = ImageFolderDataset(root / "train")
-    return ImageFolderDataset(root / "test", classes=train.classes)
+    return ImageFolderDataset(test_dir, classes=train.classes)
+
+
+def _rank_in_class(paths: Sequence[str], seed: int) -> np.ndarray:
+    """A seeded order of files that depends on each file's own name: adding or removing one moves no other."""
+    keys = [hashlib.sha1(f"{seed}:{path}".encode()).hexdigest() for path in paths]
+    return np.argsort(np.asarray(keys), kind="stable")
 
 
 def split_image_folder(
     root: str | os.PathLike, test_fraction: float, seed: int = 0
 ) -> tuple[ImageFolderDataset, ImageFolderDataset]:
     """A labelled folder without train/ and test/ as two disjoint parts: ``test_fraction`` of each class
-    (rounded, seeded, the same for any later call) held out for testing, the rest for training."""
+    (rounded) held out for testing, the rest for training.
+
+    Within a class the held-out files are those first in an order seeded by each file's path relative to
+    ``root``, so a file keeps its side when others are added or removed (at most one file per changed class
+    crosses, where the rounded count moves) and when the folder is moved.
+    """
     if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
         raise RelreasonError(f"--test-fraction must lie in (0, 1), got {test_fraction!r}; pass e.g. 0.2")
     folder = ImageFolderDataset(root)
@@ -838,11 +861,26 @@ def split_image_folder(
             f"image folder {folder.root} has no classes ({folder.why_unlabelled}); --test-fraction splits a folder "
             "with one subfolder per class"
         )
-    train_idx, test_idx = stratified_split(folder.labels, test_fraction, seed)
-    if len(train_idx) == 0 or len(test_idx) == 0:
+    relative = [path.relative_to(folder.root).as_posix() for path in folder.paths]
+    test: list[int] = []
+    for label, name in enumerate(folder.classes or []):
+        members = np.flatnonzero(folder.labels == label)
+        if len(members) == 0:
+            continue
+        held_out = int(np.floor(test_fraction * len(members) + 0.5))
+        if held_out >= len(members):
+            raise RelreasonError(
+                f"--test-fraction {test_fraction:g} of class '{name}' ({len(members)} image(s)) leaves none of it to "
+                "train on; choose a smaller fraction or add images to that class"
+            )
+        order = _rank_in_class([relative[i] for i in members], seed)
+        test.extend(members[order[:held_out]].tolist())
+    test_idx = np.sort(np.asarray(test, dtype=np.int64))
+    train_idx = np.setdiff1d(np.arange(len(folder)), test_idx)
+    if len(test_idx) == 0:
         raise RelreasonError(
-            f"--test-fraction {test_fraction:g} of the {len(folder)} images of {folder.root} leaves "
-            f"{len(train_idx)} to train and {len(test_idx)} to test; choose a fraction that leaves images on both sides"
+            f"--test-fraction {test_fraction:g} of the {len(folder)} images of {folder.root} rounds to no test image "
+            "in any class; choose a larger fraction"
         )
     return folder.subset(train_idx), folder.subset(test_idx)
 

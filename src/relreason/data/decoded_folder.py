@@ -20,7 +20,7 @@ import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
 from relreason.data.datasets import ArrayImageDataset, ImageFolderDataset
-from relreason.errors import RelreasonError
+from relreason.errors import RelreasonError, format_bytes
 
 __all__ = ["DecodedImageFolder", "available_memory_bytes"]
 
@@ -28,9 +28,12 @@ __all__ = ["DecodedImageFolder", "available_memory_bytes"]
 MEMORY_SHARE = 0.5
 
 
-def available_memory_bytes(meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs/cgroup") -> int | None:
-    """Memory the kernel reports as available to new allocations (Linux), or None where unknown; inside a
-    container with a memory limit (cgroup v2), at most what the limit leaves."""
+def available_memory_bytes(
+    meminfo: str = "/proc/meminfo", cgroup_root: str = "/sys/fs/cgroup", own_cgroup: str = "/proc/self/cgroup"
+) -> int | None:
+    """Memory the kernel reports as available to new allocations (Linux), or None where unknown; under a
+    memory limit (cgroup v2: a container, a batch job), at most what the tightest limit on this process's
+    cgroup and its ancestors leaves, counting reclaimable file cache as free."""
     available = None
     try:
         with open(meminfo) as lines:
@@ -39,22 +42,43 @@ def available_memory_bytes(meminfo: str = "/proc/meminfo", cgroup: str = "/sys/f
                     available = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        limit = Path(cgroup, "memory.max").read_text().strip()
-        if limit != "max":
-            left = int(limit) - int(Path(cgroup, "memory.current").read_text())
-            available = left if available is None else min(available, left)
-    except (OSError, ValueError):
-        pass
+    for folder in _cgroup_chain(cgroup_root, own_cgroup):
+        try:
+            limit = (folder / "memory.max").read_text().strip()
+            if limit == "max":
+                continue
+            used = int((folder / "memory.current").read_text()) - _inactive_file(folder)
+            left = max(int(limit) - used, 0)
+        except (OSError, ValueError):
+            continue
+        available = left if available is None else min(available, left)
     return available
 
 
-def _format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+def _cgroup_chain(cgroup_root: str, own_cgroup: str) -> list[Path]:
+    """This process's cgroup v2 folder and its ancestors up to the root (the root alone when unknown)."""
+    root = Path(cgroup_root)
+    try:
+        line = next(line for line in Path(own_cgroup).read_text().splitlines() if line.startswith("0::"))
+        relative = Path(line[3:].strip().lstrip("/"))
+    except (OSError, StopIteration):
+        relative = Path()
+    chain = [root / relative]
+    while relative != relative.parent:
+        relative = relative.parent
+        chain.append(root / relative)
+    return chain
+
+
+def _inactive_file(folder: Path) -> int:
+    try:
+        for line in (folder / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "inactive_file":
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 class DecodedImageFolder(ArrayImageDataset):
@@ -79,8 +103,8 @@ class DecodedImageFolder(ArrayImageDataset):
         if available is not None and needed > MEMORY_SHARE * available:
             each = f" ({processes} processes)" if processes > 1 else ""
             raise RelreasonError(
-                f"decoding the {n} images of {folder.root} at {image_size}x{image_size} needs {_format_bytes(needed)} of "
-                f"memory{each} and {_format_bytes(available)} is available; use --augment pil (reads files as it goes) "
+                f"decoding the {n} images of {folder.root} at {image_size}x{image_size} needs {format_bytes(needed)} of "
+                f"memory{each} and {format_bytes(available)} is available; use --augment pil (reads files as it goes) "
                 "or a smaller --image-size"
             )
         start = time.perf_counter()
@@ -118,4 +142,4 @@ class DecodedImageFolder(ArrayImageDataset):
         """One line for the training log: what was decoded, at which size, how much memory, how long."""
         shape = "grey" if self.images.ndim == 3 else "RGB"
         return (f"decoded {len(self)} images of {self.root} into memory at {self.images.shape[1]}x{self.images.shape[2]} "
-                f"{shape} ({_format_bytes(self.images.nbytes)}) in {self.decode_seconds:.1f}s")
+                f"{shape} ({format_bytes(self.images.nbytes)}) in {self.decode_seconds:.1f}s")
