@@ -18,6 +18,8 @@ PRETRAIN_CASES = [
     ("negative epochs", ["--epochs", "-3"], "--epochs must be >= 1"),
     ("zero learning rate", ["--lr", "0"], "--lr must be a finite number > 0"),
     ("infinite learning rate", ["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    ("held-out share of a named dataset", ["--test-fraction", "0.2"],
+     "--test-fraction splits an image folder, and dataset 'digits' comes with its own test split"),
     ("unknown learning-rate schedule", ["--lr-schedule", "step"], "invalid choice: 'step'"),
     ("warm-up as long as the run", ["--epochs", "5", "--warmup-epochs", "5"], "--warmup-epochs must lie in [0, --epochs)"),
     ("not a number", ["--epochs", "ten"], "invalid int value: 'ten'"),

@@ -537,7 +537,7 @@ def test_test_fraction_holds_out_a_stratified_seeded_share_of_one_labelled_folde
 
 
 @pytest.mark.parametrize("where, fraction, message", [
-    ("split", "0.25", "already holds train/ and test/; drop --test-fraction"),
+    ("split", "0.25", "already holds train/ and test/ (or val/); drop --test-fraction to use them"),
     ("digits", "0.25", "dataset 'digits' comes with its own test split; drop --test-fraction"),
     ("flat", "0.25", "has no classes (its 2 images lie directly in"),
     ("classes", "0.01", "rounds to no test image in any class; choose a larger fraction"),
@@ -619,3 +619,68 @@ def test_an_imagenet_style_train_and_val_folder_is_its_own_split(tmp_path):
     train, test = load_dataset("folder", tmp_path, "train"), load_dataset("folder", tmp_path, "test")
     assert (len(train), len(test), test.classes) == (6, 4, ["cat", "dog"])
     assert all(p.parent.parent.name == "val" for p in test.paths)
+
+
+def _class_folder(root, per_class=8, classes=("cat", "dog")):
+    rng = np.random.default_rng(3)
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 120, (12, 12, 3)) + 120 * label
+            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_pretraining_with_a_test_fraction_never_sees_the_images_evaluate_holds_out(tmp_path, capsys):
+    from relreason.cli import main
+    from relreason.data import split_image_folder
+
+    images = _class_folder(tmp_path / "images")
+    run = tmp_path / "run"
+    args = ["pretrain", "--dataset", "folder", "--data-root", str(images), "--test-fraction", "0.25",
+            "--image-size", "12", "-K", "2", "--batch-size", "4", "--no-progress", "--no-tensorboard",
+            "--output-dir", str(run)]
+    assert main([*args, "--epochs", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert "12 images, 2 classes" in err  # 16 less the 4 held out
+    assert f"evaluate with: relreason evaluate --run-dir {run}\n" in out  # the run knows its split
+    assert json.loads((run / "backbone.json").read_text())["test_fraction"] == 0.25
+    assert evaluate_args("--run-dir", str(run)) == 0
+    result = json.loads((run / "evaluation.json").read_text())
+    assert (result["train_size"], result["test_size"], result["test_fraction"]) == (12, 4, 0.25)
+    held_out = {str(p) for p in split_image_folder(images, 0.25)[1].paths}
+    assert len(held_out) == 4
+    with pytest.raises(RelreasonError, match="test_fraction: checkpoint 0.25 vs now 0.5"):
+        from relreason.train import PretrainConfig, pretrain
+
+        pretrain(PretrainConfig(dataset="folder", data_root=str(images), test_fraction=0.5, image_size=12,
+                                num_views=2, batch_size=4, epochs=2, device="cpu", progress=False,
+                                tensorboard=False, output_dir=str(run)))
+
+
+def test_pretraining_on_the_train_share_alone(tmp_path):
+    # What the trainer sees: exactly the files split_image_folder leaves for training.
+    from relreason.data import split_image_folder
+    from relreason.train import PretrainConfig, build_pretrain_data
+
+    images = _class_folder(tmp_path / "images")
+    for augment in ("pil", "tensor"):
+        dataset, _ = build_pretrain_data(PretrainConfig(dataset="folder", data_root=str(images), test_fraction=0.25,
+                                                        image_size=12, augment=augment))
+        folder = getattr(dataset.dataset, "folder", dataset.dataset)
+        assert [str(p) for p in folder.paths] == [str(p) for p in split_image_folder(images, 0.25)[0].paths]
+        assert len(dataset) == 12
+
+
+def test_compare_holds_the_same_share_out_of_every_run(tmp_path):
+    from relreason.cli import main
+
+    images = _class_folder(tmp_path / "images", per_class=25)
+    output = tmp_path / "compare"
+    assert main(["compare", "--dataset", "folder", "--data-root", str(images), "--test-fraction", "0.2",
+                 "--methods", "relational", "supervised", "--seeds", "1", "--epochs", "1", "--image-size", "12",
+                 "--batch-size", "8", "-K", "2", "--protocols", "knn", "--embedding-points", "10", "--device", "cpu",
+                 "--no-progress", "--output-dir", str(output)]) == 0
+    for method in ("relational", "supervised"):
+        result = json.loads((output / f"{method}-seed1" / "evaluation.json").read_text())
+        assert (result["train_size"], result["test_size"], result["test_fraction"]) == (40, 10, 0.2)

@@ -47,6 +47,9 @@ def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
                       "dataset kept there as uint8 (an image folder is decoded once, each image resized and "
                       "centre-cropped to --image-size); pil: torchvision's per-image transforms in a DataLoader, "
                       f"crops taken from the original files; auto: tensor for in-memory datasets, pil for image folders [{d.augment}]")
+    data.add_argument("--test-fraction", type=float,
+                      help="an image folder with class subfolders but no train/ and test/: pretrain on all but this "
+                      "share of each class, which evaluate then holds out as the test set [off: every image]")
     data.add_argument("--num-workers", type=int, help="DataLoader worker processes of --augment pil [0 on CPU, up to 8 on CUDA]")
     method = parser.add_argument_group("method")
     method.add_argument("--method", choices=METHOD_NAMES,
@@ -151,6 +154,9 @@ def add_compare_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, help="image side in pixels [the dataset's own]")
     parser.add_argument("--augment", choices=AUGMENT_MODES,
                         help=f"how views are made, as for pretrain [{d.augment}]")
+    parser.add_argument("--test-fraction", type=float,
+                        help="an image folder with class subfolders but no train/ and test/: every run pretrains on "
+                        "all but this share of each class, which the evaluations hold out [off]")
     parser.add_argument("--protocols", nargs="+", choices=COMPARABLE_PROTOCOLS,
                         help=f"evaluation protocols, one table column each [{' '.join(d.protocols)}]")
     parser.add_argument("--linear-epochs", type=int, help=f"epochs of the paper's linear probe [{d.linear_epochs}]")
@@ -305,7 +311,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
         return 143  # 128 + SIGTERM: the run is not finished
     partial = " and part of the next (time limit)" if result.stopped_early else ""
     evaluate = f"relreason evaluate --run-dir {result.run_dir}"
-    if dataset_info(config.dataset).name == "folder" and not has_split_dirs(config.data_root or "."):
+    if (dataset_info(config.dataset).name == "folder" and config.test_fraction is None
+            and not has_split_dirs(config.data_root or ".")):
         # Evaluation needs labelled train and test images, which a pretraining folder need not hold.
         # A scan of names: a labelled folder's classes can be split, unless the labels were trained on.
         if config.method != "supervised" and ImageFolderDataset(config.data_root or ".").labels is not None:

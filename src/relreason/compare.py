@@ -45,6 +45,7 @@ class CompareConfig:
     batch_size: int = 64
     image_size: int | None = None
     augment: str = "auto"  # as pretrain's --augment
+    test_fraction: float | None = None  # as pretrain's and evaluate's --test-fraction
     protocols: tuple[str, ...] = ("linear", "linear_converged", "knn")
     linear_epochs: int = 100
     knn_k: int = 200
@@ -83,14 +84,14 @@ def pretrain_config_for(config: CompareConfig, method: str, seed: int):
         backbone=config.backbone, image_size=config.image_size, num_views=config.num_views,
         batch_size=config.batch_size, epochs=config.epochs, seed=seed, device=config.device, augment=config.augment,
         time_limit=config.time_limit, output_dir=str(run_dir_of(config, method, seed)), progress=config.progress,
-        log_every=config.log_every,
+        log_every=config.log_every, test_fraction=config.test_fraction,
     )
 
 
 # What makes a run this comparison's run; --epochs may grow (pretrain resumes and trains on). The time
 # limit is checked against the comparison's own record: a resumed run's config.json holds what was left of it.
 _RUN_DEFINING = ("method", "dataset", "data_root", "backbone", "image_size", "num_views", "batch_size", "seed",
-                 "augment")
+                 "augment", "test_fraction")
 BUDGET_NAME = "budget.json"
 
 
@@ -175,7 +176,7 @@ def summarise(values: list[float]) -> dict[str, float]:
 
 def run_compare(config: CompareConfig) -> dict[str, Any]:
     """Train and evaluate every method x seed; write compare.json, compare.md and the plots; return the summary."""
-    from relreason.data import dataset_info
+    from relreason.data import dataset_info, held_out_part
     from relreason.evaluate import EvaluateConfig, labelled_split, run_evaluation
     from relreason.train import pretrain
 
@@ -188,7 +189,10 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     check_existing_runs(config)
     info = dataset_info(config.dataset)
     for split in (info.train_split, info.test_split):  # evaluation will need both, labelled
-        labelled_split(config.dataset, config.data_root, split, config.download)
+        if config.test_fraction is not None:
+            held_out_part(config.dataset, config.data_root, split, config.test_fraction)
+        else:
+            labelled_split(config.dataset, config.data_root, split, config.download)
     output = Path(config.output_dir)
     runs: list[dict[str, Any]] = []
     for method in config.methods:
@@ -207,7 +211,7 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
             evaluation = run_evaluation(EvaluateConfig(
                 run_dir=str(run_dir), protocols=tuple(config.protocols), linear_epochs=config.linear_epochs,
                 knn_k=config.knn_k, random_baseline=False, seed=seed, device=config.device,
-                data_root=config.data_root, download=config.download,
+                data_root=config.data_root, download=config.download, test_fraction=config.test_fraction,
             ))
             runs.append({
                 "method": method, "seed": seed, "run_dir": str(run_dir), "epochs": meta["epochs_done"],
@@ -330,7 +334,7 @@ def _device(name: str) -> torch.device:
 
 def _test_features_source(run_dir: Path, config: CompareConfig):
     from relreason.backbones import build_backbone
-    from relreason.data import dataset_info, eval_transform, load_dataset
+    from relreason.data import dataset_info, eval_transform, held_out_part, load_dataset
     from relreason.evaluate import data_tag_of
 
     meta = json.loads((run_dir / "backbone.json").read_text())
@@ -338,7 +342,10 @@ def _test_features_source(run_dir: Path, config: CompareConfig):
     weights = (run_dir / "backbone.pt").read_bytes()
     backbone.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True))
     info = dataset_info(config.dataset)
-    dataset = load_dataset(config.dataset, config.data_root, info.test_split, download=config.download)
+    if config.test_fraction is not None:
+        dataset = held_out_part(config.dataset, config.data_root, "test", config.test_fraction)
+    else:
+        dataset = load_dataset(config.dataset, config.data_root, info.test_split, download=config.download)
     digest = hashlib.sha1(weights).hexdigest()[:12]
     tag = data_tag_of(config.dataset, config.data_root, meta["mean"], meta["std"], (dataset,))
     key = f"{digest}-{meta['image_size']}px-{tag}"

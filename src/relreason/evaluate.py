@@ -725,9 +725,10 @@ class EvaluateConfig:
         if self.image_size is not None and self.image_size < 8:
             raise RelreasonError(f"--image-size must be >= 8, got {self.image_size}")
         check_seed(self.seed, "--seed")
-        if self.test_fraction is not None and not (isinstance(self.test_fraction, (int, float)) and
-                                                   not isinstance(self.test_fraction, bool) and 0 < self.test_fraction < 1):
-            raise RelreasonError(f"--test-fraction must lie in (0, 1), got {self.test_fraction!r}; pass e.g. 0.2")
+        if self.test_fraction is not None:
+            from relreason.data import check_test_fraction
+
+            check_test_fraction("folder", self.test_fraction)  # the range; the dataset is known once the run is read
         if "few_label" in protocols:
             check_label_fractions(self.label_fractions)
         if "finetune" in protocols:
@@ -841,20 +842,6 @@ def labelled_split(name: str, root: str, split: str, download: bool):
     return dataset
 
 
-def held_out_split(name: str, root: str, test_fraction: float):
-    """``--test-fraction``: train and test parts of one labelled image folder that has no train/ and test/."""
-    from relreason.data import dataset_info, has_split_dirs, split_image_folder
-
-    root_path = Path(root).expanduser()
-    if dataset_info(name).name != "folder":
-        raise RelreasonError(f"--test-fraction splits an image folder, and dataset '{name}' comes with its own test "
-                             "split; drop --test-fraction")
-    if has_split_dirs(root_path):
-        raise RelreasonError(f"image folder {root_path} already holds train/ and test/; drop --test-fraction to "
-                             "evaluate on them")
-    return split_image_folder(root_path, test_fraction)
-
-
 def load_matching_state(backbone: nn.Module, state: Mapping[str, torch.Tensor], weights: Path, name: str) -> None:
     """Load ``state`` into ``backbone``, or say in one line how far apart they are."""
     expected = backbone.state_dict()
@@ -912,7 +899,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     backbone is written beside the JSON (``<output stem>-retrieval-<label>.png``).
     """
     from relreason.backbones import build_backbone
-    from relreason.data import compute_normalization, dataset_info, eval_transform
+    from relreason.data import compute_normalization, dataset_info, eval_transform, held_out_part
     from relreason.protocols.finetune import finetune_milestones
     from relreason.train import resolve_device
 
@@ -946,8 +933,12 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
               "./data (pass --data-root to say where it is)", file=sys.stderr)
         recorded = None
     data_root = config.data_root or recorded or "data"
-    if config.test_fraction is not None:
-        train_set, test_set = held_out_split(dataset_name, data_root, config.test_fraction)
+    # The run's own held-out share when it was pretrained on part of this folder (and none was asked for).
+    test_fraction = config.test_fraction if config.test_fraction is not None else \
+        (meta.get("test_fraction") if own_data and not config.data_root else None)
+    if test_fraction is not None:
+        train_set = held_out_part(dataset_name, data_root, "train", test_fraction)
+        test_set = held_out_part(dataset_name, data_root, "test", test_fraction)
     else:
         train_set = labelled_split(dataset_name, data_root, info.train_split, config.download)
         test_set = labelled_split(dataset_name, data_root, info.test_split, config.download)
@@ -1026,7 +1017,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         "pretraining": {key: meta[key] for key in ("finished", "epochs_done", "stopped_by") if key in meta},
         "train_size": len(train_set),
         "test_size": len(test_set),
-        "test_fraction": config.test_fraction,  # None: the dataset's own test split
+        "test_fraction": test_fraction,  # None: the dataset's own test split
         "protocols": protocols,
         "settings": settings,
         "results": results,

@@ -43,8 +43,10 @@ from relreason.checkpoint import (
 from relreason.data import (
     ImageFolderDataset,
     MultiViewDataset,
+    check_test_fraction,
     compute_normalization,
     dataset_info,
+    held_out_part,
     load_dataset,
     read_skip_log,
     relational_augmentation,
@@ -111,6 +113,7 @@ class PretrainConfig:
     amp: str = "off"
     min_crop_scale: float = 0.08  # smallest random crop, as a fraction of the image area (the paper's 0.08)
     augment: str = "auto"  # tensor: batched on the device; pil: per-image torchvision; auto: tensor when possible
+    test_fraction: float | None = None  # a labelled folder: train on all but this held-out share of each class
     channels_last: bool = False
     compile: bool = False  # torch.compile the backbone and the batched colour jitter
     num_workers: int | None = None  # None: 0 on CPU (the cores train), up to 8 on CUDA
@@ -166,6 +169,7 @@ class PretrainConfig:
         if self.time_limit is not None and not self.time_limit > 0:
             raise RelreasonError(f"--time-limit must be > 0 minutes, got {self.time_limit}")
         build_loss(self.loss, self.focal_gamma, self.focal_alpha)
+        check_test_fraction(self.dataset, self.test_fraction)
         if dataset_info(self.dataset).name == "folder":
             images, output = Path(self.data_root).expanduser().resolve(), Path(self.output_dir).expanduser().resolve()
             if output == images or images in output.parents:
@@ -306,7 +310,10 @@ def build_pretrain_data(
     method = method_class(config.method)
     # Supervised pretraining needs the labelled split (STL-10's unlabelled split has none).
     split = info.train_split if method is not None and method.needs_labels else info.pretrain_split
-    dataset = load_dataset(config.dataset, config.data_root, split, download=config.download)
+    if config.test_fraction is not None:  # the rest of the folder is for evaluate alone
+        dataset = held_out_part(config.dataset, config.data_root, "train", config.test_fraction)
+    else:
+        dataset = load_dataset(config.dataset, config.data_root, split, download=config.download)
     image_size = config.image_size or info.image_size
     if info.mean is None:
         mean, std = compute_normalization(dataset)
@@ -457,6 +464,7 @@ def export_backbone(
         "stopped_by": stopped_by,
         "num_views": config.num_views,
         "seed": config.seed,
+        "test_fraction": config.test_fraction,  # evaluate holds the same share out by default
         **geometry,
     }
     atomic_write_json(run_dir / BACKBONE_META_NAME, meta)
@@ -627,7 +635,7 @@ def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, geometry
     saved = checkpoint.get("config", {})
     defaults = PretrainConfig()  # for options that checkpoints from older versions do not record
     shaping = ("method", "backbone", "dataset", "batch_size", "seed", "lr_schedule", "warmup_epochs", "online_probe",
-               "min_crop_scale")
+               "min_crop_scale", "test_fraction")
     if config.method == "relational":  # the relation head's options, its loss, and K shape only this method's runs
         shaping += ("aggregation", "head_hidden", "num_views", "loss")
         if config.loss == "focal":

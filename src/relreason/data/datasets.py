@@ -843,6 +843,27 @@ def _rank_in_class(paths: Sequence[str], seed: int) -> np.ndarray:
     return np.argsort(np.asarray(keys), kind="stable")
 
 
+def check_test_fraction(name: str, test_fraction: float | None) -> None:
+    """``--test-fraction`` needs a fraction in (0, 1) and an image folder (named datasets have a test split)."""
+    if test_fraction is None:
+        return
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
+        raise RelreasonError(f"--test-fraction must lie in (0, 1), got {test_fraction!r}; pass e.g. 0.2")
+    if dataset_info(name).name != "folder":
+        raise RelreasonError(f"--test-fraction splits an image folder, and dataset '{name}' comes with its own test "
+                             "split; drop --test-fraction")
+
+
+def held_out_part(name: str, root: str | os.PathLike, split: str, test_fraction: float) -> ImageFolderDataset:
+    """The ``train`` or ``test`` part of a labelled folder split by ``--test-fraction`` (see :func:`split_image_folder`)."""
+    check_test_fraction(name, test_fraction)
+    if has_split_dirs(root):
+        raise RelreasonError(f"image folder {Path(root).expanduser()} already holds train/ and test/ (or val/); drop "
+                             "--test-fraction to use them")
+    train, test = split_image_folder(root, test_fraction)
+    return train if split == "train" else test
+
+
 def split_image_folder(
     root: str | os.PathLike, test_fraction: float, seed: int = 0
 ) -> tuple[ImageFolderDataset, ImageFolderDataset]:
