@@ -650,6 +650,18 @@ def test_pretraining_with_a_test_fraction_never_sees_the_images_evaluate_holds_o
     assert (result["train_size"], result["test_size"], result["test_fraction"]) == (12, 4, 0.25)
     held_out = {str(p) for p in split_image_folder(images, 0.25)[1].paths}
     assert len(held_out) == 4
+    assert not result["test_images_seen_in_pretraining"]
+    # A training checkpoint, and the run's folder named explicitly, hold the same share out.
+    checkpoint = sorted(run.glob("checkpoint-*.pt"))[-1]
+    for extra in (["--weights", str(checkpoint)], ["--run-dir", str(run), "--data-root", str(images)]):
+        assert evaluate_args(*extra, "--output", str(tmp_path / "again.json")) == 0
+        again = json.loads((tmp_path / "again.json").read_text())
+        assert (again["train_size"], again["test_size"], again["test_fraction"]) == (12, 4, 0.25)
+    capsys.readouterr()
+    # A larger share than the run's reaches into images it trained on: allowed, said, and recorded.
+    assert evaluate_args("--run-dir", str(run), "--test-fraction", "0.5", "--output", str(tmp_path / "more.json")) == 0
+    assert "the backbone was pretrained on part of the images --test-fraction 0.5 holds out" in capsys.readouterr().err
+    assert json.loads((tmp_path / "more.json").read_text())["test_images_seen_in_pretraining"] is True
     with pytest.raises(RelreasonError, match="test_fraction: checkpoint 0.25 vs now 0.5"):
         from relreason.train import PretrainConfig, pretrain
 
@@ -684,3 +696,5 @@ def test_compare_holds_the_same_share_out_of_every_run(tmp_path):
     for method in ("relational", "supervised"):
         result = json.loads((output / f"{method}-seed1" / "evaluation.json").read_text())
         assert (result["train_size"], result["test_size"], result["test_fraction"]) == (40, 10, 0.2)
+        assert not result["test_images_seen_in_pretraining"]
+        assert json.loads((output / f"{method}-seed1" / "backbone.json").read_text())["test_fraction"] == 0.2

@@ -107,7 +107,7 @@ def add_evaluate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-fraction", type=float,
                         help="for an image folder with class subfolders but no train/ and test/: hold out this share "
                         "of each class as the test set, chosen by each file's own path (a file keeps its side as "
-                        "others come and go) [off]")
+                        "others come and go) [the share the run was pretrained without, on its own folder; else off]")
     parser.add_argument("--image-size", type=int, help="image side in pixels [the one pretrained at]")
     parser.add_argument("--protocols", nargs="+", choices=ALL_PROTOCOLS,
                         help="linear, linear_converged, knn: frozen features; finetune: the backbone trained too; "

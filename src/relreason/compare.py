@@ -176,7 +176,7 @@ def summarise(values: list[float]) -> dict[str, float]:
 
 def run_compare(config: CompareConfig) -> dict[str, Any]:
     """Train and evaluate every method x seed; write compare.json, compare.md and the plots; return the summary."""
-    from relreason.data import dataset_info, held_out_part
+    from relreason.data import dataset_info, held_out_split
     from relreason.evaluate import EvaluateConfig, labelled_split, run_evaluation
     from relreason.train import pretrain
 
@@ -188,10 +188,10 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
                        seed=seed, device=config.device).validate()
     check_existing_runs(config)
     info = dataset_info(config.dataset)
-    for split in (info.train_split, info.test_split):  # evaluation will need both, labelled
-        if config.test_fraction is not None:
-            held_out_part(config.dataset, config.data_root, split, config.test_fraction)
-        else:
+    if config.test_fraction is not None:  # evaluation will need both splits, labelled
+        held_out_split(config.dataset, config.data_root, config.test_fraction)
+    else:
+        for split in (info.train_split, info.test_split):
             labelled_split(config.dataset, config.data_root, split, config.download)
     output = Path(config.output_dir)
     runs: list[dict[str, Any]] = []
@@ -334,7 +334,7 @@ def _device(name: str) -> torch.device:
 
 def _test_features_source(run_dir: Path, config: CompareConfig):
     from relreason.backbones import build_backbone
-    from relreason.data import dataset_info, eval_transform, held_out_part, load_dataset
+    from relreason.data import dataset_info, eval_transform, held_out_split, load_dataset
     from relreason.evaluate import data_tag_of
 
     meta = json.loads((run_dir / "backbone.json").read_text())
@@ -343,7 +343,7 @@ def _test_features_source(run_dir: Path, config: CompareConfig):
     backbone.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True))
     info = dataset_info(config.dataset)
     if config.test_fraction is not None:
-        dataset = held_out_part(config.dataset, config.data_root, "test", config.test_fraction)
+        dataset = held_out_split(config.dataset, config.data_root, config.test_fraction)[1]
     else:
         dataset = load_dataset(config.dataset, config.data_root, info.test_split, download=config.download)
     digest = hashlib.sha1(weights).hexdigest()[:12]

@@ -755,7 +755,7 @@ def _load_backbone_source(config: EvaluateConfig) -> tuple[Path, dict[str, Any],
     if is_checkpoint_path(weights):
         checkpoint = load_checkpoint(weights)
         saved = checkpoint.get("config", {})
-        meta = {key: saved[key] for key in ("backbone", "dataset", "data_root") if key in saved}
+        meta = {key: saved[key] for key in ("backbone", "dataset", "data_root", "test_fraction") if key in saved}
         meta |= checkpoint.get("geometry", {})
         state = checkpoint["backbone"]
     else:
@@ -842,6 +842,10 @@ def labelled_split(name: str, root: str, split: str, download: bool):
     return dataset
 
 
+def _same_path(a: str, b: str) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
 def load_matching_state(backbone: nn.Module, state: Mapping[str, torch.Tensor], weights: Path, name: str) -> None:
     """Load ``state`` into ``backbone``, or say in one line how far apart they are."""
     expected = backbone.state_dict()
@@ -899,7 +903,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     backbone is written beside the JSON (``<output stem>-retrieval-<label>.png``).
     """
     from relreason.backbones import build_backbone
-    from relreason.data import compute_normalization, dataset_info, eval_transform, held_out_part
+    from relreason.data import compute_normalization, dataset_info, eval_transform, held_out_split
     from relreason.protocols.finetune import finetune_milestones
     from relreason.train import resolve_device
 
@@ -933,12 +937,19 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
               "./data (pass --data-root to say where it is)", file=sys.stderr)
         recorded = None
     data_root = config.data_root or recorded or "data"
-    # The run's own held-out share when it was pretrained on part of this folder (and none was asked for).
-    test_fraction = config.test_fraction if config.test_fraction is not None else \
-        (meta.get("test_fraction") if own_data and not config.data_root else None)
+    # The run's own held-out share when it was pretrained on part of this very folder (and none was asked for).
+    same_folder = own_data and (not config.data_root or (recorded is not None and _same_path(config.data_root, recorded)))
+    pretrained_share = meta.get("test_fraction") if same_folder else None
+    test_fraction = config.test_fraction if config.test_fraction is not None else pretrained_share
+    seen = bool(same_folder and info.name == "folder" and config.test_fraction is not None
+                and (pretrained_share is None or config.test_fraction > pretrained_share))
     if test_fraction is not None:
-        train_set = held_out_part(dataset_name, data_root, "train", test_fraction)
-        test_set = held_out_part(dataset_name, data_root, "test", test_fraction)
+        train_set, test_set = held_out_split(dataset_name, data_root, test_fraction)
+        if seen:
+            print(f"relreason: warning: the backbone was pretrained on {'all' if pretrained_share is None else 'part'} of "
+                  f"the images --test-fraction {config.test_fraction:g} holds out of {data_root} (its own share: "
+                  f"{pretrained_share}); pretrain with --test-fraction {config.test_fraction:g} for a test set it never saw",
+                  file=sys.stderr)
     else:
         train_set = labelled_split(dataset_name, data_root, info.train_split, config.download)
         test_set = labelled_split(dataset_name, data_root, info.test_split, config.download)
@@ -1018,6 +1029,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         "train_size": len(train_set),
         "test_size": len(test_set),
         "test_fraction": test_fraction,  # None: the dataset's own test split
+        "test_images_seen_in_pretraining": seen,
         "protocols": protocols,
         "settings": settings,
         "results": results,

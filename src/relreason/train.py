@@ -46,7 +46,7 @@ from relreason.data import (
     check_test_fraction,
     compute_normalization,
     dataset_info,
-    held_out_part,
+    held_out_split,
     load_dataset,
     read_skip_log,
     relational_augmentation,
@@ -311,7 +311,7 @@ def build_pretrain_data(
     # Supervised pretraining needs the labelled split (STL-10's unlabelled split has none).
     split = info.train_split if method is not None and method.needs_labels else info.pretrain_split
     if config.test_fraction is not None:  # the rest of the folder is for evaluate alone
-        dataset = held_out_part(config.dataset, config.data_root, "train", config.test_fraction)
+        dataset = held_out_split(config.dataset, config.data_root, config.test_fraction)[0]
     else:
         dataset = load_dataset(config.dataset, config.data_root, split, download=config.download)
     image_size = config.image_size or info.image_size

@@ -854,14 +854,16 @@ def check_test_fraction(name: str, test_fraction: float | None) -> None:
                              "split; drop --test-fraction")
 
 
-def held_out_part(name: str, root: str | os.PathLike, split: str, test_fraction: float) -> ImageFolderDataset:
-    """The ``train`` or ``test`` part of a labelled folder split by ``--test-fraction`` (see :func:`split_image_folder`)."""
+def held_out_split(
+    name: str, root: str | os.PathLike, test_fraction: float
+) -> tuple[ImageFolderDataset, ImageFolderDataset]:
+    """The train and test parts of a labelled folder split by ``--test-fraction`` (see :func:`split_image_folder`),
+    from one scan of the folder."""
     check_test_fraction(name, test_fraction)
     if has_split_dirs(root):
         raise RelreasonError(f"image folder {Path(root).expanduser()} already holds train/ and test/ (or val/); drop "
                              "--test-fraction to use them")
-    train, test = split_image_folder(root, test_fraction)
-    return train if split == "train" else test
+    return split_image_folder(root, test_fraction)
 
 
 def split_image_folder(
