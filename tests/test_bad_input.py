@@ -26,6 +26,8 @@ PRETRAIN_CASES = [
     ("unknown dataset", ["--dataset", "imagenet-99"], "unknown dataset"),
     ("unknown backbone", ["--backbone", "vgg99"], "unknown backbone 'vgg99'"),
     ("backbone factory not importable", ["--backbone", "no_such_module:make"], "cannot load backbone factory"),
+    ("backbone factory returning no module", ["--backbone", "builtins:dict"],
+     "backbone factory 'builtins:dict' returned dict, not a torch.nn.Module; make it return the backbone module"),
     ("unknown loss", ["--loss", "hinge"], "invalid choice: 'hinge'"),
     ("unknown aggregation", ["--aggregation", "product"], "invalid choice: 'product'"),
     ("unknown AMP mode", ["--amp", "fp8"], "invalid choice: 'fp8'"),

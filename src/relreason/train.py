@@ -506,9 +506,9 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
         check_every_image_labelled(dataset, config.dataset)  # before the output folder exists
     if method_type is None:
         check_no_other_run(Path(config.output_dir))  # before anything in that folder is touched
-    run_dir = prepare_output_dir(config, context)
     num_classes = num_classes_of(dataset)
-    method = build_model(config, geometry["image_size"], num_classes)
+    method = build_model(config, geometry["image_size"], num_classes)  # a broken backbone factory fails here,
+    run_dir = prepare_output_dir(config, context)  # before the output folder exists
     if method is None:  # 'random': the lower bound is the initialisation itself
         backbone = build_backbone(config.backbone, image_size=geometry["image_size"])
         if context.is_main:

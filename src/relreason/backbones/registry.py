@@ -78,7 +78,8 @@ def build_backbone(name: str, image_size: int = 32, **kwargs) -> nn.Module:
         factory = BACKBONES[name]
     backbone = factory(**kwargs)
     if not isinstance(backbone, nn.Module):
-        raise RelreasonError(f"backbone factory '{name}' returned {type(backbone).__name__}, not a torch.nn.Module")
+        raise RelreasonError(f"backbone factory '{name}' returned {type(backbone).__name__}, not a torch.nn.Module; "
+                             "make it return the backbone module")
     if getattr(backbone, "feature_dim", None) is None:
         backbone.feature_dim = infer_feature_dim(backbone, image_size)
     return backbone
