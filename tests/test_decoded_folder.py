@@ -208,3 +208,11 @@ def test_a_folder_run_resumes_only_on_the_augmentation_path_it_started_on(tmp_pa
         pretrain(PretrainConfig(augment="auto", epochs=2, **common))  # auto takes the per-file path for a folder
     assert pretrain(PretrainConfig(augment="tensor", epochs=2, **common)).epochs_done == 2
     assert json.loads((tmp_path / "run" / "backbone.json").read_text())["augment"] == "tensor"
+
+
+def test_decoding_shows_a_progress_bar_when_asked(tmp_path, capsys):
+    _write_mixed_folder(tmp_path / "imgs")
+    DecodedImageFolder(ImageFolderDataset(tmp_path / "imgs"), 8)
+    assert "decoding images" not in capsys.readouterr().err
+    DecodedImageFolder(ImageFolderDataset(tmp_path / "imgs"), 8, progress=True)
+    assert "decoding images" in capsys.readouterr().err

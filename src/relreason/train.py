@@ -325,7 +325,8 @@ def build_pretrain_data(
         if method is None:  # 'random' makes no views: nothing to decode
             batched = False
         else:
-            dataset = DecodedImageFolder(dataset, image_size)
+            # Under torchrun every process decodes its own copy; process 0 alone shows how far it is.
+            dataset = DecodedImageFolder(dataset, image_size, progress=config.progress and os.environ.get("RANK", "0") == "0")
     geometry = {"image_size": image_size, "mean": [float(m) for m in mean], "std": [float(s) for s in std],
                 "augment": "tensor" if batched else "pil"}  # the path taken, which 'auto' does not say
     if batched:

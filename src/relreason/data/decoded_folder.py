@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
+from tqdm import tqdm
 
 from relreason.data.datasets import ArrayImageDataset, ImageFolderDataset
 from relreason.errors import RelreasonError, format_bytes
@@ -91,7 +92,9 @@ class DecodedImageFolder(ArrayImageDataset):
     and the result do not depend on their number.
     """
 
-    def __init__(self, folder: ImageFolderDataset, image_size: int, threads: int | None = None) -> None:
+    def __init__(
+        self, folder: ImageFolderDataset, image_size: int, threads: int | None = None, progress: bool = False
+    ) -> None:
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise RelreasonError(f"image size must be a positive integer, got {image_size!r}; pass e.g. 32")
         n = len(folder)
@@ -118,7 +121,10 @@ class DecodedImageFolder(ArrayImageDataset):
 
         workers = threads if threads is not None else min(8, os.cpu_count() or 1)
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            list(pool.map(decode, range(n)))  # list(): re-raises a worker's exception here
+            # Consumed here, so a worker's exception is raised here; a bar, as a large folder takes minutes.
+            for _ in tqdm(pool.map(decode, range(n)), total=n, desc="decoding images", unit="image",
+                          disable=not progress, leave=False, dynamic_ncols=True):
+                pass
         grey = bool((images[..., 0] == images[..., 1]).all() and (images[..., 0] == images[..., 2]).all())
         if grey:  # a third of the memory, and the batched augmentation works on the one channel
             images = np.ascontiguousarray(images[..., 0])
