@@ -931,7 +931,9 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     # The pretraining run's --data-root when the data is the run's own, so its "evaluate with" line just works.
     own_data = _same_dataset(dataset_name, meta.get("dataset"))  # names as typed: fashion_mnist is fashion-mnist
     recorded = meta.get("data_root") if own_data else None
-    if recorded and info.name != "folder" and not Path(recorded).exists() and not config.data_root:
+    # (A folder must be found where it was; digits reads no files; ./data itself needs no note.)
+    if (recorded and info.name not in ("folder", "digits") and not Path(recorded).exists() and not config.data_root
+            and not _same_path(recorded, "data")):
         # A run folder copied from another machine: its dataset is looked for here, in ./data.
         print(f"relreason: note: the run's data root {recorded} does not exist here; looking for {dataset_name} in "
               "./data (pass --data-root to say where it is)", file=sys.stderr)
