@@ -183,6 +183,8 @@ def test_evaluate_finds_a_runs_relative_data_root_from_another_folder(tmp_path, 
     monkeypatch.chdir(tmp_path)
     assert main(["evaluate", "--run-dir", "work/run", "--protocols", "knn", "--no-random-baseline"]) == 0
     assert "knn" in capsys.readouterr().out
+    checkpoint = sorted((tmp_path / "work" / "run").glob("checkpoint-*.pt"))[-1]  # a checkpoint records it too
+    assert main(["evaluate", "--weights", str(checkpoint), "--protocols", "knn", "--no-random-baseline"]) == 0
 
 
 @pytest.mark.parametrize("command, says", [

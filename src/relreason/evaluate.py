@@ -756,6 +756,8 @@ def _load_backbone_source(config: EvaluateConfig) -> tuple[Path, dict[str, Any],
         checkpoint = load_checkpoint(weights)
         saved = checkpoint.get("config", {})
         meta = {key: saved[key] for key in ("backbone", "dataset", "data_root", "test_fraction") if key in saved}
+        if checkpoint.get("data_root"):  # absolute (older checkpoints: as typed, relative to where pretrain ran)
+            meta["data_root"] = checkpoint["data_root"]
         meta |= checkpoint.get("geometry", {})
         state = checkpoint["backbone"]
     else:

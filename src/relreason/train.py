@@ -439,6 +439,11 @@ def build_model(config: PretrainConfig, image_size: int, num_classes: int | None
     return method(backbone, backbone.feature_dim)
 
 
+def absolute_data_root(config: PretrainConfig) -> str | None:
+    """The data root as an absolute path: `evaluate` finds the data from any working folder."""
+    return str(Path(config.data_root).expanduser().resolve()) if config.data_root else None
+
+
 def export_backbone(
     run_dir: Path,
     backbone: nn.Module,
@@ -456,8 +461,7 @@ def export_backbone(
         "method": config.method,
         "feature_dim": backbone.feature_dim,
         "dataset": config.dataset,
-        # Absolute: `evaluate --run-dir` finds the data from any working folder.
-        "data_root": str(Path(config.data_root).expanduser().resolve()) if config.data_root else None,
+        "data_root": absolute_data_root(config),
         "epochs": position.epoch,
         "epochs_done": position.epochs_done,
         "train_seconds": position.past_seconds + position.seconds,
@@ -719,6 +723,7 @@ class CheckpointSaver:
             "epoch": position.epoch,
             "position": dataclasses.asdict(position),
             "config": dataclasses.asdict(self.config),
+            "data_root": absolute_data_root(self.config),  # for `evaluate --weights` on this checkpoint
             "geometry": self.geometry,
             "rng": rng_state(self.device),
         }
