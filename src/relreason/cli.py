@@ -299,7 +299,7 @@ def _config_from(args: argparse.Namespace, config_class: type) -> Any:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    from relreason.data import ImageFolderDataset, dataset_info, has_split_dirs
+    from relreason.data import dataset_info, has_split_dirs
     from relreason.train import PretrainConfig, pretrain
 
     config = _config_from(args, PretrainConfig)
@@ -313,9 +313,9 @@ def run_pretrain(args: argparse.Namespace) -> int:
     evaluate = f"relreason evaluate --run-dir {result.run_dir}"
     if (dataset_info(config.dataset).name == "folder" and config.test_fraction is None
             and not has_split_dirs(config.data_root or ".")):
-        # Evaluation needs labelled train and test images, which a pretraining folder need not hold.
-        # A scan of names: a labelled folder's classes can be split, unless the labels were trained on.
-        if config.method != "supervised" and ImageFolderDataset(config.data_root or ".").labels is not None:
+        # Evaluation needs labelled train and test images, which a pretraining folder need not hold. A labelled
+        # folder's classes can be split, unless the labels were trained on.
+        if config.method != "supervised" and result.num_classes is not None:
             evaluate += " --test-fraction 0.2 (its held-out images were seen, unlabelled, in pretraining)"
         else:
             evaluate += " --data-root DIR (DIR: train/ and test/, each with one subfolder per class)"

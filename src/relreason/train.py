@@ -189,6 +189,7 @@ class PretrainResult:
     stopped_early: bool  # by --time-limit or SIGTERM, with a checkpoint at the step it stopped
     model: PretrainMethod | nn.Module  # the trained method (its .backbone); the bare backbone for 'random'
     preempted: bool = False  # stopped by SIGTERM rather than by --time-limit
+    num_classes: int | None = None  # of the pretraining images; None when they have no labels
 
 
 def resolve_device(name: str) -> torch.device:
@@ -520,7 +521,7 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
             export_backbone(run_dir, backbone, config, geometry, TrainingPosition())
             log("method 'random': exported the randomly initialised backbone without training", context)
         barrier(context)
-        return PretrainResult(run_dir, 0, [], False, backbone)
+        return PretrainResult(run_dir, 0, [], False, backbone, num_classes=num_classes)
     if isinstance(dataset.dataset, (ImageFolderDataset, DecodedImageFolder)):
         dataset.dataset.log_skips_to(run_dir / SKIPPED_IMAGES_NAME)  # unreadable files are listed, not fatal
     if method.needs_labels:
@@ -609,7 +610,7 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
     barrier(context)
     history = metrics.read() if context.is_main else []
     return PretrainResult(
-        run_dir, position.epoch, history, stopped_early, model.method, stopped_early and stop.signalled
+        run_dir, position.epoch, history, stopped_early, model.method, stopped_early and stop.signalled, num_classes
     )
 
 
@@ -650,11 +651,12 @@ def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, geometry
     recorded = {k: saved.get(k, getattr(defaults, k)) for k in shaping}
     mismatched = {k: (v, getattr(config, k)) for k, v in recorded.items() if v != getattr(config, k)}
     # The size the run trains at, not the option: no --image-size and the dataset's own size are the same run.
-    saved_size = checkpoint.get("geometry", {}).get("image_size", geometry["image_size"])
+    saved_geometry = checkpoint.get("geometry", {})
+    saved_size = saved_geometry.get("image_size", geometry["image_size"])
     if saved_size != geometry["image_size"]:
         mismatched["image_size"] = (saved_size, geometry["image_size"])
     # A folder's views differ in kind between the paths (crops of the original files or of the decoded square).
-    saved_path, path_now = checkpoint.get("geometry", {}).get("augment"), geometry.get("augment")
+    saved_path, path_now = saved_geometry.get("augment"), geometry.get("augment")
     if dataset_info(config.dataset).name == "folder" and None not in (saved_path, path_now) and saved_path != path_now:
         mismatched["augment"] = (saved_path, path_now)
     if mismatched:
@@ -662,7 +664,6 @@ def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, geometry
         raise RelreasonError(f"cannot resume {path}: options differ ({detail}); rerun with the original options")
     # Same statistics, same images: a folder moved elsewhere resumes, another folder (or one whose files
     # changed) does not, as its views would be normalised unlike the weights' first epochs.
-    saved_geometry = checkpoint.get("geometry", {})
     for key in ("mean", "std"):
         before, now = saved_geometry.get(key), geometry[key]
         if before is not None and not np.allclose(before, now, rtol=1e-6, atol=1e-9):

@@ -17,7 +17,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -782,13 +782,18 @@ _READERS: dict[str, Callable[[dict[str, Path], str], Dataset]] = {
 }
 
 
+def _held_out_count(test_fraction: float, class_size: int) -> int:
+    """How many of a class's images a split holds out: the fraction of them, rounded half up."""
+    return int(np.floor(test_fraction * class_size + 0.5))
+
+
 def stratified_split(labels: np.ndarray, test_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Stratified, seeded train/test index split (sorted indices): ``test_fraction`` of each class, rounded."""
     perm = np.random.default_rng(seed).permutation(labels.shape[0])
     test: list[np.ndarray] = []
     for c in np.unique(labels):
         members = perm[labels[perm] == c]
-        test.append(members[: int(np.floor(test_fraction * members.shape[0] + 0.5))])
+        test.append(members[: _held_out_count(test_fraction, members.shape[0])])
     test_idx = np.sort(np.concatenate(test))
     mask = np.ones(labels.shape[0], dtype=bool)
     mask[test_idx] = False
@@ -843,12 +848,16 @@ def _rank_in_class(paths: Sequence[str], seed: int) -> np.ndarray:
     return np.argsort(np.asarray(keys), kind="stable")
 
 
+def _check_fraction_range(test_fraction: Any) -> None:
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
+        raise RelreasonError(f"--test-fraction must lie in (0, 1), got {test_fraction!r}; pass e.g. 0.2")
+
+
 def check_test_fraction(name: str, test_fraction: float | None) -> None:
     """``--test-fraction`` needs a fraction in (0, 1) and an image folder (named datasets have a test split)."""
     if test_fraction is None:
         return
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
-        raise RelreasonError(f"--test-fraction must lie in (0, 1), got {test_fraction!r}; pass e.g. 0.2")
+    _check_fraction_range(test_fraction)
     if dataset_info(name).name != "folder":
         raise RelreasonError(f"--test-fraction splits an image folder, and dataset '{name}' comes with its own test "
                              "split; drop --test-fraction")
@@ -876,8 +885,7 @@ def split_image_folder(
     ``root``, so a file keeps its side when others are added or removed (at most one file per changed class
     crosses, where the rounded count moves) and when the folder is moved.
     """
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
-        raise RelreasonError(f"--test-fraction must lie in (0, 1), got {test_fraction!r}; pass e.g. 0.2")
+    _check_fraction_range(test_fraction)
     folder = ImageFolderDataset(root)
     if folder.labels is None:
         raise RelreasonError(
@@ -890,7 +898,7 @@ def split_image_folder(
         members = np.flatnonzero(folder.labels == label)
         if len(members) == 0:
             continue
-        held_out = int(np.floor(test_fraction * len(members) + 0.5))
+        held_out = _held_out_count(test_fraction, len(members))
         if held_out >= len(members):
             raise RelreasonError(
                 f"--test-fraction {test_fraction:g} of class '{name}' ({len(members)} image(s)) leaves none of it to "

@@ -16,11 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torchvision.transforms.functional as TF
-from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
 
 from relreason.data.datasets import ArrayImageDataset, ImageFolderDataset
+from relreason.data.transforms import square_crop
 from relreason.errors import RelreasonError, format_bytes
 
 __all__ = ["DecodedImageFolder", "available_memory_bytes"]
@@ -114,10 +113,11 @@ class DecodedImageFolder(ArrayImageDataset):
         images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
         labels = np.full(n, -1, dtype=np.int64)
 
+        square = square_crop(image_size)
+
         def decode(index: int) -> None:
             image, labels[index] = folder[index]
-            image = TF.resize(image, image_size, interpolation=InterpolationMode.BILINEAR)
-            images[index] = np.asarray(TF.center_crop(image, image_size))
+            images[index] = np.asarray(square(image))
 
         workers = threads if threads is not None else min(8, os.cpu_count() or 1)
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -130,8 +130,11 @@ class DecodedImageFolder(ArrayImageDataset):
             images = np.ascontiguousarray(images[..., 0])
         super().__init__(images, labels if folder.labels is not None else None, folder.classes)
         self.folder = folder
-        self.root: Path = folder.root
         self.decode_seconds = time.perf_counter() - start
+
+    @property
+    def root(self) -> Path:
+        return self.folder.root
 
     @property
     def skipped(self) -> dict[str, str]:

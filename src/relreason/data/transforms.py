@@ -68,14 +68,13 @@ def relational_augmentation(
     )
 
 
+def square_crop(image_size: int) -> T.Compose:
+    """Resize the short side to ``image_size`` and centre-crop a square: how evaluation sees an image (and
+    how an image folder is decoded for the batched augmentation)."""
+    return T.Compose([T.Resize(image_size, interpolation=InterpolationMode.BILINEAR), T.CenterCrop(image_size)])
+
+
 def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
     """Deterministic transform: resize the short side, centre-crop, ToTensor, Normalize."""
     mean_t, std_t = check_normalization(image_size, mean, std)
-    return T.Compose(
-        [
-            T.Resize(image_size, interpolation=InterpolationMode.BILINEAR),
-            T.CenterCrop(image_size),
-            T.ToTensor(),
-            T.Normalize(mean_t, std_t),
-        ]
-    )
+    return T.Compose([*square_crop(image_size).transforms, T.ToTensor(), T.Normalize(mean_t, std_t)])
