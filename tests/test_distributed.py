@@ -109,6 +109,13 @@ def test_ranks_stop_after_the_same_step_when_one_rank_reaches_the_time_limit(ima
     assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
 
 
+def test_pretrain_ends_the_process_group_it_made_and_keeps_a_callers(ddp_run, images, tmp_path):
+    _, output, _ = ddp_run
+    assert [(output / f"rank{r}-process-group.txt").read_text() for r in range(WORLD_SIZE)] == ["False"] * WORLD_SIZE
+    run_workers(images, tmp_path, "own-process-group")
+    assert [(tmp_path / f"rank{r}-process-group.txt").read_text() for r in range(WORLD_SIZE)] == ["2"] * WORLD_SIZE
+
+
 def test_a_run_stopped_on_one_rank_resumes_to_the_same_weights_and_epoch_metrics(ddp_run, tmp_path):
     """SIGTERM on rank 1 alone in step 2 of 3: both ranks checkpoint there; the rerun ends where the run
     that was never stopped ended, with the same epoch records (each rank's running sums were kept)."""

@@ -218,7 +218,7 @@ def tiny_image_dataset(n: int = 10):
     ]
 
 
-def test_extract_features_shapes_modes_and_cache(tmp_path):
+def test_extract_features_shapes_modes_and_cache(tmp_path, capsys):
     torch.manual_seed(0)
     net = TinyNet()
     net.bn.running_mean.fill_(0.3)  # non-default stats, so eval-mode output is distinctive
@@ -246,8 +246,11 @@ def test_extract_features_shapes_modes_and_cache(tmp_path):
     cached_feats, cached_labels = extract_features(ExplodingNet(), data, ToTensor(), cache_path=cache)
     assert torch.equal(cached_feats, feats) and torch.equal(cached_labels, labels)
 
-    with pytest.raises(RelreasonError, match="stale"):
-        extract_features(ExplodingNet(), data[:7], ToTensor(), cache_path=cache)
+    # A dataset of another length under the same cache path: the cache is stale and made again.
+    fewer, fewer_labels = extract_features(net, data[:7], ToTensor(), cache_path=cache)
+    assert "holds 10 items but the dataset has 7 now" in capsys.readouterr().err
+    assert torch.allclose(fewer, feats[:7], atol=1e-6) and torch.equal(fewer_labels, labels[:7])
+    assert torch.equal(extract_features(ExplodingNet(), data[:7], ToTensor(), cache_path=cache)[0], fewer)
 
 
 def test_extract_features_restores_eval_mode_and_needs_tensor_transform():

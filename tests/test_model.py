@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from loop_reference import loop_step
-from relreason import RelationalReasoning, RelationHead, RelreasonError
+from relreason import RelationalReasoning, RelationHead, RelreasonError, relation_pair_indices
 from relreason.backbones import Conv4
 
 
@@ -83,3 +83,25 @@ def test_bad_views_are_refused():
         model([torch.randn(4, 3, 32, 32), torch.randn(3, 3, 32, 32)])
     with pytest.raises(RelreasonError, match="batch of 1"):
         model([torch.randn(1, 3, 32, 32), torch.randn(1, 3, 32, 32)])
+
+
+@pytest.mark.parametrize("factorised", [True, False])
+def test_training_after_scoring_under_inference_mode(factorised):
+    # The pair indices are cached per (K, B, device): those first made under inference_mode must still be
+    # usable (saved for backward) by every later training step.
+    from relreason.pairing import _cached_pair_indices
+
+    _cached_pair_indices.cache_clear()
+    torch.manual_seed(2)
+    model = RelationalReasoning(small_backbone(), factorised_head=factorised)
+    views = [torch.randn(3, 3, 8, 8) for _ in range(3)]
+    model.eval()
+    with torch.inference_mode():
+        model(views)
+    model.train()
+    model(views).loss.backward()
+    assert all(p.grad is not None for p in model.relation_head.parameters())
+    features = torch.randn(9, 6, requires_grad=True)
+    scores = model.relation_head.score_pairs(features, *relation_pair_indices(3, 3)[:2], stream_tail=True)
+    scores.sum().backward()
+    assert features.grad is not None

@@ -426,3 +426,12 @@ def test_label_fractions_that_would_share_a_result_key_are_refused():
     assert check_label_fractions([0.1, 0.25]) == (0.1, 0.25)
     with pytest.raises(RelreasonError, match="too close to tell apart"):
         check_label_fractions([0.1, 0.1000001])
+
+
+def test_precise_float_is_float32_only_on_mps():
+    # Apple's MPS has no float64: the metric sums, the converged probe and retrieval use float32 there.
+    from relreason.protocols._common import precise_float
+
+    assert precise_float("cpu") == torch.float64
+    assert precise_float(torch.device("cuda", 1)) == torch.float64
+    assert precise_float("mps") == torch.float32

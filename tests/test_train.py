@@ -77,6 +77,24 @@ def test_time_limit_exports_current_backbone_and_checkpoints_the_step(tmp_path):
     assert [p.name for p in list_checkpoints(result.run_dir)] == ["checkpoint-e0000-s0000001.pt"]
 
 
+def test_time_limit_counts_the_setup_too(tmp_path, monkeypatch):
+    # Data that takes 1.5 s to prepare (a large folder decoded) under a 1.2 s limit: one step, then stop.
+    import time
+
+    from relreason import train
+
+    real = train.build_pretrain_data
+
+    def slow(*args, **kwargs):
+        time.sleep(1.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "build_pretrain_data", slow)
+    result = pretrain(config(tmp_path, time_limit=0.02))
+    assert result.stopped_early
+    assert [p.name for p in list_checkpoints(result.run_dir)] == ["checkpoint-e0000-s0000001.pt"]
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     NanAfter.calls = 0
     monkeypatch.setattr("relreason.backbones.registry.BACKBONES", {"nan-after": NanAfter})
@@ -105,6 +123,17 @@ def test_resume_refuses_another_objective_or_crop(tmp_path, first, then, message
     pretrain(config(tmp_path, **first))
     with pytest.raises(RelreasonError, match=re.escape(message)):
         pretrain(config(tmp_path, epochs=2, **then))
+
+
+def test_resume_takes_a_dataset_name_as_typed_otherwise(tmp_path):
+    from relreason.train import check_resumable
+
+    geometry = {"image_size": 32, "mean": [0.3] * 3, "std": [0.4] * 3, "augment": "tensor"}
+    saved = PretrainConfig(dataset="fashion-mnist")
+    checkpoint = {"config": saved.__dict__, "geometry": geometry}
+    check_resumable(checkpoint, PretrainConfig(dataset="Fashion_MNIST"), geometry, tmp_path / "c.pt")
+    with pytest.raises(RelreasonError, match="dataset: checkpoint 'fashion-mnist' vs now 'mnist'"):
+        check_resumable(checkpoint, PretrainConfig(dataset="mnist"), geometry, tmp_path / "c.pt")
 
 
 def _write_digit_pngs(root: Path, start: int, count: int) -> None:
@@ -469,3 +498,29 @@ def test_a_later_checkpoint_that_could_not_be_read_once_survives_the_next_save(t
     stop_at_step(monkeypatch, 1)
     pretrain(config(tmp_path, epochs=2, checkpoint_every=10))  # resumes from e0001-s20, stops at s21
     assert newest in list_checkpoints(tmp_path / "run")  # the finished epoch's checkpoint is not deleted
+
+
+@pytest.mark.parametrize("set_from_python", [True, False])
+def test_sigterm_handler_is_given_back_after_training(set_from_python):
+    import signal
+
+    from relreason.train import StopRequest
+
+    def mine(signum, frame):
+        pass
+
+    original = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, mine)
+        request = StopRequest.install()
+        assert signal.getsignal(signal.SIGTERM) == request._handle
+        if not set_from_python:
+            request.previous = None  # what signal.signal answers for a handler set outside Python
+        request.uninstall()
+        expected = mine if set_from_python else signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) == expected
+        signal.signal(signal.SIGTERM, mine)
+        request.uninstall()  # a second call changes nothing
+        assert signal.getsignal(signal.SIGTERM) == mine
+    finally:
+        signal.signal(signal.SIGTERM, original)

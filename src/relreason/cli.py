@@ -77,7 +77,7 @@ def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--amp", choices=AMP_MODES, help=f"mixed precision: bf16 or fp16 autocast [{d.amp}]")
     _bool_flag(optim, "channels-last", "keep the backbone in channels_last memory format (faster convolutions) [off]")
     _bool_flag(optim, "compile", "torch.compile the backbone and the batched colour jitter (slow first steps, faster after) [off]")
-    optim.add_argument("--time-limit", type=float, help="stop after this many minutes and export the backbone [none]")
+    optim.add_argument("--time-limit", type=float, help="stop this many minutes after the start (data loading included), checkpoint and export the backbone [none]")
     run = parser.add_argument_group("run")
     run.add_argument("--output-dir", help=f"folder for checkpoints, metrics and the exported backbone [{d.output_dir}]")
     _bool_flag(run, "resume", "continue from the newest valid checkpoint in --output-dir, if any [on]")

@@ -21,6 +21,8 @@ class DistributedContext:
     # A CPU (gloo) group for small control decisions: under nccl a CPU flag cannot use the default group,
     # and a flag on the GPU would make every step wait for the device to read it. None: the default group.
     control_group: Any = field(default=None, compare=False, repr=False)
+    # Whether init_distributed made the default process group (then it ends it), or the caller did.
+    owns_process_group: bool = field(default=False, compare=False)
 
     @property
     def enabled(self) -> bool:
@@ -53,16 +55,22 @@ def init_distributed(device: torch.device) -> tuple[DistributedContext, torch.de
             )
         device = torch.device("cuda", context.local_rank)
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     # Made under gloo too, so that CPU runs (and their tests) take the same path as CUDA ones.
-    context = dataclasses.replace(context, control_group=dist.new_group(backend="gloo"))
+    context = dataclasses.replace(context, control_group=dist.new_group(backend="gloo"), owns_process_group=owns)
     return context, device
 
 
-def shutdown_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown_distributed(context: DistributedContext) -> None:
+    """End what init_distributed started: the control group, and the default group only if it made it."""
+    if not dist.is_initialized():
+        return
+    if context.owns_process_group:
+        dist.destroy_process_group()  # every group with it
+    elif context.control_group is not None:
+        dist.destroy_process_group(context.control_group)  # a caller's own group lives on for its own use
 
 
 def all_reduce_mean(tensor: torch.Tensor, context: DistributedContext) -> torch.Tensor:

@@ -60,6 +60,7 @@ from relreason.protocols._common import as_labels as _as_labels
 from relreason.protocols._common import check_positive_float as _check_positive_float
 from relreason.protocols._common import check_positive_int as _check_positive_int
 from relreason.protocols._common import module_device as _module_device
+from relreason.protocols._common import precise_float
 from relreason.seeding import check_seed
 
 __all__ = [
@@ -144,7 +145,7 @@ def _accuracy(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
 # --------------------------------------------------------------------------------------------
 
 
-def _load_feature_cache(path: Path, expected_len: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _load_feature_cache(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
@@ -161,14 +162,7 @@ def _load_feature_cache(path: Path, expected_len: int | None) -> tuple[torch.Ten
         raise RelreasonError(
             f"feature cache {path} is not a features/labels file written by relreason; delete it to recompute"
         )
-    features = payload["features"].to(torch.float32)
-    labels = payload["labels"].to(torch.int64)
-    if expected_len is not None and features.shape[0] != expected_len:
-        raise RelreasonError(
-            f"feature cache {path} holds {features.shape[0]} items but the dataset has {expected_len}; "
-            "delete the stale cache to recompute"
-        )
-    return features, labels
+    return payload["features"].to(torch.float32), payload["labels"].to(torch.int64)
 
 
 def extract_features(
@@ -202,10 +196,14 @@ def extract_features(
 
     cache = Path(cache_path) if cache_path is not None else None
     if cache is not None and cache.exists():
-        features, labels = _load_feature_cache(cache, n_items)
+        features, labels = _load_feature_cache(cache)
         current = getattr(dataset, "labels", None)
-        # Free to check, and it catches data relabelled (files moved between class folders) under the same path.
-        if current is None or torch.equal(labels, torch.as_tensor(np.asarray(current), dtype=torch.int64)):
+        # Free to check, and they catch a dataset whose files changed under the same name (images added or
+        # removed, files moved between class folders): such a cache is stale, and is made again.
+        if n_items is not None and len(labels) != n_items:
+            print(f"relreason: note: {cache} holds {len(labels)} items but the dataset has {n_items} now; "
+                  "extracting its features again", file=sys.stderr)
+        elif current is None or torch.equal(labels, torch.as_tensor(np.asarray(current), dtype=torch.int64)):
             return features, labels
 
     if n_items == 0:
@@ -385,7 +383,7 @@ def linear_probe_converged(
     target = torch.device(device)
 
     dim = tr_x.shape[1]
-    dtype = torch.float64 if dim <= _FLOAT64_MAX_DIM else torch.float32
+    dtype = precise_float(target) if dim <= _FLOAT64_MAX_DIM else torch.float32
     x = tr_x.to(target, dtype)
     mean = x.mean(dim=0)
     std = x.std(dim=0, unbiased=False).clamp_min(_STD_FLOOR)
@@ -862,15 +860,6 @@ def load_matching_state(backbone: nn.Module, state: Mapping[str, torch.Tensor], 
     backbone.load_state_dict(state)
 
 
-def _same_dataset(name: str, other: str | None) -> bool:
-    from relreason.data import dataset_info
-
-    try:
-        return other is not None and dataset_info(name).name == dataset_info(other).name
-    except RelreasonError:  # a name this version does not know (e.g. from a foreign backbone.json)
-        return False
-
-
 def data_tag_of(dataset_name: str, data_root: str, mean: Any, std: Any, splits: Iterable[Any] = ()) -> str:
     """A short digest of what decides the features of a dataset besides the backbone.
 
@@ -905,7 +894,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     backbone is written beside the JSON (``<output stem>-retrieval-<label>.png``).
     """
     from relreason.backbones import build_backbone
-    from relreason.data import compute_normalization, dataset_info, eval_transform, held_out_split
+    from relreason.data import compute_normalization, dataset_info, eval_transform, held_out_split, same_dataset
     from relreason.protocols.finetune import finetune_milestones
     from relreason.train import resolve_device
 
@@ -931,7 +920,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     info = dataset_info(dataset_name)
     image_size = config.image_size or meta.get("image_size") or info.image_size
     # The pretraining run's --data-root when the data is the run's own, so its "evaluate with" line just works.
-    own_data = _same_dataset(dataset_name, meta.get("dataset"))  # names as typed: fashion_mnist is fashion-mnist
+    own_data = same_dataset(dataset_name, meta.get("dataset"))  # names as typed: fashion_mnist is fashion-mnist
     recorded = meta.get("data_root") if own_data else None
     # (A folder must be found where it was; digits reads no files; ./data itself needs no note.)
     if (recorded and info.name not in ("folder", "digits") and not Path(recorded).exists() and not config.data_root

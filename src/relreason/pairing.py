@@ -51,8 +51,15 @@ def _build_pair_indices(
     return left, right, targets
 
 
-# Made once per (K, B, device): on an accelerator, a copy from the host every step would cost a transfer each.
-_cached_pair_indices = lru_cache(maxsize=64)(_build_pair_indices)
+@lru_cache(maxsize=64)
+def _cached_pair_indices(
+    num_views: int, batch_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Made once per (K, B, device): on an accelerator, a copy from the host every step would cost a transfer each.
+    # Never as inference tensors: a first call under torch.inference_mode() (scoring pairs for a metric) would
+    # otherwise cache indices that every later training step fails to save for backward.
+    with torch.inference_mode(False):
+        return _build_pair_indices(num_views, batch_size, device)
 
 
 def relation_pair_indices(

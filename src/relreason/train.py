@@ -50,6 +50,7 @@ from relreason.data import (
     load_dataset,
     read_skip_log,
     relational_augmentation,
+    same_dataset,
 )
 from relreason.data.transforms import check_crop_scale
 from relreason.data.batch_augment import AugmentationRecipe, BatchRelationalAugmentation
@@ -71,6 +72,7 @@ from relreason.losses import build_loss
 from relreason.methods import PretrainMethod, check_method_name, method_class
 from relreason.methods.online_probe import OnlineProbe, PretrainModule
 from relreason.pairing import AGGREGATIONS, check_pairing_sizes
+from relreason.protocols._common import precise_float
 from relreason.schedule import check_schedule, learning_rate_factor, set_learning_rate
 from relreason.seeding import check_seed, seed_everything
 
@@ -483,14 +485,19 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     rank's batch) and rank 0 alone writes files; otherwise this is a plain single-process loop.
     """
     config.validate()
+    # The time limit counts from here, setup included (decoding a large folder takes minutes): a limit
+    # chosen to fit a scheduler's wall clock then holds.
+    deadline = time.monotonic() + config.time_limit * 60 if config.time_limit else math.inf
     context, device = init_distributed(resolve_device(config.device))
     try:
-        return _pretrain(config, context, device)
+        return _pretrain(config, context, device, deadline)
     finally:
-        shutdown_distributed()
+        shutdown_distributed(context)
 
 
-def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch.device) -> PretrainResult:
+def _pretrain(
+    config: PretrainConfig, context: DistributedContext, device: torch.device, deadline: float
+) -> PretrainResult:
     if config.sync_batchnorm and context.enabled and device.type != "cuda":
         raise RelreasonError("--sync-batchnorm needs CUDA devices (PyTorch's SyncBatchNorm is GPU-only); drop it on CPU")
     seed_everything(config.seed)
@@ -587,7 +594,6 @@ def _pretrain(config: PretrainConfig, context: DistributedContext, device: torch
         if context.enabled else model
     saver = CheckpointSaver(run_dir, config, geometry, model, optimizer, scaler, context, device,
                             resumed_from=found[0] if found is not None else None)
-    deadline = time.monotonic() + config.time_limit * 60 if config.time_limit else math.inf
     stop = StopRequest.install()
     stopped_early = False
     try:
@@ -650,6 +656,8 @@ def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, geometry
         shaping += ("simclr_temperature",)
     recorded = {k: saved.get(k, getattr(defaults, k)) for k in shaping}
     mismatched = {k: (v, getattr(config, k)) for k, v in recorded.items() if v != getattr(config, k)}
+    if "dataset" in mismatched and same_dataset(*mismatched["dataset"]):  # fashion_mnist is fashion-mnist
+        del mismatched["dataset"]
     # The size the run trains at, not the option: no --image-size and the dataset's own size are the same run.
     saved_geometry = checkpoint.get("geometry", {})
     saved_size = saved_geometry.get("image_size", geometry["image_size"])
@@ -741,21 +749,25 @@ class StopRequest:
         self.requested = False  # set by the signal handler on this rank
         self.signalled = False  # the ranks' agreed decision: stop because of a SIGTERM
         self.failed = False  # the ranks' agreed decision: stop because a rank found the training broken
-        self.previous = None
+        self.installed = False
+        self.previous: Any = None
 
     @classmethod
     def install(cls) -> StopRequest:
         request = cls()
         if threading.current_thread() is threading.main_thread():
             request.previous = signal.signal(signal.SIGTERM, request._handle)
+            request.installed = True
         return request
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
     def uninstall(self) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        if self.installed:
+            # None: the handler before was not set from Python, so the default is the nearest to it.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self.previous is None else self.previous)
+            self.installed = False
 
     def agreed(self, deadline: float, context: DistributedContext, failing: bool = False) -> bool:
         """Whether to stop after this step, decided alike on every rank (a SIGTERM on one counts for all).
@@ -814,7 +826,7 @@ def train_one_epoch(
         position.step = sampler.start_step
     # Sums stay on the device: reading them every step would stall a GPU on each batch.
     names = list(position.totals)
-    totals = torch.tensor(list(position.totals.values()), device=device, dtype=torch.float64)
+    totals = torch.tensor(list(position.totals.values()), device=device, dtype=precise_float(device))
     started = time.perf_counter() - position.seconds
     bar = tqdm(loader, desc=f"epoch {position.epoch + 1}/{config.epochs}", initial=position.step,
                total=steps_per_epoch, disable=not (config.progress and context.is_main), leave=False,
@@ -849,8 +861,8 @@ def train_one_epoch(
         step_values = {"loss": out.loss.detach(), **out.metrics}
         if not names:
             names = list(step_values)
-            totals = torch.zeros(len(names), device=device, dtype=torch.float64)
-        totals += torch.stack([step_values[name].float() for name in names]).double()
+            totals = torch.zeros(len(names), device=device, dtype=precise_float(device))
+        totals += torch.stack([step_values[name].float() for name in names]).to(totals.dtype)
         position.step += 1
         position.items += config.batch_size * context.world_size
         position.views += len(views) * views[0].shape[0] * context.world_size

@@ -138,6 +138,14 @@ def dataset_info(name: str) -> DatasetInfo:
     return _INFO[_canonical_name(name)]
 
 
+def same_dataset(name: str, other: str | None) -> bool:
+    """Whether two names, as typed, name one dataset (``fashion_mnist`` is ``fashion-mnist``); unknown: no."""
+    try:
+        return other is not None and _canonical_name(name) == _canonical_name(other)
+    except RelreasonError:  # a name this version does not know (e.g. from a foreign backbone.json)
+        return False
+
+
 # =========================================================================== datasets
 
 

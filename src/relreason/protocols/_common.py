@@ -89,6 +89,11 @@ def as_device(device: Any) -> torch.device:
         raise RelreasonError(f"unknown device {device!r}; use e.g. 'cpu' or 'cuda'") from exc
 
 
+def precise_float(device: torch.device | str) -> torch.dtype:
+    """float64 for sums and solves that need it, except on Apple's MPS, which has no float64 (float32 there)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def module_device(module: nn.Module) -> torch.device | None:
     for tensor in module.parameters():
         return tensor.device

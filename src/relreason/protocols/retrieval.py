@@ -19,6 +19,7 @@ from relreason.protocols._common import (
     as_labels,
     check_positive_int,
     check_seed,
+    precise_float,
 )
 
 __all__ = ["plot_retrieval", "retrieval_metrics"]
@@ -74,7 +75,8 @@ def retrieval_metrics(
 
     normed = F.normalize(x, dim=1).to(target)
     labels_t = y.to(target)
-    ranks = torch.arange(1, n, device=target, dtype=torch.float64)
+    exact = precise_float(target)
+    ranks = torch.arange(1, n, device=target, dtype=exact)
     hits_at = {k: 0.0 for k in ks}
     ap_sum = 0.0
     without_match = 0
@@ -82,9 +84,9 @@ def retrieval_metrics(
         queries = torch.arange(start, min(start + batch_size, n), device=target)
         relevant = labels_t[_rank_chunk(normed, queries)] == labels_t[queries].unsqueeze(1)  # (b, N-1)
         for k in ks:
-            hits_at[k] += float(relevant[:, : min(k, n - 1)].sum(dim=1, dtype=torch.float64).div(min(k, n - 1)).sum())
+            hits_at[k] += float(relevant[:, : min(k, n - 1)].sum(dim=1, dtype=exact).div(min(k, n - 1)).sum())
         num_relevant = relevant.sum(dim=1)
-        precision_at_hits = relevant.cumsum(dim=1).to(torch.float64) / ranks
+        precision_at_hits = relevant.cumsum(dim=1).to(exact) / ranks
         ap = (precision_at_hits * relevant).sum(dim=1)
         has_match = num_relevant > 0
         ap_sum += float((ap[has_match] / num_relevant[has_match]).sum())
