@@ -1,6 +1,7 @@
 """Runs that die (SIGKILL, truncated checkpoints) resume where they stopped and lose nothing."""
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -87,17 +88,45 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys
     assert losses(tmp_path / "straight") == losses(run)
 
 
-def test_sigterm_checkpoints_mid_epoch_and_stops(tmp_path):
+@pytest.mark.parametrize("signum, status, name, extra", [
+    (signal.SIGTERM, 143, "SIGTERM", []),
+    # Ctrl-C reaches the whole process group, DataLoader workers included: they must keep serving the step.
+    (signal.SIGINT, 130, "Ctrl-C", ["--augment", "pil", "--num-workers", "1"]),
+])
+def test_a_signal_checkpoints_mid_epoch_and_stops(tmp_path, signum, status, name, extra):
     run = tmp_path / "preempted"
-    process = subprocess.Popen(command(run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command(run) + extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     deadline = time.monotonic() + 120
     while not list_checkpoints(run) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.02)
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signum)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 143, err[-2000:]
-    assert "stopped during epoch" in err and "rerun the same command" in out
+    assert process.returncode == status, err[-2000:]
+    assert "stopped during epoch" in err and f"stopped by {name}" in out and "rerun the same command" in out
+    assert "Traceback" not in err
     assert (run / "backbone.pt").is_file()
+    meta = json.loads((run / "backbone.json").read_text())
+    assert meta["stopped_by"] == name and not meta["finished"]
+    newest = list_checkpoints(run)[0].name
+    assert not newest.endswith("s0000000.pt") and not newest.endswith("s0000005.pt")  # the step it stopped at
+
+
+def test_a_second_ctrl_c_quits_at_once():
+    from relreason.train import StopRequest
+
+    original = signal.getsignal(signal.SIGINT)
+    request = StopRequest.install()
+    try:
+        assert signal.getsignal(signal.SIGINT) == request._handle
+        request._handle(signal.SIGINT, None)
+        assert request.requested and request.interrupted and request.signal_name == "Ctrl-C"
+        with pytest.raises(KeyboardInterrupt):
+            request._handle(signal.SIGINT, None)
+        assert signal.getsignal(signal.SIGINT) == original  # given back on the way out
+    finally:
+        request.uninstall()
+        signal.signal(signal.SIGINT, original)
 
 
 def test_random_state_round_trip_keeps_to_the_training_device(monkeypatch):

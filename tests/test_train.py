@@ -515,7 +515,7 @@ def test_sigterm_handler_is_given_back_after_training(set_from_python):
         request = StopRequest.install()
         assert signal.getsignal(signal.SIGTERM) == request._handle
         if not set_from_python:
-            request.previous = None  # what signal.signal answers for a handler set outside Python
+            request.previous[signal.SIGTERM] = None  # what signal.signal answers for a handler set outside Python
         request.uninstall()
         expected = mine if set_from_python else signal.SIG_DFL
         assert signal.getsignal(signal.SIGTERM) == expected

@@ -307,8 +307,9 @@ def run_pretrain(args: argparse.Namespace) -> int:
     reports = os.environ.get("RANK", "0") == "0"  # under torchrun, process 0 alone speaks for the run
     if result.preempted:
         if reports:
-            print(f"stopped by SIGTERM after {result.epochs_done} epoch(s); rerun the same command to continue")
-        return 143  # 128 + SIGTERM: the run is not finished
+            print(f"stopped by {result.stopped_by} after {result.epochs_done} epoch(s) and part of the next, with a "
+                  "checkpoint there; rerun the same command to continue")
+        return _signal_status(result.stopped_by)  # the run is not finished
     partial = " and part of the next (time limit)" if result.stopped_early else ""
     evaluate = f"relreason evaluate --run-dir {result.run_dir}"
     if (dataset_info(config.dataset).name == "folder" and config.test_fraction is None
@@ -347,11 +348,16 @@ def run_compare_command(args: argparse.Namespace) -> int:
     config = _config_from(args, CompareConfig)
     summary = run_compare(config)
     if "preempted" in summary:
-        print(f"stopped by SIGTERM during the run {summary['preempted']}; rerun the same command to continue")
-        return 143  # 128 + SIGTERM, as pretrain: the comparison is not finished
+        print(f"stopped by {summary['stopped_by']} during the run {summary['preempted']}, with a checkpoint there; "
+              "rerun the same command to continue")
+        return _signal_status(summary["stopped_by"])  # as pretrain: the comparison is not finished
     print(format_markdown(summary, config))
     print(f"tables and plots written to {config.output_dir}")
     return 0
+
+
+def _signal_status(stopped_by: str | None) -> int:
+    return 130 if stopped_by == "Ctrl-C" else 143  # 128 + SIGINT or SIGTERM, as the shell reports them
 
 
 def run_list(_: argparse.Namespace) -> int:

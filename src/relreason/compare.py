@@ -204,9 +204,10 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
                 run_config.time_limit = remaining_minutes(run_dir, config.time_limit)
                 if method != "random":  # the budget binds the folder once a run trains under it
                     atomic_write_json(output / BUDGET_NAME, {"time_limit": config.time_limit})
-                if pretrain(run_config).preempted:
-                    # A scheduler's notice ends the whole comparison (the next run would be killed anyway).
-                    return {"preempted": f"{method}, seed {seed}"}
+                result = pretrain(run_config)
+                if result.preempted:
+                    # A scheduler's notice (or Ctrl-C) ends the whole comparison (the next run would be killed anyway).
+                    return {"preempted": f"{method}, seed {seed}", "stopped_by": result.stopped_by}
             meta = _read_json(run_dir / "backbone.json")
             evaluation = run_evaluation(EvaluateConfig(
                 run_dir=str(run_dir), protocols=tuple(config.protocols), linear_epochs=config.linear_epochs,

@@ -188,10 +188,11 @@ class PretrainResult:
     run_dir: Path
     epochs_done: int
     history: list[dict[str, float]]
-    stopped_early: bool  # by --time-limit or SIGTERM, with a checkpoint at the step it stopped
+    stopped_early: bool  # by --time-limit, SIGTERM or Ctrl-C, with a checkpoint at the step it stopped
     model: PretrainMethod | nn.Module  # the trained method (its .backbone); the bare backbone for 'random'
-    preempted: bool = False  # stopped by SIGTERM rather than by --time-limit
+    preempted: bool = False  # stopped by a signal (SIGTERM or Ctrl-C) rather than by --time-limit
     num_classes: int | None = None  # of the pretraining images; None when they have no labels
+    stopped_by: str | None = None  # 'time limit', 'SIGTERM' or 'Ctrl-C' when stopped_early
 
 
 def resolve_device(name: str) -> torch.device:
@@ -367,7 +368,13 @@ def make_loader(
         batch_sampler=sampler,
         num_workers=loader_workers(config.num_workers, device),
         pin_memory=device.type == "cuda",
+        worker_init_fn=_ignore_ctrl_c,
     )
+
+
+def _ignore_ctrl_c(worker_id: int) -> None:
+    # Ctrl-C reaches the workers too; they must keep serving the step the main process finishes before it stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def make_optimizer(groups: list[dict[str, Any]], config: PretrainConfig, device: torch.device) -> torch.optim.Adam:
@@ -605,8 +612,8 @@ def _pretrain(
     finally:
         stop.uninstall()
     stopped_early = stopped_early and position.epoch < config.epochs
+    stopped_by = (stop.signal_name if stop.signalled else "time limit") if stopped_early else None
     if context.is_main:
-        stopped_by = ("SIGTERM" if stop.signalled else "time limit") if stopped_early else None
         export_backbone(run_dir, model.method.backbone, config, geometry, position, stopped_by)
         metrics.close()
         plot_training_curves(metrics.read(), run_dir / "training_curves.png")
@@ -615,9 +622,8 @@ def _pretrain(
                 "and saved a checkpoint there: rerun the same command to continue", context)
     barrier(context)
     history = metrics.read() if context.is_main else []
-    return PretrainResult(
-        run_dir, position.epoch, history, stopped_early, model.method, stopped_early and stop.signalled, num_classes
-    )
+    return PretrainResult(run_dir, position.epoch, history, stopped_early, model.method,
+                          stopped_early and stop.signalled, num_classes, stopped_by)
 
 
 @dataclass
@@ -743,31 +749,46 @@ class CheckpointSaver:
 
 
 class StopRequest:
-    """SIGTERM (a scheduler's preemption notice) asks the loop to checkpoint and stop at the next step."""
+    """SIGTERM (a scheduler's preemption notice) or a first Ctrl-C asks the loop to checkpoint and stop at the
+    next step; a second Ctrl-C stops at once (KeyboardInterrupt), keeping the checkpoints written so far."""
 
     def __init__(self) -> None:
         self.requested = False  # set by the signal handler on this rank
-        self.signalled = False  # the ranks' agreed decision: stop because of a SIGTERM
+        self.interrupted = False  # that signal was Ctrl-C (SIGINT)
+        self.signalled = False  # the ranks' agreed decision: stop because of a signal
         self.failed = False  # the ranks' agreed decision: stop because a rank found the training broken
-        self.installed = False
-        self.previous: Any = None
+        self.previous: dict[int, Any] = {}
 
     @classmethod
     def install(cls) -> StopRequest:
         request = cls()
         if threading.current_thread() is threading.main_thread():
-            request.previous = signal.signal(signal.SIGTERM, request._handle)
-            request.installed = True
+            request.previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, request._handle)
+            # Ctrl-C only where it would interrupt (not where it is ignored, as under nohup).
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                request.previous[signal.SIGINT] = signal.signal(signal.SIGINT, request._handle)
         return request
 
+    @property
+    def signal_name(self) -> str:
+        return "Ctrl-C" if self.interrupted else "SIGTERM"
+
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.interrupted:  # the second Ctrl-C: no waiting for the step
+                self.uninstall()
+                raise KeyboardInterrupt
+            self.interrupted = True
+            if os.environ.get("RANK", "0") == "0":
+                print("\nrelreason: Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again to quit at once)",
+                      file=sys.stderr, flush=True)
         self.requested = True
 
     def uninstall(self) -> None:
-        if self.installed:
+        for signum, previous in self.previous.items():
             # None: the handler before was not set from Python, so the default is the nearest to it.
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if self.previous is None else self.previous)
-            self.installed = False
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+        self.previous = {}
 
     def agreed(self, deadline: float, context: DistributedContext, failing: bool = False) -> bool:
         """Whether to stop after this step, decided alike on every rank (a SIGTERM on one counts for all).
