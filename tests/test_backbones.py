@@ -82,3 +82,17 @@ def test_registry_user_factory_and_errors():
         build_backbone("vgg99")
     with pytest.raises(RelreasonError, match="cannot load backbone factory"):
         build_backbone("no_such_module:make")
+
+
+def test_user_factory_found_in_the_working_folder_as_under_the_installed_command(tmp_path, monkeypatch):
+    # The installed `relreason` script does not search the working folder (`python -m relreason` does).
+    (tmp_path / "my_folder_net.py").write_text(
+        "import torch.nn as nn\n"
+        "def make(in_channels=3):\n"
+        "    return nn.Sequential(nn.Conv2d(in_channels, 5, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
+    assert build_backbone("my_folder_net:make", image_size=16).feature_dim == 5
+    with pytest.raises(RelreasonError, match="importable from the working folder or PYTHONPATH"):
+        build_backbone("my_folder_net_missing:make")

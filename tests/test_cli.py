@@ -173,6 +173,38 @@ def test_one_stray_file_is_named_when_it_leaves_a_class_folder_unlabelled(tmp_pa
     assert "--test-fraction" not in capsys.readouterr().out
 
 
+def test_a_folder_of_one_subfolder_is_unlabelled_and_not_evaluated_as_one_class(tmp_path, capsys):
+    _digit_pngs(tmp_path / "root" / "photos", 40)
+    root = str(tmp_path / "root")
+    assert main(["pretrain", "--dataset", "folder", "--data-root", root, *TINY, "--output-dir", str(tmp_path / "run")]) == 0
+    out, err = capsys.readouterr()
+    assert "40 images, unlabelled: its one subfolder 'photos' is no classes to tell apart (no online probe)" in err
+    assert "--data-root DIR" in out and "probe" not in (tmp_path / "run" / "metrics.jsonl").read_text()
+    # Every classifier is right on a test set of one class: refused, not reported as 100%.
+    assert main(["evaluate", "--run-dir", str(tmp_path / "run"), "--test-fraction", "0.2"]) == 2
+    assert ("the labelled images of dataset 'folder' hold 1 class ('photos'); evaluation needs at least 2"
+            in capsys.readouterr().err)
+    assert main(["pretrain", "--dataset", "folder", "--data-root", root, *TINY, "--method", "supervised",
+                 "--output-dir", str(tmp_path / "run2")]) == 2
+    assert "needs images of at least 2 classes" in capsys.readouterr().err
+
+
+def test_split_folders_named_validation_or_misnamed(tmp_path, capsys):
+    for split in ("train", "validation"):
+        _digit_pngs(tmp_path / "split" / split, 40, classes=True)
+    assert main(["pretrain", "--dataset", "folder", "--data-root", str(tmp_path / "split"), *TINY,
+                 "--output-dir", str(tmp_path / "run")]) == 0
+    out, err = capsys.readouterr()
+    assert f"image folder {tmp_path / 'split' / 'train'}: 40 images, 10 classes from its subfolders (digit0, " in err
+    assert "--data-root DIR" not in out and "--test-fraction" not in out  # validation/ is its test set
+    (tmp_path / "split" / "validation").rename(tmp_path / "split" / "holdout")
+    assert main(["pretrain", "--dataset", "folder", "--data-root", str(tmp_path / "split"), *TINY,
+                 "--output-dir", str(tmp_path / "run2")]) == 0
+    err = capsys.readouterr().err
+    assert ("80 images, 2 classes from its subfolders (holdout, train); note: subfolder(s) train taken as classes: "
+            "for a train/test split, give train/ and test/ (or val/ or validation/)") in err
+
+
 def test_evaluate_finds_a_runs_relative_data_root_from_another_folder(tmp_path, monkeypatch, capsys):
     for split in ("train", "test"):
         _digit_pngs(tmp_path / "work" / "labelled" / split, 60, classes=True)

@@ -212,5 +212,5 @@ def test_compare_refuses_a_labelled_folder_without_a_test_split_before_training(
     argv = compare_argv(output)
     argv[argv.index("digits")] = "folder"
     assert main(argv + ["--data-root", str(images)]) == 2
-    assert "has no train/ and test/ (or val/) subfolders, so it has no 'test' split" in capsys.readouterr().err
+    assert "has no train/ and test/ (or val/ or validation/) subfolders, so it has no 'test' split" in capsys.readouterr().err
     assert not (output / "relational-seed1").exists()

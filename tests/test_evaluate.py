@@ -540,7 +540,7 @@ def test_test_fraction_holds_out_a_stratified_seeded_share_of_one_labelled_folde
 
 
 @pytest.mark.parametrize("where, fraction, message", [
-    ("split", "0.25", "already holds train/ and test/ (or val/); drop --test-fraction to use them"),
+    ("split", "0.25", "already holds train/ and test/ (or val/ or validation/); drop --test-fraction to use them"),
     ("digits", "0.25", "dataset 'digits' comes with its own test split; drop --test-fraction"),
     ("flat", "0.25", "has no classes (its 2 images lie directly in"),
     ("classes", "0.01", "rounds to no test image in any class; choose a larger fraction"),
@@ -671,6 +671,36 @@ def test_pretraining_with_a_test_fraction_never_sees_the_images_evaluate_holds_o
         pretrain(PretrainConfig(dataset="folder", data_root=str(images), test_fraction=0.5, image_size=12,
                                 num_views=2, batch_size=4, epochs=2, device="cpu", progress=False,
                                 tensorboard=False, output_dir=str(run)))
+
+
+def test_a_test_set_in_a_folder_that_holds_the_pretraining_one_is_said_to_be_seen(tmp_path, capsys):
+    from relreason.cli import main
+
+    root = tmp_path / "root"
+    _class_folder(root / "cats")  # pretrained on root/cats, evaluated on root, whose classes include it
+    for name in ("dogs", "birds"):
+        _class_folder(root / name)
+    run = tmp_path / "run"
+    assert main(["pretrain", "--dataset", "folder", "--data-root", str(root / "cats"), "--image-size", "12", "-K", "2",
+                 "--batch-size", "4", "--epochs", "1", "--no-progress", "--no-tensorboard", "--output-dir", str(run)]) == 0
+    capsys.readouterr()
+    assert evaluate_args("--run-dir", str(run), "--data-root", str(root), "--test-fraction", "0.25") == 0
+    err = capsys.readouterr().err
+    result = json.loads((run / "evaluation.json").read_text())
+    inside = sum(str(p).startswith(str(root / "cats")) for p in result_test_paths(root))
+    assert inside > 0 and f"{inside} of the {result['test_size']} test images lie in {root / 'cats'}" in err
+    assert result["test_images_seen_in_pretraining"] is True
+    # Another folder that does not hold it: nothing said.
+    assert evaluate_args("--run-dir", str(run), "--data-root", str(root / "dogs"), "--test-fraction", "0.25",
+                         "--output", str(tmp_path / "dogs.json")) == 0
+    assert "lie in" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "dogs.json").read_text())["test_images_seen_in_pretraining"] is False
+
+
+def result_test_paths(root):
+    from relreason.data import split_image_folder
+
+    return split_image_folder(root, 0.25)[1].paths
 
 
 def test_pretraining_on_the_train_share_alone(tmp_path):

@@ -842,6 +842,32 @@ def labelled_split(name: str, root: str, split: str, download: bool):
     return dataset
 
 
+def check_several_classes(dataset: Any, name: str) -> None:
+    """Refuse training labels of one class: every classifier would score 100% on a test set of that class."""
+    classes = np.unique(np.asarray(dataset.labels))
+    if len(classes) < 2:
+        named = getattr(dataset, "classes", None)
+        which = f" ('{named[int(classes[0])]}')" if named and len(classes) == 1 else ""
+        raise RelreasonError(
+            f"the labelled images of dataset '{name}' hold {len(classes)} class{which}; evaluation needs at least 2 "
+            "(for a folder: one subfolder per class, in train/ and test/ or split with --test-fraction)"
+        )
+
+
+def pretraining_folder(data_root: str) -> Path:
+    """The folder whose images a folder run pretrained on: ``train/`` when its root holds a train/test split."""
+    from relreason.data import has_split_dirs
+
+    root = Path(data_root).expanduser()
+    return root / "train" if has_split_dirs(root) else root
+
+
+def test_images_inside(test_set: Any, folder: Path) -> int:
+    """How many of ``test_set``'s image files lie in ``folder`` (at any depth; links resolved)."""
+    folder = folder.resolve()
+    return sum(Path(path).resolve().is_relative_to(folder) for path in getattr(test_set, "paths", ()))
+
+
 def _same_path(a: str, b: str) -> bool:
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
@@ -939,13 +965,22 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     if test_fraction is not None:
         train_set, test_set = held_out_split(dataset_name, data_root, test_fraction)
         if seen:
+            own = "it held none out" if pretrained_share is None else f"it held out {pretrained_share:g}"
             print(f"relreason: warning: the backbone was pretrained on {'all' if pretrained_share is None else 'part'} of "
-                  f"the images --test-fraction {config.test_fraction:g} holds out of {data_root} (its own share: "
-                  f"{pretrained_share}); pretrain with --test-fraction {config.test_fraction:g} for a test set it never saw",
-                  file=sys.stderr)
+                  f"the images --test-fraction {config.test_fraction:g} holds out of {data_root} ({own}); pretrain "
+                  f"with --test-fraction {config.test_fraction:g} for a test set it never saw", file=sys.stderr)
     else:
         train_set = labelled_split(dataset_name, data_root, info.train_split, config.download)
         test_set = labelled_split(dataset_name, data_root, info.test_split, config.download)
+    check_several_classes(train_set, dataset_name)
+    if info.name == "folder" and own_data and not same_folder and recorded:
+        # Another folder than the run's own, which may still hold (or lie inside) the one it was pretrained on.
+        inside = test_images_inside(test_set, pretraining_folder(recorded))
+        if inside:
+            seen = True if meta.get("test_fraction") is None else None  # None: perhaps, its own share held out
+            print(f"relreason: warning: {inside} of the {len(test_set)} test images lie in {pretraining_folder(recorded)}, "
+                  f"which the backbone was pretrained on{'' if seen else ' (less its held-out share)'}; evaluate on "
+                  "images outside it for a test set it never saw", file=sys.stderr)
     if own_data and "mean" in meta:
         mean, std = meta["mean"], meta["std"]  # exactly what the backbone was trained on
     elif info.mean is not None:

@@ -55,7 +55,7 @@ from relreason.data import (
 from relreason.data.transforms import check_crop_scale
 from relreason.data.batch_augment import AugmentationRecipe, BatchRelationalAugmentation
 from relreason.data.batch_views import BatchViewLoader, DeviceMultiViewDataset
-from relreason.data.datasets import ArrayImageDataset
+from relreason.data.datasets import TEST_DIR_NAMES, ArrayImageDataset
 from relreason.data.decoded_folder import DecodedImageFolder
 from relreason.data.sampler import EpochBatchSampler
 from relreason.distributed import (
@@ -409,8 +409,31 @@ def loader_workers(requested: int | None, device: torch.device) -> int:
 
 
 def num_classes_of(dataset: MultiViewDataset | DeviceMultiViewDataset) -> int | None:
+    """The number of classes of the pretraining labels; None without labels, or with one class (a folder of
+    one subfolder: no classes to tell apart, so no online probe)."""
     labels = getattr(dataset.dataset, "labels", None)
-    return None if labels is None or len(labels) == 0 else int(max(labels)) + 1
+    if labels is None or len(labels) == 0:
+        return None
+    count = int(max(labels)) + 1
+    return count if count >= 2 else None
+
+
+def describe_folder(folder: ImageFolderDataset) -> str:
+    """What pretraining makes of an image folder, in one line: its images, and its classes or why it has none."""
+    images = f"{len(folder)} image{'s' if len(folder) != 1 else ''}"
+    classes = folder.classes or []
+    if len(classes) >= 2:
+        shown = ", ".join(classes[:6]) + (f", ... ({len(classes) - 6} more)" if len(classes) > 6 else "")
+        about = f"{len(classes)} classes from its subfolders ({shown})"
+        splits = [c for c in classes if c.lower() in ("train", "training", *TEST_DIR_NAMES)]  # a split misnamed
+        if splits:
+            about += (f"; note: subfolder(s) {', '.join(splits)} taken as classes: for a train/test split, give "
+                      "train/ and test/ (or val/ or validation/) with one subfolder per class in each")
+    elif classes:
+        about = f"unlabelled: its one subfolder '{classes[0]}' is no classes to tell apart (no online probe)"
+    else:
+        about = f"unlabelled: {folder.why_unlabelled}"
+    return f"image folder {folder.root}: {images}, {about}"
 
 
 def no_labels_error(name: str) -> RelreasonError:
@@ -424,6 +447,9 @@ def check_every_image_labelled(dataset: MultiViewDataset | DeviceMultiViewDatase
     if labels is None or len(labels) == 0:
         raise no_labels_error(name)
     missing = int((np.asarray(labels) < 0).sum())
+    if not missing and len(np.unique(np.asarray(labels))) < 2:
+        raise RelreasonError(f"--method supervised needs images of at least 2 classes, and dataset '{name}' has one; "
+                             "give one subfolder per class, or choose another method")
     if missing:
         raise RelreasonError(
             f"--method supervised needs a label for every image, and {missing} image(s) of dataset '{name}' have "
@@ -511,9 +537,7 @@ def _pretrain(
     dataset, geometry = build_pretrain_data(config, device)
     folder = getattr(dataset.dataset, "folder", dataset.dataset)
     if isinstance(folder, ImageFolderDataset):
-        classes = f"{len(folder.classes)} classes from its subfolders" if folder.classes else \
-            f"unlabelled: {folder.why_unlabelled}"
-        log(f"image folder {folder.root}: {len(folder)} images, {classes}", context)
+        log(describe_folder(folder), context)
     if isinstance(dataset.dataset, DecodedImageFolder):
         log(dataset.dataset.describe(), context)
     if len(dataset) < 2 * context.world_size:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable
+from types import ModuleType
 
 from torch import nn
 
@@ -41,11 +44,12 @@ def backbone_names() -> list[str]:
 def _import_factory(spec: str) -> Callable[..., nn.Module]:
     module_name, _, attribute = spec.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        module = _import_from_here(module_name)
         factory = getattr(module, attribute)
     except (ImportError, AttributeError, ValueError, TypeError) as error:  # ValueError/TypeError: '' or '.rel'
         raise RelreasonError(
-            f"cannot load backbone factory '{spec}' ({error}); give 'package.module:function' importable from here"
+            f"cannot load backbone factory '{spec}' ({error}); give 'package.module:function' importable from the "
+            "working folder or PYTHONPATH"
         ) from None
     if not callable(factory):  # e.g. 'os:path', a module
         raise RelreasonError(
@@ -53,6 +57,19 @@ def _import_factory(spec: str) -> Callable[..., nn.Module]:
             "nn.Module; give 'package.module:function'"
         )
     return factory
+
+
+def _import_from_here(module_name: str) -> ModuleType:
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        here = os.getcwd()
+        if error.name != module_name.split(".")[0] or "" in sys.path or here in sys.path:
+            raise
+    # Not found, and the working folder is not searched: under the installed `relreason` command (and torchrun's
+    # workers) it is not, under `python -m relreason` it is. Searched last, so it shadows nothing installed.
+    sys.path.append(here)
+    return importlib.import_module(module_name)
 
 
 def check_backbone_name(name: str) -> None:

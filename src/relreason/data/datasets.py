@@ -820,11 +820,11 @@ def _load_digits(split: str) -> ArrayImageDataset:
 
 
 #: Subfolders that hold a folder's held-out images, in the order they are looked for (ImageNet-style: val/).
-TEST_DIR_NAMES = ("test", "val")
+TEST_DIR_NAMES = ("test", "val", "validation")
 
 
 def test_dir_of(root: str | os.PathLike) -> Path | None:
-    """``root/test`` (or ``root/val``) when ``root`` also holds ``train/``: the folder's own split; else None."""
+    """``root/test`` (or ``root/val``, ``root/validation``) when ``root`` also holds ``train/``: the folder's own split; else None."""
     root = Path(root).expanduser()
     if not (root / "train").is_dir():
         return None
@@ -832,7 +832,7 @@ def test_dir_of(root: str | os.PathLike) -> Path | None:
 
 
 def has_split_dirs(root: str | os.PathLike) -> bool:
-    """Whether an image folder holds ``train/`` and ``test/`` or ``val/`` (then pretraining reads ``train/``)."""
+    """Whether an image folder holds ``train/`` and ``test/``, ``val/`` or ``validation/`` (then pretraining reads ``train/``)."""
     return test_dir_of(root) is not None
 
 
@@ -842,7 +842,7 @@ def _load_folder(root: Path, split: str) -> ImageFolderDataset:
         return ImageFolderDataset(root / "train" if test_dir is not None else root)
     if test_dir is None:
         raise RelreasonError(
-            f"image folder {root} has no train/ and test/ (or val/) subfolders, so it has no 'test' split; "
+            f"image folder {root} has no train/ and test/ (or val/ or validation/) subfolders, so it has no 'test' split; "
             "split the images into train/ and test/, each with one subfolder per class (relreason evaluate can "
             "instead hold out a share of each class with --test-fraction)"
         )
@@ -878,7 +878,7 @@ def held_out_split(
     from one scan of the folder."""
     check_test_fraction(name, test_fraction)
     if has_split_dirs(root):
-        raise RelreasonError(f"image folder {Path(root).expanduser()} already holds train/ and test/ (or val/); drop "
+        raise RelreasonError(f"image folder {Path(root).expanduser()} already holds train/ and test/ (or val/ or validation/); drop "
                              "--test-fraction to use them")
     return split_image_folder(root, test_fraction)
 
