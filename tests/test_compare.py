@@ -99,7 +99,7 @@ def test_compare_refuses_runs_made_with_other_options_and_trains_on_for_more_epo
     assert main(compare_argv(output, "--batch-size", "32")) == 2
     assert "was trained with other options (batch_size: run 64 vs now 32)" in capsys.readouterr().err
     assert main(compare_argv(output, "--time-limit", "5")) == 2
-    assert "holds runs trained with --time-limit None (now 5.0)" in capsys.readouterr().err
+    assert "holds runs trained with no --time-limit (now --time-limit 5)" in capsys.readouterr().err
     assert main(compare_argv(output, "--epochs", "2")) == 0
     assert "epoch 2/2" in capsys.readouterr().err
     assert json.loads((output / "compare.json").read_text())["table"]["relational"]["epochs"]["mean"] == 2
@@ -121,6 +121,14 @@ def test_sigterm_during_a_run_ends_the_whole_comparison(tmp_path, monkeypatch, c
     captured = capsys.readouterr()
     assert "stopped by SIGTERM during the run relational, seed 1" in captured.out
     assert "seed 2" not in captured.err and not (output / "relational-seed2").exists()
+
+
+def test_a_run_ended_by_the_time_budget_is_not_called_unfinished(tmp_path, capsys):
+    output = tmp_path / "compare"
+    assert main(compare_argv(output, "--epochs", "50", "--time-limit", "0.005")) == 0
+    err = capsys.readouterr().err
+    assert json.loads((output / "relational-seed1" / "backbone.json").read_text())["stopped_by"] == "time limit"
+    assert "rerun its pretrain command" not in err
 
 
 def test_a_resumed_run_gets_what_is_left_of_its_time_budget(tmp_path):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from relreason.checkpoint import list_checkpoints
+from relreason.errors import RelreasonError
 from relreason.train import PretrainConfig, pretrain
 
 
@@ -82,10 +83,23 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys
 
     pretrain(small_config(tmp_path, "damaged", 3))
     err = capsys.readouterr().err
-    assert f"skipping {newest}" in err and "truncated or corrupt" in err
+    assert f"passing over {newest.name}: it cannot be read (" in err and "truncated or corrupt; trying the one" in err
     assert f"resuming {previous}" in err
     assert_same_weights(tmp_path / "straight", run)
     assert losses(tmp_path / "straight") == losses(run)
+
+
+def test_no_readable_checkpoint_is_refused_not_started_over(tmp_path):
+    pretrain(small_config(tmp_path, "damaged", 2))
+    run = tmp_path / "damaged"
+    damaged = {path: b"garbage\n" for path in list_checkpoints(run)}
+    for path, data in damaged.items():
+        path.write_bytes(data)
+    with pytest.raises(RelreasonError, match=r"none of the 2 checkpoint\(s\) in .* can be read \(the oldest, "
+                       r"checkpoint-e0001-s0000000.pt, cannot be read \([A-Za-z]+Error: .*\), truncated or corrupt\); "
+                       r"delete them to start this run over"):
+        pretrain(small_config(tmp_path, "damaged", 3))
+    assert {path: path.read_bytes() for path in list_checkpoints(run)} == damaged  # left as they were
 
 
 @pytest.mark.parametrize("signum, status, name, extra", [

@@ -94,17 +94,26 @@ def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> 
     torch.cuda.set_rng_state(saved, device)
 
 
+class UnreadableCheckpoint(RelreasonError):
+    """A checkpoint file that does not read back as one: ``reason`` says why, in a few words."""
+
+    def __init__(self, path: Path, reason: str, fix: str) -> None:
+        super().__init__(f"checkpoint {path} {reason}; {fix}")
+        self.reason = reason
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a training checkpoint on the CPU; a corrupt or foreign file is a one-line error."""
+    path = Path(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch raises several types for truncated files
-        raise RelreasonError(
-            f"checkpoint {path} cannot be read ({type(error).__name__}: {' '.join(str(error).split())[:120]}); "
-            "it is truncated or corrupt: delete it or start a new --output-dir"
-        ) from None
+        detail = " ".join(str(error).split())
+        detail = detail if len(detail) <= 120 else detail[:120].rsplit(" ", 1)[0] + " ..."
+        raise UnreadableCheckpoint(path, f"cannot be read ({type(error).__name__}: {detail}), truncated or corrupt",
+                                   "delete it or start a new --output-dir") from None
     if not isinstance(checkpoint, dict) or "backbone" not in checkpoint or "epoch" not in checkpoint:
-        raise RelreasonError(f"{path} is not a relreason training checkpoint; point --output-dir elsewhere")
+        raise UnreadableCheckpoint(path, "is not a relreason training checkpoint", "point --output-dir elsewhere")
     return checkpoint
 
 
@@ -132,12 +141,25 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
 
 
 def load_newest_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that reads back whole; corrupt or truncated ones are reported and passed over."""
-    for path in list_checkpoints(run_dir):
+    """The newest checkpoint that reads back whole; corrupt or truncated ones are reported and passed over.
+
+    None when there are no checkpoints; when there are some but none reads back, a one-line error: starting
+    afresh beside them would hide that the run's progress is lost.
+    """
+    paths = list_checkpoints(run_dir)
+    for path in paths:
         try:
             return path, load_checkpoint(path)
-        except RelreasonError as error:
-            print(f"relreason: warning: skipping {path}: {error}", file=sys.stderr)
+        except UnreadableCheckpoint as error:
+            if path != paths[-1]:
+                print(f"relreason: warning: passing over {path.name}: it {error.reason}; trying the one before",
+                      file=sys.stderr)
+            last = error
+    if paths:
+        raise RelreasonError(
+            f"none of the {len(paths)} checkpoint(s) in {run_dir} can be read (the oldest, {paths[-1].name}, "
+            f"{last.reason}); delete them to start this run over, or choose another --output-dir"
+        )
     return None
 
 

@@ -108,9 +108,12 @@ def check_existing_runs(config: CompareConfig) -> None:
     """Refuse, before anything trains, run folders that another comparison's options made."""
     budget = _read_json(Path(config.output_dir) / BUDGET_NAME)
     if isinstance(budget, dict) and budget.get("time_limit") != config.time_limit:
+        def said(minutes: float | None) -> str:
+            return "no --time-limit" if minutes is None else f"--time-limit {minutes:g}"
+
         raise RelreasonError(
-            f"{config.output_dir} holds runs trained with --time-limit {budget.get('time_limit')} (now "
-            f"{config.time_limit}); rerun with the original budget or choose another --output-dir"
+            f"{config.output_dir} holds runs trained with {said(budget.get('time_limit'))} (now "
+            f"{said(config.time_limit)}); rerun with the original budget or choose another --output-dir"
         )
     for method in config.methods:
         for seed in config.seeds:
@@ -213,6 +216,7 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
                 run_dir=str(run_dir), protocols=tuple(config.protocols), linear_epochs=config.linear_epochs,
                 knn_k=config.knn_k, random_baseline=False, seed=seed, device=config.device,
                 data_root=config.data_root, download=config.download, test_fraction=config.test_fraction,
+                time_limit_ends_the_run=True,
             ))
             runs.append({
                 "method": method, "seed": seed, "run_dir": str(run_dir), "epochs": meta["epochs_done"],

@@ -711,6 +711,8 @@ class EvaluateConfig:
     test_fraction: float | None = None  # a labelled folder without train/ and test/: the share held out to test
     device: str = "auto"
     output: str | None = None
+    # Whether a run stopped by its time limit is said to be unfinished: not where that limit is the plan (compare).
+    time_limit_ends_the_run: bool = False
 
     def validate(self) -> None:
         """Refuse bad options with one line each, naming the flag, before any weights or data are read."""
@@ -936,7 +938,8 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     default = f"evaluation-{weights.stem}.json" if is_checkpoint_path(weights) else "evaluation.json"
     output = Path(config.output) if config.output else weights.parent / default
     _check_output_path(output)
-    if meta.get("finished") is False:  # a time limit or SIGTERM stopped it; the numbers are of a partial run
+    planned_end = config.time_limit_ends_the_run and meta.get("stopped_by") == "time limit"
+    if meta.get("finished") is False and not planned_end:  # a time limit or a signal stopped it: a partial run
         print(f"relreason: warning: {weights} is from a run stopped by {meta.get('stopped_by') or 'an interruption'} "
               f"after {meta.get('epochs_done', 0):.2f} epoch(s); rerun its pretrain command to finish it",
               file=sys.stderr)
