@@ -105,6 +105,7 @@ COMPARE_CASES = [
     ("no neighbours for k-NN", ["--knn-k", "0"], "--knn-k must be a positive integer, got 0"),
     ("negative linear-probe epochs", ["--linear-epochs", "-1"], "--linear-epochs must be a positive integer, got -1"),
     ("a seed beyond int64", ["--seeds", "1", "100000000000000000000000"], "--seeds must be an integer in [0, 2**63 - 1]"),
+    ("a method twice", ["--methods", "random", "random"], "--methods must be distinct, got ['random', 'random']"),
 ]
 
 

@@ -524,3 +524,15 @@ def test_sigterm_handler_is_given_back_after_training(set_from_python):
         assert signal.getsignal(signal.SIGTERM) == mine
     finally:
         signal.signal(signal.SIGTERM, original)
+
+
+def test_notes_for_options_that_change_nothing_here_and_the_views_recorded(tmp_path, capsys):
+    result = pretrain(config(tmp_path, method="simclr", num_views=8, sync_batchnorm=True, amp="fp16",
+                             time_limit=1e-9))
+    err = capsys.readouterr().err
+    assert "method 'simclr' trains on 2 view(s) per image; -K 8 does not change that" in err
+    assert "--sync-batchnorm does nothing in a single process" in err
+    assert "--amp fp16 is slow on a CPU" in err
+    assert json.loads((result.run_dir / "backbone.json").read_text())["num_views"] == 2
+    pretrain(config(tmp_path, output_dir=str(tmp_path / "plain"), time_limit=1e-9))
+    assert "note:" not in capsys.readouterr().err

@@ -62,6 +62,8 @@ class CompareConfig:
             raise RelreasonError("give at least one --methods name and one --seeds value")
         if len(set(self.seeds)) != len(self.seeds):
             raise RelreasonError(f"--seeds must be distinct, got {list(self.seeds)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise RelreasonError(f"--methods must be distinct, got {list(self.methods)}; each is run with every seed")
         for seed in self.seeds:
             check_seed(seed, "--seeds")
         unknown = [p for p in self.protocols if p not in COMPARABLE_PROTOCOLS]

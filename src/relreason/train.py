@@ -323,7 +323,7 @@ def build_pretrain_data(
         mean, std = compute_normalization(dataset)
     else:
         mean, std = info.mean, info.std
-    views = method.views_per_image(config.num_views) if method is not None else 1
+    views = max(views_used(config), 1)
     batched = config.augment == "tensor" or (config.augment == "auto" and isinstance(dataset, ArrayImageDataset))
     if batched and isinstance(dataset, ImageFolderDataset):
         if method is None:  # 'random' makes no views: nothing to decode
@@ -406,6 +406,12 @@ def loader_workers(requested: int | None, device: torch.device) -> int:
         return requested
     # On CPU the training step already uses every core; extra augmentation processes only contend.
     return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
+
+
+def views_used(config: PretrainConfig) -> int:
+    """The views per image the method trains on: -K for relational, the method's own number for the others."""
+    method = method_class(config.method)
+    return method.views_per_image(config.num_views) if method is not None else 0
 
 
 def num_classes_of(dataset: MultiViewDataset | DeviceMultiViewDataset) -> int | None:
@@ -503,7 +509,7 @@ def export_backbone(
         "train_seconds": position.past_seconds + position.seconds,
         "finished": position.epoch >= config.epochs or config.method == "random",
         "stopped_by": stopped_by,
-        "num_views": config.num_views,
+        "num_views": views_used(config),  # per image, as the method took them (SimCLR: 2 whatever -K says)
         "seed": config.seed,
         "test_fraction": config.test_fraction,  # evaluate holds the same share out by default
         **geometry,
@@ -533,6 +539,15 @@ def _pretrain(
 ) -> PretrainResult:
     if config.sync_batchnorm and context.enabled and device.type != "cuda":
         raise RelreasonError("--sync-batchnorm needs CUDA devices (PyTorch's SyncBatchNorm is GPU-only); drop it on CPU")
+    if config.sync_batchnorm and not context.enabled:
+        log("relreason: note: --sync-batchnorm does nothing in a single process (it shares BatchNorm statistics "
+            "across torchrun's processes)", context)
+    if config.amp == "fp16" and device.type == "cpu":
+        log("relreason: note: --amp fp16 is slow on a CPU (and needs a loss scaler); --amp bf16 is the CPU's "
+            "half precision", context)
+    if views_used(config) not in (0, config.num_views) and config.num_views != PretrainConfig.num_views:  # -K given
+        log(f"relreason: note: method '{config.method}' trains on {views_used(config)} view(s) per image; "
+            f"-K {config.num_views} does not change that", context)
     seed_everything(config.seed)
     dataset, geometry = build_pretrain_data(config, device)
     folder = getattr(dataset.dataset, "folder", dataset.dataset)
