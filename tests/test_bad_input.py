@@ -45,6 +45,7 @@ PRETRAIN_CASES = [
     ("image folder without images", ["--dataset", "folder", "--data-root", "{tmp}/no-images"], "no image files"),
     ("missing config file", ["--config", "{tmp}/missing.yaml"], "cannot read config file"),
     ("unknown key in config", ["--config", "{tmp}/unknown-key.yaml"], "unknown option 'epochz'"),
+    ("an option twice in config", ["--config", "{tmp}/twice.yaml"], "option 'num-views' is given twice in config file"),
     ("wrong type in config", ["--config", "{tmp}/wrong-type.yaml"], "must be an integer, got [1, 2]"),
     ("config is not YAML", ["--config", "{tmp}/broken.yaml"], "is not valid YAML"),
     ("--no-resume over checkpoints", ["--no-resume", "--output-dir", "{tmp}/has-checkpoint"], "drop --no-resume"),
@@ -120,6 +121,7 @@ def workspace(tmp_path):
     (tmp_path / "no-images").mkdir()
     (tmp_path / "no-images" / "notes.txt").write_text("not an image")
     (tmp_path / "unknown-key.yaml").write_text("epochz: 3\n")
+    (tmp_path / "twice.yaml").write_text("num_views: 4\nnum-views: 8\n")
     (tmp_path / "wrong-type.yaml").write_text("epochs: [1, 2]\n")
     (tmp_path / "broken.yaml").write_text("epochs: [1, 2\n")
     (tmp_path / "not-a-number.yaml").write_text("lr: fast\n")  # while lr: 1e-3 is read as the number

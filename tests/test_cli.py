@@ -243,3 +243,12 @@ def test_the_evaluate_hint_expands_a_home_relative_data_root(tmp_path, monkeypat
     assert main(["pretrain", "--dataset", "folder", "--data-root", "~/lab", *TINY,
                  "--output-dir", str(tmp_path / "run")]) == 0
     assert f"evaluate with: relreason evaluate --run-dir {tmp_path / 'run'}\n" in capsys.readouterr().out
+
+
+def test_the_evaluate_hint_can_be_pasted_into_a_shell(tmp_path, capsys):
+    import shlex
+
+    run = tmp_path / "my runs" / "digits"
+    assert main(["pretrain", "--dataset", "digits", *TINY, "--output-dir", str(run)]) == 0
+    hint = capsys.readouterr().out.split("evaluate with: ")[1].strip()
+    assert shlex.split(hint) == ["relreason", "evaluate", "--run-dir", str(run)]

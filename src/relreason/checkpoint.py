@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from relreason.errors import RelreasonError
+from relreason.errors import RelreasonError, short_reason
 
 
 def _read_umask() -> int:
@@ -108,9 +108,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch raises several types for truncated files
-        detail = " ".join(str(error).split())
-        detail = detail if len(detail) <= 120 else detail[:120].rsplit(" ", 1)[0] + " ..."
-        raise UnreadableCheckpoint(path, f"cannot be read ({type(error).__name__}: {detail}), truncated or corrupt",
+        raise UnreadableCheckpoint(path, f"cannot be read ({short_reason(error)}), truncated or corrupt",
                                    "delete it or start a new --output-dir") from None
     if not isinstance(checkpoint, dict) or "backbone" not in checkpoint or "epoch" not in checkpoint:
         raise UnreadableCheckpoint(path, "is not a relreason training checkpoint", "point --output-dir elsewhere")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -236,6 +237,9 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
         dest = {"k": "num_views", "K": "num_views", "eval_dataset": "dataset"}.get(dest, dest)
         if dest not in actions:
             raise RelreasonError(f"unknown option '{key}' in config file {path}; see --help for the valid names")
+        if dest in options:  # num_views and num-views, or K and num-views: which one was meant?
+            raise RelreasonError(f"option '{key}' is given twice in config file {path} (also under another "
+                                 "spelling); keep one")
         options[dest] = _config_value(actions[dest], key, value, path)
     return options
 
@@ -311,7 +315,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
                   "checkpoint there; rerun the same command to continue")
         return _signal_status(result.stopped_by)  # the run is not finished
     partial = " and part of the next (time limit)" if result.stopped_early else ""
-    evaluate = f"relreason evaluate --run-dir {result.run_dir}"
+    evaluate = f"relreason evaluate --run-dir {shlex.quote(str(result.run_dir))}"  # to paste into a shell
     if (dataset_info(config.dataset).name == "folder" and config.test_fraction is None
             and not has_split_dirs(config.data_root or ".")):
         # Evaluation needs labelled train and test images, which a pretraining folder need not hold. A labelled

@@ -12,6 +12,7 @@ import io
 import json
 import statistics
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -292,8 +293,9 @@ def plot_curves(runs: list[dict[str, Any]], path: Path) -> None:
         label = run["method"] if run["seed"] == runs[0]["seed"] else None  # one legend entry per method
         for axis, key in ((left, "loss"), (right, "probe_accuracy")):
             points = [(s["minutes"], s[key]) for s in steps if key in s]
-            if points:
-                axis.plot(*zip(*points), color=colours[run["method"]], alpha=0.8, linewidth=1, label=label)
+            if points:  # a run of a step or two would be an invisible line: its points are marked
+                axis.plot(*zip(*points), color=colours[run["method"]], alpha=0.8, linewidth=1, label=label,
+                          marker="o" if len(points) < 3 else None, markersize=3)
     left.set(xlabel="training minutes", ylabel="loss (epoch running mean)",
              title="training loss (each method its own objective)")
     left.set_yscale("log")
@@ -328,7 +330,9 @@ def plot_embeddings(config: CompareConfig, path: Path) -> None:
         axis.set_title(method)
         axis.set_xticks([])
         axis.set_yticks([])
-    figure.suptitle(f"t-SNE of {config.dataset} test features ({config.backbone}), coloured by class")
+    # Wrapped to the figure's width: one method's map is a narrow figure.
+    title = f"t-SNE of {config.dataset} test features ({config.backbone}), coloured by class"
+    figure.suptitle(textwrap.fill(title, width=int(9 * 3.4 * columns)))
     figure.tight_layout()
     _save(figure, plt, path)
 

@@ -5,6 +5,14 @@ class RelreasonError(Exception):
     """Invalid input or missing resource; the CLI prints the message on one line and exits non-zero."""
 
 
+def short_reason(error: BaseException, limit: int = 120) -> str:
+    """An exception as a few words for a one-line message: its type and the start of its text, on one line."""
+    detail = " ".join(str(error).split())
+    if len(detail) > limit:
+        detail = detail[:limit].rsplit(" ", 1)[0] + " ..."
+    return f"{type(error).__name__}: {detail}" if detail else type(error).__name__
+
+
 def format_bytes(n: float) -> str:
     """A size for a message: ``512 B``, ``4.5 KB``, ``2.3 GB``."""
     for unit in ("B", "KB", "MB", "GB"):

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from relreason.checkpoint import atomic_torch_save, atomic_write_bytes, is_checkpoint_path
-from relreason.errors import RelreasonError
+from relreason.errors import RelreasonError, short_reason
 from relreason.protocols import (
     check_label_fractions,
     few_label_indices,
@@ -790,7 +790,8 @@ def _load_state_dict(weights: Path) -> dict[str, torch.Tensor]:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for files that are not (whole) weights
         raise RelreasonError(
-            f"{weights} cannot be read as backbone weights ({type(error).__name__}); pass the backbone.pt that "
+            f"{weights} cannot be read as backbone weights (not a whole file saved by torch.save: "
+            f"{short_reason(error)}); pass the backbone.pt that "
             "relreason pretrain exports, a training checkpoint, or a state_dict saved with torch.save"
         ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
