@@ -491,7 +491,8 @@ def test_a_later_checkpoint_that_could_not_be_read_once_survives_the_next_save(t
     def fails_once_for_the_newest(path):
         if Path(path) == newest and not failed:
             failed.append(path)
-            raise RelreasonError("input/output error")
+            raise checkpoint_module.UnreadableCheckpoint(Path(path), "cannot be read (OSError: input/output error)",
+                                                         "delete it or start a new --output-dir")
         return real(path)
 
     monkeypatch.setattr(checkpoint_module, "load_checkpoint", fails_once_for_the_newest)

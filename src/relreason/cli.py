@@ -237,10 +237,11 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
         dest = {"k": "num_views", "K": "num_views", "eval_dataset": "dataset"}.get(dest, dest)
         if dest not in actions:
             raise RelreasonError(f"unknown option '{key}' in config file {path}; see --help for the valid names")
-        if dest in options:  # num_views and num-views, or K and num-views: which one was meant?
-            raise RelreasonError(f"option '{key}' is given twice in config file {path} (also under another "
-                                 "spelling); keep one")
-        options[dest] = _config_value(actions[dest], key, value, path)
+        value = _config_value(actions[dest], key, value, path)
+        if dest in options and options[dest] != value:  # num_views: 4 and num-views: 8: which one was meant?
+            raise RelreasonError(f"option '{key}' is given twice in config file {path}, under two spellings, with "
+                                 f"different values ({options[dest]!r} and {value!r}); keep one")
+        options[dest] = value
     return options
 
 
@@ -389,7 +390,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "list": run_list}[command]
         return handler(args)
     except RelreasonError as error:
-        print(f"relreason: error: {error}", file=sys.stderr)
+        # One write: under torchrun every rank may say it, and two prints each would interleave on one line.
+        sys.stderr.write(f"relreason: error: {error}\n")
+        sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
         print(f"relreason: interrupted{_AFTER_INTERRUPT.get(command, '')}", file=sys.stderr)
