@@ -210,6 +210,21 @@ def test_a_folder_run_resumes_only_on_the_augmentation_path_it_started_on(tmp_pa
     assert json.loads((tmp_path / "run" / "backbone.json").read_text())["augment"] == "tensor"
 
 
+def test_a_refused_resume_is_refused_before_the_folder_is_decoded(tmp_path, monkeypatch):
+    _write_mixed_folder(tmp_path / "imgs")
+    common = dict(dataset="folder", data_root=str(tmp_path / "imgs"), augment="tensor", num_views=2, batch_size=3,
+                  device="cpu", progress=False, tensorboard=False, output_dir=str(tmp_path / "run"))
+    pretrain(PretrainConfig(image_size=16, epochs=1, **common))
+
+    class Refused(DecodedImageFolder):
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("decoded a folder for a resume that is refused")
+
+    monkeypatch.setattr("relreason.train.DecodedImageFolder", Refused)
+    with pytest.raises(RelreasonError, match="image_size: checkpoint 16 vs now 24"):
+        pretrain(PretrainConfig(image_size=24, epochs=2, **common))
+
+
 def test_decoding_shows_a_progress_bar_when_asked(tmp_path, capsys):
     _write_mixed_folder(tmp_path / "imgs")
     DecodedImageFolder(ImageFolderDataset(tmp_path / "imgs"), 8)

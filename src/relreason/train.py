@@ -17,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -302,13 +303,16 @@ def _read_json_lines(path: Path) -> list[dict[str, Any]]:
 
 
 def build_pretrain_data(
-    config: PretrainConfig, device: torch.device = torch.device("cpu")
+    config: PretrainConfig,
+    device: torch.device = torch.device("cpu"),
+    check_geometry: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[MultiViewDataset | DeviceMultiViewDataset, dict[str, Any]]:
     """The multi-view pretraining set and the image geometry/normalisation the backbone is trained with.
 
     In-memory datasets get their views made in batches on ``device`` (``--augment tensor``, the default for
     them; an image folder is decoded into memory at the training size first); image folders by default, or
-    ``--augment pil``, get torchvision's per-image transforms in a DataLoader.
+    ``--augment pil``, get torchvision's per-image transforms in a DataLoader. ``check_geometry`` sees the
+    geometry before a folder is decoded (which may take minutes), so that a resume it refuses is refused early.
     """
     info = dataset_info(config.dataset)
     method = method_class(config.method)
@@ -325,14 +329,14 @@ def build_pretrain_data(
         mean, std = info.mean, info.std
     views = max(views_used(config), 1)
     batched = config.augment == "tensor" or (config.augment == "auto" and isinstance(dataset, ArrayImageDataset))
-    if batched and isinstance(dataset, ImageFolderDataset):
-        if method is None:  # 'random' makes no views: nothing to decode
-            batched = False
-        else:
-            # Under torchrun every process decodes its own copy; process 0 alone shows how far it is.
-            dataset = DecodedImageFolder(dataset, image_size, progress=config.progress and os.environ.get("RANK", "0") == "0")
+    batched = batched and not (method is None and isinstance(dataset, ImageFolderDataset))  # 'random' makes no views
     geometry = {"image_size": image_size, "mean": [float(m) for m in mean], "std": [float(s) for s in std],
                 "augment": "tensor" if batched else "pil"}  # the path taken, which 'auto' does not say
+    if check_geometry is not None:
+        check_geometry(geometry)
+    if batched and isinstance(dataset, ImageFolderDataset):
+        # Under torchrun every process decodes its own copy; process 0 alone shows how far it is.
+        dataset = DecodedImageFolder(dataset, image_size, progress=config.progress and os.environ.get("RANK", "0") == "0")
     if batched:
         recipe = AugmentationRecipe(scale=check_crop_scale(config.min_crop_scale))
         augmentation = BatchRelationalAugmentation(image_size, mean, std, recipe, compile=config.compile)
@@ -549,7 +553,17 @@ def _pretrain(
         log(f"relreason: note: method '{config.method}' trains on {views_used(config)} view(s) per image; "
             f"-K {config.num_views} does not change that", context)
     seed_everything(config.seed)
-    dataset, geometry = build_pretrain_data(config, device)
+    method_type = method_class(config.method)
+    # The checkpoint to resume is read before the data, so that a resume its options refuse is refused before a
+    # folder is decoded. 'random' keeps none.
+    found = broadcast_object(load_newest_checkpoint(Path(config.output_dir))
+                             if context.is_main and config.resume and method_type is not None else None, context)
+
+    def check_resume(geometry: dict[str, Any]) -> None:
+        if found is not None:
+            check_resumable(found[1], config, geometry, found[0])
+
+    dataset, geometry = build_pretrain_data(config, device, check_resume)
     folder = getattr(dataset.dataset, "folder", dataset.dataset)
     if isinstance(folder, ImageFolderDataset):
         log(describe_folder(folder), context)
@@ -560,7 +574,6 @@ def _pretrain(
             f"dataset '{config.dataset}' has {len(dataset)} image(s); each of the {context.world_size} process(es) "
             "needs at least 2 (an image cannot be its own negative)"
         )
-    method_type = method_class(config.method)
     if method_type is not None and method_type.needs_labels:
         check_every_image_labelled(dataset, config.dataset)  # before the output folder exists
     if method_type is None:
@@ -603,10 +616,8 @@ def _pretrain(
     metrics = MetricsLog(run_dir, config.tensorboard and context.is_main)
     position = TrainingPosition()
 
-    found = broadcast_object(load_newest_checkpoint(run_dir) if context.is_main and config.resume else None, context)
     if found is not None:
         path, checkpoint = found
-        check_resumable(checkpoint, config, geometry, path)
         try:
             model.load_state_dict(checkpoint["model"])
         except RuntimeError as error:  # e.g. a class folder added since: the online probe's output grew
