@@ -178,7 +178,7 @@ def test_a_folder_of_one_subfolder_is_unlabelled_and_not_evaluated_as_one_class(
     root = str(tmp_path / "root")
     assert main(["pretrain", "--dataset", "folder", "--data-root", root, *TINY, "--output-dir", str(tmp_path / "run")]) == 0
     out, err = capsys.readouterr()
-    assert "40 images, unlabelled: its one subfolder 'photos' is no classes to tell apart (no online probe)" in err
+    assert "40 images, unlabelled: its one subfolder 'photos' holds one class, nothing to tell apart (no online probe)" in err
     assert "--data-root DIR" in out and "probe" not in (tmp_path / "run" / "metrics.jsonl").read_text()
     # Every classifier is right on a test set of one class: refused, not reported as 100%.
     assert main(["evaluate", "--run-dir", str(tmp_path / "run"), "--test-fraction", "0.2"]) == 2
@@ -187,6 +187,12 @@ def test_a_folder_of_one_subfolder_is_unlabelled_and_not_evaluated_as_one_class(
     assert main(["pretrain", "--dataset", "folder", "--data-root", root, *TINY, "--method", "supervised",
                  "--output-dir", str(tmp_path / "run2")]) == 2
     assert "needs images of at least 2 classes" in capsys.readouterr().err
+    # train/ and test/ of one class each: no plain `evaluate --run-dir` hint either, which would then be refused.
+    for split in ("train", "test"):
+        _digit_pngs(tmp_path / "split" / split / "photos", 20)
+    assert main(["pretrain", "--dataset", "folder", "--data-root", str(tmp_path / "split"), *TINY,
+                 "--output-dir", str(tmp_path / "run3")]) == 0
+    assert "--data-root DIR (DIR: train/ and test/, each with one subfolder per class)" in capsys.readouterr().out
 
 
 def test_split_folders_named_validation_or_misnamed(tmp_path, capsys):

@@ -100,7 +100,9 @@ def test_compare_refuses_runs_made_with_other_options_and_trains_on_for_more_epo
     assert "was trained with other options (batch_size: run 64 vs now 32)" in capsys.readouterr().err
     assert main(compare_argv(output, "--time-limit", "5")) == 2
     assert "holds runs trained with no --time-limit (now --time-limit 5)" in capsys.readouterr().err
-    assert main(compare_argv(output, "--epochs", "2")) == 0
+    argv = compare_argv(output, "--epochs", "2")
+    argv[argv.index("digits")] = "DIGITS"  # the same dataset, as typed otherwise
+    assert main(argv) == 0
     assert "epoch 2/2" in capsys.readouterr().err
     assert json.loads((output / "compare.json").read_text())["table"]["relational"]["epochs"]["mean"] == 2
 
@@ -129,6 +131,25 @@ def test_a_run_ended_by_the_time_budget_is_not_called_unfinished(tmp_path, capsy
     err = capsys.readouterr().err
     assert json.loads((output / "relational-seed1" / "backbone.json").read_text())["stopped_by"] == "time limit"
     assert "rerun its pretrain command" not in err
+
+
+def test_ctrl_c_during_a_run_checkpoints_it_and_ends_the_whole_comparison(tmp_path, monkeypatch, capsys):
+    from relreason.train import StopRequest
+
+    install = StopRequest.install
+
+    def install_with_a_ctrl_c_received():
+        request = install()
+        request.requested = request.interrupted = True
+        return request
+
+    monkeypatch.setattr(StopRequest, "install", staticmethod(install_with_a_ctrl_c_received))
+    output = tmp_path / "compare"
+    assert main(compare_argv(output, "--seeds", "1", "2")) == 130
+    err = capsys.readouterr().err
+    assert "stopped during epoch 1 at step 1" in err and "relreason: interrupted; finished runs are kept" in err
+    assert json.loads((output / "relational-seed1" / "backbone.json").read_text())["stopped_by"] == "Ctrl-C"
+    assert not (output / "relational-seed2").exists()
 
 
 def test_a_resumed_run_gets_what_is_left_of_its_time_budget(tmp_path):
@@ -221,4 +242,23 @@ def test_compare_refuses_a_labelled_folder_without_a_test_split_before_training(
     argv[argv.index("digits")] = "folder"
     assert main(argv + ["--data-root", str(images)]) == 2
     assert "has no train/ and test/ (or val/ or validation/) subfolders, so it has no 'test' split" in capsys.readouterr().err
+    assert not (output / "relational-seed1").exists()
+
+
+@pytest.mark.parametrize("layout", ["split", "test-fraction"])
+def test_compare_refuses_a_folder_of_one_class_before_training(tmp_path, capsys, layout):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    for split in (("train", "test") if layout == "split" else ("",)):
+        (images / split / "photos").mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(images / split / "photos" / f"{i}.png")
+    output = tmp_path / "compare"
+    argv = compare_argv(output, "--data-root", str(images))
+    argv[argv.index("digits")] = "folder"
+    if layout == "test-fraction":
+        argv += ["--test-fraction", "0.5"]
+    assert main(argv) == 2
+    assert "hold 1 class ('photos'); evaluation needs at least 2" in capsys.readouterr().err
     assert not (output / "relational-seed1").exists()

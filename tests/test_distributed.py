@@ -140,7 +140,7 @@ def test_the_stop_vote_carries_a_failure_found_on_one_rank(monkeypatch):
     from relreason.distributed import DistributedContext
 
     context = DistributedContext(rank=1, world_size=2)
-    monkeypatch.setattr(train, "max_over_ranks", lambda value, context: max(value, 3))  # rank 0 found NaN
+    monkeypatch.setattr(train, "max_over_ranks", lambda value, context: max(value, train.StopRequest.FAILED))  # rank 0: NaN
     stop = train.StopRequest()
     assert stop.agreed(math.inf, context) and stop.failed and not stop.signalled
     monkeypatch.setattr(train, "max_over_ranks", lambda value, context: value)
@@ -148,29 +148,37 @@ def test_the_stop_vote_carries_a_failure_found_on_one_rank(monkeypatch):
     assert not stop.agreed(math.inf, context) and not stop.failed
 
 
-def test_the_stop_vote_carries_a_sigterm_from_any_rank(monkeypatch):
+def test_the_stop_vote_carries_a_signal_from_any_rank(monkeypatch):
     import math
 
     import relreason.train as train
     from relreason.distributed import DistributedContext
 
+    vote = train.StopRequest
     stop, context = train.StopRequest(), DistributedContext(rank=1, world_size=2)
     votes = []
 
-    def other_rank_votes(value, context, decided):
-        votes.append(value)
-        return max(value, decided)
+    def other_rank_votes(decided):
+        def max_over_ranks(value, context):
+            votes.append(value)
+            return max(value, decided)
 
-    monkeypatch.setattr(train, "max_over_ranks", lambda value, context: other_rank_votes(value, context, 0))
+        monkeypatch.setattr(train, "max_over_ranks", max_over_ranks)
+
+    other_rank_votes(vote.GO_ON)
     assert not stop.agreed(math.inf, context) and not stop.signalled  # nobody asks to stop
-    monkeypatch.setattr(train, "max_over_ranks", lambda value, context: other_rank_votes(value, context, 1))
-    assert stop.agreed(math.inf, context) and not stop.signalled  # another rank's time limit: stop, no SIGTERM
-    monkeypatch.setattr(train, "max_over_ranks", lambda value, context: other_rank_votes(value, context, 2))
-    assert stop.agreed(math.inf, context) and stop.signalled  # another rank's SIGTERM counts here
+    other_rank_votes(vote.TIME_LIMIT)
+    assert stop.agreed(math.inf, context) and not stop.signalled  # another rank's time limit: stop, no signal
+    other_rank_votes(vote.SIGTERM)
+    assert stop.agreed(math.inf, context) and stop.signalled and stop.signal_name == "SIGTERM"  # counts here
     assert not stop.requested  # this rank received none
+    other_rank_votes(vote.CTRL_C)  # every rank names the same signal, whichever rank it reached
+    assert stop.agreed(math.inf, context) and stop.signal_name == "Ctrl-C"
     stop.requested = True
-    monkeypatch.setattr(train, "max_over_ranks", lambda value, context: other_rank_votes(value, context, 0))
-    assert stop.agreed(math.inf, context) and stop.signalled
+    other_rank_votes(vote.GO_ON)
+    assert stop.agreed(math.inf, context) and stop.signalled and stop.signal_name == "SIGTERM"
+    stop.interrupted = True
+    assert stop.agreed(math.inf, context) and stop.signal_name == "Ctrl-C"
     fresh = train.StopRequest()
     assert fresh.agreed(-math.inf, context) and not fresh.signalled  # its own passed deadline
-    assert votes == [0, 0, 0, 2, 1]  # what this rank put to the vote each time
+    assert votes == [vote.GO_ON] * 4 + [vote.SIGTERM, vote.CTRL_C, vote.TIME_LIMIT]  # what this rank put to the vote

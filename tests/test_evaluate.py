@@ -345,7 +345,7 @@ def test_evaluate_finds_the_runs_own_data_root_and_takes_a_training_checkpoint(f
 
 
 @pytest.mark.parametrize("case,message", [
-    ("not-weights", "cannot be read as backbone weights (not a whole file saved by torch.save: KeyError: 101)")
+    ("not-weights", "cannot be read as backbone weights (KeyError: 101); pass the backbone.pt")
     , ("output-is-a-folder", "is a folder; give a file path")
     , ("broken-backbone-json", "backbone.json cannot be read (")
 ])

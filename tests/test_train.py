@@ -537,3 +537,20 @@ def test_notes_for_options_that_change_nothing_here_and_the_views_recorded(tmp_p
     assert json.loads((result.run_dir / "backbone.json").read_text())["num_views"] == 2
     pretrain(config(tmp_path, output_dir=str(tmp_path / "plain"), time_limit=1e-9))
     assert "note:" not in capsys.readouterr().err
+
+
+def test_a_one_class_run_that_trained_a_probe_resumes_without_it(tmp_path, monkeypatch):
+    # Earlier versions trained an online probe over a folder's single class; such a run resumes, probe dropped.
+    from relreason import train
+
+    _write_digit_pngs(tmp_path / "one" / "photos", 0, 40)
+    options = dict(dataset="folder", data_root=str(tmp_path / "one"), batch_size=16)
+    monkeypatch.setattr(train, "num_classes_of", lambda dataset: 1)
+    pretrain(config(tmp_path, **options))
+    assert any(k.startswith("probe.") for k in torch.load(list_checkpoints(tmp_path / "run")[0],
+                                                          weights_only=False)["model"])
+    monkeypatch.undo()
+    result = pretrain(config(tmp_path, epochs=2, **options))
+    assert result.epochs_done == 2
+    assert not any(k.startswith("probe.") for k in torch.load(list_checkpoints(tmp_path / "run")[0],
+                                                              weights_only=False)["model"])

@@ -97,9 +97,10 @@ def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> 
 class UnreadableCheckpoint(RelreasonError):
     """A checkpoint file that does not read back as one: ``reason`` says why, in a few words."""
 
-    def __init__(self, path: Path, reason: str, fix: str) -> None:
+    def __init__(self, path: Path, reason: str, fix: str, damaged: bool = True) -> None:
         super().__init__(f"checkpoint {path} {reason}; {fix}")
         self.reason = reason
+        self.damaged = damaged  # False: whole, but written by other software versions than these
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -107,6 +108,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except (ImportError, AttributeError) as error:  # a class its pickle names is not here (numpy 2 -> 1, say)
+        raise UnreadableCheckpoint(path, f"cannot be read here ({short_reason(error)}), written by other package "
+                                   "versions", "install the versions it was written with, or start a new --output-dir",
+                                   damaged=False) from None
     except Exception as error:  # torch raises several types for truncated files
         raise UnreadableCheckpoint(path, f"cannot be read ({short_reason(error)}), truncated or corrupt",
                                    "delete it or start a new --output-dir") from None
@@ -154,9 +159,11 @@ def load_newest_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict[str, 
                       file=sys.stderr)
             last = error
     if paths:
+        fix = ("delete them to start this run over" if last.damaged else
+               "install the package versions they were written with to resume,")
         raise RelreasonError(
             f"none of the {len(paths)} checkpoint(s) in {run_dir} can be read (the oldest, {paths[-1].name}, "
-            f"{last.reason}); delete them to start this run over, or choose another --output-dir"
+            f"{last.reason}); {fix} or choose another --output-dir"
         )
     return None
 

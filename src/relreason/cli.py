@@ -149,7 +149,7 @@ def add_compare_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, help=f"one run per seed and method [{' '.join(map(str, d.seeds))}]")
     parser.add_argument("--epochs", type=int, help=f"epochs per run (an upper bound with --time-limit) [{d.epochs}]")
     parser.add_argument("--time-limit", type=float,
-                        help="minutes of training per run: the same budget for every method [none]")
+                        help="minutes per run, its setup included: the same budget for every method [none]")
     parser.add_argument("-K", "--num-views", type=int, dest="num_views", help=f"views per image for relational [{d.num_views}]")
     parser.add_argument("--batch-size", type=int, help=f"images per batch [{d.batch_size}]")
     parser.add_argument("--image-size", type=int, help="image side in pixels [the dataset's own]")
@@ -312,15 +312,16 @@ def run_pretrain(args: argparse.Namespace) -> int:
     reports = os.environ.get("RANK", "0") == "0"  # under torchrun, process 0 alone speaks for the run
     if result.preempted:
         if reports:
-            print(f"stopped by {result.stopped_by} after {result.epochs_done} epoch(s) and part of the next, with a "
-                  "checkpoint there; rerun the same command to continue")
-        return _signal_status(result.stopped_by)  # the run is not finished
+            print(f"stopped by SIGTERM after {result.epochs_done} epoch(s) and part of the next, with a checkpoint "
+                  "there; rerun the same command to continue")
+        return 143  # 128 + SIGTERM: the run is not finished
     partial = " and part of the next (time limit)" if result.stopped_early else ""
     evaluate = f"relreason evaluate --run-dir {shlex.quote(str(result.run_dir))}"  # to paste into a shell
-    if (dataset_info(config.dataset).name == "folder" and config.test_fraction is None
-            and not has_split_dirs(config.data_root or ".")):
-        # Evaluation needs labelled train and test images, which a pretraining folder need not hold. A labelled
-        # folder's classes can be split, unless the labels were trained on.
+    own_split = has_split_dirs(config.data_root or ".")
+    if dataset_info(config.dataset).name == "folder" and config.test_fraction is None and (
+            not own_split or result.num_classes is None):
+        # Evaluation needs labelled train and test images of several classes, which a pretraining folder need not
+        # hold. A labelled folder's classes can be split, unless the labels were trained on.
         if config.method != "supervised" and result.num_classes is not None:
             evaluate += " --test-fraction 0.2 (its held-out images were seen, unlabelled, in pretraining)"
         else:
@@ -353,16 +354,12 @@ def run_compare_command(args: argparse.Namespace) -> int:
     config = _config_from(args, CompareConfig)
     summary = run_compare(config)
     if "preempted" in summary:
-        print(f"stopped by {summary['stopped_by']} during the run {summary['preempted']}, with a checkpoint there; "
-              "rerun the same command to continue")
-        return _signal_status(summary["stopped_by"])  # as pretrain: the comparison is not finished
+        print(f"stopped by SIGTERM during the run {summary['preempted']}, with a checkpoint there; rerun the same "
+              "command to continue")
+        return 143  # 128 + SIGTERM, as pretrain: the comparison is not finished
     print(format_markdown(summary, config))
     print(f"tables and plots written to {config.output_dir}")
     return 0
-
-
-def _signal_status(stopped_by: str | None) -> int:
-    return 130 if stopped_by == "Ctrl-C" else 143  # 128 + SIGINT or SIGTERM, as the shell reports them
 
 
 def run_list(_: argparse.Namespace) -> int:

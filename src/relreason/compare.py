@@ -82,9 +82,11 @@ def run_dir_of(config: CompareConfig, method: str, seed: int) -> Path:
 def pretrain_config_for(config: CompareConfig, method: str, seed: int):
     from relreason.train import PretrainConfig
 
+    # -K is relational's alone here: the other methods keep their own number of views (and say nothing of -K).
+    num_views = config.num_views if method == "relational" else PretrainConfig.num_views
     return PretrainConfig(
         method=method, dataset=config.dataset, data_root=config.data_root, download=config.download,
-        backbone=config.backbone, image_size=config.image_size, num_views=config.num_views,
+        backbone=config.backbone, image_size=config.image_size, num_views=num_views,
         batch_size=config.batch_size, epochs=config.epochs, seed=seed, device=config.device, augment=config.augment,
         time_limit=config.time_limit, output_dir=str(run_dir_of(config, method, seed)), progress=config.progress,
         log_every=config.log_every, test_fraction=config.test_fraction,
@@ -109,6 +111,8 @@ def _read_json(path: Path) -> Any:
 
 def check_existing_runs(config: CompareConfig) -> None:
     """Refuse, before anything trains, run folders that another comparison's options made."""
+    from relreason.data import same_dataset
+
     budget = _read_json(Path(config.output_dir) / BUDGET_NAME)
     if isinstance(budget, dict) and budget.get("time_limit") != config.time_limit:
         def said(minutes: float | None) -> str:
@@ -126,8 +130,9 @@ def check_existing_runs(config: CompareConfig) -> None:
             if not isinstance(recorded, dict):
                 continue
             wanted = dataclasses.asdict(pretrain_config_for(config, method, seed))
-            differ = [f"{key}: run {recorded.get(key)!r} vs now {wanted[key]!r}"
-                      for key in keys if recorded.get(key) != wanted[key]]
+            differ = [f"{key}: run {recorded.get(key)!r} vs now {wanted[key]!r}" for key in keys
+                      if recorded.get(key) != wanted[key]
+                      and not (key == "dataset" and same_dataset(recorded.get(key), wanted[key]))]
             if differ:
                 raise RelreasonError(
                     f"{run_dir} was trained with other options ({', '.join(differ)}); rerun with the original "
@@ -183,7 +188,7 @@ def summarise(values: list[float]) -> dict[str, float]:
 def run_compare(config: CompareConfig) -> dict[str, Any]:
     """Train and evaluate every method x seed; write compare.json, compare.md and the plots; return the summary."""
     from relreason.data import dataset_info, held_out_split
-    from relreason.evaluate import EvaluateConfig, labelled_split, run_evaluation
+    from relreason.evaluate import EvaluateConfig, check_several_classes, labelled_split, run_evaluation
     from relreason.train import pretrain
 
     config.validate()
@@ -194,11 +199,12 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
                        seed=seed, device=config.device).validate()
     check_existing_runs(config)
     info = dataset_info(config.dataset)
-    if config.test_fraction is not None:  # evaluation will need both splits, labelled
-        held_out_split(config.dataset, config.data_root, config.test_fraction)
+    if config.test_fraction is not None:  # evaluation will need both splits, labelled, of several classes
+        train_split = held_out_split(config.dataset, config.data_root, config.test_fraction)[0]
     else:
-        for split in (info.train_split, info.test_split):
-            labelled_split(config.dataset, config.data_root, split, config.download)
+        train_split, _ = (labelled_split(config.dataset, config.data_root, split, config.download)
+                          for split in (info.train_split, info.test_split))
+    check_several_classes(train_split, config.dataset)
     output = Path(config.output_dir)
     runs: list[dict[str, Any]] = []
     for method in config.methods:
@@ -210,10 +216,9 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
                 run_config.time_limit = remaining_minutes(run_dir, config.time_limit)
                 if method != "random":  # the budget binds the folder once a run trains under it
                     atomic_write_json(output / BUDGET_NAME, {"time_limit": config.time_limit})
-                result = pretrain(run_config)
-                if result.preempted:
-                    # A scheduler's notice (or Ctrl-C) ends the whole comparison (the next run would be killed anyway).
-                    return {"preempted": f"{method}, seed {seed}", "stopped_by": result.stopped_by}
+                if pretrain(run_config).preempted:
+                    # A scheduler's notice ends the whole comparison (the next run would be killed anyway).
+                    return {"preempted": f"{method}, seed {seed}"}
             meta = _read_json(run_dir / "backbone.json")
             evaluation = run_evaluation(EvaluateConfig(
                 run_dir=str(run_dir), protocols=tuple(config.protocols), linear_epochs=config.linear_epochs,

@@ -1,5 +1,9 @@
 """The one exception type users see: its message is a single line naming the problem and the fix."""
 
+import re
+
+_TERMINAL_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
 
 class RelreasonError(Exception):
     """Invalid input or missing resource; the CLI prints the message on one line and exits non-zero."""
@@ -7,7 +11,7 @@ class RelreasonError(Exception):
 
 def short_reason(error: BaseException, limit: int = 120) -> str:
     """An exception as a few words for a one-line message: its type and the start of its text, on one line."""
-    detail = " ".join(str(error).split())
+    detail = " ".join(_TERMINAL_CODES.sub("", str(error)).split())  # torch's messages carry bold codes
     if len(detail) > limit:
         detail = detail[:limit].rsplit(" ", 1)[0] + " ..."
     return f"{type(error).__name__}: {detail}" if detail else type(error).__name__

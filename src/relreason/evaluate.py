@@ -790,9 +790,9 @@ def _load_state_dict(weights: Path) -> dict[str, torch.Tensor]:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for files that are not (whole) weights
         raise RelreasonError(
-            f"{weights} cannot be read as backbone weights (not a whole file saved by torch.save: "
-            f"{short_reason(error)}); pass the backbone.pt that "
-            "relreason pretrain exports, a training checkpoint, or a state_dict saved with torch.save"
+            f"{weights} cannot be read as backbone weights ({short_reason(error)}); pass the backbone.pt that "
+            "relreason pretrain exports, a training checkpoint, or a state_dict saved with torch.save (not a whole "
+            "pickled model, nor a damaged file)"
         ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise RelreasonError(f"{weights} does not hold a state_dict of tensors; pass the backbone.pt that "

@@ -189,11 +189,11 @@ class PretrainResult:
     run_dir: Path
     epochs_done: int
     history: list[dict[str, float]]
-    stopped_early: bool  # by --time-limit, SIGTERM or Ctrl-C, with a checkpoint at the step it stopped
+    stopped_early: bool  # by --time-limit or SIGTERM, with a checkpoint at the step it stopped
     model: PretrainMethod | nn.Module  # the trained method (its .backbone); the bare backbone for 'random'
-    preempted: bool = False  # stopped by a signal (SIGTERM or Ctrl-C) rather than by --time-limit
+    preempted: bool = False  # stopped by SIGTERM rather than by --time-limit
     num_classes: int | None = None  # of the pretraining images; None when they have no labels
-    stopped_by: str | None = None  # 'time limit', 'SIGTERM' or 'Ctrl-C' when stopped_early
+    stopped_by: str | None = None  # 'time limit' or 'SIGTERM' when stopped_early
 
 
 def resolve_device(name: str) -> torch.device:
@@ -440,7 +440,7 @@ def describe_folder(folder: ImageFolderDataset) -> str:
             about += (f"; note: subfolder(s) {', '.join(splits)} taken as classes: for a train/test split, give "
                       "train/ and test/ (or val/ or validation/) with one subfolder per class in each")
     elif classes:
-        about = f"unlabelled: its one subfolder '{classes[0]}' is no classes to tell apart (no online probe)"
+        about = f"unlabelled: its one subfolder '{classes[0]}' holds one class, nothing to tell apart (no online probe)"
     else:
         about = f"unlabelled: {folder.why_unlabelled}"
     return f"image folder {folder.root}: {images}, {about}"
@@ -525,7 +525,9 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     """Train ``config.backbone`` with relational reasoning on ``config.dataset``; see ``PretrainConfig``.
 
     Under ``torchrun`` each process trains on its own share of every epoch (pairs are formed inside each
-    rank's batch) and rank 0 alone writes files; otherwise this is a plain single-process loop.
+    rank's batch) and rank 0 alone writes files; otherwise this is a plain single-process loop. SIGTERM and
+    the time limit end it with a checkpoint at the current step (``stopped_early``); so does Ctrl-C, which
+    then raises KeyboardInterrupt (a second Ctrl-C raises it at once).
     """
     config.validate()
     # The time limit counts from here, setup included (decoding a large folder takes minutes): a limit
@@ -556,8 +558,7 @@ def _pretrain(
     method_type = method_class(config.method)
     # The checkpoint to resume is read before the data, so that a resume its options refuse is refused before a
     # folder is decoded. 'random' keeps none.
-    found = broadcast_object(load_newest_checkpoint(Path(config.output_dir))
-                             if context.is_main and config.resume and method_type is not None else None, context)
+    found = newest_checkpoint_everywhere(config, context) if method_type is not None else None
 
     def check_resume(geometry: dict[str, Any]) -> None:
         if found is not None:
@@ -618,6 +619,8 @@ def _pretrain(
 
     if found is not None:
         path, checkpoint = found
+        if probe is None:
+            checkpoint = without_probe(checkpoint)
         try:
             model.load_state_dict(checkpoint["model"])
         except RuntimeError as error:  # e.g. a class folder added since: the online probe's output grew
@@ -662,7 +665,7 @@ def _pretrain(
     finally:
         stop.uninstall()
     stopped_early = stopped_early and position.epoch < config.epochs
-    stopped_by = (stop.signal_name if stop.signalled else "time limit") if stopped_early else None
+    stopped_by = (stop.signal_name or "time limit") if stopped_early else None
     if context.is_main:
         export_backbone(run_dir, model.method.backbone, config, geometry, position, stopped_by)
         metrics.close()
@@ -671,6 +674,10 @@ def _pretrain(
             log(f"stopped during epoch {position.epoch + 1} at step {position.step}; exported the current backbone "
                 "and saved a checkpoint there: rerun the same command to continue", context)
     barrier(context)
+    if stop.signal_name == "Ctrl-C" or stop.interrupted:
+        # Ctrl-C still interrupts the caller (a loop over runs, compare), now with the run checkpointed; also when
+        # it came during the last step, which ended the run anyway.
+        raise KeyboardInterrupt
     history = metrics.read() if context.is_main else []
     return PretrainResult(run_dir, position.epoch, history, stopped_early, model.method,
                           stopped_early and stop.signalled, num_classes, stopped_by)
@@ -697,6 +704,36 @@ class TrainingPosition:
     def next_epoch(self) -> None:
         self.past_seconds += self.seconds
         self.epoch, self.step, self.totals, self.views, self.seconds, self.items = self.epoch + 1, 0, {}, 0, 0.0, 0
+
+
+def newest_checkpoint_everywhere(
+    config: PretrainConfig, context: DistributedContext
+) -> tuple[Path, dict[str, Any]] | None:
+    """Rank 0 reads the newest checkpoint and every rank gets it, or the error that none reads back: an error
+    raised on rank 0 alone would leave the others waiting for it."""
+    found, refusal = None, None
+    if context.is_main and config.resume:
+        try:
+            found = load_newest_checkpoint(Path(config.output_dir))
+        except RelreasonError as error:
+            refusal = str(error)
+    found, refusal = broadcast_object((found, refusal), context)
+    if refusal is not None:
+        raise RelreasonError(refusal)
+    return found
+
+
+def without_probe(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint less an online probe this run no longer trains: earlier versions gave a folder of one
+    class subfolder a probe (over that one class); such a run resumes without it."""
+    model = {k: v for k, v in checkpoint["model"].items() if not k.startswith("probe.")}
+    if len(model) == len(checkpoint["model"]):
+        return checkpoint
+    optimizer = checkpoint["optimizer"]
+    kept = optimizer["param_groups"][:1]  # the method's parameters; the probe's group came second
+    ids = {i for group in kept for i in group["params"]}
+    state = {i: s for i, s in optimizer["state"].items() if i in ids}
+    return checkpoint | {"model": model, "optimizer": {"state": state, "param_groups": kept}}
 
 
 def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, geometry: dict, path: Path) -> None:
@@ -802,11 +839,15 @@ class StopRequest:
     """SIGTERM (a scheduler's preemption notice) or a first Ctrl-C asks the loop to checkpoint and stop at the
     next step; a second Ctrl-C stops at once (KeyboardInterrupt), keeping the checkpoints written so far."""
 
+    # The ranks' votes, the largest wins: a failure outranks a Ctrl-C, which outranks a SIGTERM, then the clock.
+    GO_ON, TIME_LIMIT, SIGTERM, CTRL_C, FAILED = range(5)
+
     def __init__(self) -> None:
         self.requested = False  # set by the signal handler on this rank
         self.interrupted = False  # that signal was Ctrl-C (SIGINT)
         self.signalled = False  # the ranks' agreed decision: stop because of a signal
         self.failed = False  # the ranks' agreed decision: stop because a rank found the training broken
+        self.signal_name: str | None = None  # the agreed signal: 'SIGTERM' or 'Ctrl-C' (on any rank)
         self.previous: dict[int, Any] = {}
 
     @classmethod
@@ -819,19 +860,15 @@ class StopRequest:
                 request.previous[signal.SIGINT] = signal.signal(signal.SIGINT, request._handle)
         return request
 
-    @property
-    def signal_name(self) -> str:
-        return "Ctrl-C" if self.interrupted else "SIGTERM"
-
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT:
             if self.interrupted:  # the second Ctrl-C: no waiting for the step
                 self.uninstall()
                 raise KeyboardInterrupt
             self.interrupted = True
-            if os.environ.get("RANK", "0") == "0":
-                print("\nrelreason: Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again to quit at once)",
-                      file=sys.stderr, flush=True)
+            if os.environ.get("RANK", "0") == "0":  # os.write: a print could land inside another write of stderr
+                os.write(2, b"\nrelreason: Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again to quit "
+                            b"at once)\n")
         self.requested = True
 
     def uninstall(self) -> None:
@@ -846,12 +883,14 @@ class StopRequest:
         A rank that stopped alone, its own clock past the time limit, a SIGTERM reaching it first or an
         error (``failing``) found by it alone, would leave the others waiting in the next gradient all-reduce.
         """
-        own = 3 if failing else 2 if self.requested else int(time.monotonic() > deadline)
+        own = (self.FAILED if failing else self.CTRL_C if self.interrupted else self.SIGTERM if self.requested
+               else self.TIME_LIMIT if time.monotonic() > deadline else self.GO_ON)
         vote = max_over_ranks(own, context)
         # The agreed reason, not this rank's flag (a SIGTERM may reach this rank after a time-limit vote):
         # every rank then reports the same reason and exits with the same status.
-        self.signalled, self.failed = vote == 2, vote == 3
-        return vote > 0
+        self.signalled, self.failed = vote in (self.SIGTERM, self.CTRL_C), vote == self.FAILED
+        self.signal_name = {self.SIGTERM: "SIGTERM", self.CTRL_C: "Ctrl-C"}.get(vote)
+        return vote > self.GO_ON
 
 
 def log(message: str, context: DistributedContext) -> None:
