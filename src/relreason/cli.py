@@ -392,7 +392,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
-        print(f"relreason: interrupted{_AFTER_INTERRUPT.get(command, '')}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank is interrupted: one says so
+            sys.stderr.write(f"relreason: interrupted{_AFTER_INTERRUPT.get(command, '')}\n")
         return 130
 
 
