@@ -645,7 +645,7 @@ def test_pretraining_with_a_test_fraction_never_sees_the_images_evaluate_holds_o
             "--output-dir", str(run)]
     assert main([*args, "--epochs", "1"]) == 0
     out, err = capsys.readouterr()
-    assert "12 images, 2 classes" in err  # 16 less the 4 held out
+    assert "12 images (4 more held out as the test set), 2 classes" in err
     assert f"evaluate with: relreason evaluate --run-dir {run}\n" in out  # the run knows its split
     assert json.loads((run / "backbone.json").read_text())["test_fraction"] == 0.25
     assert evaluate_args("--run-dir", str(run)) == 0

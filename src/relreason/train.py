@@ -431,6 +431,8 @@ def num_classes_of(dataset: MultiViewDataset | DeviceMultiViewDataset) -> int | 
 def describe_folder(folder: ImageFolderDataset) -> str:
     """What pretraining makes of an image folder, in one line: its images, and its classes or why it has none."""
     images = f"{len(folder)} image{'s' if len(folder) != 1 else ''}"
+    if folder.held_out:
+        images += f" ({folder.held_out} more held out as the test set)"
     classes = folder.classes or []
     if len(classes) >= 2:
         shown = ", ".join(classes[:6]) + (f", ... ({len(classes) - 6} more)" if len(classes) > 6 else "")

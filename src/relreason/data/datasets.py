@@ -415,6 +415,8 @@ class ImageFolderDataset(Dataset):
             f"subfolders (e.g. {loose[0]})"
         )
         self.skipped: dict[str, str] = {}
+        #: Images of the folder left out of this dataset: the test share a --test-fraction holds out.
+        self.held_out = 0
         self.skip_log: Path | None = None
         self._log_warned = False
         if skip_log is not None:
@@ -921,7 +923,9 @@ def split_image_folder(
             f"--test-fraction {test_fraction:g} of the {len(folder)} images of {folder.root} rounds to no test image "
             "in any class; choose a larger fraction"
         )
-    return folder.subset(train_idx), folder.subset(test_idx)
+    train, test = folder.subset(train_idx), folder.subset(test_idx)
+    train.held_out = len(test)
+    return train, test
 
 
 def load_dataset(
