@@ -636,3 +636,13 @@ def test_download_failure_is_one_line_error(tmp_path, monkeypatch):
     msg = str(info.value)
     assert "could not download" in msg and "\n" not in msg and "name resolution failed" in msg
     assert not os.listdir(tmp_path)
+    # Folders the download would have made are not left behind, empty.
+
+    def offline_after_making_its_folder(root, *args, **kwargs):
+        os.makedirs(root, exist_ok=True)
+        raise urllib.error.URLError("name resolution failed")
+
+    monkeypatch.setattr(tvd, "CIFAR10", offline_after_making_its_folder)
+    with pytest.raises(RelreasonError, match="could not download"):
+        load_dataset("cifar10", tmp_path / "data" / "cifar", "train", download=True)
+    assert not os.listdir(tmp_path)

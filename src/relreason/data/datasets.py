@@ -683,9 +683,15 @@ def _download(key: str, root: Path, split: str) -> None:
         "mnist": lambda: tvd.MNIST(str(root), train=train, download=True),
         "fashion-mnist": lambda: tvd.FashionMNIST(str(root), train=train, download=True),
     }
+    made = [folder for folder in (root, *root.parents) if not folder.exists()]  # what a failure should not leave
     try:
         makers[key]()
     except Exception as exc:  # network errors, checksum failures, disk full ...
+        for folder in made:  # deepest first; only those still empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         msg = " ".join(str(exc).split()) or type(exc).__name__
         raise RelreasonError(
             f"could not download dataset '{key}' into {root} ({msg}); check the network "
