@@ -260,7 +260,8 @@ def _mean_and_spread(stats: dict[str, float]) -> str:
 
 
 def format_markdown(summary: dict[str, Any], config: CompareConfig) -> str:
-    budget = f"{config.time_limit:g} min of training per run" if config.time_limit else f"{config.epochs} epochs per run"
+    budget = (f"{config.time_limit:g} min per run" if config.time_limit
+              else f"{config.epochs} epoch{'s' if config.epochs != 1 else ''} per run")
     lines = [
         f"# {config.dataset}, {config.backbone}: {len(config.seeds)} seed(s) ({', '.join(map(str, config.seeds))}), "
         f"{budget}",
