@@ -133,6 +133,22 @@ def test_a_run_ended_by_the_time_budget_is_not_called_unfinished(tmp_path, capsy
     assert "rerun its pretrain command" not in err
 
 
+def test_a_sigterm_in_the_last_step_of_a_run_still_ends_the_comparison(tmp_path, monkeypatch, capsys):
+    from relreason.train import StopRequest
+
+    uninstall = StopRequest.uninstall
+
+    def uninstall_after_a_late_sigterm(self):
+        self.requested = True  # arrived after the run's last stop vote: the run finishes
+        uninstall(self)
+
+    monkeypatch.setattr(StopRequest, "uninstall", uninstall_after_a_late_sigterm)
+    output = tmp_path / "compare"
+    assert main(compare_argv(output, "--seeds", "1", "2")) == 143
+    assert json.loads((output / "relational-seed1" / "backbone.json").read_text())["finished"]
+    assert not (output / "relational-seed2").exists()
+
+
 def test_ctrl_c_during_a_run_checkpoints_it_and_ends_the_whole_comparison(tmp_path, monkeypatch, capsys):
     from relreason.train import StopRequest
 

@@ -216,8 +216,10 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
                 run_config.time_limit = remaining_minutes(run_dir, config.time_limit)
                 if method != "random":  # the budget binds the folder once a run trains under it
                     atomic_write_json(output / BUDGET_NAME, {"time_limit": config.time_limit})
-                if pretrain(run_config).preempted:
-                    # A scheduler's notice ends the whole comparison (the next run would be killed anyway).
+                result = pretrain(run_config)
+                if result.sigterm_received:
+                    # A scheduler's notice ends the whole comparison (the next run would be killed anyway), also when
+                    # it came in the last step of a run that then finished.
                     return {"preempted": f"{method}, seed {seed}"}
             meta = _read_json(run_dir / "backbone.json")
             evaluation = run_evaluation(EvaluateConfig(

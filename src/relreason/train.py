@@ -194,6 +194,7 @@ class PretrainResult:
     preempted: bool = False  # stopped by SIGTERM rather than by --time-limit
     num_classes: int | None = None  # of the pretraining images; None when they have no labels
     stopped_by: str | None = None  # 'time limit' or 'SIGTERM' when stopped_early
+    sigterm_received: bool = False  # also when it came too late to stop the run (in its last step): stop what follows
 
 
 def resolve_device(name: str) -> torch.device:
@@ -682,7 +683,8 @@ def _pretrain(
         raise KeyboardInterrupt
     history = metrics.read() if context.is_main else []
     return PretrainResult(run_dir, position.epoch, history, stopped_early, model.method,
-                          stopped_early and stop.signalled, num_classes, stopped_by)
+                          stopped_early and stop.signalled, num_classes, stopped_by,
+                          sigterm_received=stop.signalled or stop.requested)
 
 
 @dataclass
