@@ -865,7 +865,7 @@ def pretraining_folder(data_root: str) -> Path:
     return root / "train" if has_split_dirs(root) else root
 
 
-def test_images_inside(test_set: Any, folder: Path) -> int:
+def count_images_inside(test_set: Any, folder: Path) -> int:
     """How many of ``test_set``'s image files lie in ``folder`` (at any depth; links resolved)."""
     folder = folder.resolve()
     return sum(Path(path).resolve().is_relative_to(folder) for path in getattr(test_set, "paths", ()))
@@ -979,7 +979,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     check_several_classes(train_set, dataset_name)
     if info.name == "folder" and own_data and not same_folder and recorded:
         # Another folder than the run's own, which may still hold (or lie inside) the one it was pretrained on.
-        inside = test_images_inside(test_set, pretraining_folder(recorded))
+        inside = count_images_inside(test_set, pretraining_folder(recorded))
         if inside:
             seen = True if meta.get("test_fraction") is None else None  # None: perhaps, its own share held out
             print(f"relreason: warning: {inside} of the {len(test_set)} test images lie in {pretraining_folder(recorded)}, "
