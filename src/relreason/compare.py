@@ -202,8 +202,8 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     if config.test_fraction is not None:  # evaluation will need both splits, labelled, of several classes
         train_split = held_out_split(config.dataset, config.data_root, config.test_fraction)[0]
     else:
-        train_split, _ = (labelled_split(config.dataset, config.data_root, split, config.download)
-                          for split in (info.train_split, info.test_split))
+        train_split = labelled_split(config.dataset, config.data_root, info.train_split, config.download)
+        labelled_split(config.dataset, config.data_root, info.test_split, config.download)
     check_several_classes(train_split, config.dataset)
     output = Path(config.output_dir)
     runs: list[dict[str, Any]] = []
