@@ -198,8 +198,9 @@ def test_the_embedding_map_follows_the_weights(tmp_path):
     output = tmp_path / "compare"
     assert main(compare_argv(output)) == 0
     assert main(compare_argv(output, "--epochs", "2")) == 0
-    caches = sorted((output / "relational-seed1" / "features").glob("embedding-test-*.pt"))
-    assert len(caches) == 2  # one per exported backbone: the trained-on run's map is not the old one
+    features = output / "relational-seed1" / "features"
+    assert len(list(features.glob("*-test-*.pt"))) == 2  # one per exported backbone: the trained-on run's map is not the old one
+    assert len(list(features.glob("*.pt"))) == 4  # evaluate's train and test features; the map reads its test file
 
 
 def test_a_finished_comparison_trains_nothing_again_and_remakes_random_with_the_new_options(tmp_path, capsys):
@@ -230,7 +231,7 @@ def test_random_runs_remade_for_other_data_or_budget_get_their_own_map(tmp_path)
     on_folder = list(random_only)
     on_folder[on_folder.index("digits")] = "folder"
     assert main(on_folder + ["--data-root", str(images)]) == 0  # the same weights, another data set's map
-    assert len(list((output / "random-seed1" / "features").glob("embedding-test-*.pt"))) == 2
+    assert len(list((output / "random-seed1" / "features").glob("*-test-*.pt"))) == 2
 
 
 def test_one_seed_is_tabulated_without_a_spread_of_zero():

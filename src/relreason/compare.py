@@ -326,11 +326,12 @@ def plot_embeddings(config: CompareConfig, path: Path) -> None:
     figure, axes = plt.subplots(1, columns, figsize=(3.4 * columns, 3.6), squeeze=False)
     for axis, method in zip(axes[0], config.methods):
         run_dir = run_dir_of(config, method, config.seeds[0])
-        backbone, dataset, transform, key = _test_features_source(run_dir, config)
-        # Named by the weights and the data, as evaluate names its caches: a run trained on (more epochs, the
-        # rest of its budget) or a random backbone remade for other data gets a new map.
+        backbone, dataset, transform, cache = _test_features_source(run_dir, config)
+        # Evaluate's own cache of these test features, named by the weights and the data: read, not extracted
+        # again; a run trained on (more epochs, the rest of its budget) or a random backbone remade for other
+        # data gets a new map.
         features, labels = extract_features(backbone, dataset, transform, device=_device(config.device),
-                                            cache_path=run_dir / "features" / f"embedding-test-{key}.pt")
+                                            cache_path=cache)
         chosen = np.random.default_rng(0).permutation(len(labels))[: config.embedding_points]
         points = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(chosen) - 1) / 3),
                       random_state=0).fit_transform(features[chosen].numpy())
@@ -354,21 +355,24 @@ def _device(name: str) -> torch.device:
 def _test_features_source(run_dir: Path, config: CompareConfig):
     from relreason.backbones import build_backbone
     from relreason.data import dataset_info, eval_transform, held_out_split, load_dataset
-    from relreason.evaluate import data_tag_of
+    from relreason.evaluate import data_tag_of, feature_cache_path
 
     meta = json.loads((run_dir / "backbone.json").read_text())
     backbone = build_backbone(meta["backbone"], image_size=meta["image_size"])
     weights = (run_dir / "backbone.pt").read_bytes()
     backbone.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True))
-    info = dataset_info(config.dataset)
+    # Named as evaluate names it (run_evaluation: the run's recorded dataset, its normalisation, both splits).
+    name = meta["dataset"]
+    info = dataset_info(name)
     if config.test_fraction is not None:
-        dataset = held_out_split(config.dataset, config.data_root, config.test_fraction)[1]
+        train, test = held_out_split(name, config.data_root, config.test_fraction)
     else:
-        dataset = load_dataset(config.dataset, config.data_root, info.test_split, download=config.download)
+        train, test = (load_dataset(name, config.data_root, split, download=config.download)
+                       for split in (info.train_split, info.test_split))
     digest = hashlib.sha1(weights).hexdigest()[:12]
-    tag = data_tag_of(config.dataset, config.data_root, meta["mean"], meta["std"], (dataset,))
-    key = f"{digest}-{meta['image_size']}px-{tag}"
-    return backbone, dataset, eval_transform(meta["image_size"], meta["mean"], meta["std"]), key
+    tag = data_tag_of(name, config.data_root, meta["mean"], meta["std"], (train, test))
+    cache = feature_cache_path(run_dir / "features", meta["backbone"], digest, name, "test", meta["image_size"], tag)
+    return backbone, test, eval_transform(meta["image_size"], meta["mean"], meta["std"]), cache
 
 
 def _save(figure, plt, path: Path) -> None:

@@ -889,6 +889,12 @@ def load_matching_state(backbone: nn.Module, state: Mapping[str, torch.Tensor], 
     backbone.load_state_dict(state)
 
 
+def feature_cache_path(cache_dir: Path, backbone: str, weights_key: str, dataset_name: str, split: str,
+                       image_size: int, data_tag: str) -> Path:
+    """Where the features of a split under given weights are cached: named by all that decides them."""
+    return cache_dir / f"{backbone}-{weights_key}-{dataset_name}-{split}-{image_size}px-{data_tag}.pt"
+
+
 def data_tag_of(dataset_name: str, data_root: str, mean: Any, std: Any, splits: Iterable[Any] = ()) -> str:
     """A short digest of what decides the features of a dataset besides the backbone.
 
@@ -1017,7 +1023,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         if feature_protocols:
             features = {}
             for split, dataset in (("train", train_set), ("test", test_set)):
-                cache = cache_dir / f"{meta['backbone']}-{key}-{dataset_name}-{split}-{image_size}px-{data_tag}.pt"
+                cache = feature_cache_path(cache_dir, meta["backbone"], key, dataset_name, split, image_size, data_tag)
                 features[split] = extract_features(
                     backbone, dataset, transform, batch_size=config.batch_size, device=device, cache_path=cache
                 )
