@@ -129,10 +129,28 @@ def test_available_memory_is_read_from_the_kernel_and_the_tightest_cgroup_limit(
     (job / "memory.max").write_text("max\n")
     (root / "slurm" / "memory.max").write_text("max\n")
     assert available() == 5000 * 1024
-    own.write_text("4:memory:/x\n")  # cgroup v1 only: the root alone is looked at
+    own.write_text("4:memory:/x\n")  # no cgroup v2 path: the v2 root alone is looked at
     (root / "memory.max").write_text("2000000\n")
     (root / "memory.current").write_text("500000\n")
     assert available() == 1_500_000
+    (root / "memory.max").write_text("max\n")
+    # cgroup v1 (older container hosts): the memory hierarchy, this process's folder and its ancestors.
+    own.write_text("5:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n0::/\n")
+    v1 = root / "memory" / "docker" / "abc"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(f"{2**63 - 4096}\n")  # no limit, as v1 writes it
+    (v1 / "memory.usage_in_bytes").write_text("100\n")
+    assert available() == 5000 * 1024
+    (v1 / "memory.limit_in_bytes").write_text("3000000\n")
+    (v1 / "memory.usage_in_bytes").write_text("2000000\n")
+    (v1 / "memory.stat").write_text("cache 900000\ntotal_inactive_file 800000\n")
+    assert available() == 1_800_000
+    # Inside a container the hierarchy's root is often the container's own cgroup, and its path is not there.
+    v1_root = root / "memory"
+    for name in ("memory.limit_in_bytes", "memory.usage_in_bytes", "memory.stat"):
+        (v1 / name).rename(v1_root / name)
+    (v1_root / "memory.limit_in_bytes").write_text("2500000\n")
+    assert available() == 1_300_000
     assert decoded_folder.available_memory_bytes(str(tmp_path / "none"), str(tmp_path / "none"), str(own)) is None
 
 

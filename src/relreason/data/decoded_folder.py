@@ -32,7 +32,7 @@ def available_memory_bytes(
     meminfo: str = "/proc/meminfo", cgroup_root: str = "/sys/fs/cgroup", own_cgroup: str = "/proc/self/cgroup"
 ) -> int | None:
     """Memory the kernel reports as available to new allocations (Linux), or None where unknown; under a
-    memory limit (cgroup v2: a container, a batch job), at most what the tightest limit on this process's
+    memory limit (a container, a batch job; cgroup v2 or v1), at most what the tightest limit on this process's
     cgroup and its ancestors leaves, counting reclaimable file cache as free."""
     available = None
     try:
@@ -42,12 +42,15 @@ def available_memory_bytes(
                     available = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    for folder in _cgroup_chain(cgroup_root, own_cgroup):
+    v2 = [(folder, "memory.max", "memory.current", "inactive_file") for folder in _cgroup_chain(cgroup_root, own_cgroup)]
+    v1 = [(folder, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+          for folder in _cgroup_chain(cgroup_root, own_cgroup, controller="memory")]
+    for folder, limit_name, usage_name, inactive_name in v2 + v1:
         try:
-            limit = (folder / "memory.max").read_text().strip()
-            if limit == "max":
+            limit = (folder / limit_name).read_text().strip()
+            if limit == "max" or int(limit) >= _V1_UNLIMITED:
                 continue
-            used = int((folder / "memory.current").read_text()) - _inactive_file(folder)
+            used = int((folder / usage_name).read_text()) - _stat(folder, inactive_name)
             left = max(int(limit) - used, 0)
         except (OSError, ValueError):
             continue
@@ -55,14 +58,23 @@ def available_memory_bytes(
     return available
 
 
-def _cgroup_chain(cgroup_root: str, own_cgroup: str) -> list[Path]:
-    """This process's cgroup v2 folder and its ancestors up to the root (the root alone when unknown)."""
-    root = Path(cgroup_root)
+# cgroup v1 writes "no limit" as the largest page-aligned 64-bit number.
+_V1_UNLIMITED = 2**62
+
+
+def _cgroup_chain(cgroup_root: str, own_cgroup: str, controller: str | None = None) -> list[Path]:
+    """This process's cgroup folder and its ancestors up to the root (the root alone when unknown): cgroup v2's
+    (``controller`` None), or the v1 hierarchy of ``controller`` (mounted at ``cgroup_root/controller``)."""
+    root = Path(cgroup_root) if controller is None else Path(cgroup_root) / controller
+    relative = Path()
     try:
-        line = next(line for line in Path(own_cgroup).read_text().splitlines() if line.startswith("0::"))
-        relative = Path(line[3:].strip().lstrip("/"))
-    except (OSError, StopIteration):
-        relative = Path()
+        for line in Path(own_cgroup).read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if (controller is None and controllers == "") or controller in controllers.split(","):
+                relative = Path(path.strip().lstrip("/"))
+                break
+    except (OSError, ValueError):
+        pass
     chain = [root / relative]
     while relative != relative.parent:
         relative = relative.parent
@@ -70,11 +82,12 @@ def _cgroup_chain(cgroup_root: str, own_cgroup: str) -> list[Path]:
     return chain
 
 
-def _inactive_file(folder: Path) -> int:
+def _stat(folder: Path, key: str) -> int:
+    """One count of ``folder/memory.stat`` (0 where unknown)."""
     try:
         for line in (folder / "memory.stat").read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if key == "inactive_file":
+            name, _, value = line.partition(" ")
+            if name == key:
                 return int(value)
     except (OSError, ValueError):
         pass
