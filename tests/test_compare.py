@@ -86,6 +86,15 @@ def test_compare_writes_tables_and_plots_from_the_runs(tmp_path, capsys):
     assert json.loads((output / "compare.json").read_text())["table"] == summary["table"]
 
 
+def refused_before_training(output, images, capsys, *extra):
+    """compare on the image folder ``images``: exit 2 before any run trains; what it said on stderr."""
+    argv = compare_argv(output, "--data-root", str(images), *extra)
+    argv[argv.index("digits")] = "folder"
+    assert main(argv) == 2
+    assert not (output / "relational-seed1").exists()
+    return capsys.readouterr().err
+
+
 def compare_argv(output, *extra):
     return ["compare", "--dataset", "digits", "--image-size", "16", "-K", "3", "--methods", "relational", "--seeds",
             "1", "--epochs", "1", "--protocols", "knn", "--embedding-points", "60", "--device", "cpu", "--no-progress",
@@ -186,12 +195,7 @@ def test_compare_refuses_unlabelled_images_before_training(tmp_path, capsys):
     images.mkdir()
     for i in range(4):
         Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(images / f"{i}.png")
-    output = tmp_path / "compare"
-    argv = compare_argv(output)
-    argv[argv.index("digits")] = "folder"
-    assert main(argv + ["--data-root", str(images)]) == 2
-    assert "has no labels" in capsys.readouterr().err
-    assert not (output / "relational-seed1").exists()
+    assert "has no labels" in refused_before_training(tmp_path / "compare", images, capsys)
 
 
 def test_the_embedding_map_follows_the_weights(tmp_path):
@@ -254,12 +258,8 @@ def test_compare_refuses_a_labelled_folder_without_a_test_split_before_training(
         (images / name).mkdir(parents=True)
         for i in range(3):
             Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(images / name / f"{i}.png")
-    output = tmp_path / "compare"
-    argv = compare_argv(output)
-    argv[argv.index("digits")] = "folder"
-    assert main(argv + ["--data-root", str(images)]) == 2
-    assert "has no train/ and test/ (or val/ or validation/) subfolders, so it has no 'test' split" in capsys.readouterr().err
-    assert not (output / "relational-seed1").exists()
+    err = refused_before_training(tmp_path / "compare", images, capsys)
+    assert "has no train/ and test/ (or val/ or validation/) subfolders, so it has no 'test' split" in err
 
 
 @pytest.mark.parametrize("layout", ["split", "test-fraction"])
@@ -271,11 +271,6 @@ def test_compare_refuses_a_folder_of_one_class_before_training(tmp_path, capsys,
         (images / split / "photos").mkdir(parents=True)
         for i in range(6):
             Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(images / split / "photos" / f"{i}.png")
-    output = tmp_path / "compare"
-    argv = compare_argv(output, "--data-root", str(images))
-    argv[argv.index("digits")] = "folder"
-    if layout == "test-fraction":
-        argv += ["--test-fraction", "0.5"]
-    assert main(argv) == 2
-    assert "hold 1 class ('photos'); evaluation needs at least 2" in capsys.readouterr().err
-    assert not (output / "relational-seed1").exists()
+    extra = ["--test-fraction", "0.5"] if layout == "test-fraction" else []
+    err = refused_before_training(tmp_path / "compare", images, capsys, *extra)
+    assert "hold 1 class ('photos'); evaluation needs at least 2" in err

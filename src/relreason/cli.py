@@ -317,9 +317,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
         return 143  # 128 + SIGTERM: the run is not finished
     partial = " and part of the next (time limit)" if result.stopped_early else ""
     evaluate = f"relreason evaluate --run-dir {shlex.quote(str(result.run_dir))}"  # to paste into a shell
-    own_split = has_split_dirs(config.data_root or ".")
     if dataset_info(config.dataset).name == "folder" and config.test_fraction is None and (
-            not own_split or result.num_classes is None):
+            not has_split_dirs(config.data_root or ".") or result.num_classes is None):
         # Evaluation needs labelled train and test images of several classes, which a pretraining folder need not
         # hold. A labelled folder's classes can be split, unless the labels were trained on.
         if config.method != "supervised" and result.num_classes is not None:

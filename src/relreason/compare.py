@@ -361,16 +361,18 @@ def _test_features_source(run_dir: Path, config: CompareConfig):
     backbone = build_backbone(meta["backbone"], image_size=meta["image_size"])
     weights = (run_dir / "backbone.pt").read_bytes()
     backbone.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True))
-    # Named as evaluate names it (run_evaluation: the run's recorded dataset, its normalisation, both splits).
+    # Named as evaluate names it (run_evaluation: the run's recorded dataset, its normalisation, and for a
+    # folder the files of both splits; a named dataset's tag reads no files, so its train split is not loaded).
     name = meta["dataset"]
     info = dataset_info(name)
     if config.test_fraction is not None:
-        train, test = held_out_split(name, config.data_root, config.test_fraction)
+        splits = held_out_split(name, config.data_root, config.test_fraction)
     else:
-        train, test = (load_dataset(name, config.data_root, split, download=config.download)
-                       for split in (info.train_split, info.test_split))
+        wanted = (info.train_split, info.test_split) if info.name == "folder" else (info.test_split,)
+        splits = tuple(load_dataset(name, config.data_root, split, download=config.download) for split in wanted)
+    test = splits[-1]
     digest = hashlib.sha1(weights).hexdigest()[:12]
-    tag = data_tag_of(name, config.data_root, meta["mean"], meta["std"], (train, test))
+    tag = data_tag_of(name, config.data_root, meta["mean"], meta["std"], splits)
     cache = feature_cache_path(run_dir / "features", meta["backbone"], digest, name, "test", meta["image_size"], tag)
     return backbone, test, eval_transform(meta["image_size"], meta["mean"], meta["std"]), cache
 

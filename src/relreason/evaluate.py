@@ -985,10 +985,11 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     check_several_classes(train_set, dataset_name)
     if info.name == "folder" and own_data and not same_folder and recorded:
         # Another folder than the run's own, which may still hold (or lie inside) the one it was pretrained on.
-        inside = count_images_inside(test_set, pretraining_folder(recorded))
+        pretrained_on = pretraining_folder(recorded)
+        inside = count_images_inside(test_set, pretrained_on)
         if inside:
             seen = True if meta.get("test_fraction") is None else None  # None: perhaps, its own share held out
-            print(f"relreason: warning: {inside} of the {len(test_set)} test images lie in {pretraining_folder(recorded)}, "
+            print(f"relreason: warning: {inside} of the {len(test_set)} test images lie in {pretrained_on}, "
                   f"which the backbone was pretrained on{'' if seen else ' (less its held-out share)'}; evaluate on "
                   "images outside it for a test set it never saw", file=sys.stderr)
     if own_data and "mean" in meta:

@@ -193,7 +193,6 @@ class PretrainResult:
     model: PretrainMethod | nn.Module  # the trained method (its .backbone); the bare backbone for 'random'
     preempted: bool = False  # stopped by SIGTERM rather than by --time-limit
     num_classes: int | None = None  # of the pretraining images; None when they have no labels
-    stopped_by: str | None = None  # 'time limit' or 'SIGTERM' when stopped_early
     sigterm_received: bool = False  # also when it came too late to stop the run (in its last step): stop what follows
 
 
@@ -683,7 +682,7 @@ def _pretrain(
         raise KeyboardInterrupt
     history = metrics.read() if context.is_main else []
     return PretrainResult(run_dir, position.epoch, history, stopped_early, model.method,
-                          stopped_early and stop.signalled, num_classes, stopped_by,
+                          stopped_early and stop.signalled, num_classes,
                           sigterm_received=stop.signalled or stop.requested)
 
 
@@ -849,10 +848,14 @@ class StopRequest:
     def __init__(self) -> None:
         self.requested = False  # set by the signal handler on this rank
         self.interrupted = False  # that signal was Ctrl-C (SIGINT)
-        self.signalled = False  # the ranks' agreed decision: stop because of a signal
         self.failed = False  # the ranks' agreed decision: stop because a rank found the training broken
         self.signal_name: str | None = None  # the agreed signal: 'SIGTERM' or 'Ctrl-C' (on any rank)
         self.previous: dict[int, Any] = {}
+
+    @property
+    def signalled(self) -> bool:
+        """The ranks' agreed decision: stop because of a signal."""
+        return self.signal_name is not None
 
     @classmethod
     def install(cls) -> StopRequest:
@@ -892,7 +895,7 @@ class StopRequest:
         vote = max_over_ranks(own, context)
         # The agreed reason, not this rank's flag (a SIGTERM may reach this rank after a time-limit vote):
         # every rank then reports the same reason and exits with the same status.
-        self.signalled, self.failed = vote in (self.SIGTERM, self.CTRL_C), vote == self.FAILED
+        self.failed = vote == self.FAILED
         self.signal_name = {self.SIGTERM: "SIGTERM", self.CTRL_C: "Ctrl-C"}.get(vote)
         return vote > self.GO_ON
 
