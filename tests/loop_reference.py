@@ -35,10 +35,23 @@ def loop_aggregate(features: torch.Tensor, num_views: int, aggregation: str = "c
     return torch.cat(pairs, 0), torch.cat(targets, 0)
 
 
+def reference_head(in_features: int, hidden_features: int = 256) -> nn.Sequential:
+    """The notebook's relation head, built here from torch's own modules and defaults (BatchNorm eps 1e-5 and
+    momentum 0.1, LeakyReLU slope 0.01), so a changed default in the library's head shows against it."""
+    return nn.Sequential(
+        nn.Linear(in_features, hidden_features),
+        nn.BatchNorm1d(hidden_features),
+        nn.LeakyReLU(0.01),
+        nn.Linear(hidden_features, 1),
+    )
+
+
 def loop_step(backbone: nn.Module, head: nn.Module, views: list[torch.Tensor], aggregation: str = "cat"):
-    """One reference-style forward: concatenate views, embed, loop-aggregate, score, BCE."""
+    """One reference-style forward: concatenate views, embed, loop-aggregate, score, BCE.
+
+    Returns the loss, the scores, the targets and the first view's features."""
     features = backbone(torch.cat(views, 0))
     pairs, targets = loop_aggregate(features, len(views), aggregation)
     scores = head(pairs).squeeze()
     loss = nn.BCEWithLogitsLoss()(scores, targets)
-    return loss, scores, targets
+    return loss, scores, targets, features[: views[0].shape[0]]

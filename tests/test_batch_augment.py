@@ -140,6 +140,9 @@ def test_random_choices_have_the_recipe_rates_and_ranges():
         assert factor.min() >= low and factor.max() <= high
         assert factor.mean().item() == pytest.approx((low + high) / 2, abs=0.01)
         assert factor.std().item() == pytest.approx((high - low) / 12**0.5, rel=0.02)  # uniform
+    # Independent coins: jitter and greyscale together as often as the product of their rates.
+    both = (params.jitter & params.grayscale).float().mean().item()
+    assert both == pytest.approx(0.8 * 0.2, abs=0.01)
     assert (params.order.sort(dim=1).values == torch.arange(4)).all()  # permutations
     counts = torch.unique(params.order, dim=0, return_counts=True)[1]
     assert counts.numel() == 24 and (counts.float() / 48000 - 1 / 24).abs().max() < 0.006
@@ -194,8 +197,64 @@ def test_device_dataset_and_loader_are_reproducible_per_step():
 
 
 def test_datasets_without_an_image_array_are_refused():
-    with pytest.raises(RelreasonError, match="--augment pil"):
+    with pytest.raises(RelreasonError, match="MultiViewDataset; on the command line, --augment pil"):
         images_as_tensor([(Image.new("RGB", (4, 4)), 0)])
+
+
+def test_loader_takes_any_batch_sampler_and_views_take_index_lists():
+    dataset = ArrayImageDataset(colour_images(6, 12, 12), np.arange(6) % 2)
+    views = DeviceMultiViewDataset(dataset, ba.BatchRelationalAugmentation(8, (0.5,) * 3, (0.5,) * 3), 2, seed=3)
+    sampler = EpochBatchSampler(6, 3, seed=3, epoch=0)
+    ours = list(BatchViewLoader(views, sampler))
+    theirs = list(BatchViewLoader(views, [list(batch) for batch in sampler]))  # no start_step: from step 0
+    assert len(theirs) == 2
+    for (a, la), (b, lb) in zip(ours, theirs):  # same batches, same step seeds
+        assert torch.equal(a, b) and torch.equal(la, lb)
+    from_list, labels = views.views([0, 2, 4])
+    assert from_list.shape == (2, 3, 3, 8, 8) and labels.tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("images, problem", [
+    (torch.rand(4, 3, 12, 12), "must be uint8"),  # float in [0, 1]: would be divided by 255 twice
+    (torch.zeros(4, 12, 12, 3, dtype=torch.uint8), "permute"),  # channels last
+    (torch.zeros(4, 4, 12, 12, dtype=torch.uint8), r"\(B, 1 or 3, H, W\)"),  # RGBA
+    (torch.zeros(3, 12, 12, dtype=torch.uint8), r"\(B, 1 or 3, H, W\)"),  # one image without its batch axis
+    (np.zeros((4, 3, 12, 12), dtype=np.uint8), "uint8 tensor"),
+])
+def test_batched_augmentation_refuses_other_inputs(images, problem):
+    augment = ba.BatchRelationalAugmentation(8, (0.5,) * 3, (0.25,) * 3)
+    with pytest.raises(RelreasonError, match=problem):
+        augment(images, 2)
+
+
+def test_batched_augmentation_refuses_no_views():
+    augment = ba.BatchRelationalAugmentation(8, (0.5,) * 3, (0.25,) * 3)
+    with pytest.raises(RelreasonError, match="num_views must be a positive integer"):
+        augment(torch.zeros(2, 3, 12, 12, dtype=torch.uint8), 0)
+
+
+def test_accelerator_branch_of_the_jitter_gives_the_same_views(monkeypatch):
+    """On an accelerator every view is computed and the selected ones kept; here on the CPU, against the
+    CPU branch that computes the selected views only."""
+    images = torch.from_numpy(colour_images(12, 12, 12, seed=4)).permute(0, 3, 1, 2).float() / 255
+    params = ba.sample_view_parameters(12, 12, 12, generator=torch.Generator().manual_seed(5))
+    assert 0 < params.jitter.sum() < 12
+    listed = ba.color_jitter(images, params.jitter, params.factors, params.order)
+    monkeypatch.setattr(ba, "_lists_selected", lambda device: False)
+    kept = ba.color_jitter(images, params.jitter, params.factors, params.order)
+    assert torch.allclose(listed, kept, atol=1e-6)
+    assert torch.equal(kept[~params.jitter], images[~params.jitter])
+    assert not torch.allclose(kept[params.jitter], images[params.jitter])
+
+
+def test_ranks_draw_different_views_of_the_same_step():
+    dataset = ArrayImageDataset(colour_images(8, 12, 12), np.zeros(8, dtype=int))
+    views = DeviceMultiViewDataset(dataset, ba.BatchRelationalAugmentation(8, (0.5,) * 3, (0.5,) * 3), 2, seed=3)
+    batches = [[0, 1, 2, 3]]  # the same images on both ranks: only the rank tells their views apart
+    rank_0 = next(iter(BatchViewLoader(views, batches, rank=0)))[0]
+    rank_1 = next(iter(BatchViewLoader(views, batches, rank=1)))[0]
+    assert not torch.allclose(rank_0, rank_1)
+    assert torch.equal(rank_0, next(iter(BatchViewLoader(views, batches, rank=0)))[0])
 
 
 def test_compiled_colour_operations_give_the_same_views():

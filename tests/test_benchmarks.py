@@ -19,13 +19,20 @@ def test_throughput_benchmark_prints_consistent_rows():
     def views_per_s(key):
         return int(cells[key][1].replace(",", ""))
 
+    def follows_from(printed, numerator, denominator):
+        """The printed ratio (2 decimals) lies within what the printed rates (whole views/s) allow: on a busy
+        machine a rate of a few views/s makes its rounding alone worth several percent."""
+        low = (numerator - 0.5) / (denominator + 0.5)
+        high = (numerator + 0.5) / max(denominator - 0.5, 1e-9)
+        return low * 0.98 - 0.005 <= float(printed) <= high * 1.02 + 0.005
+
     for mode in ("fp32", "bf16"):
         _, _, speedup, per_backbone = cells["relreason", mode]
         ours = views_per_s(("relreason", mode))
         assert ours > 0
         # The printed ratios follow from the printed rates (the times are rounded to whole milliseconds).
-        assert abs(float(speedup) - ours / views_per_s(("reference", "fp32"))) <= 0.02 * float(speedup) + 0.01
-        assert abs(float(per_backbone) - views_per_s(("backbone only", mode)) / ours) <= 0.02 * float(per_backbone) + 0.01
+        assert follows_from(speedup, ours, views_per_s(("reference", "fp32"))), (speedup, cells)
+        assert follows_from(per_backbone, views_per_s(("backbone only", mode)), ours), (per_backbone, cells)
 
 
 def test_a_failing_row_is_reported_and_the_others_still_run():
@@ -54,7 +61,9 @@ def test_device_check_script_runs_its_steps_tiny_on_the_cpu(tmp_path):
     assert "torch" in files["machine.txt"]
     assert "| conv4 | 2 | relreason | bf16 |" in files["throughput_conv4.md"]
     assert "| resnet32 | 2 | backbone only | fp32 |" in files["throughput_resnet32.md"]
-    assert "done: 1 epoch(s)" in files["pretrain.log"]
+    # The epoch ends, or on a busy machine the time limit stops it first: either way the backbone is exported.
+    assert "done: 1 epoch(s)" in files["pretrain.log"] or "stopped during epoch 1" in files["pretrain.log"]
+    assert "backbone exported to" in files["pretrain.log"] or "exported the current backbone" in files["pretrain.log"]
     assert "| pretrained |" in files["evaluate.md"] and "| random " in files["evaluate.md"]
 
 

@@ -176,6 +176,57 @@ def test_converged_probe_handles_constant_features_and_reports_iterations(blobs)
     assert capped["iterations"] == 3
 
 
+def test_linear_probe_shuffles_rows_sorted_by_class():
+    # Rows sorted by class, one epoch of small batches at a high lr: trained in the given order, the last
+    # batches hold only the last class and drag every prediction there (the features share a large
+    # common offset, so "more of the last class everywhere" is easy to learn).  Shuffled, both classes
+    # are seen throughout and the probe separates them.
+    g = torch.Generator().manual_seed(2)
+    centres = torch.randn(2, 8, generator=g) * 2.0 + 5.0
+    y = torch.arange(2).repeat_interleave(64)
+    x = centres[y] + torch.randn(128, 8, generator=g)
+    layer = train_linear_classifier(x, y, 2, epochs=1, lr=0.1, batch_size=8, seed=0)
+    with torch.no_grad():
+        predictions = layer(x).argmax(dim=1)
+    accuracy = 100.0 * float((predictions == y).sum()) / y.shape[0]
+    last_class_everywhere = 100.0 * float((y == 1).sum()) / y.shape[0]
+    assert set(predictions.tolist()) == {0, 1}
+    assert accuracy >= last_class_everywhere + 25.0
+
+
+def test_converged_probe_standardises_test_rows_with_training_statistics():
+    # The test rows are training rows of a single class.  A probe scoring 100% on every training row
+    # scores 100% on them, whatever else is in the test set -- provided they are standardised with the
+    # training mean and std.  Standardised with their own statistics they would be centred on the
+    # training mean, where no class lives.
+    x, y = make_blobs(n_per_class=50, num_classes=3, dim=4, spread=3.0, seed=2)
+    one_class = linear_probe_converged(x, y, x[y == 2], y[y == 2])
+    assert one_class["train_accuracy"] == 100.0
+    assert one_class["test_accuracy"] == 100.0
+    # Conversely, shifting every test row by the same vector moves the rows, not the statistics they are
+    # standardised with: with class 0's centre moved onto the training mean, its rows are misclassified.
+    shift = x[y == 0].mean(dim=0) - x.mean(dim=0)
+    assert linear_probe_converged(x, y, x - shift, y)["test_accuracy"] < 90.0
+
+
+def test_converged_probe_leaves_the_bias_unpenalised():
+    # With an overwhelming weight decay the weights shrink to ~0 but the (unpenalised) bias still learns
+    # the log class prior, so every row gets the majority class; at the default the features separate
+    # the classes perfectly (a control: the majority answer comes from the weight decay, not the data).
+    g = torch.Generator().manual_seed(4)
+
+    def imbalanced(n0, n1):
+        labels = torch.cat([torch.zeros(n0, dtype=torch.int64), torch.ones(n1, dtype=torch.int64)])
+        return torch.tensor([[0.0, 0.0, 0.0], [6.0, 6.0, 6.0]])[labels] + torch.randn(n0 + n1, 3, generator=g), labels
+
+    tr_x, tr_y = imbalanced(90, 10)
+    te_x, te_y = imbalanced(45, 15)
+    assert linear_probe_converged(tr_x, tr_y, te_x, te_y)["test_accuracy"] == 100.0
+    heavy = linear_probe_converged(tr_x, tr_y, te_x, te_y, weight_decay=1e3)
+    assert heavy["train_accuracy"] == pytest.approx(100.0 * float((tr_y == 0).sum()) / tr_y.shape[0])
+    assert heavy["test_accuracy"] == pytest.approx(100.0 * float((te_y == 0).sum()) / te_y.shape[0])
+
+
 def test_probes_reject_bad_input(blobs):
     tr_x, tr_y, te_x, te_y = blobs
     with pytest.raises(RelreasonError, match="feature dims"):

@@ -66,6 +66,14 @@ def test_score_pairs_in_eval_mode_uses_running_statistics():
     assert torch.allclose(head.score_pairs(features, left, right, "cat"), expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("aggregation", ["sum", "mean"])
+def test_score_pairs_refuses_mismatched_width_of_linear_aggregations(aggregation):
+    head = RelationHead(10)
+    left, right, _ = relation_pair_indices(2, 3)
+    with pytest.raises(RelreasonError, match=f"'{aggregation}' of features shaped \\(6, 4\\) gives 4.*in_features=4"):
+        head.score_pairs(torch.randn(6, 4), left, right, aggregation)
+
+
 def test_score_pairs_refuses_mismatched_width():
     head = RelationHead(10)
     left, right, _ = relation_pair_indices(2, 3)
@@ -164,14 +172,42 @@ def test_streamed_tail_is_deterministic():
         assert torch.equal(a.grad, b.grad)
 
 
-def test_streamed_tail_refuses_a_second_derivative():
-    head = RelationHead(2 * 4, hidden_features=8)
-    features = torch.randn(12, 4, requires_grad=True)
-    left, right, _ = relation_pair_indices(3, 4)
-    scores = head.score_pairs(features, left, right, stream_tail=True)
+def second_derivatives(head: RelationHead, features: torch.Tensor, stream: bool, aggregation: str = "cat"):
+    """Gradients of a gradient penalty ``|d loss / d features|^2`` with respect to the features and every head
+    parameter, through the streamed or the plain tail."""
+    head = copy.deepcopy(head)
+    features = features.clone().requires_grad_(True)
+    left, right, _ = relation_pair_indices(3, features.shape[0] // 3)
+    scores = head.score_pairs(features, left, right, aggregation, stream_tail=stream)
+    assert ("StreamedPairTail" in type(scores.grad_fn).__name__) == stream
     (grad,) = torch.autograd.grad(scores.square().sum(), features, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
-        grad.sum().backward()
+    inputs = [features, *head.parameters()]
+    return torch.autograd.grad(grad.square().sum(), inputs, allow_unused=True)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("aggregation", ["cat", "sum"])
+def test_streamed_tail_second_derivatives_equal_plain(dtype, tolerance, aggregation):
+    torch.manual_seed(0)
+    head = RelationHead(aggregation_width(4, aggregation), hidden_features=8).to(dtype)
+    features = torch.randn(15, 4, dtype=dtype)
+    streamed = second_derivatives(head, features, stream=True, aggregation=aggregation)
+    plain = second_derivatives(head, features, stream=False, aggregation=aggregation)
+    for a, b in zip(streamed, plain):
+        if b is None:  # the last Linear's bias has no second-order effect on the features' gradient
+            assert a is None or torch.count_nonzero(a) == 0
+            continue
+        assert a is not None and torch.allclose(a, b, rtol=tolerance, atol=tolerance), (a - b).abs().max()
+
+
+def test_streamed_tail_passes_gradgradcheck():
+    torch.manual_seed(1)
+    left, right, _ = relation_pair_indices(3, 4)
+    batch_norm, last = torch.nn.BatchNorm1d(5).double(), torch.nn.Linear(5, 1).double()
+    parts = [torch.randn(12, 5, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    assert torch.autograd.gradgradcheck(
+        lambda u, v: pair_tail.streamed_pair_tail(u, v, left, right, batch_norm, 0.01, last), parts
+    )
 
 
 def spy_on_streaming(monkeypatch):
@@ -202,6 +238,11 @@ def last_without_bias(head):
     return head
 
 
+def batchnorm_without_affine(head):
+    head[1] = torch.nn.BatchNorm1d(head.hidden_features, affine=False)
+    return head
+
+
 def hooked_batchnorm(head):
     head[1].register_forward_hook(lambda module, inputs, output: output * 2)
     return head
@@ -209,7 +250,7 @@ def hooked_batchnorm(head):
 
 @pytest.mark.parametrize("change,streams", [
     (frozen_batchnorm, False), (no_running_statistics, True), (relu_activation, False),
-    (last_without_bias, False), (hooked_batchnorm, False),
+    (last_without_bias, False), (hooked_batchnorm, False), (batchnorm_without_affine, False),
 ])
 def test_stream_tail_only_where_it_computes_what_the_modules_would(change, streams, monkeypatch):
     """A forced stream_tail=True streams only the stock tail; otherwise the modules themselves run."""
@@ -227,6 +268,25 @@ def test_stream_tail_only_where_it_computes_what_the_modules_would(change, strea
     assert torch.allclose(scores, expected, atol=1e-5)
     for a, b in zip(head.buffers(), expected_head.buffers()):
         assert torch.allclose(a.float(), b.float(), atol=1e-6)
+
+
+def test_streamed_tail_follows_the_heads_own_slope_eps_and_momentum(monkeypatch):
+    """Non-default LeakyReLU slope and BatchNorm eps and momentum reach the streamed tail."""
+    monkeypatch.setattr(pair_tail, "_CHUNK_ELEMENTS", 7 * 8)
+    torch.manual_seed(8)
+    head = RelationHead(2 * 4, hidden_features=8, negative_slope=0.2)
+    head[1].eps, head[1].momentum = 0.5, 0.3  # a large eps: the variance of these features is ~1
+    plain_head = copy.deepcopy(head)
+    features = torch.randn(5 * 4, 4, dtype=torch.float64)
+    head, plain_head = head.double(), plain_head.double()
+    left, right, _ = relation_pair_indices(5, 4)
+    calls = spy_on_streaming(monkeypatch)
+    streamed = head.score_pairs(features, left, right, stream_tail=True)
+    assert calls == [1]
+    plain = plain_scores(plain_head, features, 5, "cat")
+    assert torch.allclose(streamed, plain, atol=1e-10)
+    for a, b in zip(head.buffers(), plain_head.buffers()):
+        assert torch.allclose(a.double(), b.double(), atol=1e-12)
 
 
 def test_one_pair_is_refused_as_batchnorm_refuses_it():

@@ -24,6 +24,21 @@ def test_focal_equals_plain_formula(gamma, alpha):
     assert torch.allclose(got, torch.as_tensor(plain_focal(logits, targets, gamma, alpha)), atol=1e-10)
 
 
+@pytest.mark.parametrize("gamma,alpha", [(2.0, 0.5), (1.5, 0.25), (0.5, 0.7)])
+def test_focal_gradient_equals_the_plain_formulas(gamma, alpha):
+    """The gradient flows through the modulating factor (1 - p_t)^gamma too, as in the formula."""
+    torch.manual_seed(1)
+    logits = (torch.randn(40, dtype=torch.float64) * 3).requires_grad_()
+    targets = (torch.rand(40) > 0.5).double()
+    (got,) = torch.autograd.grad(FocalLoss(gamma, alpha)(logits, targets), logits)
+    plain_logits = logits.detach().clone().requires_grad_()
+    p = torch.sigmoid(plain_logits)
+    p_true = torch.where(targets == 1, p, 1 - p)
+    weight = targets * alpha + (1 - targets) * (1 - alpha)
+    (expected,) = torch.autograd.grad((weight * (1 - p_true) ** gamma * -torch.log(p_true)).mean(), plain_logits)
+    assert torch.allclose(got, expected, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("gamma", [0.0, 0.001, 0.5, 0.999, 2.0])
 def test_focal_gradient_stays_finite_on_saturated_logits(gamma):
     # fp32 sigmoid rounds to exactly 1 here; (1 - p) ** gamma has an infinite slope at 0 when gamma < 1.

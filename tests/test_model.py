@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from loop_reference import loop_step
+from loop_reference import loop_step, reference_head
 from relreason import RelationalReasoning, RelationHead, RelreasonError, relation_pair_indices
 from relreason.backbones import Conv4
 
@@ -13,24 +13,29 @@ def small_backbone():
     return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
-@pytest.mark.parametrize("factorised", [True, False])
+@pytest.mark.parametrize("factorised, stacked", [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize("aggregation", ["cat", "sum", "mean", "max"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_loss_scores_gradients_equal_loop(aggregation, dtype, factorised):
+def test_loss_scores_gradients_equal_loop(aggregation, dtype, factorised, stacked):
+    """Against the notebook's step, with its head built independently; the views as a list of K tensors, or
+    (``stacked``) as one (K, B, C, H, W) tensor, as the batched augmentation gives them."""
     torch.manual_seed(0)
     model = RelationalReasoning(small_backbone(), aggregation=aggregation, factorised_head=factorised).to(dtype)
-    backbone, head = copy.deepcopy(model.backbone), copy.deepcopy(model.relation_head)
+    backbone = copy.deepcopy(model.backbone)
+    head = reference_head(model.relation_head[0].in_features).to(dtype)
+    head.load_state_dict(model.relation_head.state_dict())
     views = [torch.randn(5, 3, 8, 8, dtype=dtype) for _ in range(4)]
 
-    out = model(views)
+    out = model(torch.stack(views) if stacked else views)
     out.loss.backward()
-    loss, scores, targets = loop_step(backbone, head, views, aggregation)
+    loss, scores, targets, first_view = loop_step(backbone, head, views, aggregation)
     loss.backward()
 
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
     assert torch.allclose(out.loss.to(dtype), loss, **tol)
     assert torch.allclose(out.scores, scores, **tol)
     assert torch.equal(out.targets, targets)
+    assert torch.allclose(out.features, first_view.detach(), **tol)  # what the online probe learns from
     for fast, plain in zip(model.parameters(), list(backbone.parameters()) + list(head.parameters())):
         assert torch.allclose(fast.grad, plain.grad, **tol)
     # BatchNorm running statistics move identically.
@@ -81,6 +86,8 @@ def test_bad_views_are_refused():
     model = RelationalReasoning(Conv4())
     with pytest.raises(RelreasonError, match="share one shape"):
         model([torch.randn(4, 3, 32, 32), torch.randn(3, 3, 32, 32)])
+    with pytest.raises(RelreasonError, match=r"batch of images \(B, C, H, W\).*unsqueeze"):
+        model([torch.randn(3, 32, 32), torch.randn(3, 32, 32)])
     with pytest.raises(RelreasonError, match="batch of 1"):
         model([torch.randn(1, 3, 32, 32), torch.randn(1, 3, 32, 32)])
 
@@ -105,3 +112,81 @@ def test_training_after_scoring_under_inference_mode(factorised):
     scores = model.relation_head.score_pairs(features, *relation_pair_indices(3, 3)[:2], stream_tail=True)
     scores.sum().backward()
     assert features.grad is not None
+
+
+class TinyNet(nn.Module):
+    """A user's backbone without a feature_dim attribute: conv -> BatchNorm -> pool -> 6 features."""
+
+    def __init__(self, in_channels: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 6, 3, padding=1)
+        self.norm = nn.BatchNorm2d(6)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, x):
+        return self.pool(self.norm(self.conv(x)))
+
+
+def test_inferring_the_width_keeps_each_submodules_mode():
+    """A user's frozen BatchNorm (eval inside a training model) stays frozen after the dummy batch."""
+    backbone = TinyNet()
+    backbone.norm.eval()
+    statistics = backbone.norm.running_mean.clone()
+    RelationalReasoning(backbone)
+    assert backbone.training and not backbone.norm.training and backbone.conv.training
+    assert torch.equal(backbone.norm.running_mean, statistics)
+
+
+@pytest.mark.parametrize("in_channels, dtype", [(1, torch.float32), (3, torch.float64), (3, torch.bfloat16)])
+def test_width_is_inferred_for_other_channels_and_dtypes(in_channels, dtype):
+    assert RelationalReasoning(TinyNet(in_channels).to(dtype)).feature_dim == 6
+
+
+def test_a_backbone_the_dummy_batch_does_not_suit_is_a_clear_error():
+    class NeedsFourDims(nn.Module):
+        def forward(self, x):
+            return x.view(x.shape[0], 17)  # fails on any image batch
+
+    with pytest.raises(RelreasonError, match=r"feature width from a dummy batch.*pass feature_dim="):
+        RelationalReasoning(NeedsFourDims())
+    assert RelationalReasoning(NeedsFourDims(), feature_dim=17).feature_dim == 17
+
+
+@pytest.mark.parametrize("method_name", ["simclr", "rotation", "supervised"])
+def test_baselines_infer_the_width_too(method_name):
+    from relreason.methods import method_class
+
+    kwargs = {"num_classes": 3} if method_name == "supervised" else {}
+    method = method_class(method_name)(TinyNet(), **kwargs)
+    assert method.feature_dim == 6
+    views = [torch.rand(4, 3, 8, 8) for _ in range(method.views_per_image(2))]
+    assert torch.isfinite(method(views, torch.tensor([0, 1, 2, 0])).loss)
+
+
+def test_supervised_without_a_class_count_is_refused():
+    from relreason.methods import Supervised
+
+    with pytest.raises(RelreasonError, match="num_classes="):
+        Supervised(TinyNet())
+
+
+class DropsARow(nn.Module):
+    def forward(self, x):
+        return x.flatten(1)[:-1, :4]
+
+
+@pytest.mark.parametrize("backbone, feature_dim, found", [
+    (DropsARow(), 4, r"\(11, 4\)"),  # one image fewer: the pairs would silently shift
+    (nn.Conv2d(3, 4, 3), 4, r"\(12, 4, 2, 2\)"),  # no pooling
+    (nn.Flatten(), 4, r"\(12, 48\)"),  # wider than feature_dim
+])
+def test_backbone_output_of_the_wrong_shape_is_refused(backbone, feature_dim, found):
+    model = RelationalReasoning(backbone, feature_dim=feature_dim)
+    with pytest.raises(RelreasonError, match=r"turned 12 images into features of shape " + found):
+        model(torch.rand(3, 4, 3, 4, 4))
+
+
+def test_relation_scores_refuse_rows_that_do_not_split_into_views():
+    model = RelationalReasoning(nn.Flatten(), feature_dim=4)
+    with pytest.raises(RelreasonError, match="cannot be split into K=3"):
+        model.relation_scores(torch.randn(10, 4), 3)

@@ -105,6 +105,16 @@ def test_multiview_views_differ_and_shapes():
     assert all(not torch.equal(views[i], views[j]) for i, j in pairs)
 
 
+def test_seeded_views_change_with_the_epoch_and_come_back_with_it():
+    base = ArrayImageDataset(_images(), np.arange(6))
+    mv = MultiViewDataset(base, relational_augmentation(32, MEAN, STD), num_views=2, seed=11)
+    first = mv[3][0]
+    mv.set_epoch(1)
+    assert not torch.equal(mv[3][0][0], first[0])
+    mv.set_epoch(0)
+    assert all(torch.equal(a, b) for a, b in zip(mv[3][0], first))
+
+
 def test_multiview_transform_called_independently_per_view():
     calls = []
 

@@ -5,6 +5,7 @@ import torch
 
 from loop_reference import loop_aggregate
 from relreason import AGGREGATIONS, RelreasonError, make_relation_pairs, relation_pair_indices
+from relreason.pairing import shared_pair_indices
 
 
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
@@ -67,20 +68,51 @@ def test_single_view_and_ragged_blocks_are_refused():
 
 
 def test_indices_follow_device_and_are_cached():
-    first = relation_pair_indices(3, 4)
-    second = relation_pair_indices(3, 4)
+    first = shared_pair_indices(3, 4)
+    second = shared_pair_indices(3, 4)
     assert first[0] is second[0]
     moved = relation_pair_indices(3, 4, device="cpu")
     assert moved[0].device.type == "cpu"
+    assert all(torch.equal(a, b) for a, b in zip(moved, first))
 
 
 def test_pair_indices_are_made_once_per_device():
     # An accelerator gets its copy once, not a host-to-device transfer per step ("meta" stands in for one).
-    first = relation_pair_indices(4, 5, "meta")
-    again = relation_pair_indices(4, 5, torch.device("meta"))
+    first = shared_pair_indices(4, 5, "meta")
+    again = shared_pair_indices(4, 5, torch.device("meta"))
     assert all(a is b for a, b in zip(first, again)) and first[0].device.type == "meta"
     on_cpu = relation_pair_indices(4, 5, "cpu")
     assert all(torch.equal(a, b) for a, b in zip(on_cpu, relation_pair_indices(4, 5)))
+
+
+def test_public_indices_are_the_callers_own():
+    """In-place label smoothing of the returned targets must not reach the model's own pairs."""
+    from torch import nn
+
+    from relreason import RelationalReasoning
+
+    left, right, targets = relation_pair_indices(2, 4)
+    targets[targets == 0] = 0.1
+    left.zero_()
+    model = RelationalReasoning(nn.Flatten(), feature_dim=4)
+    _, model_targets = model.relation_scores(torch.randn(8, 4), 2)
+    assert set(model_targets.tolist()) == {0.0, 1.0}
+    assert torch.equal(relation_pair_indices(2, 4)[0], shared_pair_indices(2, 4)[0])
+    assert shared_pair_indices(2, 4)[0].sum() > 0
+
+
+@pytest.mark.parametrize("num_views, batch_size", [(2.5, 4), (3, 4.5), ("3", 4)])
+def test_fractional_sizes_are_refused(num_views, batch_size):
+    with pytest.raises(RelreasonError, match="whole number"):
+        relation_pair_indices(num_views, batch_size)
+
+
+def test_whole_sizes_of_other_types_are_accepted():
+    import numpy as np
+
+    expected = relation_pair_indices(3, 4)
+    for num_views, batch_size in [(3.0, 4.0), (np.int64(3), np.int32(4)), (torch.tensor(3), torch.tensor(4))]:
+        assert all(torch.equal(a, b) for a, b in zip(relation_pair_indices(num_views, batch_size), expected))
 
 
 def test_returned_targets_are_the_callers_own():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from decimal import ROUND_HALF_UP, Decimal
 
 import numpy as np
 import pytest
@@ -22,10 +23,13 @@ from relreason.data import (
 from relreason.errors import RelreasonError
 from relreason.evaluate import (
     evaluate_features,
+    extract_features,
     few_label_indices,
     fine_tune,
     finetune_transform,
     format_table,
+    linear_probe,
+    linear_probe_converged,
     plot_retrieval,
     retrieval_metrics,
 )
@@ -160,6 +164,38 @@ def test_few_label_indices_balanced_reproducible_nested():
     assert np.array_equal(few_label_indices(torch.from_numpy(labels), 0.1, seed=3), idx)
 
 
+@pytest.mark.parametrize("fraction", [0.04, 0.25, 0.32, 0.38, 0.45, 0.95])
+def test_few_label_indices_round_the_per_class_count_half_up(fraction):
+    # 2 classes of 10: fraction * 20 / 2 per class, rounded half up (at least 1, at most the class size):
+    # 0.4 -> 1, 2.5 -> 3, 3.2 -> 3, 3.8 -> 4, 4.5 -> 5, 9.5 -> 10.
+    labels = np.tile([0, 1], 10)
+    exact = Decimal(str(fraction)) * 20 / 2
+    expected = min(10, max(1, int(exact.quantize(Decimal(1), rounding=ROUND_HALF_UP))))
+    idx = few_label_indices(labels, fraction, seed=0)
+    assert np.bincount(labels[idx], minlength=2).tolist() == [expected, expected]
+
+
+def test_few_label_indices_draw_every_class_from_one_seeded_generator():
+    # As documented: one numpy default_rng(seed), a permutation of each class's members in increasing
+    # label order.  So two classes of equal size do not get the same relative positions.
+    m = 50
+    blocks = np.repeat([0, 1], m)  # class 0 at 0..49, class 1 at 50..99
+    for seed in range(3):
+        idx = few_label_indices(blocks, 0.2, seed=seed)
+        first, second = idx[blocks[idx] == 0], idx[blocks[idx] == 1] - m
+        assert first.shape == second.shape == (10,)
+        assert not np.array_equal(first, second), seed
+
+    labels = np.random.default_rng(1).permutation(np.repeat([0, 1, 2], [30, 30, 35]))
+    per_class = math.floor(0.1 * 95 / 3 + 0.5)  # 3.17 -> 3
+    rng = np.random.default_rng(7)
+    expected = []
+    for c in (0, 1, 2):
+        members = np.flatnonzero(labels == c)
+        expected += members[rng.permutation(members.shape[0])[:per_class]].tolist()
+    assert few_label_indices(labels, 0.1, seed=7).tolist() == sorted(expected)
+
+
 @pytest.mark.parametrize("fraction", [0, -0.1, 1.5, float("nan"), "x"])
 def test_few_label_indices_reject_bad_fraction(fraction):
     with pytest.raises(RelreasonError, match="fraction"):
@@ -203,6 +239,27 @@ def test_evaluate_features_few_label_and_retrieval():
         evaluate_features(tr_x, tr_y, te_x, te_y, protocols=["finetune"])
     with pytest.raises(RelreasonError, match="fraction"):
         evaluate_features(tr_x, tr_y, te_x, te_y, protocols=["few_label"], label_fractions=[2.0])
+
+
+def test_few_label_probes_train_on_the_chosen_rows_only():
+    # Overlapping blobs, so a probe trained on 10% of the rows and one trained on all of them differ.
+    g = torch.Generator().manual_seed(5)
+    centres = torch.randn(3, 6, generator=g)
+    tr_y = torch.arange(3).repeat_interleave(60)
+    te_y = torch.arange(3).repeat_interleave(20)
+    tr_x = centres[tr_y] + torch.randn(180, 6, generator=g)
+    te_x = centres[te_y] + torch.randn(60, 6, generator=g)
+    results = evaluate_features(tr_x, tr_y, te_x, te_y, protocols=["few_label", "linear", "linear_converged"],
+                                label_fractions=[0.1], linear_epochs=5, seed=7)
+    few = results["few_label"]["0.1"]
+    rows = torch.from_numpy(few_label_indices(tr_y, 0.1, seed=7))
+    assert few["train_size"] == rows.shape[0] == 18
+    # Each probe is exactly that probe fitted on the chosen rows alone (same epochs and seed), tested on all.
+    assert few["linear"] == linear_probe(tr_x[rows], tr_y[rows], te_x, te_y, epochs=5, seed=7)
+    assert few["linear_converged"] == linear_probe_converged(tr_x[rows], tr_y[rows], te_x, te_y)
+    # ... and not the full-data probe.
+    assert few["linear"] != results["linear"]
+    assert few["linear_converged"] != results["linear_converged"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,6 +311,22 @@ def test_fine_tune_trains_a_copy_with_decayed_lrs():
     # Same seed, same result.
     again = fine_tune(backbone, *args, epochs=4, backbone_lr=0.01, head_lr=0.1, batch_size=16)
     assert again["test_accuracy"] == result["test_accuracy"]
+
+
+def test_fine_tune_trains_batchnorm_in_train_mode_and_measures_in_eval_mode():
+    train, test = _bright_dark(20, 0), _bright_dark(10, 1)
+    mean, std = (0.5,) * 3, (0.25,) * 3
+    backbone = _zero_conv_backbone()
+    backbone.eval()
+    modes = []
+    # The hook goes along with fine_tune's deep copy and still appends to this list.
+    backbone[0].register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    fine_tune(backbone, train, test, finetune_transform(8, mean, std), eval_transform(8, mean, std), 2,
+              epochs=2, batch_size=8)
+    # One pass to learn the feature width (eval), ceil(20 / 8) training batches per epoch (train: the
+    # BatchNorm learns batch statistics), then one accuracy batch of 256 each for train and test (eval).
+    train_batches = 2 * math.ceil(20 / 8)
+    assert modes == [False] + [True] * train_batches + [False] * (math.ceil(20 / 256) + math.ceil(10 / 256))
 
 
 def test_fine_tune_label_indices_and_bad_input():
@@ -379,7 +452,25 @@ def test_cli_cross_domain_uses_the_evaluation_datasets_normalisation(tmp_path, c
     assert payload["normalization"]["mean"] == pytest.approx(list(expected_mean))
     assert payload["normalization"]["std"] == pytest.approx(list(expected_std))
     assert payload["normalization"]["mean"] != pytest.approx(meta["mean"], abs=0.01)
-    assert payload["results"]["pretrained"]["knn"]["test_accuracy"] >= 0
+    # The k-NN result is that of features extracted with the folder's own statistics: the same weights,
+    # the folder's mean and std, and a plain weighted cosine 3-NN vote over them.
+    from test_evaluate import reference_knn_predict
+
+    from relreason.backbones import build_backbone
+
+    backbone = build_backbone("conv4", image_size=16)
+    backbone.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    transform = eval_transform(16, expected_mean, expected_std)
+    tr_x, tr_y = extract_features(backbone, load_dataset("folder", first, "train"), transform)
+    te_x, te_y = extract_features(backbone, load_dataset("folder", first, "test"), transform)
+    (cached,) = (tmp_path / "run" / "features").glob("*-train-*.pt")
+    assert torch.allclose(torch.load(cached, weights_only=True)["features"], tr_x, atol=1e-5)
+    digits_x, _ = extract_features(backbone, load_dataset("folder", first, "train"),
+                                   eval_transform(16, meta["mean"], meta["std"]))
+    assert not torch.allclose(digits_x, tr_x, atol=1e-3)  # the pretraining statistics would give others
+    predicted = reference_knn_predict(tr_x, tr_y, te_x, k=3, temperature=0.07)
+    expected_knn = 100.0 * sum(p == t for p, t in zip(predicted, te_y.tolist())) / len(predicted)
+    assert payload["results"]["pretrained"]["knn"]["test_accuracy"] == pytest.approx(expected_knn)
 
     # The same weights on another folder: features are not taken from the first folder's cache.
     assert main([*base, "--data-root", str(second), "--output", str(tmp_path / "b.json")]) == 0

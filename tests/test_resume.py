@@ -205,6 +205,32 @@ def test_atomic_writes_follow_the_umask(tmp_path, monkeypatch, umask, mode):
     assert (tmp_path / "config.json").stat().st_mode & 0o777 == mode
 
 
+def test_a_write_that_fails_midway_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    """A crash (here a failing fsync) between writing and renaming keeps the previous file and no temporary."""
+    import os
+
+    from relreason import checkpoint
+
+    target = tmp_path / "checkpoint-e0001-s0000000.pt"
+    target.write_bytes(b"old checkpoint")
+    renames = []
+    real_replace = os.replace
+    monkeypatch.setattr(checkpoint.os, "replace", lambda a, b: renames.append((a, b)) or real_replace(a, b))
+
+    def failing_fsync(descriptor):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.atomic_write_bytes(target, b"new checkpoint, half written")
+    assert target.read_bytes() == b"old checkpoint" and sorted(tmp_path.iterdir()) == [target]
+    assert renames == []
+    monkeypatch.setattr(checkpoint.os, "fsync", lambda descriptor: None)
+    checkpoint.atomic_write_bytes(target, b"new checkpoint")
+    assert target.read_bytes() == b"new checkpoint" and sorted(tmp_path.iterdir()) == [target]
+    assert len(renames) == 1 and renames[0][1] == target and renames[0][0] != str(target)
+
+
 def test_checkpoints_written_by_other_package_versions_are_not_called_corrupt(tmp_path, monkeypatch):
     import relreason.checkpoint as checkpoint_module
 

@@ -12,6 +12,13 @@ def batches(num_items, batch_size, world_size, start_item=0, epoch=0):
             for rank in range(world_size)]
 
 
+def test_each_epoch_is_its_own_shuffle_of_every_item():
+    first, second = (sum(batches(40, 4, 1, epoch=epoch)[0], []) for epoch in (0, 1))
+    assert sorted(first) == sorted(second) == list(range(40))
+    assert first != second and first != list(range(40))
+    assert sum(batches(40, 4, 1, epoch=0)[0], []) == first  # and the same again for the same epoch
+
+
 @pytest.mark.parametrize("num_items,batch_size,world_size", [(37, 4, 1), (37, 4, 3), (64, 8, 2), (10, 3, 2)])
 def test_resuming_under_the_same_ranks_gives_the_very_batches_left(num_items, batch_size, world_size):
     whole = batches(num_items, batch_size, world_size)

@@ -48,3 +48,30 @@ def test_trainer_follows_the_cosine_schedule(tmp_path):
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["lr_schedule"] == "cosine" and saved["warmup_epochs"] == 1
     assert not math.isnan(result.history[-1]["loss"])
+
+
+def test_unknown_schedule_is_refused_not_read_as_cosine():
+    from relreason import RelreasonError
+
+    with pytest.raises(RelreasonError, match="unknown learning-rate schedule 'linear'"):
+        learning_rate_factor(5, 10, 0, "linear")
+
+
+def test_set_learning_rate_takes_a_plain_optimizers_rate_as_its_base():
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.5)
+    set_learning_rate(optimizer, 0.5)
+    set_learning_rate(optimizer, 0.1)  # a factor of the first rate, not of the one set before
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_a_fractional_warm_up_lasts_the_nearest_whole_number_of_steps(tmp_path):
+    """0.6 of a 6-step epoch is 3.6 steps: the warm-up lasts 4 (3 would be the truncation)."""
+    config = PretrainConfig(dataset="digits", image_size=16, num_views=2, batch_size=256, epochs=2, seed=0,
+                            lr=2e-3, lr_schedule="cosine", warmup_epochs=0.6, device="cpu", progress=False,
+                            tensorboard=False, output_dir=str(tmp_path / "run"))
+    result = pretrain(config)
+    steps = EpochBatchSampler(1438, 256, 0, 0).steps_per_epoch
+    assert steps == 6
+    last_step_of_first_epoch = steps - 1  # the warm-up is over by then: one step into the cosine
+    expected = 2e-3 * 0.5 * (1 + math.cos(math.pi * (last_step_of_first_epoch - 4) / (2 * steps - 4)))
+    assert result.history[0]["lr"] == pytest.approx(expected)

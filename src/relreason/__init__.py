@@ -9,7 +9,8 @@ Building blocks, each usable in your own training loop:
 from relreason.errors import RelreasonError
 from relreason.head import RelationHead
 from relreason.losses import FocalLoss, build_loss
-from relreason.model import RelationalReasoning, RelationOutput, infer_feature_dim
+from relreason.backbones.feature_dim import infer_feature_dim
+from relreason.model import RelationalReasoning, RelationOutput
 from relreason.pairing import AGGREGATIONS, aggregate_pairs, make_relation_pairs, relation_pair_indices
 
 __version__ = "0.1.0"

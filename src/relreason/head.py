@@ -8,7 +8,7 @@ from torch import nn
 
 from relreason.errors import RelreasonError
 from relreason.pair_tail import FUSE_ABOVE_BYTES, can_stream, is_plain, streamed_pair_tail
-from relreason.pairing import aggregate_pairs
+from relreason.pairing import aggregate_pairs, aggregation_width
 
 FACTORISABLE = ("cat", "sum", "mean")
 
@@ -57,14 +57,15 @@ class RelationHead(nn.Sequential):
         if aggregation not in FACTORISABLE or not (is_plain(self, RelationHead) and is_plain(self[0], nn.Linear)):
             joined = aggregate_pairs(features.index_select(0, left), features.index_select(0, right), aggregation)
             return self(joined).squeeze(1)
-        first = self[0]
+        first, width = self[0], features.shape[-1]
+        joined_width = aggregation_width(width, aggregation)
+        if features.dim() != 2 or first.in_features != joined_width:
+            raise RelreasonError(
+                f"the relation head takes {first.in_features} inputs but '{aggregation}' of features shaped "
+                f"{tuple(features.shape)} gives {joined_width}; pass (N, d) features and build the head with "
+                f"in_features={joined_width}"
+            )
         if aggregation == "cat":
-            width = features.shape[1]
-            if first.in_features != 2 * width:
-                raise RelreasonError(
-                    f"the relation head takes {first.in_features} inputs but 'cat' of {width}-d features gives "
-                    f"{2 * width}; build the head with in_features={2 * width}"
-                )
             # The bias joins the left projection, once per view rather than once per pair (under bf16
             # autocast a per-pair fp32 bias would also turn the whole tail back to fp32: 2x slower).
             left_part = F.linear(features, first.weight[:, :width], first.bias)

@@ -12,7 +12,7 @@ from relreason.errors import RelreasonError
 from relreason.head import RelationHead
 from relreason.losses import build_loss
 from relreason.methods.base import PretrainMethod
-from relreason.pairing import aggregate_pairs, aggregation_width, relation_pair_indices
+from relreason.pairing import aggregate_pairs, aggregation_width, images_per_view_block, shared_pair_indices
 
 
 @dataclass
@@ -41,25 +41,6 @@ class RelationOutput:
         }
 
 
-@torch.no_grad()
-def infer_feature_dim(backbone: nn.Module, image_size: int = 32, in_channels: int = 3) -> int:
-    """Output width of ``backbone`` on a dummy batch, run in eval mode so no BatchNorm statistic moves."""
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        parameter = next(backbone.parameters(), None)
-        device = parameter.device if parameter is not None else torch.device("cpu")
-        output = backbone(torch.zeros(2, in_channels, image_size, image_size, device=device))
-    finally:
-        backbone.train(was_training)
-    if output.dim() != 2:
-        raise RelreasonError(
-            f"the backbone returns shape {tuple(output.shape)}; it must return (batch, features): "
-            "end it with global pooling and flatten"
-        )
-    return int(output.shape[1])
-
-
 def stack_views(views: Sequence[torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, int]:
     """K views as one view-major batch ``(K * B, C, H, W)`` and K.
 
@@ -77,6 +58,11 @@ def stack_views(views: Sequence[torch.Tensor] | torch.Tensor) -> tuple[torch.Ten
     if not views:
         raise RelreasonError("no views given; pass a list of K >= 2 tensors of shape (B, C, H, W)")
     shapes = {tuple(v.shape) for v in views}
+    if any(len(shape) != 4 for shape in shapes):
+        raise RelreasonError(
+            f"each view must be a batch of images (B, C, H, W), got shapes {sorted(shapes)}; "
+            "add the batch axis with view.unsqueeze(0) for a single image"
+        )
     if len(shapes) != 1:
         raise RelreasonError(f"all views must share one shape, got {sorted(shapes)}")
     return torch.cat(views, dim=0), len(views)
@@ -109,9 +95,7 @@ class RelationalReasoning(PretrainMethod):
         image_size: int = 32,
         factorised_head: bool = True,
     ) -> None:
-        if feature_dim is None:
-            feature_dim = getattr(backbone, "feature_dim", None) or infer_feature_dim(backbone, image_size)
-        super().__init__(backbone, int(feature_dim))
+        super().__init__(backbone, feature_dim, image_size)
         self.aggregation = aggregation
         self.relation_head = RelationHead(aggregation_width(self.feature_dim, aggregation), hidden_features)
         self.criterion = build_loss(loss) if isinstance(loss, str) else loss
@@ -123,8 +107,8 @@ class RelationalReasoning(PretrainMethod):
 
     def relation_scores(self, features: torch.Tensor, num_views: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and targets of every relation pair formed from view-major ``features``."""
-        batch_size = features.shape[0] // num_views
-        left, right, targets = relation_pair_indices(num_views, batch_size, features.device)
+        batch_size = images_per_view_block(features, num_views)
+        left, right, targets = shared_pair_indices(num_views, batch_size, features.device)
         if self.factorised_head:
             scores = self.relation_head.score_pairs(features, left, right, self.aggregation)
         else:
@@ -137,7 +121,7 @@ class RelationalReasoning(PretrainMethod):
     def forward(self, views: Sequence[torch.Tensor] | torch.Tensor, labels: torch.Tensor | None = None) -> RelationOutput:
         """``labels`` are ignored (the method is self-supervised); accepted so every method is called alike."""
         images, num_views = stack_views(views)
-        features = self.backbone(images)
+        features = self.embed(images)
         scores, targets = self.relation_scores(features, num_views)
         # Under autocast the scores may be half precision; the loss is always taken in at least fp32.
         loss_dtype = torch.promote_types(scores.dtype, torch.float32)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 # Rows per chunk so that one (rows, h) fp32 chunk is 2 MB: a core's L2 on common x86 parts.
 _CHUNK_ELEMENTS = 1 << 19
@@ -76,17 +75,19 @@ class _StreamedPairTail(torch.autograd.Function):
             for chunk, _, _, x in _pair_chunks(x_left, x_right, left, right, rows):
                 torch.mv(F.leaky_relu_(_affine(x, gamma, beta), slope), w, out=logits[chunk])
             logits += out_bias.to(dtype)
-        ctx.save_for_backward(left, right, x_left, x_right, gamma, beta, rstd, w)
-        ctx.slope, ctx.rows = slope, rows
+        ctx.save_for_backward(left, right, x_left, x_right, gamma, beta, rstd, w,
+                              left_part, right_part, bn_weight, bn_bias, out_weight, out_bias)
+        ctx.slope, ctx.rows, ctx.eps = slope, rows, eps
         ctx.dtypes = (left_part.dtype, right_part.dtype, bn_weight.dtype, bn_bias.dtype, out_weight.dtype)
         mean = left_mean + right_mean
         ctx.mark_non_differentiable(mean, var)
         return logits, mean, var
 
     @staticmethod
-    @once_differentiable  # the backward is hand-written: a second derivative through it would be wrong, so refuse
     def backward(ctx, grad_logits, _grad_mean, _grad_var):
-        left, right, x_left, x_right, gamma, beta, rstd, w = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the hand-written pass below builds no graph of its own
+            return _differentiable_backward(ctx, grad_logits)
+        left, right, x_left, x_right, gamma, beta, rstd, w = ctx.saved_tensors[:8]
         slope, rows = ctx.slope, ctx.rows
         num_pairs, (num_views, hidden) = left.numel(), x_left.shape
         g = grad_logits.to(x_left.dtype)
@@ -136,6 +137,24 @@ class _StreamedPairTail(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _differentiable_backward(ctx, grad_logits: torch.Tensor) -> tuple:
+    """The tail's gradients as a graph (for second derivatives, e.g. a gradient penalty): the plain modules'
+    computation redone on whole ``(P, h)`` tensors from the saved inputs and differentiated by autograd."""
+    left, right = ctx.saved_tensors[:2]
+    inputs = ctx.saved_tensors[8:]  # left_part, right_part, bn_weight, bn_bias, out_weight, out_bias
+    left_part, right_part, bn_weight, bn_bias, out_weight, out_bias = inputs
+    hidden = left_part.index_select(0, left) + right_part.index_select(0, right)
+    normalised = F.batch_norm(hidden, None, None, bn_weight, bn_bias, training=True, eps=ctx.eps)
+    logits = F.linear(F.leaky_relu(normalised, ctx.slope), out_weight, out_bias).squeeze(1)
+    wanted = [i for i, tensor in enumerate(inputs) if tensor.requires_grad]
+    grads = torch.autograd.grad(logits, [inputs[i] for i in wanted], grad_logits, create_graph=True, allow_unused=True)
+    result = [None] * len(inputs)
+    for i, grad in zip(wanted, grads):
+        result[i] = grad
+    left_grad, right_grad, gamma_grad, beta_grad, weight_grad, bias_grad = result
+    return left_grad, right_grad, None, None, gamma_grad, beta_grad, weight_grad, bias_grad, None, None, None
 
 
 def streamed_pair_tail(

@@ -10,6 +10,7 @@ paired with itself. This module builds those pairs as index tensors in one shot.
 
 from __future__ import annotations
 
+import operator
 from functools import lru_cache
 
 import torch
@@ -19,8 +20,19 @@ from relreason.errors import RelreasonError
 AGGREGATIONS = ("cat", "sum", "mean", "max")
 
 
-def check_pairing_sizes(num_views: int, batch_size: int) -> None:
-    """Raise a one-line error when K views of B images cannot form positive and negative pairs."""
+def _whole_number(value, name: str) -> int:
+    """``value`` as an int; a fractional or non-numeric value is an error rather than silently truncated."""
+    try:
+        return operator.index(value)  # ints, NumPy and 0-d torch integers; not 2.5
+    except TypeError:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise RelreasonError(f"{name} must be a whole number, got {value!r}") from None
+
+
+def check_pairing_sizes(num_views: int, batch_size: int) -> tuple[int, int]:
+    """``(K, B)`` as ints, or a one-line error when K views of B images cannot form positive and negative pairs."""
+    num_views, batch_size = _whole_number(num_views, "K (views per image)"), _whole_number(batch_size, "the batch size")
     if num_views < 2:
         raise RelreasonError(
             f"need at least 2 views per image to form relation pairs, got K={num_views}; set K >= 2"
@@ -30,6 +42,7 @@ def check_pairing_sizes(num_views: int, batch_size: int) -> None:
             f"a batch of {batch_size} image(s) has no negative pairs (an image cannot be its own negative); "
             "use a batch of at least 2 images"
         )
+    return num_views, batch_size
 
 
 def _build_pair_indices(
@@ -62,19 +75,30 @@ def _cached_pair_indices(
         return _build_pair_indices(num_views, batch_size, device)
 
 
+def shared_pair_indices(
+    num_views: int, batch_size: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``relation_pair_indices`` without the copy: the cached tensors themselves, the same ones on every call.
+
+    For per-step use inside the library (no allocation per step); never change them in place.
+    """
+    device = torch.device("cpu") if device is None else torch.device(device)
+    num_views, batch_size = check_pairing_sizes(num_views, batch_size)
+    if torch.compiler.is_compiling():  # traced into the compiled graph once per shape: no cache to consult
+        return _build_pair_indices(num_views, batch_size, device)
+    return _cached_pair_indices(num_views, batch_size, device)
+
+
 def relation_pair_indices(
     num_views: int, batch_size: int, device: torch.device | str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row indices of the left and right member of every relation pair, and its target (1 or 0).
 
     Returns ``(left, right, targets)``, each of length ``K * (K - 1) * B``: ``features[left[p]]`` and
-    ``features[right[p]]`` form pair ``p``. Made once per ``(K, B, device)`` and cached: every call returns
-    the same tensors, so never change them in place (clone first).
+    ``features[right[p]]`` form pair ``p``. The tensors are the caller's own (copies of a per-``(K, B,
+    device)`` cache), so changing them in place, e.g. smoothing the targets, affects nothing else.
     """
-    device = torch.device("cpu") if device is None else torch.device(device)
-    if torch.compiler.is_compiling():  # traced into the compiled graph once per shape: no cache to consult
-        return _build_pair_indices(int(num_views), int(batch_size), device)
-    return _cached_pair_indices(int(num_views), int(batch_size), device)
+    return tuple(t.clone() for t in shared_pair_indices(num_views, batch_size, device))
 
 
 def aggregate_pairs(left: torch.Tensor, right: torch.Tensor, aggregation: str = "cat") -> torch.Tensor:
@@ -97,6 +121,20 @@ def aggregation_width(feature_dim: int, aggregation: str) -> int:
     return 2 * feature_dim if aggregation == "cat" else feature_dim
 
 
+def images_per_view_block(features: torch.Tensor, num_views: int) -> int:
+    """B, the number of images, of view-major ``features`` ``(K * B, d)``; a one-line error when they do not split
+    into K equal view blocks."""
+    if features.dim() != 2:
+        raise RelreasonError(f"features must have shape (K*B, d), got {tuple(features.shape)}")
+    num_views, total = _whole_number(num_views, "K (views per image)"), features.shape[0]
+    if num_views < 1 or total % num_views:
+        raise RelreasonError(
+            f"{total} feature rows cannot be split into K={num_views} equal view blocks; "
+            "pass all K views of every image"
+        )
+    return total // num_views
+
+
 def make_relation_pairs(
     features: torch.Tensor, num_views: int, aggregation: str = "cat"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,14 +142,7 @@ def make_relation_pairs(
 
     Equal, row for row, to the reference implementation's ``aggregate``.
     """
-    if features.dim() != 2:
-        raise RelreasonError(f"features must have shape (K*B, d), got {tuple(features.shape)}")
-    total = features.shape[0]
-    if num_views < 1 or total % num_views:
-        raise RelreasonError(
-            f"{total} feature rows cannot be split into K={num_views} equal view blocks; "
-            "pass all K views of every image"
-        )
-    left, right, targets = relation_pair_indices(num_views, total // num_views, features.device)
+    batch_size = images_per_view_block(features, num_views)
+    left, right, targets = shared_pair_indices(num_views, batch_size, features.device)
     pairs = aggregate_pairs(features.index_select(0, left), features.index_select(0, right), aggregation)
     return pairs, targets.to(features.dtype, copy=True)  # the caller's own: the cached one stays intact

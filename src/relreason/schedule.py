@@ -28,6 +28,8 @@ def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, schedul
     A linear warm-up over the first ``warmup_steps`` (from ``1/warmup_steps`` up to 1), then 1 for
     ``constant`` or a half cosine from 1 towards 0 at ``total_steps`` for ``cosine``.
     """
+    if schedule not in LR_SCHEDULES:
+        raise RelreasonError(f"unknown learning-rate schedule '{schedule}'; choose one of {', '.join(LR_SCHEDULES)}")
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
@@ -37,6 +39,10 @@ def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, schedul
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, factor: float) -> None:
-    """Set every parameter group's rate to its ``base_lr`` times ``factor``."""
+    """Set every parameter group's rate to its ``base_lr`` times ``factor``.
+
+    A group without ``base_lr`` gets its current ``lr`` as the base on the first call, so call this before the
+    first step has changed any rate (or set ``base_lr`` yourself, as the trainer does).
+    """
     for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * factor
+        group["lr"] = group.setdefault("base_lr", group["lr"]) * factor

@@ -14,7 +14,7 @@ from relreason.backbones.cifar_resnet import resnet8, resnet32, resnet56
 from relreason.backbones.conv4 import Conv4
 from relreason.backbones.torchvision_resnet import torchvision_resnet
 from relreason.errors import RelreasonError
-from relreason.model import infer_feature_dim
+from relreason.backbones.feature_dim import infer_feature_dim
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 
@@ -98,5 +98,5 @@ def build_backbone(name: str, image_size: int = 32, **kwargs) -> nn.Module:
         raise RelreasonError(f"backbone factory '{name}' returned {type(backbone).__name__}, not a torch.nn.Module; "
                              "make it return the backbone module")
     if getattr(backbone, "feature_dim", None) is None:
-        backbone.feature_dim = infer_feature_dim(backbone, image_size)
+        backbone.feature_dim = infer_feature_dim(backbone, image_size, kwargs.get("in_channels"))
     return backbone

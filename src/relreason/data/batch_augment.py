@@ -27,6 +27,7 @@ from functools import lru_cache
 import torch
 
 from relreason.data.transforms import check_normalization
+from relreason.errors import RelreasonError
 
 __all__ = [
     "AugmentationRecipe",
@@ -272,8 +273,13 @@ _JITTER_OPERATIONS: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
 )
 
 
+def _lists_selected(device: torch.device) -> bool:
+    """Whether to operate on the selected views only (CPU) or on all and keep the selected (accelerators)."""
+    return device.type == "cpu"
+
+
 def _apply_where(images: torch.Tensor, selected: torch.Tensor, operation, factor: torch.Tensor) -> torch.Tensor:
-    if images.device.type == "cpu":
+    if _lists_selected(images.device):
         # On the CPU, work on the selected views only (finding them costs nothing there).
         index = selected.nonzero().squeeze(1)
         if index.numel() == 0:
@@ -301,6 +307,23 @@ def color_jitter(
             selected = jitter & (order[:, slot] == index)
             images = _apply_where(images, selected, operation, factors[:, index])
     return images
+
+
+def check_image_batch(images: torch.Tensor) -> None:
+    """A one-line error unless ``images`` is a uint8 batch ``(B, 1 or 3, H, W)``: float images would be divided
+    by 255 again and come out near-constant, and other layouts fail deep inside."""
+    if not isinstance(images, torch.Tensor):
+        raise RelreasonError(f"images must be a uint8 tensor of shape (B, 1 or 3, H, W), got {type(images).__name__}")
+    if images.dtype != torch.uint8:
+        raise RelreasonError(
+            f"images must be uint8 (0-255), got {images.dtype}; convert float images in [0, 1] with "
+            "(images * 255).round().to(torch.uint8)"
+        )
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise RelreasonError(
+            f"images must have shape (B, 1 or 3, H, W), got {tuple(images.shape)}; "
+            "move channels first with images.permute(0, 3, 1, 2) (grey images keep one channel)"
+        )
 
 
 class BatchRelationalAugmentation:
@@ -345,6 +368,7 @@ class BatchRelationalAugmentation:
     def apply(self, images: torch.Tensor, params: ViewParameters, normalize: bool = True) -> torch.Tensor:
         """Views ``(N, 3, S, S)`` of ``images`` (``(N, 3, H, W)`` or grey ``(N, 1, H, W)`` uint8, one row per
         view) with ``params``."""
+        check_image_batch(images)
         grey = images.shape[1] == 1
         source = images.float().div_(255.0)
         views = resized_crop(source, params.boxes, self.image_size, params.flip).clamp_(0.0, 1.0)
@@ -359,6 +383,9 @@ class BatchRelationalAugmentation:
         return views.expand(-1, 3, -1, -1) if grey else views
 
     def __call__(self, images: torch.Tensor, num_views: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        check_image_batch(images)
+        if isinstance(num_views, bool) or not isinstance(num_views, int) or num_views < 1:
+            raise RelreasonError(f"num_views must be a positive integer, got {num_views!r}")
         batch, _, height, width = images.shape
         params = self.parameters(num_views * batch, height, width, generator, images.device)
         # View-major rows: row k * B + b is view k of image b.

@@ -24,7 +24,8 @@ def images_as_tensor(dataset: Dataset, keep_grey: bool = False) -> torch.Tensor:
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
         raise RelreasonError(
             f"{type(dataset).__name__} does not hold its images as one uint8 array, so views cannot be made on "
-            "the device; use --augment pil (per-image torchvision transforms) for this dataset"
+            "the device; use per-image torchvision transforms for this dataset (MultiViewDataset; on the command "
+            "line, --augment pil)"
         )
     tensor = torch.from_numpy(np.ascontiguousarray(images))
     if tensor.dim() == 4 and tensor.shape[3] == 1:
@@ -87,6 +88,7 @@ class DeviceMultiViewDataset:
         return int(self.images.shape[0])
 
     def views(self, indices: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = torch.as_tensor(indices, dtype=torch.long)  # a list of indices as well
         if self.device.type == "cuda" and indices.device.type == "cpu":
             # From pageable memory the driver may wait for the stream before it stages the copy; pinned, never.
             indices = indices.pin_memory()
@@ -113,6 +115,7 @@ class BatchViewLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         sampler = self.batch_sampler
-        for step, indices in enumerate(sampler, start=sampler.start_step):
+        # A resumable sampler (EpochBatchSampler) starts mid-epoch; any other batch sampler from step 0.
+        for step, indices in enumerate(sampler, start=getattr(sampler, "start_step", 0)):
             self.generator.manual_seed(mix_seed(self.dataset.seed, self.dataset.epoch, step, self.rank))
             yield self.dataset.views(torch.as_tensor(indices, dtype=torch.long), self.generator)

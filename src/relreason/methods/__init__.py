@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from relreason.errors import RelreasonError
 from relreason.methods.base import PretrainMethod, StepOutput
+from relreason.methods.online_probe import OnlineProbe
+from relreason.methods.rotation import RotationPrediction
+from relreason.methods.simclr import SimCLR
+from relreason.methods.supervised import Supervised
 
 METHOD_NAMES = ("relational", "simclr", "rotation", "supervised", "random")
 
@@ -16,20 +20,14 @@ METHOD_NAMES = ("relational", "simclr", "rotation", "supervised", "random")
 def method_class(name: str) -> type[PretrainMethod] | None:
     """The class of method ``name``; None for ``random``, which trains nothing."""
     if name == "relational":
-        from relreason.model import RelationalReasoning
+        from relreason.model import RelationalReasoning  # here: relreason.model imports this package's base
 
         return RelationalReasoning
     if name == "simclr":
-        from relreason.methods.simclr import SimCLR
-
         return SimCLR
     if name == "rotation":
-        from relreason.methods.rotation import RotationPrediction
-
         return RotationPrediction
     if name == "supervised":
-        from relreason.methods.supervised import Supervised
-
         return Supervised
     if name == "random":
         return None
@@ -41,4 +39,14 @@ def check_method_name(name: str) -> None:
         raise RelreasonError(f"unknown method '{name}'; choose one of {', '.join(METHOD_NAMES)}")
 
 
-__all__ = ["METHOD_NAMES", "PretrainMethod", "StepOutput", "check_method_name", "method_class"]
+__all__ = [
+    "METHOD_NAMES",
+    "OnlineProbe",
+    "PretrainMethod",
+    "RotationPrediction",
+    "SimCLR",
+    "StepOutput",
+    "Supervised",
+    "check_method_name",
+    "method_class",
+]

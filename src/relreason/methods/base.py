@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from relreason.backbones.feature_dim import infer_feature_dim
 from relreason.errors import RelreasonError
 
 
@@ -38,18 +39,38 @@ class PretrainMethod(nn.Module):
     name: ClassVar[str] = ""
     needs_labels: ClassVar[bool] = False
 
-    def __init__(self, backbone: nn.Module, feature_dim: int) -> None:
+    def __init__(self, backbone: nn.Module, feature_dim: int | None = None, image_size: int = 32) -> None:
         super().__init__()
+        if feature_dim is None:  # read from the backbone, else found with a dummy batch of image_size images
+            feature_dim = getattr(backbone, "feature_dim", None) or infer_feature_dim(backbone, image_size)
         self.backbone = backbone
-        self.feature_dim = feature_dim
+        self.feature_dim = int(feature_dim)
 
     @staticmethod
     def views_per_image(num_views: int) -> int:
         """How many augmented views of each image a step needs, given the user's K."""
         return 1
 
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's features of ``images``, checked to be one ``feature_dim``-wide row per image."""
+        features = self.backbone(images)
+        check_features(features, images.shape[0], self.feature_dim)
+        return features
+
     def forward(self, views: Sequence[torch.Tensor], labels: torch.Tensor) -> StepOutput:
         raise NotImplementedError
+
+
+def check_features(features: torch.Tensor, num_images: int, feature_dim: int) -> None:
+    """A one-line error unless the backbone gave one ``feature_dim``-wide row per image: a dropped or extra row
+    would silently pair the wrong views."""
+    shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+    if not isinstance(features, torch.Tensor) or features.dim() != 2 or features.shape != (num_images, feature_dim):
+        raise RelreasonError(
+            f"the backbone turned {num_images} images into features of shape {shape}, expected "
+            f"({num_images}, {feature_dim}); it must return one feature_dim-wide row per image "
+            "(end it with global pooling and flatten, or fix feature_dim)"
+        )
 
 
 def single_view(views: Sequence[torch.Tensor], method: str) -> torch.Tensor:

@@ -39,14 +39,14 @@ class RotationPrediction(PretrainMethod):
 
     Args:
         backbone: any module mapping ``(N, C, H, W)`` images to ``(N, d)`` features.
-        feature_dim: ``d``.
+        feature_dim: ``d``; read from ``backbone.feature_dim`` or inferred with a dummy batch when None.
     """
 
     name = "rotation"
 
-    def __init__(self, backbone: nn.Module, feature_dim: int) -> None:
-        super().__init__(backbone, feature_dim)
-        self.rotation_head = nn.Linear(feature_dim, NUM_ROTATIONS)
+    def __init__(self, backbone: nn.Module, feature_dim: int | None = None, image_size: int = 32) -> None:
+        super().__init__(backbone, feature_dim, image_size)
+        self.rotation_head = nn.Linear(self.feature_dim, NUM_ROTATIONS)
 
     @staticmethod
     def views_per_image(num_views: int) -> int:
@@ -58,7 +58,7 @@ class RotationPrediction(PretrainMethod):
         images = single_view(views, "rotation")
         rotated, targets = rotate_batch(images)
         # All 4B rotated images in one backbone call, so BatchNorm sees every rotation in one batch.
-        features = self.backbone(rotated)
+        features = self.embed(rotated)
         loss, accuracy = classification_loss(self.rotation_head(features), targets)
         batch_size = images.shape[0]
         # Rotation 0 comes first, so the first B rows are the features of the unrotated view.

@@ -60,25 +60,32 @@ class SimCLR(PretrainMethod):
 
     Args:
         backbone: any module mapping ``(N, C, H, W)`` images to ``(N, d)`` features.
-        feature_dim: ``d``.
+        feature_dim: ``d``; read from ``backbone.feature_dim`` or inferred with a dummy batch when None.
         temperature: NT-Xent's ``T`` (0.5 in the SimCLR paper's CIFAR-10 runs).
         projection_dim: width of the projection the loss sees (128 in the paper).
     """
 
     name = "simclr"
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, temperature: float = 0.5, projection_dim: int = 128) -> None:
-        super().__init__(backbone, feature_dim)
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_dim: int | None = None,
+        temperature: float = 0.5,
+        projection_dim: int = 128,
+        image_size: int = 32,
+    ) -> None:
+        super().__init__(backbone, feature_dim, image_size)
         if not temperature > 0:
             raise RelreasonError(f"the SimCLR temperature must be positive, got {temperature}; use e.g. 0.5")
         self.temperature = float(temperature)
         # The SimCLR paper's 2-layer MLP projection head; the loss is taken on its output, while downstream
         # tasks use the backbone features before it.
         self.projection_head = nn.Sequential(
-            nn.Linear(feature_dim, feature_dim),
-            nn.BatchNorm1d(feature_dim),
+            nn.Linear(self.feature_dim, self.feature_dim),
+            nn.BatchNorm1d(self.feature_dim),
             nn.ReLU(inplace=True),
-            nn.Linear(feature_dim, projection_dim),
+            nn.Linear(self.feature_dim, projection_dim),
         )
 
     @staticmethod
@@ -98,7 +105,7 @@ class SimCLR(PretrainMethod):
             )
         batch_size = views[0].shape[0]
         # One backbone call on both views, so BatchNorm normalises them with the same batch statistics.
-        features = self.backbone(torch.cat(views, dim=0))
+        features = self.embed(torch.cat(views, dim=0))
         projections = self.projection_head(features)
         logits, positives = nt_xent_logits(projections[:batch_size], projections[batch_size:], self.temperature)
         loss = F.cross_entropy(logits, positives)

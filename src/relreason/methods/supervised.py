@@ -16,19 +16,23 @@ class Supervised(PretrainMethod):
 
     Args:
         backbone: any module mapping ``(N, C, H, W)`` images to ``(N, d)`` features.
-        feature_dim: ``d``.
+        feature_dim: ``d``; read from ``backbone.feature_dim`` or inferred with a dummy batch when None.
         num_classes: number of classes; labels must lie in ``[0, num_classes)``.
     """
 
     name = "supervised"
     needs_labels = True
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int) -> None:
-        super().__init__(backbone, feature_dim)
+    def __init__(
+        self, backbone: nn.Module, feature_dim: int | None = None, num_classes: int | None = None, image_size: int = 32
+    ) -> None:
+        super().__init__(backbone, feature_dim, image_size)
+        if num_classes is None:
+            raise RelreasonError("supervised pretraining needs num_classes=, the number of classes in the labels")
         if num_classes < 2:
             raise RelreasonError(f"supervised pretraining needs at least 2 classes, got {num_classes}")
         self.num_classes = int(num_classes)
-        self.classifier = nn.Linear(feature_dim, self.num_classes)
+        self.classifier = nn.Linear(self.feature_dim, self.num_classes)
         # The trainer checks the whole dataset's labels once and turns the per-step check off.
         self.check_label_values = True
 
@@ -61,6 +65,6 @@ class Supervised(PretrainMethod):
         if labels is None:
             raise RelreasonError("supervised pretraining needs labels for every image; choose a labelled dataset/split")
         self.check_labels(labels, images.shape[0])
-        features = self.backbone(images)
+        features = self.embed(images)
         loss, accuracy = classification_loss(self.classifier(features), labels)
         return StepOutput(loss, {"train_accuracy": accuracy}, features.detach())
