@@ -10,7 +10,8 @@ time, and every op of the forward and backward pass runs on a chunk that stays i
 
 Same outputs, gradients and running statistics as ``BatchNorm1d -> LeakyReLU -> Linear`` on the gathered
 sums, up to float rounding (``tests/test_head.py`` checks fp32 and fp64). Training mode only: in eval mode
-the tail is an affine map and a LeakyReLU, which the plain modules already do in one pass.
+the tail is an affine map and a LeakyReLU, which the plain modules already do in one pass. A backward pass
+that builds a graph (``create_graph=True``, for second derivatives) redoes the plain computation instead.
 """
 
 from __future__ import annotations
