@@ -36,6 +36,7 @@ PRETRAIN_CASES = [
     ("unknown device", ["--device", "tpu"], "unknown --device 'tpu'"),
     ("image size too small", ["--image-size", "4"], "--image-size must be >= 8"),
     ("crop scale out of range", ["--min-crop-scale", "1.5"], "--min-crop-scale) must be a fraction"),
+    ("jitter strength out of range", ["--jitter-strength", "3"], "(--jitter-strength) must lie in [0, 2.5]"),
     ("negative checkpoint interval", ["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
     ("keep no checkpoints", ["--keep-checkpoints", "0"], "--keep-checkpoints must be >= 1"),
     ("zero time limit", ["--time-limit", "0"], "--time-limit must be > 0"),

@@ -117,6 +117,7 @@ def test_resume_refuses_changed_model_options(tmp_path):
     ({}, dict(loss="focal"), "loss: checkpoint 'bce' vs now 'focal'"),
     (dict(loss="focal"), dict(loss="focal", focal_gamma=1.0), "focal_gamma: checkpoint 2.0 vs now 1.0"),
     ({}, dict(min_crop_scale=0.5), "min_crop_scale: checkpoint 0.08 vs now 0.5"),
+    ({}, dict(jitter_strength=0.5), "jitter_strength: checkpoint 1.0 vs now 0.5"),
     (dict(method="simclr"), dict(method="simclr", simclr_temperature=0.1), "simclr_temperature: checkpoint 0.5 vs now 0.1"),
 ])
 def test_resume_refuses_another_objective_or_crop(tmp_path, first, then, message):
@@ -302,6 +303,31 @@ def test_min_crop_scale_reaches_the_augmentation(tmp_path, augment):
     else:
         crop = next(t for t in dataset.transform.transforms if isinstance(t, T.RandomResizedCrop))
         assert crop.scale == (0.5, 1.0)
+
+
+@pytest.mark.parametrize("augment", ["tensor", "pil"])
+@pytest.mark.parametrize("strength", [0.0, 0.5, 1.0, 2.5])
+def test_jitter_strength_reaches_the_augmentation(tmp_path, augment, strength):
+    from torchvision import transforms as T
+
+    from relreason.train import build_pretrain_data
+
+    dataset, _ = build_pretrain_data(config(tmp_path, augment=augment, jitter_strength=strength))
+    amounts = (0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength)
+    if augment == "tensor":
+        recipe = dataset.augmentation.recipe
+        assert (recipe.brightness, recipe.contrast, recipe.saturation, recipe.hue) == pytest.approx(amounts)
+        factors = dataset.augmentation.parameters(4000, 8, 8, torch.Generator().manual_seed(0)).factors
+        low = [max(0.0, 1 - amounts[0])] * 3 + [-amounts[3]]
+        high = [1 + amounts[0]] * 3 + [amounts[3]]
+        assert (factors.min(0).values >= torch.tensor(low) - 1e-6).all()
+        assert (factors.max(0).values <= torch.tensor(high) + 1e-6).all()
+        assert (factors.max(0).values - factors.min(0).values >= 0.95 * (torch.tensor(high) - torch.tensor(low))).all()
+    else:
+        jitter = next(t for t in dataset.transform.transforms if isinstance(t, T.RandomApply)).transforms[0]
+        expected = T.ColorJitter(*amounts)
+        for name in ("brightness", "contrast", "saturation", "hue"):
+            assert getattr(jitter, name) == getattr(expected, name), name
 
 
 def test_supervised_on_partly_unlabelled_data_is_refused_before_anything_is_written(tmp_path, monkeypatch):

@@ -43,6 +43,9 @@ def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--min-crop-scale", type=float,
                       help="smallest random crop as a fraction of the image area; larger keeps more of each "
                       f"image in every view, which can suit small images [{d.min_crop_scale}, the paper's]")
+    data.add_argument("--jitter-strength", type=float,
+                      help="colour jitter as a multiple of the paper's (brightness, contrast and saturation 0.8, "
+                      f"hue 0.2), 0 to 2.5; 0: none [{d.jitter_strength}]")
     data.add_argument("--augment", choices=AUGMENT_MODES,
                       help="tensor: all views of a step made in a few batched operations on the device, from the "
                       "dataset kept there as uint8 (an image folder is decoded once, each image resized and "

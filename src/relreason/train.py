@@ -53,7 +53,7 @@ from relreason.data import (
     relational_augmentation,
     same_dataset,
 )
-from relreason.data.transforms import check_crop_scale
+from relreason.data.transforms import check_crop_scale, jitter_amounts
 from relreason.data.batch_augment import AugmentationRecipe, BatchRelationalAugmentation
 from relreason.data.batch_views import BatchViewLoader, DeviceMultiViewDataset
 from relreason.data.datasets import TEST_DIR_NAMES, ArrayImageDataset
@@ -115,6 +115,7 @@ class PretrainConfig:
     device: str = "auto"
     amp: str = "off"
     min_crop_scale: float = 0.08  # smallest random crop, as a fraction of the image area (the paper's 0.08)
+    jitter_strength: float = 1.0  # colour jitter amounts as a multiple of the paper's (0.8, 0.8, 0.8, 0.2)
     augment: str = "auto"  # tensor: batched on the device; pil: per-image torchvision; auto: tensor when possible
     test_fraction: float | None = None  # a labelled folder: train on all but this held-out share of each class
     channels_last: bool = False
@@ -159,6 +160,7 @@ class PretrainConfig:
         if self.augment not in AUGMENT_MODES:
             raise RelreasonError(f"unknown --augment '{self.augment}'; choose one of {', '.join(AUGMENT_MODES)}")
         check_crop_scale(self.min_crop_scale)
+        jitter_amounts(self.jitter_strength)
         if self.image_size is not None and self.image_size < 8:
             raise RelreasonError(f"--image-size must be >= 8, got {self.image_size}")
         if self.num_workers is not None and self.num_workers < 0:
@@ -338,10 +340,12 @@ def build_pretrain_data(
         # Under torchrun every process decodes its own copy; process 0 alone shows how far it is.
         dataset = DecodedImageFolder(dataset, image_size, progress=config.progress and os.environ.get("RANK", "0") == "0")
     if batched:
-        recipe = AugmentationRecipe(scale=check_crop_scale(config.min_crop_scale))
+        brightness, contrast, saturation, hue = jitter_amounts(config.jitter_strength)
+        recipe = AugmentationRecipe(scale=check_crop_scale(config.min_crop_scale), brightness=brightness,
+                                    contrast=contrast, saturation=saturation, hue=hue)
         augmentation = BatchRelationalAugmentation(image_size, mean, std, recipe, compile=config.compile)
         return DeviceMultiViewDataset(dataset, augmentation, views, config.seed, device), geometry
-    transform = relational_augmentation(image_size, mean, std, config.min_crop_scale)
+    transform = relational_augmentation(image_size, mean, std, config.min_crop_scale, config.jitter_strength)
     return MultiViewDataset(dataset, transform, views, seed=config.seed), geometry
 
 
@@ -743,7 +747,7 @@ def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, geometry
     saved = checkpoint.get("config", {})
     defaults = PretrainConfig()  # for options that checkpoints from older versions do not record
     shaping = ("method", "backbone", "dataset", "batch_size", "seed", "lr_schedule", "warmup_epochs", "online_probe",
-               "min_crop_scale", "test_fraction")
+               "min_crop_scale", "jitter_strength", "test_fraction")
     if config.method == "relational":  # the relation head's options, its loss, and K shape only this method's runs
         shaping += ("aggregation", "head_hidden", "num_views", "loss")
         if config.loss == "focal":

@@ -40,15 +40,36 @@ def check_crop_scale(min_scale: float) -> tuple[float, float]:
     return float(min_scale), 1.0
 
 
+#: Largest --jitter-strength: the hue shift, 0.2 x strength, may not pass half the colour circle.
+MAX_JITTER_STRENGTH = 2.5
+
+
+def jitter_amounts(strength: float = 1.0) -> tuple[float, float, float, float]:
+    """ColorJitter's (brightness, contrast, saturation, hue) at ``strength`` times the paper's (0.8, 0.8, 0.8, 0.2),
+    or a one-line error for a strength outside [0, 2.5]."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= MAX_JITTER_STRENGTH:
+        raise RelreasonError(
+            f"the colour jitter strength (--jitter-strength) must lie in [0, {MAX_JITTER_STRENGTH}], got {strength!r}; "
+            "pass 1 for the paper's jitter or 0 for none"
+        )
+    strength = float(strength)
+    return 0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength
+
+
 def relational_augmentation(
-    image_size: int, mean: Sequence[float], std: Sequence[float], min_crop_scale: float = 0.08
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    min_crop_scale: float = 0.08,
+    jitter_strength: float = 1.0,
 ) -> T.Compose:
     """The augmentation of Patacchiola & Storkey (2020), in the paper's order.
 
     Random resized crop (scale 0.08..1, ratio 3/4..4/3, bilinear), horizontal flip,
     colour jitter (0.8, 0.8, 0.8, 0.2) with probability 0.8, greyscale with
     probability 0.2, then ToTensor and Normalize. Input: an RGB PIL image.
-    ``min_crop_scale`` replaces the 0.08: the smallest crop, as a fraction of the image's area.
+    ``min_crop_scale`` replaces the 0.08: the smallest crop, as a fraction of the image's area;
+    ``jitter_strength`` scales the four jitter amounts (0: no jitter).
     """
     mean_t, std_t = check_normalization(image_size, mean, std)
     return T.Compose(
@@ -60,7 +81,7 @@ def relational_augmentation(
                 interpolation=InterpolationMode.BILINEAR,
             ),
             T.RandomHorizontalFlip(p=0.5),
-            T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+            T.RandomApply([T.ColorJitter(*jitter_amounts(jitter_strength))], p=0.8),
             T.RandomGrayscale(p=0.2),
             T.ToTensor(),
             T.Normalize(mean_t, std_t),
