@@ -190,3 +190,23 @@ def test_relation_scores_refuse_rows_that_do_not_split_into_views():
     model = RelationalReasoning(nn.Flatten(), feature_dim=4)
     with pytest.raises(RelreasonError, match="cannot be split into K=3"):
         model.relation_scores(torch.randn(10, 4), 3)
+
+
+def test_width_is_inferred_when_a_conv_is_defined_before_the_stem():
+    """Definition order is not call order: a 16-channel projection defined first must not make the dummy
+    batch 16-channel for good."""
+
+    class ProjectionFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.project = nn.Conv2d(16, 32, 1)
+            self.stem = nn.Conv2d(3, 16, 3, padding=1)
+            self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+        def forward(self, x):
+            return self.pool(self.project(self.stem(x)))
+
+    assert RelationalReasoning(ProjectionFirst()).feature_dim == 32
+    from relreason.model import infer_feature_dim  # still importable from its former module
+
+    assert infer_feature_dim(ProjectionFirst(), in_channels=3) == 32

@@ -8,12 +8,11 @@ from torch import nn
 from relreason.errors import RelreasonError, short_reason
 
 
-def _first_input_channels(backbone: nn.Module) -> int:
-    """The input channels of the backbone's first convolution; 3 (RGB) when it has none."""
-    for module in backbone.modules():
-        if isinstance(module, nn.modules.conv._ConvNd):
-            return module.in_channels
-    return 3
+def _channel_guesses(backbone: nn.Module) -> list[int]:
+    """Input channels to try: those of the first convolution defined (usually the stem, but definition order
+    is not call order), then 3 (RGB)."""
+    first = next((m.in_channels for m in backbone.modules() if isinstance(m, nn.modules.conv._ConvNd)), 3)
+    return [first] if first == 3 else [first, 3]
 
 
 @torch.no_grad()
@@ -21,26 +20,31 @@ def infer_feature_dim(backbone: nn.Module, image_size: int = 32, in_channels: in
     """Output width of ``backbone`` on a dummy batch of two ``image_size`` images.
 
     The batch takes the dtype and device of the backbone's first parameter and, unless ``in_channels`` is
-    given, the input channels of its first convolution. It runs in eval mode, so no BatchNorm statistic
-    moves; every submodule's own train/eval flag is put back afterwards (a user's frozen BatchNorm stays
-    frozen).
+    given, the input channels of its first defined convolution, else 3. It runs in eval mode, so no BatchNorm
+    statistic moves; every submodule's own train/eval flag is put back afterwards (a user's frozen BatchNorm
+    stays frozen).
     """
     tensor = next(backbone.parameters(), None)
     if tensor is None:
         tensor = next(backbone.buffers(), None)
     device = tensor.device if tensor is not None else torch.device("cpu")
     dtype = tensor.dtype if tensor is not None and tensor.is_floating_point() else torch.float32
-    channels = _first_input_channels(backbone) if in_channels is None else in_channels
+    guesses = _channel_guesses(backbone) if in_channels is None else [in_channels]
     modes = [(module, module.training) for module in backbone.modules()]
     backbone.eval()
     try:
-        output = backbone(torch.zeros(2, channels, image_size, image_size, device=device, dtype=dtype))
-    except Exception as error:  # a user's module: any failure means the dummy batch did not suit it
-        raise RelreasonError(
-            f"could not find the backbone's feature width from a dummy batch of shape "
-            f"(2, {channels}, {image_size}, {image_size}) ({short_reason(error)}); pass feature_dim= "
-            "(or give the backbone a feature_dim attribute)"
-        ) from error
+        for attempt, channels in enumerate(guesses):
+            try:
+                output = backbone(torch.zeros(2, channels, image_size, image_size, device=device, dtype=dtype))
+                break
+            except Exception as error:  # a user's module: any failure means the dummy batch did not suit it
+                if attempt + 1 < len(guesses):
+                    continue
+                raise RelreasonError(
+                    f"could not find the backbone's feature width from a dummy batch of shape "
+                    f"(2, {channels}, {image_size}, {image_size}) ({short_reason(error)}); pass feature_dim= "
+                    "(or give the backbone a feature_dim attribute)"
+                ) from error
     finally:
         for module, training in modes:
             module.training = training
