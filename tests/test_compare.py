@@ -107,6 +107,8 @@ def test_compare_refuses_runs_made_with_other_options_and_trains_on_for_more_epo
     capsys.readouterr()
     assert main(compare_argv(output, "--batch-size", "32")) == 2
     assert "was trained with other options (batch_size: run 64 vs now 32)" in capsys.readouterr().err
+    assert main(compare_argv(output, "--jitter-strength", "0.5")) == 2
+    assert "was trained with other options (jitter_strength: run 1.0 vs now 0.5)" in capsys.readouterr().err
     assert main(compare_argv(output, "--time-limit", "5")) == 2
     assert "holds runs trained with no --time-limit (now --time-limit 5)" in capsys.readouterr().err
     argv = compare_argv(output, "--epochs", "2")
@@ -236,6 +238,36 @@ def test_random_runs_remade_for_other_data_or_budget_get_their_own_map(tmp_path)
     on_folder[on_folder.index("digits")] = "folder"
     assert main(on_folder + ["--data-root", str(images)]) == 0  # the same weights, another data set's map
     assert len(list((output / "random-seed1" / "features").glob("*-test-*.pt"))) == 2
+
+
+def test_view_options_reach_every_methods_run_and_older_run_folders_read_as_defaults(tmp_path):
+    from relreason.compare import CompareConfig, check_existing_runs, pretrain_config_for
+
+    compare = CompareConfig(methods=("relational", "simclr"), seeds=(1,), min_crop_scale=0.3, jitter_strength=0.5,
+                            output_dir=str(tmp_path / "compare"))
+    for method in compare.methods:
+        run = pretrain_config_for(compare, method, 1)
+        assert (run.min_crop_scale, run.jitter_strength) == (0.3, 0.5)
+    # A run folder written before these options existed records neither: it had the defaults.
+    defaults = CompareConfig(methods=("simclr",), seeds=(1,), output_dir=str(tmp_path / "compare"))
+    recorded = {k: v for k, v in vars(pretrain_config_for(defaults, "simclr", 1)).items()
+                if k not in ("min_crop_scale", "jitter_strength")}
+    (tmp_path / "compare" / "simclr-seed1").mkdir(parents=True)
+    (tmp_path / "compare" / "simclr-seed1" / "config.json").write_text(json.dumps(recorded))
+    check_existing_runs(defaults)
+    with pytest.raises(RelreasonError, match=r"jitter_strength: run 1.0 vs now 0.5"):
+        check_existing_runs(CompareConfig(methods=("simclr",), seeds=(1,), jitter_strength=0.5,
+                                          output_dir=str(tmp_path / "compare")))
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--min-crop-scale", "0", "--min-crop-scale) must be a fraction"),
+    ("--jitter-strength", "-1", "(--jitter-strength) must lie in [0, 2.5]"),
+])
+def test_compare_refuses_bad_view_options_before_training(tmp_path, capsys, option, value, message):
+    assert main(["compare", "--output-dir", str(tmp_path / "compare"), option, value]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "compare").exists()
 
 
 def test_one_seed_is_tabulated_without_a_spread_of_zero():

@@ -158,6 +158,10 @@ def add_compare_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, help="image side in pixels [the dataset's own]")
     parser.add_argument("--augment", choices=AUGMENT_MODES,
                         help=f"how views are made, as for pretrain [{d.augment}]")
+    parser.add_argument("--min-crop-scale", type=float,
+                        help=f"smallest random crop of every method's views, as for pretrain [{d.min_crop_scale}]")
+    parser.add_argument("--jitter-strength", type=float,
+                        help=f"colour jitter of every method's views, as for pretrain [{d.jitter_strength}]")
     parser.add_argument("--test-fraction", type=float,
                         help="an image folder with class subfolders but no train/ and test/: every run pretrains on "
                         "all but this share of each class, which the evaluations hold out [off]")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from relreason.checkpoint import atomic_write_bytes, atomic_write_json
+from relreason.data.transforms import check_crop_scale, jitter_amounts
 from relreason.errors import RelreasonError
 from relreason.methods import check_method_name
 from relreason.seeding import check_seed
@@ -46,6 +47,8 @@ class CompareConfig:
     batch_size: int = 64
     image_size: int | None = None
     augment: str = "auto"  # as pretrain's --augment
+    min_crop_scale: float = 0.08  # as pretrain's: every method's views
+    jitter_strength: float = 1.0  # as pretrain's: every method's views
     test_fraction: float | None = None  # as pretrain's and evaluate's --test-fraction
     protocols: tuple[str, ...] = ("linear", "linear_converged", "knn")
     linear_epochs: int = 100
@@ -71,6 +74,8 @@ class CompareConfig:
         if unknown:
             raise RelreasonError(f"compare cannot tabulate protocol(s) {', '.join(unknown)}; "
                                  f"choose from {', '.join(COMPARABLE_PROTOCOLS)}")
+        check_crop_scale(self.min_crop_scale)
+        jitter_amounts(self.jitter_strength)
         if self.embedding_points < 10:
             raise RelreasonError(f"--embedding-points must be >= 10, got {self.embedding_points}")
 
@@ -89,14 +94,15 @@ def pretrain_config_for(config: CompareConfig, method: str, seed: int):
         backbone=config.backbone, image_size=config.image_size, num_views=num_views,
         batch_size=config.batch_size, epochs=config.epochs, seed=seed, device=config.device, augment=config.augment,
         time_limit=config.time_limit, output_dir=str(run_dir_of(config, method, seed)), progress=config.progress,
-        log_every=config.log_every, test_fraction=config.test_fraction,
+        log_every=config.log_every, test_fraction=config.test_fraction, min_crop_scale=config.min_crop_scale,
+        jitter_strength=config.jitter_strength,
     )
 
 
 # What makes a run this comparison's run; --epochs may grow (pretrain resumes and trains on). The time
 # limit is checked against the comparison's own record: a resumed run's config.json holds what was left of it.
 _RUN_DEFINING = ("method", "dataset", "data_root", "backbone", "image_size", "num_views", "batch_size", "seed",
-                 "augment", "test_fraction")
+                 "augment", "test_fraction", "min_crop_scale", "jitter_strength")
 BUDGET_NAME = "budget.json"
 
 
@@ -112,6 +118,7 @@ def _read_json(path: Path) -> Any:
 def check_existing_runs(config: CompareConfig) -> None:
     """Refuse, before anything trains, run folders that another comparison's options made."""
     from relreason.data import same_dataset
+    from relreason.train import PretrainConfig
 
     budget = _read_json(Path(config.output_dir) / BUDGET_NAME)
     if isinstance(budget, dict) and budget.get("time_limit") != config.time_limit:
@@ -130,8 +137,10 @@ def check_existing_runs(config: CompareConfig) -> None:
             if not isinstance(recorded, dict):
                 continue
             wanted = dataclasses.asdict(pretrain_config_for(config, method, seed))
-            differ = [f"{key}: run {recorded.get(key)!r} vs now {wanted[key]!r}" for key in keys
-                      if recorded.get(key) != wanted[key]
+            # An option a run folder does not record is older than the option: the run had its default.
+            recorded = {key: recorded.get(key, getattr(PretrainConfig, key)) for key in keys}
+            differ = [f"{key}: run {recorded[key]!r} vs now {wanted[key]!r}" for key in keys
+                      if recorded[key] != wanted[key]
                       and not (key == "dataset" and same_dataset(recorded.get(key), wanted[key]))]
             if differ:
                 raise RelreasonError(
