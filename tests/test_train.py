@@ -372,6 +372,10 @@ def test_resume_under_another_number_of_processes_goes_on_with_the_unused_images
     steps = [json.loads(line) for line in (result.run_dir / "steps.jsonl").read_text().splitlines()]
     assert steps[0]["epoch"] == pytest.approx(11 / 23)  # the first step after the resume is step 11 of 23
     assert result.history[-1]["epoch"] == 1
+    # The running sums stand for the 10 steps' worth of images now counted as done, not the 5 steps taken:
+    # the first mean after the resume stays near the mean before it (unscaled sums would nearly halve it).
+    mean_before = checkpoint["position"]["totals"]["loss"] / checkpoint["position"]["step"]
+    assert steps[0]["loss"] == pytest.approx(mean_before, rel=0.15)
 
 
 def test_a_fresh_start_drops_the_records_a_killed_run_left(tmp_path):
