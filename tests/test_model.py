@@ -9,8 +9,10 @@ from relreason import RelationalReasoning, RelationHead, RelreasonError, relatio
 from relreason.backbones import Conv4
 
 
-def small_backbone():
-    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+def small_backbone(in_channels: int = 3):
+    """A user's backbone without a feature_dim attribute: conv -> BatchNorm -> pool -> 6 features."""
+    return nn.Sequential(nn.Conv2d(in_channels, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
 @pytest.mark.parametrize("factorised, stacked", [(True, False), (False, False), (True, True)])
@@ -114,32 +116,20 @@ def test_training_after_scoring_under_inference_mode(factorised):
     assert features.grad is not None
 
 
-class TinyNet(nn.Module):
-    """A user's backbone without a feature_dim attribute: conv -> BatchNorm -> pool -> 6 features."""
-
-    def __init__(self, in_channels: int = 3) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, 6, 3, padding=1)
-        self.norm = nn.BatchNorm2d(6)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-
-    def forward(self, x):
-        return self.pool(self.norm(self.conv(x)))
-
-
 def test_inferring_the_width_keeps_each_submodules_mode():
     """A user's frozen BatchNorm (eval inside a training model) stays frozen after the dummy batch."""
-    backbone = TinyNet()
-    backbone.norm.eval()
-    statistics = backbone.norm.running_mean.clone()
+    backbone = small_backbone()
+    conv, norm = backbone[0], backbone[1]
+    norm.eval()
+    statistics = norm.running_mean.clone()
     RelationalReasoning(backbone)
-    assert backbone.training and not backbone.norm.training and backbone.conv.training
-    assert torch.equal(backbone.norm.running_mean, statistics)
+    assert backbone.training and not norm.training and conv.training
+    assert torch.equal(norm.running_mean, statistics)
 
 
 @pytest.mark.parametrize("in_channels, dtype", [(1, torch.float32), (3, torch.float64), (3, torch.bfloat16)])
 def test_width_is_inferred_for_other_channels_and_dtypes(in_channels, dtype):
-    assert RelationalReasoning(TinyNet(in_channels).to(dtype)).feature_dim == 6
+    assert RelationalReasoning(small_backbone(in_channels).to(dtype)).feature_dim == 6
 
 
 def test_a_backbone_the_dummy_batch_does_not_suit_is_a_clear_error():
@@ -157,7 +147,7 @@ def test_baselines_infer_the_width_too(method_name):
     from relreason.methods import method_class
 
     kwargs = {"num_classes": 3} if method_name == "supervised" else {}
-    method = method_class(method_name)(TinyNet(), **kwargs)
+    method = method_class(method_name)(small_backbone(), **kwargs)
     assert method.feature_dim == 6
     views = [torch.rand(4, 3, 8, 8) for _ in range(method.views_per_image(2))]
     assert torch.isfinite(method(views, torch.tensor([0, 1, 2, 0])).loss)
@@ -167,7 +157,7 @@ def test_supervised_without_a_class_count_is_refused():
     from relreason.methods import Supervised
 
     with pytest.raises(RelreasonError, match="num_classes="):
-        Supervised(TinyNet())
+        Supervised(small_backbone())
 
 
 class DropsARow(nn.Module):

@@ -35,11 +35,15 @@ def test_set_learning_rate_scales_each_group_by_its_own_base():
     assert [g["lr"] for g in optimizer.param_groups] == [5e-4, 5e-3]
 
 
+def cosine_digits_run(tmp_path, epochs: int, warmup_epochs: float):
+    """A cosine-schedule pretrain on digits at lr 2e-3: 6 steps per epoch of 256 images."""
+    return pretrain(PretrainConfig(dataset="digits", image_size=16, num_views=2, batch_size=256, epochs=epochs,
+                                   seed=0, lr=2e-3, lr_schedule="cosine", warmup_epochs=warmup_epochs, device="cpu",
+                                   progress=False, tensorboard=False, output_dir=str(tmp_path / "run")))
+
+
 def test_trainer_follows_the_cosine_schedule(tmp_path):
-    config = PretrainConfig(dataset="digits", image_size=16, num_views=2, batch_size=256, epochs=4, seed=0,
-                            lr=2e-3, lr_schedule="cosine", warmup_epochs=1, device="cpu", progress=False,
-                            tensorboard=False, output_dir=str(tmp_path / "run"))
-    result = pretrain(config)
+    result = cosine_digits_run(tmp_path, epochs=4, warmup_epochs=1)
     steps = EpochBatchSampler(1438, 256, 0, 0).steps_per_epoch  # the 1,438 training digits: 6 batches
     rates = [record["lr"] for record in result.history]  # the rate of each epoch's last step
     expected = [2e-3 * learning_rate_factor((epoch + 1) * steps - 1, 4 * steps, steps, "cosine") for epoch in range(4)]
@@ -66,10 +70,7 @@ def test_set_learning_rate_takes_a_plain_optimizers_rate_as_its_base():
 
 def test_a_fractional_warm_up_lasts_the_nearest_whole_number_of_steps(tmp_path):
     """0.6 of a 6-step epoch is 3.6 steps: the warm-up lasts 4 (3 would be the truncation)."""
-    config = PretrainConfig(dataset="digits", image_size=16, num_views=2, batch_size=256, epochs=2, seed=0,
-                            lr=2e-3, lr_schedule="cosine", warmup_epochs=0.6, device="cpu", progress=False,
-                            tensorboard=False, output_dir=str(tmp_path / "run"))
-    result = pretrain(config)
+    result = cosine_digits_run(tmp_path, epochs=2, warmup_epochs=0.6)
     steps = EpochBatchSampler(1438, 256, 0, 0).steps_per_epoch
     assert steps == 6
     last_step_of_first_epoch = steps - 1  # the warm-up is over by then: one step into the cosine

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from relreason.checkpoint import atomic_write_bytes, atomic_write_json
-from relreason.data.transforms import check_crop_scale, jitter_amounts
 from relreason.errors import RelreasonError
 from relreason.methods import check_method_name
 from relreason.seeding import check_seed
@@ -74,8 +73,6 @@ class CompareConfig:
         if unknown:
             raise RelreasonError(f"compare cannot tabulate protocol(s) {', '.join(unknown)}; "
                                  f"choose from {', '.join(COMPARABLE_PROTOCOLS)}")
-        check_crop_scale(self.min_crop_scale)
-        jitter_amounts(self.jitter_strength)
         if self.embedding_points < 10:
             raise RelreasonError(f"--embedding-points must be >= 10, got {self.embedding_points}")
 
