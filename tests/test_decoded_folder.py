@@ -195,7 +195,7 @@ def test_method_random_does_not_decode_the_folder(tmp_path, monkeypatch):
         def __init__(self, *args, **kwargs):
             raise AssertionError("decoded a folder for a method that makes no views")
 
-    monkeypatch.setattr("relreason.train.DecodedImageFolder", Refused)
+    monkeypatch.setattr("relreason.train.data.DecodedImageFolder", Refused)
     pretrain(PretrainConfig(dataset="folder", data_root=str(tmp_path / "imgs"), augment="tensor", method="random",
                             image_size=16, device="cpu", progress=False, tensorboard=False,
                             output_dir=str(tmp_path / "run")))
@@ -238,7 +238,7 @@ def test_a_refused_resume_is_refused_before_the_folder_is_decoded(tmp_path, monk
         def __init__(self, *args, **kwargs):
             raise AssertionError("decoded a folder for a resume that is refused")
 
-    monkeypatch.setattr("relreason.train.DecodedImageFolder", Refused)
+    monkeypatch.setattr("relreason.train.data.DecodedImageFolder", Refused)
     with pytest.raises(RelreasonError, match="image_size: checkpoint 16 vs now 24"):
         pretrain(PretrainConfig(image_size=24, epochs=2, **common))
 

@@ -140,10 +140,10 @@ def test_the_stop_vote_carries_a_failure_found_on_one_rank(monkeypatch):
     from relreason.distributed import DistributedContext
 
     context = DistributedContext(rank=1, world_size=2)
-    monkeypatch.setattr(train, "max_over_ranks", lambda value, context: max(value, train.StopRequest.FAILED))  # rank 0: NaN
+    monkeypatch.setattr(train.stop, "max_over_ranks", lambda value, context: max(value, train.StopRequest.FAILED))  # rank 0: NaN
     stop = train.StopRequest()
     assert stop.agreed(math.inf, context) and stop.failed and not stop.signalled
-    monkeypatch.setattr(train, "max_over_ranks", lambda value, context: value)
+    monkeypatch.setattr(train.stop, "max_over_ranks", lambda value, context: value)
     assert stop.agreed(math.inf, context, failing=True) and stop.failed
     assert not stop.agreed(math.inf, context) and not stop.failed
 
@@ -163,7 +163,7 @@ def test_the_stop_vote_carries_a_signal_from_any_rank(monkeypatch):
             votes.append(value)
             return max(value, decided)
 
-        monkeypatch.setattr(train, "max_over_ranks", max_over_ranks)
+        monkeypatch.setattr(train.stop, "max_over_ranks", max_over_ranks)
 
     other_rank_votes(vote.GO_ON)
     assert not stop.agreed(math.inf, context) and not stop.signalled  # nobody asks to stop

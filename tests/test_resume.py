@@ -110,8 +110,9 @@ def test_no_readable_checkpoint_is_refused_not_started_over(tmp_path):
 ])
 def test_a_signal_checkpoints_mid_epoch_and_stops(tmp_path, signum, status, name, says, extra):
     run = tmp_path / "preempted"
+    # A terminal's Ctrl-C: SIGINT at its default, also when the tests run where it is ignored (a background job).
     process = subprocess.Popen(command(run) + extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list_checkpoints(run) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.02)

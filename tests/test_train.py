@@ -81,15 +81,15 @@ def test_time_limit_counts_the_setup_too(tmp_path, monkeypatch):
     # Data that takes 1.5 s to prepare (a large folder decoded) under a 1.2 s limit: one step, then stop.
     import time
 
-    from relreason import train
+    from relreason.train import loop
 
-    real = train.build_pretrain_data
+    real = loop.build_pretrain_data
 
     def slow(*args, **kwargs):
         time.sleep(1.5)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "build_pretrain_data", slow)
+    monkeypatch.setattr(loop, "build_pretrain_data", slow)
     result = pretrain(config(tmp_path, time_limit=0.02))
     assert result.stopped_early
     assert [p.name for p in list_checkpoints(result.run_dir)] == ["checkpoint-e0000-s0000001.pt"]
@@ -265,10 +265,10 @@ def test_progress_means_are_read_by_time_not_every_few_steps(tmp_path, monkeypat
     """Each refresh waits for the device; it happens on the first and last step and then by the clock."""
     import tqdm
 
-    import relreason.train
+    from relreason.train import loop
 
     shown = []
-    monkeypatch.setattr(relreason.train, "POSTFIX_SECONDS", interval)
+    monkeypatch.setattr(loop, "POSTFIX_SECONDS", interval)
     monkeypatch.setattr(tqdm.tqdm, "set_postfix", lambda self, values, **kwargs: shown.append(values))
     pretrain(config(tmp_path, progress=True, tensorboard=False))  # digits: 1,438 images, 23 steps
     assert len(shown) == expected and set(shown[-1]) >= {"loss", "relation_accuracy"}
@@ -336,7 +336,7 @@ def test_supervised_on_partly_unlabelled_data_is_refused_before_anything_is_writ
     from relreason.data import ArrayImageDataset
 
     labels = np.array([0, 1, -1, 2] * 8)
-    monkeypatch.setattr("relreason.train.load_dataset",
+    monkeypatch.setattr("relreason.train.data.load_dataset",
                         lambda *args, **kwargs: ArrayImageDataset(np.zeros((32, 8, 8), np.uint8), labels))
     with pytest.raises(RelreasonError, match=r"8 image\(s\) of dataset 'digits' have none"):
         pretrain(config(tmp_path, method="supervised"))
@@ -390,17 +390,17 @@ def test_a_fresh_start_drops_the_records_a_killed_run_left(tmp_path):
 
 
 def test_the_epoch_record_is_written_before_the_checkpoint_that_passes_it(tmp_path, monkeypatch):
-    import relreason.train as train
+    from relreason.train import resume
 
     seen = []
-    real = train.atomic_torch_save
+    real = resume.atomic_torch_save
 
     def save(state, path):
         if Path(path).name.startswith("checkpoint-"):
             seen.append((Path(path).name, len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines())))
         real(state, path)
 
-    monkeypatch.setattr(train, "atomic_torch_save", save)
+    monkeypatch.setattr(resume, "atomic_torch_save", save)
     pretrain(config(tmp_path, epochs=2))
     assert seen == [("checkpoint-e0001-s0000000.pt", 1), ("checkpoint-e0002-s0000000.pt", 2)]
 
@@ -575,7 +575,7 @@ def test_a_one_class_run_that_trained_a_probe_resumes_without_it(tmp_path, monke
 
     _write_digit_pngs(tmp_path / "one" / "photos", 0, 40)
     options = dict(dataset="folder", data_root=str(tmp_path / "one"), batch_size=16)
-    monkeypatch.setattr(train, "num_classes_of", lambda dataset: 1)
+    monkeypatch.setattr(train.loop, "num_classes_of", lambda dataset: 1)
     pretrain(config(tmp_path, **options))
     assert any(k.startswith("probe.") for k in torch.load(list_checkpoints(tmp_path / "run")[0],
                                                           weights_only=False)["model"])

@@ -1,0 +1,166 @@
+"""The options of ``relreason pretrain`` (checked in one line each) and what a run returns."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from relreason.backbones.registry import check_backbone_name
+from relreason.data import check_test_fraction, dataset_info
+from relreason.data.transforms import check_crop_scale, jitter_amounts
+from relreason.errors import RelreasonError
+from relreason.losses import build_loss
+from relreason.methods import PretrainMethod, check_method_name, method_class
+from relreason.pairing import AGGREGATIONS, check_pairing_sizes
+from relreason.schedule import check_schedule
+from relreason.seeding import check_seed
+
+AMP_MODES = ("off", "bf16", "fp16")
+AUGMENT_MODES = ("auto", "tensor", "pil")
+
+
+@dataclass
+class PretrainConfig:
+    """Every option of ``relreason pretrain``; the CLI and YAML configs fill it by field name."""
+
+    method: str = "relational"
+    dataset: str = "digits"
+    data_root: str = "data"
+    download: bool = False
+    backbone: str = "conv4"
+    image_size: int | None = None  # None: the dataset's native size
+    num_views: int = 4  # K
+    batch_size: int = 64
+    epochs: int = 20
+    lr: float = 1e-3
+    lr_schedule: str = "constant"  # the paper's; or cosine decay towards 0 at the last epoch
+    warmup_epochs: float = 0.0  # linear warm-up of the learning rate, in epochs
+    weight_decay: float = 0.0
+    loss: str = "bce"
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.5
+    aggregation: str = "cat"
+    head_hidden: int = 256
+    simclr_temperature: float = 0.5
+    online_probe: bool = True  # a linear classifier on detached features, when the data has labels
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "off"
+    min_crop_scale: float = 0.08  # smallest random crop, as a fraction of the image area (the paper's 0.08)
+    jitter_strength: float = 1.0  # colour jitter amounts as a multiple of the paper's (0.8, 0.8, 0.8, 0.2)
+    augment: str = "auto"  # tensor: batched on the device; pil: per-image torchvision; auto: tensor when possible
+    test_fraction: float | None = None  # a labelled folder: train on all but this held-out share of each class
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the backbone and the batched colour jitter
+    num_workers: int | None = None  # None: 0 on CPU (the cores train), up to 8 on CUDA
+    output_dir: str = "runs/relreason"
+    resume: bool = True  # continue from the newest valid checkpoint in output_dir
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: at epoch ends only
+    keep_checkpoints: int = 2
+    sync_batchnorm: bool = False
+    time_limit: float | None = None  # minutes
+    progress: bool = True
+    tensorboard: bool = True
+    log_every: int = 50  # steps (counted over the run) between running-mean records in steps.jsonl, plus one at
+    # each epoch's end; 0: none
+
+    def validate(self) -> None:
+        """Refuse bad options with one line each, before any data is read or any file written."""
+        check_method_name(self.method)
+        if self.method == "relational":
+            check_pairing_sizes(self.num_views, self.batch_size)
+        elif self.batch_size < 2:
+            raise RelreasonError(f"--batch-size must be >= 2 (BatchNorm needs two images), got {self.batch_size}")
+        if self.epochs < 1:
+            raise RelreasonError(f"--epochs must be >= 1, got {self.epochs}")
+        if not self.simclr_temperature > 0:
+            raise RelreasonError(f"--simclr-temperature must be > 0, got {self.simclr_temperature}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise RelreasonError(f"--lr must be a finite number > 0, got {self.lr}; pass e.g. 0.001")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise RelreasonError(
+                f"--weight-decay must be a finite number >= 0, got {self.weight_decay}; pass e.g. 0 or 5e-4"
+            )
+        if self.head_hidden < 1:
+            raise RelreasonError(f"--head-hidden must be >= 1, got {self.head_hidden}")
+        check_seed(self.seed, "--seed")
+        check_schedule(self.lr_schedule, self.warmup_epochs, self.epochs)
+        if self.aggregation not in AGGREGATIONS:
+            raise RelreasonError(f"unknown --aggregation '{self.aggregation}'; choose one of {', '.join(AGGREGATIONS)}")
+        if self.amp not in AMP_MODES:
+            raise RelreasonError(f"unknown --amp '{self.amp}'; choose one of {', '.join(AMP_MODES)}")
+        if self.augment not in AUGMENT_MODES:
+            raise RelreasonError(f"unknown --augment '{self.augment}'; choose one of {', '.join(AUGMENT_MODES)}")
+        check_crop_scale(self.min_crop_scale)
+        jitter_amounts(self.jitter_strength)
+        if self.image_size is not None and self.image_size < 8:
+            raise RelreasonError(f"--image-size must be >= 8, got {self.image_size}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise RelreasonError(f"--num-workers must be >= 0, got {self.num_workers}")
+        if self.checkpoint_every < 0:
+            raise RelreasonError(f"--checkpoint-every must be >= 0 steps, got {self.checkpoint_every}")
+        if self.log_every < 0:
+            raise RelreasonError(f"--log-every must be >= 0 steps, got {self.log_every}")
+        if self.keep_checkpoints < 1:
+            raise RelreasonError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise RelreasonError(f"--time-limit must be > 0 minutes, got {self.time_limit}")
+        build_loss(self.loss, self.focal_gamma, self.focal_alpha)
+        check_test_fraction(self.dataset, self.test_fraction)
+        if dataset_info(self.dataset).name == "folder":
+            images, output = Path(self.data_root).expanduser().resolve(), Path(self.output_dir).expanduser().resolve()
+            if output == images or images in output.parents:
+                raise RelreasonError(
+                    f"--output-dir {self.output_dir} lies inside --data-root {self.data_root}, so the run's own files "
+                    "would be read as images; choose an --output-dir outside it"
+                )
+        check_backbone_name(self.backbone)
+        resolve_device(self.device)
+
+
+@dataclass
+class PretrainResult:
+    run_dir: Path
+    epochs_done: int
+    history: list[dict[str, float]]
+    stopped_early: bool  # by --time-limit or SIGTERM, with a checkpoint at the step it stopped
+    model: PretrainMethod | nn.Module  # the trained method (its .backbone); the bare backbone for 'random'
+    preempted: bool = False  # stopped by SIGTERM rather than by --time-limit
+    num_classes: int | None = None  # of the pretraining images; None when they have no labels
+    sigterm_received: bool = False  # also when it came too late to stop the run (in its last step): stop what follows
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto, cpu, cuda, cuda:N (a visible GPU) or mps (where available); anything else is refused in one line."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise RelreasonError("--device mps requested but MPS (Apple GPU) is not available here; use --device cpu")
+        return torch.device("mps")
+    if not isinstance(name, str) or re.fullmatch(r"cpu|cuda(:[0-9]+)?", name) is None:
+        raise RelreasonError(f"unknown --device '{name}'; use auto, cpu, cuda, cuda:N or mps")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RelreasonError("--device cuda requested but no CUDA GPU is visible; use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            visible = "cuda:0" if count == 1 else f"one of cuda:0 to cuda:{count - 1}"
+            raise RelreasonError(f"--device {name} requested but only {count} CUDA GPU(s) are visible; use {visible}")
+    return device
+
+
+def autocast_dtype(amp: str) -> torch.dtype | None:
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def views_used(config: PretrainConfig) -> int:
+    """The views per image the method trains on: -K for relational, the method's own number for the others."""
+    method = method_class(config.method)
+    return method.views_per_image(config.num_views) if method is not None else 0

@@ -1,0 +1,172 @@
+"""The pretraining images as K-view batches: batched views on the device or torchvision's per image."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from relreason.data import (
+    ImageFolderDataset,
+    MultiViewDataset,
+    compute_normalization,
+    dataset_info,
+    held_out_split,
+    load_dataset,
+    relational_augmentation,
+)
+from relreason.data.batch_augment import AugmentationRecipe, BatchRelationalAugmentation
+from relreason.data.batch_views import BatchViewLoader, DeviceMultiViewDataset
+from relreason.data.datasets import TEST_DIR_NAMES, ArrayImageDataset
+from relreason.data.decoded_folder import DecodedImageFolder
+from relreason.data.sampler import EpochBatchSampler
+from relreason.data.transforms import check_crop_scale, jitter_amounts
+from relreason.distributed import DistributedContext
+from relreason.errors import RelreasonError
+from relreason.methods import method_class
+from relreason.train.config import PretrainConfig, views_used
+from relreason.train.position import TrainingPosition
+
+
+def build_pretrain_data(
+    config: PretrainConfig,
+    device: torch.device = torch.device("cpu"),
+    check_geometry: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[MultiViewDataset | DeviceMultiViewDataset, dict[str, Any]]:
+    """The multi-view pretraining set and the image geometry/normalisation the backbone is trained with.
+
+    In-memory datasets get their views made in batches on ``device`` (``--augment tensor``, the default for
+    them; an image folder is decoded into memory at the training size first); image folders by default, or
+    ``--augment pil``, get torchvision's per-image transforms in a DataLoader. ``check_geometry`` sees the
+    geometry before a folder is decoded (which may take minutes), so that a resume it refuses is refused early.
+    """
+    info = dataset_info(config.dataset)
+    method = method_class(config.method)
+    # Supervised pretraining needs the labelled split (STL-10's unlabelled split has none).
+    split = info.train_split if method is not None and method.needs_labels else info.pretrain_split
+    if config.test_fraction is not None:  # the rest of the folder is for evaluate alone
+        dataset = held_out_split(config.dataset, config.data_root, config.test_fraction)[0]
+    else:
+        dataset = load_dataset(config.dataset, config.data_root, split, download=config.download)
+    image_size = config.image_size or info.image_size
+    if info.mean is None:
+        mean, std = compute_normalization(dataset)
+    else:
+        mean, std = info.mean, info.std
+    views = max(views_used(config), 1)
+    batched = config.augment == "tensor" or (config.augment == "auto" and isinstance(dataset, ArrayImageDataset))
+    batched = batched and not (method is None and isinstance(dataset, ImageFolderDataset))  # 'random' makes no views
+    geometry = {"image_size": image_size, "mean": [float(m) for m in mean], "std": [float(s) for s in std],
+                "augment": "tensor" if batched else "pil"}  # the path taken, which 'auto' does not say
+    if check_geometry is not None:
+        check_geometry(geometry)
+    if batched and isinstance(dataset, ImageFolderDataset):
+        # Under torchrun every process decodes its own copy; process 0 alone shows how far it is.
+        dataset = DecodedImageFolder(dataset, image_size, progress=config.progress and os.environ.get("RANK", "0") == "0")
+    if batched:
+        brightness, contrast, saturation, hue = jitter_amounts(config.jitter_strength)
+        recipe = AugmentationRecipe(scale=check_crop_scale(config.min_crop_scale), brightness=brightness,
+                                    contrast=contrast, saturation=saturation, hue=hue)
+        augmentation = BatchRelationalAugmentation(image_size, mean, std, recipe, compile=config.compile)
+        return DeviceMultiViewDataset(dataset, augmentation, views, config.seed, device), geometry
+    transform = relational_augmentation(image_size, mean, std, config.min_crop_scale, config.jitter_strength)
+    return MultiViewDataset(dataset, transform, views, seed=config.seed), geometry
+
+
+def make_loader(
+    dataset: MultiViewDataset | DeviceMultiViewDataset,
+    config: PretrainConfig,
+    position: TrainingPosition,
+    device: torch.device,
+    context: DistributedContext = DistributedContext(),
+) -> DataLoader | BatchViewLoader:
+    """This rank's batches from ``position`` to the end of its epoch.
+
+    Order comes from (seed, epoch), so a resumed epoch goes on with the images not yet used, also under another
+    number of ranks; each image's views come from (seed, epoch, index) on the per-image path and from (seed,
+    epoch, step, rank) on the batched one, so a resume under the same number of ranks repeats them exactly.
+    """
+    dataset.set_epoch(position.epoch)
+    # Checkpoints from before ``items`` was recorded were taken under this number of ranks.
+    start_item = position.items if position.items is not None else position.step * config.batch_size * context.world_size
+    sampler = EpochBatchSampler(
+        len(dataset), config.batch_size, config.seed, position.epoch, context.rank, context.world_size,
+        min(start_item, len(dataset)),
+    )
+    if isinstance(dataset, DeviceMultiViewDataset):
+        return BatchViewLoader(dataset, sampler, context.rank)
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=loader_workers(config.num_workers, device),
+        pin_memory=device.type == "cuda",
+        worker_init_fn=_ignore_ctrl_c,
+    )
+
+
+def _ignore_ctrl_c(worker_id: int) -> None:
+    # Ctrl-C reaches the workers too; they must keep serving the step the main process finishes before it stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def loader_workers(requested: int | None, device: torch.device) -> int:
+    if requested is not None:
+        return requested
+    # On CPU the training step already uses every core; extra augmentation processes only contend.
+    return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
+
+
+def num_classes_of(dataset: MultiViewDataset | DeviceMultiViewDataset) -> int | None:
+    """The number of classes of the pretraining labels; None without labels, or with one class (a folder of
+    one subfolder: no classes to tell apart, so no online probe)."""
+    labels = getattr(dataset.dataset, "labels", None)
+    if labels is None or len(labels) == 0:
+        return None
+    count = int(max(labels)) + 1
+    return count if count >= 2 else None
+
+
+def describe_folder(folder: ImageFolderDataset) -> str:
+    """What pretraining makes of an image folder, in one line: its images, and its classes or why it has none."""
+    images = f"{len(folder)} image{'s' if len(folder) != 1 else ''}"
+    if folder.held_out:
+        images += f" ({folder.held_out} more held out as the test set)"
+    classes = folder.classes or []
+    if len(classes) >= 2:
+        shown = ", ".join(classes[:6]) + (f", ... ({len(classes) - 6} more)" if len(classes) > 6 else "")
+        about = f"{len(classes)} classes from its subfolders ({shown})"
+        splits = [c for c in classes if c.lower() in ("train", "training", *TEST_DIR_NAMES)]  # a split misnamed
+        if splits:
+            about += (f"; note: subfolder(s) {', '.join(splits)} taken as classes: for a train/test split, give "
+                      "train/ and test/ (or val/ or validation/) with one subfolder per class in each")
+    elif classes:
+        about = f"unlabelled: its one subfolder '{classes[0]}' holds one class, nothing to tell apart (no online probe)"
+    else:
+        about = f"unlabelled: {folder.why_unlabelled}"
+    return f"image folder {folder.root}: {images}, {about}"
+
+
+def no_labels_error(name: str) -> RelreasonError:
+    return RelreasonError(f"--method supervised needs labels and dataset '{name}' has none; "
+                          "choose a labelled dataset or another method")
+
+
+def check_every_image_labelled(dataset: MultiViewDataset | DeviceMultiViewDataset, name: str) -> None:
+    """A one-line error unless every image of ``dataset`` has a label (unlabelled images are marked -1)."""
+    labels = getattr(dataset.dataset, "labels", None)
+    if labels is None or len(labels) == 0:
+        raise no_labels_error(name)
+    missing = int((np.asarray(labels) < 0).sum())
+    if not missing and len(np.unique(np.asarray(labels))) < 2:
+        raise RelreasonError(f"--method supervised needs images of at least 2 classes, and dataset '{name}' has one; "
+                             "give one subfolder per class, or choose another method")
+    if missing:
+        raise RelreasonError(
+            f"--method supervised needs a label for every image, and {missing} image(s) of dataset '{name}' have "
+            "none; choose a labelled dataset/split or another method"
+        )

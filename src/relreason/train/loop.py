@@ -1,0 +1,402 @@
+"""The epoch loop of ``relreason pretrain``: ``pretrain`` sets a run up (data, model, optimiser, resume) and
+trains it epoch by epoch, logging and checkpointing on rank 0."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from relreason.backbones import build_backbone
+from relreason.checkpoint import atomic_write_json, set_rng_state
+from relreason.data import ImageFolderDataset, MultiViewDataset, read_skip_log
+from relreason.data.batch_views import DeviceMultiViewDataset
+from relreason.data.decoded_folder import DecodedImageFolder
+from relreason.distributed import DistributedContext, all_reduce_mean, barrier, init_distributed, shutdown_distributed
+from relreason.errors import RelreasonError
+from relreason.losses import build_loss
+from relreason.methods import PretrainMethod, method_class
+from relreason.methods.online_probe import OnlineProbe, PretrainModule
+from relreason.protocols._common import precise_float
+from relreason.schedule import learning_rate_factor, set_learning_rate
+from relreason.seeding import seed_everything
+from relreason.train.config import PretrainConfig, PretrainResult, autocast_dtype, resolve_device, views_used
+from relreason.train.data import (
+    build_pretrain_data,
+    check_every_image_labelled,
+    describe_folder,
+    make_loader,
+    no_labels_error,
+    num_classes_of,
+)
+from relreason.train.metrics_log import MetricsLog, format_metric, plot_training_curves, step_record
+from relreason.train.position import TrainingPosition
+from relreason.train.resume import (
+    CheckpointSaver,
+    check_resumable,
+    load_optimizer_state,
+    newest_checkpoint_everywhere,
+    without_probe,
+)
+from relreason.train.run_folder import (
+    CONFIG_NAME,
+    SKIPPED_IMAGES_NAME,
+    check_no_other_run,
+    export_backbone,
+    prepare_output_dir,
+)
+from relreason.train.stop import StopRequest
+
+POSTFIX_SECONDS = 2.0  # how often the progress bar's running means are refreshed
+
+
+def pretrain(config: PretrainConfig) -> PretrainResult:
+    """Train ``config.backbone`` with relational reasoning on ``config.dataset``; see ``PretrainConfig``.
+
+    Under ``torchrun`` each process trains on its own share of every epoch (pairs are formed inside each
+    rank's batch) and rank 0 alone writes files; otherwise this is a plain single-process loop. SIGTERM and
+    the time limit end it with a checkpoint at the current step (``stopped_early``); so does Ctrl-C, which
+    then raises KeyboardInterrupt (a second Ctrl-C raises it at once).
+    """
+    config.validate()
+    # The time limit counts from here, setup included (decoding a large folder takes minutes): a limit
+    # chosen to fit a scheduler's wall clock then holds.
+    deadline = time.monotonic() + config.time_limit * 60 if config.time_limit else math.inf
+    context, device = init_distributed(resolve_device(config.device))
+    try:
+        return _pretrain(config, context, device, deadline)
+    finally:
+        shutdown_distributed(context)
+
+
+def _pretrain(
+    config: PretrainConfig, context: DistributedContext, device: torch.device, deadline: float
+) -> PretrainResult:
+    if config.sync_batchnorm and context.enabled and device.type != "cuda":
+        raise RelreasonError("--sync-batchnorm needs CUDA devices (PyTorch's SyncBatchNorm is GPU-only); drop it on CPU")
+    if config.sync_batchnorm and not context.enabled:
+        log("relreason: note: --sync-batchnorm does nothing in a single process (it shares BatchNorm statistics "
+            "across torchrun's processes)", context)
+    if config.amp == "fp16" and device.type == "cpu":
+        log("relreason: note: --amp fp16 is slow on a CPU (and needs a loss scaler); --amp bf16 is the CPU's "
+            "half precision", context)
+    if views_used(config) not in (0, config.num_views) and config.num_views != PretrainConfig.num_views:  # -K given
+        log(f"relreason: note: method '{config.method}' trains on {views_used(config)} view(s) per image; "
+            f"-K {config.num_views} does not change that", context)
+    seed_everything(config.seed)
+    method_type = method_class(config.method)
+    # The checkpoint to resume is read before the data, so that a resume its options refuse is refused before a
+    # folder is decoded. 'random' keeps none.
+    found = newest_checkpoint_everywhere(config, context) if method_type is not None else None
+
+    def check_resume(geometry: dict[str, Any]) -> None:
+        if found is not None:
+            check_resumable(found[1], config, geometry, found[0])
+
+    dataset, geometry = build_pretrain_data(config, device, check_resume)
+    folder = getattr(dataset.dataset, "folder", dataset.dataset)
+    if isinstance(folder, ImageFolderDataset):
+        log(describe_folder(folder), context)
+    if isinstance(dataset.dataset, DecodedImageFolder):
+        log(dataset.dataset.describe(), context)
+    if len(dataset) < 2 * context.world_size:
+        raise RelreasonError(
+            f"dataset '{config.dataset}' has {len(dataset)} image(s); each of the {context.world_size} process(es) "
+            "needs at least 2 (an image cannot be its own negative)"
+        )
+    if method_type is not None and method_type.needs_labels:
+        check_every_image_labelled(dataset, config.dataset)  # before the output folder exists
+    if method_type is None:
+        check_no_other_run(Path(config.output_dir))  # before anything in that folder is touched
+    num_classes = num_classes_of(dataset)
+    method = build_model(config, geometry["image_size"], num_classes)  # a broken backbone factory fails here,
+    run_dir = prepare_output_dir(config, context)  # before the output folder exists
+    if method is None:  # 'random': the lower bound is the initialisation itself
+        backbone = build_backbone(config.backbone, image_size=geometry["image_size"])
+        if context.is_main:
+            export_backbone(run_dir, backbone, config, geometry, TrainingPosition())
+            log("method 'random': exported the randomly initialised backbone without training", context)
+        barrier(context)
+        return PretrainResult(run_dir, 0, [], False, backbone, num_classes=num_classes)
+    if isinstance(dataset.dataset, (ImageFolderDataset, DecodedImageFolder)):
+        dataset.dataset.log_skips_to(run_dir / SKIPPED_IMAGES_NAME)  # unreadable files are listed, not fatal
+    if method.needs_labels:
+        method.check_label_values = False  # checked once above, so no step waits on the device to check them
+    probe = OnlineProbe(method.feature_dim, num_classes) if config.online_probe and num_classes else None
+    model = PretrainModule(method, probe).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if config.compile:
+        # The backbone only: compiling the whole forward was faster at K=16 but slower at K=32 on the CPU (the
+        # relation pairs' gradient becomes an atomic scatter-add, which is also not deterministic), while the
+        # eager relation head is cheap. In place: the state_dict keys stay those of the plain backbone.
+        # Static shapes: an epoch's short last batch then gets a graph of its own, instead of turning every
+        # later step into a dynamic-shape graph.
+        model.method.backbone.compile(dynamic=False)
+    if config.sync_batchnorm and context.enabled:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    groups = [{"params": model.method.parameters(), "base_lr": config.lr}]
+    if probe is not None:
+        # The probe must keep up with features that move every step; on standardised features a 10x
+        # larger step is safe, and it never touches the backbone.
+        groups.append({"params": probe.parameters(), "lr": 10 * config.lr, "base_lr": 10 * config.lr, "weight_decay": 0.0})
+    optimizer = make_optimizer(groups, config, device)
+    amp_dtype = autocast_dtype(config.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    metrics = MetricsLog(run_dir, config.tensorboard and context.is_main)
+    position = TrainingPosition()
+
+    if found is not None:
+        path, checkpoint = found
+        if probe is None:
+            checkpoint = without_probe(checkpoint)
+        try:
+            model.load_state_dict(checkpoint["model"])
+        except RuntimeError as error:  # e.g. a class folder added since: the online probe's output grew
+            detail = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line
+                           or "Missing" in line or "Unexpected" in line), "")
+            raise RelreasonError(
+                f"cannot resume {path}: this run's model no longer fits it ({detail[:160]}); was data or a class "
+                "folder added? Rerun with the original data or choose another --output-dir"
+            ) from None
+        load_optimizer_state(optimizer, checkpoint["optimizer"], groups, config)
+        if checkpoint["scaler"]:  # empty when saved without --amp fp16: a newly enabled scaler starts afresh
+            scaler.load_state_dict(checkpoint["scaler"])
+        set_rng_state(checkpoint["rng"], device)
+        position = TrainingPosition(**checkpoint["position"])
+        if context.is_main:
+            if position.epoch >= config.epochs:
+                log(f"{path} ends the run's {position.epoch} epoch(s): nothing to train (pass a larger --epochs to "
+                    "train on); exporting its backbone again", context)
+            else:
+                log(f"resuming {path}: epoch {position.epoch + 1}, step {position.step}", context)
+            saved_epochs = checkpoint.get("config", {}).get("epochs", config.epochs)
+            if config.lr_schedule == "cosine" and saved_epochs != config.epochs:
+                log(f"relreason: warning: --epochs changed from {saved_epochs} to {config.epochs}: the cosine schedule "
+                    "now spans the new length, so the learning rate jumps to that curve", context)
+
+    if context.is_main:
+        # Records past the starting point (all of them on a fresh start) are of steps about to be redone.
+        metrics.truncate_after(position.epochs_done)
+        atomic_write_json(run_dir / CONFIG_NAME, dataclasses.asdict(config) | {"geometry": geometry})
+    train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if context.enabled else model
+    saver = CheckpointSaver(run_dir, config, geometry, model, optimizer, scaler, context, device,
+                            resumed_from=found[0] if found is not None else None)
+    stop = StopRequest.install()
+    stopped_early = False
+    try:
+        while position.epoch < config.epochs and not stopped_early:
+            record, stopped_early = train_one_epoch(
+                train_model, optimizer, scaler, dataset, config, position, device, amp_dtype, deadline, stop, saver,
+                context, metrics,
+            )
+    finally:
+        stop.uninstall()
+    stopped_early = stopped_early and position.epoch < config.epochs
+    stopped_by = (stop.signal_name or "time limit") if stopped_early else None
+    if context.is_main:
+        export_backbone(run_dir, model.method.backbone, config, geometry, position, stopped_by)
+        metrics.close()
+        plot_training_curves(metrics.read(), run_dir / "training_curves.png")
+        if stopped_early:
+            log(f"stopped during epoch {position.epoch + 1} at step {position.step}; exported the current backbone "
+                "and saved a checkpoint there: rerun the same command to continue", context)
+    barrier(context)
+    if stop.signal_name == "Ctrl-C" or stop.interrupted:
+        # Ctrl-C still interrupts the caller (a loop over runs, compare), now with the run checkpointed; also when
+        # it came during the last step, which ended the run anyway.
+        raise KeyboardInterrupt
+    history = metrics.read() if context.is_main else []
+    return PretrainResult(run_dir, position.epoch, history, stopped_early, model.method,
+                          stopped_early and stop.signalled, num_classes,
+                          sigterm_received=stop.signalled or stop.requested)
+
+
+def build_model(config: PretrainConfig, image_size: int, num_classes: int | None = None) -> PretrainMethod:
+    """The method ``config.method`` on a fresh ``config.backbone`` (None for ``random``, which trains nothing)."""
+    backbone = build_backbone(config.backbone, image_size=image_size)
+    method = method_class(config.method)
+    if method is None:
+        return None
+    if config.method == "relational":
+        loss = build_loss(config.loss, config.focal_gamma, config.focal_alpha)
+        return method(backbone, backbone.feature_dim, config.aggregation, config.head_hidden, loss, image_size=image_size)
+    if config.method == "simclr":
+        return method(backbone, backbone.feature_dim, temperature=config.simclr_temperature)
+    if config.method == "supervised":
+        if num_classes is None:
+            raise no_labels_error(config.dataset)
+        return method(backbone, backbone.feature_dim, num_classes)
+    return method(backbone, backbone.feature_dim)
+
+
+def make_optimizer(groups: list[dict[str, Any]], config: PretrainConfig, device: torch.device) -> torch.optim.Adam:
+    """Adam as in the paper. On CUDA the fused kernel: one launch for all parameters, and with --amp fp16 the
+    GradScaler hands it the overflow flag on the device instead of reading it on the host every step. On the
+    CPU PyTorch's default (the per-parameter loop), which the bit-exact resume tests were written against."""
+    return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay, fused=device.type == "cuda")
+
+
+def log(message: str, context: DistributedContext) -> None:
+    if context.is_main:
+        print(message, file=sys.stderr, flush=True)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    dataset: MultiViewDataset | DeviceMultiViewDataset,
+    config: PretrainConfig,
+    position: TrainingPosition,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    deadline: float,
+    stop: StopRequest,
+    saver: CheckpointSaver,
+    context: DistributedContext,
+    metrics: MetricsLog,
+) -> tuple[dict[str, float] | None, bool]:
+    """Train from ``position`` to the end of its epoch, advancing ``position`` in place.
+
+    Returns the epoch's metrics (None when cut short) and whether a time limit or SIGTERM cut it short;
+    either way a checkpoint at the current step has been written.
+    """
+    model.train()
+    loader = make_loader(dataset, config, position, device, context)
+    sampler = loader.batch_sampler
+    steps_per_epoch = position.steps_per_epoch = sampler.steps_per_epoch
+    position.items = sampler.start_item
+    if position.step != sampler.start_step:
+        # Resumed under another number of ranks: count the images already used in this run's steps, so
+        # that the schedule, the progress and the running means go on from the same fraction of the epoch.
+        log(f"resumed under {context.world_size} process(es), a different number from the checkpoint's: the "
+            f"epoch goes on with its {len(dataset) - sampler.start_item} unused image(s), as step "
+            f"{sampler.start_step} of {steps_per_epoch}", context)
+        scale = sampler.start_step / position.step if position.step else 0.0
+        position.totals = {name: value * scale for name, value in position.totals.items()}
+        if sampler.start_step < position.step:
+            saver.steps_renumbered(position.epoch, sampler.start_step)
+        position.step = sampler.start_step
+    # Sums stay on the device: reading them every step would stall a GPU on each batch.
+    names = list(position.totals)
+    totals = torch.tensor(list(position.totals.values()), device=device, dtype=precise_float(device))
+    started = time.perf_counter() - position.seconds
+    bar = tqdm(loader, desc=f"epoch {position.epoch + 1}/{config.epochs}", initial=position.step,
+               total=steps_per_epoch, disable=not (config.progress and context.is_main), leave=False,
+               dynamic_ncols=True)
+    shown_at = -math.inf  # the first step's means are shown at once
+
+    def sync_position(across_ranks: bool) -> None:
+        """Copy the device sums into ``position``; ``across_ranks`` (every rank must call it then): their mean
+        over the ranks, the same on each, which is what a checkpoint keeps (each rank resumes from it, and
+        the epoch's mean of (shared + own) is shared + the mean of its own), checked finite on every rank alike."""
+        values = all_reduce_mean(totals.clone(), context) if across_ranks else totals
+        position.totals = dict(zip(names, values.tolist()))
+        position.seconds = time.perf_counter() - started
+        if across_ranks:
+            check_finite(position, config)
+
+    for views, labels in bar:
+        if isinstance(views, torch.Tensor):  # (K, B, C, H, W), made on the device
+            views = views.to(device, non_blocking=True)
+        else:
+            views = [v.to(device, non_blocking=True) for v in views]
+        labels = labels.to(device, non_blocking=True)
+        set_learning_rate(optimizer, learning_rate_factor(
+            position.epoch * steps_per_epoch + position.step, config.epochs * steps_per_epoch,
+            round(config.warmup_epochs * steps_per_epoch), config.lr_schedule))
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            total_loss, out = model(views, labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total_loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        step_values = {"loss": out.loss.detach(), **out.metrics}
+        if not names:
+            names = list(step_values)
+            totals = torch.zeros(len(names), device=device, dtype=precise_float(device))
+        totals += torch.stack([step_values[name].float() for name in names]).to(totals.dtype)
+        position.step += 1
+        position.items += config.batch_size * context.world_size
+        position.views += len(views) * views[0].shape[0] * context.world_size
+        # Reading the sums waits for the device: at most every POSTFIX_SECONDS, not every few (fast) steps.
+        if (config.progress and context.is_main
+                and (time.perf_counter() - shown_at >= POSTFIX_SECONDS or position.step == steps_per_epoch)):
+            means = dict(zip(names, (totals / position.step).tolist()))
+            bar.set_postfix({name: format_metric(name, value) for name, value in means.items()})
+            shown_at = time.perf_counter()
+        failure = None
+        # Counted over the whole run, so epochs shorter than --log-every still get points; the epoch's last
+        # step is recorded at its end (below), with the means over all ranks.
+        global_step = position.epoch * steps_per_epoch + position.step
+        if (config.log_every and context.is_main and global_step % config.log_every == 0
+                and position.step < steps_per_epoch):
+            sync_position(across_ranks=False)  # rank 0's own running means: no collective on one rank
+            failure = non_finite_loss(position, config)
+            if failure is None:
+                metrics.write_step(step_record(position))
+        # The check above ran on rank 0 alone: its verdict is part of the vote, so every rank stops with it.
+        interrupted = stop.agreed(deadline, context, failing=failure is not None)
+        if stop.failed:
+            raise failure or RelreasonError("process 0 found a non-finite loss; see its message")
+        if position.step < steps_per_epoch and (interrupted or (
+                config.checkpoint_every and position.step % config.checkpoint_every == 0)):
+            sync_position(across_ranks=True)
+            saver.save(position)
+        if interrupted and position.step < steps_per_epoch:
+            bar.close()
+            return None, True
+    bar.close()
+    sync_position(across_ranks=True)
+    means = {name: total / max(position.step, 1) for name, total in position.totals.items()}
+    record = {
+        "epoch": position.epoch + 1,
+        **{name: 100 * value if name.endswith("accuracy") else value for name, value in means.items()},
+        "seconds": position.seconds,
+        "views_per_second": position.views / position.seconds if position.seconds > 0 else 0.0,
+        "lr": optimizer.param_groups[0]["lr"],
+    }
+    skip_log = getattr(dataset.dataset, "skip_log", None)
+    if skip_log is not None:
+        record["skipped_images"] = len(read_skip_log(skip_log))
+        if record["skipped_images"]:
+            log(f"skipped {record['skipped_images']} unreadable image(s) so far, each replaced by the next readable "
+                f"one; their paths are in {skip_log}", context)
+    shown = "  ".join(f"{name} {format_metric(name, value)}" for name, value in means.items())
+    log(f"epoch {position.epoch + 1}/{config.epochs}  {shown}  {position.seconds:.1f}s  "
+        f"{record['views_per_second']:.0f} views/s", context)
+    if context.is_main:
+        if config.log_every:
+            metrics.write_step(step_record(position))  # the curve's point at the epoch's end
+        metrics.write(record)  # before the checkpoint that moves past it: a kill in between cannot lose it
+    position.next_epoch()
+    saver.save(position)
+    return record, stop.agreed(deadline, context)
+
+
+def non_finite_loss(position: TrainingPosition, config: PretrainConfig) -> RelreasonError | None:
+    """The error to stop with when the running loss is no longer finite, else None."""
+    loss = position.totals.get("loss", 0.0)
+    if math.isfinite(loss):
+        return None
+    return RelreasonError(
+        f"the loss became {loss / max(position.step, 1)} in epoch {position.epoch + 1}; lower --lr or turn off "
+        f"--amp fp16 (the last good checkpoint is kept in {config.output_dir})"
+    )
+
+
+def check_finite(position: TrainingPosition, config: PretrainConfig) -> None:
+    """Stop before a checkpoint could store weights a non-finite loss has already spoilt."""
+    failure = non_finite_loss(position, config)
+    if failure is not None:
+        raise failure

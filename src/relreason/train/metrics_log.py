@@ -1,0 +1,117 @@
+"""The run's metrics: per-epoch and running-mean records as JSON lines, TensorBoard, the curves' plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from relreason.checkpoint import atomic_write_bytes
+from relreason.train.position import TrainingPosition
+
+METRICS_NAME = "metrics.jsonl"
+STEPS_NAME = "steps.jsonl"
+
+
+class MetricsLog:
+    """Per-epoch metrics (metrics.jsonl) and running means every few steps (steps.jsonl), as JSON lines;
+    the epoch records are mirrored to TensorBoard when it is installed."""
+
+    def __init__(self, run_dir: Path, use_tensorboard: bool) -> None:
+        self.path = run_dir / METRICS_NAME
+        self.steps_path = run_dir / STEPS_NAME
+        self.writer = None
+        if use_tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                pass
+            else:
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict[str, float]) -> None:
+        _append_json_line(self.path, record)
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "epoch":
+                    self.writer.add_scalar(f"pretrain/{key}", value, record["epoch"])
+            self.writer.flush()
+
+    def write_step(self, record: dict[str, float]) -> None:
+        _append_json_line(self.steps_path, record)
+
+    def read(self) -> list[dict[str, float]]:
+        return _read_json_lines(self.path)
+
+    def read_steps(self) -> list[dict[str, float]]:
+        return _read_json_lines(self.steps_path)
+
+    def truncate_after(self, epochs_done: float) -> None:
+        """Drop records a resumed run will write again (those after the checkpoint it resumes)."""
+        for path in (self.path, self.steps_path):
+            kept = [r for r in _read_json_lines(path) if r["epoch"] <= epochs_done]
+            atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _append_json_line(path: Path, record: dict[str, float]) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _read_json_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # a line cut short by a killed process; its steps are redone on resume
+    return records
+
+
+def step_record(position: TrainingPosition) -> dict[str, float]:
+    """The running means of the current epoch, placed in training time and epochs, for fine-grained curves."""
+    means = {name: total / max(position.step, 1) for name, total in position.totals.items()}
+    return {
+        "epoch": position.epochs_done,
+        "minutes": (position.past_seconds + position.seconds) / 60,
+        **{name: 100 * value if name.endswith("accuracy") else value for name, value in means.items()},
+    }
+
+
+def format_metric(name: str, value: float) -> str:
+    return f"{100 * value:.2f}%" if name.endswith("accuracy") else f"{value:.4f}"
+
+
+def plot_training_curves(history: list[dict[str, float]], path: Path) -> bool:
+    """Loss and every accuracy per epoch as a PNG; skipped (returns False) without matplotlib."""
+    if not history:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    epochs = [r["epoch"] for r in history]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    left.plot(epochs, [r["loss"] for r in history], marker="o")
+    left.set(xlabel="epoch", ylabel="loss", title="training loss")
+    for key in (k for k in history[-1] if k.endswith("accuracy")):
+        right.plot(epochs, [r.get(key, math.nan) for r in history], marker="o", label=key.replace("_", " "))
+    right.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracies")
+    right.legend(fontsize="small")
+    figure.tight_layout()
+    temporary = path.with_suffix(".tmp.png")
+    figure.savefig(temporary, dpi=100)
+    plt.close(figure)
+    os.replace(temporary, path)
+    return True

@@ -1,0 +1,158 @@
+"""Checkpoints of a run: saving them (rank 0, atomically), finding the newest, and refusing a resume that
+would not continue the same run."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from relreason.checkpoint import (
+    atomic_torch_save,
+    checkpoint_path,
+    list_checkpoints,
+    load_newest_checkpoint,
+    rng_state,
+    rotate_checkpoints,
+)
+from relreason.data import dataset_info, same_dataset
+from relreason.distributed import DistributedContext, broadcast_object
+from relreason.errors import RelreasonError
+from relreason.train.config import PretrainConfig
+from relreason.train.position import TrainingPosition
+from relreason.train.run_folder import absolute_data_root
+
+
+def newest_checkpoint_everywhere(
+    config: PretrainConfig, context: DistributedContext
+) -> tuple[Path, dict[str, Any]] | None:
+    """Rank 0 reads the newest checkpoint and every rank gets it, or the error that none reads back: an error
+    raised on rank 0 alone would leave the others waiting for it."""
+    found, refusal = None, None
+    if context.is_main and config.resume:
+        try:
+            found = load_newest_checkpoint(Path(config.output_dir))
+        except RelreasonError as error:
+            refusal = str(error)
+    found, refusal = broadcast_object((found, refusal), context)
+    if refusal is not None:
+        raise RelreasonError(refusal)
+    return found
+
+
+def without_probe(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint less an online probe this run no longer trains: earlier versions gave a folder of one
+    class subfolder a probe (over that one class); such a run resumes without it."""
+    model = {k: v for k, v in checkpoint["model"].items() if not k.startswith("probe.")}
+    if len(model) == len(checkpoint["model"]):
+        return checkpoint
+    optimizer = checkpoint["optimizer"]
+    kept = optimizer["param_groups"][:1]  # the method's parameters; the probe's group came second
+    ids = {i for group in kept for i in group["params"]}
+    state = {i: s for i, s in optimizer["state"].items() if i in ids}
+    return checkpoint | {"model": model, "optimizer": {"state": state, "param_groups": kept}}
+
+
+def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, geometry: dict, path: Path) -> None:
+    saved = checkpoint.get("config", {})
+    defaults = PretrainConfig()  # for options that checkpoints from older versions do not record
+    shaping = ("method", "backbone", "dataset", "batch_size", "seed", "lr_schedule", "warmup_epochs", "online_probe",
+               "min_crop_scale", "jitter_strength", "test_fraction")
+    if config.method == "relational":  # the relation head's options, its loss, and K shape only this method's runs
+        shaping += ("aggregation", "head_hidden", "num_views", "loss")
+        if config.loss == "focal":
+            shaping += ("focal_gamma", "focal_alpha")
+    if config.method == "simclr":
+        shaping += ("simclr_temperature",)
+    recorded = {k: saved.get(k, getattr(defaults, k)) for k in shaping}
+    mismatched = {k: (v, getattr(config, k)) for k, v in recorded.items() if v != getattr(config, k)}
+    if "dataset" in mismatched and same_dataset(*mismatched["dataset"]):  # fashion_mnist is fashion-mnist
+        del mismatched["dataset"]
+    # The size the run trains at, not the option: no --image-size and the dataset's own size are the same run.
+    saved_geometry = checkpoint.get("geometry", {})
+    saved_size = saved_geometry.get("image_size", geometry["image_size"])
+    if saved_size != geometry["image_size"]:
+        mismatched["image_size"] = (saved_size, geometry["image_size"])
+    # A folder's views differ in kind between the paths (crops of the original files or of the decoded square).
+    saved_path, path_now = saved_geometry.get("augment"), geometry.get("augment")
+    if dataset_info(config.dataset).name == "folder" and None not in (saved_path, path_now) and saved_path != path_now:
+        mismatched["augment"] = (saved_path, path_now)
+    if mismatched:
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items())
+        raise RelreasonError(f"cannot resume {path}: options differ ({detail}); rerun with the original options")
+    # Same statistics, same images: a folder moved elsewhere resumes, another folder (or one whose files
+    # changed) does not, as its views would be normalised unlike the weights' first epochs.
+    for key in ("mean", "std"):
+        before, now = saved_geometry.get(key), geometry[key]
+        if before is not None and not np.allclose(before, now, rtol=1e-6, atol=1e-9):
+            raise RelreasonError(
+                f"cannot resume {path}: the images differ from those the run started on (normalisation {key} "
+                f"{_rounded(before)} then, {_rounded(now)} now: another --data-root than "
+                f"{saved.get('data_root')!r}, or files added or removed); rerun on the run's images or choose "
+                "another --output-dir"
+            )
+
+
+def _rounded(values: list[float]) -> list[float]:
+    return [round(float(v), 4) for v in values]
+
+
+class CheckpointSaver:
+    """Rank 0 writes a checkpoint atomically and keeps the newest few; other ranks do nothing."""
+
+    def __init__(self, run_dir, config, geometry, model, optimizer, scaler, context, device,
+                 resumed_from: Path | None = None) -> None:
+        self.run_dir, self.config, self.geometry, self.context, self.device = run_dir, config, geometry, context, device
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.resumed_from = resumed_from
+        self.behind: list[Path] = []  # pruned at the next save whatever their names
+
+    def steps_renumbered(self, epoch: int, step: int) -> None:
+        """The run resumed in ``epoch`` under more processes and counts its steps anew from ``step``: this epoch's
+        checkpoints named after that step, up to the one it resumed from, hold less progress than any it writes
+        now, though their names sort later."""
+        if self.resumed_from is None:
+            return
+        # The one resumed from is of this epoch (only a mid-epoch resume renumbers), so the names between are too.
+        start = checkpoint_path(self.run_dir, epoch, step).name
+        self.behind = [path for path in list_checkpoints(self.run_dir) if start < path.name <= self.resumed_from.name]
+
+    def save(self, position: TrainingPosition) -> None:
+        if not self.context.is_main:
+            return
+        state = {
+            "backbone": self.model.method.backbone.state_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": position.epoch,
+            "position": dataclasses.asdict(position),
+            "config": dataclasses.asdict(self.config),
+            "data_root": absolute_data_root(self.config),  # for `evaluate --weights` on this checkpoint
+            "geometry": self.geometry,
+            "rng": rng_state(self.device),
+        }
+        path = checkpoint_path(self.run_dir, position.epoch, position.step)
+        atomic_torch_save(state, path)
+        rotate_checkpoints(self.run_dir, self.config.keep_checkpoints, newest=path, behind=self.behind)
+        self.behind = []
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], groups: list[dict[str, Any]],
+                         config: PretrainConfig) -> None:
+    """A checkpoint's moments and step counts, with this command's --lr and --weight-decay and this device's kernel."""
+    optimizer.load_state_dict(state)
+    for group, fresh in zip(optimizer.param_groups, groups):
+        group["base_lr"] = fresh["base_lr"]
+        group["weight_decay"] = fresh.get("weight_decay", config.weight_decay)
+        # A checkpoint from the CPU (or an older one) would otherwise unfuse a CUDA Adam, to which the fp16
+        # GradScaler, still seeing a fused optimizer, hands flags the other kernels refuse.
+        group["fused"], group["foreach"] = optimizer.defaults["fused"], optimizer.defaults["foreach"]
+        for parameter in group["params"]:
+            step = optimizer.state.get(parameter, {}).get("step")
+            if torch.is_tensor(step):  # where this kernel keeps it: beside the parameter if fused, else on the CPU
+                place = parameter.device if group["fused"] else torch.device("cpu")
+                optimizer.state[parameter]["step"] = step.to(place, torch.float32)

@@ -1,0 +1,90 @@
+"""The run folder: its files' names, its preparation, and the exported backbone with its metadata."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+from relreason.checkpoint import atomic_torch_save, atomic_write_json, list_checkpoints, remove_stale_temporaries
+from relreason.distributed import DistributedContext
+from relreason.errors import RelreasonError
+from relreason.train.config import PretrainConfig, views_used
+from relreason.train.metrics_log import METRICS_NAME, STEPS_NAME
+from relreason.train.position import TrainingPosition
+
+BACKBONE_NAME = "backbone.pt"
+BACKBONE_META_NAME = "backbone.json"
+CONFIG_NAME = "config.json"
+SKIPPED_IMAGES_NAME = "skipped_images.txt"
+
+
+def prepare_output_dir(config: PretrainConfig, context: DistributedContext = DistributedContext()) -> Path:
+    run_dir = Path(config.output_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{context.rank}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise RelreasonError(f"output folder {run_dir} is not writable ({error.strerror}); choose another --output-dir") from None
+    if context.is_main:  # left by a run killed while writing them
+        for name in ("checkpoint-e*-s*.pt", BACKBONE_NAME, BACKBONE_META_NAME, CONFIG_NAME, METRICS_NAME, STEPS_NAME):
+            remove_stale_temporaries(run_dir, name)
+    if list_checkpoints(run_dir) and not config.resume:
+        raise RelreasonError(
+            f"{run_dir} already holds training checkpoints and --no-resume was given; "
+            "drop --no-resume to continue them or choose another --output-dir"
+        )
+    return run_dir
+
+
+def check_no_other_run(run_dir: Path) -> None:
+    """``--method random`` writes its backbone without checkpoints: refuse a folder that holds another run's."""
+    if list_checkpoints(run_dir):
+        raise RelreasonError(f"{run_dir} holds training checkpoints; choose another --output-dir for the random backbone")
+    try:
+        other = json.loads((run_dir / BACKBONE_META_NAME).read_text()).get("method")
+    except (OSError, ValueError, AttributeError):
+        return  # no backbone (or none relreason can read) to overwrite
+    if other != "random":
+        raise RelreasonError(
+            f"{run_dir} holds the backbone of a '{other}' run; choose another --output-dir for the random backbone"
+        )
+
+
+def absolute_data_root(config: PretrainConfig) -> str | None:
+    """The data root as an absolute path: `evaluate` finds the data from any working folder."""
+    return str(Path(config.data_root).expanduser().resolve()) if config.data_root else None
+
+
+def export_backbone(
+    run_dir: Path,
+    backbone: nn.Module,
+    config: PretrainConfig,
+    geometry: dict,
+    position: TrainingPosition,
+    stopped_by: str | None = None,
+) -> None:
+    """The trained backbone alone, as a plain state_dict, plus what is needed to rebuild and feed it."""
+    # Contiguous: a --channels-last run's tensors would otherwise keep their strides into the file.
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    atomic_torch_save(state, run_dir / BACKBONE_NAME)
+    meta = {
+        "backbone": config.backbone,
+        "method": config.method,
+        "feature_dim": backbone.feature_dim,
+        "dataset": config.dataset,
+        "data_root": absolute_data_root(config),
+        "epochs": position.epoch,
+        "epochs_done": position.epochs_done,
+        "train_seconds": position.past_seconds + position.seconds,
+        "finished": position.epoch >= config.epochs or config.method == "random",
+        "stopped_by": stopped_by,
+        "num_views": views_used(config),  # per image, as the method took them (SimCLR: 2 whatever -K says)
+        "seed": config.seed,
+        "test_fraction": config.test_fraction,  # evaluate holds the same share out by default
+        **geometry,
+    }
+    atomic_write_json(run_dir / BACKBONE_META_NAME, meta)

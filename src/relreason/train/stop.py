@@ -1,0 +1,73 @@
+"""Stopping a run cleanly: SIGTERM, Ctrl-C and the time limit, decided alike on every rank."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from relreason.distributed import DistributedContext, max_over_ranks
+
+
+class StopRequest:
+    """SIGTERM (a scheduler's preemption notice) or a first Ctrl-C asks the loop to checkpoint and stop at the
+    next step; a second Ctrl-C stops at once (KeyboardInterrupt), keeping the checkpoints written so far."""
+
+    # The ranks' votes, the largest wins: a failure outranks a Ctrl-C, which outranks a SIGTERM, then the clock.
+    GO_ON, TIME_LIMIT, SIGTERM, CTRL_C, FAILED = range(5)
+
+    def __init__(self) -> None:
+        self.requested = False  # set by the signal handler on this rank
+        self.interrupted = False  # that signal was Ctrl-C (SIGINT)
+        self.failed = False  # the ranks' agreed decision: stop because a rank found the training broken
+        self.signal_name: str | None = None  # the agreed signal: 'SIGTERM' or 'Ctrl-C' (on any rank)
+        self.previous: dict[int, Any] = {}
+
+    @property
+    def signalled(self) -> bool:
+        """The ranks' agreed decision: stop because of a signal."""
+        return self.signal_name is not None
+
+    @classmethod
+    def install(cls) -> StopRequest:
+        request = cls()
+        if threading.current_thread() is threading.main_thread():
+            request.previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, request._handle)
+            # Ctrl-C only where it would interrupt (not where it is ignored, as under nohup).
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                request.previous[signal.SIGINT] = signal.signal(signal.SIGINT, request._handle)
+        return request
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.interrupted:  # the second Ctrl-C: no waiting for the step
+                self.uninstall()
+                raise KeyboardInterrupt
+            self.interrupted = True
+            if os.environ.get("RANK", "0") == "0":  # os.write: a print could land inside another write of stderr
+                os.write(2, b"\nrelreason: Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again to quit "
+                            b"at once)\n")
+        self.requested = True
+
+    def uninstall(self) -> None:
+        for signum, previous in self.previous.items():
+            # None: the handler before was not set from Python, so the default is the nearest to it.
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+        self.previous = {}
+
+    def agreed(self, deadline: float, context: DistributedContext, failing: bool = False) -> bool:
+        """Whether to stop after this step, decided alike on every rank (a SIGTERM on one counts for all).
+
+        A rank that stopped alone, its own clock past the time limit, a SIGTERM reaching it first or an
+        error (``failing``) found by it alone, would leave the others waiting in the next gradient all-reduce.
+        """
+        own = (self.FAILED if failing else self.CTRL_C if self.interrupted else self.SIGTERM if self.requested
+               else self.TIME_LIMIT if time.monotonic() > deadline else self.GO_ON)
+        vote = max_over_ranks(own, context)
+        # The agreed reason, not this rank's flag (a SIGTERM may reach this rank after a time-limit vote):
+        # every rank then reports the same reason and exits with the same status.
+        self.failed = vote == self.FAILED
+        self.signal_name = {self.SIGTERM: "SIGTERM", self.CTRL_C: "Ctrl-C"}.get(vote)
+        return vote > self.GO_ON
