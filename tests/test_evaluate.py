@@ -423,10 +423,10 @@ def test_evaluate_refuses_unusable_paths_before_extracting_features(folder_run, 
 def test_a_read_only_weights_folder_keeps_its_feature_cache_beside_the_output(folder_run, tmp_path, monkeypatch):
     import os
 
-    import relreason.evaluate as evaluate
+    from relreason.evaluate import job
 
     _, run = folder_run
-    monkeypatch.setattr(evaluate.os, "access", lambda path, mode: Path(path) != run)  # root ignores chmod
+    monkeypatch.setattr(job.os, "access", lambda path, mode: Path(path) != run)  # root ignores chmod
     assert evaluate_args("--run-dir", str(run), "--output", str(tmp_path / "out" / "results.json")) == 0
     assert list((tmp_path / "out" / "features").glob("*.pt"))
     assert os.path.isfile(tmp_path / "out" / "results.json")
@@ -525,7 +525,7 @@ def test_cached_features_with_other_labels_are_not_reused(tmp_path):
 
 def test_a_vanished_file_is_refused_in_one_line_and_an_unwritable_cache_only_warned(folder_run, tmp_path, monkeypatch,
                                                                                     capsys):
-    import relreason.evaluate as evaluate
+    from relreason.protocols import features
 
     _, run = folder_run
     images = labelled_folder(tmp_path / "images")
@@ -540,7 +540,7 @@ def test_a_vanished_file_is_refused_in_one_line_and_an_unwritable_cache_only_war
     def refuse(*args):
         raise PermissionError(1, "Operation not permitted")
 
-    monkeypatch.setattr(evaluate, "atomic_torch_save", refuse)
+    monkeypatch.setattr(features, "atomic_torch_save", refuse)
     assert evaluate_args(*args) == 0
     assert "could not cache features" in capsys.readouterr().err
     assert json.loads((tmp_path / "results.json").read_text())["test_size"] == 6

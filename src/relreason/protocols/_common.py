@@ -1,8 +1,4 @@
-"""Input checks and small helpers shared by :mod:`relreason.evaluate` and the protocol modules.
-
-Kept apart from ``evaluate.py`` so that the protocol modules can use them without importing
-``relreason.evaluate`` (which imports the protocol modules).
-"""
+"""Input checks and small helpers shared by the protocol modules and :mod:`relreason.evaluate`."""
 
 from __future__ import annotations
 
@@ -128,3 +124,40 @@ class TransformedDataset(Dataset):
                 "torchvision.transforms.ToTensor()"
             )
         return image, int(label)
+
+
+# Rows scored per forward pass when measuring accuracy (bounds memory, not results).
+SCORE_CHUNK = 8192
+
+
+def matching_features(train_x: Any, test_x: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both splits as float feature matrices of one width."""
+    tr_x = as_features(train_x, "train_x")
+    te_x = as_features(test_x, "test_x")
+    if tr_x.shape[1] != te_x.shape[1]:
+        raise RelreasonError(
+            f"train_x has {tr_x.shape[1]} feature dims but test_x has {te_x.shape[1]}; extract both "
+            "splits with the same backbone"
+        )
+    return tr_x, te_x
+
+
+def checked_split(
+    train_x: Any, train_y: Any, test_x: Any, test_y: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Validate a train/test split of features and labels; also return the number of classes."""
+    tr_x, te_x = matching_features(train_x, test_x)
+    tr_y = as_labels(train_y, tr_x.shape[0], "train_y")
+    te_y = as_labels(test_y, te_x.shape[0], "test_y")
+    num_classes = int(max(int(tr_y.max()), int(te_y.max()))) + 1
+    return tr_x, tr_y, te_x, te_y, num_classes
+
+
+def percent_correct(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> float:
+    """Percent of rows of ``x`` whose argmax score under ``predict`` equals ``y``."""
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, x.shape[0], SCORE_CHUNK):
+            scores = predict(x[start : start + SCORE_CHUNK])
+            correct += int((scores.argmax(dim=1) == y[start : start + SCORE_CHUNK]).sum())
+    return 100.0 * correct / x.shape[0]

@@ -1,0 +1,106 @@
+"""The labelled images an evaluation runs on, the checks they must pass, and the feature cache's names."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from relreason.errors import RelreasonError
+
+
+def check_nothing_skipped(dataset: Any, split: str, cache: Path) -> None:
+    """An image folder replaces an unreadable file by the next readable one, which training can live with;
+    an evaluation would count that image twice, under another file's label. Refuse it (and drop the cache
+    that holds those rows, so the next run checks again)."""
+    skipped = getattr(dataset, "skipped", None)
+    if skipped:
+        cache.unlink(missing_ok=True)
+        try:
+            cache.parent.rmdir()  # a folder made for that cache alone: a refused evaluation leaves nothing
+        except OSError:
+            pass  # other caches live there
+        path, reason = next(iter(skipped.items()))
+        raise RelreasonError(
+            f"{len(skipped)} image(s) of the '{split}' split cannot be read (e.g. {path}: {reason}); an evaluation "
+            "needs every image: remove or replace them"
+        )
+
+
+def labelled_split(name: str, root: str, split: str, download: bool):
+    from relreason.data import load_dataset
+
+    dataset = load_dataset(name, root, split, download=download)
+    if dataset.labels is None:
+        why = getattr(dataset, "why_unlabelled", None)
+        raise RelreasonError(
+            f"the '{split}' split of dataset '{name}' has no labels{f' ({why})' if why else ''}; evaluation needs "
+            "labelled images: for a folder, pass --data-root DIR holding train/ and test/, each with one subfolder "
+            "per class"
+        )
+    return dataset
+
+
+def check_several_classes(dataset: Any, name: str) -> None:
+    """Refuse training labels of one class: every classifier would score 100% on a test set of that class."""
+    classes = np.unique(np.asarray(dataset.labels))
+    if len(classes) < 2:
+        named = getattr(dataset, "classes", None)
+        which = f" ('{named[int(classes[0])]}')" if named and len(classes) == 1 else ""
+        raise RelreasonError(
+            f"the labelled images of dataset '{name}' hold {len(classes)} class{which}; evaluation needs at least 2 "
+            "(for a folder: one subfolder per class, in train/ and test/ or split with --test-fraction)"
+        )
+
+
+def pretraining_folder(data_root: str) -> Path:
+    """The folder whose images a folder run pretrained on: ``train/`` when its root holds a train/test split."""
+    from relreason.data import has_split_dirs
+
+    root = Path(data_root).expanduser()
+    return root / "train" if has_split_dirs(root) else root
+
+
+def count_images_inside(test_set: Any, folder: Path) -> int:
+    """How many of ``test_set``'s image files lie in ``folder`` (at any depth; links resolved)."""
+    folder = folder.resolve()
+    return sum(Path(path).resolve().is_relative_to(folder) for path in getattr(test_set, "paths", ()))
+
+
+def same_path(a: str, b: str) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def feature_cache_path(cache_dir: Path, backbone: str, weights_key: str, dataset_name: str, split: str,
+                       image_size: int, data_tag: str) -> Path:
+    """Where the features of a split under given weights are cached: named by all that decides them."""
+    return cache_dir / f"{backbone}-{weights_key}-{dataset_name}-{split}-{image_size}px-{data_tag}.pt"
+
+
+def data_tag_of(dataset_name: str, data_root: str, mean: Any, std: Any, splits: Iterable[Any] = ()) -> str:
+    """A short digest of what decides the features of a dataset besides the backbone.
+
+    A feature cache name holds it, so evaluating the same weights on another image folder, on a folder whose
+    files changed (each file's path, size and modification time) or with another normalisation never reads
+    stale features.
+    """
+    from relreason.data import dataset_info
+
+    folder = dataset_info(dataset_name).name == "folder"
+    root = str(Path(data_root).expanduser().resolve()) if folder else ""
+    files = []
+    for split in splits if folder else ():
+        for path in getattr(split, "paths", ()):
+            try:
+                stat = os.stat(path)
+            except OSError:  # gone or a broken link: extraction finds it unreadable and says so
+                files.append([str(path), -1, -1])
+                continue
+            files.append([str(path), stat.st_size, stat.st_mtime_ns])
+    key = json.dumps([dataset_info(dataset_name).name, root, [float(m) for m in mean], [float(v) for v in std], files])
+    return hashlib.sha1(key.encode()).hexdigest()[:8]

@@ -1,0 +1,197 @@
+"""``relreason evaluate``: a pretrained backbone against a random one, on a labelled dataset."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from relreason.checkpoint import is_checkpoint_path
+from relreason.errors import RelreasonError
+from relreason.evaluate.config import EvaluateConfig
+from relreason.evaluate.data import (
+    check_nothing_skipped,
+    check_several_classes,
+    count_images_inside,
+    data_tag_of,
+    feature_cache_path,
+    labelled_split,
+    pretraining_folder,
+    same_path,
+)
+from relreason.evaluate.report import check_output_path, write_results_json
+from relreason.evaluate.weights import load_backbone_source, load_matching_state
+from relreason.protocols import (
+    check_label_fractions,
+    few_label_indices,
+    fine_tune,
+    finetune_transform,
+    fraction_key,
+    plot_retrieval,
+)
+from relreason.protocols.features import extract_features
+from relreason.protocols.frozen import ALL_PROTOCOLS, DEFAULT_LABEL_FRACTIONS, choose_protocols, evaluate_features
+
+
+def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
+    """Evaluate the weights (and a random backbone) with the chosen protocols, write JSON; return the payload.
+
+    Features are extracted once per backbone and split (cached beside the weights) for the
+    feature protocols; ``finetune`` trains a copy of each backbone on the images.  The
+    evaluation dataset may differ from the one pretrained on (cross-domain); its images are
+    then normalised with its own statistics.  With ``retrieval`` a PNG of retrievals per
+    backbone is written beside the JSON (``<output stem>-retrieval-<label>.png``).
+    """
+    from relreason.backbones import build_backbone
+    from relreason.data import compute_normalization, dataset_info, eval_transform, held_out_split, same_dataset
+    from relreason.protocols.finetune import finetune_milestones
+    from relreason.train import resolve_device
+
+    config.validate()  # every option, named by its flag, before anything is read or written
+    protocols = choose_protocols(config.protocols, ALL_PROTOCOLS)
+    fractions = check_label_fractions(config.label_fractions) if "few_label" in protocols else ()
+    if "finetune" in protocols:  # checked by validate() above
+        ft_epochs = config.finetune_epochs
+        ft_backbone_lr, ft_head_lr = float(config.finetune_backbone_lr), float(config.finetune_head_lr)
+    device = resolve_device(config.device)
+    weights, meta, state = load_backbone_source(config)
+    # A training checkpoint's results go beside it under their own name, not over the exported backbone's.
+    default = f"evaluation-{weights.stem}.json" if is_checkpoint_path(weights) else "evaluation.json"
+    output = Path(config.output) if config.output else weights.parent / default
+    check_output_path(output)
+    planned_end = config.time_limit_ends_the_run and meta.get("stopped_by") == "time limit"
+    if meta.get("finished") is False and not planned_end:  # a time limit or a signal stopped it: a partial run
+        print(f"relreason: warning: {weights} is from a run stopped by {meta.get('stopped_by') or 'an interruption'} "
+              f"after {meta.get('epochs_done', 0):.2f} epoch(s); rerun its pretrain command to finish it",
+              file=sys.stderr)
+    dataset_name = config.dataset or meta.get("dataset")
+    if not dataset_name:
+        raise RelreasonError("no dataset known for these weights; pass --eval-dataset NAME")
+    info = dataset_info(dataset_name)
+    image_size = config.image_size or meta.get("image_size") or info.image_size
+    # The pretraining run's --data-root when the data is the run's own, so its "evaluate with" line just works.
+    own_data = same_dataset(dataset_name, meta.get("dataset"))  # names as typed: fashion_mnist is fashion-mnist
+    recorded = meta.get("data_root") if own_data else None
+    # (A folder must be found where it was; digits reads no files; ./data itself needs no note.)
+    if (recorded and info.name not in ("folder", "digits") and not Path(recorded).exists() and not config.data_root
+            and not same_path(recorded, "data")):
+        # A run folder copied from another machine: its dataset is looked for here, in ./data.
+        print(f"relreason: note: the run's data root {recorded} does not exist here; looking for {dataset_name} in "
+              "./data (pass --data-root to say where it is)", file=sys.stderr)
+        recorded = None
+    data_root = config.data_root or recorded or "data"
+    # The run's own held-out share when it was pretrained on part of this very folder (and none was asked for).
+    same_folder = own_data and (not config.data_root or (recorded is not None and same_path(config.data_root, recorded)))
+    pretrained_share = meta.get("test_fraction") if same_folder else None
+    test_fraction = config.test_fraction if config.test_fraction is not None else pretrained_share
+    seen = bool(same_folder and info.name == "folder" and config.test_fraction is not None
+                and (pretrained_share is None or config.test_fraction > pretrained_share))
+    if test_fraction is not None:
+        train_set, test_set = held_out_split(dataset_name, data_root, test_fraction)
+        if seen:
+            own = "it held none out" if pretrained_share is None else f"it held out {pretrained_share:g}"
+            print(f"relreason: warning: the backbone was pretrained on {'all' if pretrained_share is None else 'part'} of "
+                  f"the images --test-fraction {config.test_fraction:g} holds out of {data_root} ({own}); pretrain "
+                  f"with --test-fraction {config.test_fraction:g} for a test set it never saw", file=sys.stderr)
+    else:
+        train_set = labelled_split(dataset_name, data_root, info.train_split, config.download)
+        test_set = labelled_split(dataset_name, data_root, info.test_split, config.download)
+    check_several_classes(train_set, dataset_name)
+    if info.name == "folder" and own_data and not same_folder and recorded:
+        # Another folder than the run's own, which may still hold (or lie inside) the one it was pretrained on.
+        pretrained_on = pretraining_folder(recorded)
+        inside = count_images_inside(test_set, pretrained_on)
+        if inside:
+            seen = True if meta.get("test_fraction") is None else None  # None: perhaps, its own share held out
+            print(f"relreason: warning: {inside} of the {len(test_set)} test images lie in {pretrained_on}, "
+                  f"which the backbone was pretrained on{'' if seen else ' (less its held-out share)'}; evaluate on "
+                  "images outside it for a test set it never saw", file=sys.stderr)
+    if own_data and "mean" in meta:
+        mean, std = meta["mean"], meta["std"]  # exactly what the backbone was trained on
+    elif info.mean is not None:
+        mean, std = info.mean, info.std
+    else:
+        mean, std = compute_normalization(train_set)
+    transform = eval_transform(image_size, mean, std)
+
+    digest = hashlib.sha1(weights.read_bytes()).hexdigest()[:12]
+    # Beside the weights, unless that folder is read-only (a shared or downloaded backbone): then beside the output.
+    cache_dir = (weights.parent if os.access(weights.parent, os.W_OK) else output.parent) / "features"
+    data_tag = data_tag_of(dataset_name, data_root, mean, std, (train_set, test_set))
+    backbones = {"pretrained": (digest, state)}
+    if config.random_baseline:
+        backbones["random"] = (f"random-seed{config.seed}", None)
+    feature_protocols = [p for p in protocols if p != "finetune"]
+    num_classes = int(max(train_set.labels.max(), test_set.labels.max())) + 1
+
+    results: dict[str, Any] = {}
+    plots: dict[str, str] = {}
+    for label, (key, weights_state) in backbones.items():
+        torch.manual_seed(config.seed)
+        backbone = build_backbone(meta["backbone"], image_size=image_size)
+        if weights_state is not None:
+            load_matching_state(backbone, weights_state, weights, meta["backbone"])
+            if not (config.image_size or meta.get("image_size")):
+                print(f"relreason: note: evaluating at {image_size} px, the dataset's own size (no backbone.json says "
+                      "what the weights were trained at); pass --image-size if it was another", file=sys.stderr)
+        row: dict[str, Any] = {}
+        if feature_protocols:
+            features = {}
+            for split, dataset in (("train", train_set), ("test", test_set)):
+                cache = feature_cache_path(cache_dir, meta["backbone"], key, dataset_name, split, image_size, data_tag)
+                features[split] = extract_features(
+                    backbone, dataset, transform, batch_size=config.batch_size, device=device, cache_path=cache
+                )
+                check_nothing_skipped(dataset, split, cache)
+            row = evaluate_features(
+                *features["train"], *features["test"], protocols=feature_protocols,
+                linear_epochs=config.linear_epochs, knn_k=config.knn_k, seed=config.seed, device=device,
+                label_fractions=fractions or DEFAULT_LABEL_FRACTIONS,
+            )
+            if "retrieval" in protocols and config.retrieval_plot:
+                plot = output.with_name(f"{output.stem}-retrieval-{label}.png")
+                plots[label] = str(plot_retrieval(test_set, *features["test"], plot, seed=config.seed))
+        if "finetune" in protocols:
+            tune = {
+                "train_set": train_set, "test_set": test_set, "train_transform": finetune_transform(image_size, mean, std),
+                "test_transform": transform, "num_classes": num_classes, "epochs": ft_epochs,
+                "backbone_lr": ft_backbone_lr, "head_lr": ft_head_lr, "seed": config.seed, "device": device,
+            }
+            row["finetune"] = fine_tune(backbone, **tune)
+            for fraction in fractions:
+                indices = few_label_indices(train_set.labels, fraction, config.seed)
+                row["few_label"][fraction_key(fraction)]["finetune"] = fine_tune(backbone, **tune, label_indices=indices)
+        results[label] = {p: row[p] for p in ALL_PROTOCOLS if p in row}
+
+    settings: dict[str, Any] = {"linear_epochs": config.linear_epochs, "knn_k": config.knn_k, "seed": config.seed}
+    if fractions:
+        settings["label_fractions"] = list(fractions)
+    if "finetune" in protocols:
+        settings["finetune"] = {
+            "epochs": ft_epochs, "backbone_lr": ft_backbone_lr, "head_lr": ft_head_lr, "batch_size": 128,
+            "lr_decay_epochs": finetune_milestones(ft_epochs), "lr_decay": 0.1,
+        }
+    payload = {
+        "weights": str(weights),
+        "backbone": meta["backbone"],
+        "pretrained_on": meta.get("dataset"),
+        "dataset": dataset_name,
+        "image_size": image_size,
+        "normalization": {"mean": [float(m) for m in mean], "std": [float(v) for v in std]},
+        "pretraining": {key: meta[key] for key in ("finished", "epochs_done", "stopped_by") if key in meta},
+        "train_size": len(train_set),
+        "test_size": len(test_set),
+        "test_fraction": test_fraction,  # None: the dataset's own test split
+        "test_images_seen_in_pretraining": seen,
+        "protocols": protocols,
+        "settings": settings,
+        "results": results,
+    }
+    if plots:
+        payload["retrieval_plots"] = plots
+    write_results_json(output, payload)
+    return payload | {"output": str(output)}

@@ -1,0 +1,91 @@
+"""The weights to evaluate: an exported backbone with its metadata, or a training checkpoint."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from relreason.checkpoint import is_checkpoint_path
+from relreason.errors import RelreasonError, short_reason
+from relreason.evaluate.config import EvaluateConfig
+
+
+def load_backbone_source(config: EvaluateConfig) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:
+    """The weights file, its metadata (backbone.json beside it, overridden by explicit options) and its state.
+
+    A training checkpoint (``checkpoint-eEEEE-sSSSSSSS.pt``) may be given instead of an exported backbone: its
+    backbone is evaluated, described by the options and geometry the checkpoint records.
+    """
+    from relreason.checkpoint import load_checkpoint
+
+    weights = Path(config.weights) if config.weights else Path(config.run_dir) / "backbone.pt"
+    if not weights.is_file():
+        raise RelreasonError(
+            f"no backbone weights at {weights}; run `relreason pretrain --output-dir {weights.parent}` first "
+            "or pass --weights"
+        )
+    if is_checkpoint_path(weights):
+        checkpoint = load_checkpoint(weights)
+        saved = checkpoint.get("config", {})
+        meta = {key: saved[key] for key in ("backbone", "dataset", "data_root", "test_fraction") if key in saved}
+        if checkpoint.get("data_root"):  # absolute (older checkpoints: as typed, relative to where pretrain ran)
+            meta["data_root"] = checkpoint["data_root"]
+        meta |= checkpoint.get("geometry", {})
+        state = checkpoint["backbone"]
+    else:
+        meta = _read_backbone_meta(weights.parent / "backbone.json")
+        state = _load_state_dict(weights)
+    if config.backbone:
+        meta["backbone"] = config.backbone
+    if "backbone" not in meta:
+        raise RelreasonError(f"{weights} has no backbone.json beside it; pass --backbone NAME")
+    return weights, meta, state
+
+
+def _read_backbone_meta(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise RelreasonError(
+            f"{path} cannot be read ({' '.join(str(error).split())}); restore it (pretrain rewrites it when rerun) or "
+            "pass --backbone NAME with --weights"
+        ) from None
+    if not isinstance(meta, dict):
+        raise RelreasonError(f"{path} does not hold backbone metadata; restore it or pass --backbone NAME")
+    return meta
+
+
+def _load_state_dict(weights: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for files that are not (whole) weights
+        raise RelreasonError(
+            f"{weights} cannot be read as backbone weights ({short_reason(error)}); pass the backbone.pt that "
+            "relreason pretrain exports, a training checkpoint, or a state_dict saved with torch.save (not a whole "
+            "pickled model, nor a damaged file)"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise RelreasonError(f"{weights} does not hold a state_dict of tensors; pass the backbone.pt that "
+                             "relreason pretrain exports")
+    return state
+
+
+def load_matching_state(backbone: nn.Module, state: Mapping[str, torch.Tensor], weights: Path, name: str) -> None:
+    """Load ``state`` into ``backbone``, or say in one line how far apart they are."""
+    expected = backbone.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or misshaped:
+        raise RelreasonError(
+            f"{weights} does not fit backbone '{name}' ({len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(misshaped)} mis-shaped tensors); pass the --backbone it was trained with"
+        )
+    backbone.load_state_dict(state)
