@@ -19,7 +19,7 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from relreason.data import datasets as ds_mod
+from relreason.data import benchmarks, splits
 from relreason.data import (
     DATASET_NAMES,
     ArrayImageDataset,
@@ -33,13 +33,13 @@ from relreason.data.formats import read_idx
 from relreason.errors import RelreasonError
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
-_DEFAULT_SYSTEM_DIRS = dict(ds_mod.SYSTEM_DATASET_DIRS)  # before the autouse fixture empties it
+_DEFAULT_SYSTEM_DIRS = dict(benchmarks.SYSTEM_DATASET_DIRS)  # before the autouse fixture empties it
 
 
 @pytest.fixture(autouse=True)
 def _no_system_dirs(monkeypatch):
     """Tests see only what they write, unless they opt back in."""
-    monkeypatch.setattr(ds_mod, "SYSTEM_DATASET_DIRS", {})
+    monkeypatch.setattr(benchmarks, "SYSTEM_DATASET_DIRS", {})
 
 
 def _check_item(ds, i, label):
@@ -242,7 +242,7 @@ def test_corrupt_gzip_idx_is_a_one_line_error(tmp_path):
 
 @pytest.mark.skipif(not DEBIAN_FASHION.is_dir(), reason="dataset-fashion-mnist is not installed")
 def test_fashion_mnist_from_debian_location(tmp_path, monkeypatch):
-    monkeypatch.setattr(ds_mod, "SYSTEM_DATASET_DIRS", {"fashion-mnist": (str(DEBIAN_FASHION),)})
+    monkeypatch.setattr(benchmarks, "SYSTEM_DATASET_DIRS", {"fashion-mnist": (str(DEBIAN_FASHION),)})
     train = load_dataset("fashion-mnist", tmp_path / "empty", "train")
     test = load_dataset("fashion-mnist", tmp_path / "empty", "test")
     assert len(train) == 60000 and len(test) == 10000
@@ -356,12 +356,12 @@ def test_digits_deterministic_stratified_split():
     assert train.images.max() == 255
     _check_item(train, 0, int(train.labels[0]))
     # no overlap: compare the split indices and also the image rows themselves
-    tr_idx, te_idx = ds_mod.stratified_split(np.concatenate([train.labels, test.labels]))
+    tr_idx, te_idx = splits.stratified_split(np.concatenate([train.labels, test.labels]))
     assert not set(tr_idx.tolist()) & set(te_idx.tolist())
     from sklearn.datasets import load_digits
 
     full = load_digits()
-    tr_i, te_i = ds_mod.stratified_split(full.target.astype(np.int64))
+    tr_i, te_i = splits.stratified_split(full.target.astype(np.int64))
     assert not set(tr_i.tolist()) & set(te_i.tolist())
     assert len(tr_i) == len(train) and len(te_i) == len(test)
     np.testing.assert_array_equal(train.labels, full.target[tr_i])

@@ -1,25 +1,20 @@
 """Datasets, transforms and the multi-view wrapper used for relational reasoning."""
 
+from .array_dataset import ArrayImageDataset, pil_to_rgb
+from .benchmarks import SYSTEM_DATASET_DIRS
 from .datasets import (
     DATASET_NAMES,
-    IMAGE_EXTENSIONS,
-    SYSTEM_DATASET_DIRS,
-    ArrayImageDataset,
     DatasetInfo,
-    ImageFolderDataset,
     check_test_fraction,
     compute_normalization,
     dataset_info,
-    same_dataset,
-    has_split_dirs,
     held_out_split,
     load_dataset,
-    pil_to_rgb,
-    read_skip_log,
-    split_image_folder,
-    stratified_split,
+    same_dataset,
 )
+from .image_folder import IMAGE_EXTENSIONS, ImageFolderDataset, read_skip_log
 from .multiview import MultiViewDataset
+from .splits import has_split_dirs, split_image_folder, stratified_split
 from .transforms import eval_transform, relational_augmentation
 
 __all__ = [

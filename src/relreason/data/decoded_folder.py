@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from relreason.data.datasets import ArrayImageDataset, ImageFolderDataset
+from relreason.data.array_dataset import ArrayImageDataset
+from relreason.data.image_folder import ImageFolderDataset
 from relreason.data.transforms import square_crop
 from relreason.errors import RelreasonError, format_bytes
 

@@ -20,11 +20,12 @@ from relreason.data import (
     load_dataset,
     relational_augmentation,
 )
+from relreason.data.array_dataset import ArrayImageDataset
 from relreason.data.batch_augment import AugmentationRecipe, BatchRelationalAugmentation
 from relreason.data.batch_views import BatchViewLoader, DeviceMultiViewDataset
-from relreason.data.datasets import TEST_DIR_NAMES, ArrayImageDataset
 from relreason.data.decoded_folder import DecodedImageFolder
 from relreason.data.sampler import EpochBatchSampler
+from relreason.data.splits import TEST_DIR_NAMES
 from relreason.data.transforms import check_crop_scale, jitter_amounts
 from relreason.distributed import DistributedContext
 from relreason.errors import RelreasonError

@@ -1,0 +1,288 @@
+"""The standard benchmarks: where their files live, fetching them with torchvision, and reading them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from relreason.data.array_dataset import ArrayImageDataset
+from relreason.data.splits import stratified_split
+from relreason.errors import RelreasonError
+
+from . import formats
+
+#: Extra directories searched (after ``root``) for datasets installed system-wide.
+#: ``dataset-fashion-mnist`` (Debian/Ubuntu) puts the four ``*.gz`` IDX files in
+#: ``/usr/share/datasets/fashion-mnist``. Tests monkeypatch this mapping.
+SYSTEM_DATASET_DIRS: dict[str, tuple[str, ...]] = {
+    "fashion-mnist": ("/usr/share/datasets/fashion-mnist",),
+}
+
+DIGIT_CLASSES = [str(d) for d in range(10)]
+
+_CIFAR10_CLASSES = [
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+]
+
+_STL10_CLASSES = [
+    "airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck",
+]
+
+_FASHION_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a benchmark's files live and which files each split needs."""
+
+    subdirs: tuple[str, ...]  # tried below root, in order ("" = root itself)
+    files: dict[str, tuple[str, ...]]  # split -> required file names
+    expected: dict[str, str]  # split -> human description for error messages
+    gz_ok: bool = False  # a file may also be present as NAME.gz
+
+
+def _idx_files(prefix: str) -> tuple[str, str]:
+    return (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
+
+
+_CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+
+_STL_FILES = {
+    "train": ("train_X.bin", "train_y.bin"),
+    "test": ("test_X.bin", "test_y.bin"),
+    "unlabeled": ("unlabeled_X.bin",),
+    "train+unlabeled": ("train_X.bin", "train_y.bin", "unlabeled_X.bin"),
+}
+
+_MNIST_FILES = {"train": _idx_files("train"), "test": _idx_files("t10k")}
+
+
+def _mnist_expected(sub: str) -> dict[str, str]:
+    return {
+        s: f"{sub}/{' and '.join(f + '[.gz]' for f in files)} or the same files directly in the root"
+        for s, files in _MNIST_FILES.items()
+    }
+
+
+_LAYOUTS: dict[str, _Layout] = {
+    "cifar10": _Layout(
+        ("cifar-10-batches-py", ""),
+        {"train": _CIFAR10_TRAIN, "test": ("test_batch",)},
+        {"train": "cifar-10-batches-py/data_batch_1..5", "test": "cifar-10-batches-py/test_batch"},
+    ),
+    "cifar100": _Layout(
+        ("cifar-100-python", ""),
+        {"train": ("train",), "test": ("test",)},
+        {"train": "cifar-100-python/train", "test": "cifar-100-python/test"},
+    ),
+    "stl10": _Layout(
+        ("stl10_binary", ""),
+        _STL_FILES,
+        {s: "stl10_binary/" + ", ".join(f) for s, f in _STL_FILES.items()},
+    ),
+    "svhn": _Layout(
+        ("",),
+        {"train": ("train_32x32.mat",), "test": ("test_32x32.mat",)},
+        {"train": "train_32x32.mat", "test": "test_32x32.mat"},
+    ),
+    "mnist": _Layout(("MNIST/raw", ""), _MNIST_FILES, _mnist_expected("MNIST/raw"), gz_ok=True),
+    "fashion-mnist": _Layout(
+        ("FashionMNIST/raw", ""), _MNIST_FILES, _mnist_expected("FashionMNIST/raw"), gz_ok=True
+    ),
+}
+_LAYOUTS["cifar100-20"] = _LAYOUTS["cifar100"]
+
+
+def _find_in(directory: Path, name: str, gz_ok: bool) -> Path | None:
+    for candidate in (name, name + ".gz") if gz_ok else (name,):
+        path = directory / candidate
+        if path.is_file():
+            return path
+    return None
+
+
+def _locate(key: str, root: Path, split: str) -> dict[str, Path] | None:
+    """Paths of the files ``split`` needs, all from the first directory holding all of them."""
+    layout = _LAYOUTS[key]
+    dirs = [root / sub if sub else root for sub in layout.subdirs]
+    dirs += [Path(d) for d in SYSTEM_DATASET_DIRS.get(key, ())]
+    names = layout.files[split]
+    for directory in dirs:
+        found = {name: _find_in(directory, name, layout.gz_ok) for name in names}
+        if all(p is not None for p in found.values()):
+            return found  # type: ignore[return-value]
+    return None
+
+
+def _not_found(key: str, root: Path, split: str) -> RelreasonError:
+    expected = _LAYOUTS[key].expected[split]
+    fix = "pass --download to fetch it or --data-root to point at it"
+    if key == "fashion-mnist":
+        searched = ", ".join(SYSTEM_DATASET_DIRS.get(key, ())) or "no system directory"
+        fix = (
+            "pass --download to fetch it, --data-root to point at it, or run "
+            f"'apt-get install dataset-fashion-mnist' (searched also {searched})"
+        )
+    return RelreasonError(
+        f"dataset '{key}' (split '{split}') not found under {root} (expected {expected}); {fix}"
+    )
+
+
+def _download(key: str, root: Path, split: str) -> None:
+    """Fetch the files into ``root`` with torchvision's dataset classes."""
+    import torchvision.datasets as tvd
+
+    train = split == "train"
+    makers: dict[str, Callable[[], object]] = {
+        "cifar10": lambda: tvd.CIFAR10(str(root), train=train, download=True),
+        "cifar100": lambda: tvd.CIFAR100(str(root), train=train, download=True),
+        "cifar100-20": lambda: tvd.CIFAR100(str(root), train=train, download=True),
+        # The STL-10 archive holds every split; load the smallest one afterwards.
+        "stl10": lambda: tvd.STL10(str(root), split="test", download=True),
+        "svhn": lambda: tvd.SVHN(str(root), split=split, download=True),
+        "mnist": lambda: tvd.MNIST(str(root), train=train, download=True),
+        "fashion-mnist": lambda: tvd.FashionMNIST(str(root), train=train, download=True),
+    }
+    made = [folder for folder in (root, *root.parents) if not folder.exists()]  # what a failure should not leave
+    try:
+        makers[key]()
+    except Exception as exc:  # network errors, checksum failures, disk full ...
+        for folder in made:  # deepest first; only those still empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        raise RelreasonError(
+            f"could not download dataset '{key}' into {root} ({msg}); check the network "
+            "connection or place the files there by hand"
+        ) from None
+
+
+def _read_cifar10(files: dict[str, Path], split: str) -> ArrayImageDataset:
+    images, labels = [], []
+    for path in files.values():
+        batch = formats.read_cifar_pickle(path)
+        x = formats.cifar_images(batch, path)
+        images.append(x)
+        labels.append(formats.cifar_labels(batch, "labels", path, len(x)))
+    classes = _meta_names(next(iter(files.values())).parent / "batches.meta", "label_names", _CIFAR10_CLASSES)
+    x = images[0] if len(images) == 1 else np.concatenate(images)
+    return ArrayImageDataset(x, np.concatenate(labels), classes)
+
+
+def _meta_names(path: Path, key: str, default: list[str] | None) -> list[str] | None:
+    if not path.is_file():
+        return default
+    meta = formats.read_cifar_pickle(path)
+    if key not in meta:
+        return default
+    return [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in meta[key]]
+
+
+def _read_cifar100(files: dict[str, Path], split: str, coarse: bool) -> ArrayImageDataset:
+    (path,) = files.values()
+    batch = formats.read_cifar_pickle(path)
+    x = formats.cifar_images(batch, path)
+    key = "coarse_labels" if coarse else "fine_labels"
+    y = formats.cifar_labels(batch, key, path, len(x))
+    classes = _meta_names(path.parent / "meta", "coarse_label_names" if coarse else "fine_label_names", None)
+    if classes is None:
+        classes = [str(i) for i in range(20 if coarse else 100)]
+    return ArrayImageDataset(x, y, classes)
+
+
+def _stl_classes(directory: Path) -> list[str]:
+    path = directory / "class_names.txt"
+    if path.is_file():
+        names = formats.read_text_lines(path)
+        if len(names) == 10:
+            return names
+    return list(_STL10_CLASSES)
+
+
+def _read_stl10(files: dict[str, Path], split: str) -> ArrayImageDataset:
+    classes = _stl_classes(next(iter(files.values())).parent)
+    if split == "unlabeled":
+        return ArrayImageDataset(formats.read_stl_images(files["unlabeled_X.bin"]), None, None)
+    x_name = "test_X.bin" if split == "test" else "train_X.bin"
+    y_name = "test_y.bin" if split == "test" else "train_y.bin"
+    y = formats.read_stl_labels(files[y_name])
+    n = formats.stl_count(files[x_name])
+    if y.shape[0] != n:
+        raise RelreasonError(
+            f"STL-10 files {files[x_name]} and {files[y_name]} hold {n} images but {y.shape[0]} labels; "
+            "delete them and fetch them again (e.g. with --download)"
+        )
+    if split in ("train", "test"):
+        return ArrayImageDataset(formats.read_stl_images(files[x_name]), y, classes)
+    # train+unlabeled: one preallocated array, labelled images first (as torchvision).
+    n_unl = formats.stl_count(files["unlabeled_X.bin"])
+    images = np.empty((n + n_unl, 96, 96, 3), dtype=np.uint8)
+    formats.read_stl_images(files[x_name], out=images[:n])
+    formats.read_stl_images(files["unlabeled_X.bin"], out=images[n:])
+    labels = np.concatenate([y, np.full(n_unl, -1, dtype=np.int64)])
+    return ArrayImageDataset(images, labels, classes)
+
+
+def _read_svhn(files: dict[str, Path], split: str) -> ArrayImageDataset:
+    (path,) = files.values()
+    x, y = formats.read_svhn_mat(path)
+    return ArrayImageDataset(x, y, list(DIGIT_CLASSES))
+
+
+def _read_mnist_family(files: dict[str, Path], split: str, classes: list[str]) -> ArrayImageDataset:
+    img_path, lab_path = files.values()
+    x = formats.read_idx(img_path, expected_ndim=3)
+    y = formats.read_idx(lab_path, expected_ndim=1)
+    if x.dtype != np.uint8 or y.dtype != np.uint8:
+        raise RelreasonError(
+            f"IDX files {img_path} / {lab_path} are not unsigned-byte files; delete them and fetch them again (e.g. with --download)"
+        )
+    if x.shape[0] != y.shape[0]:
+        raise RelreasonError(
+            f"{img_path} holds {x.shape[0]} images but {lab_path} holds {y.shape[0]} labels; "
+            "delete them and fetch them again (e.g. with --download)"
+        )
+    return ArrayImageDataset(x, y.astype(np.int64), list(classes))
+
+
+_READERS: dict[str, Callable[[dict[str, Path], str], Dataset]] = {
+    "cifar10": _read_cifar10,
+    "cifar100": lambda f, s: _read_cifar100(f, s, coarse=False),
+    "cifar100-20": lambda f, s: _read_cifar100(f, s, coarse=True),
+    "stl10": _read_stl10,
+    "svhn": _read_svhn,
+    "mnist": lambda f, s: _read_mnist_family(f, s, DIGIT_CLASSES),
+    "fashion-mnist": lambda f, s: _read_mnist_family(f, s, _FASHION_CLASSES),
+}
+
+
+def load_digits(split: str) -> ArrayImageDataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.clip(np.rint(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    labels = np.asarray(bunch.target, dtype=np.int64)
+    train_idx, test_idx = stratified_split(labels)
+    idx = train_idx if split == "train" else test_idx
+    return ArrayImageDataset(np.ascontiguousarray(images[idx]), labels[idx], list(DIGIT_CLASSES))
+
+
+def load_benchmark(key: str, root: Path, split: str, download: bool) -> ArrayImageDataset:
+    """Split ``split`` of benchmark ``key`` from its files under ``root`` (or a system directory), fetched first
+    when missing and ``download`` is true."""
+    files = _locate(key, root, split)
+    if files is None and download:
+        _download(key, root, split)
+        files = _locate(key, root, split)
+    if files is None:
+        raise _not_found(key, root, split)
+    return _READERS[key](files, split)
