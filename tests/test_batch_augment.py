@@ -276,7 +276,7 @@ def test_grey_images_make_the_views_of_their_three_channel_copies():
         three = augment(as_rgb, 4, torch.Generator().manual_seed(seed))
         assert one.shape == three.shape == (4, 6, 3, 8, 8)
         assert torch.allclose(one, three, atol=1e-5)
-    params = augment.parameters(6, 12, 12, torch.Generator().manual_seed(3))
+    params = augment.sample_parameters(6, 12, 12, torch.Generator().manual_seed(3))
     plain = augment.apply(grey, params, normalize=False)
     assert plain.shape == (6, 3, 8, 8)
     assert torch.allclose(plain, augment.apply(as_rgb, params, normalize=False), atol=1e-6)
@@ -303,3 +303,19 @@ def test_interpolation_table_lookup_equals_building_the_matrices(in_size, out_si
         assert torch.equal(looked_up, built)
     full = torch.tensor([0]), torch.tensor([in_size])  # the whole line, the largest length
     assert torch.equal(ba._line_matrices(*full, in_size, out_size), ba._interpolation_matrices(*full, in_size, out_size))
+
+
+def test_recipe_from_options_matches_the_per_image_pipeline_and_refuses_bad_values():
+    recipe = ba.AugmentationRecipe.from_options(min_crop_scale=0.3, jitter_strength=0.5)
+    assert recipe.scale == (0.3, 1.0)
+    assert (recipe.brightness, recipe.contrast, recipe.saturation, recipe.hue) == pytest.approx((0.4, 0.4, 0.4, 0.1))
+    assert ba.AugmentationRecipe.from_options() == ba.AugmentationRecipe()  # the paper's
+    crop, jitter = (t for t in relational_augmentation(32, (0.5,) * 3, (0.5,) * 3, 0.3, 0.5).transforms
+                    if isinstance(t, (T.RandomResizedCrop, T.RandomApply)))
+    assert crop.scale == recipe.scale
+    assert jitter.transforms[0].brightness == (1 - recipe.brightness, 1 + recipe.brightness)
+    assert jitter.transforms[0].hue == (-recipe.hue, recipe.hue)
+    with pytest.raises(RelreasonError, match="--min-crop-scale"):
+        ba.AugmentationRecipe.from_options(min_crop_scale=0)
+    with pytest.raises(RelreasonError, match="--jitter-strength"):
+        ba.AugmentationRecipe.from_options(jitter_strength=3)

@@ -148,10 +148,10 @@ def test_stream_tail_default_follows_the_pair_buffer_size(monkeypatch):
     head = RelationHead(2 * 4, hidden_features=8)
     left, right, _ = relation_pair_indices(4, 5)  # 60 pairs x 8 hidden fp32 = 1,920 bytes
     features = torch.randn(20, 4)
-    monkeypatch.setattr("relreason.head.FUSE_ABOVE_BYTES", 1920)
+    monkeypatch.setattr("relreason.head.STREAM_ABOVE_BYTES", 1920)
     head.score_pairs(features, left, right)
     assert calls == []
-    monkeypatch.setattr("relreason.head.FUSE_ABOVE_BYTES", 1919)
+    monkeypatch.setattr("relreason.head.STREAM_ABOVE_BYTES", 1919)
     head.score_pairs(features, left, right)
     assert calls == [1]
     head.score_pairs(features, left, right, stream_tail=False)  # forced off

@@ -521,7 +521,7 @@ def test_label_fractions_that_would_share_a_result_key_are_refused():
 
 def test_precise_float_is_float32_only_on_mps():
     # Apple's MPS has no float64: the metric sums, the converged probe and retrieval use float32 there.
-    from relreason.protocols._common import precise_float
+    from relreason.device import precise_float
 
     assert precise_float("cpu") == torch.float64
     assert precise_float(torch.device("cuda", 1)) == torch.float64

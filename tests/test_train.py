@@ -297,7 +297,7 @@ def test_min_crop_scale_reaches_the_augmentation(tmp_path, augment):
     dataset, _ = build_pretrain_data(config(tmp_path, augment=augment, min_crop_scale=0.5))
     if augment == "tensor":
         assert dataset.augmentation.recipe.scale == (0.5, 1.0)
-        params = dataset.augmentation.parameters(4000, 8, 8, torch.Generator().manual_seed(0))
+        params = dataset.augmentation.sample_parameters(4000, 8, 8, torch.Generator().manual_seed(0))
         areas = (params.boxes[:, 2] * params.boxes[:, 3]).float() / 64
         assert areas.min() >= 0.5 * 0.85  # rounding the crop sides to pixels moves small areas a little
     else:
@@ -317,7 +317,7 @@ def test_jitter_strength_reaches_the_augmentation(tmp_path, augment, strength):
     if augment == "tensor":
         recipe = dataset.augmentation.recipe
         assert (recipe.brightness, recipe.contrast, recipe.saturation, recipe.hue) == pytest.approx(amounts)
-        factors = dataset.augmentation.parameters(4000, 8, 8, torch.Generator().manual_seed(0)).factors
+        factors = dataset.augmentation.sample_parameters(4000, 8, 8, torch.Generator().manual_seed(0)).factors
         low = [max(0.0, 1 - amounts[0])] * 3 + [-amounts[3]]
         high = [1 + amounts[0]] * 3 + [amounts[3]]
         assert (factors.min(0).values >= torch.tensor(low) - 1e-6).all()

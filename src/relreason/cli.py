@@ -1,4 +1,5 @@
-"""``relreason`` command line: ``pretrain``, ``evaluate`` and ``list``; every option also from a YAML config."""
+"""``relreason`` command line: ``pretrain``, ``evaluate``, ``compare`` and ``list``; every option also from a
+YAML config."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any, NoReturn
 import yaml
 
 from relreason.errors import RelreasonError
+from relreason.run_files import BACKBONE_NAME
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -27,6 +29,7 @@ def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
 
 
 def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
+    from relreason.losses import LOSSES
     from relreason.methods import METHOD_NAMES
     from relreason.pairing import AGGREGATIONS
     from relreason.schedule import LR_SCHEDULES
@@ -62,7 +65,7 @@ def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
     method.add_argument("-K", "--num-views", type=int, dest="num_views", help=f"augmented views per image, K [{d.num_views}]")
     method.add_argument("--aggregation", choices=AGGREGATIONS, help=f"how a pair is joined [{d.aggregation}]")
     method.add_argument("--head-hidden", type=int, help=f"hidden width of the relation head [{d.head_hidden}]")
-    method.add_argument("--loss", choices=("bce", "focal"), help=f"relation loss [{d.loss}]")
+    method.add_argument("--loss", choices=LOSSES, help=f"relation loss [{d.loss}]")
     method.add_argument("--focal-gamma", type=float, help=f"focal loss gamma [{d.focal_gamma}]")
     method.add_argument("--focal-alpha", type=float, help=f"focal loss alpha, weight of positives [{d.focal_alpha}]")
     method.add_argument("--simclr-temperature", type=float, help=f"NT-Xent temperature of --method simclr [{d.simclr_temperature}]")
@@ -334,7 +337,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
             evaluate += " --data-root DIR (DIR: train/ and test/, each with one subfolder per class)"
     if reports:
         print(
-            f"done: {result.epochs_done} epoch(s){partial}; backbone exported to {result.run_dir / 'backbone.pt'}; "
+            f"done: {result.epochs_done} epoch(s){partial}; backbone exported to {result.run_dir / BACKBONE_NAME}; "
             f"evaluate with: {evaluate}"
         )
     return 0

@@ -7,7 +7,6 @@ resumes where it stopped (finished runs are not trained again; evaluations reuse
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import statistics
@@ -21,10 +20,11 @@ import numpy as np
 import torch
 
 from relreason.checkpoint import atomic_write_bytes, atomic_write_json
+from relreason.device import resolve_device
 from relreason.errors import RelreasonError
 from relreason.methods import check_method_name
+from relreason.run_files import BACKBONE_META_NAME, BACKBONE_NAME, CONFIG_NAME, STEPS_NAME
 from relreason.seeding import check_seed
-
 
 # Protocols with one headline number per run (few-label results are per fraction: use `evaluate` for them).
 COMPARABLE_PROTOCOLS = ("linear", "linear_converged", "knn", "finetune", "retrieval")
@@ -129,7 +129,7 @@ def check_existing_runs(config: CompareConfig) -> None:
     for method in config.methods:
         for seed in config.seeds:
             run_dir = run_dir_of(config, method, seed)
-            recorded = _read_json(run_dir / "config.json")  # random runs have none: they are made again anyway
+            recorded = _read_json(run_dir / CONFIG_NAME)  # random runs have none: they are made again anyway
             keys = _RUN_DEFINING if method == "relational" else [k for k in _RUN_DEFINING if k != "num_views"]
             if not isinstance(recorded, dict):
                 continue
@@ -148,7 +148,7 @@ def check_existing_runs(config: CompareConfig) -> None:
 
 def budget_spent(run_dir: Path, epochs: int) -> bool:
     """Whether the run in ``run_dir`` trained ``epochs`` epochs or used up its time limit (rerunning would train more)."""
-    meta = _read_json(run_dir / "backbone.json")
+    meta = _read_json(run_dir / BACKBONE_META_NAME)
     if not isinstance(meta, dict):
         return False
     if meta.get("method") == "random":
@@ -227,7 +227,7 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
                     # A scheduler's notice ends the whole comparison (the next run would be killed anyway), also when
                     # it came in the last step of a run that then finished.
                     return {"preempted": f"{method}, seed {seed}"}
-            meta = _read_json(run_dir / "backbone.json")
+            meta = _read_json(run_dir / BACKBONE_META_NAME)
             evaluation = run_evaluation(EvaluateConfig(
                 run_dir=str(run_dir), protocols=tuple(config.protocols), linear_epochs=config.linear_epochs,
                 knn_k=config.knn_k, random_baseline=False, seed=seed, device=config.device,
@@ -236,7 +236,7 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
             ))
             runs.append({
                 "method": method, "seed": seed, "run_dir": str(run_dir), "epochs": meta["epochs_done"],
-                "train_seconds": meta["train_seconds"], "steps": read_json_lines(run_dir / "steps.jsonl"),
+                "train_seconds": meta["train_seconds"], "steps": read_json_lines(run_dir / STEPS_NAME),
                 "results": evaluation["results"]["pretrained"],
             })
     summary = summarise_runs(runs, config)
@@ -336,7 +336,7 @@ def plot_embeddings(config: CompareConfig, path: Path) -> None:
         # Evaluate's own cache of these test features, named by the weights and the data: read, not extracted
         # again; a run trained on (more epochs, the rest of its budget) or a random backbone remade for other
         # data gets a new map.
-        features, labels = extract_features(backbone, dataset, transform, device=_device(config.device),
+        features, labels = extract_features(backbone, dataset, transform, device=resolve_device(config.device),
                                             cache_path=cache)
         chosen = np.random.default_rng(0).permutation(len(labels))[: config.embedding_points]
         points = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(chosen) - 1) / 3),
@@ -352,20 +352,14 @@ def plot_embeddings(config: CompareConfig, path: Path) -> None:
     _save(figure, plt, path)
 
 
-def _device(name: str) -> torch.device:
-    from relreason.train import resolve_device
-
-    return resolve_device(name)
-
-
 def _test_features_source(run_dir: Path, config: CompareConfig):
     from relreason.backbones import build_backbone
     from relreason.data import dataset_info, eval_transform, held_out_split, load_dataset
-    from relreason.evaluate import data_tag_of, feature_cache_path
+    from relreason.evaluate.data import data_tag_of, feature_cache_path, weights_digest
 
-    meta = json.loads((run_dir / "backbone.json").read_text())
+    meta = json.loads((run_dir / BACKBONE_META_NAME).read_text())
     backbone = build_backbone(meta["backbone"], image_size=meta["image_size"])
-    weights = (run_dir / "backbone.pt").read_bytes()
+    weights = (run_dir / BACKBONE_NAME).read_bytes()
     backbone.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True))
     # Named as evaluate names it (run_evaluation: the run's recorded dataset, its normalisation, and for a
     # folder the files of both splits; a named dataset's tag reads no files, so its train split is not loaded).
@@ -377,7 +371,7 @@ def _test_features_source(run_dir: Path, config: CompareConfig):
         wanted = (info.train_split, info.test_split) if info.name == "folder" else (info.test_split,)
         splits = tuple(load_dataset(name, config.data_root, split, download=config.download) for split in wanted)
     test = splits[-1]
-    digest = hashlib.sha1(weights).hexdigest()[:12]
+    digest = weights_digest(weights)
     tag = data_tag_of(name, config.data_root, meta["mean"], meta["std"], splits)
     cache = feature_cache_path(run_dir / "features", meta["backbone"], digest, name, "test", meta["image_size"], tag)
     return backbone, test, eval_transform(meta["image_size"], meta["mean"], meta["std"]), cache

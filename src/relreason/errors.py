@@ -1,4 +1,5 @@
-"""The one exception type users see: its message is a single line naming the problem and the fix."""
+"""The exception users see (its message is a single line naming the problem and the fix), and the helpers
+that keep such messages short."""
 
 import re
 
@@ -9,10 +10,17 @@ class RelreasonError(Exception):
     """Invalid input or missing resource; the CLI prints the message on one line and exits non-zero."""
 
 
-def short_reason(error: BaseException, limit: int = 120) -> str:
-    """An exception as a few words for a one-line message: its type and the start of its text, on one line."""
-    detail = " ".join(_TERMINAL_CODES.sub("", str(error)).split())  # torch's messages carry bold codes
-    if len(detail) > limit:
+def one_line(text: object) -> str:
+    """``text`` on one line: its runs of whitespace as single spaces, without terminal codes (torch's messages
+    carry bold ones)."""
+    return " ".join(_TERMINAL_CODES.sub("", str(text)).split())
+
+
+def short_reason(error: BaseException, limit: int | None = 120) -> str:
+    """An exception as a few words for a one-line message: its type and the start of its text (all of it when
+    ``limit`` is None), on one line."""
+    detail = one_line(error)
+    if limit is not None and len(detail) > limit:
         detail = detail[:limit].rsplit(" ", 1)[0] + " ..."
     return f"{type(error).__name__}: {detail}" if detail else type(error).__name__
 

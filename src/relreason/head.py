@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from relreason.errors import RelreasonError
-from relreason.pair_tail import FUSE_ABOVE_BYTES, can_stream, is_plain, streamed_pair_tail
-from relreason.pairing import aggregate_pairs, aggregation_width
+from relreason.pair_tail import STREAM_ABOVE_BYTES, can_stream, is_plain, streamed_pair_tail
+from relreason.pairing import aggregation_width, gather_pairs
 
 FACTORISABLE = ("cat", "sum", "mean")
 
@@ -55,8 +55,7 @@ class RelationHead(nn.Sequential):
         # max does not factorise; hooks on the head or its first Linear, or a replaced first layer, would be
         # bypassed by the factorised path: the pairs are formed and run through the modules.
         if aggregation not in FACTORISABLE or not (is_plain(self, RelationHead) and is_plain(self[0], nn.Linear)):
-            joined = aggregate_pairs(features.index_select(0, left), features.index_select(0, right), aggregation)
-            return self(joined).squeeze(1)
+            return self(gather_pairs(features, left, right, aggregation)).squeeze(1)
         first, width = self[0], features.shape[-1]
         joined_width = aggregation_width(width, aggregation)
         if features.dim() != 2 or first.in_features != joined_width:
@@ -74,7 +73,7 @@ class RelationHead(nn.Sequential):
             weight = first.weight if aggregation == "sum" else first.weight * 0.5
             left_part, right_part = F.linear(features, weight, first.bias), F.linear(features, weight)
         if stream_tail is None:
-            stream_tail = left.numel() * left_part.shape[1] * left_part.element_size() > FUSE_ABOVE_BYTES
+            stream_tail = left.numel() * left_part.shape[1] * left_part.element_size() > STREAM_ABOVE_BYTES
         if stream_tail and can_stream(left_part, self[1], self[2], self[3], left.numel()):
             return streamed_pair_tail(left_part, right_part, left, right, self[1], self[2].negative_slope, self[3])
         # index_select, not advanced indexing: its backward (index_add) is deterministic on CPU.

@@ -13,7 +13,7 @@ from relreason.errors import RelreasonError
 from relreason.head import RelationHead
 from relreason.losses import build_loss
 from relreason.methods.base import PretrainMethod
-from relreason.pairing import aggregate_pairs, aggregation_width, images_per_view_block, shared_pair_indices
+from relreason.pairing import aggregation_width, gather_pairs, images_per_view_block, shared_pair_indices
 
 
 @dataclass
@@ -113,10 +113,7 @@ class RelationalReasoning(PretrainMethod):
         if self.factorised_head:
             scores = self.relation_head.score_pairs(features, left, right, self.aggregation)
         else:
-            # index_select, not features[left]: its backward (index_add) is deterministic on CPU, while advanced
-            # indexing's accumulate is not with several threads, which would break bit-exact resume.
-            pairs = aggregate_pairs(features.index_select(0, left), features.index_select(0, right), self.aggregation)
-            scores = self.relation_head(pairs).squeeze(1)
+            scores = self.relation_head(gather_pairs(features, left, right, self.aggregation)).squeeze(1)
         return scores, targets.to(scores.dtype, copy=True)  # the caller's own: the cached one stays intact
 
     def forward(self, views: Sequence[torch.Tensor] | torch.Tensor, labels: torch.Tensor | None = None) -> RelationOutput:

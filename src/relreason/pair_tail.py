@@ -24,7 +24,7 @@ from torch import nn
 _CHUNK_ELEMENTS = 1 << 19
 # Stream the tail only when a (P, h) buffer outgrows a typical last-level cache (measured on a 32 MB-L3 CPU:
 # K=32 head forward+backward 213-234 -> 79-106 ms; K=16, whose 16 MB buffers still fit, gains nothing).
-FUSE_ABOVE_BYTES = 16 * 2**20
+STREAM_ABOVE_BYTES = 16 * 2**20
 
 
 def chunk_rows(hidden: int) -> int:

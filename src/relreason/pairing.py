@@ -114,6 +114,15 @@ def aggregate_pairs(left: torch.Tensor, right: torch.Tensor, aggregation: str = 
     raise RelreasonError(f"unknown aggregation '{aggregation}'; choose one of {', '.join(AGGREGATIONS)}")
 
 
+def gather_pairs(
+    features: torch.Tensor, left: torch.Tensor, right: torch.Tensor, aggregation: str = "cat"
+) -> torch.Tensor:
+    """The relation vectors of the pairs ``(features[left[p]], features[right[p]])``, joined by ``aggregation``."""
+    # index_select, not features[left]: its backward (index_add) is deterministic on CPU, while advanced
+    # indexing's accumulate is not with several threads, which would break bit-exact resume.
+    return aggregate_pairs(features.index_select(0, left), features.index_select(0, right), aggregation)
+
+
 def aggregation_width(feature_dim: int, aggregation: str) -> int:
     """Width of the relation vector that ``aggregation`` makes from two ``feature_dim`` features."""
     if aggregation not in AGGREGATIONS:
@@ -144,5 +153,5 @@ def make_relation_pairs(
     """
     batch_size = images_per_view_block(features, num_views)
     left, right, targets = shared_pair_indices(num_views, batch_size, features.device)
-    pairs = aggregate_pairs(features.index_select(0, left), features.index_select(0, right), aggregation)
+    pairs = gather_pairs(features, left, right, aggregation)
     return pairs, targets.to(features.dtype, copy=True)  # the caller's own: the cached one stays intact

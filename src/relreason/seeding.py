@@ -1,4 +1,5 @@
-"""Seeds: the one check every seed passes, and seeding every generator a run uses."""
+"""Seeds: the one check every seed passes, seeding every generator a run uses, and the seeds derived from a
+run's seed (per epoch, step, item)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,18 @@ import torch
 from relreason.errors import RelreasonError
 
 MAX_SEED = 2**63 - 1  # int64: what torch.manual_seed, torch.Generator and numpy's generators all take
+
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*values: int) -> int:
+    """A well-spread 63-bit seed from integers (splitmix64 steps), so nearby items get unrelated streams."""
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (state ^ (value & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
+        state = (state ^ (state >> 27)) * 0x94D049BB133111EB & _MASK64
+        state ^= state >> 31
+    return state >> 1
 
 
 def check_seed(seed: Any, name: str = "seed") -> int:

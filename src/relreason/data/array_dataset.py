@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from relreason.errors import RelreasonError
+from relreason.errors import RelreasonError, one_line
 
 
 def _check_labels(labels, n: int) -> np.ndarray | None:
@@ -118,7 +118,7 @@ def pil_to_rgb(image: Image.Image) -> Image.Image:
             image = image.convert("RGBA")
         return image.convert("RGB")
     except ValueError as exc:
-        msg = " ".join(str(exc).split())
+        msg = one_line(exc)
         raise RelreasonError(
             f"image mode {mode!r} cannot be converted to RGB ({msg}); save the image as RGB or greyscale"
         ) from None

@@ -26,7 +26,7 @@ from functools import lru_cache
 
 import torch
 
-from relreason.data.transforms import check_normalization
+from relreason.data.transforms import check_crop_scale, check_normalization, jitter_amounts
 from relreason.errors import RelreasonError
 
 __all__ = [
@@ -59,6 +59,14 @@ class AugmentationRecipe:
     hue: float = 0.2
     jitter_p: float = 0.8
     grayscale_p: float = 0.2
+
+    @classmethod
+    def from_options(cls, min_crop_scale: float = 0.08, jitter_strength: float = 1.0) -> AugmentationRecipe:
+        """The paper's recipe with ``--min-crop-scale`` and ``--jitter-strength`` applied (one-line errors for values
+        out of range), as :func:`relreason.data.relational_augmentation` takes them."""
+        brightness, contrast, saturation, hue = jitter_amounts(jitter_strength)
+        return cls(scale=check_crop_scale(min_crop_scale), brightness=brightness, contrast=contrast,
+                   saturation=saturation, hue=hue)
 
 
 @dataclass
@@ -362,7 +370,16 @@ class BatchRelationalAugmentation:
         self._shift = tuple(-m / s for m, s in zip(mean_t, std_t))
         self.recipe = recipe
 
-    def parameters(self, num: int, height: int, width: int, generator=None, device=None) -> ViewParameters:
+    def sample_parameters(
+        self,
+        num: int,
+        height: int,
+        width: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> ViewParameters:
+        """Random parameters of ``num`` views of ``height`` x ``width`` images under this recipe, as
+        :meth:`apply` takes them."""
         return sample_view_parameters(num, height, width, self.recipe, generator, device)
 
     def apply(self, images: torch.Tensor, params: ViewParameters, normalize: bool = True) -> torch.Tensor:
@@ -387,7 +404,7 @@ class BatchRelationalAugmentation:
         if isinstance(num_views, bool) or not isinstance(num_views, int) or num_views < 1:
             raise RelreasonError(f"num_views must be a positive integer, got {num_views!r}")
         batch, _, height, width = images.shape
-        params = self.parameters(num_views * batch, height, width, generator, images.device)
+        params = self.sample_parameters(num_views * batch, height, width, generator, images.device)
         # View-major rows: row k * B + b is view k of image b.
         views = self.apply(images.repeat(num_views, 1, 1, 1), params)
         return views.view(num_views, batch, 3, self.image_size, self.image_size)

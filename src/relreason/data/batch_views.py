@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import Dataset
 
 from relreason.data.batch_augment import BatchRelationalAugmentation
-from relreason.data.multiview import mix_seed
 from relreason.errors import RelreasonError, format_bytes
+from relreason.seeding import mix_seed
 
 __all__ = ["BatchViewLoader", "DeviceMultiViewDataset", "images_as_tensor"]
 

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from relreason.data.array_dataset import ArrayImageDataset
 from relreason.data.splits import stratified_split
-from relreason.errors import RelreasonError
+from relreason.errors import RelreasonError, one_line
 
 from . import formats
 
@@ -159,7 +159,7 @@ def _download(key: str, root: Path, split: str) -> None:
                 folder.rmdir()
             except OSError:
                 break
-        msg = " ".join(str(exc).split()) or type(exc).__name__
+        msg = one_line(exc) or type(exc).__name__
         raise RelreasonError(
             f"could not download dataset '{key}' into {root} ({msg}); check the network "
             "connection or place the files there by hand"

@@ -1,6 +1,7 @@
-"""Image datasets by name: what each is (size, normalisation, splits) and :func:`load_dataset`.
+"""Image datasets by name: what each is (size, normalisation, splits), :func:`load_dataset`, the statistics of
+a dataset without known ones, and a folder's held-out split.
 
-Every dataset here is a :class:`torch.utils.data.Dataset` whose ``__getitem__(i)``
+Every dataset :func:`load_dataset` returns is a :class:`torch.utils.data.Dataset` whose ``__getitem__(i)``
 returns ``(PIL.Image in mode "RGB", label)`` with ``label == -1`` for unlabelled
 images, and which has ``.labels`` (int64 ``(N,)`` array, or ``None`` when the whole
 dataset is unlabelled) and ``.classes`` (``list[str]`` or ``None``).
@@ -20,24 +21,21 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from relreason.data.array_dataset import ArrayImageDataset, pil_to_rgb
-from relreason.data.benchmarks import SYSTEM_DATASET_DIRS, load_benchmark, load_digits
-from relreason.data.image_folder import IMAGE_EXTENSIONS, ImageFolderDataset, read_skip_log
+from relreason.data.array_dataset import pil_to_rgb
+from relreason.data.benchmarks import load_benchmark, load_digits
+from relreason.data.image_folder import ImageFolderDataset
 from relreason.data.splits import check_fraction_range, has_split_dirs, load_folder_split, split_image_folder
 from relreason.errors import RelreasonError
 
 __all__ = [
-    "ArrayImageDataset",
-    "ImageFolderDataset",
-    "DatasetInfo",
     "DATASET_NAMES",
-    "IMAGE_EXTENSIONS",
-    "SYSTEM_DATASET_DIRS",
-    "dataset_info",
-    "load_dataset",
+    "DatasetInfo",
+    "check_test_fraction",
     "compute_normalization",
-    "pil_to_rgb",
-    "read_skip_log",
+    "dataset_info",
+    "held_out_split",
+    "load_dataset",
+    "same_dataset",
 ]
 
 DATASET_NAMES: tuple[str, ...] = (

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from relreason.errors import RelreasonError
+from relreason.errors import RelreasonError, short_reason
 
 __all__ = [
     "read_cifar_pickle",
@@ -34,11 +34,6 @@ __all__ = [
 _REFETCH = "delete it and fetch it again (e.g. with --download)"
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 # --------------------------------------------------------------------------- CIFAR
 
 
@@ -49,7 +44,7 @@ def read_cifar_pickle(path: str | os.PathLike) -> dict[str, Any]:
         with open(path, "rb") as fh:
             obj = pickle.load(fh, encoding="latin1")
     except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
-        raise RelreasonError(f"cannot read CIFAR file {path} ({_one_line(exc)}); {_REFETCH}") from None
+        raise RelreasonError(f"cannot read CIFAR file {path} ({short_reason(exc, limit=None)}); {_REFETCH}") from None
     if not isinstance(obj, dict):
         raise RelreasonError(f"CIFAR file {path} does not hold a dict (got {type(obj).__name__}); {_REFETCH}")
     return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
@@ -113,7 +108,7 @@ def read_idx(path: str | os.PathLike, expected_ndim: int | None = None) -> np.nd
     try:
         raw = _read_maybe_gzip(path)
     except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:  # zlib.error: corrupt compressed data
-        reason = f"corrupt gzip data: {exc}" if isinstance(exc, zlib.error) else _one_line(exc)
+        reason = f"corrupt gzip data: {exc}" if isinstance(exc, zlib.error) else short_reason(exc, limit=None)
         raise RelreasonError(f"cannot read IDX file {path} ({reason}); {_REFETCH}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise RelreasonError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()}); {_REFETCH}")
@@ -181,7 +176,7 @@ def read_stl_images(
                 block = np.frombuffer(buf, dtype=np.uint8).reshape(count, 3, _STL_SIDE, _STL_SIDE)
                 out[start : start + count] = block.transpose(0, 3, 2, 1)
     except OSError as exc:
-        raise RelreasonError(f"cannot read STL-10 file {path} ({_one_line(exc)}); {_REFETCH}") from None
+        raise RelreasonError(f"cannot read STL-10 file {path} ({short_reason(exc, limit=None)}); {_REFETCH}") from None
     return out
 
 
@@ -191,7 +186,7 @@ def read_stl_labels(path: str | os.PathLike) -> np.ndarray:
     try:
         raw = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
-        raise RelreasonError(f"cannot read STL-10 file {path} ({_one_line(exc)}); {_REFETCH}") from None
+        raise RelreasonError(f"cannot read STL-10 file {path} ({short_reason(exc, limit=None)}); {_REFETCH}") from None
     if raw.size and (raw.min() < 1 or raw.max() > 10):
         raise RelreasonError(
             f"STL-10 label file {path} has labels outside 1..10 ({raw.min()}..{raw.max()}); {_REFETCH}"
@@ -220,7 +215,7 @@ def read_svhn_mat(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     try:
         mat = scipy.io.loadmat(path, variable_names=["X", "y"])
     except (OSError, ValueError, TypeError, NotImplementedError) as exc:
-        raise RelreasonError(f"cannot read SVHN file {path} ({_one_line(exc)}); {_REFETCH}") from None
+        raise RelreasonError(f"cannot read SVHN file {path} ({short_reason(exc, limit=None)}); {_REFETCH}") from None
     if "X" not in mat or "y" not in mat:
         raise RelreasonError(f"SVHN file {path} lacks the 'X' or 'y' variable; {_REFETCH}")
     x, y = np.asarray(mat["X"]), np.asarray(mat["y"])

@@ -13,7 +13,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from relreason.data.array_dataset import pil_to_rgb
-from relreason.errors import RelreasonError
+from relreason.errors import RelreasonError, one_line, short_reason
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
@@ -43,10 +43,6 @@ def _scan_images(root: Path) -> list[tuple[str, ...]]:
     return found
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
 def _skip_line(path: str, reason: str) -> bytes:
     """``b"<path>\\t<reason>\\n"``: the path as its file-system bytes, the reason as UTF-8.
 
@@ -55,7 +51,7 @@ def _skip_line(path: str, reason: str) -> bytes:
     every record stays on one line (such names do not round-trip exactly).
     """
     raw = os.fsencode(path).replace(b"\n", b"\\n").replace(b"\r", b"\\r")
-    return raw + b"\t" + _one_line(reason).encode("utf-8", "backslashreplace") + b"\n"
+    return raw + b"\t" + one_line(reason).encode("utf-8", "backslashreplace") + b"\n"
 
 
 def read_skip_log(path: str | os.PathLike) -> dict[str, str]:
@@ -73,7 +69,7 @@ def read_skip_log(path: str | os.PathLike) -> dict[str, str]:
         return {}
     except OSError as exc:
         raise RelreasonError(
-            f"cannot read skip log {path} ({_one_line(exc)}); pass the file given as skip_log"
+            f"cannot read skip log {path} ({one_line(exc)}); pass the file given as skip_log"
         ) from None
     out: dict[str, str] = {}
     for line in data.split(b"\n"):
@@ -195,7 +191,7 @@ class ImageFolderDataset(Dataset):
             os.close(os.open(self.skip_log, _LOG_FLAGS, 0o644))
         except OSError as exc:
             raise RelreasonError(
-                f"cannot open skip log {self.skip_log} for appending ({_one_line(exc)}); "
+                f"cannot open skip log {self.skip_log} for appending ({one_line(exc)}); "
                 "pass a writable file path in an existing directory"
             ) from None
         for skipped_path, reason in list(self.skipped.items()):
@@ -223,8 +219,7 @@ class ImageFolderDataset(Dataset):
             elif isinstance(exc, UnidentifiedImageError):  # its message only repeats the path
                 reason = "UnidentifiedImageError: not an image format PIL can identify"
             else:
-                msg = _one_line(exc)
-                reason = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+                reason = short_reason(exc, limit=None)
             raise _UnreadableImage(reason) from None
 
     def load_image(self, index: int) -> Image.Image:
@@ -256,7 +251,7 @@ class ImageFolderDataset(Dataset):
             if not self._log_warned:
                 self._log_warned = True
                 warnings.warn(
-                    f"relreason: could not append to skip log {self.skip_log} ({_one_line(exc)}); "
+                    f"relreason: could not append to skip log {self.skip_log} ({one_line(exc)}); "
                     "skipped images are still listed in dataset.skipped",
                     RuntimeWarning,
                     stacklevel=3,

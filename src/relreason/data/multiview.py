@@ -8,21 +8,9 @@ import torch
 from torch.utils.data import Dataset
 
 from relreason.errors import RelreasonError
+from relreason.seeding import mix_seed
 
-__all__ = ["MultiViewDataset", "mix_seed"]
-
-_MASK64 = (1 << 64) - 1
-
-
-def mix_seed(*values: int) -> int:
-    """A well-spread 63-bit seed from integers (splitmix64 steps), so nearby items get unrelated streams."""
-    state = 0x9E3779B97F4A7C15
-    for value in values:
-        state = (state ^ (value & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
-        state = (state ^ (state >> 27)) * 0x94D049BB133111EB & _MASK64
-        state ^= state >> 31
-    return state >> 1
-
+__all__ = ["MultiViewDataset"]
 
 class MultiViewDataset(Dataset):
     """``dataset[i] = (image, label)`` becomes ``([transform(image) for _ in range(K)], label)``.

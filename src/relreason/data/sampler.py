@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
-from relreason.data.multiview import mix_seed
+from relreason.seeding import mix_seed
 
 
 class EpochBatchSampler(Sampler[list[int]]):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from relreason.data.splits import check_fraction_range
+from relreason.device import resolve_device
 from relreason.errors import RelreasonError
 from relreason.protocols import check_label_fractions
 from relreason.protocols._common import check_positive_float, check_positive_int
@@ -41,8 +43,6 @@ class EvaluateConfig:
 
     def validate(self) -> None:
         """Refuse bad options with one line each, naming the flag, before any weights or data are read."""
-        from relreason.train import resolve_device
-
         protocols = choose_protocols(self.protocols, ALL_PROTOCOLS)
         check_positive_int(self.linear_epochs, "--linear-epochs")
         check_positive_int(self.knn_k, "--knn-k")
@@ -51,9 +51,7 @@ class EvaluateConfig:
             raise RelreasonError(f"--image-size must be >= 8, got {self.image_size}")
         check_seed(self.seed, "--seed")
         if self.test_fraction is not None:
-            from relreason.data import check_test_fraction
-
-            check_test_fraction("folder", self.test_fraction)  # the range; the dataset is known once the run is read
+            check_fraction_range(self.test_fraction)  # whether the dataset is a folder is known once the run is read
         if "few_label" in protocols:
             check_label_fractions(self.label_fractions)
         if "finetune" in protocols:

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from relreason.data import dataset_info, has_split_dirs, load_dataset
 from relreason.errors import RelreasonError
 
 
@@ -33,8 +34,6 @@ def check_nothing_skipped(dataset: Any, split: str, cache: Path) -> None:
 
 
 def labelled_split(name: str, root: str, split: str, download: bool):
-    from relreason.data import load_dataset
-
     dataset = load_dataset(name, root, split, download=download)
     if dataset.labels is None:
         why = getattr(dataset, "why_unlabelled", None)
@@ -60,8 +59,6 @@ def check_several_classes(dataset: Any, name: str) -> None:
 
 def pretraining_folder(data_root: str) -> Path:
     """The folder whose images a folder run pretrained on: ``train/`` when its root holds a train/test split."""
-    from relreason.data import has_split_dirs
-
     root = Path(data_root).expanduser()
     return root / "train" if has_split_dirs(root) else root
 
@@ -74,6 +71,11 @@ def count_images_inside(test_set: Any, folder: Path) -> int:
 
 def same_path(a: str, b: str) -> bool:
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def weights_digest(weights: bytes) -> str:
+    """The short digest of a weights file that names its feature caches: other weights, other caches."""
+    return hashlib.sha1(weights).hexdigest()[:12]
 
 
 def feature_cache_path(cache_dir: Path, backbone: str, weights_key: str, dataset_name: str, split: str,
@@ -89,8 +91,6 @@ def data_tag_of(dataset_name: str, data_root: str, mean: Any, std: Any, splits: 
     files changed (each file's path, size and modification time) or with another normalisation never reads
     stale features.
     """
-    from relreason.data import dataset_info
-
     folder = dataset_info(dataset_name).name == "folder"
     root = str(Path(data_root).expanduser().resolve()) if folder else ""
     files = []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from pathlib import Path
@@ -10,7 +9,10 @@ from typing import Any
 
 import torch
 
+from relreason.backbones import build_backbone
 from relreason.checkpoint import is_checkpoint_path
+from relreason.data import compute_normalization, dataset_info, eval_transform, held_out_split, same_dataset
+from relreason.device import resolve_device
 from relreason.errors import RelreasonError
 from relreason.evaluate.config import EvaluateConfig
 from relreason.evaluate.data import (
@@ -22,6 +24,7 @@ from relreason.evaluate.data import (
     labelled_split,
     pretraining_folder,
     same_path,
+    weights_digest,
 )
 from relreason.evaluate.report import check_output_path, write_results_json
 from relreason.evaluate.weights import load_backbone_source, load_matching_state
@@ -34,6 +37,7 @@ from relreason.protocols import (
     plot_retrieval,
 )
 from relreason.protocols.features import extract_features
+from relreason.protocols.finetune import FINETUNE_BATCH_SIZE, FINETUNE_LR_DECAY, finetune_milestones
 from relreason.protocols.frozen import ALL_PROTOCOLS, DEFAULT_LABEL_FRACTIONS, choose_protocols, evaluate_features
 
 
@@ -46,11 +50,6 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     then normalised with its own statistics.  With ``retrieval`` a PNG of retrievals per
     backbone is written beside the JSON (``<output stem>-retrieval-<label>.png``).
     """
-    from relreason.backbones import build_backbone
-    from relreason.data import compute_normalization, dataset_info, eval_transform, held_out_split, same_dataset
-    from relreason.protocols.finetune import finetune_milestones
-    from relreason.train import resolve_device
-
     config.validate()  # every option, named by its flag, before anything is read or written
     protocols = choose_protocols(config.protocols, ALL_PROTOCOLS)
     fractions = check_label_fractions(config.label_fractions) if "few_label" in protocols else ()
@@ -118,7 +117,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         mean, std = compute_normalization(train_set)
     transform = eval_transform(image_size, mean, std)
 
-    digest = hashlib.sha1(weights.read_bytes()).hexdigest()[:12]
+    digest = weights_digest(weights.read_bytes())
     # Beside the weights, unless that folder is read-only (a shared or downloaded backbone): then beside the output.
     cache_dir = (weights.parent if os.access(weights.parent, os.W_OK) else output.parent) / "features"
     data_tag = data_tag_of(dataset_name, data_root, mean, std, (train_set, test_set))
@@ -172,8 +171,8 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         settings["label_fractions"] = list(fractions)
     if "finetune" in protocols:
         settings["finetune"] = {
-            "epochs": ft_epochs, "backbone_lr": ft_backbone_lr, "head_lr": ft_head_lr, "batch_size": 128,
-            "lr_decay_epochs": finetune_milestones(ft_epochs), "lr_decay": 0.1,
+            "epochs": ft_epochs, "backbone_lr": ft_backbone_lr, "head_lr": ft_head_lr, "batch_size": FINETUNE_BATCH_SIZE,
+            "lr_decay_epochs": finetune_milestones(ft_epochs), "lr_decay": FINETUNE_LR_DECAY,
         }
     payload = {
         "weights": str(weights),

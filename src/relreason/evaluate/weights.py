@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from relreason.checkpoint import is_checkpoint_path
-from relreason.errors import RelreasonError, short_reason
+from relreason.checkpoint import is_checkpoint_path, load_checkpoint
+from relreason.errors import RelreasonError, one_line, short_reason
 from relreason.evaluate.config import EvaluateConfig
+from relreason.run_files import BACKBONE_META_NAME, BACKBONE_NAME
 
 
 def load_backbone_source(config: EvaluateConfig) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:
@@ -21,9 +22,7 @@ def load_backbone_source(config: EvaluateConfig) -> tuple[Path, dict[str, Any], 
     A training checkpoint (``checkpoint-eEEEE-sSSSSSSS.pt``) may be given instead of an exported backbone: its
     backbone is evaluated, described by the options and geometry the checkpoint records.
     """
-    from relreason.checkpoint import load_checkpoint
-
-    weights = Path(config.weights) if config.weights else Path(config.run_dir) / "backbone.pt"
+    weights = Path(config.weights) if config.weights else Path(config.run_dir) / BACKBONE_NAME
     if not weights.is_file():
         raise RelreasonError(
             f"no backbone weights at {weights}; run `relreason pretrain --output-dir {weights.parent}` first "
@@ -38,7 +37,7 @@ def load_backbone_source(config: EvaluateConfig) -> tuple[Path, dict[str, Any], 
         meta |= checkpoint.get("geometry", {})
         state = checkpoint["backbone"]
     else:
-        meta = _read_backbone_meta(weights.parent / "backbone.json")
+        meta = _read_backbone_meta(weights.parent / BACKBONE_META_NAME)
         state = _load_state_dict(weights)
     if config.backbone:
         meta["backbone"] = config.backbone
@@ -54,7 +53,7 @@ def _read_backbone_meta(path: Path) -> dict[str, Any]:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise RelreasonError(
-            f"{path} cannot be read ({' '.join(str(error).split())}); restore it (pretrain rewrites it when rerun) or "
+            f"{path} cannot be read ({one_line(error)}); restore it (pretrain rewrites it when rerun) or "
             "pass --backbone NAME with --weights"
         ) from None
     if not isinstance(meta, dict):

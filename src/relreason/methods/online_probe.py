@@ -1,4 +1,5 @@
-"""A linear classifier trained alongside pretraining on detached features: representation quality, live."""
+"""A linear classifier trained alongside pretraining on detached features (representation quality, live), and
+the module the trainer steps: a method with its optional probe."""
 
 from __future__ import annotations
 

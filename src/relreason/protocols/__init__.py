@@ -1,9 +1,29 @@
-"""Evaluation protocols, each usable alone: frozen-feature probes (linear, converged linear, k-NN,
-retrieval, few labels) and fine-tuning.
+"""Evaluation protocols, each usable alone on a frozen backbone's features or on the backbone itself.
 
-:func:`extract_features` runs a frozen backbone once; the probes take its ``(features, labels)``;
-:func:`evaluate_features` runs a chosen set by name. ``relreason evaluate`` (:mod:`relreason.evaluate`) is one
-user of them.
+Frozen-feature protocols, all on features extracted once with :func:`extract_features`:
+
+* ``"linear"`` -- the protocol of Patacchiola & Storkey (2020): one ``nn.Linear`` on the raw
+  features, Adam, cross-entropy, shuffled mini-batches for a fixed number of epochs.
+* ``"linear_converged"`` -- multinomial logistic regression on standardised features, trained
+  full-batch with L-BFGS until it converges.  A fixed-epoch probe on raw features under-trains
+  when feature scales are poor (common for small or random backbones) and then judges the
+  optimiser rather than the features; this protocol removes that confound.
+* ``"knn"`` -- weighted k-nearest-neighbour vote on cosine similarity (no training at all).
+* ``"retrieval"`` -- every test image queries the other test images by cosine similarity;
+  precision@1/5/10 and mAP (:func:`retrieval_metrics`, :func:`plot_retrieval`).
+* ``"few_label"`` -- the linear probe(s) trained on a class-balanced 1%, 10%, 25% of the
+  training labels (:func:`few_label_indices`), tested on the full test set.
+
+And one protocol that trains the backbone itself (so it needs images, not features):
+
+* ``"finetune"`` -- a linear head on a copy of the backbone, both trained with labels
+  (:func:`fine_tune`); with ``"few_label"`` it is also run on each label fraction.
+
+:data:`PROTOCOLS` (linear, linear_converged, knn) is the default set; :data:`ALL_PROTOCOLS`
+lists every name.  Accuracies, precisions and mAP are always reported in percent.
+
+:func:`extract_features` runs a frozen backbone once; :func:`evaluate_features` runs a chosen set of the
+feature protocols by name. ``relreason evaluate`` (:mod:`relreason.evaluate`) is one user of them.
 """
 
 from relreason.protocols.features import extract_features

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from relreason.device import precise_float  # noqa: F401 (the protocols' import of it)
 from relreason.errors import RelreasonError
 from relreason.seeding import check_seed  # noqa: F401 - the protocols' seed check, shared with training
 
@@ -83,11 +84,6 @@ def as_device(device: Any) -> torch.device:
         return torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise RelreasonError(f"unknown device {device!r}; use e.g. 'cpu' or 'cuda'") from exc
-
-
-def precise_float(device: torch.device | str) -> torch.dtype:
-    """float64 for sums and solves that need it, except on Apple's MPS, which has no float64 (float32 there)."""
-    return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
 def module_device(module: nn.Module) -> torch.device | None:

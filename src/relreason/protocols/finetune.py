@@ -25,11 +25,19 @@ from relreason.protocols._common import (
     check_seed,
 )
 
-__all__ = ["FINETUNE_MILESTONES", "fine_tune", "finetune_milestones", "finetune_transform"]
+__all__ = [
+    "FINETUNE_BATCH_SIZE",
+    "FINETUNE_LR_DECAY",
+    "FINETUNE_MILESTONES",
+    "fine_tune",
+    "finetune_milestones",
+    "finetune_transform",
+]
 
-#: Points of training (fractions of the epochs) where both learning rates are multiplied by 0.1.
+#: Points of training (fractions of the epochs) where both learning rates are multiplied by FINETUNE_LR_DECAY.
 FINETUNE_MILESTONES: tuple[float, ...] = (0.5, 0.75)
-_LR_DECAY = 0.1
+FINETUNE_LR_DECAY = 0.1
+FINETUNE_BATCH_SIZE = 128
 
 
 def finetune_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
@@ -109,7 +117,7 @@ def fine_tune(
     epochs: int = 20,
     backbone_lr: float = 1e-4,
     head_lr: float = 1e-3,
-    batch_size: int = 128,
+    batch_size: int = FINETUNE_BATCH_SIZE,
     seed: int = 0,
     device: str | torch.device = "cpu",
     label_indices: Any = None,
@@ -183,7 +191,7 @@ def fine_tune(
                 {"params": list(head.parameters()), "lr": head_lr, "name": "head"},
             ]
         )
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, finetune_milestones(epochs), gamma=_LR_DECAY)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, finetune_milestones(epochs), gamma=FINETUNE_LR_DECAY)
         loader = DataLoader(
             TransformedDataset(train_base, train_transform),
             batch_size=batch_size,

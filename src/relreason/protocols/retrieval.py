@@ -13,14 +13,7 @@ import torch.nn.functional as F
 
 from relreason.checkpoint import atomic_write_bytes
 from relreason.errors import RelreasonError
-from relreason.protocols._common import (
-    as_device,
-    as_features,
-    as_labels,
-    check_positive_int,
-    check_seed,
-    precise_float,
-)
+from relreason.protocols._common import as_device, as_features, as_labels, check_positive_int, check_seed, precise_float
 
 __all__ = ["plot_retrieval", "retrieval_metrics"]
 

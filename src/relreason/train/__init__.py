@@ -13,15 +13,16 @@ in those blocks imports it. Its parts, each a small module:
 * :mod:`~relreason.train.run_folder` -- the run folder's files and the exported backbone.
 """
 
-from relreason.train.config import (
-    AMP_MODES,
-    AUGMENT_MODES,
-    PretrainConfig,
-    PretrainResult,
-    autocast_dtype,
-    resolve_device,
-    views_used,
+from relreason.device import AMP_MODES, autocast_dtype, resolve_device
+from relreason.run_files import (
+    BACKBONE_META_NAME,
+    BACKBONE_NAME,
+    CONFIG_NAME,
+    METRICS_NAME,
+    SKIPPED_IMAGES_NAME,
+    STEPS_NAME,
 )
+from relreason.train.config import AUGMENT_MODES, PretrainConfig, PretrainResult, views_used
 from relreason.train.data import (
     build_pretrain_data,
     check_every_image_labelled,
@@ -31,17 +32,10 @@ from relreason.train.data import (
     num_classes_of,
 )
 from relreason.train.loop import build_model, make_optimizer, pretrain, train_one_epoch
-from relreason.train.metrics_log import METRICS_NAME, STEPS_NAME, MetricsLog, plot_training_curves
+from relreason.train.metrics_log import MetricsLog, plot_training_curves
 from relreason.train.position import TrainingPosition
 from relreason.train.resume import CheckpointSaver, check_resumable, load_optimizer_state
-from relreason.train.run_folder import (
-    BACKBONE_META_NAME,
-    BACKBONE_NAME,
-    CONFIG_NAME,
-    SKIPPED_IMAGES_NAME,
-    export_backbone,
-    prepare_output_dir,
-)
+from relreason.train.run_folder import export_backbone, prepare_output_dir
 from relreason.train.stop import StopRequest
 
 __all__ = [

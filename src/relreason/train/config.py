@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from relreason.backbones.registry import check_backbone_name
 from relreason.data import check_test_fraction, dataset_info
 from relreason.data.transforms import check_crop_scale, jitter_amounts
+from relreason.device import AMP_MODES, resolve_device
 from relreason.errors import RelreasonError
 from relreason.losses import build_loss
 from relreason.methods import PretrainMethod, check_method_name, method_class
@@ -20,7 +19,6 @@ from relreason.pairing import AGGREGATIONS, check_pairing_sizes
 from relreason.schedule import check_schedule
 from relreason.seeding import check_seed
 
-AMP_MODES = ("off", "bf16", "fp16")
 AUGMENT_MODES = ("auto", "tensor", "pil")
 
 
@@ -135,29 +133,6 @@ class PretrainResult:
     sigterm_received: bool = False  # also when it came too late to stop the run (in its last step): stop what follows
 
 
-def resolve_device(name: str) -> torch.device:
-    """auto, cpu, cuda, cuda:N (a visible GPU) or mps (where available); anything else is refused in one line."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "mps":
-        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise RelreasonError("--device mps requested but MPS (Apple GPU) is not available here; use --device cpu")
-        return torch.device("mps")
-    if not isinstance(name, str) or re.fullmatch(r"cpu|cuda(:[0-9]+)?", name) is None:
-        raise RelreasonError(f"unknown --device '{name}'; use auto, cpu, cuda, cuda:N or mps")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RelreasonError("--device cuda requested but no CUDA GPU is visible; use --device cpu")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            visible = "cuda:0" if count == 1 else f"one of cuda:0 to cuda:{count - 1}"
-            raise RelreasonError(f"--device {name} requested but only {count} CUDA GPU(s) are visible; use {visible}")
-    return device
-
-
-def autocast_dtype(amp: str) -> torch.dtype | None:
-    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
 def views_used(config: PretrainConfig) -> int:

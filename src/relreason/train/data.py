@@ -26,7 +26,6 @@ from relreason.data.batch_views import BatchViewLoader, DeviceMultiViewDataset
 from relreason.data.decoded_folder import DecodedImageFolder
 from relreason.data.sampler import EpochBatchSampler
 from relreason.data.splits import TEST_DIR_NAMES
-from relreason.data.transforms import check_crop_scale, jitter_amounts
 from relreason.distributed import DistributedContext
 from relreason.errors import RelreasonError
 from relreason.methods import method_class
@@ -70,9 +69,7 @@ def build_pretrain_data(
         # Under torchrun every process decodes its own copy; process 0 alone shows how far it is.
         dataset = DecodedImageFolder(dataset, image_size, progress=config.progress and os.environ.get("RANK", "0") == "0")
     if batched:
-        brightness, contrast, saturation, hue = jitter_amounts(config.jitter_strength)
-        recipe = AugmentationRecipe(scale=check_crop_scale(config.min_crop_scale), brightness=brightness,
-                                    contrast=contrast, saturation=saturation, hue=hue)
+        recipe = AugmentationRecipe.from_options(config.min_crop_scale, config.jitter_strength)
         augmentation = BatchRelationalAugmentation(image_size, mean, std, recipe, compile=config.compile)
         return DeviceMultiViewDataset(dataset, augmentation, views, config.seed, device), geometry
     transform = relational_augmentation(image_size, mean, std, config.min_crop_scale, config.jitter_strength)
@@ -128,7 +125,7 @@ def num_classes_of(dataset: MultiViewDataset | DeviceMultiViewDataset) -> int | 
     labels = getattr(dataset.dataset, "labels", None)
     if labels is None or len(labels) == 0:
         return None
-    count = int(max(labels)) + 1
+    count = int(np.max(labels)) + 1
     return count if count >= 2 else None
 
 

@@ -20,15 +20,16 @@ from relreason.checkpoint import atomic_write_json, set_rng_state
 from relreason.data import ImageFolderDataset, MultiViewDataset, read_skip_log
 from relreason.data.batch_views import DeviceMultiViewDataset
 from relreason.data.decoded_folder import DecodedImageFolder
+from relreason.device import autocast_dtype, precise_float, resolve_device
 from relreason.distributed import DistributedContext, all_reduce_mean, barrier, init_distributed, shutdown_distributed
 from relreason.errors import RelreasonError
 from relreason.losses import build_loss
 from relreason.methods import PretrainMethod, method_class
 from relreason.methods.online_probe import OnlineProbe, PretrainModule
-from relreason.protocols._common import precise_float
+from relreason.run_files import CONFIG_NAME, CURVES_NAME, SKIPPED_IMAGES_NAME
 from relreason.schedule import learning_rate_factor, set_learning_rate
 from relreason.seeding import seed_everything
-from relreason.train.config import PretrainConfig, PretrainResult, autocast_dtype, resolve_device, views_used
+from relreason.train.config import PretrainConfig, PretrainResult, views_used
 from relreason.train.data import (
     build_pretrain_data,
     check_every_image_labelled,
@@ -37,7 +38,7 @@ from relreason.train.data import (
     no_labels_error,
     num_classes_of,
 )
-from relreason.train.metrics_log import MetricsLog, format_metric, plot_training_curves, step_record
+from relreason.train.metrics_log import MetricsLog, format_metric, in_percent, plot_training_curves, step_record
 from relreason.train.position import TrainingPosition
 from relreason.train.resume import (
     CheckpointSaver,
@@ -46,13 +47,7 @@ from relreason.train.resume import (
     newest_checkpoint_everywhere,
     without_probe,
 )
-from relreason.train.run_folder import (
-    CONFIG_NAME,
-    SKIPPED_IMAGES_NAME,
-    check_no_other_run,
-    export_backbone,
-    prepare_output_dir,
-)
+from relreason.train.run_folder import check_no_other_run, export_backbone, prepare_output_dir
 from relreason.train.stop import StopRequest
 
 POSTFIX_SECONDS = 2.0  # how often the progress bar's running means are refreshed
@@ -206,7 +201,7 @@ def _pretrain(
     if context.is_main:
         export_backbone(run_dir, model.method.backbone, config, geometry, position, stopped_by)
         metrics.close()
-        plot_training_curves(metrics.read(), run_dir / "training_curves.png")
+        plot_training_curves(metrics.read(), run_dir / CURVES_NAME)
         if stopped_early:
             log(f"stopped during epoch {position.epoch + 1} at step {position.step}; exported the current backbone "
                 "and saved a checkpoint there: rerun the same command to continue", context)
@@ -221,7 +216,7 @@ def _pretrain(
                           sigterm_received=stop.signalled or stop.requested)
 
 
-def build_model(config: PretrainConfig, image_size: int, num_classes: int | None = None) -> PretrainMethod:
+def build_model(config: PretrainConfig, image_size: int, num_classes: int | None = None) -> PretrainMethod | None:
     """The method ``config.method`` on a fresh ``config.backbone`` (None for ``random``, which trains nothing)."""
     backbone = build_backbone(config.backbone, image_size=image_size)
     method = method_class(config.method)
@@ -358,10 +353,10 @@ def train_one_epoch(
             return None, True
     bar.close()
     sync_position(across_ranks=True)
-    means = {name: total / max(position.step, 1) for name, total in position.totals.items()}
+    means = position.means()
     record = {
         "epoch": position.epoch + 1,
-        **{name: 100 * value if name.endswith("accuracy") else value for name, value in means.items()},
+        **in_percent(means),
         "seconds": position.seconds,
         "views_per_second": position.views / position.seconds if position.seconds > 0 else 0.0,
         "lr": optimizer.param_groups[0]["lr"],

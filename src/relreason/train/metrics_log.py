@@ -9,10 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from relreason.checkpoint import atomic_write_bytes
+from relreason.run_files import METRICS_NAME, STEPS_NAME
 from relreason.train.position import TrainingPosition
-
-METRICS_NAME = "metrics.jsonl"
-STEPS_NAME = "steps.jsonl"
 
 
 class MetricsLog:
@@ -45,9 +43,6 @@ class MetricsLog:
     def read(self) -> list[dict[str, float]]:
         return _read_json_lines(self.path)
 
-    def read_steps(self) -> list[dict[str, float]]:
-        return _read_json_lines(self.steps_path)
-
     def truncate_after(self, epochs_done: float) -> None:
         """Drop records a resumed run will write again (those after the checkpoint it resumes)."""
         for path in (self.path, self.steps_path):
@@ -76,13 +71,17 @@ def _read_json_lines(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def in_percent(means: dict[str, float]) -> dict[str, float]:
+    """Accuracies as percentages, as the logs keep them; the other metrics as they are."""
+    return {name: 100 * value if name.endswith("accuracy") else value for name, value in means.items()}
+
+
 def step_record(position: TrainingPosition) -> dict[str, float]:
     """The running means of the current epoch, placed in training time and epochs, for fine-grained curves."""
-    means = {name: total / max(position.step, 1) for name, total in position.totals.items()}
     return {
         "epoch": position.epochs_done,
         "minutes": (position.past_seconds + position.seconds) / 60,
-        **{name: 100 * value if name.endswith("accuracy") else value for name, value in means.items()},
+        **in_percent(position.means()),
     }
 
 

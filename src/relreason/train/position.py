@@ -24,6 +24,10 @@ class TrainingPosition:
         """Epochs trained, the current one counted by its fraction done."""
         return self.epoch + (self.step / self.steps_per_epoch if self.steps_per_epoch else 0.0)
 
+    def means(self) -> dict[str, float]:
+        """The running means of the epoch so far."""
+        return {name: total / max(self.step, 1) for name, total in self.totals.items()}
+
     def next_epoch(self) -> None:
         self.past_seconds += self.seconds
         self.epoch, self.step, self.totals, self.views, self.seconds, self.items = self.epoch + 1, 0, {}, 0, 0.0, 0

@@ -10,14 +10,9 @@ from torch import nn
 from relreason.checkpoint import atomic_torch_save, atomic_write_json, list_checkpoints, remove_stale_temporaries
 from relreason.distributed import DistributedContext
 from relreason.errors import RelreasonError
+from relreason.run_files import BACKBONE_META_NAME, BACKBONE_NAME, CONFIG_NAME, METRICS_NAME, STEPS_NAME
 from relreason.train.config import PretrainConfig, views_used
-from relreason.train.metrics_log import METRICS_NAME, STEPS_NAME
 from relreason.train.position import TrainingPosition
-
-BACKBONE_NAME = "backbone.pt"
-BACKBONE_META_NAME = "backbone.json"
-CONFIG_NAME = "config.json"
-SKIPPED_IMAGES_NAME = "skipped_images.txt"
 
 
 def prepare_output_dir(config: PretrainConfig, context: DistributedContext = DistributedContext()) -> Path:

@@ -1,0 +1,42 @@
+"""The device a command runs on (``--device``), the autocast dtype of an ``--amp`` mode, and the most precise
+float a device computes in."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from relreason.errors import RelreasonError
+
+AMP_MODES = ("off", "bf16", "fp16")
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto, cpu, cuda, cuda:N (a visible GPU) or mps (where available); anything else is refused in one line."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise RelreasonError("--device mps requested but MPS (Apple GPU) is not available here; use --device cpu")
+        return torch.device("mps")
+    if not isinstance(name, str) or re.fullmatch(r"cpu|cuda(:[0-9]+)?", name) is None:
+        raise RelreasonError(f"unknown --device '{name}'; use auto, cpu, cuda, cuda:N or mps")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RelreasonError("--device cuda requested but no CUDA GPU is visible; use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            visible = "cuda:0" if count == 1 else f"one of cuda:0 to cuda:{count - 1}"
+            raise RelreasonError(f"--device {name} requested but only {count} CUDA GPU(s) are visible; use {visible}")
+    return device
+
+
+def autocast_dtype(amp: str) -> torch.dtype | None:
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def precise_float(device: torch.device | str) -> torch.dtype:
+    """float64 for sums and solves that need it, except on Apple's MPS, which has no float64 (float32 there)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64

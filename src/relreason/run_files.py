@@ -1,0 +1,9 @@
+"""The names of a run folder's files: ``pretrain`` writes them, ``evaluate`` and ``compare`` read them."""
+
+BACKBONE_NAME = "backbone.pt"  # the trained backbone alone, a plain state_dict
+BACKBONE_META_NAME = "backbone.json"  # what rebuilds and feeds it: backbone name, image size, normalisation
+CONFIG_NAME = "config.json"  # the run's options
+METRICS_NAME = "metrics.jsonl"  # one record per epoch
+STEPS_NAME = "steps.jsonl"  # running means every --log-every steps
+SKIPPED_IMAGES_NAME = "skipped_images.txt"  # an image folder's unreadable files
+CURVES_NAME = "training_curves.png"
