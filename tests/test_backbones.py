@@ -96,3 +96,13 @@ def test_user_factory_found_in_the_working_folder_as_under_the_installed_command
     assert build_backbone("my_folder_net:make", image_size=16).feature_dim == 5
     with pytest.raises(RelreasonError, match="importable from the working folder or PYTHONPATH"):
         build_backbone("my_folder_net_missing:make")
+
+
+def test_load_into_torchvision_refuses_what_does_not_fit_in_one_line():
+    conv4 = Conv4().state_dict()
+    with pytest.raises(RelreasonError, match=r"not a torchvision ResNet's \(no 4-d conv1.weight\)"):
+        load_into_torchvision(conv4, "resnet18")
+    with pytest.raises(RelreasonError, match=r"'resnet32' is not one of torchvision's ResNets here"):
+        load_into_torchvision(build_backbone("resnet18").state_dict(), "resnet32")
+    with pytest.raises(RelreasonError, match=r"do not fit torchvision's resnet34 \(\d+ missing, 0 unexpected"):
+        load_into_torchvision(build_backbone("resnet18").state_dict(), "resnet34")

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -231,8 +232,12 @@ def test_evaluate_finds_a_runs_relative_data_root_from_another_folder(tmp_path, 
     ("compare", "relreason: interrupted; finished runs are kept, and the same command goes on from where it stopped\n"),
     ("evaluate", "relreason: interrupted\n"),  # it keeps no checkpoints
 ])
-def test_an_interrupt_says_what_is_kept_for_the_command_it_stopped(monkeypatch, capsys, command, says):
+def test_an_interrupt_says_what_is_kept_for_the_command_it_stopped(monkeypatch, capsys, tmp_path, command, says):
     import relreason.cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "relreason").mkdir(parents=True)  # pretrain's default --output-dir, with a checkpoint
+    (tmp_path / "runs" / "relreason" / "checkpoint-e0000-s0000005.pt").write_bytes(b"")
 
     def interrupted(args):
         raise KeyboardInterrupt
@@ -258,3 +263,36 @@ def test_the_evaluate_hint_can_be_pasted_into_a_shell(tmp_path, capsys):
     assert main(["pretrain", "--dataset", "digits", *TINY, "--output-dir", str(run)]) == 0
     hint = capsys.readouterr().out.split("evaluate with: ")[1].strip()
     assert shlex.split(hint) == ["relreason", "evaluate", "--run-dir", str(run)]
+
+
+def test_a_runs_config_json_is_a_config_file(capsys, tmp_path):
+    run = tmp_path / "run"
+    options = ["--dataset", "digits", "--image-size", "16", "-K", "2", "--epochs", "1", "--device", "cpu",
+               "--no-progress", "--no-tensorboard", "--output-dir", str(run)]
+    assert main(["pretrain", *options]) == 0
+    assert main(["pretrain", "--config", str(run / "config.json"), "--epochs", "2"]) == 0  # its geometry is passed over
+    assert "done: 2 epoch(s)" in capsys.readouterr().out
+    assert json.loads((run / "config.json").read_text())["num_views"] == 2
+
+
+def test_an_unknown_option_points_at_its_own_commands_help(capsys):
+    expect_error(capsys, ["evaluate", "--knn", "5"],
+                 "unrecognized arguments: --knn 5 (did you mean --knn-k?); see `relreason evaluate --help`")
+    expect_error(capsys, ["pretrain", "--frobnicate"], "unrecognized arguments: --frobnicate; see `relreason pretrain --help`")
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_so(capsys, tmp_path, monkeypatch):
+    import relreason.train as train
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "pretrain", interrupted)
+    run = tmp_path / "run"
+    assert main(["pretrain", "--output-dir", str(run)]) == 130
+    assert capsys.readouterr().err.strip() == ("relreason: interrupted before the run's first checkpoint; the same "
+                                               "command starts it again")
+    run.mkdir()
+    (run / "checkpoint-e0000-s0000005.pt").write_bytes(b"")
+    assert main(["pretrain", "--output-dir", str(run)]) == 130
+    assert "the checkpoints written so far are kept" in capsys.readouterr().err

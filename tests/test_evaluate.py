@@ -797,3 +797,21 @@ def test_no_data_root_note_where_nothing_moved_or_no_files_are_read(tmp_path, mo
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert evaluate_args("--run-dir", "../run") == 0
     assert "note:" not in capsys.readouterr().err
+
+
+def test_retrieval_warns_of_test_images_with_nothing_to_find(folder_run, tmp_path, capsys):
+    images = labelled_folder(tmp_path / "images")
+    for name in ("cat", "dog"):  # one test image per class: neither has another of its class to retrieve
+        for extra in ("1.png", "2.png"):
+            (images / "test" / name / extra).unlink()
+    _, run = folder_run
+    assert evaluate_args("--run-dir", str(run), "--dataset", "folder", "--data-root", str(images), "--protocols",
+                         "retrieval", "--no-retrieval-plot", "--output", str(tmp_path / "results.json")) == 0
+    err = capsys.readouterr().err
+    assert "warning: 2 of the 2 test images have no other image of their class to find" in err
+    result = json.loads((tmp_path / "results.json").read_text())["results"]["pretrained"]["retrieval"]
+    assert result["queries_without_match"] == 2 and result["mAP"] == 0.0
+    labelled_folder(tmp_path / "enough")  # three per class: nothing to warn of
+    assert evaluate_args("--run-dir", str(run), "--dataset", "folder", "--data-root", str(tmp_path / "enough"),
+                         "--protocols", "retrieval", "--no-retrieval-plot", "--output", str(tmp_path / "r2.json")) == 0
+    assert "no other image of their class" not in capsys.readouterr().err

@@ -107,9 +107,23 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     assert all(torch.isfinite(v).all() for v in checkpoint["backbone"].values() if v.is_floating_point())
 
 
+def test_a_non_finite_loss_before_any_checkpoint_says_none_was_written(tmp_path, monkeypatch):
+    NanAfter.calls = 0
+    monkeypatch.setattr("relreason.backbones.registry.BACKBONES", {"nan-after": lambda: NanAfter(healthy_calls=1)})
+    with pytest.raises(RelreasonError, match=r"loss became nan in epoch 1.*\(no checkpoint had been written yet\)"):
+        pretrain(config(tmp_path, backbone="nan-after", epochs=2))
+    assert not list_checkpoints(tmp_path / "run")
+
+
+def test_the_progress_bar_stays_out_of_a_log_file(tmp_path, capfd):
+    pretrain(config(tmp_path, progress=True, tensorboard=False))  # stderr is a pipe here, not a terminal
+    err = capfd.readouterr().err
+    assert "\r" not in err and "epoch 1/1" in err
+
+
 def test_resume_refuses_changed_model_options(tmp_path):
     pretrain(config(tmp_path))
-    with pytest.raises(RelreasonError, match="options differ.*aggregation"):
+    with pytest.raises(RelreasonError, match="options differ.*aggregation.*choose another --output-dir for a new run"):
         pretrain(config(tmp_path, epochs=2, resume=True, aggregation="sum"))
 
 

@@ -9,7 +9,7 @@ import random
 import re
 import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -188,3 +188,13 @@ def rotate_checkpoints(
         found = found[found.index(Path(newest)):]
     for path in found[keep:]:
         path.unlink(missing_ok=True)
+
+
+def state_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, Any]) -> str | None:
+    """How far ``given`` is from a model whose state_dict is ``expected``, in a few words; None when it fits."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    misshaped = [k for k in expected if k in given and tuple(given[k].shape) != tuple(expected[k].shape)]
+    if not (missing or unexpected or misshaped):
+        return None
+    return f"{len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} mis-shaped tensors"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 import shlex
 import sys
@@ -237,7 +238,9 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
             f"config file {path} is not a text YAML file (byte {error.start} is not UTF-8); check the --config path"
         ) from None
     except yaml.YAMLError as error:
-        raise RelreasonError(f"config file {path} is not valid YAML ({str(error).splitlines()[0]})") from None
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise RelreasonError(f"config file {path} is not valid YAML{where} ({str(error).splitlines()[0]})") from None
     if not isinstance(loaded, dict):
         raise RelreasonError(f"config file {path} must be a mapping of option: value")
     actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
@@ -245,8 +248,13 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
     for key, value in loaded.items():
         dest = str(key).replace("-", "_")
         dest = {"k": "num_views", "K": "num_views", "eval_dataset": "dataset"}.get(dest, dest)
+        if dest == "geometry":  # a run's config.json records it beside the options: that file works as a config
+            continue
         if dest not in actions:
-            raise RelreasonError(f"unknown option '{key}' in config file {path}; see --help for the valid names")
+            near = difflib.get_close_matches(dest, list(actions), n=1)
+            hint = f" (did you mean '{near[0].replace('_', '-')}'?)" if near else ""
+            raise RelreasonError(f"unknown option '{key}' in config file {path}{hint}; see `{parser.prog} --help` for "
+                                 "the valid names")
         value = _config_value(actions[dest], key, value, path)
         if dest in options and options[dest] != value:  # num_views: 4 and num-views: 8: which one was meant?
             raise RelreasonError(f"option '{key}' is given twice in config file {path}, under two spellings, with "
@@ -289,11 +297,25 @@ def _config_value(action: argparse.Action, key: str, value: Any, path: str) -> A
 
 def parse_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
     """Parse ``argv`` with the YAML config's values as defaults, so explicit flags win."""
-    args = parser.parse_args(argv)
+    args = _parse_all(parser, argv)
     if getattr(args, "config", None):
         subparser = _subparser(parser, args.command)
         subparser.set_defaults(**load_config_file(args.config, subparser))
-        args = parser.parse_args(argv)
+        args = _parse_all(parser, argv)
+    return args
+
+
+def _parse_all(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """``parser.parse_args``, but an unknown option is refused by its subcommand, which points at its own --help
+    and at the option nearest in spelling."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        subparser = _subparser(parser, args.command)
+        names = [name for action in subparser._actions for name in action.option_strings]
+        near = [match for option in unknown if option.startswith("--")
+                for match in difflib.get_close_matches(option.split("=")[0], names, n=1)]
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        subparser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     return args
 
 
@@ -385,7 +407,7 @@ def run_list(_: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = None
+    command, args = None, None
     try:
         try:
             args = parse_options(parser, argv)
@@ -402,8 +424,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank is interrupted: one says so
-            sys.stderr.write(f"relreason: interrupted{_AFTER_INTERRUPT.get(command, '')}\n")
+            sys.stderr.write(f"relreason: interrupted{_after_interrupt(command, args)}\n")
         return 130
+
+
+def _after_interrupt(command: str | None, args: argparse.Namespace | None) -> str:
+    """What an interrupted command leaves behind, for the line that says it was interrupted."""
+    if command == "pretrain":
+        from relreason.checkpoint import list_checkpoints
+        from relreason.train import PretrainConfig
+
+        if not list_checkpoints(getattr(args, "output_dir", None) or PretrainConfig.output_dir):
+            return " before the run's first checkpoint; the same command starts it again"
+    return _AFTER_INTERRUPT.get(command, "")
 
 
 _AFTER_INTERRUPT = {

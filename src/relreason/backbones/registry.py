@@ -12,9 +12,9 @@ from torch import nn
 
 from relreason.backbones.cifar_resnet import resnet8, resnet32, resnet56
 from relreason.backbones.conv4 import Conv4
+from relreason.backbones.feature_dim import infer_feature_dim
 from relreason.backbones.torchvision_resnet import torchvision_resnet
 from relreason.errors import RelreasonError
-from relreason.backbones.feature_dim import infer_feature_dim
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 

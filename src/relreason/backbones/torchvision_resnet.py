@@ -6,8 +6,12 @@ state_dict loads into torchvision's class after the same two changes (see ``load
 
 from __future__ import annotations
 
+import torch
 import torchvision
 from torch import nn
+
+from relreason.checkpoint import state_mismatch
+from relreason.errors import RelreasonError
 
 _WIDTHS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
 
@@ -21,6 +25,9 @@ def small_image_stem(model: torchvision.models.ResNet, in_channels: int = 3) -> 
 
 def torchvision_resnet(name: str, small_stem: bool = True, in_channels: int = 3) -> torchvision.models.ResNet:
     """A randomly initialised torchvision ResNet (``resnet18``, ``resnet34``, ``resnet50``) returning pooled features."""
+    if name not in _WIDTHS:
+        raise RelreasonError(f"'{name}' is not one of torchvision's ResNets here ({', '.join(_WIDTHS)}); relreason's "
+                             "own backbones (conv4, resnet8/32/56) load with relreason.backbones.build_backbone")
     model = getattr(torchvision.models, name)(weights=None)
     if small_stem:
         small_image_stem(model, in_channels)
@@ -37,6 +44,16 @@ def load_into_torchvision(state_dict: dict, name: str, small_stem: bool = True) 
     The model is torchvision's own class with the changes a user makes by hand (README): the stem (when small,
     and for the number of input channels the weights were trained on) and ``fc = Identity()``.
     """
-    model = torchvision_resnet(name, small_stem, in_channels=state_dict["conv1.weight"].shape[1])
+    stem = state_dict.get("conv1.weight") if isinstance(state_dict, dict) else None
+    if not isinstance(stem, torch.Tensor) or stem.dim() != 4:
+        raise RelreasonError("these weights are not a torchvision ResNet's (no 4-d conv1.weight); load relreason's own "
+                             "backbones with relreason.backbones.build_backbone(name).load_state_dict(weights)")
+    model = torchvision_resnet(name, small_stem, in_channels=stem.shape[1])
+    mismatch = state_mismatch(model.state_dict(), state_dict)
+    if mismatch:
+        raise RelreasonError(
+            f"these weights do not fit torchvision's {name} ({mismatch}); pass the name of the ResNet they were "
+            "trained as (backbone.json says), and small_stem=False only for weights trained with the 7x7 stem"
+        )
     model.load_state_dict(state_dict)
     return model

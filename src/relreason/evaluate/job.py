@@ -11,7 +11,14 @@ import torch
 
 from relreason.backbones import build_backbone
 from relreason.checkpoint import is_checkpoint_path
-from relreason.data import compute_normalization, dataset_info, eval_transform, held_out_split, same_dataset
+from relreason.data import (
+    SYSTEM_DATASET_DIRS,
+    compute_normalization,
+    dataset_info,
+    eval_transform,
+    held_out_split,
+    same_dataset,
+)
 from relreason.device import resolve_device
 from relreason.errors import RelreasonError
 from relreason.evaluate.config import EvaluateConfig
@@ -79,8 +86,9 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     if (recorded and info.name not in ("folder", "digits") and not Path(recorded).exists() and not config.data_root
             and not same_path(recorded, "data")):
         # A run folder copied from another machine: its dataset is looked for here, in ./data.
+        system = "".join(f" and {folder}" for folder in SYSTEM_DATASET_DIRS.get(info.name, ()))
         print(f"relreason: note: the run's data root {recorded} does not exist here; looking for {dataset_name} in "
-              "./data (pass --data-root to say where it is)", file=sys.stderr)
+              f"./data{system} (pass --data-root to say where it is)", file=sys.stderr)
         recorded = None
     data_root = config.data_root or recorded or "data"
     # The run's own held-out share when it was pretrained on part of this very folder (and none was asked for).
@@ -164,6 +172,11 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
             for fraction in fractions:
                 indices = few_label_indices(train_set.labels, fraction, config.seed)
                 row["few_label"][fraction_key(fraction)]["finetune"] = fine_tune(backbone, **tune, label_indices=indices)
+        unmatched = row.get("retrieval", {}).get("queries_without_match", 0)
+        if unmatched and label == "pretrained":
+            print(f"relreason: warning: {unmatched} of the {len(test_set)} test images have no other image of their "
+                  "class to find: retrieval's mAP leaves them out and its precision counts them as misses (with none "
+                  "to find at all, both read 0); give the test set at least 2 images of every class", file=sys.stderr)
         results[label] = {p: row[p] for p in ALL_PROTOCOLS if p in row}
 
     settings: dict[str, Any] = {"linear_epochs": config.linear_epochs, "knn_k": config.knn_k, "seed": config.seed}

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from relreason.checkpoint import is_checkpoint_path, load_checkpoint
+from relreason.checkpoint import is_checkpoint_path, load_checkpoint, state_mismatch
 from relreason.errors import RelreasonError, one_line, short_reason
 from relreason.evaluate.config import EvaluateConfig
 from relreason.run_files import BACKBONE_META_NAME, BACKBONE_NAME
@@ -23,6 +23,9 @@ def load_backbone_source(config: EvaluateConfig) -> tuple[Path, dict[str, Any], 
     backbone is evaluated, described by the options and geometry the checkpoint records.
     """
     weights = Path(config.weights) if config.weights else Path(config.run_dir) / BACKBONE_NAME
+    if config.weights and not weights.is_file():
+        raise RelreasonError(f"--weights {weights} is not a file; pass the path of a backbone.pt that relreason pretrain "
+                             "exported, or of a training checkpoint")
     if not weights.is_file():
         raise RelreasonError(
             f"no backbone weights at {weights}; run `relreason pretrain --output-dir {weights.parent}` first "
@@ -78,13 +81,7 @@ def _load_state_dict(weights: Path) -> dict[str, torch.Tensor]:
 
 def load_matching_state(backbone: nn.Module, state: Mapping[str, torch.Tensor], weights: Path, name: str) -> None:
     """Load ``state`` into ``backbone``, or say in one line how far apart they are."""
-    expected = backbone.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    misshaped = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or misshaped:
-        raise RelreasonError(
-            f"{weights} does not fit backbone '{name}' ({len(missing)} missing, {len(unexpected)} unexpected, "
-            f"{len(misshaped)} mis-shaped tensors); pass the --backbone it was trained with"
-        )
+    mismatch = state_mismatch(backbone.state_dict(), state)
+    if mismatch:
+        raise RelreasonError(f"{weights} does not fit backbone '{name}' ({mismatch}); pass the --backbone it was trained with")
     backbone.load_state_dict(state)

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from relreason.backbones import build_backbone
-from relreason.checkpoint import atomic_write_json, set_rng_state
+from relreason.checkpoint import atomic_write_json, list_checkpoints, set_rng_state
 from relreason.data import ImageFolderDataset, MultiViewDataset, read_skip_log
 from relreason.data.batch_views import DeviceMultiViewDataset
 from relreason.data.decoded_folder import DecodedImageFolder
@@ -287,7 +287,7 @@ def train_one_epoch(
     totals = torch.tensor(list(position.totals.values()), device=device, dtype=precise_float(device))
     started = time.perf_counter() - position.seconds
     bar = tqdm(loader, desc=f"epoch {position.epoch + 1}/{config.epochs}", initial=position.step,
-               total=steps_per_epoch, disable=not (config.progress and context.is_main), leave=False,
+               total=steps_per_epoch, disable=None if config.progress and context.is_main else True, leave=False,
                dynamic_ncols=True)
     shown_at = -math.inf  # the first step's means are shown at once
 
@@ -384,9 +384,11 @@ def non_finite_loss(position: TrainingPosition, config: PretrainConfig) -> Relre
     loss = position.totals.get("loss", 0.0)
     if math.isfinite(loss):
         return None
+    kept = (f"the last good checkpoint is kept in {config.output_dir}" if list_checkpoints(Path(config.output_dir))
+            else "no checkpoint had been written yet")
     return RelreasonError(
         f"the loss became {loss / max(position.step, 1)} in epoch {position.epoch + 1}; lower --lr or turn off "
-        f"--amp fp16 (the last good checkpoint is kept in {config.output_dir})"
+        f"--amp fp16 ({kept})"
     )
 
 

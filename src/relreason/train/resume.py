@@ -82,7 +82,8 @@ def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, geometry
         mismatched["augment"] = (saved_path, path_now)
     if mismatched:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items())
-        raise RelreasonError(f"cannot resume {path}: options differ ({detail}); rerun with the original options")
+        raise RelreasonError(f"cannot resume {path}: options differ ({detail}); rerun with the original options, or "
+                             "choose another --output-dir for a new run")
     # Same statistics, same images: a folder moved elsewhere resumes, another folder (or one whose files
     # changed) does not, as its views would be normalised unlike the weights' first epochs.
     for key in ("mean", "std"):
