@@ -14,7 +14,7 @@ import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from relreason.errors import RelreasonError
 from relreason.methods import check_method_name
 from relreason.run_files import BACKBONE_META_NAME, BACKBONE_NAME, CONFIG_NAME, STEPS_NAME
 from relreason.seeding import check_seed
+
+if TYPE_CHECKING:  # the trainer is imported when a run starts, not with the CLI
+    from relreason.train import PretrainConfig
 
 # Protocols with one headline number per run (few-label results are per fraction: use `evaluate` for them).
 COMPARABLE_PROTOCOLS = ("linear", "linear_converged", "knn", "finetune", "retrieval")
@@ -81,7 +84,7 @@ def run_dir_of(config: CompareConfig, method: str, seed: int) -> Path:
     return Path(config.output_dir) / f"{method}-seed{seed}"
 
 
-def pretrain_config_for(config: CompareConfig, method: str, seed: int):
+def pretrain_config_for(config: CompareConfig, method: str, seed: int) -> PretrainConfig:
     from relreason.train import PretrainConfig
 
     # -K is relational's alone here: the other methods keep their own number of views (and say nothing of -K).

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -104,7 +104,7 @@ class BatchViewLoader:
     a resumed epoch makes exactly the views it would have made.
     """
 
-    def __init__(self, dataset: DeviceMultiViewDataset, batch_sampler, rank: int = 0) -> None:
+    def __init__(self, dataset: DeviceMultiViewDataset, batch_sampler: Iterable[Sequence[int]], rank: int = 0) -> None:
         self.dataset = dataset
         self.batch_sampler = batch_sampler
         self.rank = rank

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch.utils.data import Dataset
 
 from relreason.data import dataset_info, has_split_dirs, load_dataset
 from relreason.errors import RelreasonError
@@ -33,7 +34,7 @@ def check_nothing_skipped(dataset: Any, split: str, cache: Path) -> None:
         )
 
 
-def labelled_split(name: str, root: str, split: str, download: bool):
+def labelled_split(name: str, root: str, split: str, download: bool) -> Dataset:
     dataset = load_dataset(name, root, split, download=download)
     if dataset.labels is None:
         why = getattr(dataset, "why_unlabelled", None)

@@ -21,6 +21,7 @@ from relreason.checkpoint import (
 from relreason.data import dataset_info, same_dataset
 from relreason.distributed import DistributedContext, broadcast_object
 from relreason.errors import RelreasonError
+from relreason.methods.online_probe import PretrainModule
 from relreason.train.config import PretrainConfig
 from relreason.train.position import TrainingPosition
 from relreason.train.run_folder import absolute_data_root
@@ -104,8 +105,18 @@ def _rounded(values: list[float]) -> list[float]:
 class CheckpointSaver:
     """Rank 0 writes a checkpoint atomically and keeps the newest few; other ranks do nothing."""
 
-    def __init__(self, run_dir, config, geometry, model, optimizer, scaler, context, device,
-                 resumed_from: Path | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        config: PretrainConfig,
+        geometry: dict[str, Any],
+        model: PretrainModule,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        context: DistributedContext,
+        device: torch.device,
+        resumed_from: Path | None = None,
+    ) -> None:
         self.run_dir, self.config, self.geometry, self.context, self.device = run_dir, config, geometry, context, device
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.resumed_from = resumed_from
