@@ -215,7 +215,10 @@ def test_a_finished_comparison_trains_nothing_again_and_remakes_random_with_the_
     assert main(argv) == 0
     capsys.readouterr()
     assert main(argv) == 0
-    assert "epoch 1/1" not in capsys.readouterr().err  # nothing trained
+    err = capsys.readouterr().err
+    assert "epoch 1/1" not in err  # nothing trained, and the log says what it does instead
+    assert "== relational, seed 1: trained in an earlier run ==" in err and "evaluating relational, seed 1: " in err
+    assert "drawing the t-SNE map" in err
     assert main(compare_argv(output, "--methods", "random", "--image-size", "12")) == 0  # no training to refuse
     evaluation = json.loads((output / "random-seed1" / "evaluation.json").read_text())
     assert evaluation["image_size"] == 12

@@ -230,6 +230,10 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
                     # A scheduler's notice ends the whole comparison (the next run would be killed anyway), also when
                     # it came in the last step of a run that then finished.
                     return {"preempted": f"{method}, seed {seed}"}
+            else:
+                print(f"== {method}, seed {seed}: trained in an earlier run ==", file=sys.stderr, flush=True)
+            # Features are cached beside each run's weights, but the probes run again: say so, as they take a while.
+            print(f"evaluating {method}, seed {seed}: {', '.join(config.protocols)}", file=sys.stderr, flush=True)
             meta = _read_json(run_dir / BACKBONE_META_NAME)
             evaluation = run_evaluation(EvaluateConfig(
                 run_dir=str(run_dir), protocols=tuple(config.protocols), linear_epochs=config.linear_epochs,
@@ -246,6 +250,7 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     atomic_write_json(output / "compare.json", {"config": dataclasses.asdict(config), **summary, "runs": runs})
     atomic_write_bytes(output / "compare.md", format_markdown(summary, config).encode())
     plot_curves(runs, output / "training_curves.png")
+    print("drawing the t-SNE map of each method's test features", file=sys.stderr, flush=True)
     plot_embeddings(config, output / "embedding_map.png")
     return summary
 

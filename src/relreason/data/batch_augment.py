@@ -26,6 +26,7 @@ from functools import lru_cache
 
 import torch
 
+from relreason.checks import check_positive_int
 from relreason.data.transforms import check_crop_scale, check_normalization, jitter_amounts
 from relreason.errors import RelreasonError
 
@@ -401,8 +402,7 @@ class BatchRelationalAugmentation:
 
     def __call__(self, images: torch.Tensor, num_views: int, generator: torch.Generator | None = None) -> torch.Tensor:
         check_image_batch(images)
-        if isinstance(num_views, bool) or not isinstance(num_views, int) or num_views < 1:
-            raise RelreasonError(f"num_views must be a positive integer, got {num_views!r}")
+        check_positive_int(num_views, "num_views", example=4)
         batch, _, height, width = images.shape
         params = self.sample_parameters(num_views * batch, height, width, generator, images.device)
         # View-major rows: row k * B + b is view k of image b.

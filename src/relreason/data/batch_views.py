@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from relreason.checks import check_positive_int
 from relreason.data.batch_augment import BatchRelationalAugmentation
 from relreason.errors import RelreasonError, format_bytes
 from relreason.seeding import mix_seed
@@ -66,8 +67,7 @@ class DeviceMultiViewDataset:
         seed: int,
         device: torch.device | str = "cpu",
     ) -> None:
-        if isinstance(num_views, bool) or not isinstance(num_views, int) or num_views < 1:
-            raise RelreasonError(f"number of views must be an integer of at least 1, got {num_views!r}; pass e.g. 4")
+        check_positive_int(num_views, "the number of views per image", example=4)
         self.dataset = dataset
         self.augmentation = augmentation
         self.num_views = num_views

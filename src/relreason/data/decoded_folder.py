@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from relreason.checks import check_positive_int
 from relreason.data.array_dataset import ArrayImageDataset
 from relreason.data.image_folder import ImageFolderDataset
 from relreason.data.transforms import square_crop
@@ -108,8 +109,7 @@ class DecodedImageFolder(ArrayImageDataset):
     def __init__(
         self, folder: ImageFolderDataset, image_size: int, threads: int | None = None, progress: bool = False
     ) -> None:
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-            raise RelreasonError(f"image size must be a positive integer, got {image_size!r}; pass e.g. 32")
+        check_positive_int(image_size, "image size", example=32)
         n = len(folder)
         # Two copies at the peak (this array, and the channels-first tensor the views are made from) in each of
         # the processes torchrun started on this machine, all decoding at once.

@@ -7,6 +7,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import Dataset
 
+from relreason.checks import check_positive_int
 from relreason.errors import RelreasonError
 from relreason.seeding import mix_seed
 
@@ -28,10 +29,7 @@ class MultiViewDataset(Dataset):
         self, dataset: Dataset, transform: Callable[[Any], Any], num_views: int, seed: int | None = None
     ) -> None:
         # One view is valid (rotation and supervised pretraining); relational pairs check K >= 2 themselves.
-        if isinstance(num_views, bool) or not isinstance(num_views, int) or num_views < 1:
-            raise RelreasonError(
-                f"number of augmentations (views) must be an integer of at least 1, got {num_views!r}; pass e.g. 4"
-            )
+        check_positive_int(num_views, "the number of views per image", example=4)
         if not callable(transform):
             raise RelreasonError("the multi-view transform is not callable; pass e.g. relational_augmentation(...)")
         self.dataset = dataset

@@ -8,14 +8,14 @@ from typing import Sequence
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from relreason.checks import check_positive_int
 from relreason.errors import RelreasonError
 
 __all__ = ["relational_augmentation", "eval_transform"]
 
 
 def check_normalization(image_size: int, mean: Sequence[float] | None, std: Sequence[float] | None):
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise RelreasonError(f"image size must be a positive integer, got {image_size!r}; pass e.g. 32")
+    check_positive_int(image_size, "image size", example=32)
     if mean is None or std is None:
         raise RelreasonError(
             "normalisation mean/std are missing; compute them with compute_normalization(dataset) or pass them explicitly"

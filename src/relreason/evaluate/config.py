@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from relreason.checks import check_positive_float, check_positive_int
 from relreason.data.splits import check_fraction_range
 from relreason.device import resolve_device
 from relreason.errors import RelreasonError
 from relreason.protocols import check_label_fractions
-from relreason.protocols._common import check_positive_float, check_positive_int
 from relreason.protocols.frozen import ALL_PROTOCOLS, DEFAULT_LABEL_FRACTIONS, PROTOCOLS, choose_protocols
 from relreason.seeding import check_seed
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from relreason.checks import check_positive_float, check_positive_int  # noqa: F401 (the protocols' import of them)
 from relreason.device import precise_float  # noqa: F401 (the protocols' import of it)
 from relreason.errors import RelreasonError
 from relreason.seeding import check_seed  # noqa: F401 - the protocols' seed check, shared with training
@@ -61,22 +61,6 @@ def as_labels(y: Any, n: int, name: str) -> torch.Tensor:
     if (t < 0).any():
         raise RelreasonError(f"{name} contains negative labels; pass class indices 0..C-1")
     return t
-
-
-def check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise RelreasonError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def check_positive_float(value: Any, name: str) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        v = float("nan")
-    if not (v > 0 and math.isfinite(v)):
-        raise RelreasonError(f"{name} must be a positive finite number, got {value!r}")
-    return v
 
 
 def as_device(device: Any) -> torch.device:
