@@ -182,3 +182,17 @@ def test_the_stop_vote_carries_a_signal_from_any_rank(monkeypatch):
     fresh = train.StopRequest()
     assert fresh.agreed(-math.inf, context) and not fresh.signalled  # its own passed deadline
     assert votes == [vote.GO_ON] * 4 + [vote.SIGTERM, vote.CTRL_C, vote.TIME_LIMIT]  # what this rank put to the vote
+
+
+def test_a_single_process_on_another_gpu_makes_it_the_current_device(monkeypatch):
+    # Pinned memory opens a CUDA context on the current device: GPU 0 unless --device cuda:N is made current.
+    from relreason.distributed import init_distributed
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    for device in (torch.device("cuda", 1), torch.device("cuda"), torch.device("cpu")):
+        context, chosen = init_distributed(device)
+        assert chosen == device and not context.enabled
+    assert made_current == [torch.device("cuda", 1)]  # an unnumbered cuda is already the current one

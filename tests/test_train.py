@@ -274,6 +274,32 @@ def test_adam_is_fused_on_cuda_only_and_stays_so_when_resumed_from_a_cpu_checkpo
     assert (step.device.type, step.dtype) == ("meta", torch.float32)
 
 
+@pytest.mark.parametrize("saved_channels_last", [False, True])
+def test_adam_moments_take_the_parameters_memory_format_on_resume(saved_channels_last):
+    # CUDA's fused Adam refuses moments whose strides differ from the parameter's, as when a run is resumed with
+    # --channels-last added or dropped; the CPU's kernels do not check, so the layout itself is checked here.
+    from relreason.train import load_optimizer_state, make_optimizer
+
+    def conv(channels_last):
+        layer = nn.Conv2d(3, 4, 3)
+        return layer.to(memory_format=torch.channels_last) if channels_last else layer
+
+    before = conv(saved_channels_last)
+    optimizer = make_optimizer([{"params": before.parameters(), "base_lr": 1e-3}], PretrainConfig(), torch.device("cpu"))
+    before(torch.randn(2, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    after = conv(not saved_channels_last)
+    after.load_state_dict(before.state_dict())
+    groups = [{"params": after.parameters(), "base_lr": 1e-3}]
+    fused = make_optimizer(groups, PretrainConfig(), torch.device("cuda"))  # CUDA's kernel, on CPU tensors
+    load_optimizer_state(fused, optimizer.state_dict(), groups, PretrainConfig())
+    weight = after.weight
+    for name in ("exp_avg", "exp_avg_sq"):
+        moment = fused.state[weight][name]
+        assert moment.stride() == weight.stride(), name
+        assert torch.equal(moment, optimizer.state[before.weight][name]), name  # the same values
+
+
 @pytest.mark.parametrize("interval, expected", [(1e9, 2), (0.0, 23)])
 def test_progress_means_are_read_by_time_not_every_few_steps(tmp_path, monkeypatch, interval, expected):
     """Each refresh waits for the device; it happens on the first and last step and then by the clock."""

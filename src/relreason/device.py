@@ -33,6 +33,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def use_device(device: torch.device) -> None:
+    """Make ``device`` the current CUDA device when it names one: pinned host memory and a DataLoader's pinning
+    thread open a CUDA context on the current device, which would otherwise be GPU 0 whatever ``--device`` says."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
 def autocast_dtype(amp: str) -> torch.dtype | None:
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from relreason.device import use_device
 from relreason.errors import RelreasonError
 
 
@@ -41,6 +42,7 @@ def launched_by_torchrun() -> bool:
 def init_distributed(device: torch.device) -> tuple[DistributedContext, torch.device]:
     """Join the process group torchrun set up (gloo on CPU, nccl on CUDA) and pick this rank's device."""
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        use_device(device)
         return DistributedContext(), device
     context = DistributedContext(
         rank=int(os.environ["RANK"]),

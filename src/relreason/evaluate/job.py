@@ -19,7 +19,7 @@ from relreason.data import (
     held_out_split,
     same_dataset,
 )
-from relreason.device import resolve_device
+from relreason.device import resolve_device, use_device
 from relreason.errors import RelreasonError
 from relreason.evaluate.config import EvaluateConfig
 from relreason.evaluate.data import (
@@ -64,6 +64,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         ft_epochs = config.finetune_epochs
         ft_backbone_lr, ft_head_lr = float(config.finetune_backbone_lr), float(config.finetune_head_lr)
     device = resolve_device(config.device)
+    use_device(device)
     weights, meta, state = load_backbone_source(config)
     # A training checkpoint's results go beside it under their own name, not over the exported backbone's.
     default = f"evaluation-{weights.stem}.json" if is_checkpoint_path(weights) else "evaluation.json"

@@ -164,7 +164,13 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
         # GradScaler, still seeing a fused optimizer, hands flags the other kernels refuse.
         group["fused"], group["foreach"] = optimizer.defaults["fused"], optimizer.defaults["foreach"]
         for parameter in group["params"]:
-            step = optimizer.state.get(parameter, {}).get("step")
+            slots = optimizer.state.get(parameter, {})
+            step = slots.get("step")
             if torch.is_tensor(step):  # where this kernel keeps it: beside the parameter if fused, else on the CPU
                 place = parameter.device if group["fused"] else torch.device("cpu")
-                optimizer.state[parameter]["step"] = step.to(place, torch.float32)
+                slots["step"] = step.to(place, torch.float32)
+            for name, moment in slots.items():
+                # Saved under another memory format (a run resumed with or without --channels-last): CUDA's fused
+                # Adam refuses moments whose strides are not the parameter's. A copy in its layout, same values.
+                if torch.is_tensor(moment) and moment.shape == parameter.shape and moment.stride() != parameter.stride():
+                    slots[name] = torch.empty_like(parameter, dtype=moment.dtype).copy_(moment)
