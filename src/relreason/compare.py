@@ -23,7 +23,7 @@ from relreason.checkpoint import atomic_write_bytes, atomic_write_json
 from relreason.device import resolve_device
 from relreason.errors import RelreasonError
 from relreason.methods import check_method_name
-from relreason.run_files import BACKBONE_META_NAME, BACKBONE_NAME, CONFIG_NAME, STEPS_NAME
+from relreason.run_files import BACKBONE_META_NAME, BACKBONE_NAME, CONFIG_NAME, FEATURES_DIR_NAME, STEPS_NAME
 from relreason.seeding import check_seed
 
 if TYPE_CHECKING:  # the trainer is imported when a run starts, not with the CLI
@@ -381,7 +381,7 @@ def _test_features_source(run_dir: Path, config: CompareConfig):
     test = splits[-1]
     digest = weights_digest(weights)
     tag = data_tag_of(name, config.data_root, meta["mean"], meta["std"], splits)
-    cache = feature_cache_path(run_dir / "features", meta["backbone"], digest, name, "test", meta["image_size"], tag)
+    cache = feature_cache_path(run_dir / FEATURES_DIR_NAME, meta["backbone"], digest, name, "test", meta["image_size"], tag)
     return backbone, test, eval_transform(meta["image_size"], meta["mean"], meta["std"]), cache
 
 

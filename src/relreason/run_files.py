@@ -7,3 +7,4 @@ METRICS_NAME = "metrics.jsonl"  # one record per epoch
 STEPS_NAME = "steps.jsonl"  # running means every --log-every steps
 SKIPPED_IMAGES_NAME = "skipped_images.txt"  # an image folder's unreadable files
 CURVES_NAME = "training_curves.png"
+FEATURES_DIR_NAME = "features"  # evaluate's feature caches, beside the weights

@@ -22,7 +22,7 @@ SYSTEM_DATASET_DIRS: dict[str, tuple[str, ...]] = {
     "fashion-mnist": ("/usr/share/datasets/fashion-mnist",),
 }
 
-DIGIT_CLASSES = [str(d) for d in range(10)]
+_DIGIT_CLASSES = [str(d) for d in range(10)]
 
 _CIFAR10_CLASSES = [
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -235,7 +235,7 @@ def _read_stl10(files: dict[str, Path], split: str) -> ArrayImageDataset:
 def _read_svhn(files: dict[str, Path], split: str) -> ArrayImageDataset:
     (path,) = files.values()
     x, y = formats.read_svhn_mat(path)
-    return ArrayImageDataset(x, y, list(DIGIT_CLASSES))
+    return ArrayImageDataset(x, y, list(_DIGIT_CLASSES))
 
 
 def _read_mnist_family(files: dict[str, Path], split: str, classes: list[str]) -> ArrayImageDataset:
@@ -260,20 +260,20 @@ _READERS: dict[str, Callable[[dict[str, Path], str], Dataset]] = {
     "cifar100-20": lambda f, s: _read_cifar100(f, s, coarse=True),
     "stl10": _read_stl10,
     "svhn": _read_svhn,
-    "mnist": lambda f, s: _read_mnist_family(f, s, DIGIT_CLASSES),
+    "mnist": lambda f, s: _read_mnist_family(f, s, _DIGIT_CLASSES),
     "fashion-mnist": lambda f, s: _read_mnist_family(f, s, _FASHION_CLASSES),
 }
 
 
 def load_digits(split: str) -> ArrayImageDataset:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits as sklearn_digits
 
-    bunch = load_digits()
+    bunch = sklearn_digits()
     images = np.clip(np.rint(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
     labels = np.asarray(bunch.target, dtype=np.int64)
     train_idx, test_idx = stratified_split(labels)
     idx = train_idx if split == "train" else test_idx
-    return ArrayImageDataset(np.ascontiguousarray(images[idx]), labels[idx], list(DIGIT_CLASSES))
+    return ArrayImageDataset(np.ascontiguousarray(images[idx]), labels[idx], list(_DIGIT_CLASSES))
 
 
 def load_benchmark(key: str, root: Path, split: str, download: bool) -> ArrayImageDataset:

@@ -95,7 +95,7 @@ _SPLITS: dict[str, tuple[str, ...]] = {
 _SPLITS["stl10"] = ("train", "test", "unlabeled", "train+unlabeled")
 
 
-def canonical_name(name: str) -> str:
+def _canonical_name(name: str) -> str:
     key = str(name).strip().lower().replace("_", "-")
     if key not in _INFO:
         raise RelreasonError(
@@ -106,13 +106,13 @@ def canonical_name(name: str) -> str:
 
 def dataset_info(name: str) -> DatasetInfo:
     """Return the :class:`DatasetInfo` of a dataset name (see :data:`DATASET_NAMES`)."""
-    return _INFO[canonical_name(name)]
+    return _INFO[_canonical_name(name)]
 
 
 def same_dataset(name: str, other: str | None) -> bool:
     """Whether two names, as typed, name one dataset (``fashion_mnist`` is ``fashion-mnist``); unknown: no."""
     try:
-        return other is not None and canonical_name(name) == canonical_name(other)
+        return other is not None and _canonical_name(name) == _canonical_name(other)
     except RelreasonError:  # a name this version does not know (e.g. from a foreign backbone.json)
         return False
 
@@ -187,7 +187,7 @@ def load_dataset(
     ``digits`` needs no files (scikit-learn bundles it); ``folder`` reads ``root``
     as an image folder (``root/train`` and ``root/test`` when both exist).
     """
-    key = canonical_name(name)
+    key = _canonical_name(name)
     valid = _SPLITS[key]
     if split not in valid:
         raise RelreasonError(

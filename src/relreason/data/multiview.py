@@ -13,6 +13,7 @@ from relreason.seeding import mix_seed
 
 __all__ = ["MultiViewDataset"]
 
+
 class MultiViewDataset(Dataset):
     """``dataset[i] = (image, label)`` becomes ``([transform(image) for _ in range(K)], label)``.
 

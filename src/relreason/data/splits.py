@@ -13,7 +13,7 @@ from relreason.data.image_folder import ImageFolderDataset
 from relreason.errors import RelreasonError
 
 
-def held_out_count(test_fraction: float, class_size: int) -> int:
+def _held_out_count(test_fraction: float, class_size: int) -> int:
     """How many of a class's images a split holds out: the fraction of them, rounded half up."""
     return int(np.floor(test_fraction * class_size + 0.5))
 
@@ -24,7 +24,7 @@ def stratified_split(labels: np.ndarray, test_fraction: float = 0.2, seed: int =
     test: list[np.ndarray] = []
     for c in np.unique(labels):
         members = perm[labels[perm] == c]
-        test.append(members[: held_out_count(test_fraction, members.shape[0])])
+        test.append(members[: _held_out_count(test_fraction, members.shape[0])])
     test_idx = np.sort(np.concatenate(test))
     mask = np.ones(labels.shape[0], dtype=bool)
     mask[test_idx] = False
@@ -96,7 +96,7 @@ def split_image_folder(
         members = np.flatnonzero(folder.labels == label)
         if len(members) == 0:
             continue
-        held_out = held_out_count(test_fraction, len(members))
+        held_out = _held_out_count(test_fraction, len(members))
         if held_out >= len(members):
             raise RelreasonError(
                 f"--test-fraction {test_fraction:g} of class '{name}' ({len(members)} image(s)) leaves none of it to "

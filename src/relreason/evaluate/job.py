@@ -46,6 +46,7 @@ from relreason.protocols import (
 from relreason.protocols.features import extract_features
 from relreason.protocols.finetune import FINETUNE_BATCH_SIZE, FINETUNE_LR_DECAY, finetune_milestones
 from relreason.protocols.frozen import ALL_PROTOCOLS, DEFAULT_LABEL_FRACTIONS, choose_protocols, evaluate_features
+from relreason.run_files import FEATURES_DIR_NAME
 
 
 def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
@@ -128,7 +129,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
 
     digest = weights_digest(weights.read_bytes())
     # Beside the weights, unless that folder is read-only (a shared or downloaded backbone): then beside the output.
-    cache_dir = (weights.parent if os.access(weights.parent, os.W_OK) else output.parent) / "features"
+    cache_dir = (weights.parent if os.access(weights.parent, os.W_OK) else output.parent) / FEATURES_DIR_NAME
     data_tag = data_tag_of(dataset_name, data_root, mean, std, (train_set, test_set))
     backbones = {"pretrained": (digest, state)}
     if config.random_baseline:

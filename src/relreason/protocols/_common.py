@@ -107,7 +107,7 @@ class TransformedDataset(Dataset):
 
 
 # Rows scored per forward pass when measuring accuracy (bounds memory, not results).
-SCORE_CHUNK = 8192
+_SCORE_CHUNK = 8192
 
 
 def matching_features(train_x: Any, test_x: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +137,7 @@ def percent_correct(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Te
     """Percent of rows of ``x`` whose argmax score under ``predict`` equals ``y``."""
     correct = 0
     with torch.no_grad():
-        for start in range(0, x.shape[0], SCORE_CHUNK):
-            scores = predict(x[start : start + SCORE_CHUNK])
-            correct += int((scores.argmax(dim=1) == y[start : start + SCORE_CHUNK]).sum())
+        for start in range(0, x.shape[0], _SCORE_CHUNK):
+            scores = predict(x[start : start + _SCORE_CHUNK])
+            correct += int((scores.argmax(dim=1) == y[start : start + _SCORE_CHUNK]).sum())
     return 100.0 * correct / x.shape[0]
