@@ -50,7 +50,7 @@ bench 140 throughput_conv4_compile.md --backbones conv4 --skip-reference "${comp
 bench 90 throughput_resnet32.md --backbones resnet32 "${resnet[@]}"
 amp=(--amp bf16 --channels-last)
 # --time-limit: stops in time and still exports the backbone, so the evaluation has something to evaluate.
-timeout $((60 * scale)) python3 -m relreason pretrain --config configs/digits_conv4.yaml --device "$device" "${amp[@]}" \
+timeout $((60 * scale)) python3 -m relreason pretrain --config digits_conv4 --device "$device" "${amp[@]}" \
     --time-limit 0.6 "${pretrain[@]}" --output-dir "$work/run" --no-progress --no-tensorboard > "$out/pretrain.log" 2>&1 || status=1
 timeout $((50 * scale)) python3 -m relreason evaluate --run-dir "$work/run" --device "$device" 2>&1 \
     | tee "$out/evaluate.md" || status=1

@@ -44,7 +44,7 @@ PRETRAIN_CASES = [
     ("missing dataset", ["--dataset", "cifar10", "--data-root", "{tmp}/empty"], "--download"),
     ("missing image folder", ["--dataset", "folder", "--data-root", "{tmp}/nowhere"], "does not exist"),
     ("image folder without images", ["--dataset", "folder", "--data-root", "{tmp}/no-images"], "no image files"),
-    ("missing config file", ["--config", "{tmp}/missing.yaml"], "cannot read config file"),
+    ("missing config file", ["--config", "{tmp}/missing.yaml"], "missing.yaml not found; give the path of a YAML file"),
     ("unknown key in config", ["--config", "{tmp}/unknown-key.yaml"],
      "unknown option 'epochz' in config file {tmp}/unknown-key.yaml (did you mean 'epochs'?); see `relreason pretrain --help`"),
     ("an option twice in config", ["--config", "{tmp}/twice.yaml"], "option 'num-views' is given twice in config file"),

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import subprocess
 import sys
@@ -48,15 +49,66 @@ def test_config_file_takes_exponent_floats_as_the_command_line_does(tmp_path, ca
     expect_error(capsys, ["pretrain", "--config", str(not_a_number)], "must be a number, got 'fast'")
 
 
-def test_shipped_configs_parse():
-    from pathlib import Path
-
+def test_shipped_configs_parse_by_name_from_any_folder(tmp_path, monkeypatch):
+    from relreason.bundled_configs import bundled_config_names
     from relreason.train import PretrainConfig
 
-    for path in sorted(Path(__file__).parent.parent.glob("configs/*.yaml")):
-        args = parse_options(build_parser(), ["pretrain", "--config", str(path)])
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here: the names must resolve inside the package
+    names = bundled_config_names()
+    assert {"digits_conv4", "cifar10_conv4", "stl10_resnet32", "fashion_mnist_conv4_10min"} <= set(names)
+    for name in names:
+        args = parse_options(build_parser(), ["pretrain", "--config", name])
         config = PretrainConfig(**{k: v for k, v in vars(args).items() if k in PretrainConfig.__dataclass_fields__ and v is not None})
         config.validate()
+    paper = parse_options(build_parser(), ["pretrain", "--config", "cifar10_resnet32.yaml"])  # the file name works too
+    assert (paper.dataset, paper.backbone, paper.num_views, paper.batch_size, paper.epochs, paper.loss) == (
+        "cifar10", "resnet32", 32, 64, 200, "focal")
+
+
+def test_repository_configs_folder_is_the_shipped_one():
+    from pathlib import Path
+
+    from relreason.bundled_configs import CONFIG_DIR
+
+    root_configs = Path(__file__).parent.parent / "configs"
+    assert root_configs.resolve() == CONFIG_DIR.resolve()
+
+
+def test_a_file_on_disk_wins_over_a_shipped_config_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "digits_conv4").write_text("epochs: 3\n")  # the user's own file, named like a shipped one
+    assert parse_options(build_parser(), ["pretrain", "--config", "digits_conv4"]).epochs == 3
+    assert parse_options(build_parser(), ["pretrain", "--config", "digits_conv4.yaml"]).epochs == 20
+    expect_error(capsys, ["pretrain", "--config", "digits_conv5"], "config file digits_conv5 not found (did you mean "
+                 "digits_conv4?)")
+    # A path is never taken for a name (elsewhere/x.yaml that is not there is not the shipped x), only pointed at it.
+    expect_error(capsys, ["pretrain", "--config", "elsewhere/digits_conv4.yaml"],
+                 "config file elsewhere/digits_conv4.yaml not found (did you mean digits_conv4?)")
+
+
+def test_list_names_the_shipped_configs_with_a_summary():
+    result = run_cli("list")
+    assert result.returncode == 0
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith("  ")}
+    assert "CIFAR-10 setting with ResNet-32" in lines["cifar10_resnet32"]
+    assert "digits" in lines["digits_conv4"]
+
+
+def test_a_built_wheel_ships_the_configs(tmp_path):
+    """What `pip install relreason` gets holds the configs (package data), not only a source checkout."""
+    import zipfile
+    from pathlib import Path
+
+    from relreason.bundled_configs import bundled_config_names
+
+    root = Path(__file__).parent.parent
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "wheel"),
+         str(root)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert build.returncode == 0, build.stderr
+    (wheel,) = (tmp_path / "wheel").glob("relreason-*.whl")
+    shipped = {name for name in zipfile.ZipFile(wheel).namelist() if name.startswith("relreason/configs/")}
+    assert shipped == {f"relreason/configs/{name}.yaml" for name in bundled_config_names()}
 
 
 def expect_error(capsys, argv, fragment):
@@ -77,7 +129,8 @@ def test_bad_inputs_are_one_line_errors(capsys, tmp_path):
     bad_config = tmp_path / "bad.yaml"
     bad_config.write_text("epochz: 3\n")
     expect_error(capsys, ["pretrain", "--config", str(bad_config)], "unknown option 'epochz'")
-    expect_error(capsys, ["pretrain", "--config", str(tmp_path / "missing.yaml")], "cannot read config file")
+    expect_error(capsys, ["pretrain", "--config", str(tmp_path / "missing.yaml")], "missing.yaml not found; give the path")
+    expect_error(capsys, ["pretrain", "--config", str(tmp_path)], "cannot read config file")  # a folder
     expect_error(capsys, ["evaluate", "--run-dir", str(tmp_path / "nothing")], "no backbone weights")
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
@@ -296,3 +349,35 @@ def test_ctrl_c_before_the_first_checkpoint_says_so(capsys, tmp_path, monkeypatc
     (run / "checkpoint-e0000-s0000005.pt").write_bytes(b"")
     assert main(["pretrain", "--output-dir", str(run)]) == 130
     assert "the checkpoints written so far are kept" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["pretrain", "--config", "cifar10_resnet32", "-K", "8", "--epochs", "5", "--amp", "bf16", "--no-online-probe",
+     "--weight-decay", "1e-5", "--time-limit", "2.5"],
+    ["evaluate", "--run-dir", "runs/x", "--eval-dataset", "cifar100", "--protocols", "knn", "retrieval",
+     "--label-fractions", "0.05", "0.5", "--knn-k", "20"],
+    ["compare", "--methods", "relational", "simclr", "--seeds", "3", "4", "--time-limit", "1", "--jitter-strength", "0"],
+])
+def test_print_config_reads_back_to_the_same_options(argv, tmp_path, monkeypatch, capsys):
+    from relreason.cli import _config_from, config_class
+
+    monkeypatch.chdir(tmp_path)
+    command = argv[0]
+    options_class = config_class(command)
+    asked = _config_from(parse_options(build_parser(), argv), options_class)
+    assert main([*argv, "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # printing runs nothing and writes nothing
+    (tmp_path / "printed.yaml").write_text(printed)
+    again = _config_from(parse_options(build_parser(), [command, "--config", "printed.yaml"]), options_class)
+
+    def options(config):  # a default list of names is a tuple, the same list read from a file a list
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+    assert options(again) == options(asked)
+    assert asked != options_class()  # the options above are not all defaults: the file carried them
+
+
+def test_print_config_refuses_what_the_command_would_refuse(capsys):
+    expect_error(capsys, ["pretrain", "-K", "1", "--print-config"], "set K >= 2")
+    assert capsys.readouterr().out == ""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib
 import os
 import shlex
 import sys
@@ -181,6 +182,12 @@ def add_compare_options(parser: argparse.ArgumentParser) -> None:
     _bool_flag(parser, "progress", "show progress bars [on]")
 
 
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file of options, or a shipped config's name (`relreason list`)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print every option as a YAML config (yours, the config's and the defaults) and exit")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog="relreason",
@@ -198,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a backbone with self-supervised relational reasoning. Every option may also be set "
         "in a YAML file given with --config (keys as option names, dashes or underscores); flags override it.",
     )
-    pretrain.add_argument("--config", help="YAML file of options")
+    _add_config_options(pretrain)
     add_pretrain_options(pretrain)
     evaluate = commands.add_parser(
         "evaluate",
@@ -209,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         "weighted k-NN, fine-tuning, few-label probes and image retrieval, on features extracted once and "
         "cached; a randomly initialised backbone gives the lower bound.",
     )
-    evaluate.add_argument("--config", help="YAML file of options")
+    _add_config_options(evaluate)
     add_evaluate_options(evaluate)
     compare = commands.add_parser(
         "compare",
@@ -220,14 +227,19 @@ def build_parser() -> argparse.ArgumentParser:
         "training_curves.png and embedding_map.png (t-SNE of test features) under --output-dir. "
         "Rerunning resumes: finished runs are not trained again.",
     )
-    compare.add_argument("--config", help="YAML file of options")
+    _add_config_options(compare)
     add_compare_options(compare)
-    commands.add_parser("list", help="list the datasets, backbones and methods known by name")
+    commands.add_parser("list", help="list the datasets, backbones, methods and shipped configs known by name")
     return parser
 
 
 def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """Options from a YAML mapping, keyed by option dest; unknown keys are refused, not ignored."""
+    """Options from a YAML mapping, keyed by option dest; unknown keys are refused, not ignored.
+
+    ``path`` is a file's path or the name of a config shipped with relreason (``relreason list``)."""
+    from relreason.bundled_configs import resolve_config
+
+    path = str(resolve_config(path))
     try:
         with open(path, encoding="utf-8") as handle:
             loaded = yaml.safe_load(handle) or {}
@@ -243,7 +255,8 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
         raise RelreasonError(f"config file {path} is not valid YAML{where} ({str(error).splitlines()[0]})") from None
     if not isinstance(loaded, dict):
         raise RelreasonError(f"config file {path} must be a mapping of option: value")
-    actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
+    actions = {action.dest: action for action in parser._actions
+               if action.dest not in ("help", "config", "print_config")}
     options = {}
     for key, value in loaded.items():
         dest = str(key).replace("-", "_")
@@ -335,6 +348,21 @@ def _config_from(args: argparse.Namespace, config_class: type) -> Any:
         raise RelreasonError(f"bad option value ({error})") from None
 
 
+def config_as_yaml(config: Any, parser: argparse.ArgumentParser) -> str:
+    """Every option of ``config`` as a YAML config that ``--config`` reads back to the same options.
+
+    Defaults are written too, so the file keeps its meaning if a later version changes one."""
+    option_names = {action.dest: name[2:] for action in parser._actions
+                    for name in reversed(action.option_strings) if name.startswith("--")}  # the first long name
+    options = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.name in option_names and value is not None:
+            options[option_names[field.name]] = list(value) if isinstance(value, tuple) else value
+    header = f"# {parser.prog} options; run them with `{parser.prog} --config THIS_FILE`\n"
+    return header + yaml.safe_dump(options, sort_keys=False, allow_unicode=True)
+
+
 def run_pretrain(args: argparse.Namespace) -> int:
     from relreason.data import dataset_info, has_split_dirs
     from relreason.train import PretrainConfig, pretrain
@@ -395,13 +423,30 @@ def run_compare_command(args: argparse.Namespace) -> int:
 
 def run_list(_: argparse.Namespace) -> int:
     from relreason.backbones import backbone_names
+    from relreason.bundled_configs import bundled_config_names, bundled_config_summary
     from relreason.data import DATASET_NAMES
     from relreason.methods import METHOD_NAMES
 
     print("datasets:  " + ", ".join(DATASET_NAMES))
     print("backbones: " + ", ".join(backbone_names()) + ", or package.module:factory")
     print("methods:   " + ", ".join(METHOD_NAMES))
+    print("configs (--config NAME, from any folder):")
+    names = bundled_config_names()
+    width = max(map(len, names))
+    for name in names:
+        print(f"  {name:<{width}}  {bundled_config_summary(name)}")
     return 0
+
+
+# Each command's options class, imported when asked for so that `relreason --help` and `list` stay quick.
+_CONFIG_CLASSES = {"pretrain": ("relreason.train", "PretrainConfig"), "evaluate": ("relreason.evaluate", "EvaluateConfig"),
+                   "compare": ("relreason.compare", "CompareConfig")}
+
+
+def config_class(command: str) -> type:
+    """The dataclass holding ``command``'s options (``pretrain``, ``evaluate`` or ``compare``)."""
+    module, name = _CONFIG_CLASSES[command]
+    return getattr(importlib.import_module(module), name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -414,6 +459,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as done:  # --help, or a usage error already printed on one line
             return int(done.code or 0)
         command = args.command
+        if getattr(args, "print_config", False):
+            config = _config_from(args, config_class(command))
+            config.validate()  # a printed config is one that runs
+            print(config_as_yaml(config, _subparser(parser, command)), end="")
+            return 0
         handler = {"pretrain": run_pretrain, "evaluate": run_evaluate, "compare": run_compare_command,
                    "list": run_list}[command]
         return handler(args)
