@@ -81,6 +81,8 @@ def test_a_file_on_disk_wins_over_a_shipped_config_name(tmp_path, monkeypatch, c
     assert parse_options(build_parser(), ["pretrain", "--config", "digits_conv4.yaml"]).epochs == 20
     expect_error(capsys, ["pretrain", "--config", "digits_conv5"], "config file digits_conv5 not found (did you mean "
                  "digits_conv4?)")
+    (tmp_path / "fashion_mnist_conv4").mkdir()  # a folder (a run folder named after its config) is no config
+    assert parse_options(build_parser(), ["pretrain", "--config", "fashion_mnist_conv4"]).dataset == "fashion-mnist"
     # A path is never taken for a name (elsewhere/x.yaml that is not there is not the shipped x), only pointed at it.
     expect_error(capsys, ["pretrain", "--config", "elsewhere/digits_conv4.yaml"],
                  "config file elsewhere/digits_conv4.yaml not found (did you mean digits_conv4?)")
@@ -381,3 +383,33 @@ def test_print_config_reads_back_to_the_same_options(argv, tmp_path, monkeypatch
 def test_print_config_refuses_what_the_command_would_refuse(capsys):
     expect_error(capsys, ["pretrain", "-K", "1", "--print-config"], "set K >= 2")
     assert capsys.readouterr().out == ""
+    for command in ("pretrain", "evaluate", "compare"):
+        expect_error(capsys, [command, "--device", "gpu", "--print-config"], "unknown --device 'gpu'")
+
+
+def test_print_config_writes_a_gpu_config_on_a_machine_without_one(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    expect_error(capsys, ["pretrain", "--device", "cuda:1"], "no CUDA GPU is visible")  # running it here: refused
+    for command in ("pretrain", "evaluate", "compare"):
+        assert main([command, "--device", "cuda:1", "--print-config"]) == 0
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["device"] == "cuda:1"
+    assert printed["time-limit"] is None  # chosen at run time, written as null: every option is in the file
+
+
+def test_print_config_under_torchrun_prints_once(capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    assert main(["pretrain", "--print-config"]) == 0
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(["pretrain", "--print-config"]) == 0
+    assert "num-views: 4" in capsys.readouterr().out
+
+
+def test_a_shipped_pretrain_config_given_to_another_command_says_so(capsys):
+    expect_error(capsys, ["evaluate", "--config", "digits_conv4"],
+                 "digits_conv4 is a config for `relreason pretrain`")
+    expect_error(capsys, ["compare", "--config", "fashion_mnist_conv4"],
+                 "run `relreason pretrain --config fashion_mnist_conv4`")

@@ -17,6 +17,11 @@ def bundled_config_names() -> list[str]:
     return sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
 
 
+def is_bundled(path: Path) -> bool:
+    """Whether ``path`` is one of the shipped configs (all of them ``relreason pretrain`` configs)."""
+    return path.parent.resolve() == CONFIG_DIR.resolve()
+
+
 def bundled_config_summary(name: str) -> str:
     """The first line of a shipped config's opening comment, for ``relreason list``."""
     for line in (CONFIG_DIR / f"{name}.yaml").read_text(encoding="utf-8").splitlines():
@@ -29,10 +34,11 @@ def resolve_config(value: str) -> Path:
     """The file ``--config value`` means: a path to an existing file, else a shipped config's name.
 
     A file on disk always wins, so a user's own ``digits_conv4.yaml`` in the working folder is theirs, not
-    ours.  A name may carry ``.yaml`` (``digits_conv4`` and ``digits_conv4.yaml`` are the same config).
+    ours; a folder does not (a run folder may well be named after its config).  A name may carry ``.yaml``
+    (``digits_conv4`` and ``digits_conv4.yaml`` are the same config).
     """
     path = Path(value).expanduser()
-    if path.exists():
+    if path.is_file():
         return path
     name = path.name
     for suffix in _SUFFIXES:
@@ -40,6 +46,8 @@ def resolve_config(value: str) -> Path:
     names = bundled_config_names()
     if path.parent == Path(".") and name in names:
         return CONFIG_DIR / f"{name}.yaml"
+    if path.exists():  # a folder, say: reading it gives the error that names what it is
+        return path
     near = difflib.get_close_matches(name, names, n=1)
     hint = f" (did you mean {near[0]}?)" if near else ""
     raise RelreasonError(

@@ -237,9 +237,10 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
     """Options from a YAML mapping, keyed by option dest; unknown keys are refused, not ignored.
 
     ``path`` is a file's path or the name of a config shipped with relreason (``relreason list``)."""
-    from relreason.bundled_configs import resolve_config
+    from relreason.bundled_configs import is_bundled, resolve_config
 
-    path = str(resolve_config(path))
+    resolved = resolve_config(path)
+    path = str(resolved)
     try:
         with open(path, encoding="utf-8") as handle:
             loaded = yaml.safe_load(handle) or {}
@@ -263,6 +264,9 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
         dest = {"k": "num_views", "K": "num_views", "eval_dataset": "dataset"}.get(dest, dest)
         if dest == "geometry":  # a run's config.json records it beside the options: that file works as a config
             continue
+        if dest not in actions and is_bundled(resolved) and parser.prog != "relreason pretrain":
+            raise RelreasonError(f"{resolved.stem} is a config for `relreason pretrain` (it sets '{key}', which "
+                                 f"`{parser.prog}` has not); run `relreason pretrain --config {resolved.stem}`")
         if dest not in actions:
             near = difflib.get_close_matches(dest, list(actions), n=1)
             hint = f" (did you mean '{near[0].replace('_', '-')}'?)" if near else ""
@@ -351,13 +355,14 @@ def _config_from(args: argparse.Namespace, config_class: type) -> Any:
 def config_as_yaml(config: Any, parser: argparse.ArgumentParser) -> str:
     """Every option of ``config`` as a YAML config that ``--config`` reads back to the same options.
 
-    Defaults are written too, so the file keeps its meaning if a later version changes one."""
+    Defaults are written too, so the file keeps its meaning if a later version changes one; an option left to be
+    chosen at run time (``--image-size``: the dataset's own, ...) is written as ``null``, which means the same."""
     option_names = {action.dest: name[2:] for action in parser._actions
                     for name in reversed(action.option_strings) if name.startswith("--")}  # the first long name
     options = {}
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
-        if field.name in option_names and value is not None:
+        if field.name in option_names:
             options[option_names[field.name]] = list(value) if isinstance(value, tuple) else value
     header = f"# {parser.prog} options; run them with `{parser.prog} --config THIS_FILE`\n"
     return header + yaml.safe_dump(options, sort_keys=False, allow_unicode=True)
@@ -430,7 +435,7 @@ def run_list(_: argparse.Namespace) -> int:
     print("datasets:  " + ", ".join(DATASET_NAMES))
     print("backbones: " + ", ".join(backbone_names()) + ", or package.module:factory")
     print("methods:   " + ", ".join(METHOD_NAMES))
-    print("configs (--config NAME, from any folder):")
+    print("pretrain configs (`relreason pretrain --config NAME`, from any folder):")
     names = bundled_config_names()
     width = max(map(len, names))
     for name in names:
@@ -461,8 +466,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = args.command
         if getattr(args, "print_config", False):
             config = _config_from(args, config_class(command))
-            config.validate()  # a printed config is one that runs
-            print(config_as_yaml(config, _subparser(parser, command)), end="")
+            config.validate(on_this_machine=False)  # a printed config runs, maybe on another machine (a GPU's)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun, one copy of the file
+                print(config_as_yaml(config, _subparser(parser, command)), end="")
             return 0
         handler = {"pretrain": run_pretrain, "evaluate": run_evaluate, "compare": run_compare_command,
                    "list": run_list}[command]

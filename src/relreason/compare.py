@@ -61,7 +61,12 @@ class CompareConfig:
     output_dir: str = "runs/compare"
     progress: bool = True
 
-    def validate(self) -> None:
+    def validate(self, on_this_machine: bool = True) -> None:
+        """Every option, the runs' pretraining and evaluation options included, before the first run starts.
+
+        ``on_this_machine=False`` leaves out whether ``--device`` is there (``--print-config``)."""
+        from relreason.evaluate import EvaluateConfig
+
         for method in self.methods:
             check_method_name(method)
         if not self.methods or not self.seeds:
@@ -78,6 +83,11 @@ class CompareConfig:
                                  f"choose from {', '.join(COMPARABLE_PROTOCOLS)}")
         if self.embedding_points < 10:
             raise RelreasonError(f"--embedding-points must be >= 10, got {self.embedding_points}")
+        for method in self.methods:
+            pretrain_config_for(self, method, self.seeds[0]).validate(on_this_machine)
+        for seed in self.seeds:  # the evaluation options too (named by their flags), and every seed's range
+            EvaluateConfig(protocols=tuple(self.protocols), linear_epochs=self.linear_epochs, knn_k=self.knn_k,
+                           seed=seed, device=self.device).validate(on_this_machine)
 
 
 def run_dir_of(config: CompareConfig, method: str, seed: int) -> Path:
@@ -201,11 +211,6 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     from relreason.train import pretrain
 
     config.validate()
-    for method in config.methods:  # every option checked before the first run starts
-        pretrain_config_for(config, method, config.seeds[0]).validate()
-    for seed in config.seeds:  # the evaluation options too (named by their flags), and every seed's range
-        EvaluateConfig(protocols=tuple(config.protocols), linear_epochs=config.linear_epochs, knn_k=config.knn_k,
-                       seed=seed, device=config.device).validate()
     check_existing_runs(config)
     info = dataset_info(config.dataset)
     if config.test_fraction is not None:  # evaluation will need both splits, labelled, of several classes

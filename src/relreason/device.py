@@ -12,16 +12,21 @@ from relreason.errors import RelreasonError
 AMP_MODES = ("off", "bf16", "fp16")
 
 
+def check_device_name(name: str) -> None:
+    """Refuse a ``--device`` that is none of auto, cpu, cuda, cuda:N or mps, whatever this machine holds."""
+    if not isinstance(name, str) or re.fullmatch(r"auto|cpu|mps|cuda(:[0-9]+)?", name) is None:
+        raise RelreasonError(f"unknown --device '{name}'; use auto, cpu, cuda, cuda:N or mps")
+
+
 def resolve_device(name: str) -> torch.device:
     """auto, cpu, cuda, cuda:N (a visible GPU) or mps (where available); anything else is refused in one line."""
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "mps":
         if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
             raise RelreasonError("--device mps requested but MPS (Apple GPU) is not available here; use --device cpu")
         return torch.device("mps")
-    if not isinstance(name, str) or re.fullmatch(r"cpu|cuda(:[0-9]+)?", name) is None:
-        raise RelreasonError(f"unknown --device '{name}'; use auto, cpu, cuda, cuda:N or mps")
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from relreason.checks import check_positive_float, check_positive_int
 from relreason.data.splits import check_fraction_range
-from relreason.device import resolve_device
+from relreason.device import check_device_name, resolve_device
 from relreason.errors import RelreasonError
 from relreason.protocols import check_label_fractions
 from relreason.protocols.frozen import ALL_PROTOCOLS, DEFAULT_LABEL_FRACTIONS, PROTOCOLS, choose_protocols
@@ -41,8 +41,10 @@ class EvaluateConfig:
     # Whether a run stopped by its time limit is said to be unfinished: not where that limit is the plan (compare).
     time_limit_ends_the_run: bool = False
 
-    def validate(self) -> None:
-        """Refuse bad options with one line each, naming the flag, before any weights or data are read."""
+    def validate(self, on_this_machine: bool = True) -> None:
+        """Refuse bad options with one line each, naming the flag, before any weights or data are read.
+
+        ``on_this_machine=False`` leaves out whether ``--device`` is there (``--print-config``)."""
         protocols = choose_protocols(self.protocols, ALL_PROTOCOLS)
         check_positive_int(self.linear_epochs, "--linear-epochs")
         check_positive_int(self.knn_k, "--knn-k")
@@ -58,4 +60,6 @@ class EvaluateConfig:
             check_positive_int(self.finetune_epochs, "--finetune-epochs")
             check_positive_float(self.finetune_backbone_lr, "--finetune-backbone-lr")
             check_positive_float(self.finetune_head_lr, "--finetune-head-lr")
-        resolve_device(self.device)
+        check_device_name(self.device)
+        if on_this_machine:
+            resolve_device(self.device)

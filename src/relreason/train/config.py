@@ -11,7 +11,7 @@ from torch import nn
 from relreason.backbones.registry import check_backbone_name
 from relreason.data import check_test_fraction, dataset_info
 from relreason.data.transforms import check_crop_scale, jitter_amounts
-from relreason.device import AMP_MODES, resolve_device
+from relreason.device import AMP_MODES, check_device_name, resolve_device
 from relreason.errors import RelreasonError
 from relreason.losses import build_loss
 from relreason.methods import PretrainMethod, check_method_name, method_class
@@ -67,8 +67,11 @@ class PretrainConfig:
     log_every: int = 50  # steps (counted over the run) between running-mean records in steps.jsonl, plus one at
     # each epoch's end; 0: none
 
-    def validate(self) -> None:
-        """Refuse bad options with one line each, before any data is read or any file written."""
+    def validate(self, on_this_machine: bool = True) -> None:
+        """Refuse bad options with one line each, before any data is read or any file written.
+
+        ``on_this_machine=False`` leaves out what depends on the machine (whether ``--device`` is there), for
+        options written down to run elsewhere (``--print-config``)."""
         check_method_name(self.method)
         if self.method == "relational":
             check_pairing_sizes(self.num_views, self.batch_size)
@@ -118,7 +121,9 @@ class PretrainConfig:
                     "would be read as images; choose an --output-dir outside it"
                 )
         check_backbone_name(self.backbone)
-        resolve_device(self.device)
+        check_device_name(self.device)
+        if on_this_machine:
+            resolve_device(self.device)
 
 
 @dataclass
