@@ -104,6 +104,8 @@ EVALUATE_CASES = [
     ("seed beyond int64", [*BARE_DIGITS, "--seed", "100000000000000000000000"],
      "--seed must be an integer in [0, 2**63 - 1]"),
     ("meta device", [*BARE_DIGITS, "--device", "meta"], "unknown --device 'meta'"),
+    ("a shipped pretrain config", ["--config", "digits_conv4"],
+     "digits_conv4 is a config for `relreason pretrain` (it sets 'num-views', which `relreason evaluate` has not)"),
 ]
 
 # `compare` checks its evaluation options before the first training run.
@@ -112,6 +114,8 @@ COMPARE_CASES = [
     ("negative linear-probe epochs", ["--linear-epochs", "-1"], "--linear-epochs must be a positive integer, got -1"),
     ("a seed beyond int64", ["--seeds", "1", "100000000000000000000000"], "--seeds must be an integer in [0, 2**63 - 1]"),
     ("a method twice", ["--methods", "random", "random"], "--methods must be distinct, got ['random', 'random']"),
+    ("a shipped pretrain config", ["--config", "fashion_mnist_conv4"],
+     "run `relreason pretrain --config fashion_mnist_conv4`"),
 ]
 
 
