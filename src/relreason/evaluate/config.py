@@ -60,6 +60,7 @@ class EvaluateConfig:
             check_positive_int(self.finetune_epochs, "--finetune-epochs")
             check_positive_float(self.finetune_backbone_lr, "--finetune-backbone-lr")
             check_positive_float(self.finetune_head_lr, "--finetune-head-lr")
-        check_device_name(self.device)
         if on_this_machine:
-            resolve_device(self.device)
+            resolve_device(self.device)  # checks the name too
+        else:
+            check_device_name(self.device)

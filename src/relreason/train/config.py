@@ -121,9 +121,10 @@ class PretrainConfig:
                     "would be read as images; choose an --output-dir outside it"
                 )
         check_backbone_name(self.backbone)
-        check_device_name(self.device)
         if on_this_machine:
-            resolve_device(self.device)
+            resolve_device(self.device)  # checks the name too
+        else:
+            check_device_name(self.device)
 
 
 @dataclass
