@@ -72,6 +72,9 @@ PRETRAIN_CASES = [
     ("focal alpha not a number", ["--loss", "focal", "--focal-alpha", "nan"], "alpha must lie in [0, 1], got nan"),
     ("corrupt gzip dataset file", ["--dataset", "mnist", "--data-root", "{tmp}/corrupt-mnist"],
      "(corrupt gzip data: Error -3 while decompressing data"),
+    ("held-out share of a one-class folder", ["--dataset", "folder", "--data-root", "{tmp}/one-class",
+                                              "--test-fraction", "0.2"],
+     "image folder {tmp}/one-class holds one class ('photos'); --test-fraction holds out a share of each class"),
 ]
 if not torch.cuda.is_available():
     PRETRAIN_CASES.append(("CUDA asked, none present", ["--device", "cuda"], "no CUDA GPU is visible"))
@@ -106,6 +109,11 @@ EVALUATE_CASES = [
     ("meta device", [*BARE_DIGITS, "--device", "meta"], "unknown --device 'meta'"),
     ("a shipped pretrain config", ["--config", "digits_conv4"],
      "digits_conv4 is a config for `relreason pretrain` (it sets 'num-views', which `relreason evaluate` has not)"),
+    ("results inside the image folder", ["--weights", "{tmp}/bare/weights.pt", "--backbone", "conv4", "--dataset",
+                                         "folder", "--data-root", "{tmp}/unlabelled", "--output",
+                                         "{tmp}/unlabelled/train/new/results.json"],
+     "--output {tmp}/unlabelled/train/new/results.json lies inside the image folder {tmp}/unlabelled: the results "
+     "would be added to your images"),
 ]
 
 # `compare` checks its evaluation options before the first training run.
@@ -116,6 +124,8 @@ COMPARE_CASES = [
     ("a method twice", ["--methods", "random", "random"], "--methods must be distinct, got ['random', 'random']"),
     ("a shipped pretrain config", ["--config", "fashion_mnist_conv4"],
      "run `relreason pretrain --config fashion_mnist_conv4`"),
+    ("a pretrain config of one's own", ["--config", "{tmp}/pretrain.yaml"],
+     "{tmp}/pretrain.yaml is a config for `relreason pretrain` (it sets 'method', which `relreason compare` has not)"),
 ]
 
 
@@ -133,6 +143,7 @@ def workspace(tmp_path):
     (tmp_path / "twice.yaml").write_text("num_views: 4\nnum-views: 8\n")
     (tmp_path / "wrong-type.yaml").write_text("epochs: [1, 2]\n")
     (tmp_path / "broken.yaml").write_text("epochs: [1, 2\n")
+    (tmp_path / "pretrain.yaml").write_text("dataset: digits\nmethod: simclr\nepochs: 3\n")  # --print-config's kind
     (tmp_path / "not-a-number.yaml").write_text("lr: fast\n")  # while lr: 1e-3 is read as the number
     (tmp_path / "has-checkpoint").mkdir()
     (tmp_path / "has-checkpoint" / "checkpoint-e0001-s0000000.pt").write_bytes(b"earlier work")
@@ -142,6 +153,9 @@ def workspace(tmp_path):
         (tmp_path / "unlabelled" / split).mkdir(parents=True)
         Image.new("RGB", (8, 8)).save(tmp_path / "unlabelled" / split / "x.png")
     Image.new("RGB", (8, 8)).save(tmp_path / "photo.jpg")
+    (tmp_path / "one-class" / "photos").mkdir(parents=True)
+    for name in ("a.png", "b.png", "c.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "one-class" / "photos" / name)
     (tmp_path / "corrupt-mnist").mkdir()
     images = bytes([0, 0, 0x08, 3]) + struct.pack(">III", 4, 28, 28) + bytes(4 * 28 * 28)
     corrupt = bytearray(gzip.compress(images, mtime=0))
@@ -181,3 +195,16 @@ def test_evaluate_bad_input(workspace, capsys, case, argv, fragment):
 @pytest.mark.parametrize("case,argv,fragment", COMPARE_CASES, ids=[c[0] for c in COMPARE_CASES])
 def test_compare_bad_input(workspace, capsys, case, argv, fragment):
     assert_refused(workspace, capsys, "compare", argv, fragment)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--output-dir", "{tmp}/a-file/run"], "output folder {tmp}/a-file/run is not writable (Not a directory)"),
+    (["--output-dir", "{tmp}/has-checkpoint", "--no-resume"], "drop --no-resume"),
+])
+def test_output_folder_is_refused_before_the_images_are_read(workspace, capsys, monkeypatch, argv, fragment):
+    def read_images(*args, **kwargs):
+        raise AssertionError("the images were read before the output folder was checked")
+
+    monkeypatch.setattr("relreason.train.loop.build_pretrain_data", read_images)
+    argv = ["--dataset", "folder", "--data-root", "{tmp}/one-class", *argv]
+    assert_refused(workspace, capsys, "pretrain", argv, fragment)

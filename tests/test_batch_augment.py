@@ -319,3 +319,28 @@ def test_recipe_from_options_matches_the_per_image_pipeline_and_refuses_bad_valu
         ba.AugmentationRecipe.from_options(min_crop_scale=0)
     with pytest.raises(RelreasonError, match="--jitter-strength"):
         ba.AugmentationRecipe.from_options(jitter_strength=3)
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"hue": 0.7}, "hue must lie in"),
+    ({"scale": (0.5, 2.0)}, "crop scale must satisfy"),
+    ({"scale": 0.5}, "two numbers"),
+    ({"ratio": (2.0, 1.0)}, "aspect ratio must satisfy"),
+    ({"flip_p": 1.5}, "flip_p is a probability"),
+    ({"grayscale_p": -0.1}, "grayscale_p is a probability"),
+    ({"brightness": -1.0}, "brightness must be a finite number >= 0"),
+    ({"contrast": float("nan")}, "contrast must be a finite number >= 0"),
+])
+def test_a_recipe_outside_torchvisions_ranges_is_refused(change, problem):
+    with pytest.raises(RelreasonError, match=problem):
+        ba.AugmentationRecipe(**change)
+    ba.AugmentationRecipe(**{key: ba.AugmentationRecipe.__dataclass_fields__[key].default for key in change})
+
+
+def test_view_counts_of_numpy_and_torch_integer_types_are_taken():
+    augment = ba.BatchRelationalAugmentation(8, (0.5,) * 3, (0.25,) * 3)
+    images = torch.zeros(2, 3, 12, 12, dtype=torch.uint8)
+    for count in (np.int64(3), torch.tensor(3)):
+        assert augment(images, count, torch.Generator().manual_seed(0)).shape == (3, 2, 3, 8, 8)
+    assert augment.image_size == 8 and type(ba.BatchRelationalAugmentation(np.int64(8), (0.5,) * 3, (0.25,) * 3)
+                                            .image_size) is int

@@ -238,8 +238,11 @@ def test_a_folder_of_one_subfolder_is_unlabelled_and_not_evaluated_as_one_class(
     assert "--data-root DIR" in out and "probe" not in (tmp_path / "run" / "metrics.jsonl").read_text()
     # Every classifier is right on a test set of one class: refused, not reported as 100%.
     assert main(["evaluate", "--run-dir", str(tmp_path / "run"), "--test-fraction", "0.2"]) == 2
-    assert ("the labelled images of dataset 'folder' hold 1 class ('photos'); evaluation needs at least 2"
-            in capsys.readouterr().err)
+    assert (f"image folder {root} holds one class ('photos'); --test-fraction holds out a share of each class for "
+            "evaluation, which needs at least 2" in capsys.readouterr().err)
+    assert main(["pretrain", "--dataset", "folder", "--data-root", root, *TINY, "--test-fraction", "0.2",
+                 "--output-dir", str(tmp_path / "run-held-out")]) == 2  # refused alike, not trained for nothing
+    assert "holds one class ('photos')" in capsys.readouterr().err and not (tmp_path / "run-held-out").exists()
     assert main(["pretrain", "--dataset", "folder", "--data-root", root, *TINY, "--method", "supervised",
                  "--output-dir", str(tmp_path / "run2")]) == 2
     assert "needs images of at least 2 classes" in capsys.readouterr().err
@@ -413,3 +416,21 @@ def test_a_shipped_pretrain_config_given_to_another_command_says_so(capsys):
                  "digits_conv4 is a config for `relreason pretrain`")
     expect_error(capsys, ["compare", "--config", "fashion_mnist_conv4"],
                  "run `relreason pretrain --config fashion_mnist_conv4`")
+
+
+def test_home_is_expanded_in_every_path_option_a_shell_did_not_expand(tmp_path, monkeypatch, capsys):
+    """``--output-dir=~/runs`` and paths in YAML configs meet no shell: a folder named '~' must never appear."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    for split in ("train", "test"):
+        _digit_pngs(tmp_path / "home" / "lab" / split, 30, classes=True)
+    (tmp_path / "run.yaml").write_text("output_dir: ~/runs/x\ndata_root: ~/lab\ndataset: folder\n")
+    assert main(["pretrain", "--config", "run.yaml", *TINY]) == 0
+    assert (tmp_path / "home" / "runs" / "x" / "backbone.pt").is_file()
+    assert main(["evaluate", "--run-dir=~/runs/x", "--protocols", "knn", "--no-random-baseline",
+                 "--output=~/results/x.json"]) == 0
+    assert (tmp_path / "home" / "results" / "x.json").is_file()
+    assert main(["compare", "--dataset", "digits", "--methods", "random", "--seeds", "1", "--protocols", "knn",
+                 "--output-dir=~/compare"]) == 0
+    assert (tmp_path / "home" / "compare" / "compare.md").is_file()
+    assert not (tmp_path / "~").exists()

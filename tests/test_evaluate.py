@@ -313,6 +313,17 @@ def test_extract_features_restores_eval_mode_and_needs_tensor_transform():
         extract_features(net, tiny_image_dataset(3), None)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_extract_features_feeds_a_backbone_in_its_own_dtype(dtype):
+    torch.manual_seed(0)
+    net = TinyNet().eval()
+    data = tiny_image_dataset(4)
+    expected, _ = extract_features(net, data, ToTensor())
+    feats, _ = extract_features(net.to(dtype), data, ToTensor())
+    assert feats.dtype == torch.float32 and next(net.parameters()).dtype == dtype
+    assert torch.allclose(feats, expected, atol=0.05 if dtype == torch.bfloat16 else 1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------------------------
@@ -716,12 +727,14 @@ def test_pretraining_with_a_test_fraction_never_sees_the_images_evaluate_holds_o
     assert evaluate_args("--run-dir", str(run), "--test-fraction", "0.5", "--output", str(tmp_path / "more.json")) == 0
     assert "the backbone was pretrained on part of the images --test-fraction 0.5 holds out" in capsys.readouterr().err
     assert json.loads((tmp_path / "more.json").read_text())["test_images_seen_in_pretraining"] is True
-    with pytest.raises(RelreasonError, match="test_fraction: checkpoint 0.25 vs now 0.5"):
-        from relreason.train import PretrainConfig, pretrain
+    from relreason.train import PretrainConfig, pretrain
 
-        pretrain(PretrainConfig(dataset="folder", data_root=str(images), test_fraction=0.5, image_size=12,
-                                num_views=2, batch_size=4, epochs=2, device="cpu", progress=False,
-                                tensorboard=False, output_dir=str(run)))
+    for fraction, said in ((0.5, "test_fraction: checkpoint 0.25 vs now 0.5"),
+                           (None, "test_fraction: checkpoint 0.25 vs now none")):  # as a user would write it
+        with pytest.raises(RelreasonError, match=said):
+            pretrain(PretrainConfig(dataset="folder", data_root=str(images), test_fraction=fraction, image_size=12,
+                                    num_views=2, batch_size=4, epochs=2, device="cpu", progress=False,
+                                    tensorboard=False, output_dir=str(run)))
 
 
 def test_a_test_set_in_a_folder_that_holds_the_pretraining_one_is_said_to_be_seen(tmp_path, capsys):

@@ -66,12 +66,25 @@ def test_score_pairs_in_eval_mode_uses_running_statistics():
     assert torch.allclose(head.score_pairs(features, left, right, "cat"), expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("aggregation", ["sum", "mean"])
-def test_score_pairs_refuses_mismatched_width_of_linear_aggregations(aggregation):
+@pytest.mark.parametrize("aggregation", ["sum", "mean", "max"])
+def test_score_pairs_refuses_mismatched_width_of_one_wide_aggregations(aggregation):
     head = RelationHead(10)
     left, right, _ = relation_pair_indices(2, 3)
-    with pytest.raises(RelreasonError, match=f"'{aggregation}' of features shaped \\(6, 4\\) gives 4.*in_features=4"):
+    with pytest.raises(RelreasonError, match=f"'{aggregation}' of 4-wide features gives 4.*in_features=4"):
         head.score_pairs(torch.randn(6, 4), left, right, aggregation)
+
+
+def test_score_pairs_refuses_features_that_are_not_one_row_per_image():
+    head = RelationHead(32)
+    left, right, _ = relation_pair_indices(2, 4)
+    with pytest.raises(RelreasonError, match=r"\(N, d\) features, got features shaped \(16,\)"):
+        head.score_pairs(torch.randn(16), left, right)
+
+
+@pytest.mark.parametrize("in_features, hidden", [(0, 256), (8, 0), (-2, 256), (8, 2.5)])
+def test_head_sizes_must_be_positive_integers(in_features, hidden):
+    with pytest.raises(RelreasonError, match="must be a positive integer"):
+        RelationHead(in_features, hidden)
 
 
 def test_score_pairs_refuses_mismatched_width():

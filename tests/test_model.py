@@ -200,3 +200,60 @@ def test_width_is_inferred_when_a_conv_is_defined_before_the_stem():
     from relreason.model import infer_feature_dim  # still importable from its former module
 
     assert infer_feature_dim(ProjectionFirst(), in_channels=3) == 32
+
+
+def test_common_view_mistakes_are_one_line_errors():
+    model = RelationalReasoning(Conv4())
+    views = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    with pytest.raises(RelreasonError, match=r"whole \(views, labels\) batch.*views, labels = batch"):
+        model([views, torch.zeros(4)])  # a K-view loader's batch, not unpacked
+    for uint8_views in ([v.to(torch.uint8) for v in views], torch.stack(views).to(torch.uint8)):
+        with pytest.raises(RelreasonError, match="float images, got torch.uint8.*BatchRelationalAugmentation"):
+            model(uint8_views)
+    with pytest.raises(RelreasonError, match="must be tensors"):
+        model([views[0], views[1].numpy()])
+
+
+@pytest.mark.parametrize("method_name", ["relational", "simclr", "rotation", "supervised"])
+def test_heads_are_built_beside_a_float64_backbone(method_name):
+    from relreason.methods import method_class
+
+    kwargs = {"num_classes": 3} if method_name == "supervised" else {}
+    method = method_class(method_name)(small_backbone().double(), **kwargs)
+    assert {p.dtype for p in method.parameters()} == {torch.float64}
+    views = [torch.rand(4, 3, 8, 8, dtype=torch.float64) for _ in range(method.views_per_image(2))]
+    out = method(views, torch.tensor([0, 1, 2, 0]))
+    out.loss.backward()
+    assert out.loss.dtype == torch.float64
+
+
+@pytest.mark.parametrize("method_name", ["rotation", "supervised"])
+def test_single_view_methods_take_one_image_batch_as_their_view(method_name):
+    from relreason.methods import method_class
+
+    kwargs = {"num_classes": 3} if method_name == "supervised" else {}
+    torch.manual_seed(0)
+    method = method_class(method_name)(small_backbone(), **kwargs)
+    images, labels = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
+    torch.manual_seed(1)
+    as_tensor = method(images, labels).loss
+    torch.manual_seed(1)
+    assert torch.equal(as_tensor, method([images], labels).loss)
+    with pytest.raises(RelreasonError, match="exactly 1 view per image, got 2"):
+        method(torch.stack([images, images]), labels)
+
+
+def test_simclr_refuses_a_batch_without_negatives():
+    from relreason.methods import SimCLR
+
+    method = SimCLR(small_backbone())
+    with pytest.raises(RelreasonError, match="batch of one image has no negatives"):
+        method([torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8)])
+    with pytest.raises(RelreasonError, match="exactly 2 views per image, got 1"):
+        method(torch.rand(2, 3, 8, 8))  # one (B, C, H, W) batch is one view, not two
+
+
+@pytest.mark.parametrize("feature_dim", [0, -3, 2.5])
+def test_a_feature_width_that_is_not_a_positive_integer_is_refused(feature_dim):
+    with pytest.raises(RelreasonError, match="feature_dim .*must be a positive integer"):
+        RelationalReasoning(Conv4(), feature_dim=feature_dim)

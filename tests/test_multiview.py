@@ -13,8 +13,10 @@ from torchvision.transforms import InterpolationMode
 from relreason.data import (
     ArrayImageDataset,
     MultiViewDataset,
+    ToRGB,
     dataset_info,
     eval_transform,
+    pil_to_rgb,
     relational_augmentation,
 )
 from relreason.errors import RelreasonError
@@ -35,6 +37,7 @@ def test_relational_augmentation_recipe_and_order():
     tf = relational_augmentation(32, MEAN, STD)
     kinds = [type(t) for t in tf.transforms]
     assert kinds == [
+        ToRGB,
         T.RandomResizedCrop,
         T.RandomHorizontalFlip,
         T.RandomApply,
@@ -42,7 +45,7 @@ def test_relational_augmentation_recipe_and_order():
         T.ToTensor,
         T.Normalize,
     ]
-    crop, flip, jitter, grey, _, norm = tf.transforms
+    _, crop, flip, jitter, grey, _, norm = tf.transforms
     assert crop.size == (32, 32) and crop.scale == (0.08, 1.0)
     assert crop.ratio == pytest.approx((3 / 4, 4 / 3))
     assert crop.interpolation == InterpolationMode.BILINEAR
@@ -148,3 +151,22 @@ def test_multiview_rejects_invalid_view_counts(k):
     base = ArrayImageDataset(_images(2))
     with pytest.raises(RelreasonError, match="the number of views per image must be a positive integer"):
         MultiViewDataset(base, eval_transform(32, MEAN, STD), num_views=k)
+
+
+def test_multiview_takes_a_numpy_view_count_as_an_int():
+    dataset = MultiViewDataset(ArrayImageDataset(_images(2)), eval_transform(32, MEAN, STD), num_views=np.int64(3))
+    assert dataset.num_views == 3 and type(dataset.num_views) is int
+    assert len(dataset[0][0]) == 3
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16"])
+def test_both_transforms_take_a_pil_image_of_any_mode(mode):
+    rgb = _pil(seed=3)
+    image = Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 256) if mode == "I;16" else rgb.convert(mode)
+    assert image.mode == mode
+    assert eval_transform(16, MEAN, STD)(image).shape == (3, 16, 16)
+    assert ToRGB()(image).tobytes() == pil_to_rgb(image).tobytes()  # 16-bit scaled, not clipped
+    torch.manual_seed(0)
+    assert relational_augmentation(16, MEAN, STD)(image).shape == (3, 16, 16)
+    # RGB images pass through untouched: the step changes nothing for the RGB datasets' views.
+    assert torch.equal(eval_transform(16, MEAN, STD)(rgb), T.Compose(eval_transform(16, MEAN, STD).transforms[1:])(rgb))

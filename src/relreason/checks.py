@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
+import operator
+import os
+from typing import Any, TypeVar
 
 from relreason.errors import RelreasonError
 
+ConfigT = TypeVar("ConfigT")
+
 
 def check_positive_int(value: Any, name: str, example: int | None = None) -> int:
-    """``value`` when it is an integer >= 1 (not a bool), else a one-line error naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """``value`` as an int when it is an integer >= 1 (a NumPy or 0-d torch integer too, not a bool or a float),
+    else a one-line error naming ``name``."""
+    try:
+        number = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < 1:
         hint = f"; pass e.g. {example}" if example is not None else ""
         raise RelreasonError(f"{name} must be a positive integer, got {value!r}{hint}")
-    return value
+    return number
 
 
 def check_positive_float(value: Any, name: str) -> float:
@@ -25,3 +35,14 @@ def check_positive_float(value: Any, name: str) -> float:
     if not (v > 0 and math.isfinite(v)):
         raise RelreasonError(f"{name} must be a positive finite number, got {value!r}")
     return v
+
+
+def with_home_expanded(config: ConfigT, *fields: str) -> ConfigT:
+    """``config`` with a leading ``~`` expanded in its path options ``fields``: a path from a YAML config, or
+    written ``--output-dir=~/runs``, meets no shell that would expand it, and a folder named ``~`` is a trap."""
+    changes = {}
+    for name in fields:
+        value = getattr(config, name)
+        if isinstance(value, str) and value.startswith("~"):
+            changes[name] = os.path.expanduser(value)
+    return dataclasses.replace(config, **changes) if changes else config

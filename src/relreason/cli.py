@@ -259,14 +259,19 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
     actions = {action.dest: action for action in parser._actions
                if action.dest not in ("help", "config", "print_config")}
     options = {}
+    dests = {key: _config_dest(key) for key in loaded}
+    # A file of pretrain's options alone (a shipped config, a run's config.json, a --print-config output) given to
+    # another command: say so, rather than "unknown option" for the first of them.
+    pretrain_file = parser.prog != "relreason pretrain" and (
+        is_bundled(resolved) or set(dests.values()) <= _pretrain_dests() | {"geometry"})
     for key, value in loaded.items():
-        dest = str(key).replace("-", "_")
-        dest = {"k": "num_views", "K": "num_views", "eval_dataset": "dataset"}.get(dest, dest)
+        dest = dests[key]
         if dest == "geometry":  # a run's config.json records it beside the options: that file works as a config
             continue
-        if dest not in actions and is_bundled(resolved) and parser.prog != "relreason pretrain":
-            raise RelreasonError(f"{resolved.stem} is a config for `relreason pretrain` (it sets '{key}', which "
-                                 f"`{parser.prog}` has not); run `relreason pretrain --config {resolved.stem}`")
+        if dest not in actions and pretrain_file:
+            name = resolved.stem if is_bundled(resolved) else path
+            raise RelreasonError(f"{name} is a config for `relreason pretrain` (it sets '{key}', which "
+                                 f"`{parser.prog}` has not); run `relreason pretrain --config {shlex.quote(name)}`")
         if dest not in actions:
             near = difflib.get_close_matches(dest, list(actions), n=1)
             hint = f" (did you mean '{near[0].replace('_', '-')}'?)" if near else ""
@@ -278,6 +283,18 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
                                  f"different values ({options[dest]!r} and {value!r}); keep one")
         options[dest] = value
     return options
+
+
+def _config_dest(key: Any) -> str:
+    """A config file's key as the option's dest (dashes or underscores; -K's short names)."""
+    dest = str(key).replace("-", "_")
+    return {"k": "num_views", "K": "num_views", "eval_dataset": "dataset"}.get(dest, dest)
+
+
+def _pretrain_dests() -> set[str]:
+    from relreason.train import PretrainConfig
+
+    return {field.name for field in dataclasses.fields(PretrainConfig)}
 
 
 def _config_value(action: argparse.Action, key: str, value: Any, path: str) -> Any:
@@ -490,7 +507,7 @@ def _after_interrupt(command: str | None, args: argparse.Namespace | None) -> st
         from relreason.checkpoint import list_checkpoints
         from relreason.train import PretrainConfig
 
-        if not list_checkpoints(getattr(args, "output_dir", None) or PretrainConfig.output_dir):
+        if not list_checkpoints(os.path.expanduser(getattr(args, "output_dir", None) or PretrainConfig.output_dir)):
             return " before the run's first checkpoint; the same command starts it again"
     return _AFTER_INTERRUPT.get(command, "")
 

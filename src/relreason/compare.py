@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from relreason.checkpoint import atomic_write_bytes, atomic_write_json
+from relreason.checks import with_home_expanded
 from relreason.device import resolve_device
 from relreason.errors import RelreasonError
 from relreason.methods import check_method_name
@@ -210,6 +211,7 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     from relreason.evaluate import EvaluateConfig, check_several_classes, labelled_split, run_evaluation
     from relreason.train import pretrain
 
+    config = with_home_expanded(config, "output_dir", "data_root")
     config.validate()
     check_existing_runs(config)
     info = dataset_info(config.dataset)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from relreason.checks import check_positive_int
 from relreason.errors import RelreasonError
 from relreason.pair_tail import STREAM_ABOVE_BYTES, can_stream, is_plain, streamed_pair_tail
 from relreason.pairing import aggregation_width, gather_pairs
@@ -22,6 +23,8 @@ class RelationHead(nn.Sequential):
     """
 
     def __init__(self, in_features: int, hidden_features: int = 256, negative_slope: float = 0.01) -> None:
+        in_features = check_positive_int(in_features, "the relation head's in_features", example=128)
+        hidden_features = check_positive_int(hidden_features, "the relation head's hidden_features", example=256)
         super().__init__(
             nn.Linear(in_features, hidden_features),
             nn.BatchNorm1d(hidden_features),
@@ -52,18 +55,22 @@ class RelationHead(nn.Sequential):
         batch 64); ``False`` never; ``True`` wherever it applies (``pair_tail.can_stream``: the stock modules,
         no hooks, BatchNorm in training mode, fp32/fp64 on CPU).
         """
+        if features.dim() != 2:
+            raise RelreasonError(
+                f"the relation head scores pairs of (N, d) features, got features shaped {tuple(features.shape)}; "
+                "flatten the backbone's output to one row per image"
+            )
+        first, width = self[0], features.shape[-1]
+        joined_width = aggregation_width(width, aggregation)
+        if isinstance(first, nn.Linear) and first.in_features != joined_width:
+            raise RelreasonError(
+                f"the relation head takes {first.in_features} inputs but '{aggregation}' of {width}-wide features "
+                f"gives {joined_width}; build the head with in_features={joined_width}"
+            )
         # max does not factorise; hooks on the head or its first Linear, or a replaced first layer, would be
         # bypassed by the factorised path: the pairs are formed and run through the modules.
         if aggregation not in FACTORISABLE or not (is_plain(self, RelationHead) and is_plain(self[0], nn.Linear)):
             return self(gather_pairs(features, left, right, aggregation)).squeeze(1)
-        first, width = self[0], features.shape[-1]
-        joined_width = aggregation_width(width, aggregation)
-        if features.dim() != 2 or first.in_features != joined_width:
-            raise RelreasonError(
-                f"the relation head takes {first.in_features} inputs but '{aggregation}' of features shaped "
-                f"{tuple(features.shape)} gives {joined_width}; pass (N, d) features and build the head with "
-                f"in_features={joined_width}"
-            )
         if aggregation == "cat":
             # The bias joins the left projection, once per view rather than once per pair (under bf16
             # autocast a per-pair fp32 bias would also turn the whole tail back to fp32: 2x slower).

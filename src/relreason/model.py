@@ -12,7 +12,7 @@ from relreason.backbones.feature_dim import infer_feature_dim  # noqa: F401 (its
 from relreason.errors import RelreasonError
 from relreason.head import RelationHead
 from relreason.losses import build_loss
-from relreason.methods.base import PretrainMethod
+from relreason.methods.base import PretrainMethod, view_list
 from relreason.pairing import aggregation_width, gather_pairs, images_per_view_block, shared_pair_indices
 
 
@@ -54,18 +54,11 @@ def stack_views(views: Sequence[torch.Tensor] | torch.Tensor) -> tuple[torch.Ten
                 f"views tensor must have shape (K, B, C, H, W), got {tuple(views.shape)}; "
                 "or pass a list of K tensors of shape (B, C, H, W)"
             )
+        view_list(views, "relational")  # its one-line errors (integer images, ...)
         return views.flatten(0, 1), views.shape[0]
-    views = list(views)
-    if not views:
-        raise RelreasonError("no views given; pass a list of K >= 2 tensors of shape (B, C, H, W)")
-    shapes = {tuple(v.shape) for v in views}
-    if any(len(shape) != 4 for shape in shapes):
-        raise RelreasonError(
-            f"each view must be a batch of images (B, C, H, W), got shapes {sorted(shapes)}; "
-            "add the batch axis with view.unsqueeze(0) for a single image"
-        )
-    if len(shapes) != 1:
-        raise RelreasonError(f"all views must share one shape, got {sorted(shapes)}")
+    views = view_list(views, "relational")
+    if len({tuple(v.shape) for v in views}) != 1:
+        raise RelreasonError(f"all views must share one shape, got {sorted({tuple(v.shape) for v in views})}")
     return torch.cat(views, dim=0), len(views)
 
 
@@ -98,7 +91,9 @@ class RelationalReasoning(PretrainMethod):
     ) -> None:
         super().__init__(backbone, feature_dim, image_size)
         self.aggregation = aggregation
-        self.relation_head = RelationHead(aggregation_width(self.feature_dim, aggregation), hidden_features)
+        self.relation_head = self.beside_backbone(
+            RelationHead(aggregation_width(self.feature_dim, aggregation), hidden_features)
+        )
         self.criterion = build_loss(loss) if isinstance(loss, str) else loss
         self.factorised_head = factorised_head
 

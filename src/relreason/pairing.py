@@ -3,7 +3,8 @@
 Features arrive view-major: row ``k * B + b`` holds view ``k`` of image ``b``. For every pair of view
 blocks ``i < j`` (in the order ``(0,1), (0,2), ..., (1,2), ...``) the reference forms one block of
 positives (view i of image b with view j of image b) followed by one block of negatives (view i of
-image b with view j of image ``(b - s) mod B``, which is ``torch.roll(block_j, s)``). The shift ``s``
+image b with view j of image ``(b - s) mod B``, which is ``torch.roll(block_j, s)``; from block j's side,
+view j of image c meets view i of image ``(c + s) mod B``). The shift ``s``
 starts at 1, grows by one per block pair and wraps back to 1 when it reaches B, so no image is ever
 paired with itself. This module builds those pairs as index tensors in one shot.
 """

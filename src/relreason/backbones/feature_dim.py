@@ -43,7 +43,7 @@ def infer_feature_dim(backbone: nn.Module, image_size: int = 32, in_channels: in
                 raise RelreasonError(
                     f"could not find the backbone's feature width from a dummy batch of shape "
                     f"(2, {channels}, {image_size}, {image_size}) ({short_reason(error)}); pass feature_dim= "
-                    "(or give the backbone a feature_dim attribute)"
+                    "(or give the backbone a feature_dim attribute), or image_size= the size it takes"
                 ) from error
     finally:
         for module, training in modes:

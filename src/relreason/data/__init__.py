@@ -15,7 +15,7 @@ from .datasets import (
 from .image_folder import IMAGE_EXTENSIONS, ImageFolderDataset, read_skip_log
 from .multiview import MultiViewDataset
 from .splits import has_split_dirs, split_image_folder, stratified_split
-from .transforms import eval_transform, relational_augmentation
+from .transforms import ToRGB, eval_transform, relational_augmentation
 
 __all__ = [
     "DATASET_NAMES",
@@ -25,6 +25,7 @@ __all__ = [
     "DatasetInfo",
     "ImageFolderDataset",
     "MultiViewDataset",
+    "ToRGB",
     "check_test_fraction",
     "compute_normalization",
     "dataset_info",

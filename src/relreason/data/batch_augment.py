@@ -61,6 +61,25 @@ class AugmentationRecipe:
     jitter_p: float = 0.8
     grayscale_p: float = 0.2
 
+    def __post_init__(self) -> None:
+        # The ranges torchvision's RandomResizedCrop and ColorJitter accept, so a recipe means the same on both paths.
+        low, high = _pair(self.scale, "scale")
+        if not 0 < low <= high <= 1:
+            raise RelreasonError(f"the crop scale must satisfy 0 < low <= high <= 1, got {self.scale}; "
+                                 "e.g. (0.08, 1.0)")
+        low, high = _pair(self.ratio, "ratio")
+        if not 0 < low <= high:
+            raise RelreasonError(f"the crop aspect ratio must satisfy 0 < low <= high, got {self.ratio}; "
+                                 "e.g. (0.75, 1.33)")
+        for name in ("flip_p", "jitter_p", "grayscale_p"):
+            if not _is_real(getattr(self, name)) or not 0 <= getattr(self, name) <= 1:
+                raise RelreasonError(f"{name} is a probability and must lie in [0, 1], got {getattr(self, name)!r}")
+        for name in ("brightness", "contrast", "saturation"):
+            if not _is_real(getattr(self, name)) or not 0 <= getattr(self, name) < math.inf:
+                raise RelreasonError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        if not _is_real(self.hue) or not 0 <= self.hue <= 0.5:
+            raise RelreasonError(f"hue must lie in [0, 0.5] (half the colour circle), got {self.hue!r}")
+
     @classmethod
     def from_options(cls, min_crop_scale: float = 0.08, jitter_strength: float = 1.0) -> AugmentationRecipe:
         """The paper's recipe with ``--min-crop-scale`` and ``--jitter-strength`` applied (one-line errors for values
@@ -68,6 +87,16 @@ class AugmentationRecipe:
         brightness, contrast, saturation, hue = jitter_amounts(jitter_strength)
         return cls(scale=check_crop_scale(min_crop_scale), brightness=brightness, contrast=contrast,
                    saturation=saturation, hue=hue)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _pair(value, name: str) -> tuple[float, float]:
+    if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(_is_real(v) for v in value):
+        raise RelreasonError(f"the crop {name} must be two numbers (low, high), got {value!r}")
+    return value[0], value[1]
 
 
 @dataclass
@@ -365,7 +394,7 @@ class BatchRelationalAugmentation:
         # dynamic: the number of selected views changes every step.
         self.operations = tuple(torch.compile(op, dynamic=True) for op in _JITTER_OPERATIONS) if compile \
             else _JITTER_OPERATIONS
-        self.image_size = image_size
+        self.image_size = int(image_size)
         # (v - mean) / std is v * scale + shift: one multiply-add pass per step.
         self._scale = tuple(1.0 / s for s in std_t)
         self._shift = tuple(-m / s for m, s in zip(mean_t, std_t))
@@ -385,7 +414,8 @@ class BatchRelationalAugmentation:
 
     def apply(self, images: torch.Tensor, params: ViewParameters, normalize: bool = True) -> torch.Tensor:
         """Views ``(N, 3, S, S)`` of ``images`` (``(N, 3, H, W)`` or grey ``(N, 1, H, W)`` uint8, one row per
-        view) with ``params``."""
+        view) with ``params``. Unnormalised views of grey images are one channel seen three times (an
+        ``expand``): ``.clone()`` them before writing in place."""
         check_image_batch(images)
         grey = images.shape[1] == 1
         source = images.float().div_(255.0)
@@ -402,7 +432,7 @@ class BatchRelationalAugmentation:
 
     def __call__(self, images: torch.Tensor, num_views: int, generator: torch.Generator | None = None) -> torch.Tensor:
         check_image_batch(images)
-        check_positive_int(num_views, "num_views", example=4)
+        num_views = check_positive_int(num_views, "num_views", example=4)
         batch, _, height, width = images.shape
         params = self.sample_parameters(num_views * batch, height, width, generator, images.device)
         # View-major rows: row k * B + b is view k of image b.

@@ -67,7 +67,7 @@ class DeviceMultiViewDataset:
         seed: int,
         device: torch.device | str = "cpu",
     ) -> None:
-        check_positive_int(num_views, "the number of views per image", example=4)
+        num_views = check_positive_int(num_views, "the number of views per image", example=4)
         self.dataset = dataset
         self.augmentation = augmentation
         self.num_views = num_views

@@ -109,7 +109,7 @@ class DecodedImageFolder(ArrayImageDataset):
     def __init__(
         self, folder: ImageFolderDataset, image_size: int, threads: int | None = None, progress: bool = False
     ) -> None:
-        check_positive_int(image_size, "image size", example=32)
+        image_size = check_positive_int(image_size, "image size", example=32)
         n = len(folder)
         # Two copies at the peak (this array, and the channels-first tensor the views are made from) in each of
         # the processes torchrun started on this machine, all decoding at once.
@@ -137,7 +137,7 @@ class DecodedImageFolder(ArrayImageDataset):
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             # Consumed here, so a worker's exception is raised here; a bar, as a large folder takes minutes.
             for _ in tqdm(pool.map(decode, range(n)), total=n, desc="decoding images", unit="image",
-                          disable=not progress, leave=False, dynamic_ncols=True):
+                          disable=None if progress else True, leave=False, dynamic_ncols=True):
                 pass
         grey = bool((images[..., 0] == images[..., 1]).all() and (images[..., 0] == images[..., 2]).all())
         if grey:  # a third of the memory, and the batched augmentation works on the one channel

@@ -57,7 +57,7 @@ def _skip_line(path: str, reason: str) -> bytes:
 def read_skip_log(path: str | os.PathLike) -> dict[str, str]:
     """Read a skip log written by :class:`ImageFolderDataset` (``skip_log=``).
 
-    Returns ``{image path: reason}`` with each path once (the first reason
+    Returns ``{image path inside the folder: reason}`` with each path once (the first reason
     recorded for it wins; several DataLoader workers, or several epochs, may
     have logged the same file). A missing file means nothing was skipped: ``{}``.
     Lines without a tab (e.g. cut off by a crash) are ignored.
@@ -105,7 +105,7 @@ class ImageFolderDataset(Dataset):
     file is recorded in ``self.skipped`` (``{path: one-line reason}``, per
     process: DataLoader workers fill their own copies, and a file once found bad
     is not tried again in that process) and, when ``skip_log`` is given, one
-    line ``"<path>\\t<reason>\\n"`` is appended to that file with a single
+    line ``"<path inside root>\\t<reason>\\n"`` is appended to that file with a single
     ``os.write`` on an ``O_APPEND`` descriptor, so all worker processes can log
     to it safely; read it with :func:`read_skip_log`. If no image at all can be
     read, ``self[i]`` raises :class:`RelreasonError`. :meth:`load_image` does not
@@ -237,14 +237,20 @@ class ImageFolderDataset(Dataset):
 
     def _record_skip(self, path: str, reason: str) -> None:
         self.skipped[path] = reason
+        # Logged by its path inside the root: a resume that spells the root otherwise (relative to another
+        # working folder, absolute, or after the folder moved) finds the same file already listed.
+        try:
+            logged = Path(path).relative_to(self.root).as_posix()
+        except ValueError:
+            logged = path
         # The log itself says what is listed: a resumed run's earlier entries, and those of DataLoader workers
         # (forked copies of this dataset). Each process meets a bad file once (then it is in ``skipped``).
-        if self.skip_log is None or path in read_skip_log(self.skip_log):
+        if self.skip_log is None or logged in read_skip_log(self.skip_log):
             return
         try:
             fd = os.open(self.skip_log, _LOG_FLAGS, 0o644)
             try:
-                os.write(fd, _skip_line(path, reason))  # one write on O_APPEND: lines never interleave
+                os.write(fd, _skip_line(logged, reason))  # one write on O_APPEND: lines never interleave
             finally:
                 os.close(fd)
         except OSError as exc:  # a full disk must not stop training; say so once per process

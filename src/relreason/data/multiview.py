@@ -30,7 +30,7 @@ class MultiViewDataset(Dataset):
         self, dataset: Dataset, transform: Callable[[Any], Any], num_views: int, seed: int | None = None
     ) -> None:
         # One view is valid (rotation and supervised pretraining); relational pairs check K >= 2 themselves.
-        check_positive_int(num_views, "the number of views per image", example=4)
+        num_views = check_positive_int(num_views, "the number of views per image", example=4)
         if not callable(transform):
             raise RelreasonError("the multi-view transform is not callable; pass e.g. relational_augmentation(...)")
         self.dataset = dataset

@@ -90,6 +90,12 @@ def split_image_folder(
             f"image folder {folder.root} has no classes ({folder.why_unlabelled}); --test-fraction splits a folder "
             "with one subfolder per class"
         )
+    if len(np.unique(folder.labels)) < 2:
+        raise RelreasonError(
+            f"image folder {folder.root} holds one class ('{(folder.classes or ['?'])[int(folder.labels[0])]}'); "
+            "--test-fraction holds out a share of each class for evaluation, which needs at least 2: add class "
+            "subfolders, or drop --test-fraction"
+        )
     relative = [path.relative_to(folder.root).as_posix() for path in folder.paths]
     test: list[int] = []
     for label, name in enumerate(folder.classes or []):

@@ -5,13 +5,27 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 from relreason.checks import check_positive_int
+from relreason.data.array_dataset import pil_to_rgb
 from relreason.errors import RelreasonError
 
-__all__ = ["relational_augmentation", "eval_transform"]
+__all__ = ["relational_augmentation", "eval_transform", "ToRGB"]
+
+
+class ToRGB:
+    """A PIL image in any mode (grey, palette, RGBA, CMYK, 16-bit, ...) as RGB, as the datasets read them
+    (:func:`relreason.data.pil_to_rgb`): the jitter and Normalize steps expect three channels. RGB images, and
+    anything that is not a PIL image, pass unchanged."""
+
+    def __call__(self, image):
+        return pil_to_rgb(image) if isinstance(image, Image.Image) else image
+
+    def __repr__(self) -> str:
+        return "ToRGB()"
 
 
 def check_normalization(image_size: int, mean: Sequence[float] | None, std: Sequence[float] | None):
@@ -67,13 +81,14 @@ def relational_augmentation(
 
     Random resized crop (scale 0.08..1, ratio 3/4..4/3, bilinear), horizontal flip,
     colour jitter (0.8, 0.8, 0.8, 0.2) with probability 0.8, greyscale with
-    probability 0.2, then ToTensor and Normalize. Input: an RGB PIL image.
+    probability 0.2, then ToTensor and Normalize. Input: a PIL image, made RGB first (``ToRGB``).
     ``min_crop_scale`` replaces the 0.08: the smallest crop, as a fraction of the image's area;
     ``jitter_strength`` scales the four jitter amounts (0: no jitter).
     """
     mean_t, std_t = check_normalization(image_size, mean, std)
     return T.Compose(
         [
+            ToRGB(),
             T.RandomResizedCrop(
                 image_size,
                 scale=check_crop_scale(min_crop_scale),
@@ -96,6 +111,6 @@ def square_crop(image_size: int) -> T.Compose:
 
 
 def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
-    """Deterministic transform: resize the short side, centre-crop, ToTensor, Normalize."""
+    """Deterministic transform: RGB, resize the short side, centre-crop, ToTensor, Normalize."""
     mean_t, std_t = check_normalization(image_size, mean, std)
-    return T.Compose([*square_crop(image_size).transforms, T.ToTensor(), T.Normalize(mean_t, std_t)])
+    return T.Compose([ToRGB(), *square_crop(image_size).transforms, T.ToTensor(), T.Normalize(mean_t, std_t)])

@@ -11,6 +11,7 @@ import torch
 
 from relreason.backbones import build_backbone
 from relreason.checkpoint import is_checkpoint_path
+from relreason.checks import with_home_expanded
 from relreason.data import (
     SYSTEM_DATASET_DIRS,
     compute_normalization,
@@ -58,6 +59,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     then normalised with its own statistics.  With ``retrieval`` a PNG of retrievals per
     backbone is written beside the JSON (``<output stem>-retrieval-<label>.png``).
     """
+    config = with_home_expanded(config, "run_dir", "weights", "data_root", "output")
     config.validate()  # every option, named by its flag, before anything is read or written
     protocols = choose_protocols(config.protocols, ALL_PROTOCOLS)
     fractions = check_label_fractions(config.label_fractions) if "few_label" in protocols else ()
@@ -70,7 +72,6 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     # A training checkpoint's results go beside it under their own name, not over the exported backbone's.
     default = f"evaluation-{weights.stem}.json" if is_checkpoint_path(weights) else "evaluation.json"
     output = Path(config.output) if config.output else weights.parent / default
-    check_output_path(output)
     planned_end = config.time_limit_ends_the_run and meta.get("stopped_by") == "time limit"
     if meta.get("finished") is False and not planned_end:  # a time limit or a signal stopped it: a partial run
         print(f"relreason: warning: {weights} is from a run stopped by {meta.get('stopped_by') or 'an interruption'} "
@@ -93,6 +94,12 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
               f"./data{system} (pass --data-root to say where it is)", file=sys.stderr)
         recorded = None
     data_root = config.data_root or recorded or "data"
+    if info.name == "folder" and output.resolve().is_relative_to(Path(data_root).expanduser().resolve()):
+        raise RelreasonError(
+            f"--output {output} lies inside the image folder {data_root}: the results would be added to your images "
+            "(and read as images next time); choose an --output outside it"
+        )
+    check_output_path(output)
     # The run's own held-out share when it was pretrained on part of this very folder (and none was asked for).
     same_folder = own_data and (not config.data_root or (recorded is not None and same_path(config.data_root, recorded)))
     pretrained_share = meta.get("test_fraction") if same_folder else None

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from relreason.backbones.feature_dim import infer_feature_dim
+from relreason.checks import check_positive_int
 from relreason.errors import RelreasonError
 
 
@@ -44,12 +45,20 @@ class PretrainMethod(nn.Module):
         if feature_dim is None:  # read from the backbone, else found with a dummy batch of image_size images
             feature_dim = getattr(backbone, "feature_dim", None) or infer_feature_dim(backbone, image_size)
         self.backbone = backbone
-        self.feature_dim = int(feature_dim)
+        self.feature_dim = check_positive_int(feature_dim, "feature_dim (the backbone's output width)", example=64)
 
     @staticmethod
     def views_per_image(num_views: int) -> int:
         """How many augmented views of each image a step needs, given the user's K."""
         return 1
+
+    def beside_backbone(self, module: nn.Module) -> nn.Module:
+        """``module`` moved to the backbone's device and floating dtype, so that a head built for a backbone
+        already on a GPU, or in float64, runs with it."""
+        tensor = next(self.backbone.parameters(), None)
+        if tensor is None or not tensor.is_floating_point():
+            return module
+        return module.to(device=tensor.device, dtype=tensor.dtype)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's features of ``images``, checked to be one ``feature_dim``-wide row per image."""
@@ -73,9 +82,48 @@ def check_features(features: torch.Tensor, num_images: int, feature_dim: int) ->
         )
 
 
-def single_view(views: Sequence[torch.Tensor], method: str) -> torch.Tensor:
-    """The one view a single-view method trains on."""
-    views = list(views)
+def view_list(views: Sequence[torch.Tensor] | torch.Tensor, method: str) -> list[torch.Tensor]:
+    """``views`` as a list of image batches ``(B, C, H, W)``, or a one-line error naming the mistake.
+
+    Takes a list of K such tensors (what a K-view loader yields), a tensor ``(K, B, C, H, W)``, or a single
+    batch ``(B, C, H, W)`` as one view.
+    """
+    if isinstance(views, torch.Tensor):
+        if views.dim() not in (4, 5):
+            raise RelreasonError(
+                f"{method}: a views tensor must have shape (K, B, C, H, W) or (B, C, H, W), got {tuple(views.shape)}"
+            )
+        views = [views] if views.dim() == 4 else list(views.unbind(0))
+    elif isinstance(views, (list, tuple)) and len(views) == 2 and isinstance(views[0], (list, tuple)):
+        raise RelreasonError(
+            f"{method} got a loader's whole (views, labels) batch as its views; unpack it: "
+            "views, labels = batch; model(views, labels)"
+        )
+    else:
+        views = list(views)
+    if not views:
+        raise RelreasonError(f"{method}: no views given; pass a list of tensors of shape (B, C, H, W)")
+    if not all(isinstance(v, torch.Tensor) for v in views):
+        kinds = sorted({type(v).__name__ for v in views})
+        raise RelreasonError(f"{method}: views must be tensors of shape (B, C, H, W), got {', '.join(kinds)}")
+    shapes = {tuple(v.shape) for v in views}
+    if any(len(shape) != 4 for shape in shapes):
+        raise RelreasonError(
+            f"{method}: each view must be a batch of images (B, C, H, W), got shapes {sorted(shapes)}; "
+            "add the batch axis with view.unsqueeze(0) for a single image"
+        )
+    if not all(v.is_floating_point() for v in views):
+        dtype = next(v.dtype for v in views if not v.is_floating_point())
+        raise RelreasonError(
+            f"{method}: views must be normalised float images, got {dtype}; make them from uint8 images with "
+            "relreason.data.batch_augment.BatchRelationalAugmentation or a transform ending in Normalize"
+        )
+    return views
+
+
+def single_view(views: Sequence[torch.Tensor] | torch.Tensor, method: str) -> torch.Tensor:
+    """The one view a single-view method trains on (a list of one, or one ``(B, C, H, W)`` tensor)."""
+    views = view_list(views, method)
     if len(views) != 1:
         raise RelreasonError(f"{method} needs exactly 1 view per image, got {len(views)}; pass one view")
     return views[0]

@@ -46,7 +46,7 @@ class RotationPrediction(PretrainMethod):
 
     def __init__(self, backbone: nn.Module, feature_dim: int | None = None, image_size: int = 32) -> None:
         super().__init__(backbone, feature_dim, image_size)
-        self.rotation_head = nn.Linear(self.feature_dim, NUM_ROTATIONS)
+        self.rotation_head = self.beside_backbone(nn.Linear(self.feature_dim, NUM_ROTATIONS))
 
     @staticmethod
     def views_per_image(num_views: int) -> int:

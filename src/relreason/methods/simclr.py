@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from relreason.errors import RelreasonError
-from relreason.methods.base import PretrainMethod, StepOutput
+from relreason.methods.base import PretrainMethod, StepOutput, view_list
 
 
 def nt_xent_logits(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,12 +81,12 @@ class SimCLR(PretrainMethod):
         self.temperature = float(temperature)
         # The SimCLR paper's 2-layer MLP projection head; the loss is taken on its output, while downstream
         # tasks use the backbone features before it.
-        self.projection_head = nn.Sequential(
+        self.projection_head = self.beside_backbone(nn.Sequential(
             nn.Linear(self.feature_dim, self.feature_dim),
             nn.BatchNorm1d(self.feature_dim),
             nn.ReLU(inplace=True),
             nn.Linear(self.feature_dim, projection_dim),
-        )
+        ))
 
     @staticmethod
     def views_per_image(num_views: int) -> int:
@@ -95,7 +95,7 @@ class SimCLR(PretrainMethod):
 
     def forward(self, views: Sequence[torch.Tensor], labels: torch.Tensor | None = None) -> StepOutput:
         """``labels`` are ignored (the method is self-supervised); accepted so every method is called alike."""
-        views = list(views)
+        views = view_list(views, "simclr")
         if len(views) != 2:
             raise RelreasonError(f"simclr needs exactly 2 views per image, got {len(views)}; pass two augmented views")
         if views[0].shape != views[1].shape:
@@ -104,6 +104,10 @@ class SimCLR(PretrainMethod):
                 "crop both views to the same size"
             )
         batch_size = views[0].shape[0]
+        if batch_size < 2:
+            raise RelreasonError(
+                "a batch of one image has no negatives for NT-Xent (its loss is 0); use a batch of at least 2 images"
+            )
         # One backbone call on both views, so BatchNorm normalises them with the same batch statistics.
         features = self.embed(torch.cat(views, dim=0))
         projections = self.projection_head(features)

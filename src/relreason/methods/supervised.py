@@ -32,7 +32,7 @@ class Supervised(PretrainMethod):
         if num_classes < 2:
             raise RelreasonError(f"supervised pretraining needs at least 2 classes, got {num_classes}")
         self.num_classes = int(num_classes)
-        self.classifier = nn.Linear(self.feature_dim, self.num_classes)
+        self.classifier = self.beside_backbone(nn.Linear(self.feature_dim, self.num_classes))
         # The trainer checks the whole dataset's labels once and turns the per-step check off.
         self.check_label_values = True
 

@@ -97,6 +97,9 @@ def extract_features(
 
     modes = [(module, module.training) for module in backbone.modules()]
     original_device = module_device(backbone)
+    # Images in the backbone's own floating dtype (a float64 or bfloat16 backbone takes them as they come).
+    weight = next((p for p in backbone.parameters() if p.is_floating_point()), None)
+    input_dtype = weight.dtype if weight is not None else torch.float32
     feature_chunks: list[torch.Tensor] = []
     label_chunks: list[torch.Tensor] = []
     try:
@@ -104,7 +107,7 @@ def extract_features(
         backbone.eval()
         with torch.no_grad():
             for images, labels in tqdm(loader, desc="extracting features", unit="batch", disable=None):
-                out = backbone(images.to(target, non_blocking=True))
+                out = backbone(images.to(target, input_dtype, non_blocking=True))
                 if not isinstance(out, torch.Tensor):
                     raise RelreasonError(
                         f"backbone returned {type(out).__name__}, not a tensor; pass a backbone whose "

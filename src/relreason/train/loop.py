@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from relreason.backbones import build_backbone
 from relreason.checkpoint import atomic_write_json, list_checkpoints, set_rng_state
+from relreason.checks import with_home_expanded
 from relreason.data import ImageFolderDataset, MultiViewDataset, read_skip_log
 from relreason.data.batch_views import DeviceMultiViewDataset
 from relreason.data.decoded_folder import DecodedImageFolder
@@ -47,7 +48,7 @@ from relreason.train.resume import (
     newest_checkpoint_everywhere,
     without_probe,
 )
-from relreason.train.run_folder import check_no_other_run, export_backbone, prepare_output_dir
+from relreason.train.run_folder import check_no_other_run, check_output_dir, export_backbone, prepare_output_dir
 from relreason.train.stop import StopRequest
 
 POSTFIX_SECONDS = 2.0  # how often the progress bar's running means are refreshed
@@ -61,6 +62,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     the time limit end it with a checkpoint at the current step (``stopped_early``); so does Ctrl-C, which
     then raises KeyboardInterrupt (a second Ctrl-C raises it at once).
     """
+    config = with_home_expanded(config, "output_dir", "data_root")
     config.validate()
     # The time limit counts from here, setup included (decoding a large folder takes minutes): a limit
     # chosen to fit a scheduler's wall clock then holds.
@@ -88,6 +90,9 @@ def _pretrain(
             f"-K {config.num_views} does not change that", context)
     seed_everything(config.seed)
     method_type = method_class(config.method)
+    check_output_dir(config)  # in one line before any data is read; the folder is made after the data checks
+    if method_type is None:
+        check_no_other_run(Path(config.output_dir))  # before anything in that folder is touched
     # The checkpoint to resume is read before the data, so that a resume its options refuse is refused before a
     # folder is decoded. 'random' keeps none.
     found = newest_checkpoint_everywhere(config, context) if method_type is not None else None
@@ -97,11 +102,6 @@ def _pretrain(
             check_resumable(found[1], config, geometry, found[0])
 
     dataset, geometry = build_pretrain_data(config, device, check_resume)
-    folder = getattr(dataset.dataset, "folder", dataset.dataset)
-    if isinstance(folder, ImageFolderDataset):
-        log(describe_folder(folder), context)
-    if isinstance(dataset.dataset, DecodedImageFolder):
-        log(dataset.dataset.describe(), context)
     if len(dataset) < 2 * context.world_size:
         raise RelreasonError(
             f"dataset '{config.dataset}' has {len(dataset)} image(s); each of the {context.world_size} process(es) "
@@ -109,8 +109,11 @@ def _pretrain(
         )
     if method_type is not None and method_type.needs_labels:
         check_every_image_labelled(dataset, config.dataset)  # before the output folder exists
-    if method_type is None:
-        check_no_other_run(Path(config.output_dir))  # before anything in that folder is touched
+    folder = getattr(dataset.dataset, "folder", dataset.dataset)
+    if isinstance(folder, ImageFolderDataset):
+        log(describe_folder(folder), context)
+    if isinstance(dataset.dataset, DecodedImageFolder):
+        log(dataset.dataset.describe(), context)
     num_classes = num_classes_of(dataset)
     method = build_model(config, geometry["image_size"], num_classes)  # a broken backbone factory fails here,
     run_dir = prepare_output_dir(config, context)  # before the output folder exists

@@ -82,7 +82,7 @@ def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, geometry
     if dataset_info(config.dataset).name == "folder" and None not in (saved_path, path_now) and saved_path != path_now:
         mismatched["augment"] = (saved_path, path_now)
     if mismatched:
-        detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items())
+        detail = ", ".join(f"{k}: checkpoint {_shown(a)} vs now {_shown(b)}" for k, (a, b) in mismatched.items())
         raise RelreasonError(f"cannot resume {path}: options differ ({detail}); rerun with the original options, or "
                              "choose another --output-dir for a new run")
     # Same statistics, same images: a folder moved elsewhere resumes, another folder (or one whose files
@@ -93,9 +93,15 @@ def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, geometry
             raise RelreasonError(
                 f"cannot resume {path}: the images differ from those the run started on (normalisation {key} "
                 f"{_rounded(before)} then, {_rounded(now)} now: another --data-root than "
-                f"{saved.get('data_root')!r}, or files added or removed); rerun on the run's images or choose "
+                f"{checkpoint.get('data_root') or saved.get('data_root')!r}, or files added or removed); rerun on the "
+                "run's images or choose "
                 "another --output-dir"
             )
+
+
+def _shown(value: Any) -> str:
+    """An option's value as the command line would take it; none for an option not given."""
+    return "none" if value is None else repr(value)
 
 
 def _rounded(values: list[float]) -> list[float]:

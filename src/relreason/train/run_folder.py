@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from torch import nn
@@ -13,6 +14,32 @@ from relreason.errors import RelreasonError
 from relreason.run_files import BACKBONE_META_NAME, BACKBONE_NAME, CONFIG_NAME, METRICS_NAME, STEPS_NAME
 from relreason.train.config import PretrainConfig, views_used
 from relreason.train.position import TrainingPosition
+
+
+def check_output_dir(config: PretrainConfig) -> None:
+    """Refuse an ``--output-dir`` that cannot be written, or that ``--no-resume`` forbids, before any data is read
+    (scanning or decoding a large folder takes minutes); nothing is created. ``prepare_output_dir`` makes it."""
+    run_dir = Path(config.output_dir)
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    reason = "Not a directory" if not existing.is_dir() else None
+    if reason is None and not os.access(existing, os.W_OK | os.X_OK):
+        reason = "Read-only file system" if _read_only_mount(existing) else "Permission denied"
+    if reason:
+        raise RelreasonError(f"output folder {run_dir} is not writable ({reason}); choose another --output-dir")
+    if not config.resume and list_checkpoints(run_dir):
+        raise RelreasonError(
+            f"{run_dir} already holds training checkpoints and --no-resume was given; "
+            "drop --no-resume to continue them or choose another --output-dir"
+        )
+
+
+def _read_only_mount(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # no statvfs (Windows)
+        return False
 
 
 def prepare_output_dir(config: PretrainConfig, context: DistributedContext = DistributedContext()) -> Path:
@@ -27,11 +54,7 @@ def prepare_output_dir(config: PretrainConfig, context: DistributedContext = Dis
     if context.is_main:  # left by a run killed while writing them
         for name in ("checkpoint-e*-s*.pt", BACKBONE_NAME, BACKBONE_META_NAME, CONFIG_NAME, METRICS_NAME, STEPS_NAME):
             remove_stale_temporaries(run_dir, name)
-    if list_checkpoints(run_dir) and not config.resume:
-        raise RelreasonError(
-            f"{run_dir} already holds training checkpoints and --no-resume was given; "
-            "drop --no-resume to continue them or choose another --output-dir"
-        )
+    check_output_dir(config)
     return run_dir
 
 
