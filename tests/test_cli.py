@@ -434,3 +434,21 @@ def test_home_is_expanded_in_every_path_option_a_shell_did_not_expand(tmp_path, 
                  "--output-dir=~/compare"]) == 0
     assert (tmp_path / "home" / "compare" / "compare.md").is_file()
     assert not (tmp_path / "~").exists()
+
+
+def test_a_sigterm_during_evaluate_is_said_in_one_line_with_exit_143(monkeypatch, capsys):
+    import os
+    import signal
+
+    import relreason.cli
+
+    def terminated_midway(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the evaluation")
+
+    monkeypatch.setattr(relreason.cli, "run_evaluate", terminated_midway)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["evaluate"]) == 143
+    assert capsys.readouterr().err == ("relreason: stopped by SIGTERM; the features already extracted stay cached, so "
+                                       "the same command goes on from them\n")
+    assert signal.getsignal(signal.SIGTERM) == before  # given back

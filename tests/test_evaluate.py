@@ -75,6 +75,16 @@ def test_random_labels_stay_near_chance():
         assert abs(results[protocol]["test_accuracy"] - chance) < 10.0, protocol
     # A converged probe can memorise some noise, but test accuracy must not follow it.
     assert results["linear_converged"]["train_accuracy"] > results["linear_converged"]["test_accuracy"]
+    assert results["knn"]["k"] == 50
+
+
+def test_knn_records_the_k_it_used_when_the_training_set_is_smaller():
+    g = torch.Generator().manual_seed(4)
+    tr_x, te_x = torch.randn(30, 8, generator=g), torch.randn(10, 8, generator=g)
+    tr_y, te_y = torch.arange(30) % 3, torch.arange(10) % 3
+    capped = evaluate_features(tr_x, tr_y, te_x, te_y, protocols=("knn",), knn_k=200)["knn"]
+    every = evaluate_features(tr_x, tr_y, te_x, te_y, protocols=("knn",), knn_k=30)["knn"]
+    assert capped == every and capped["k"] == 30  # every training image is a neighbour either way
 
 
 # --------------------------------------------------------------------------------------------

@@ -374,8 +374,9 @@ def test_format_table_new_protocols():
     assert [c.strip() for c in lines[3].strip("|").split("|")] == ["random", "30.10", "-", "10.00", "20.00"]
     few_lines = few_table.splitlines()
     assert [c.strip() for c in few_lines[0].strip("|").split("|")] == ["backbone", "labels", "linear", "finetune"]
-    assert [c.strip() for c in few_lines[2].strip("|").split("|")] == ["pretrained", "1%", "40.00", "-"]
-    assert [c.strip() for c in few_lines[3].strip("|").split("|")] == ["pretrained", "10%", "55.50", "60.00"]
+    # The fraction asked for and the labels it came to (at least one per class).
+    assert [c.strip() for c in few_lines[2].strip("|").split("|")] == ["pretrained", "1% (10)", "40.00", "-"]
+    assert [c.strip() for c in few_lines[3].strip("|").split("|")] == ["pretrained", "10% (100)", "55.50", "60.00"]
     for table in (lines, few_lines):
         assert len({len(line) for line in table}) == 1  # fixed width
 

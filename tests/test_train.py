@@ -626,3 +626,30 @@ def test_a_one_class_run_that_trained_a_probe_resumes_without_it(tmp_path, monke
     assert result.epochs_done == 2
     assert not any(k.startswith("probe.") for k in torch.load(list_checkpoints(tmp_path / "run")[0],
                                                               weights_only=False)["model"])
+
+
+def test_a_sigterm_while_the_finished_run_is_exported_lets_the_export_and_plot_finish(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    import relreason.train.loop as loop
+    from relreason.cli import main
+
+    real_export = loop.export_backbone
+
+    def export_after_a_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's notice in the run's last second
+        real_export(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "export_backbone", export_after_a_sigterm)
+    original = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, lambda signum, frame: pytest.fail("the default SIGTERM would have killed it"))
+        code = main(["pretrain", "--dataset", "digits", "--image-size", "16", "-K", "2", "--epochs", "1",
+                     "--no-progress", "--no-tensorboard", "--output-dir", str(tmp_path / "run")])
+    finally:
+        signal.signal(signal.SIGTERM, original)
+    assert code == 0 and "done: 1 epoch(s)" in capsys.readouterr().out  # the run was finished: nothing to resume
+    for name in ("backbone.pt", "backbone.json", "training_curves.png"):
+        assert (tmp_path / "run" / name).is_file(), name
+    assert json.loads((tmp_path / "run" / "backbone.json").read_text())["finished"] is True

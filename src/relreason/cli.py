@@ -4,12 +4,15 @@ YAML config."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import importlib
 import os
 import shlex
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -489,7 +492,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         handler = {"pretrain": run_pretrain, "evaluate": run_evaluate, "compare": run_compare_command,
                    "list": run_list}[command]
-        return handler(args)
+        if command != "evaluate":  # pretrain and compare checkpoint on SIGTERM themselves
+            return handler(args)
+        with _sigterm_raises():
+            return handler(args)
+    except Terminated:
+        if os.environ.get("RANK", "0") == "0":
+            sys.stderr.write("relreason: stopped by SIGTERM; the features already extracted stay cached, so the same "
+                             "command goes on from them\n")
+        return 143  # 128 + SIGTERM, as pretrain's
     except RelreasonError as error:
         # One write: under torchrun every rank may say it, and two prints each would interleave on one line.
         sys.stderr.write(f"relreason: error: {error}\n")
@@ -499,6 +510,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank is interrupted: one says so
             sys.stderr.write(f"relreason: interrupted{_after_interrupt(command, args)}\n")
         return 130
+
+
+class Terminated(Exception):
+    """SIGTERM reached a command that keeps no checkpoint (evaluate): said in one line, exit 143."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises ``Terminated`` here instead of ending the process without a word (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _after_interrupt(command: str | None, args: argparse.Namespace | None) -> str:

@@ -44,10 +44,14 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _fraction_label(key: str, entry: Mapping[str, Any]) -> str:
+    """The fraction asked for, and how many labels it came to (at least one per class, so a small fraction of a
+    small set may use many more than it says)."""
     try:
-        return fraction_name(entry.get("fraction", key))
+        name = fraction_name(entry.get("fraction", key))
     except (TypeError, ValueError):
-        return str(key)
+        name = str(key)
+    size = entry.get("train_size")
+    return f"{name} ({size:,})" if isinstance(size, int) else name
 
 
 def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:

@@ -117,7 +117,9 @@ def evaluate_features(
         elif protocol == "linear_converged":
             results[protocol] = linear_probe_converged(tr_x, tr_y, te_x, te_y, device=device)
         elif protocol == "knn":
-            results[protocol] = {"test_accuracy": knn_accuracy(tr_x, tr_y, te_x, te_y, k=knn_k)}
+            # k as used: at most the training set (a larger --knn-k takes every training image as a neighbour).
+            results[protocol] = {"test_accuracy": knn_accuracy(tr_x, tr_y, te_x, te_y, k=knn_k),
+                                 "k": min(knn_k, tr_x.shape[0])}
         elif protocol == "retrieval":
             results[protocol] = retrieval_metrics(te_x, te_y, ks=retrieval_ks, device=device)
         else:

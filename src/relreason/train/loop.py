@@ -197,17 +197,18 @@ def _pretrain(
                 train_model, optimizer, scaler, dataset, config, position, device, amp_dtype, deadline, stop, saver,
                 context, metrics,
             )
+        stopped_early = stopped_early and position.epoch < config.epochs
+        stopped_by = (stop.signal_name or "time limit") if stopped_early else None
+        # Still under the handlers: a SIGTERM now (the run's last second) lets the export and the plot finish.
+        if context.is_main:
+            export_backbone(run_dir, model.method.backbone, config, geometry, position, stopped_by)
+            metrics.close()
+            plot_training_curves(metrics.read(), run_dir / CURVES_NAME)
+            if stopped_early:
+                log(f"stopped during epoch {position.epoch + 1} at step {position.step}; exported the current "
+                    "backbone and saved a checkpoint there: rerun the same command to continue", context)
     finally:
         stop.uninstall()
-    stopped_early = stopped_early and position.epoch < config.epochs
-    stopped_by = (stop.signal_name or "time limit") if stopped_early else None
-    if context.is_main:
-        export_backbone(run_dir, model.method.backbone, config, geometry, position, stopped_by)
-        metrics.close()
-        plot_training_curves(metrics.read(), run_dir / CURVES_NAME)
-        if stopped_early:
-            log(f"stopped during epoch {position.epoch + 1} at step {position.step}; exported the current backbone "
-                "and saved a checkpoint there: rerun the same command to continue", context)
     barrier(context)
     if stop.signal_name == "Ctrl-C" or stop.interrupted:
         # Ctrl-C still interrupts the caller (a loop over runs, compare), now with the run checkpointed; also when
