@@ -485,8 +485,11 @@ def test_bare_weights_say_which_image_size_they_are_evaluated_at(folder_run, tmp
     bare.mkdir()
     (bare / "w.pt").write_bytes((run / "backbone.pt").read_bytes())
     assert evaluate_args("--weights", str(bare / "w.pt"), "--backbone", "conv4", "--dataset", "digits",
-                         "--protocols", "knn", "--no-random-baseline") == 0
-    assert "evaluating at 32 px, the dataset's own size (no backbone.json" in capsys.readouterr().err
+                         "--protocols", "knn", "--no-random-baseline", "--run-dir", str(run)) == 0
+    err = capsys.readouterr().err
+    assert "evaluating at 32 px, the dataset's own size (no backbone.json" in err
+    assert f"note: --weights {bare / 'w.pt'} is evaluated; --run-dir {run} is not read" in err
+    assert (bare / "evaluation.json").is_file()
 
 
 def test_evaluating_a_run_stopped_early_says_so(folder_run, tmp_path, capsys):

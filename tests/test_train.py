@@ -601,14 +601,20 @@ def test_sigterm_handler_is_given_back_after_training(set_from_python):
 
 def test_notes_for_options_that_change_nothing_here_and_the_views_recorded(tmp_path, capsys):
     result = pretrain(config(tmp_path, method="simclr", num_views=8, sync_batchnorm=True, amp="fp16",
-                             time_limit=1e-9))
+                             time_limit=1e-9, loss="focal", aggregation="max", download=True, num_workers=2))
     err = capsys.readouterr().err
     assert "method 'simclr' trains on 2 view(s) per image; -K 8 does not change that" in err
+    assert "method 'simclr' does not use --aggregation, --loss ('relational' options)" in err
+    assert "'digits' needs no download, so it does nothing" in err
+    assert "--num-workers 2 does nothing on the batched path" in err
     assert "--sync-batchnorm does nothing in a single process" in err
     assert "--amp fp16 is slow on a CPU" in err
     assert json.loads((result.run_dir / "backbone.json").read_text())["num_views"] == 2
     pretrain(config(tmp_path, output_dir=str(tmp_path / "plain"), time_limit=1e-9))
     assert "note:" not in capsys.readouterr().err
+    pretrain(config(tmp_path, output_dir=str(tmp_path / "own"), time_limit=1e-9, loss="focal", simclr_temperature=0.2,
+                    augment="pil", num_workers=0))
+    assert "note: method 'relational' does not use --simclr-temperature ('simclr' options)\n" in capsys.readouterr().err
 
 
 def test_a_one_class_run_that_trained_a_probe_resumes_without_it(tmp_path, monkeypatch):

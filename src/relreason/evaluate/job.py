@@ -61,6 +61,9 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     """
     config = with_home_expanded(config, "run_dir", "weights", "data_root", "output")
     config.validate()  # every option, named by its flag, before anything is read or written
+    if config.weights and config.run_dir != EvaluateConfig.run_dir:
+        print(f"relreason: note: --weights {config.weights} is evaluated; --run-dir {config.run_dir} is not read "
+              "(the results go beside the weights, or to --output)", file=sys.stderr)
     protocols = choose_protocols(config.protocols, ALL_PROTOCOLS)
     fractions = check_label_fractions(config.label_fractions) if "few_label" in protocols else ()
     if "finetune" in protocols:  # checked by validate() above

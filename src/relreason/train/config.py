@@ -145,3 +145,27 @@ def views_used(config: PretrainConfig) -> int:
     """The views per image the method trains on: -K for relational, the method's own number for the others."""
     method = method_class(config.method)
     return method.views_per_image(config.num_views) if method is not None else 0
+
+
+#: Options that only one method reads, by that method.
+_METHOD_OPTIONS = {
+    "relational": ("aggregation", "head_hidden", "loss", "focal_gamma", "focal_alpha"),
+    "simclr": ("simclr_temperature",),
+}
+
+
+def unused_option_notes(config: PretrainConfig) -> list[str]:
+    """One line for each group of options given (set away from their defaults) that this run does not read: a
+    silently ignored option looks like one that took effect."""
+    notes, defaults = [], PretrainConfig()
+    if views_used(config) not in (0, config.num_views) and config.num_views != defaults.num_views:
+        notes.append(f"method '{config.method}' trains on {views_used(config)} view(s) per image; "
+                     f"-K {config.num_views} does not change that")
+    for method, names in _METHOD_OPTIONS.items():
+        given = [name for name in names if getattr(config, name) != getattr(defaults, name)]
+        if config.method != method and given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            notes.append(f"method '{config.method}' does not use {flags} ('{method}' options)")
+    if config.download and dataset_info(config.dataset).name in ("folder", "digits"):
+        notes.append(f"--download fetches the named datasets; '{config.dataset}' needs no download, so it does nothing")
+    return notes

@@ -30,7 +30,7 @@ from relreason.methods.online_probe import OnlineProbe, PretrainModule
 from relreason.run_files import CONFIG_NAME, CURVES_NAME, SKIPPED_IMAGES_NAME
 from relreason.schedule import learning_rate_factor, set_learning_rate
 from relreason.seeding import seed_everything
-from relreason.train.config import PretrainConfig, PretrainResult, views_used
+from relreason.train.config import PretrainConfig, PretrainResult, unused_option_notes
 from relreason.train.data import (
     build_pretrain_data,
     check_every_image_labelled,
@@ -85,9 +85,8 @@ def _pretrain(
     if config.amp == "fp16" and device.type == "cpu":
         log("relreason: note: --amp fp16 is slow on a CPU (and needs a loss scaler); --amp bf16 is the CPU's "
             "half precision", context)
-    if views_used(config) not in (0, config.num_views) and config.num_views != PretrainConfig.num_views:  # -K given
-        log(f"relreason: note: method '{config.method}' trains on {views_used(config)} view(s) per image; "
-            f"-K {config.num_views} does not change that", context)
+    for note in unused_option_notes(config):
+        log(f"relreason: note: {note}", context)
     seed_everything(config.seed)
     method_type = method_class(config.method)
     check_output_dir(config)  # in one line before any data is read; the folder is made after the data checks
@@ -102,6 +101,9 @@ def _pretrain(
             check_resumable(found[1], config, geometry, found[0])
 
     dataset, geometry = build_pretrain_data(config, device, check_resume)
+    if config.num_workers is not None and geometry["augment"] == "tensor" and method_type is not None:
+        log(f"relreason: note: --num-workers {config.num_workers} does nothing on the batched path (its views are "
+            "made on the device in this process); it serves --augment pil", context)
     if len(dataset) < 2 * context.world_size:
         raise RelreasonError(
             f"dataset '{config.dataset}' has {len(dataset)} image(s); each of the {context.world_size} process(es) "
