@@ -112,7 +112,7 @@ EVALUATE_CASES = [
     ("results inside the image folder", ["--weights", "{tmp}/bare/weights.pt", "--backbone", "conv4", "--dataset",
                                          "folder", "--data-root", "{tmp}/unlabelled", "--output",
                                          "{tmp}/unlabelled/train/new/results.json"],
-     "--output {tmp}/unlabelled/train/new/results.json lies inside the image folder {tmp}/unlabelled: the results "
+     "--output {tmp}/unlabelled/train/new/results.json lies inside the image folder {tmp}/unlabelled/train: they "
      "would be added to your images"),
 ]
 
@@ -125,7 +125,9 @@ COMPARE_CASES = [
     ("a shipped pretrain config", ["--config", "fashion_mnist_conv4"],
      "run `relreason pretrain --config fashion_mnist_conv4`"),
     ("a pretrain config of one's own", ["--config", "{tmp}/pretrain.yaml"],
-     "{tmp}/pretrain.yaml is a config for `relreason pretrain` (it sets 'method', which `relreason compare` has not)"),
+     "{tmp}/pretrain.yaml is a config for `relreason pretrain` (it sets 'lr', which `relreason compare` has not)"),
+    ("a typo in a compare config", ["--config", "{tmp}/compare-typo.yaml"],
+     "unknown option 'seed' in config file {tmp}/compare-typo.yaml (did you mean 'seeds'?)"),
 ]
 
 
@@ -143,7 +145,8 @@ def workspace(tmp_path):
     (tmp_path / "twice.yaml").write_text("num_views: 4\nnum-views: 8\n")
     (tmp_path / "wrong-type.yaml").write_text("epochs: [1, 2]\n")
     (tmp_path / "broken.yaml").write_text("epochs: [1, 2\n")
-    (tmp_path / "pretrain.yaml").write_text("dataset: digits\nmethod: simclr\nepochs: 3\n")  # --print-config's kind
+    (tmp_path / "pretrain.yaml").write_text("dataset: digits\nmethod: simclr\nlr: 0.001\n")  # --print-config's kind
+    (tmp_path / "compare-typo.yaml").write_text("dataset: digits\nepochs: 3\nseed: 1\n")
     (tmp_path / "not-a-number.yaml").write_text("lr: fast\n")  # while lr: 1e-3 is read as the number
     (tmp_path / "has-checkpoint").mkdir()
     (tmp_path / "has-checkpoint" / "checkpoint-e0001-s0000000.pt").write_bytes(b"earlier work")
@@ -208,3 +211,18 @@ def test_output_folder_is_refused_before_the_images_are_read(workspace, capsys, 
     monkeypatch.setattr("relreason.train.loop.build_pretrain_data", read_images)
     argv = ["--dataset", "folder", "--data-root", "{tmp}/one-class", *argv]
     assert_refused(workspace, capsys, "pretrain", argv, fragment)
+
+
+def test_an_output_folder_under_one_that_cannot_be_searched_is_one_line(workspace, capsys, monkeypatch):
+    from pathlib import Path
+
+    real_exists = Path.exists
+
+    def exists(path, *args, **kwargs):  # what a folder without search permission does for a non-root user
+        if "locked" in str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_exists(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "exists", exists)
+    assert_refused(workspace, capsys, "pretrain", ["--output-dir", "{tmp}/locked/inner/run"],
+                   "output folder {tmp}/locked/inner/run is not writable (Permission denied)")

@@ -452,3 +452,65 @@ def test_a_sigterm_during_evaluate_is_said_in_one_line_with_exit_143(monkeypatch
     assert capsys.readouterr().err == ("relreason: stopped by SIGTERM; the features already extracted stay cached, so "
                                        "the same command goes on from them\n")
     assert signal.getsignal(signal.SIGTERM) == before  # given back
+
+
+def test_evaluate_keeps_its_results_out_of_the_image_folders_it_reads(tmp_path, capsys):
+    import shutil
+
+    for split in ("train", "test"):
+        _digit_pngs(tmp_path / "images" / split, 30, classes=True)
+    assert main(["pretrain", "--dataset", "digits", *TINY, "--output-dir", str(tmp_path / "run")]) == 0
+    # A run folder elsewhere in the root holds no images evaluate reads: its results may go there.
+    (tmp_path / "images" / "runs").mkdir()
+    shutil.copy(tmp_path / "run" / "backbone.pt", tmp_path / "images" / "runs" / "w.pt")
+    common = ["--backbone", "conv4", "--dataset", "folder", "--data-root", str(tmp_path / "images"),
+              "--protocols", "knn", "--no-random-baseline"]
+    assert main(["evaluate", "--weights", str(tmp_path / "images" / "runs" / "w.pt"), *common]) == 0
+    assert (tmp_path / "images" / "runs" / "evaluation.json").is_file()
+    # Weights inside train/: their default results place is refused, in words that fit what was typed.
+    shutil.copy(tmp_path / "run" / "backbone.pt", tmp_path / "images" / "train" / "w.pt")
+    before = sorted(p.name for p in (tmp_path / "images" / "train").iterdir())
+    capsys.readouterr()
+    assert main(["evaluate", "--weights", str(tmp_path / "images" / "train" / "w.pt"), *common]) == 2
+    assert (f"the results would go beside the weights, {tmp_path / 'images' / 'train' / 'evaluation.json'}, inside "
+            f"the image folder {tmp_path / 'images' / 'train'}" in capsys.readouterr().err)
+    assert sorted(p.name for p in (tmp_path / "images" / "train").iterdir()) == before
+
+
+def test_home_is_expanded_in_path_objects_from_python_code(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from relreason.checks import with_home_expanded
+    from relreason.train import PretrainConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = with_home_expanded(PretrainConfig(output_dir=Path("~/runs"), data_root="data"), "output_dir", "data_root")
+    assert (config.output_dir, config.data_root) == (str(tmp_path / "runs"), "data")
+
+
+def test_a_sigterm_while_evaluate_decodes_images_is_not_taken_for_a_bad_image(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    import relreason.data.image_folder as image_folder
+
+    for split in ("train", "test"):
+        _digit_pngs(tmp_path / "images" / split, 30, classes=True)
+    assert main(["pretrain", "--dataset", "digits", *TINY, "--output-dir", str(tmp_path / "run")]) == 0
+    real, calls = image_folder.pil_to_rgb, []
+
+    def decoded_then_terminated(image):  # inside the image reader's `except Exception`
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(image)
+
+    monkeypatch.setattr(image_folder, "pil_to_rgb", decoded_then_terminated)
+    argv = ["evaluate", "--weights", str(tmp_path / "run" / "backbone.pt"), "--dataset", "folder", "--data-root",
+            str(tmp_path / "images"), "--protocols", "knn", "--no-random-baseline", "--output", str(tmp_path / "e.json")]
+    capsys.readouterr()
+    assert main(argv) == 143
+    assert capsys.readouterr().err.endswith("relreason: stopped by SIGTERM; the features already extracted stay cached, "
+                                            "so the same command goes on from them\n")
+    monkeypatch.setattr(image_folder, "pil_to_rgb", real)
+    assert main(argv) == 0  # no image was taken for unreadable

@@ -341,3 +341,11 @@ def test_factorised_path_gives_way_to_hooks_and_overrides(change, aggregation):
     left, right, _ = relation_pair_indices(3, 5)
     pairs = torch.cat([features[left], features[right]], 1) if aggregation == "cat" else features[left] + features[right]
     assert torch.allclose(head.score_pairs(features, left, right, aggregation), head(pairs).squeeze(1), atol=1e-5)
+
+
+def test_a_lazy_first_layer_is_left_to_learn_its_width():
+    head = RelationHead(8)
+    head[0] = torch.nn.LazyLinear(256)  # a user's replacement: its width is not known before its first call
+    left, right, _ = relation_pair_indices(2, 4)
+    scores = head.score_pairs(torch.randn(8, 5), left, right, "cat")
+    assert scores.shape == (8,) and head[0].in_features == 10

@@ -208,10 +208,24 @@ def test_common_view_mistakes_are_one_line_errors():
     with pytest.raises(RelreasonError, match=r"whole \(views, labels\) batch.*views, labels = batch"):
         model([views, torch.zeros(4)])  # a K-view loader's batch, not unpacked
     for uint8_views in ([v.to(torch.uint8) for v in views], torch.stack(views).to(torch.uint8)):
-        with pytest.raises(RelreasonError, match="float images, got torch.uint8.*BatchRelationalAugmentation"):
+        with pytest.raises(RelreasonError, match="backbone cannot take torch.uint8 views.*BatchRelationalAugmentation"):
             model(uint8_views)
     with pytest.raises(RelreasonError, match="must be tensors"):
         model([views[0], views[1].numpy()])
+
+
+def test_a_backbone_that_takes_uint8_images_itself_gets_them():
+    class Normalising(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = small_backbone()
+
+        def forward(self, x):
+            return self.body(x.float() / 255)
+
+    model = RelationalReasoning(Normalising())
+    views = torch.randint(0, 256, (2, 4, 3, 8, 8), dtype=torch.uint8)
+    assert torch.isfinite(model(views).loss)
 
 
 @pytest.mark.parametrize("method_name", ["relational", "simclr", "rotation", "supervised"])

@@ -146,7 +146,7 @@ def test_multiview_default_collate():
     assert last_views[0].shape == (1, 3, 16, 16) and last_labels.tolist() == [4]
 
 
-@pytest.mark.parametrize("k", [0, -2, 2.5, True])
+@pytest.mark.parametrize("k", [0, -2, 2.5, True, torch.tensor(True)])
 def test_multiview_rejects_invalid_view_counts(k):
     base = ArrayImageDataset(_images(2))
     with pytest.raises(RelreasonError, match="the number of views per image must be a positive integer"):

@@ -313,6 +313,18 @@ def test_fine_tune_trains_a_copy_with_decayed_lrs():
     assert again["test_accuracy"] == result["test_accuracy"]
 
 
+def test_fine_tune_takes_a_float64_backbone_and_grey_pil_images():
+    from PIL import Image
+
+    train, test = _bright_dark(64, 0), _bright_dark(32, 1)
+    mean, std = (0.5,) * 3, (0.25,) * 3
+    backbone = _zero_conv_backbone().double()
+    result = fine_tune(backbone, train, test, finetune_transform(8, mean, std), eval_transform(8, mean, std), 2,
+                       epochs=4, backbone_lr=0.01, head_lr=0.1, batch_size=16)
+    assert result["test_accuracy"] >= 95.0 and next(backbone.parameters()).dtype == torch.float64
+    assert finetune_transform(8, mean, std)(Image.new("L", (10, 12), 90)).shape == (3, 8, 8)
+
+
 def test_fine_tune_trains_batchnorm_in_train_mode_and_measures_in_eval_mode():
     train, test = _bright_dark(20, 0), _bright_dark(10, 1)
     mean, std = (0.5,) * 3, (0.25,) * 3

@@ -17,7 +17,8 @@ def check_positive_int(value: Any, name: str, example: int | None = None) -> int
     """``value`` as an int when it is an integer >= 1 (a NumPy or 0-d torch integer too, not a bool or a float),
     else a one-line error naming ``name``."""
     try:
-        number = None if isinstance(value, bool) else operator.index(value)
+        is_bool = isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("torch.bool", "bool")
+        number = None if is_bool else operator.index(value)
     except TypeError:
         number = None
     if number is None or number < 1:
@@ -43,6 +44,8 @@ def with_home_expanded(config: ConfigT, *fields: str) -> ConfigT:
     changes = {}
     for name in fields:
         value = getattr(config, name)
+        if isinstance(value, os.PathLike):  # a Path from Python code
+            value = os.fspath(value)
         if isinstance(value, str) and value.startswith("~"):
             changes[name] = os.path.expanduser(value)
     return dataclasses.replace(config, **changes) if changes else config

@@ -264,17 +264,20 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
     options = {}
     dests = {key: _config_dest(key) for key in loaded}
     # A file of pretrain's options alone (a shipped config, a run's config.json, a --print-config output) given to
-    # another command: say so, rather than "unknown option" for the first of them.
-    pretrain_file = parser.prog != "relreason pretrain" and (
-        is_bundled(resolved) or set(dests.values()) <= _pretrain_dests() | {"geometry"})
+    # another command: say so, rather than "unknown option" for the first of them. Not for a key with a near name
+    # here ('seed' for compare's 'seeds'): that is this command's file with a typo.
+    foreign = [key for key, dest in dests.items() if dest not in actions and dest != "geometry"
+               and not difflib.get_close_matches(dest, list(actions), n=1)]
+    if parser.prog != "relreason pretrain" and (is_bundled(resolved) or (
+            foreign and set(dests.values()) <= _pretrain_dests() | {"geometry"})):
+        key = foreign[0] if foreign else next(k for k, d in dests.items() if d not in actions and d != "geometry")
+        name = resolved.stem if is_bundled(resolved) else path
+        raise RelreasonError(f"{name} is a config for `relreason pretrain` (it sets '{key}', which "
+                             f"`{parser.prog}` has not); run `relreason pretrain --config {shlex.quote(name)}`")
     for key, value in loaded.items():
         dest = dests[key]
         if dest == "geometry":  # a run's config.json records it beside the options: that file works as a config
             continue
-        if dest not in actions and pretrain_file:
-            name = resolved.stem if is_bundled(resolved) else path
-            raise RelreasonError(f"{name} is a config for `relreason pretrain` (it sets '{key}', which "
-                                 f"`{parser.prog}` has not); run `relreason pretrain --config {shlex.quote(name)}`")
         if dest not in actions:
             near = difflib.get_close_matches(dest, list(actions), n=1)
             hint = f" (did you mean '{near[0].replace('_', '-')}'?)" if near else ""
@@ -512,8 +515,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-class Terminated(Exception):
-    """SIGTERM reached a command that keeps no checkpoint (evaluate): said in one line, exit 143."""
+class Terminated(BaseException):
+    """SIGTERM reached a command that keeps no checkpoint (evaluate): said in one line, exit 143. A BaseException,
+    as KeyboardInterrupt is, so that no ``except Exception`` on the way (an unreadable image, ...) takes it for
+    a failure of its own."""
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import statistics
 import sys
 import textwrap
@@ -22,7 +23,7 @@ import torch
 from relreason.checkpoint import atomic_write_bytes, atomic_write_json
 from relreason.checks import with_home_expanded
 from relreason.device import resolve_device
-from relreason.errors import RelreasonError
+from relreason.errors import RelreasonError, option_value
 from relreason.methods import check_method_name
 from relreason.run_files import BACKBONE_META_NAME, BACKBONE_NAME, CONFIG_NAME, FEATURES_DIR_NAME, STEPS_NAME
 from relreason.seeding import check_seed
@@ -150,7 +151,9 @@ def check_existing_runs(config: CompareConfig) -> None:
             wanted = dataclasses.asdict(pretrain_config_for(config, method, seed))
             # An option a run folder does not record is older than the option: the run had its default.
             recorded = {key: recorded.get(key, getattr(PretrainConfig, key)) for key in keys}
-            differ = [f"{key}: run {recorded[key]!r} vs now {wanted[key]!r}" for key in keys
+            if isinstance(recorded["data_root"], str):  # runs made before ~ was expanded recorded it as typed
+                recorded["data_root"] = os.path.expanduser(recorded["data_root"])
+            differ = [f"{key}: run {option_value(recorded[key])} vs now {option_value(wanted[key])}" for key in keys
                       if recorded[key] != wanted[key]
                       and not (key == "dataset" and same_dataset(recorded.get(key), wanted[key]))]
             if differ:

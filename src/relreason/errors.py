@@ -25,6 +25,11 @@ def short_reason(error: BaseException, limit: int | None = 120) -> str:
     return f"{type(error).__name__}: {detail}" if detail else type(error).__name__
 
 
+def option_value(value: object) -> str:
+    """An option's value for a message: ``none`` for an option not given (not Python's None), else its repr."""
+    return "none" if value is None else repr(value)
+
+
 def format_bytes(n: float) -> str:
     """A size for a message: ``512 B``, ``4.5 KB``, ``2.3 GB``."""
     for unit in ("B", "KB", "MB", "GB"):

@@ -62,7 +62,8 @@ class RelationHead(nn.Sequential):
             )
         first, width = self[0], features.shape[-1]
         joined_width = aggregation_width(width, aggregation)
-        if isinstance(first, nn.Linear) and first.in_features != joined_width:
+        lazy = isinstance(first, nn.modules.lazy.LazyModuleMixin) and first.has_uninitialized_params()
+        if isinstance(first, nn.Linear) and not lazy and first.in_features != joined_width:
             raise RelreasonError(
                 f"the relation head takes {first.in_features} inputs but '{aggregation}' of {width}-wide features "
                 f"gives {joined_width}; build the head with in_features={joined_width}"

@@ -123,11 +123,11 @@ def _locate(key: str, root: Path, split: str) -> dict[str, Path] | None:
 
 def _not_found(key: str, root: Path, split: str) -> RelreasonError:
     expected = _LAYOUTS[key].expected[split]
-    fix = "pass --download to fetch it or --data-root to point at it (in Python: download=True, root=)"
+    fix = "pass --download to fetch it or --data-root to point at it (load_dataset's download=True, root=)"
     if key == "fashion-mnist":
         searched = ", ".join(SYSTEM_DATASET_DIRS.get(key, ())) or "no system directory"
         fix = (
-            "pass --download to fetch it, --data-root to point at it (in Python: download=True, root=), or run "
+            "pass --download to fetch it, --data-root to point at it (load_dataset's download=True, root=), or run "
             f"'apt-get install dataset-fashion-mnist' (searched also {searched})"
         )
     return RelreasonError(

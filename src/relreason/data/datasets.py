@@ -196,7 +196,7 @@ def load_dataset(
     if key == "digits":
         return load_digits(split)
     if root is None:
-        raise RelreasonError(f"dataset '{key}' needs a data directory; pass --data-root (in Python: root=)")
+        raise RelreasonError(f"dataset '{key}' needs a data directory; pass --data-root (load_dataset's root=)")
     root = Path(root).expanduser()
     if key == "folder":
         return load_folder_split(root, split)

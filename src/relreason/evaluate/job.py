@@ -29,6 +29,7 @@ from relreason.evaluate.data import (
     count_images_inside,
     data_tag_of,
     feature_cache_path,
+    image_folders_read,
     labelled_split,
     pretraining_folder,
     same_path,
@@ -97,11 +98,13 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
               f"./data{system} (pass --data-root to say where it is)", file=sys.stderr)
         recorded = None
     data_root = config.data_root or recorded or "data"
-    if info.name == "folder" and output.resolve().is_relative_to(Path(data_root).expanduser().resolve()):
-        raise RelreasonError(
-            f"--output {output} lies inside the image folder {data_root}: the results would be added to your images "
-            "(and read as images next time); choose an --output outside it"
-        )
+    # The results (a retrieval PNG among them) must not join the images evaluated, now or next time.
+    read = image_folders_read(data_root) if info.name == "folder" else []
+    inside = next((folder for folder in read if output.resolve().is_relative_to(folder.resolve())), None)
+    if inside is not None:
+        where = f"--output {output} lies" if config.output else f"the results would go beside the weights, {output},"
+        raise RelreasonError(f"{where} inside the image folder {inside}: they would be added to your images (and read "
+                             "as images next time); pass an --output outside it")
     check_output_path(output)
     # The run's own held-out share when it was pretrained on part of this very folder (and none was asked for).
     same_folder = own_data and (not config.data_root or (recorded is not None and same_path(config.data_root, recorded)))

@@ -12,7 +12,7 @@ from torch import nn
 
 from relreason.backbones.feature_dim import infer_feature_dim
 from relreason.checks import check_positive_int
-from relreason.errors import RelreasonError
+from relreason.errors import RelreasonError, short_reason
 
 
 @dataclass
@@ -55,14 +55,24 @@ class PretrainMethod(nn.Module):
     def beside_backbone(self, module: nn.Module) -> nn.Module:
         """``module`` moved to the backbone's device and floating dtype, so that a head built for a backbone
         already on a GPU, or in float64, runs with it."""
-        tensor = next(self.backbone.parameters(), None)
-        if tensor is None or not tensor.is_floating_point():
+        tensors = [*self.backbone.parameters(), *self.backbone.buffers()]
+        if not tensors:
             return module
-        return module.to(device=tensor.device, dtype=tensor.dtype)
+        floating = next((t for t in tensors if t.is_floating_point()), None)
+        return module.to(device=tensors[0].device, dtype=floating.dtype if floating is not None else None)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's features of ``images``, checked to be one ``feature_dim``-wide row per image."""
-        features = self.backbone(images)
+        try:
+            features = self.backbone(images)
+        except RuntimeError as error:
+            if images.is_floating_point():
+                raise
+            raise RelreasonError(
+                f"the backbone cannot take {images.dtype} views ({short_reason(error)}); make normalised float views "
+                "from uint8 images with relreason.data.batch_augment.BatchRelationalAugmentation or a transform "
+                "ending in Normalize"
+            ) from error
         check_features(features, images.shape[0], self.feature_dim)
         return features
 
@@ -111,12 +121,6 @@ def view_list(views: Sequence[torch.Tensor] | torch.Tensor, method: str) -> list
         raise RelreasonError(
             f"{method}: each view must be a batch of images (B, C, H, W), got shapes {sorted(shapes)}; "
             "add the batch axis with view.unsqueeze(0) for a single image"
-        )
-    if not all(v.is_floating_point() for v in views):
-        dtype = next(v.dtype for v in views if not v.is_floating_point())
-        raise RelreasonError(
-            f"{method}: views must be normalised float images, got {dtype}; make them from uint8 images with "
-            "relreason.data.batch_augment.BatchRelationalAugmentation or a transform ending in Normalize"
         )
     return views
 

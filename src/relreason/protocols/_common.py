@@ -78,6 +78,13 @@ def module_device(module: nn.Module) -> torch.device | None:
     return None
 
 
+def module_dtype(module: nn.Module) -> torch.dtype:
+    """The floating dtype of ``module``'s first floating parameter (float32 when it has none): images go in as that,
+    so a float64 or bfloat16 backbone takes them as they come."""
+    weight = next((p for p in module.parameters() if p.is_floating_point()), None)
+    return weight.dtype if weight is not None else torch.float32
+
+
 class TransformedDataset(Dataset):
     """Apply ``transform`` to the image of each ``(image, label)`` item of ``base``."""
 

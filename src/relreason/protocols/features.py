@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from relreason.checkpoint import atomic_torch_save
 from relreason.errors import RelreasonError
-from relreason.protocols._common import TransformedDataset, check_positive_int, module_device
+from relreason.protocols._common import TransformedDataset, check_positive_int, module_device, module_dtype
 
 
 def _load_feature_cache(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,9 +97,7 @@ def extract_features(
 
     modes = [(module, module.training) for module in backbone.modules()]
     original_device = module_device(backbone)
-    # Images in the backbone's own floating dtype (a float64 or bfloat16 backbone takes them as they come).
-    weight = next((p for p in backbone.parameters() if p.is_floating_point()), None)
-    input_dtype = weight.dtype if weight is not None else torch.float32
+    input_dtype = module_dtype(backbone)
     feature_chunks: list[torch.Tensor] = []
     label_chunks: list[torch.Tensor] = []
     try:

@@ -23,6 +23,7 @@ from relreason.protocols._common import (
     check_positive_float,
     check_positive_int,
     check_seed,
+    module_dtype,
 )
 
 __all__ = [
@@ -48,12 +49,13 @@ def finetune_transform(image_size: int, mean: Sequence[float], std: Sequence[flo
     pixels per side (4 at 32 px, the usual CIFAR recipe), a horizontal flip with probability
     0.5, ToTensor and Normalize.
     """
-    from relreason.data import eval_transform
+    from relreason.data import ToRGB, eval_transform
 
     eval_transform(image_size, mean, std)  # the same checks of size, mean and std
     padding = max(1, round(image_size / 8))
     return T.Compose(
         [
+            ToRGB(),
             T.Resize(image_size, interpolation=InterpolationMode.BILINEAR),
             T.CenterCrop(image_size),
             T.RandomCrop(image_size, padding=padding),
@@ -100,7 +102,7 @@ def _accuracy(model: nn.Module, head: nn.Linear, dataset: Any, transform: Callab
     correct = total = 0
     with torch.no_grad():
         for images, labels in loader:
-            out = model(images.to(device, non_blocking=True))
+            out = model(images.to(device, module_dtype(model), non_blocking=True))
             predictions = head(out.reshape(out.shape[0], -1)).argmax(dim=1).cpu()
             correct += int((predictions == labels).sum())
             total += labels.shape[0]
@@ -182,9 +184,9 @@ def fine_tune(
         model.requires_grad_(True)
         model.eval()
         with torch.no_grad():  # one image tells the feature width
-            sample = TransformedDataset(train_base, test_transform)[0][0].unsqueeze(0).to(target)
-            feature_dim = model(sample).reshape(1, -1).shape[1]
-        head = nn.Linear(feature_dim, num_classes).to(target)
+            sample = TransformedDataset(train_base, test_transform)[0][0].unsqueeze(0)
+            feature_dim = model(sample.to(target, module_dtype(model))).reshape(1, -1).shape[1]
+        head = nn.Linear(feature_dim, num_classes).to(target, module_dtype(model))  # in the backbone's dtype
         optimizer = torch.optim.Adam(
             [
                 {"params": list(model.parameters()), "lr": backbone_lr, "name": "backbone"},
@@ -209,7 +211,7 @@ def fine_tune(
                 model.train()
                 head.train()
                 for images, labels in loader:
-                    out = model(images.to(target, non_blocking=True))
+                    out = model(images.to(target, module_dtype(model), non_blocking=True))
                     loss = F.cross_entropy(head(out.reshape(out.shape[0], -1)), labels.to(target))
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()

@@ -209,9 +209,9 @@ def _pretrain(
             if stopped_early:
                 log(f"stopped during epoch {position.epoch + 1} at step {position.step}; exported the current "
                     "backbone and saved a checkpoint there: rerun the same command to continue", context)
+        barrier(context)  # every rank keeps the handlers until rank 0 is done: a SIGTERM then kills none of them
     finally:
         stop.uninstall()
-    barrier(context)
     if stop.signal_name == "Ctrl-C" or stop.interrupted:
         # Ctrl-C still interrupts the caller (a loop over runs, compare), now with the run checkpointed; also when
         # it came during the last step, which ended the run anyway.

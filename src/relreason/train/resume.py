@@ -20,7 +20,7 @@ from relreason.checkpoint import (
 )
 from relreason.data import dataset_info, same_dataset
 from relreason.distributed import DistributedContext, broadcast_object
-from relreason.errors import RelreasonError
+from relreason.errors import RelreasonError, option_value
 from relreason.methods.online_probe import PretrainModule
 from relreason.train.config import PretrainConfig
 from relreason.train.position import TrainingPosition
@@ -82,7 +82,7 @@ def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, geometry
     if dataset_info(config.dataset).name == "folder" and None not in (saved_path, path_now) and saved_path != path_now:
         mismatched["augment"] = (saved_path, path_now)
     if mismatched:
-        detail = ", ".join(f"{k}: checkpoint {_shown(a)} vs now {_shown(b)}" for k, (a, b) in mismatched.items())
+        detail = ", ".join(f"{k}: checkpoint {option_value(a)} vs now {option_value(b)}" for k, (a, b) in mismatched.items())
         raise RelreasonError(f"cannot resume {path}: options differ ({detail}); rerun with the original options, or "
                              "choose another --output-dir for a new run")
     # Same statistics, same images: a folder moved elsewhere resumes, another folder (or one whose files
@@ -97,11 +97,6 @@ def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, geometry
                 "run's images or choose "
                 "another --output-dir"
             )
-
-
-def _shown(value: Any) -> str:
-    """An option's value as the command line would take it; none for an option not given."""
-    return "none" if value is None else repr(value)
 
 
 def _rounded(values: list[float]) -> list[float]:
