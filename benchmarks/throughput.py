@@ -213,22 +213,23 @@ def backbone_step_factory(backbone_name, num_views, batch_size, mode, device):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backbones", nargs="+", default=["conv4", "resnet32"])
-    parser.add_argument("--views", nargs="+", type=int, default=[4, 16, 32], help="values of K")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the steps run [cuda when there is one, else cpu]")
+    parser.add_argument("--backbones", nargs="+", default=["conv4", "resnet32"], help="[conv4 resnet32]")
+    parser.add_argument("--views", nargs="+", type=int, default=[4, 16, 32], help="values of K [4 16 32]")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per step [64]")
     parser.add_argument("--modes", nargs="+", default=None,
                         help="numeric modes of relreason's step and the backbone: fp32, bf16, fp16, each optionally "
                         "+cl (channels_last) and +compile (as --compile: the backbone and the colour jitter) [fp32 and bf16+cl]")
     parser.add_argument("--steps", type=int, default=10,
                         help="timed steps per row: relreason's and the backbone's rows alternate in blocks of 2 and report "
                         "their median block; the reference runs its steps in one block of its own")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each row's timed ones [3]")
     parser.add_argument("--reference-workers", type=int, default=None,
                         help="DataLoader workers of the reference step [0 on CPU, min(16, cores) on CUDA]")
-    parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--skip-reference", action="store_true", help="time relreason's step and the backbone alone")
     parser.add_argument("--dataset", default="fashion-mnist", help="images to augment, or 'synthetic' [fashion-mnist]")
-    parser.add_argument("--data-root", default="data")
+    parser.add_argument("--data-root", default="data", help="where the dataset's files are [data]")
     parser.add_argument("--rgb", action="store_true",
                         help="give the images as three channels, so every colour operation runs (grey images skip "
                         "saturation, hue and greyscale, which leave them unchanged)")
@@ -245,11 +246,12 @@ def main() -> None:
     colours = "RGB" if images.images.ndim == 4 and images.images.shape[3] == 3 else "grey"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(f"# device {device} ({where}), {torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
-          f"{colours} images, batch {args.batch_size}, {args.steps} timed steps after {args.warmup} (relreason and backbone rows interleaved, medians); reference with {workers} workers")
+          f"{colours} images, batch {args.batch_size}, {args.steps} timed steps after {args.warmup} (relreason and backbone rows interleaved, medians)"
+          + ("" if args.skip_reference else f"; reference with {workers} workers"))
     if device.type == "cuda":
         print(f"# CUDA fp32 rows: cuDNN convolutions in TF32 {torch.backends.cudnn.allow_tf32} (PyTorch's default: True), "
               f"matmuls in TF32 {torch.backends.cuda.matmul.allow_tf32}", flush=True)
-    header = f"| backbone | K | step | mode | ms/step | views/s | x reference | / backbone-only |"
+    header = "| backbone | K | step | mode | ms/step | views/s | x reference | / backbone-only |"
     print(header)
     print("|---|---|---|---|---:|---:|---:|---:|")
     failed = False

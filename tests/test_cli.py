@@ -514,3 +514,33 @@ def test_a_sigterm_while_evaluate_decodes_images_is_not_taken_for_a_bad_image(tm
                                             "so the same command goes on from them\n")
     monkeypatch.setattr(image_folder, "pil_to_rgb", real)
     assert main(argv) == 0  # no image was taken for unreadable
+
+
+@pytest.mark.parametrize("command", ["evaluate", "compare"])
+def test_evaluate_and_compare_under_torchrun_are_refused_in_one_line(command, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main([command]) == 2
+    assert capsys.readouterr().err == (f"relreason: error: `relreason {command}` runs in one process (every rank would do "
+                                       "all its work); launch it without torchrun: `relreason pretrain` alone trains "
+                                       "on several\n")
+
+
+def test_a_sigterm_during_compares_evaluation_is_said_in_one_line(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    import relreason.evaluate
+
+    def terminated(config):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the comparison")
+
+    monkeypatch.setattr(relreason.evaluate, "run_evaluation", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["compare", "--dataset", "digits", "--methods", "relational", "--seeds", "1", "--epochs", "1",
+                 "-K", "2", "--image-size", "16", "--protocols", "knn", "--no-progress",
+                 "--output-dir", str(tmp_path / "c")]) == 143
+    assert capsys.readouterr().err.endswith("relreason: stopped by SIGTERM; finished runs and extracted features are "
+                                            "kept, and the same command goes on from where it stopped\n")
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert (tmp_path / "c" / "relational-seed1" / "backbone.pt").is_file()

@@ -111,8 +111,8 @@ def test_compare_refuses_runs_made_with_other_options_and_trains_on_for_more_epo
     assert "was trained with other options (jitter_strength: run 1.0 vs now 0.5)" in capsys.readouterr().err
     assert main(compare_argv(output, "--time-limit", "5")) == 2
     assert "holds runs trained with no --time-limit (now --time-limit 5)" in capsys.readouterr().err
-    argv = compare_argv(output, "--epochs", "2")
-    argv[argv.index("digits")] = "DIGITS"  # the same dataset, as typed otherwise
+    argv = compare_argv(output, "--epochs", "2", "--data-root", str(tmp_path / "elsewhere"))
+    argv[argv.index("digits")] = "DIGITS"  # the same dataset, as typed otherwise (and digits reads no data root)
     assert main(argv) == 0
     assert "epoch 2/2" in capsys.readouterr().err
     assert json.loads((output / "compare.json").read_text())["table"]["relational"]["epochs"]["mean"] == 2
@@ -311,3 +311,20 @@ def test_compare_refuses_a_folder_of_one_class_before_training(tmp_path, capsys,
     said = ("holds one class ('photos'); --test-fraction holds out" if extra
             else "hold 1 class ('photos'); evaluation needs")
     assert said in err
+
+
+def test_compare_takes_a_folder_named_otherwise_as_the_same_folder(tmp_path, capsys, monkeypatch):
+    from relreason.compare import CompareConfig, check_existing_runs
+
+    (tmp_path / "imgs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    output = tmp_path / "compare"
+    (output / "relational-seed1").mkdir(parents=True)
+    recorded = {"method": "relational", "dataset": "folder", "data_root": "imgs", "num_views": 4, "seed": 1}
+    (output / "relational-seed1" / "config.json").write_text(json.dumps(recorded))
+    for spelling in ("imgs", "./imgs/", str(tmp_path / "imgs")):
+        check_existing_runs(CompareConfig(dataset="folder", data_root=spelling, methods=("relational",), seeds=(1,),
+                                          output_dir=str(output)))
+    with pytest.raises(RelreasonError, match="data_root: run 'imgs' vs now 'other'"):
+        check_existing_runs(CompareConfig(dataset="folder", data_root="other", methods=("relational",), seeds=(1,),
+                                          output_dir=str(output)))

@@ -104,6 +104,8 @@ def test_no_readable_checkpoint_is_refused_not_started_over(tmp_path):
 
 @pytest.mark.parametrize("signum, status, name, says, extra", [
     (signal.SIGTERM, 143, "SIGTERM", "stopped by SIGTERM after 0 epoch(s)", []),
+    # SIGTERM to the process group (Slurm's scancel, `timeout`): the DataLoader workers must survive it too.
+    (signal.SIGTERM, 143, "SIGTERM", "stopped by SIGTERM after 0 epoch(s)", ["--augment", "pil", "--num-workers", "1"]),
     # Ctrl-C reaches the whole process group, DataLoader workers included: they must keep serving the step.
     (signal.SIGINT, 130, "Ctrl-C", "relreason: interrupted; the checkpoints written so far are kept",
      ["--augment", "pil", "--num-workers", "1"]),

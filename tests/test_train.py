@@ -659,3 +659,17 @@ def test_a_sigterm_while_the_finished_run_is_exported_lets_the_export_and_plot_f
     for name in ("backbone.pt", "backbone.json", "training_curves.png"):
         assert (tmp_path / "run" / name).is_file(), name
     assert json.loads((tmp_path / "run" / "backbone.json").read_text())["finished"] is True
+
+
+def test_a_stop_at_an_epochs_end_says_after_that_epoch(tmp_path, monkeypatch, capsys):
+    # digits: 1,438 training images, 23 steps of 64; the 24th vote is the one taken after the epoch's last step.
+    stop_at_step(monkeypatch, 24)
+    result = pretrain(config(tmp_path, epochs=2))
+    assert result.stopped_early and not result.mid_epoch and result.epochs_done == 1
+    err = capsys.readouterr().err
+    assert "stopped after epoch 1; exported the current backbone" in err and "step 0" not in err
+    monkeypatch.undo()
+    stop_at_step(monkeypatch, 3)
+    result = pretrain(config(tmp_path, epochs=3))  # resumes into epoch 2 and stops inside it
+    assert result.stopped_early and result.mid_epoch
+    assert "stopped during epoch 2 at step 3" in capsys.readouterr().err  # the 3rd vote: after step 3

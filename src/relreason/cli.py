@@ -400,10 +400,11 @@ def run_pretrain(args: argparse.Namespace) -> int:
     reports = os.environ.get("RANK", "0") == "0"  # under torchrun, process 0 alone speaks for the run
     if result.preempted:
         if reports:
-            print(f"stopped by SIGTERM after {result.epochs_done} epoch(s) and part of the next, with a checkpoint "
-                  "there; rerun the same command to continue")
+            part = " and part of the next" if result.mid_epoch else ""
+            print(f"stopped by SIGTERM after {result.epochs_done} epoch(s){part}, with a checkpoint there; rerun the "
+                  "same command to continue")
         return 143  # 128 + SIGTERM: the run is not finished
-    partial = " and part of the next (time limit)" if result.stopped_early else ""
+    partial = (" and part of the next" if result.mid_epoch else "") + " (time limit)" if result.stopped_early else ""
     evaluate = f"relreason evaluate --run-dir {shlex.quote(str(result.run_dir))}"  # to paste into a shell
     if dataset_info(config.dataset).name == "folder" and config.test_fraction is None and (
             not has_split_dirs(config.data_root or ".") or result.num_classes is None):
@@ -493,16 +494,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             if os.environ.get("RANK", "0") == "0":  # under torchrun, one copy of the file
                 print(config_as_yaml(config, _subparser(parser, command)), end="")
             return 0
+        if command in ("evaluate", "compare") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise RelreasonError(f"`relreason {command}` runs in one process (every rank would do all its work); "
+                                 "launch it without torchrun: `relreason pretrain` alone trains on several")
         handler = {"pretrain": run_pretrain, "evaluate": run_evaluate, "compare": run_compare_command,
                    "list": run_list}[command]
-        if command != "evaluate":  # pretrain and compare checkpoint on SIGTERM themselves
+        if command == "pretrain":  # it checkpoints on SIGTERM itself (and so does each of compare's runs)
             return handler(args)
         with _sigterm_raises():
             return handler(args)
     except Terminated:
-        if os.environ.get("RANK", "0") == "0":
-            sys.stderr.write("relreason: stopped by SIGTERM; the features already extracted stay cached, so the same "
-                             "command goes on from them\n")
+        sys.stderr.write(f"relreason: stopped by SIGTERM{_AFTER_SIGTERM.get(command, '')}\n")
         return 143  # 128 + SIGTERM, as pretrain's
     except RelreasonError as error:
         # One write: under torchrun every rank may say it, and two prints each would interleave on one line.
@@ -548,6 +550,11 @@ def _after_interrupt(command: str | None, args: argparse.Namespace | None) -> st
             return " before the run's first checkpoint; the same command starts it again"
     return _AFTER_INTERRUPT.get(command, "")
 
+
+_AFTER_SIGTERM = {
+    "evaluate": "; the features already extracted stay cached, so the same command goes on from them",
+    "compare": "; finished runs and extracted features are kept, and the same command goes on from where it stopped",
+}
 
 _AFTER_INTERRUPT = {
     "pretrain": "; the checkpoints written so far are kept, and the same command (without --no-resume) resumes "

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
 import statistics
 import sys
 import textwrap
@@ -151,16 +150,25 @@ def check_existing_runs(config: CompareConfig) -> None:
             wanted = dataclasses.asdict(pretrain_config_for(config, method, seed))
             # An option a run folder does not record is older than the option: the run had its default.
             recorded = {key: recorded.get(key, getattr(PretrainConfig, key)) for key in keys}
-            if isinstance(recorded["data_root"], str):  # runs made before ~ was expanded recorded it as typed
-                recorded["data_root"] = os.path.expanduser(recorded["data_root"])
             differ = [f"{key}: run {option_value(recorded[key])} vs now {option_value(wanted[key])}" for key in keys
                       if recorded[key] != wanted[key]
-                      and not (key == "dataset" and same_dataset(recorded.get(key), wanted[key]))]
+                      and not (key == "dataset" and same_dataset(recorded.get(key), wanted[key]))
+                      and not (key == "data_root" and _same_data_root(recorded[key], wanted[key], config.dataset))]
             if differ:
                 raise RelreasonError(
                     f"{run_dir} was trained with other options ({', '.join(differ)}); rerun with the original "
                     "options or choose another --output-dir"
                 )
+
+
+def _same_data_root(recorded: Any, wanted: str, dataset: str) -> bool:
+    """The same folder however it is spelled (relative, absolute, with ~, with a trailing /); any for digits,
+    which reads no files."""
+    from relreason.data import dataset_info
+
+    if dataset_info(dataset).name == "digits":
+        return True
+    return isinstance(recorded, str) and Path(recorded).expanduser().resolve() == Path(wanted).expanduser().resolve()
 
 
 def budget_spent(run_dir: Path, epochs: int) -> bool:

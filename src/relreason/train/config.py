@@ -137,6 +137,7 @@ class PretrainResult:
     preempted: bool = False  # stopped by SIGTERM rather than by --time-limit
     num_classes: int | None = None  # of the pretraining images; None when they have no labels
     sigterm_received: bool = False  # also when it came too late to stop the run (in its last step): stop what follows
+    mid_epoch: bool = False  # stopped early inside an epoch (not at an epoch's end)
 
 
 

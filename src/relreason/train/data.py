@@ -103,13 +103,15 @@ def make_loader(
         batch_sampler=sampler,
         num_workers=loader_workers(config.num_workers, device),
         pin_memory=device.type == "cuda",
-        worker_init_fn=_ignore_ctrl_c,
+        worker_init_fn=_ignore_stop_signals,
     )
 
 
-def _ignore_ctrl_c(worker_id: int) -> None:
-    # Ctrl-C reaches the workers too; they must keep serving the step the main process finishes before it stops.
+def _ignore_stop_signals(worker_id: int) -> None:
+    # Ctrl-C, and a SIGTERM sent to the whole process group (Slurm's scancel, `timeout`, kill -TERM -PGID), reach
+    # the workers too: they must keep serving the step the main process finishes and checkpoints before it stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def loader_workers(requested: int | None, device: torch.device) -> int:

@@ -207,8 +207,10 @@ def _pretrain(
             metrics.close()
             plot_training_curves(metrics.read(), run_dir / CURVES_NAME)
             if stopped_early:
-                log(f"stopped during epoch {position.epoch + 1} at step {position.step}; exported the current "
-                    "backbone and saved a checkpoint there: rerun the same command to continue", context)
+                where = f"during epoch {position.epoch + 1} at step {position.step}" if position.step else \
+                    f"after epoch {position.epoch}"
+                log(f"stopped {where}; exported the current backbone and saved a checkpoint there: rerun the same "
+                    "command to continue", context)
         barrier(context)  # every rank keeps the handlers until rank 0 is done: a SIGTERM then kills none of them
     finally:
         stop.uninstall()
@@ -218,7 +220,7 @@ def _pretrain(
         raise KeyboardInterrupt
     history = metrics.read() if context.is_main else []
     return PretrainResult(run_dir, position.epoch, history, stopped_early, model.method,
-                          stopped_early and stop.signalled, num_classes,
+                          stopped_early and stop.signalled, num_classes, mid_epoch=stopped_early and position.step > 0,
                           sigterm_received=stop.signalled or stop.requested)
 
 
