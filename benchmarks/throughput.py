@@ -223,7 +223,7 @@ def main() -> None:
                         "+cl (channels_last) and +compile (as --compile: the backbone and the colour jitter) [fp32 and bf16+cl]")
     parser.add_argument("--steps", type=int, default=10,
                         help="timed steps per row: relreason's and the backbone's rows alternate in blocks of 2 and report "
-                        "their median block; the reference runs its steps in one block of its own")
+                        "their median block; the reference runs its steps in one block of its own [10]")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each row's timed ones [3]")
     parser.add_argument("--reference-workers", type=int, default=None,
                         help="DataLoader workers of the reference step [0 on CPU, min(16, cores) on CUDA]")

@@ -475,6 +475,16 @@ def test_evaluate_keeps_its_results_out_of_the_image_folders_it_reads(tmp_path, 
     assert (f"the results would go beside the weights, {tmp_path / 'images' / 'train' / 'evaluation.json'}, inside "
             f"the image folder {tmp_path / 'images' / 'train'}" in capsys.readouterr().err)
     assert sorted(p.name for p in (tmp_path / "images" / "train").iterdir()) == before
+    # pretrain draws the same line: a run folder beside train/ and test/ is read by neither.
+    from relreason.errors import RelreasonError
+    from relreason.train import PretrainConfig
+
+    PretrainConfig(dataset="folder", data_root=str(tmp_path / "images"),
+                   output_dir=str(tmp_path / "images" / "runs" / "r")).validate()
+    for inside in ("train", "test"):
+        with pytest.raises(RelreasonError, match="lies inside --data-root"):
+            PretrainConfig(dataset="folder", data_root=str(tmp_path / "images"),
+                           output_dir=str(tmp_path / "images" / inside / "r")).validate()
 
 
 def test_home_is_expanded_in_path_objects_from_python_code(tmp_path, monkeypatch):
@@ -519,6 +529,7 @@ def test_a_sigterm_while_evaluate_decodes_images_is_not_taken_for_a_bad_image(tm
 @pytest.mark.parametrize("command", ["evaluate", "compare"])
 def test_evaluate_and_compare_under_torchrun_are_refused_in_one_line(command, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
     assert main([command]) == 2
     assert capsys.readouterr().err == (f"relreason: error: `relreason {command}` runs in one process (every rank would do "
                                        "all its work); launch it without torchrun: `relreason pretrain` alone trains "
@@ -544,3 +555,30 @@ def test_a_sigterm_during_compares_evaluation_is_said_in_one_line(tmp_path, monk
                                             "kept, and the same command goes on from where it stopped\n")
     assert signal.getsignal(signal.SIGTERM) == before
     assert (tmp_path / "c" / "relational-seed1" / "backbone.pt").is_file()
+
+
+def test_the_torchrun_refusal_leaves_pretrain_list_and_print_config_alone(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["evaluate", "--print-config"]) == 0
+    assert main(["list"]) == 0
+    monkeypatch.setenv("WORLD_SIZE", "")  # set but empty: not a torchrun launch
+    monkeypatch.delenv("RANK")
+    assert main(["evaluate", "--run-dir", str(tmp_path / "none")]) == 2
+    assert "no backbone weights" in capsys.readouterr().err
+
+
+def test_a_sigterm_before_pretrain_trains_is_one_line(monkeypatch, capsys, tmp_path):
+    import os
+    import signal
+
+    import relreason.train.loop as loop
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the setup")
+
+    monkeypatch.setattr(loop, "build_pretrain_data", terminated)
+    assert main(["pretrain", "--dataset", "digits", "--output-dir", str(tmp_path / "run")]) == 143
+    assert capsys.readouterr().err.endswith("relreason: stopped by SIGTERM outside training; the same command resumes "
+                                            "from the newest checkpoint (or starts the run, if it has none)\n")

@@ -270,10 +270,12 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
                and not difflib.get_close_matches(dest, list(actions), n=1)]
     if parser.prog != "relreason pretrain" and (is_bundled(resolved) or (
             foreign and set(dests.values()) <= _pretrain_dests() | {"geometry"})):
-        key = foreign[0] if foreign else next(k for k, d in dests.items() if d not in actions and d != "geometry")
-        name = resolved.stem if is_bundled(resolved) else path
-        raise RelreasonError(f"{name} is a config for `relreason pretrain` (it sets '{key}', which "
-                             f"`{parser.prog}` has not); run `relreason pretrain --config {shlex.quote(name)}`")
+        key = foreign[0] if foreign else next((k for k, d in dests.items() if d not in actions and d != "geometry"),
+                                              None)
+        if key is not None:  # (a shipped config whose every option this command has too is taken as it is)
+            name = resolved.stem if is_bundled(resolved) else path
+            raise RelreasonError(f"{name} is a config for `relreason pretrain` (it sets '{key}', which "
+                                 f"`{parser.prog}` has not); run `relreason pretrain --config {shlex.quote(name)}`")
     for key, value in loaded.items():
         dest = dests[key]
         if dest == "geometry":  # a run's config.json records it beside the options: that file works as a config
@@ -494,13 +496,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if os.environ.get("RANK", "0") == "0":  # under torchrun, one copy of the file
                 print(config_as_yaml(config, _subparser(parser, command)), end="")
             return 0
-        if command in ("evaluate", "compare") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if command in ("evaluate", "compare") and _several_processes():
             raise RelreasonError(f"`relreason {command}` runs in one process (every rank would do all its work); "
                                  "launch it without torchrun: `relreason pretrain` alone trains on several")
         handler = {"pretrain": run_pretrain, "evaluate": run_evaluate, "compare": run_compare_command,
                    "list": run_list}[command]
-        if command == "pretrain":  # it checkpoints on SIGTERM itself (and so does each of compare's runs)
-            return handler(args)
+        # Training checkpoints on SIGTERM itself (StopRequest); before and after it, and in the other commands, a
+        # SIGTERM ends the command with one line instead of no word.
         with _sigterm_raises():
             return handler(args)
     except Terminated:
@@ -515,6 +517,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank is interrupted: one says so
             sys.stderr.write(f"relreason: interrupted{_after_interrupt(command, args)}\n")
         return 130
+
+
+def _several_processes() -> bool:
+    """Launched by torchrun with more than one process (the test pretrain's distributed setup makes)."""
+    from relreason.distributed import launched_by_torchrun
+
+    return launched_by_torchrun() and os.environ["WORLD_SIZE"].strip().isdigit() and int(os.environ["WORLD_SIZE"]) > 1
 
 
 class Terminated(BaseException):
@@ -552,6 +561,8 @@ def _after_interrupt(command: str | None, args: argparse.Namespace | None) -> st
 
 
 _AFTER_SIGTERM = {
+    "pretrain": " outside training; the same command resumes from the newest checkpoint (or starts the run, if it has "
+                "none)",
     "evaluate": "; the features already extracted stay cached, so the same command goes on from them",
     "compare": "; finished runs and extracted features are kept, and the same command goes on from where it stopped",
 }

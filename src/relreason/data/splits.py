@@ -43,6 +43,15 @@ def test_dir_of(root: str | os.PathLike) -> Path | None:
     return next((root / name for name in TEST_DIR_NAMES if (root / name).is_dir()), None)
 
 
+def image_folders_read(root: str | os.PathLike) -> list[Path]:
+    """The folders whose images relreason reads from an image folder: ``train/`` and the test folder when the root
+    holds that split (pretrain reads ``train/``, evaluate both), else the root itself. Run folders and results must
+    stay out of them, or they would be read as images."""
+    root = Path(root).expanduser()
+    test_dir = test_dir_of(root)
+    return [root / "train", test_dir] if test_dir is not None else [root]
+
+
 def has_split_dirs(root: str | os.PathLike) -> bool:
     """Whether an image folder holds ``train/`` and ``test/``, ``val/`` or ``validation/`` (then pretraining reads ``train/``)."""
     return test_dir_of(root) is not None

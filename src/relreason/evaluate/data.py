@@ -13,7 +13,6 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from relreason.data import dataset_info, has_split_dirs, load_dataset
-from relreason.data.splits import test_dir_of
 from relreason.errors import RelreasonError
 
 
@@ -57,14 +56,6 @@ def check_several_classes(dataset: Any, name: str) -> None:
             f"the labelled images of dataset '{name}' hold {len(classes)} class{which}; evaluation needs at least 2 "
             "(for a folder: one subfolder per class, in train/ and test/ or split with --test-fraction)"
         )
-
-
-def image_folders_read(data_root: str) -> list[Path]:
-    """The folders whose images ``evaluate`` reads from a folder dataset: ``train/`` and the test folder when the
-    root holds that split, else the root itself (split by ``--test-fraction``)."""
-    root = Path(data_root).expanduser()
-    test_dir = test_dir_of(root)
-    return [root / "train", test_dir] if test_dir is not None else [root]
 
 
 def pretraining_folder(data_root: str) -> Path:

@@ -20,6 +20,7 @@ from relreason.data import (
     held_out_split,
     same_dataset,
 )
+from relreason.data.splits import image_folders_read
 from relreason.device import resolve_device, use_device
 from relreason.errors import RelreasonError
 from relreason.evaluate.config import EvaluateConfig
@@ -29,7 +30,6 @@ from relreason.evaluate.data import (
     count_images_inside,
     data_tag_of,
     feature_cache_path,
-    image_folders_read,
     labelled_split,
     pretraining_folder,
     same_path,

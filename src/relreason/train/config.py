@@ -10,6 +10,7 @@ from torch import nn
 
 from relreason.backbones.registry import check_backbone_name
 from relreason.data import check_test_fraction, dataset_info
+from relreason.data.splits import image_folders_read
 from relreason.data.transforms import check_crop_scale, jitter_amounts
 from relreason.device import AMP_MODES, check_device_name, resolve_device
 from relreason.errors import RelreasonError
@@ -114,8 +115,8 @@ class PretrainConfig:
         build_loss(self.loss, self.focal_gamma, self.focal_alpha)
         check_test_fraction(self.dataset, self.test_fraction)
         if dataset_info(self.dataset).name == "folder":
-            images, output = Path(self.data_root).expanduser().resolve(), Path(self.output_dir).expanduser().resolve()
-            if output == images or images in output.parents:
+            output = Path(self.output_dir).expanduser().resolve()
+            if any(output.is_relative_to(folder.resolve()) for folder in image_folders_read(self.data_root)):
                 raise RelreasonError(
                     f"--output-dir {self.output_dir} lies inside --data-root {self.data_root}, so the run's own files "
                     "would be read as images; choose an --output-dir outside it"

@@ -52,7 +52,9 @@ class StopRequest:
         self.requested = True
 
     def uninstall(self) -> None:
-        for signum, previous in self.previous.items():
+        # SIGINT first: restoring SIGTERM may hand it to a handler that raises (the CLI's) at once, and Ctrl-C must
+        # not be left with this request's handler then.
+        for signum, previous in sorted(self.previous.items(), key=lambda item: item[0] != signal.SIGINT):
             # None: the handler before was not set from Python, so the default is the nearest to it.
             signal.signal(signum, signal.SIG_DFL if previous is None else previous)
         self.previous = {}
