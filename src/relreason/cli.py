@@ -496,9 +496,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             if os.environ.get("RANK", "0") == "0":  # under torchrun, one copy of the file
                 print(config_as_yaml(config, _subparser(parser, command)), end="")
             return 0
-        if command in ("evaluate", "compare") and _several_processes():
-            raise RelreasonError(f"`relreason {command}` runs in one process (every rank would do all its work); "
-                                 "launch it without torchrun: `relreason pretrain` alone trains on several")
         handler = {"pretrain": run_pretrain, "evaluate": run_evaluate, "compare": run_compare_command,
                    "list": run_list}[command]
         # Training checkpoints on SIGTERM itself (StopRequest); before and after it, and in the other commands, a
@@ -517,13 +514,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank is interrupted: one says so
             sys.stderr.write(f"relreason: interrupted{_after_interrupt(command, args)}\n")
         return 130
-
-
-def _several_processes() -> bool:
-    """Launched by torchrun with more than one process (the test pretrain's distributed setup makes)."""
-    from relreason.distributed import launched_by_torchrun
-
-    return launched_by_torchrun() and os.environ["WORLD_SIZE"].strip().isdigit() and int(os.environ["WORLD_SIZE"]) > 1
 
 
 class Terminated(BaseException):

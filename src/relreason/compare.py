@@ -22,6 +22,7 @@ import torch
 from relreason.checkpoint import atomic_write_bytes, atomic_write_json
 from relreason.checks import with_home_expanded
 from relreason.device import resolve_device
+from relreason.distributed import refuse_several_processes
 from relreason.errors import RelreasonError, option_value
 from relreason.methods import check_method_name
 from relreason.run_files import BACKBONE_META_NAME, BACKBONE_NAME, CONFIG_NAME, FEATURES_DIR_NAME, STEPS_NAME
@@ -222,6 +223,7 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     from relreason.evaluate import EvaluateConfig, check_several_classes, labelled_split, run_evaluation
     from relreason.train import pretrain
 
+    refuse_several_processes("compare")
     config = with_home_expanded(config, "output_dir", "data_root")
     config.validate()
     check_existing_runs(config)

@@ -39,6 +39,15 @@ def launched_by_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
+def refuse_several_processes(command: str) -> None:
+    """A one-line error for a command that runs in one process, launched by torchrun with several: every rank would
+    do all of its work and write the same files."""
+    size = os.environ.get("WORLD_SIZE", "").strip()
+    if launched_by_torchrun() and size.isdigit() and int(size) > 1:
+        raise RelreasonError(f"`relreason {command}` runs in one process (every rank would do all its work); "
+                             "launch it without torchrun: `relreason pretrain` alone trains on several")
+
+
 def init_distributed(device: torch.device) -> tuple[DistributedContext, torch.device]:
     """Join the process group torchrun set up (gloo on CPU, nccl on CUDA) and pick this rank's device."""
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:

@@ -22,6 +22,7 @@ from relreason.data import (
 )
 from relreason.data.splits import image_folders_read
 from relreason.device import resolve_device, use_device
+from relreason.distributed import refuse_several_processes
 from relreason.errors import RelreasonError
 from relreason.evaluate.config import EvaluateConfig
 from relreason.evaluate.data import (
@@ -60,6 +61,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     then normalised with its own statistics.  With ``retrieval`` a PNG of retrievals per
     backbone is written beside the JSON (``<output stem>-retrieval-<label>.png``).
     """
+    refuse_several_processes("evaluate")
     config = with_home_expanded(config, "run_dir", "weights", "data_root", "output")
     config.validate()  # every option, named by its flag, before anything is read or written
     if config.weights and config.run_dir != EvaluateConfig.run_dir:
