@@ -259,3 +259,37 @@ def test_short_reason_drops_terminal_codes_and_cuts_at_a_word():
     said = short_reason(error)
     assert said.startswith("RuntimeError: Weights only load failed. word") and "\x1b" not in said
     assert said.endswith(" ...") and len(said) < 140
+
+
+def test_dataloader_workers_start_with_the_stop_signals_held_and_then_ignore_them():
+    from torch.utils.data import DataLoader, Dataset
+
+    from relreason.train.data import _ignore_stop_signals, stop_signals_held
+
+    stop = {signal.SIGINT, signal.SIGTERM}
+
+    class WhatTheWorkerHas(Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+            return torch.tensor([signal.getsignal(signal.SIGTERM) == signal.SIG_IGN,
+                                 signal.getsignal(signal.SIGINT) == signal.SIG_IGN, bool(held & stop)])
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    received = []
+    original = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        loader = DataLoader(WhatTheWorkerHas(), num_workers=1, worker_init_fn=_ignore_stop_signals)
+        with stop_signals_held():
+            assert stop <= signal.pthread_sigmask(signal.SIG_BLOCK, [])
+            batches = iter(loader)  # the worker starts inside the hold
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert received == []  # held back ...
+        assert received == [signal.SIGTERM]  # ... and delivered when the hold ends
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+        # The worker ignores both and holds neither back (a held signal would wait there for ever).
+        assert next(batches).tolist() == [[True, True, False]]
+    finally:
+        signal.signal(signal.SIGTERM, original)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -107,11 +109,31 @@ def make_loader(
     )
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
     # Ctrl-C, and a SIGTERM sent to the whole process group (Slurm's scancel, `timeout`, kill -TERM -PGID), reach
     # the workers too: they must keep serving the step the main process finishes and checkpoints before it stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # held back since the worker started (stop_signals_held): ignored now
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM back while DataLoader workers start: a new worker inherits the hold and lets them in
+    only once it ignores them (``_ignore_stop_signals``), so a signal to the whole process group at that moment
+    cannot kill it. This process gets a held-back signal as soon as the hold ends."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def loader_workers(requested: int | None, device: torch.device) -> int:

@@ -38,6 +38,7 @@ from relreason.train.data import (
     make_loader,
     no_labels_error,
     num_classes_of,
+    stop_signals_held,
 )
 from relreason.train.metrics_log import MetricsLog, format_metric, in_percent, plot_training_curves, step_record
 from relreason.train.position import TrainingPosition
@@ -294,7 +295,9 @@ def train_one_epoch(
     names = list(position.totals)
     totals = torch.tensor(list(position.totals.values()), device=device, dtype=precise_float(device))
     started = time.perf_counter() - position.seconds
-    bar = tqdm(loader, desc=f"epoch {position.epoch + 1}/{config.epochs}", initial=position.step,
+    with stop_signals_held():  # DataLoader workers start here (on the per-image path)
+        batches = iter(loader)
+    bar = tqdm(batches, desc=f"epoch {position.epoch + 1}/{config.epochs}", initial=position.step,
                total=steps_per_epoch, disable=None if config.progress and context.is_main else True, leave=False,
                dynamic_ncols=True)
     shown_at = -math.inf  # the first step's means are shown at once
