@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The prepared check for a lent GPU machine, in one call (an estimated 4 minutes on an H100/H200, never
-# measured; at most 7.5 by its timeouts: run it with timeout_s 480): the throughput tables on CUDA
+# measured; at most 8.3 by its timeouts: run it with timeout_s 540): the throughput tables on CUDA
 # (reference vs relreason vs backbone alone; relreason's steps after the first run under
 # torch.cuda.set_sync_debug_mode("error"), so a host sync inside a step is reported and fails the
 # script), Conv-4 compiled at the paper's K=32, then a short pretraining run on CUDA with bf16 and

@@ -204,8 +204,9 @@ def test_pretraining_an_unlabelled_folder_says_so_and_how_to_evaluate(tmp_path, 
                  "--output-dir", str(tmp_path / "run")]) == 0
     out, err = capsys.readouterr()
     assert f"image folder {tmp_path / 'photos'}: 40 images, unlabelled: its 40 images lie directly in" in err
-    assert (f"evaluate with: relreason evaluate --run-dir {tmp_path / 'run'} --data-root DIR (DIR: train/ and test/, "
-            "each with one subfolder per class)") in out
+    # The command ends the line, so it pastes as it is (with DIR replaced).
+    assert out.rstrip("\n").endswith("evaluate with (DIR: train/ and test/, each with one subfolder per class): "
+                                      f"relreason evaluate --run-dir {tmp_path / 'run'} --data-root DIR")
 
 
 def test_one_stray_file_is_named_when_it_leaves_a_class_folder_unlabelled(tmp_path, capsys):
@@ -221,8 +222,8 @@ def test_one_stray_file_is_named_when_it_leaves_a_class_folder_unlabelled(tmp_pa
                  "--output-dir", str(tmp_path / "run2")]) == 0
     out, err = capsys.readouterr()
     assert "39 images, 10 classes from its subfolders" in err
-    assert (f"evaluate with: relreason evaluate --run-dir {tmp_path / 'run2'} --test-fraction 0.2 (its held-out "
-            "images were seen, unlabelled, in pretraining)\n") in out
+    assert ("evaluate with (its held-out images were seen, unlabelled, in pretraining): relreason evaluate --run-dir "
+            f"{tmp_path / 'run2'} --test-fraction 0.2\n") in out
     # Trained on every label: holding some out afterwards would test on training labels.
     assert main(["pretrain", "--dataset", "folder", "--data-root", str(tmp_path / "classes"), *TINY,
                  "--method", "supervised", "--output-dir", str(tmp_path / "run3")]) == 0
@@ -251,7 +252,7 @@ def test_a_folder_of_one_subfolder_is_unlabelled_and_not_evaluated_as_one_class(
         _digit_pngs(tmp_path / "split" / split / "photos", 20)
     assert main(["pretrain", "--dataset", "folder", "--data-root", str(tmp_path / "split"), *TINY,
                  "--output-dir", str(tmp_path / "run3")]) == 0
-    assert "--data-root DIR (DIR: train/ and test/, each with one subfolder per class)" in capsys.readouterr().out
+    assert "(DIR: train/ and test/, each with one subfolder per class): relreason evaluate" in capsys.readouterr().out
 
 
 def test_split_folders_named_validation_or_misnamed(tmp_path, capsys):

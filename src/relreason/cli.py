@@ -407,19 +407,22 @@ def run_pretrain(args: argparse.Namespace) -> int:
                   "same command to continue")
         return 143  # 128 + SIGTERM: the run is not finished
     partial = (" and part of the next" if result.mid_epoch else "") + " (time limit)" if result.stopped_early else ""
-    evaluate = f"relreason evaluate --run-dir {shlex.quote(str(result.run_dir))}"  # to paste into a shell
+    evaluate = f"relreason evaluate --run-dir {shlex.quote(str(result.run_dir))}"  # to paste into a shell: last
+    remark = ""
     if dataset_info(config.dataset).name == "folder" and config.test_fraction is None and (
             not has_split_dirs(config.data_root or ".") or result.num_classes is None):
         # Evaluation needs labelled train and test images of several classes, which a pretraining folder need not
         # hold. A labelled folder's classes can be split, unless the labels were trained on.
         if config.method != "supervised" and result.num_classes is not None:
-            evaluate += " --test-fraction 0.2 (its held-out images were seen, unlabelled, in pretraining)"
+            evaluate += " --test-fraction 0.2"
+            remark = " (its held-out images were seen, unlabelled, in pretraining)"
         else:
-            evaluate += " --data-root DIR (DIR: train/ and test/, each with one subfolder per class)"
+            evaluate += " --data-root DIR"
+            remark = " (DIR: train/ and test/, each with one subfolder per class)"
     if reports:
         print(
             f"done: {result.epochs_done} epoch(s){partial}; backbone exported to {result.run_dir / BACKBONE_NAME}; "
-            f"evaluate with: {evaluate}"
+            f"evaluate with{remark}: {evaluate}"
         )
     return 0
 
