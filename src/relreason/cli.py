@@ -506,7 +506,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _sigterm_raises():
             return handler(args)
     except Terminated:
-        sys.stderr.write(f"relreason: stopped by SIGTERM{_AFTER_SIGTERM.get(command, '')}\n")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets it: one says so
+            sys.stderr.write(f"relreason: stopped by SIGTERM{_AFTER_SIGTERM.get(command, '')}\n")
         return 143  # 128 + SIGTERM, as pretrain's
     except RelreasonError as error:
         # One write: under torchrun every rank may say it, and two prints each would interleave on one line.
@@ -520,9 +521,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 class Terminated(BaseException):
-    """SIGTERM reached a command that keeps no checkpoint (evaluate): said in one line, exit 143. A BaseException,
-    as KeyboardInterrupt is, so that no ``except Exception`` on the way (an unreadable image, ...) takes it for
-    a failure of its own."""
+    """SIGTERM reached a command outside pretrain's training loop (which checkpoints on it instead): said in one
+    line, exit 143. A BaseException, as KeyboardInterrupt is, so that no ``except Exception`` on the way (an
+    unreadable image, ...) takes it for a failure of its own."""
 
 
 @contextlib.contextmanager
