@@ -482,7 +482,9 @@ def test_evaluate_keeps_its_results_out_of_the_image_folders_it_reads(tmp_path, 
 
     PretrainConfig(dataset="folder", data_root=str(tmp_path / "images"),
                    output_dir=str(tmp_path / "images" / "runs" / "r")).validate()
-    for inside in ("train", "test"):
+    # val/ as the test split: a run folder made as test/ would take its place.
+    (tmp_path / "images" / "test").rename(tmp_path / "images" / "val")
+    for inside in ("train", "val", "test", "validation"):
         with pytest.raises(RelreasonError, match="lies inside --data-root"):
             PretrainConfig(dataset="folder", data_root=str(tmp_path / "images"),
                            output_dir=str(tmp_path / "images" / inside / "r")).validate()

@@ -44,12 +44,13 @@ def test_dir_of(root: str | os.PathLike) -> Path | None:
 
 
 def image_folders_read(root: str | os.PathLike) -> list[Path]:
-    """The folders whose images relreason reads from an image folder: ``train/`` and the test folder when the root
-    holds that split (pretrain reads ``train/``, evaluate both), else the root itself. Run folders and results must
-    stay out of them, or they would be read as images."""
+    """The folders whose images relreason reads, or may read, from an image folder: beside ``train/``, every name a
+    test folder may have (a run folder made as ``test/`` would become the test split), else the root itself. Run
+    folders and results must stay out of them, or they would be read as images."""
     root = Path(root).expanduser()
-    test_dir = test_dir_of(root)
-    return [root / "train", test_dir] if test_dir is not None else [root]
+    if test_dir_of(root) is not None:
+        return [root / "train", *(root / name for name in TEST_DIR_NAMES)]
+    return [root]
 
 
 def has_split_dirs(root: str | os.PathLike) -> bool:

@@ -122,6 +122,21 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 
 @contextlib.contextmanager
+def loader_batches(loader: DataLoader | BatchViewLoader) -> Iterator[Iterator]:
+    """The loader's batches, its workers started with the stop signals held (``stop_signals_held``) and shut down
+    on the way out, also when an error escapes: they ignore SIGTERM, so the interpreter's exit could not end
+    them, and a crash would hang instead of exiting."""
+    with stop_signals_held():
+        batches = iter(loader)
+    try:
+        yield batches
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)  # PyTorch's multi-process iterator
+        if shutdown is not None:
+            shutdown()
+
+
+@contextlib.contextmanager
 def stop_signals_held() -> Iterator[None]:
     """Hold Ctrl-C and SIGTERM back while DataLoader workers start: a new worker inherits the hold and lets them in
     only once it ignores them (``_ignore_stop_signals``), so a signal to the whole process group at that moment

@@ -7,19 +7,21 @@ import dataclasses
 import math
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from relreason.backbones import build_backbone
 from relreason.checkpoint import atomic_write_json, list_checkpoints, set_rng_state
 from relreason.checks import with_home_expanded
 from relreason.data import ImageFolderDataset, MultiViewDataset, read_skip_log
-from relreason.data.batch_views import DeviceMultiViewDataset
+from relreason.data.batch_views import BatchViewLoader, DeviceMultiViewDataset
 from relreason.data.decoded_folder import DecodedImageFolder
 from relreason.device import autocast_dtype, precise_float, resolve_device
 from relreason.distributed import DistributedContext, all_reduce_mean, barrier, init_distributed, shutdown_distributed
@@ -35,10 +37,10 @@ from relreason.train.data import (
     build_pretrain_data,
     check_every_image_labelled,
     describe_folder,
+    loader_batches,
     make_loader,
     no_labels_error,
     num_classes_of,
-    stop_signals_held,
 )
 from relreason.train.metrics_log import MetricsLog, format_metric, in_percent, plot_training_curves, step_record
 from relreason.train.position import TrainingPosition
@@ -275,8 +277,30 @@ def train_one_epoch(
     Returns the epoch's metrics (None when cut short) and whether a time limit or SIGTERM cut it short;
     either way a checkpoint at the current step has been written.
     """
-    model.train()
     loader = make_loader(dataset, config, position, device, context)
+    with loader_batches(loader) as batches:
+        return _train_on_batches(loader, batches, model, optimizer, scaler, dataset, config, position, device,
+                                 amp_dtype, deadline, stop, saver, context, metrics)
+
+
+def _train_on_batches(
+    loader: DataLoader | BatchViewLoader,
+    batches: Iterator,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    dataset: MultiViewDataset | DeviceMultiViewDataset,
+    config: PretrainConfig,
+    position: TrainingPosition,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    deadline: float,
+    stop: StopRequest,
+    saver: CheckpointSaver,
+    context: DistributedContext,
+    metrics: MetricsLog,
+) -> tuple[dict[str, float] | None, bool]:
+    model.train()
     sampler = loader.batch_sampler
     steps_per_epoch = position.steps_per_epoch = sampler.steps_per_epoch
     position.items = sampler.start_item
@@ -295,8 +319,6 @@ def train_one_epoch(
     names = list(position.totals)
     totals = torch.tensor(list(position.totals.values()), device=device, dtype=precise_float(device))
     started = time.perf_counter() - position.seconds
-    with stop_signals_held():  # DataLoader workers start here (on the per-image path)
-        batches = iter(loader)
     bar = tqdm(batches, desc=f"epoch {position.epoch + 1}/{config.epochs}", initial=position.step,
                total=steps_per_epoch, disable=None if config.progress and context.is_main else True, leave=False,
                dynamic_ncols=True)
