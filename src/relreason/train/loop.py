@@ -7,21 +7,19 @@ import dataclasses
 import math
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from relreason.backbones import build_backbone
 from relreason.checkpoint import atomic_write_json, list_checkpoints, set_rng_state
 from relreason.checks import with_home_expanded
 from relreason.data import ImageFolderDataset, MultiViewDataset, read_skip_log
-from relreason.data.batch_views import BatchViewLoader, DeviceMultiViewDataset
+from relreason.data.batch_views import DeviceMultiViewDataset
 from relreason.data.decoded_folder import DecodedImageFolder
 from relreason.device import autocast_dtype, precise_float, resolve_device
 from relreason.distributed import DistributedContext, all_reduce_mean, barrier, init_distributed, shutdown_distributed
@@ -279,137 +277,116 @@ def train_one_epoch(
     """
     loader = make_loader(dataset, config, position, device, context)
     with loader_batches(loader) as batches:
-        return _train_on_batches(loader, batches, model, optimizer, scaler, dataset, config, position, device,
-                                 amp_dtype, deadline, stop, saver, context, metrics)
+        model.train()
+        sampler = loader.batch_sampler
+        steps_per_epoch = position.steps_per_epoch = sampler.steps_per_epoch
+        position.items = sampler.start_item
+        if position.step != sampler.start_step:
+            # Resumed under another number of ranks: count the images already used in this run's steps, so
+            # that the schedule, the progress and the running means go on from the same fraction of the epoch.
+            log(f"resumed under {context.world_size} process(es), a different number from the checkpoint's: the "
+                f"epoch goes on with its {len(dataset) - sampler.start_item} unused image(s), as step "
+                f"{sampler.start_step} of {steps_per_epoch}", context)
+            scale = sampler.start_step / position.step if position.step else 0.0
+            position.totals = {name: value * scale for name, value in position.totals.items()}
+            if sampler.start_step < position.step:
+                saver.steps_renumbered(position.epoch, sampler.start_step)
+            position.step = sampler.start_step
+        # Sums stay on the device: reading them every step would stall a GPU on each batch.
+        names = list(position.totals)
+        totals = torch.tensor(list(position.totals.values()), device=device, dtype=precise_float(device))
+        started = time.perf_counter() - position.seconds
+        bar = tqdm(batches, desc=f"epoch {position.epoch + 1}/{config.epochs}", initial=position.step,
+                   total=steps_per_epoch, disable=None if config.progress and context.is_main else True, leave=False,
+                   dynamic_ncols=True)
+        shown_at = -math.inf  # the first step's means are shown at once
 
+        def sync_position(across_ranks: bool) -> None:
+            """Copy the device sums into ``position``; ``across_ranks`` (every rank must call it then): their mean
+            over the ranks, the same on each, which is what a checkpoint keeps (each rank resumes from it, and
+            the epoch's mean of (shared + own) is shared + the mean of its own), checked finite on every rank alike."""
+            values = all_reduce_mean(totals.clone(), context) if across_ranks else totals
+            position.totals = dict(zip(names, values.tolist()))
+            position.seconds = time.perf_counter() - started
+            if across_ranks:
+                check_finite(position, config)
 
-def _train_on_batches(
-    loader: DataLoader | BatchViewLoader,
-    batches: Iterator,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    dataset: MultiViewDataset | DeviceMultiViewDataset,
-    config: PretrainConfig,
-    position: TrainingPosition,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    deadline: float,
-    stop: StopRequest,
-    saver: CheckpointSaver,
-    context: DistributedContext,
-    metrics: MetricsLog,
-) -> tuple[dict[str, float] | None, bool]:
-    model.train()
-    sampler = loader.batch_sampler
-    steps_per_epoch = position.steps_per_epoch = sampler.steps_per_epoch
-    position.items = sampler.start_item
-    if position.step != sampler.start_step:
-        # Resumed under another number of ranks: count the images already used in this run's steps, so
-        # that the schedule, the progress and the running means go on from the same fraction of the epoch.
-        log(f"resumed under {context.world_size} process(es), a different number from the checkpoint's: the "
-            f"epoch goes on with its {len(dataset) - sampler.start_item} unused image(s), as step "
-            f"{sampler.start_step} of {steps_per_epoch}", context)
-        scale = sampler.start_step / position.step if position.step else 0.0
-        position.totals = {name: value * scale for name, value in position.totals.items()}
-        if sampler.start_step < position.step:
-            saver.steps_renumbered(position.epoch, sampler.start_step)
-        position.step = sampler.start_step
-    # Sums stay on the device: reading them every step would stall a GPU on each batch.
-    names = list(position.totals)
-    totals = torch.tensor(list(position.totals.values()), device=device, dtype=precise_float(device))
-    started = time.perf_counter() - position.seconds
-    bar = tqdm(batches, desc=f"epoch {position.epoch + 1}/{config.epochs}", initial=position.step,
-               total=steps_per_epoch, disable=None if config.progress and context.is_main else True, leave=False,
-               dynamic_ncols=True)
-    shown_at = -math.inf  # the first step's means are shown at once
-
-    def sync_position(across_ranks: bool) -> None:
-        """Copy the device sums into ``position``; ``across_ranks`` (every rank must call it then): their mean
-        over the ranks, the same on each, which is what a checkpoint keeps (each rank resumes from it, and
-        the epoch's mean of (shared + own) is shared + the mean of its own), checked finite on every rank alike."""
-        values = all_reduce_mean(totals.clone(), context) if across_ranks else totals
-        position.totals = dict(zip(names, values.tolist()))
-        position.seconds = time.perf_counter() - started
-        if across_ranks:
-            check_finite(position, config)
-
-    for views, labels in bar:
-        if isinstance(views, torch.Tensor):  # (K, B, C, H, W), made on the device
-            views = views.to(device, non_blocking=True)
-        else:
-            views = [v.to(device, non_blocking=True) for v in views]
-        labels = labels.to(device, non_blocking=True)
-        set_learning_rate(optimizer, learning_rate_factor(
-            position.epoch * steps_per_epoch + position.step, config.epochs * steps_per_epoch,
-            round(config.warmup_epochs * steps_per_epoch), config.lr_schedule))
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            total_loss, out = model(views, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total_loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        step_values = {"loss": out.loss.detach(), **out.metrics}
-        if not names:
-            names = list(step_values)
-            totals = torch.zeros(len(names), device=device, dtype=precise_float(device))
-        totals += torch.stack([step_values[name].float() for name in names]).to(totals.dtype)
-        position.step += 1
-        position.items += config.batch_size * context.world_size
-        position.views += len(views) * views[0].shape[0] * context.world_size
-        # Reading the sums waits for the device: at most every POSTFIX_SECONDS, not every few (fast) steps.
-        if (config.progress and context.is_main
-                and (time.perf_counter() - shown_at >= POSTFIX_SECONDS or position.step == steps_per_epoch)):
-            means = dict(zip(names, (totals / position.step).tolist()))
-            bar.set_postfix({name: format_metric(name, value) for name, value in means.items()})
-            shown_at = time.perf_counter()
-        failure = None
-        # Counted over the whole run, so epochs shorter than --log-every still get points; the epoch's last
-        # step is recorded at its end (below), with the means over all ranks.
-        global_step = position.epoch * steps_per_epoch + position.step
-        if (config.log_every and context.is_main and global_step % config.log_every == 0
-                and position.step < steps_per_epoch):
-            sync_position(across_ranks=False)  # rank 0's own running means: no collective on one rank
-            failure = non_finite_loss(position, config)
-            if failure is None:
-                metrics.write_step(step_record(position))
-        # The check above ran on rank 0 alone: its verdict is part of the vote, so every rank stops with it.
-        interrupted = stop.agreed(deadline, context, failing=failure is not None)
-        if stop.failed:
-            raise failure or RelreasonError("process 0 found a non-finite loss; see its message")
-        if position.step < steps_per_epoch and (interrupted or (
-                config.checkpoint_every and position.step % config.checkpoint_every == 0)):
-            sync_position(across_ranks=True)
-            saver.save(position)
-        if interrupted and position.step < steps_per_epoch:
-            bar.close()
-            return None, True
-    bar.close()
-    sync_position(across_ranks=True)
-    means = position.means()
-    record = {
-        "epoch": position.epoch + 1,
-        **in_percent(means),
-        "seconds": position.seconds,
-        "views_per_second": position.views / position.seconds if position.seconds > 0 else 0.0,
-        "lr": optimizer.param_groups[0]["lr"],
-    }
-    skip_log = getattr(dataset.dataset, "skip_log", None)
-    if skip_log is not None:
-        record["skipped_images"] = len(read_skip_log(skip_log))
-        if record["skipped_images"]:
-            log(f"skipped {record['skipped_images']} unreadable image(s) so far, each replaced by the next readable "
-                f"one; their paths are in {skip_log}", context)
-    shown = "  ".join(f"{name} {format_metric(name, value)}" for name, value in means.items())
-    log(f"epoch {position.epoch + 1}/{config.epochs}  {shown}  {position.seconds:.1f}s  "
-        f"{record['views_per_second']:.0f} views/s", context)
-    if context.is_main:
-        if config.log_every:
-            metrics.write_step(step_record(position))  # the curve's point at the epoch's end
-        metrics.write(record)  # before the checkpoint that moves past it: a kill in between cannot lose it
-    position.next_epoch()
-    saver.save(position)
-    return record, stop.agreed(deadline, context)
+        for views, labels in bar:
+            if isinstance(views, torch.Tensor):  # (K, B, C, H, W), made on the device
+                views = views.to(device, non_blocking=True)
+            else:
+                views = [v.to(device, non_blocking=True) for v in views]
+            labels = labels.to(device, non_blocking=True)
+            set_learning_rate(optimizer, learning_rate_factor(
+                position.epoch * steps_per_epoch + position.step, config.epochs * steps_per_epoch,
+                round(config.warmup_epochs * steps_per_epoch), config.lr_schedule))
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                total_loss, out = model(views, labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(total_loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step_values = {"loss": out.loss.detach(), **out.metrics}
+            if not names:
+                names = list(step_values)
+                totals = torch.zeros(len(names), device=device, dtype=precise_float(device))
+            totals += torch.stack([step_values[name].float() for name in names]).to(totals.dtype)
+            position.step += 1
+            position.items += config.batch_size * context.world_size
+            position.views += len(views) * views[0].shape[0] * context.world_size
+            # Reading the sums waits for the device: at most every POSTFIX_SECONDS, not every few (fast) steps.
+            if (config.progress and context.is_main
+                    and (time.perf_counter() - shown_at >= POSTFIX_SECONDS or position.step == steps_per_epoch)):
+                means = dict(zip(names, (totals / position.step).tolist()))
+                bar.set_postfix({name: format_metric(name, value) for name, value in means.items()})
+                shown_at = time.perf_counter()
+            failure = None
+            # Counted over the whole run, so epochs shorter than --log-every still get points; the epoch's last
+            # step is recorded at its end (below), with the means over all ranks.
+            global_step = position.epoch * steps_per_epoch + position.step
+            if (config.log_every and context.is_main and global_step % config.log_every == 0
+                    and position.step < steps_per_epoch):
+                sync_position(across_ranks=False)  # rank 0's own running means: no collective on one rank
+                failure = non_finite_loss(position, config)
+                if failure is None:
+                    metrics.write_step(step_record(position))
+            # The check above ran on rank 0 alone: its verdict is part of the vote, so every rank stops with it.
+            interrupted = stop.agreed(deadline, context, failing=failure is not None)
+            if stop.failed:
+                raise failure or RelreasonError("process 0 found a non-finite loss; see its message")
+            if position.step < steps_per_epoch and (interrupted or (
+                    config.checkpoint_every and position.step % config.checkpoint_every == 0)):
+                sync_position(across_ranks=True)
+                saver.save(position)
+            if interrupted and position.step < steps_per_epoch:
+                bar.close()
+                return None, True
+        bar.close()
+        sync_position(across_ranks=True)
+        means = position.means()
+        record = {
+            "epoch": position.epoch + 1,
+            **in_percent(means),
+            "seconds": position.seconds,
+            "views_per_second": position.views / position.seconds if position.seconds > 0 else 0.0,
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        skip_log = getattr(dataset.dataset, "skip_log", None)
+        if skip_log is not None:
+            record["skipped_images"] = len(read_skip_log(skip_log))
+            if record["skipped_images"]:
+                log(f"skipped {record['skipped_images']} unreadable image(s) so far, each replaced by the next "
+                    f"readable one; their paths are in {skip_log}", context)
+        shown = "  ".join(f"{name} {format_metric(name, value)}" for name, value in means.items())
+        log(f"epoch {position.epoch + 1}/{config.epochs}  {shown}  {position.seconds:.1f}s  "
+            f"{record['views_per_second']:.0f} views/s", context)
+        if context.is_main:
+            if config.log_every:
+                metrics.write_step(step_record(position))  # the curve's point at the epoch's end
+            metrics.write(record)  # before the checkpoint that moves past it: a kill in between cannot lose it
+        position.next_epoch()
+        saver.save(position)
+        return record, stop.agreed(deadline, context)
 
 
 def non_finite_loss(position: TrainingPosition, config: PretrainConfig) -> RelreasonError | None:
