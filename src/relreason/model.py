@@ -54,7 +54,6 @@ def stack_views(views: Sequence[torch.Tensor] | torch.Tensor) -> tuple[torch.Ten
                 f"views tensor must have shape (K, B, C, H, W), got {tuple(views.shape)}; "
                 "or pass a list of K tensors of shape (B, C, H, W)"
             )
-        view_list(views, "relational")  # its one-line errors (integer images, ...)
         return views.flatten(0, 1), views.shape[0]
     views = view_list(views, "relational")
     if len({tuple(v.shape) for v in views}) != 1:

@@ -100,9 +100,10 @@ def _accuracy(model: nn.Module, head: nn.Linear, dataset: Any, transform: Callab
     model.eval()
     head.eval()
     correct = total = 0
+    dtype = module_dtype(model)
     with torch.no_grad():
         for images, labels in loader:
-            out = model(images.to(device, module_dtype(model), non_blocking=True))
+            out = model(images.to(device, dtype, non_blocking=True))
             predictions = head(out.reshape(out.shape[0], -1)).argmax(dim=1).cpu()
             correct += int((predictions == labels).sum())
             total += labels.shape[0]
@@ -185,8 +186,9 @@ def fine_tune(
         model.eval()
         with torch.no_grad():  # one image tells the feature width
             sample = TransformedDataset(train_base, test_transform)[0][0].unsqueeze(0)
-            feature_dim = model(sample.to(target, module_dtype(model))).reshape(1, -1).shape[1]
-        head = nn.Linear(feature_dim, num_classes).to(target, module_dtype(model))  # in the backbone's dtype
+            dtype = module_dtype(model)  # images and head in the backbone's own dtype
+            feature_dim = model(sample.to(target, dtype)).reshape(1, -1).shape[1]
+        head = nn.Linear(feature_dim, num_classes).to(target, dtype)
         optimizer = torch.optim.Adam(
             [
                 {"params": list(model.parameters()), "lr": backbone_lr, "name": "backbone"},
@@ -211,7 +213,7 @@ def fine_tune(
                 model.train()
                 head.train()
                 for images, labels in loader:
-                    out = model(images.to(target, module_dtype(model), non_blocking=True))
+                    out = model(images.to(target, dtype, non_blocking=True))
                     loss = F.cross_entropy(head(out.reshape(out.shape[0], -1)), labels.to(target))
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
