@@ -65,6 +65,19 @@ def test_shipped_configs_parse_by_name_from_any_folder(tmp_path, monkeypatch):
         "cifar10", "resnet32", 32, 64, 200, "focal")
 
 
+def test_paper_configs_hold_the_papers_settings():
+    from relreason.bundled_configs import bundled_config_names
+
+    paper_names = [n for n in bundled_config_names() if n.split("_")[0] in {"cifar10", "cifar100", "stl10"}]
+    assert len(paper_names) == 6
+    for name in paper_names:
+        a = parse_options(build_parser(), ["pretrain", "--config", name])
+        # The paper's code: K=32, batch 64, Adam 1e-3, focal loss (2, 0.5); 200 epochs, 300 for STL-10.
+        assert (a.num_views, a.batch_size, a.lr, a.aggregation, a.loss, a.focal_gamma, a.focal_alpha) == (
+            32, 64, 1e-3, "cat", "focal", 2.0, 0.5), name
+        assert a.epochs == (300 if a.dataset == "stl10" else 200), name
+
+
 def test_repository_configs_folder_is_the_shipped_one():
     from pathlib import Path
 

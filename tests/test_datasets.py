@@ -307,6 +307,7 @@ def test_stl10_binaries(tmp_path):
     np.testing.assert_array_equal(both.images[:3], train.images)
     np.testing.assert_array_equal(both.images[3:], unl.images)
     assert dataset_info("stl10").pretrain_split == "unlabeled"
+    assert dataset_info("stl10").mean == dataset_info("stl10").std == (0.5, 0.5, 0.5)  # the paper's code's constants
 
 
 def test_stl10_bad_sizes(tmp_path):

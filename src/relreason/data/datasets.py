@@ -78,9 +78,8 @@ _INFO: dict[str, DatasetInfo] = {
     "cifar10": DatasetInfo("cifar10", 32, (0.491, 0.482, 0.447), (0.247, 0.243, 0.262), 10),
     "cifar100": DatasetInfo("cifar100", 32, (0.507, 0.487, 0.441), (0.267, 0.256, 0.276), 100),
     "cifar100-20": DatasetInfo("cifar100-20", 32, (0.507, 0.487, 0.441), (0.267, 0.256, 0.276), 20),
-    "stl10": DatasetInfo(
-        "stl10", 96, (0.447, 0.440, 0.407), (0.260, 0.257, 0.271), 10, pretrain_split="unlabeled"
-    ),
+    # The paper's code normalises STL-10 with 0.5 / 0.5, not with the data's own statistics.
+    "stl10": DatasetInfo("stl10", 96, _grey(0.5), _grey(0.5), 10, pretrain_split="unlabeled"),
     "svhn": DatasetInfo("svhn", 32, (0.438, 0.444, 0.473), (0.198, 0.201, 0.197), 10),
     "mnist": DatasetInfo("mnist", 32, _grey(0.1307), _grey(0.3081), 10),
     "fashion-mnist": DatasetInfo("fashion-mnist", 32, _grey(0.2860), _grey(0.3530), 10),
