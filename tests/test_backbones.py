@@ -11,6 +11,12 @@ def user_net():
     return nn.Sequential(nn.Conv2d(3, 7, 3), nn.AdaptiveMaxPool2d(1), nn.Flatten())
 
 
+def user_net_with_width(width):
+    net = user_net()
+    net.feature_dim = width
+    return net
+
+
 def count(module):
     return sum(p.numel() for p in module.parameters())
 
@@ -76,6 +82,12 @@ def test_registry_user_factory_and_errors():
     assert {"conv4", "resnet8", "resnet32", "resnet56", "resnet18", "resnet34", "resnet50"} <= set(backbone_names())
     user = build_backbone("test_backbones:user_net", image_size=16)
     assert user.feature_dim == 7  # inferred by a dummy forward pass
+    import numpy as np
+
+    declared = build_backbone("test_backbones:user_net_with_width", width=np.int64(7))
+    assert declared.feature_dim == 7 and type(declared.feature_dim) is int  # backbone.json takes it as it is
+    with pytest.raises(RelreasonError, match="feature_dim of backbone 'test_backbones:user_net_with_width' must be a"):
+        build_backbone("test_backbones:user_net_with_width", width=0)
     with pytest.raises(RelreasonError, match="must return"):
         build_backbone("torch.nn:Identity")
     with pytest.raises(RelreasonError, match="unknown backbone"):

@@ -328,3 +328,39 @@ def test_compare_takes_a_folder_named_otherwise_as_the_same_folder(tmp_path, cap
     with pytest.raises(RelreasonError, match="data_root: run 'imgs' vs now 'other'"):
         check_existing_runs(CompareConfig(dataset="folder", data_root="other", methods=("relational",), seeds=(1,),
                                           output_dir=str(output)))
+
+
+def test_configs_built_in_python_may_hold_paths_and_numpy_numbers(tmp_path):
+    """A Path or a NumPy number where the command line gives a string or an int: written to the run's JSON files
+    as the plain values, not a crash after the work is done."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from relreason.compare import CompareConfig, run_compare
+
+    result = pretrain(config(tmp_path, "relational", output_dir=tmp_path / "run", data_root=Path(tmp_path / "data"),
+                             batch_size=np.int64(32), lr=np.float32(1e-3)))
+    saved = json.loads((result.run_dir / "config.json").read_text())
+    assert (saved["output_dir"], saved["data_root"]) == (str(tmp_path / "run"), str(tmp_path / "data"))
+    assert saved["batch_size"] == 32
+    assert saved["lr"] == pytest.approx(1e-3)
+    summary = run_compare(CompareConfig(dataset="digits", image_size=16, methods=("random",), seeds=(1,),
+                                        protocols=("knn",), embedding_points=60, device="cpu", progress=False,
+                                        output_dir=tmp_path / "compare", data_root=Path(tmp_path / "data")))
+    assert summary["table"]["random"]["knn"]["mean"] > 0
+    written = json.loads((tmp_path / "compare" / "compare.json").read_text())["config"]
+    assert written["output_dir"] == str(tmp_path / "compare")
+
+
+def test_a_config_value_of_the_wrong_kind_is_one_line_naming_the_field(tmp_path):
+    from relreason.compare import CompareConfig, run_compare
+    from relreason.evaluate import EvaluateConfig, run_evaluation
+
+    with pytest.raises(RelreasonError, match=r"^PretrainConfig.epochs must be an int, got '3'; pass e.g. 20$"):
+        pretrain(config(tmp_path, "relational", epochs="3"))
+    with pytest.raises(RelreasonError, match=r"^EvaluateConfig.batch_size must be an int, got 2.5"):
+        run_evaluation(EvaluateConfig(run_dir=str(tmp_path / "none"), batch_size=2.5))
+    with pytest.raises(RelreasonError, match=r"^each item of CompareConfig.seeds must be an int, got '1'"):
+        run_compare(CompareConfig(seeds=("1",), output_dir=str(tmp_path / "compare")))
+    assert not (tmp_path / "relational").exists() and not (tmp_path / "compare").exists()

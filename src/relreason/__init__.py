@@ -6,10 +6,10 @@ Building blocks, each usable in your own training loop:
 ``relreason.backbones`` and ``relreason.data`` (K-view datasets and the paper's augmentation).
 """
 
+from relreason.backbones.feature_dim import infer_feature_dim
 from relreason.errors import RelreasonError
 from relreason.head import RelationHead
 from relreason.losses import FocalLoss, build_loss
-from relreason.backbones.feature_dim import infer_feature_dim
 from relreason.model import RelationalReasoning, RelationOutput
 from relreason.pairing import AGGREGATIONS, aggregate_pairs, make_relation_pairs, relation_pair_indices
 

@@ -66,8 +66,20 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def plain_json(obj: Any) -> Any:
+    """``json.dumps``'s ``default``: paths, devices, sets, tensors and NumPy values as plain JSON types (a config
+    built in Python may hold a ``Path`` or a NumPy number where the command line gives a string or an int)."""
+    if isinstance(obj, (os.PathLike, torch.device)):
+        return os.fspath(obj) if isinstance(obj, os.PathLike) else str(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=repr)
+    if hasattr(obj, "tolist"):  # torch tensors and numpy arrays / scalars
+        return obj.tolist()
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
+
+
 def atomic_write_json(path: str | os.PathLike, payload: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(payload, indent=2, default=plain_json) + "\n").encode())
 
 
 def rng_state(device: torch.device | None = None) -> dict[str, Any]:

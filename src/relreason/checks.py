@@ -38,14 +38,62 @@ def check_positive_float(value: Any, name: str) -> float:
     return v
 
 
+def _plain_value(value: Any, kind: str, name: str, example: Any = None) -> Any:
+    """``value`` as the plain Python type ``kind`` names ('int', 'float', 'bool', 'str'), or a one-line error."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if getattr(value, "shape", None) == () and hasattr(value, "item"):  # a NumPy scalar or a 0-d tensor
+        value = value.item()
+    if kind == "str" and isinstance(value, str) or kind == "bool" and isinstance(value, bool):
+        return value
+    if kind == "int" and not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    if kind == "float" and not isinstance(value, (bool, str, bytes)):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    article = "an" if kind == "int" else "a"
+    right_kind = {"int": int, "float": float, "bool": bool, "str": str}[kind]
+    hint = f"; pass e.g. {example!r}" if isinstance(example, right_kind) else ""
+    raise RelreasonError(f"{name} must be {article} {kind}, got {value!r}{hint}")
+
+
+def with_plain_values(config: ConfigT) -> ConfigT:
+    """``config`` with each option of the plain type its field declares: a config built in Python may hold a
+    NumPy number, a 0-d tensor or a ``Path`` where the command line gives an int, a float or a string, which
+    would break its JSON record after the work is done; a value of the wrong kind is refused here, in one line."""
+    changes = {}
+    for field in dataclasses.fields(config):  # type: ignore[arg-type]
+        value = getattr(config, field.name)
+        kind = str(field.type)
+        if value is None and kind.endswith("| None"):
+            continue
+        kind = kind.removesuffix(" | None")
+        name = f"{type(config).__name__}.{field.name}"
+        if kind in ("int", "float", "bool", "str"):
+            plain = _plain_value(value, kind, name, field.default)
+        elif kind.startswith("tuple[") and kind.endswith(", ...]") and isinstance(value, (list, tuple)):
+            plain = type(value)(_plain_value(v, kind[6:-6], f"each item of {name}") for v in value)
+        else:
+            continue
+        if plain is not value:
+            changes[field.name] = plain
+    return dataclasses.replace(config, **changes) if changes else config  # type: ignore[type-var]
+
+
 def with_home_expanded(config: ConfigT, *fields: str) -> ConfigT:
-    """``config`` with a leading ``~`` expanded in its path options ``fields``: a path from a YAML config, or
-    written ``--output-dir=~/runs``, meets no shell that would expand it, and a folder named ``~`` is a trap."""
+    """``config`` with its path options ``fields`` as strings and a leading ``~`` expanded: a path from a YAML
+    config, or written ``--output-dir=~/runs``, meets no shell that would expand it, and a folder named ``~`` is a
+    trap."""
     changes = {}
     for name in fields:
         value = getattr(config, name)
-        if isinstance(value, os.PathLike):  # a Path from Python code
-            value = os.fspath(value)
+        if isinstance(value, os.PathLike):  # a Path from Python code: kept as the string the CLI would give
+            value = changes[name] = os.fspath(value)
         if isinstance(value, str) and value.startswith("~"):
             changes[name] = os.path.expanduser(value)
     return dataclasses.replace(config, **changes) if changes else config

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from relreason.checkpoint import atomic_write_bytes, atomic_write_json
-from relreason.checks import with_home_expanded
+from relreason.checks import with_home_expanded, with_plain_values
 from relreason.device import resolve_device
 from relreason.distributed import refuse_several_processes
 from relreason.errors import RelreasonError, option_value
@@ -224,7 +224,7 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     from relreason.train import pretrain
 
     refuse_several_processes("compare")
-    config = with_home_expanded(config, "output_dir", "data_root")
+    config = with_home_expanded(with_plain_values(config), "output_dir", "data_root")
     config.validate()
     check_existing_runs(config)
     info = dataset_info(config.dataset)

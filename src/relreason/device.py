@@ -46,7 +46,11 @@ def use_device(device: torch.device) -> None:
 
 
 def autocast_dtype(amp: str) -> torch.dtype | None:
-    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    """The autocast dtype of an ``--amp`` mode ('off', 'bf16', 'fp16'); None for 'off'."""
+    dtypes = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if amp not in dtypes:
+        raise RelreasonError(f"unknown --amp '{amp}'; choose one of {', '.join(dtypes)}")
+    return dtypes[amp]
 
 
 def precise_float(device: torch.device | str) -> torch.dtype:

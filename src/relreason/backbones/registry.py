@@ -14,6 +14,7 @@ from relreason.backbones.cifar_resnet import resnet8, resnet32, resnet56
 from relreason.backbones.conv4 import Conv4
 from relreason.backbones.feature_dim import infer_feature_dim
 from relreason.backbones.torchvision_resnet import torchvision_resnet
+from relreason.checks import check_positive_int
 from relreason.errors import RelreasonError
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
@@ -99,4 +100,8 @@ def build_backbone(name: str, image_size: int = 32, **kwargs) -> nn.Module:
                              "make it return the backbone module")
     if getattr(backbone, "feature_dim", None) is None:
         backbone.feature_dim = infer_feature_dim(backbone, image_size, kwargs.get("in_channels"))
+    else:  # the module's own: a NumPy integer would break backbone.json, a wrong one the relation head
+        width = check_positive_int(backbone.feature_dim, f"the feature_dim of backbone '{name}'")
+        if type(backbone.feature_dim) is not int:
+            backbone.feature_dim = width
     return backbone

@@ -6,6 +6,8 @@ state_dict loads into torchvision's class after the same two changes (see ``load
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torchvision
 from torch import nn
@@ -38,13 +40,13 @@ def torchvision_resnet(name: str, small_stem: bool = True, in_channels: int = 3)
     return model
 
 
-def load_into_torchvision(state_dict: dict, name: str, small_stem: bool = True) -> torchvision.models.ResNet:
+def load_into_torchvision(state_dict: Mapping[str, torch.Tensor], name: str, small_stem: bool = True) -> torchvision.models.ResNet:
     """Load an exported backbone state_dict into a fresh ``torchvision.models.<name>()``.
 
     The model is torchvision's own class with the changes a user makes by hand (README): the stem (when small,
     and for the number of input channels the weights were trained on) and ``fc = Identity()``.
     """
-    stem = state_dict.get("conv1.weight") if isinstance(state_dict, dict) else None
+    stem = state_dict.get("conv1.weight") if isinstance(state_dict, Mapping) else None
     if not isinstance(stem, torch.Tensor) or stem.dim() != 4:
         raise RelreasonError("these weights are not a torchvision ResNet's (no 4-d conv1.weight); load relreason's own "
                              "backbones with relreason.backbones.build_backbone(name).load_state_dict(weights)")

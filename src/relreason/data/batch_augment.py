@@ -332,7 +332,7 @@ def color_jitter(
     jitter: torch.Tensor,
     factors: torch.Tensor,
     order: torch.Tensor,
-    operations: Sequence[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = _JITTER_OPERATIONS,
+    operations: Sequence[Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None] = _JITTER_OPERATIONS,
 ) -> torch.Tensor:
     """``ColorJitter`` per view: the four operations in each view's own ``order``, only where ``jitter``.
 

@@ -43,9 +43,6 @@ class MultiViewDataset(Dataset):
         """Views differ from epoch to epoch; call before iterating over each epoch."""
         self.epoch = epoch
 
-    def item_seed(self, index: int) -> int:
-        return mix_seed(self.seed, self.epoch, index)
-
     def __len__(self) -> int:
         return len(self.dataset)
 
@@ -55,5 +52,5 @@ class MultiViewDataset(Dataset):
             return [self.transform(image) for _ in range(self.num_views)], label
         with torch.random.fork_rng(devices=[]):
             # The CPU generator alone: torch.manual_seed would also reseed every accelerator, ~100x slower.
-            torch.default_generator.manual_seed(self.item_seed(index))
+            torch.default_generator.manual_seed(mix_seed(self.seed, self.epoch, index))
             return [self.transform(image) for _ in range(self.num_views)], label

@@ -11,7 +11,7 @@ import torch
 
 from relreason.backbones import build_backbone
 from relreason.checkpoint import is_checkpoint_path
-from relreason.checks import with_home_expanded
+from relreason.checks import with_home_expanded, with_plain_values
 from relreason.data import (
     SYSTEM_DATASET_DIRS,
     compute_normalization,
@@ -62,7 +62,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     backbone is written beside the JSON (``<output stem>-retrieval-<label>.png``).
     """
     refuse_several_processes("evaluate")
-    config = with_home_expanded(config, "run_dir", "weights", "data_root", "output")
+    config = with_home_expanded(with_plain_values(config), "run_dir", "weights", "data_root", "output")
     config.validate()  # every option, named by its flag, before anything is read or written
     if config.weights and config.run_dir != EvaluateConfig.run_dir:
         print(f"relreason: note: --weights {config.weights} is evaluated; --run-dir {config.run_dir} is not read "

@@ -8,9 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from relreason.checkpoint import atomic_write_bytes
+from relreason.checkpoint import atomic_write_bytes, plain_json
 from relreason.errors import RelreasonError
 from relreason.protocols import fraction_name
 from relreason.protocols.frozen import ALL_PROTOCOLS, LINEAR_PROTOCOLS
@@ -88,25 +86,13 @@ def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n\n".join(tables)
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, torch.device):
-        return str(obj)
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj, key=repr)
-    if hasattr(obj, "tolist"):  # torch tensors and numpy arrays / scalars
-        return obj.tolist()
-    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
-
-
 def write_results_json(path: str | Path, payload: Mapping[str, Any]) -> Path:
     """Write ``payload`` as indented JSON to ``path`` atomically; return the path.
 
     Paths, devices, tensors and numpy values are converted to plain JSON types.
     """
     try:
-        text = json.dumps(payload, indent=2, default=_json_default) + "\n"
+        text = json.dumps(payload, indent=2, default=plain_json) + "\n"
     except (TypeError, ValueError) as exc:
         raise RelreasonError(
             f"results are not JSON serialisable ({exc}); pass plain numbers, strings, lists and dicts"

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-
 from relreason.errors import RelreasonError
 from relreason.methods.base import PretrainMethod, StepOutput
 from relreason.methods.online_probe import OnlineProbe

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,8 @@ from torch import nn
 from relreason.backbones.feature_dim import infer_feature_dim
 from relreason.checks import check_positive_int
 from relreason.errors import RelreasonError, short_reason
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 @dataclass
@@ -52,7 +54,7 @@ class PretrainMethod(nn.Module):
         """How many augmented views of each image a step needs, given the user's K."""
         return 1
 
-    def beside_backbone(self, module: nn.Module) -> nn.Module:
+    def beside_backbone(self, module: ModuleT) -> ModuleT:
         """``module`` moved to the backbone's device and floating dtype, so that a head built for a backbone
         already on a GPU, or in float64, runs with it."""
         tensors = [*self.backbone.parameters(), *self.backbone.buffers()]
@@ -76,7 +78,7 @@ class PretrainMethod(nn.Module):
         check_features(features, images.shape[0], self.feature_dim)
         return features
 
-    def forward(self, views: Sequence[torch.Tensor], labels: torch.Tensor) -> StepOutput:
+    def forward(self, views: Sequence[torch.Tensor], labels: torch.Tensor | None = None) -> StepOutput:
         raise NotImplementedError
 
 

@@ -60,7 +60,7 @@ class Supervised(PretrainMethod):
                 f"a label is >= num_classes ({self.num_classes}); build the method with the dataset's class count"
             )
 
-    def forward(self, views: Sequence[torch.Tensor], labels: torch.Tensor) -> StepOutput:
+    def forward(self, views: Sequence[torch.Tensor], labels: torch.Tensor | None = None) -> StepOutput:
         images = single_view(views, "supervised")
         if labels is None:
             raise RelreasonError("supervised pretraining needs labels for every image; choose a labelled dataset/split")

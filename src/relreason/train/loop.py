@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from relreason.backbones import build_backbone
 from relreason.checkpoint import atomic_write_json, list_checkpoints, set_rng_state
-from relreason.checks import with_home_expanded
+from relreason.checks import with_home_expanded, with_plain_values
 from relreason.data import ImageFolderDataset, MultiViewDataset, read_skip_log
 from relreason.data.batch_views import DeviceMultiViewDataset
 from relreason.data.decoded_folder import DecodedImageFolder
@@ -63,7 +63,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     the time limit end it with a checkpoint at the current step (``stopped_early``); so does Ctrl-C, which
     then raises KeyboardInterrupt (a second Ctrl-C raises it at once).
     """
-    config = with_home_expanded(config, "output_dir", "data_root")
+    config = with_home_expanded(with_plain_values(config), "output_dir", "data_root")
     config.validate()
     # The time limit counts from here, setup included (decoding a large folder takes minutes): a limit
     # chosen to fit a scheduler's wall clock then holds.

@@ -96,7 +96,7 @@ def export_backbone(
     meta = {
         "backbone": config.backbone,
         "method": config.method,
-        "feature_dim": backbone.feature_dim,
+        "feature_dim": int(backbone.feature_dim),
         "dataset": config.dataset,
         "data_root": absolute_data_root(config),
         "epochs": position.epoch,
