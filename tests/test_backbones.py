@@ -118,3 +118,83 @@ def test_load_into_torchvision_refuses_what_does_not_fit_in_one_line():
         load_into_torchvision(build_backbone("resnet18").state_dict(), "resnet32")
     with pytest.raises(RelreasonError, match=r"do not fit torchvision's resnet34 \(\d+ missing, 0 unexpected"):
         load_into_torchvision(build_backbone("resnet18").state_dict(), "resnet34")
+
+
+def test_a_factory_whose_architecture_changed_gets_its_own_random_baseline(tmp_path, monkeypatch):
+    """The random backbone's cached features are named by its initialisation, not by the factory's name alone."""
+    from relreason.cli import main
+
+    (tmp_path / "evolving_net.py").write_text(
+        "import os\nimport torch.nn as nn\n"
+        "def make():\n"
+        "    width = int(os.environ['NET_WIDTH'])\n"
+        "    return nn.Sequential(nn.Conv2d(3, width, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    dims = {}
+    for width in (16, 8):
+        monkeypatch.setenv("NET_WIDTH", str(width))
+        torch.save(build_backbone("evolving_net:make").state_dict(), shared / f"w{width}.pt")
+        output = tmp_path / f"eval{width}.json"
+        argv = ["evaluate", "--weights", str(shared / f"w{width}.pt"), "--backbone", "evolving_net:make", "--dataset",
+                "digits", "--image-size", "16", "--protocols", "knn", "--device", "cpu", "--output", str(output)]
+        assert main(argv) == 0
+        random_test = [p for p in (shared / "features").glob("*random*-test-*.pt")]
+        dims[width] = {torch.load(p, weights_only=True)["features"].shape[1] for p in random_test}
+    assert dims == {16: {16}, 8: {16, 8}}  # the second evaluation extracted its own random features
+    # Resuming a run after the factory's architecture changed names the tensor and the likely cause.
+    run = ["pretrain", "--dataset", "digits", "--backbone", "evolving_net:make", "--image-size", "16", "-K", "2",
+           "--device", "cpu", "--no-progress", "--output-dir", str(tmp_path / "run")]
+    monkeypatch.setenv("NET_WIDTH", "16")
+    assert main([*run, "--epochs", "1"]) == 0
+    monkeypatch.setenv("NET_WIDTH", "8")
+    with pytest.raises(RelreasonError, match=r"no longer fits it \(method\.backbone\.0\.weight is \(16, 3, 3, 3\) in "
+                                             r"the checkpoint, \(8, 3, 3, 3\) now\); did the backbone's code change\?"):
+        from relreason.train import PretrainConfig, pretrain
+
+        pretrain(PretrainConfig(dataset="digits", backbone="evolving_net:make", image_size=16, num_views=2, epochs=2,
+                                device="cpu", progress=False, tensorboard=False, output_dir=str(tmp_path / "run")))
+
+
+def test_user_factories_that_do_not_fit_are_one_line_naming_the_cause(tmp_path, monkeypatch, capsys):
+    from relreason.cli import main
+
+    (tmp_path / "user_nets.py").write_text(
+        "import torch.nn as nn\n"
+        "def lazy():\n"
+        "    return nn.Sequential(nn.LazyConv2d(6, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())\n"
+        "def grey():\n"
+        "    return nn.Sequential(nn.Conv2d(1, 6, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())\n"
+        "def needs_width(width):\n"
+        "    return nn.Sequential(nn.Conv2d(3, width, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())\n"
+    )
+    (tmp_path / "typo_net.py").write_text("import torch\n\nX = torch.nn.Conv3x3\n")
+    (tmp_path / "needs_missing.py").write_text("import a_package_nobody_installed\n")
+    (tmp_path / "bad_syntax.py").write_text("def f(:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    # A lazy first layer is not taken to want 0 channels (which it would then keep for good).
+    lazy = build_backbone("user_nets:lazy", image_size=16)
+    assert lazy.feature_dim == 6 and lazy[0].weight.shape[1] == 3
+    with pytest.raises(RelreasonError, match=r"needs_width' cannot be called with no arguments \(missing a required "
+                                             r"argument: 'width'\); give its other parameters defaults"):
+        build_backbone("user_nets:needs_width")
+    for spec, message in [
+        ("typo_net:make", rf"failed at {tmp_path / 'typo_net.py'}, line 3: AttributeError: .*Conv3x3'; fix that module"),
+        ("needs_missing:make", r"needs_missing.py, line 1: ModuleNotFoundError: No module named 'a_package_nobody"),
+        ("bad_syntax:make", rf"failed at {tmp_path / 'bad_syntax.py'}, line 1: SyntaxError: invalid syntax"),
+        ("user_nets:missing", r"module 'user_nets' \(.*user_nets.py\) has no 'missing'"),
+    ]:
+        with pytest.raises(RelreasonError, match=message):
+            build_backbone(spec)
+    # Views are RGB: a one-channel backbone is refused before the run folder is made.
+    output = tmp_path / "run"
+    argv = ["pretrain", "--dataset", "digits", "--backbone", "user_nets:grey", "--image-size", "16", "--epochs", "1",
+            "--device", "cpu", "--no-progress", "--output-dir", str(output)]
+    assert main(argv) == 2
+    assert not output.exists()
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("relreason: error: backbone 'user_nets:grey' cannot take the views relreason makes, RGB")
+    assert error.endswith("build it for 3 input channels (grey images are given as RGB) and --image-size 16")
+    assert "\n" not in error

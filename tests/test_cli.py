@@ -47,6 +47,9 @@ def test_config_file_takes_exponent_floats_as_the_command_line_does(tmp_path, ca
     not_a_number = tmp_path / "n.yaml"
     not_a_number.write_text("lr: fast\n")
     expect_error(capsys, ["pretrain", "--config", str(not_a_number)], "must be a number, got 'fast'")
+    misspelt = tmp_path / "p.yaml"
+    misspelt.write_text("protocols: [knn, linaer]\n")  # the one entry at fault is named
+    expect_error(capsys, ["evaluate", "--config", str(misspelt)], "few_label, got 'linaer' in ['knn', 'linaer']")
 
 
 def test_shipped_configs_parse_by_name_from_any_folder(tmp_path, monkeypatch):

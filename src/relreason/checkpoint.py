@@ -202,6 +202,17 @@ def rotate_checkpoints(
         path.unlink(missing_ok=True)
 
 
+def first_difference(expected: Mapping[str, torch.Tensor], given: Mapping[str, Any]) -> str:
+    """The first tensor by which ``given`` differs from a model whose state_dict is ``expected``, in a few words."""
+    for key, tensor in expected.items():
+        if key not in given:
+            return f"{key} is not in the checkpoint"
+        if tuple(given[key].shape) != tuple(tensor.shape):
+            return f"{key} is {tuple(given[key].shape)} in the checkpoint, {tuple(tensor.shape)} now"
+    unexpected = next((key for key in given if key not in expected), None)
+    return f"the checkpoint has {unexpected}, which the model has not" if unexpected else "same tensors"
+
+
 def state_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, Any]) -> str | None:
     """How far ``given`` is from a model whose state_dict is ``expected``, in a few words; None when it fits."""
     missing = [k for k in expected if k not in given]

@@ -307,8 +307,9 @@ def _pretrain_dests() -> set[str]:
 
 def _config_value(action: argparse.Action, key: str, value: Any, path: str) -> Any:
     """A YAML value checked as strictly as the same value typed on the command line."""
-    def refuse(expected: str) -> NoReturn:
-        raise RelreasonError(f"option '{key}' in config file {path} must be {expected}, got {value!r}")
+    def refuse(expected: str, item: Any = None) -> NoReturn:
+        got = f"{item!r} in {value!r}" if isinstance(value, list) and item is not None else repr(value)
+        raise RelreasonError(f"option '{key}' in config file {path} must be {expected}, got {got}")
 
     if value is None:
         return None
@@ -332,7 +333,7 @@ def _config_value(action: argparse.Action, key: str, value: Any, path: str) -> A
         if action.type is None and not isinstance(item, str):
             refuse("a string")
         if action.choices is not None and item not in action.choices:
-            refuse(f"one of {', '.join(map(str, action.choices))}")
+            refuse(f"one of {', '.join(map(str, action.choices))}", item)
         checked.append(float(item) if action.type is float else item)
     return checked if action.nargs == "+" else checked[0]
 

@@ -12,7 +12,8 @@ def _channel_guesses(backbone: nn.Module) -> list[int]:
     """Input channels to try: those of the first convolution defined (usually the stem, but definition order
     is not call order), then 3 (RGB)."""
     first = next((m.in_channels for m in backbone.modules() if isinstance(m, nn.modules.conv._ConvNd)), 3)
-    return [first] if first == 3 else [first, 3]
+    # A lazy convolution says 0 until its first input, which it would then take as its channels for good.
+    return [3] if first in (0, 3) else [first, 3]
 
 
 @torch.no_grad()
@@ -42,8 +43,9 @@ def infer_feature_dim(backbone: nn.Module, image_size: int = 32, in_channels: in
                     continue
                 raise RelreasonError(
                     f"could not find the backbone's feature width from a dummy batch of shape "
-                    f"(2, {channels}, {image_size}, {image_size}) ({short_reason(error)}); pass feature_dim= "
-                    "(or give the backbone a feature_dim attribute), or image_size= the size it takes"
+                    f"(2, {channels}, {image_size}, {image_size}) ({short_reason(error)}); give the backbone a "
+                    "feature_dim attribute (or pass feature_dim=), or the image size it takes (--image-size, "
+                    "image_size=)"
                 ) from error
     finally:
         for module, training in modes:
@@ -55,3 +57,18 @@ def infer_feature_dim(backbone: nn.Module, image_size: int = 32, in_channels: in
             "end it with global pooling and flatten"
         )
     return int(output.shape[1])
+
+
+def check_takes_rgb_views(backbone: nn.Module, image_size: int, name: str) -> None:
+    """Refuse, in one line and before any work, a backbone that cannot take what the trainer and the evaluation
+    feed it: RGB views, (batch, 3, image_size, image_size). A one-channel backbone otherwise fails at its first
+    step with PyTorch's own message."""
+    try:
+        infer_feature_dim(backbone, image_size, in_channels=3)
+    except RelreasonError as error:
+        if error.__cause__ is None:  # it ran, but its output is not (batch, features): that message says so
+            raise
+        raise RelreasonError(
+            f"backbone '{name}' cannot take the views relreason makes, RGB images of {image_size} px "
+            f"({short_reason(error.__cause__)}); build it for 3 input channels (grey images are given as RGB) and --image-size {image_size}"
+        ) from None

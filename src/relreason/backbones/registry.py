@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from types import ModuleType
 
@@ -15,7 +17,7 @@ from relreason.backbones.conv4 import Conv4
 from relreason.backbones.feature_dim import infer_feature_dim
 from relreason.backbones.torchvision_resnet import torchvision_resnet
 from relreason.checks import check_positive_int
-from relreason.errors import RelreasonError
+from relreason.errors import RelreasonError, short_reason
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 
@@ -44,20 +46,49 @@ def backbone_names() -> list[str]:
 
 def _import_factory(spec: str) -> Callable[..., nn.Module]:
     module_name, _, attribute = spec.partition(":")
+    hint = "give 'package.module:function' importable from the working folder or PYTHONPATH"
     try:
         module = _import_from_here(module_name)
-        factory = getattr(module, attribute)
-    except (ImportError, AttributeError, ValueError, TypeError) as error:  # ValueError/TypeError: '' or '.rel'
+    except ModuleNotFoundError as error:
+        if not _names_the_module(error, module_name):  # the module is there; something it imports is not
+            raise RelreasonError(_raised_on_import(spec, module_name, error)) from None
+        raise RelreasonError(f"cannot load backbone factory '{spec}' ({error}); {hint}") from None
+    except (ValueError, TypeError) as error:  # '' or '.rel': not a module name
+        raise RelreasonError(f"cannot load backbone factory '{spec}' ({error}); {hint}") from None
+    except Exception as error:  # the user's module raised while it was imported: its own bug, at its own line
+        raise RelreasonError(_raised_on_import(spec, module_name, error)) from None
+    factory = getattr(module, attribute, None)
+    if factory is None:
         raise RelreasonError(
-            f"cannot load backbone factory '{spec}' ({error}); give 'package.module:function' importable from the "
-            "working folder or PYTHONPATH"
-        ) from None
+            f"cannot load backbone factory '{spec}' (module '{module_name}' ({module.__file__}) has no "
+            f"'{attribute}'); {hint}"
+        )
     if not callable(factory):  # e.g. 'os:path', a module
         raise RelreasonError(
             f"backbone factory '{spec}' is a {type(factory).__name__}, not a function or class returning an "
             "nn.Module; give 'package.module:function'"
         )
     return factory
+
+
+def _names_the_module(error: ModuleNotFoundError, module_name: str) -> bool:
+    """Whether the module missing is ``module_name`` or a package above it (not one that it imports)."""
+    parts = module_name.split(".")
+    return error.name in {".".join(parts[: i + 1]) for i in range(len(parts))}
+
+
+def _raised_on_import(spec: str, module_name: str, error: BaseException) -> str:
+    """One line for an error raised by a user's module as it was imported, naming the file and line."""
+    if isinstance(error, SyntaxError) and error.filename:
+        where, reason = f"{error.filename}, line {error.lineno}", f"SyntaxError: {error.msg}"
+    else:
+        # The outermost frame outside this file and the import machinery: the user's line that set it off.
+        machinery = (__file__, importlib.__file__)
+        frames = [f for f in traceback.extract_tb(error.__traceback__)
+                  if f.filename not in machinery and not f.filename.startswith("<frozen")]
+        where = f"{frames[0].filename}, line {frames[0].lineno}" if frames else module_name
+        reason = short_reason(error, None)
+    return f"importing '{module_name}' for backbone '{spec}' failed at {where}: {reason}; fix that module"
 
 
 def _import_from_here(module_name: str) -> ModuleType:
@@ -94,6 +125,15 @@ def build_backbone(name: str, image_size: int = 32, **kwargs) -> nn.Module:
     else:
         check_backbone_name(name)
         factory = BACKBONES[name]
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as error:  # a factory that needs arguments relreason cannot give it
+        raise RelreasonError(
+            f"backbone factory '{name}' cannot be called with {kwargs or 'no arguments'} ({error}); give its other "
+            "parameters defaults, or wrap it in a function that needs none"
+        ) from None
+    except ValueError:  # no signature to read (some built-ins): just call it
+        pass
     backbone = factory(**kwargs)
     if not isinstance(backbone, nn.Module):
         raise RelreasonError(f"backbone factory '{name}' returned {type(backbone).__name__}, not a torch.nn.Module; "

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 from relreason.data import dataset_info, has_split_dirs, load_dataset
@@ -79,9 +80,21 @@ def weights_digest(weights: bytes) -> str:
     return hashlib.sha1(weights).hexdigest()[:12]
 
 
+def state_digest(module: torch.nn.Module) -> str:
+    """The short digest of a module's parameters and buffers (names, shapes, dtypes, values): a random backbone's
+    caches are named by it, so a factory whose architecture changed under the same name gets its own."""
+    digest = hashlib.sha1()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
 def feature_cache_path(cache_dir: Path, backbone: str, weights_key: str, dataset_name: str, split: str,
                        image_size: int, data_tag: str) -> Path:
     """Where the features of a split under given weights are cached: named by all that decides them."""
+    backbone = backbone.replace(":", "+")  # 'module:factory': no ':' in a file name, which Windows refuses
     return cache_dir / f"{backbone}-{weights_key}-{dataset_name}-{split}-{image_size}px-{data_tag}.pt"
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from relreason.backbones import build_backbone
+from relreason.backbones.feature_dim import check_takes_rgb_views
 from relreason.checkpoint import is_checkpoint_path
 from relreason.checks import with_home_expanded, with_plain_values
 from relreason.data import (
@@ -34,6 +35,7 @@ from relreason.evaluate.data import (
     labelled_split,
     pretraining_folder,
     same_path,
+    state_digest,
     weights_digest,
 )
 from relreason.evaluate.report import check_output_path, write_results_json
@@ -146,18 +148,22 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     # Beside the weights, unless that folder is read-only (a shared or downloaded backbone): then beside the output.
     cache_dir = (weights.parent if os.access(weights.parent, os.W_OK) else output.parent) / FEATURES_DIR_NAME
     data_tag = data_tag_of(dataset_name, data_root, mean, std, (train_set, test_set))
-    backbones = {"pretrained": (digest, state)}
+    backbones = {"pretrained": state}
     if config.random_baseline:
-        backbones["random"] = (f"random-seed{config.seed}", None)
+        backbones["random"] = None
     feature_protocols = [p for p in protocols if p != "finetune"]
     num_classes = int(max(train_set.labels.max(), test_set.labels.max())) + 1
 
     results: dict[str, Any] = {}
     plots: dict[str, str] = {}
-    for label, (key, weights_state) in backbones.items():
+    for label, weights_state in backbones.items():
         torch.manual_seed(config.seed)
         backbone = build_backbone(meta["backbone"], image_size=image_size)
-        if weights_state is not None:
+        check_takes_rgb_views(backbone, image_size, meta["backbone"])
+        if weights_state is None:  # its caches named by the initialisation, which the factory's code decides
+            key = f"random-seed{config.seed}-{state_digest(backbone)}"
+        else:
+            key = digest
             load_matching_state(backbone, weights_state, weights, meta["backbone"])
             if not (config.image_size or meta.get("image_size")):
                 print(f"relreason: note: evaluating at {image_size} px, the dataset's own size (no backbone.json says "

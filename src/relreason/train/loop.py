@@ -16,7 +16,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from relreason.backbones import build_backbone
-from relreason.checkpoint import atomic_write_json, list_checkpoints, set_rng_state
+from relreason.backbones.feature_dim import check_takes_rgb_views
+from relreason.checkpoint import atomic_write_json, first_difference, list_checkpoints, set_rng_state
 from relreason.checks import with_home_expanded, with_plain_values
 from relreason.data import ImageFolderDataset, MultiViewDataset, read_skip_log
 from relreason.data.batch_views import DeviceMultiViewDataset
@@ -161,12 +162,14 @@ def _pretrain(
             checkpoint = without_probe(checkpoint)
         try:
             model.load_state_dict(checkpoint["model"])
-        except RuntimeError as error:  # e.g. a class folder added since: the online probe's output grew
-            detail = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line
-                           or "Missing" in line or "Unexpected" in line), "")
+        except RuntimeError:
+            difference = first_difference(model.state_dict(), checkpoint["model"])
+            # The probe's output grows with the classes; the method's tensors change with the backbone's code.
+            cause = ("was a class folder added? Rerun with the original data" if difference.startswith("probe.")
+                     else "did the backbone's code change? Rerun with the backbone the run started with")
             raise RelreasonError(
-                f"cannot resume {path}: this run's model no longer fits it ({detail[:160]}); was data or a class "
-                "folder added? Rerun with the original data or choose another --output-dir"
+                f"cannot resume {path}: this run's model no longer fits it ({difference}); {cause} or choose another "
+                "--output-dir"
             ) from None
         load_optimizer_state(optimizer, checkpoint["optimizer"], groups, config)
         if checkpoint["scaler"]:  # empty when saved without --amp fp16: a newly enabled scaler starts afresh
@@ -228,6 +231,7 @@ def _pretrain(
 def build_model(config: PretrainConfig, image_size: int, num_classes: int | None = None) -> PretrainMethod | None:
     """The method ``config.method`` on a fresh ``config.backbone`` (None for ``random``, which trains nothing)."""
     backbone = build_backbone(config.backbone, image_size=image_size)
+    check_takes_rgb_views(backbone, image_size, config.backbone)
     method = method_class(config.method)
     if method is None:
         return None
