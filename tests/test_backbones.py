@@ -177,8 +177,8 @@ def test_user_factories_that_do_not_fit_are_one_line_naming_the_cause(tmp_path, 
     # A lazy first layer is not taken to want 0 channels (which it would then keep for good).
     lazy = build_backbone("user_nets:lazy", image_size=16)
     assert lazy.feature_dim == 6 and lazy[0].weight.shape[1] == 3
-    with pytest.raises(RelreasonError, match=r"needs_width' cannot be called with no arguments \(missing a required "
-                                             r"argument: 'width'\); give its other parameters defaults"):
+    with pytest.raises(RelreasonError, match=r"needs_width' cannot be built with no arguments \(missing a required "
+                                             r"argument: 'width'; it takes: width\); give --backbone-args"):
         build_backbone("user_nets:needs_width")
     for spec, message in [
         ("typo_net:make", rf"failed at {tmp_path / 'typo_net.py'}, line 3: AttributeError: .*Conv3x3'; fix that module"),
@@ -198,3 +198,76 @@ def test_user_factories_that_do_not_fit_are_one_line_naming_the_cause(tmp_path, 
     assert error.startswith("relreason: error: backbone 'user_nets:grey' cannot take the views relreason makes, RGB")
     assert error.endswith("build it for 3 input channels (grey images are given as RGB) and --image-size 16")
     assert "\n" not in error
+
+
+def test_backbone_args_reach_the_factory_and_are_checked_against_its_signature():
+    standard = build_backbone("resnet18", small_stem=False)
+    assert standard.conv1.kernel_size == (7, 7) and isinstance(standard.maxpool, nn.MaxPool2d)
+    assert build_backbone("resnet18").conv1.kernel_size == (3, 3)
+    with pytest.raises(RelreasonError, match=r"^backbone 'resnet18' takes small_stem as bool, got 'maybe'; pass e.g. "
+                                             r"--backbone-args small_stem=false$"):
+        build_backbone("resnet18", small_stem="maybe")
+    with pytest.raises(RelreasonError, match=r"^backbone 'conv4' cannot be built with width=3 \(got an unexpected "
+                                             r"keyword argument 'width'; it takes: in_channels\)"):
+        build_backbone("conv4", width=3)
+    from relreason.backbones.registry import check_backbone
+
+    check_backbone("resnet50", {"small_stem": False})
+    with pytest.raises(RelreasonError, match="backbone arguments must map argument names to values"):
+        check_backbone("resnet50", ["small_stem=false"])
+
+
+def test_backbone_args_from_the_command_line_and_config_files(tmp_path, capsys):
+    from relreason.cli import backbone_args_from, build_parser, main, parse_options
+
+    assert backbone_args_from(["small_stem=false", "width=8", "scale=1e-3", "name=wide", "sizes=[1, 2]"]) == {
+        "small_stem": False, "width": 8, "scale": 1e-3, "name": "wide", "sizes": [1, 2]}
+    with pytest.raises(RelreasonError, match=r"--backbone-args takes KEY=VALUE pairs such as small_stem=false, got "
+                                             r"'wide'"):
+        backbone_args_from(["wide"])
+    mapping, listed = tmp_path / "mapping.yaml", tmp_path / "listed.yaml"
+    mapping.write_text("backbone: resnet18\nbackbone-args: {small_stem: false}\n")
+    listed.write_text("backbone: resnet18\nbackbone_args: [small_stem=false]\n")
+    for config in (mapping, listed):
+        args = parse_options(build_parser(), ["pretrain", "--config", str(config)])
+        assert backbone_args_from(args.backbone_args) == {"small_stem": False}
+    (tmp_path / "bad.yaml").write_text("backbone-args: 3\n")
+    assert main(["pretrain", "--config", str(tmp_path / "bad.yaml")]) == 2
+    assert "option 'backbone-args' in config file" in capsys.readouterr().err
+
+
+def test_a_factory_with_arguments_trains_evaluates_resumes_and_compares(tmp_path, monkeypatch, capsys):
+    import json
+
+    from relreason.cli import main
+
+    (tmp_path / "sized_net.py").write_text(
+        "import torch.nn as nn\n"
+        "def make(width: int):\n"
+        "    return nn.Sequential(nn.Conv2d(3, width, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = tmp_path / "run"
+    common = ["--dataset", "digits", "--backbone", "sized_net:make", "--image-size", "16", "--device", "cpu",
+              "--no-progress"]
+    argv = ["pretrain", *common, "-K", "2", "--epochs", "1", "--output-dir", str(run)]
+    assert main([*argv, "--backbone-args", "width=5"]) == 0
+    meta = json.loads((run / "backbone.json").read_text())
+    assert (meta["backbone_args"], meta["feature_dim"]) == ({"width": 5}, 5)
+    # evaluate rebuilds the backbone from backbone.json, arguments included, for the pretrained and random rows.
+    assert main(["evaluate", "--run-dir", str(run), "--protocols", "knn", "--device", "cpu"]) == 0
+    assert json.loads((run / "evaluation.json").read_text())["backbone_args"] == {"width": 5}
+    assert {torch.load(p, weights_only=True)["features"].shape[1] for p in (run / "features").glob("*.pt")} == {5}
+    bare = tmp_path / "bare"  # weights without backbone.json: the arguments come from the command line
+    bare.mkdir()
+    (bare / "weights.pt").write_bytes((run / "backbone.pt").read_bytes())
+    assert main(["evaluate", "--weights", str(bare / "weights.pt"), "--backbone", "sized_net:make", "--backbone-args",
+                 "width=5", "--dataset", "digits", "--image-size", "16", "--protocols", "knn", "--device", "cpu",
+                 "--no-random-baseline"]) == 0
+    capsys.readouterr()
+    assert main([*argv[:-4], "--epochs", "2", "--output-dir", str(run), "--backbone-args", "width=6"]) == 2
+    assert "options differ (backbone_args: checkpoint {'width': 5} vs now {'width': 6})" in capsys.readouterr().err
+    compare = tmp_path / "compare"
+    assert main(["compare", *common, "--methods", "random", "--seeds", "1", "--protocols", "knn",
+                 "--embedding-points", "60", "--backbone-args", "width=4", "--output-dir", str(compare)]) == 0
+    assert json.loads((compare / "random-seed1" / "backbone.json").read_text())["backbone_args"] == {"width": 4}

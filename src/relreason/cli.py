@@ -67,6 +67,8 @@ def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--method", choices=METHOD_NAMES,
                         help=f"relational reasoning or a baseline: simclr, rotation, supervised, random [{d.method}]")
     method.add_argument("--backbone", help=f"registered backbone or 'package.module:factory' [{d.backbone}]")
+    method.add_argument("--backbone-args", nargs="+", metavar="KEY=VALUE",
+                        help="keyword arguments of the backbone's factory, values read as YAML (false, 64, 0.5, text): small_stem=false gives a torchvision ResNet its own 7x7 stride-2 stem and max-pool (for images of 128 px and more), or your factory's own [none]")
     method.add_argument("-K", "--num-views", type=int, dest="num_views", help=f"augmented views per image, K [{d.num_views}]")
     method.add_argument("--aggregation", choices=AGGREGATIONS, help=f"how a pair is joined [{d.aggregation}]")
     method.add_argument("--head-hidden", type=int, help=f"hidden width of the relation head [{d.head_hidden}]")
@@ -109,6 +111,9 @@ def add_evaluate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", help=f"a pretraining output folder (holds backbone.pt and backbone.json) [{d.run_dir}]")
     parser.add_argument("--weights", help="a backbone state_dict to evaluate instead of --run-dir's")
     parser.add_argument("--backbone", help="backbone name, when --weights has no backbone.json beside it")
+    parser.add_argument("--backbone-args", nargs="+", metavar="KEY=VALUE",
+                        help="keyword arguments of the backbone's factory, values read as YAML, when --weights has no "
+                        "backbone.json beside it [backbone.json's]")
     parser.add_argument("--eval-dataset", "--dataset", dest="dataset",
                         help="labelled dataset to evaluate on; another than the one pretrained on gives a "
                         "cross-domain evaluation, normalised with the evaluation dataset's own statistics "
@@ -155,6 +160,8 @@ def add_compare_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", help=f"where datasets live [{d.data_root}]")
     _bool_flag(parser, "download", "download the dataset with torchvision if missing [off]")
     parser.add_argument("--backbone", help=f"backbone for every method [{d.backbone}]")
+    parser.add_argument("--backbone-args", nargs="+", metavar="KEY=VALUE",
+                        help="keyword arguments of the backbone's factory, as for pretrain [none]")
     parser.add_argument("--methods", nargs="+", choices=METHOD_NAMES,
                         help=f"methods to pretrain, each with every seed [{' '.join(d.methods)}]")
     parser.add_argument("--seeds", nargs="+", type=int, help=f"one run per seed and method [{' '.join(map(str, d.seeds))}]")
@@ -313,6 +320,11 @@ def _config_value(action: argparse.Action, key: str, value: Any, path: str) -> A
 
     if value is None:
         return None
+    if action.dest == "backbone_args":  # a mapping (as --print-config writes it) or KEY=VALUE strings
+        try:
+            return backbone_args_from(value)
+        except RelreasonError:
+            refuse("a mapping of argument names to values, such as {small_stem: false}")
     if isinstance(action, argparse.BooleanOptionalAction):
         if not isinstance(value, bool):
             refuse("true or false")
@@ -369,9 +381,35 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
     raise KeyError(name)
 
 
+def backbone_args_from(value: Any) -> dict[str, Any]:
+    """``--backbone-args`` as keyword arguments: ``KEY=VALUE`` strings, each value read as YAML (``false``, ``64``,
+    ``0.5``, ``[1, 2]``, text), or a config file's mapping."""
+    from relreason.backbones.registry import check_backbone_args
+
+    if isinstance(value, dict):
+        return check_backbone_args(value)
+    args: dict[str, Any] = {}
+    for item in value if isinstance(value, list) else [value]:
+        key, sign, text = str(item).partition("=")
+        if not (sign and key.isidentifier()):
+            raise RelreasonError(f"--backbone-args takes KEY=VALUE pairs such as small_stem=false, got {item!r}")
+        try:
+            args[key] = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            args[key] = text  # not YAML: the text as it is
+        if isinstance(args[key], str) and any(c.isdigit() for c in text):
+            try:
+                args[key] = float(text)  # 1e-3, which YAML 1.1 reads as text
+            except ValueError:
+                pass
+    return args
+
+
 def _config_from(args: argparse.Namespace, config_class: type) -> Any:
     fields = {f.name: f for f in dataclasses.fields(config_class)}
     values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if "backbone_args" in values:
+        values["backbone_args"] = backbone_args_from(values["backbone_args"])
     try:
         return config_class(**values)
     except TypeError as error:

@@ -12,7 +12,7 @@ import json
 import statistics
 import sys
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +43,7 @@ class CompareConfig:
     data_root: str = "data"
     download: bool = False
     backbone: str = "conv4"
+    backbone_args: dict[str, Any] = field(default_factory=dict)  # as pretrain's --backbone-args
     methods: tuple[str, ...] = ("relational", "simclr", "supervised", "random")
     seeds: tuple[int, ...] = (1, 2, 3)
     epochs: int = 20
@@ -103,7 +104,7 @@ def pretrain_config_for(config: CompareConfig, method: str, seed: int) -> Pretra
     num_views = config.num_views if method == "relational" else PretrainConfig.num_views
     return PretrainConfig(
         method=method, dataset=config.dataset, data_root=config.data_root, download=config.download,
-        backbone=config.backbone, image_size=config.image_size, num_views=num_views,
+        backbone=config.backbone, backbone_args=config.backbone_args, image_size=config.image_size, num_views=num_views,
         batch_size=config.batch_size, epochs=config.epochs, seed=seed, device=config.device, augment=config.augment,
         time_limit=config.time_limit, output_dir=str(run_dir_of(config, method, seed)), progress=config.progress,
         log_every=config.log_every, test_fraction=config.test_fraction, min_crop_scale=config.min_crop_scale,
@@ -113,8 +114,8 @@ def pretrain_config_for(config: CompareConfig, method: str, seed: int) -> Pretra
 
 # What makes a run this comparison's run; --epochs may grow (pretrain resumes and trains on). The time
 # limit is checked against the comparison's own record: a resumed run's config.json holds what was left of it.
-_RUN_DEFINING = ("method", "dataset", "data_root", "backbone", "image_size", "num_views", "batch_size", "seed",
-                 "augment", "test_fraction", "min_crop_scale", "jitter_strength")
+_RUN_DEFINING = ("method", "dataset", "data_root", "backbone", "backbone_args", "image_size", "num_views",
+                 "batch_size", "seed", "augment", "test_fraction", "min_crop_scale", "jitter_strength")
 BUDGET_NAME = "budget.json"
 
 
@@ -150,7 +151,7 @@ def check_existing_runs(config: CompareConfig) -> None:
                 continue
             wanted = dataclasses.asdict(pretrain_config_for(config, method, seed))
             # An option a run folder does not record is older than the option: the run had its default.
-            recorded = {key: recorded.get(key, getattr(PretrainConfig, key)) for key in keys}
+            recorded = {key: recorded.get(key, getattr(PretrainConfig(), key)) for key in keys}
             differ = [f"{key}: run {option_value(recorded[key])} vs now {option_value(wanted[key])}" for key in keys
                       if recorded[key] != wanted[key]
                       and not (key == "dataset" and same_dataset(recorded.get(key), wanted[key]))
@@ -386,7 +387,7 @@ def _test_features_source(run_dir: Path, config: CompareConfig):
     from relreason.evaluate.data import data_tag_of, feature_cache_path, weights_digest
 
     meta = json.loads((run_dir / BACKBONE_META_NAME).read_text())
-    backbone = build_backbone(meta["backbone"], image_size=meta["image_size"])
+    backbone = build_backbone(meta["backbone"], image_size=meta["image_size"], **meta.get("backbone_args", {}))
     weights = (run_dir / BACKBONE_NAME).read_bytes()
     backbone.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True))
     # Named as evaluate names it (run_evaluation: the run's recorded dataset, its normalisation, and for a

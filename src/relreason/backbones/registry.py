@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import ModuleType
+from typing import Any
 
 from torch import nn
 
@@ -37,7 +39,7 @@ register_backbone("resnet8")(resnet8)
 register_backbone("resnet32")(resnet32)
 register_backbone("resnet56")(resnet56)
 for _name in ("resnet18", "resnet34", "resnet50"):
-    register_backbone(_name)(lambda small_stem=True, in_channels=3, _n=_name: torchvision_resnet(_n, small_stem, in_channels))
+    register_backbone(_name)(functools.partial(torchvision_resnet, _name))
 
 
 def backbone_names() -> list[str]:
@@ -106,34 +108,88 @@ def _import_from_here(module_name: str) -> ModuleType:
 
 def check_backbone_name(name: str) -> None:
     """Refuse an unknown backbone name, or a ``module:factory`` that does not import, before any work starts."""
+    _factory(name)
+
+
+def check_backbone(name: str, args: Mapping[str, Any] | None = None) -> None:
+    """Refuse, before any work starts, a backbone that cannot be built: an unknown name, a ``module:factory`` that
+    does not import, or ``args`` (``--backbone-args``) that its factory does not take."""
+    _check_call(_factory(name), name, check_backbone_args(args))
+
+
+def check_backbone_args(args: Any) -> dict[str, Any]:
+    """``args`` as the keyword arguments of a backbone factory: a mapping of argument names to values."""
+    if args is None:
+        return {}
+    if not isinstance(args, Mapping) or not all(isinstance(k, str) and k.isidentifier() for k in args):
+        raise RelreasonError(f"backbone arguments must map argument names to values, got {args!r}; pass e.g. "
+                             "--backbone-args small_stem=false (backbone_args={'small_stem': False})")
+    return dict(args)
+
+
+def _factory(name: str) -> Callable[..., nn.Module]:
     if ":" in name:
-        _import_factory(name)
-    elif name not in BACKBONES:
+        return _import_factory(name)
+    if name not in BACKBONES:
         raise RelreasonError(
             f"unknown backbone '{name}'; choose one of {', '.join(backbone_names())} or give 'module:factory'"
         )
+    return BACKBONES[name]
+
+
+def _check_call(factory: Callable[..., nn.Module], name: str, kwargs: dict[str, Any]) -> None:
+    try:
+        signature = inspect.signature(factory)
+    except ValueError:  # no signature to read (some built-ins): the call itself will tell
+        return
+    given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "no arguments"
+    takes = ", ".join(signature.parameters) or "none"
+    try:
+        signature.bind(**kwargs)
+    except TypeError as error:
+        raise RelreasonError(
+            f"backbone '{name}' cannot be built with {given} ({error}; it takes: {takes}); give --backbone-args "
+            "(backbone_args= in Python) each argument it needs and none that it does not take"
+        ) from None
+    for key, value in kwargs.items():
+        kind = _plain_kind(signature.parameters[key]) if key in signature.parameters else None
+        if kind is not None and not _is_kind(value, kind):
+            raise RelreasonError(
+                f"backbone '{name}' takes {key} as {kind.__name__}, got {value!r}; pass e.g. "
+                f"--backbone-args {key}={ {bool: 'false', int: '3', float: '0.5', str: 'text'}[kind] }"
+            )
+
+
+def _plain_kind(parameter: inspect.Parameter) -> type | None:
+    """The plain type (bool, int, float, str) a factory parameter declares, by annotation or by its default."""
+    kinds = {kind.__name__: kind for kind in (bool, int, float, str)}
+    annotation = parameter.annotation
+    if isinstance(annotation, str):
+        return kinds.get(annotation)
+    if annotation in kinds.values():
+        return annotation
+    default = parameter.default
+    return type(default) if type(default) in kinds.values() else None
+
+
+def _is_kind(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
 
 
 def build_backbone(name: str, image_size: int = 32, **kwargs) -> nn.Module:
     """A fresh backbone with a ``feature_dim`` attribute.
 
     ``name`` is a registered name (``backbone_names()``) or ``"package.module:factory"`` for a user's own
-    module; a user module without ``feature_dim`` gets it inferred at ``image_size``.
+    module; ``kwargs`` go to its factory (``--backbone-args``: ``small_stem=False`` for a torchvision ResNet's
+    own 7x7 stem, a user factory's own arguments). A module without ``feature_dim`` gets it inferred at
+    ``image_size``.
     """
-    if ":" in name:
-        factory = _import_factory(name)
-    else:
-        check_backbone_name(name)
-        factory = BACKBONES[name]
-    try:
-        inspect.signature(factory).bind(**kwargs)
-    except TypeError as error:  # a factory that needs arguments relreason cannot give it
-        raise RelreasonError(
-            f"backbone factory '{name}' cannot be called with {kwargs or 'no arguments'} ({error}); give its other "
-            "parameters defaults, or wrap it in a function that needs none"
-        ) from None
-    except ValueError:  # no signature to read (some built-ins): just call it
-        pass
+    factory = _factory(name)
+    _check_call(factory, name, kwargs)
     backbone = factory(**kwargs)
     if not isinstance(backbone, nn.Module):
         raise RelreasonError(f"backbone factory '{name}' returned {type(backbone).__name__}, not a torch.nn.Module; "

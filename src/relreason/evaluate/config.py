@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from relreason.backbones.registry import check_backbone_args
 from relreason.checks import check_positive_float, check_positive_int
 from relreason.data.splits import check_fraction_range
 from relreason.device import check_device_name, resolve_device
@@ -20,6 +22,7 @@ class EvaluateConfig:
     run_dir: str = "runs/relreason"
     weights: str | None = None
     backbone: str | None = None
+    backbone_args: dict[str, Any] | None = None  # None: those backbone.json records
     dataset: str | None = None
     data_root: str | None = None  # None: the pretraining run's own when evaluating on its dataset, else "data"
     download: bool = False
@@ -46,6 +49,7 @@ class EvaluateConfig:
 
         ``on_this_machine=False`` leaves out whether ``--device`` is there (``--print-config``)."""
         protocols = choose_protocols(self.protocols, ALL_PROTOCOLS)
+        check_backbone_args(self.backbone_args)
         check_positive_int(self.linear_epochs, "--linear-epochs")
         check_positive_int(self.knn_k, "--knn-k")
         check_positive_int(self.batch_size, "--batch-size")

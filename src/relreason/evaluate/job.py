@@ -158,7 +158,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     plots: dict[str, str] = {}
     for label, weights_state in backbones.items():
         torch.manual_seed(config.seed)
-        backbone = build_backbone(meta["backbone"], image_size=image_size)
+        backbone = build_backbone(meta["backbone"], image_size=image_size, **meta.get("backbone_args", {}))
         check_takes_rgb_views(backbone, image_size, meta["backbone"])
         if weights_state is None:  # its caches named by the initialisation, which the factory's code decides
             key = f"random-seed{config.seed}-{state_digest(backbone)}"
@@ -213,6 +213,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     payload = {
         "weights": str(weights),
         "backbone": meta["backbone"],
+        "backbone_args": meta.get("backbone_args", {}),
         "pretrained_on": meta.get("dataset"),
         "dataset": dataset_name,
         "image_size": image_size,

@@ -34,7 +34,8 @@ def load_backbone_source(config: EvaluateConfig) -> tuple[Path, dict[str, Any], 
     if is_checkpoint_path(weights):
         checkpoint = load_checkpoint(weights)
         saved = checkpoint.get("config", {})
-        meta = {key: saved[key] for key in ("backbone", "dataset", "data_root", "test_fraction") if key in saved}
+        meta = {key: saved[key] for key in ("backbone", "backbone_args", "dataset", "data_root", "test_fraction")
+                if key in saved}
         if checkpoint.get("data_root"):  # absolute (older checkpoints: as typed, relative to where pretrain ran)
             meta["data_root"] = checkpoint["data_root"]
         meta |= checkpoint.get("geometry", {})
@@ -44,6 +45,8 @@ def load_backbone_source(config: EvaluateConfig) -> tuple[Path, dict[str, Any], 
         state = _load_state_dict(weights)
     if config.backbone:
         meta["backbone"] = config.backbone
+    if config.backbone_args is not None:
+        meta["backbone_args"] = config.backbone_args
     if "backbone" not in meta:
         raise RelreasonError(f"{weights} has no backbone.json beside it; pass --backbone NAME")
     return weights, meta, state

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
-from relreason.backbones.registry import check_backbone_name
+from relreason.backbones.registry import check_backbone
 from relreason.data import check_test_fraction, dataset_info
 from relreason.data.splits import image_folders_read
 from relreason.data.transforms import check_crop_scale, jitter_amounts
@@ -32,6 +33,7 @@ class PretrainConfig:
     data_root: str = "data"
     download: bool = False
     backbone: str = "conv4"
+    backbone_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the backbone's factory
     image_size: int | None = None  # None: the dataset's native size
     num_views: int = 4  # K
     batch_size: int = 64
@@ -121,7 +123,7 @@ class PretrainConfig:
                     f"--output-dir {self.output_dir} lies inside --data-root {self.data_root}, so the run's own files "
                     "would be read as images; choose an --output-dir outside it"
                 )
-        check_backbone_name(self.backbone)
+        check_backbone(self.backbone, self.backbone_args)
         if on_this_machine:
             resolve_device(self.device)  # checks the name too
         else:

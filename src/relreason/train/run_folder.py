@@ -95,6 +95,7 @@ def export_backbone(
     atomic_torch_save(state, run_dir / BACKBONE_NAME)
     meta = {
         "backbone": config.backbone,
+        "backbone_args": config.backbone_args,
         "method": config.method,
         "feature_dim": int(backbone.feature_dim),
         "dataset": config.dataset,
