@@ -222,6 +222,10 @@ def test_backbone_args_from_the_command_line_and_config_files(tmp_path, capsys):
 
     assert backbone_args_from(["small_stem=false", "width=8", "scale=1e-3", "name=wide", "sizes=[1, 2]"]) == {
         "small_stem": False, "width": 8, "scale": 1e-3, "name": "wide", "sizes": [1, 2]}
+    assert backbone_args_from({"scale": "1e-3", "name": "1e-3x"}) == {"scale": 1e-3, "name": "1e-3x"}  # YAML 1.1
+    assert backbone_args_from([]) == {}  # --backbone-args alone: none
+    with pytest.raises(RelreasonError, match="--backbone-args gives width twice; keep one"):
+        backbone_args_from(["width=8", "width=9"])
     with pytest.raises(RelreasonError, match=r"--backbone-args takes KEY=VALUE pairs such as small_stem=false, got "
                                              r"'wide'"):
         backbone_args_from(["wide"])
@@ -243,8 +247,9 @@ def test_a_factory_with_arguments_trains_evaluates_resumes_and_compares(tmp_path
 
     (tmp_path / "sized_net.py").write_text(
         "import torch.nn as nn\n"
-        "def make(width: int):\n"
-        "    return nn.Sequential(nn.Conv2d(3, width, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())\n"
+        "def make(width: int, pool: str = 'avg', image_size: int = 32):\n"
+        "    pooling = nn.AdaptiveAvgPool2d(1) if pool == 'avg' else nn.AdaptiveMaxPool2d(1)\n"
+        "    return nn.Sequential(nn.Conv2d(3, width, 3), pooling, nn.Flatten())\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     run = tmp_path / "run"
@@ -258,6 +263,11 @@ def test_a_factory_with_arguments_trains_evaluates_resumes_and_compares(tmp_path
     assert main(["evaluate", "--run-dir", str(run), "--protocols", "knn", "--device", "cpu"]) == 0
     assert json.loads((run / "evaluation.json").read_text())["backbone_args"] == {"width": 5}
     assert {torch.load(p, weights_only=True)["features"].shape[1] for p in (run / "features").glob("*.pt")} == {5}
+    # An argument that changes the features but no weight (the pooling) gets features of its own, not the cache's;
+    # arguments named like build_backbone's own parameters reach the factory too.
+    assert main(["evaluate", "--run-dir", str(run), "--protocols", "knn", "--device", "cpu", "--output",
+                 str(tmp_path / "max.json"), "--backbone-args", "width=5", "pool=max", "image_size=16"]) == 0
+    assert len(list((run / "features").glob("*.pt"))) == 8
     bare = tmp_path / "bare"  # weights without backbone.json: the arguments come from the command line
     bare.mkdir()
     (bare / "weights.pt").write_bytes((run / "backbone.pt").read_bytes())
@@ -265,9 +275,38 @@ def test_a_factory_with_arguments_trains_evaluates_resumes_and_compares(tmp_path
                  "width=5", "--dataset", "digits", "--image-size", "16", "--protocols", "knn", "--device", "cpu",
                  "--no-random-baseline"]) == 0
     capsys.readouterr()
+    # Another --backbone leaves the recorded arguments behind (they were this factory's): the weights do not fit.
+    assert main(["evaluate", "--run-dir", str(run), "--backbone", "conv4", "--protocols", "knn", "--device", "cpu"]) == 2
+    assert "does not fit backbone 'conv4'" in capsys.readouterr().err
     assert main([*argv[:-4], "--epochs", "2", "--output-dir", str(run), "--backbone-args", "width=6"]) == 2
     assert "options differ (backbone_args: checkpoint {'width': 5} vs now {'width': 6})" in capsys.readouterr().err
     compare = tmp_path / "compare"
     assert main(["compare", *common, "--methods", "random", "--seeds", "1", "--protocols", "knn",
                  "--embedding-points", "60", "--backbone-args", "width=4", "--output-dir", str(compare)]) == 0
     assert json.loads((compare / "random-seed1" / "backbone.json").read_text())["backbone_args"] == {"width": 4}
+    assert "# digits, sized_net:make (width=4):" in (compare / "compare.md").read_text()
+
+
+def test_backbone_args_built_in_python_compare_equal_to_their_record(tmp_path, monkeypatch):
+    """NumPy numbers and tuples in backbone_args become what config.json reads back as, so a rerun of the same
+    comparison does not refuse its own runs."""
+    import json
+
+    import numpy as np
+
+    from relreason.compare import CompareConfig, run_compare
+
+    (tmp_path / "listed_net.py").write_text(
+        "import torch.nn as nn\n"
+        "def make(widths=(4,)):\n"
+        "    return nn.Sequential(nn.Conv2d(3, widths[-1], 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = CompareConfig(dataset="digits", image_size=16, num_views=2, backbone="listed_net:make",
+                           backbone_args={"widths": (np.int64(3),)}, methods=("relational",), seeds=(1,), epochs=1,
+                           protocols=("knn",), embedding_points=60, device="cpu", progress=False,
+                           output_dir=str(tmp_path / "compare"))
+    run_compare(config)
+    recorded = json.loads((tmp_path / "compare" / "relational-seed1" / "config.json").read_text())
+    assert recorded["backbone_args"] == {"widths": [3]}
+    run_compare(config)  # the same comparison again: its runs are its own

@@ -674,3 +674,25 @@ def test_a_stop_at_an_epochs_end_says_after_that_epoch(tmp_path, monkeypatch, ca
     result = pretrain(config(tmp_path, epochs=3))  # resumes into epoch 2 and stops inside it
     assert result.stopped_early and result.mid_epoch
     assert "stopped during epoch 2 at step 3" in capsys.readouterr().err  # the 3rd vote: after step 3
+
+
+def test_a_named_datasets_run_resumes_with_the_normalisation_it_started_with(tmp_path, capsys):
+    """A named dataset's statistics are relreason's constants: should a version change them, a run resumes with
+    those it started with (and says so); an image folder's come from its images, so a change there is refused."""
+    from relreason.train.resume import check_resumable, keep_recorded_normalization
+
+    first = pretrain(config(tmp_path, epochs=1))
+    checkpoint_path = sorted(first.run_dir.glob("checkpoint-*.pt"))[-1]
+    checkpoint = torch.load(checkpoint_path, weights_only=False)
+    checkpoint["geometry"]["mean"] = [0.5, 0.5, 0.5]  # as if an older version had normalised digits so
+    torch.save(checkpoint, checkpoint_path)
+    capsys.readouterr()
+    resumed = pretrain(config(tmp_path, epochs=2))
+    assert "resuming with the normalisation the run started with (mean [0.5, 0.5, 0.5]" in capsys.readouterr().err
+    assert json.loads((resumed.run_dir / "backbone.json").read_text())["mean"] == [0.5, 0.5, 0.5]
+    folder_run = {"config": {"dataset": "folder"}, "geometry": {"mean": [0.5] * 3, "std": [0.25] * 3}}
+    geometry = {"image_size": 32, "mean": [0.4] * 3, "std": [0.25] * 3}
+    keep_recorded_normalization(folder_run, PretrainConfig(dataset="folder"), geometry)
+    assert geometry["mean"] == [0.4] * 3
+    with pytest.raises(RelreasonError, match="the images differ from those the run started on"):
+        check_resumable(folder_run, PretrainConfig(dataset="folder", data_root="x"), geometry, Path("c.pt"))

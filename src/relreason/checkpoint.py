@@ -207,10 +207,12 @@ def first_difference(expected: Mapping[str, torch.Tensor], given: Mapping[str, A
     for key, tensor in expected.items():
         if key not in given:
             return f"{key} is not in the checkpoint"
-        if tuple(given[key].shape) != tuple(tensor.shape):
-            return f"{key} is {tuple(given[key].shape)} in the checkpoint, {tuple(tensor.shape)} now"
+        saved = getattr(given[key], "shape", None)
+        if saved is None or tuple(saved) != tuple(tensor.shape):
+            shape = "not a tensor" if saved is None else tuple(saved)
+            return f"{key} is {shape} in the checkpoint, {tuple(tensor.shape)} now"
     unexpected = next((key for key in given if key not in expected), None)
-    return f"the checkpoint has {unexpected}, which the model has not" if unexpected else "same tensors"
+    return f"the checkpoint has {unexpected}, which the model has not" if unexpected else "its tensors do not load"
 
 
 def state_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, Any]) -> str | None:

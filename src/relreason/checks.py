@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import operator
 import os
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
+from relreason.checkpoint import plain_json
 from relreason.errors import RelreasonError
 
 ConfigT = TypeVar("ConfigT")
@@ -62,6 +65,17 @@ def _plain_value(value: Any, kind: str, name: str, example: Any = None) -> Any:
     raise RelreasonError(f"{name} must be {article} {kind}, got {value!r}{hint}")
 
 
+def _plain_mapping(value: Any, name: str) -> dict[str, Any]:
+    """``value`` as the plain dict its JSON record reads back as (NumPy numbers as numbers, tuples as lists), so
+    that a run compares equal to its own config.json."""
+    if not isinstance(value, Mapping) or not all(isinstance(key, str) for key in value):
+        raise RelreasonError(f"{name} must be a mapping of names to values, got {value!r}; pass e.g. {{}}")
+    try:
+        return json.loads(json.dumps(dict(value), default=plain_json))
+    except (TypeError, ValueError) as error:
+        raise RelreasonError(f"{name} must hold plain values (numbers, text, lists), got {value!r} ({error})") from None
+
+
 def with_plain_values(config: ConfigT) -> ConfigT:
     """``config`` with each option of the plain type its field declares: a config built in Python may hold a
     NumPy number, a 0-d tensor or a ``Path`` where the command line gives an int, a float or a string, which
@@ -76,6 +90,8 @@ def with_plain_values(config: ConfigT) -> ConfigT:
         name = f"{type(config).__name__}.{field.name}"
         if kind in ("int", "float", "bool", "str"):
             plain = _plain_value(value, kind, name, field.default)
+        elif kind.startswith("dict["):
+            plain = _plain_mapping({} if value is None else value, name)
         elif kind.startswith("tuple[") and kind.endswith(", ...]") and isinstance(value, (list, tuple)):
             plain = type(value)(_plain_value(v, kind[6:-6], f"each item of {name}") for v in value)
         else:

@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import importlib
 import os
+import re
 import shlex
 import signal
 import sys
@@ -67,8 +68,8 @@ def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--method", choices=METHOD_NAMES,
                         help=f"relational reasoning or a baseline: simclr, rotation, supervised, random [{d.method}]")
     method.add_argument("--backbone", help=f"registered backbone or 'package.module:factory' [{d.backbone}]")
-    method.add_argument("--backbone-args", nargs="+", metavar="KEY=VALUE",
-                        help="keyword arguments of the backbone's factory, values read as YAML (false, 64, 0.5, text): small_stem=false gives a torchvision ResNet its own 7x7 stride-2 stem and max-pool (for images of 128 px and more), or your factory's own [none]")
+    method.add_argument("--backbone-args", nargs="*", metavar="KEY=VALUE",
+                        help="keyword arguments of the backbone's factory, values read as YAML (false, 64, 0.5, text): small_stem=false gives a torchvision ResNet its own 7x7 stride-2 stem and max-pool (for images of 128 px and more), or your factory's own; given alone: none [none]")
     method.add_argument("-K", "--num-views", type=int, dest="num_views", help=f"augmented views per image, K [{d.num_views}]")
     method.add_argument("--aggregation", choices=AGGREGATIONS, help=f"how a pair is joined [{d.aggregation}]")
     method.add_argument("--head-hidden", type=int, help=f"hidden width of the relation head [{d.head_hidden}]")
@@ -111,9 +112,9 @@ def add_evaluate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", help=f"a pretraining output folder (holds backbone.pt and backbone.json) [{d.run_dir}]")
     parser.add_argument("--weights", help="a backbone state_dict to evaluate instead of --run-dir's")
     parser.add_argument("--backbone", help="backbone name, when --weights has no backbone.json beside it")
-    parser.add_argument("--backbone-args", nargs="+", metavar="KEY=VALUE",
-                        help="keyword arguments of the backbone's factory, values read as YAML, when --weights has no "
-                        "backbone.json beside it [backbone.json's]")
+    parser.add_argument("--backbone-args", nargs="*", metavar="KEY=VALUE",
+                        help="keyword arguments of the backbone's factory, values read as YAML; given alone: none "
+                        "[backbone.json's, unless --backbone names another backbone]")
     parser.add_argument("--eval-dataset", "--dataset", dest="dataset",
                         help="labelled dataset to evaluate on; another than the one pretrained on gives a "
                         "cross-domain evaluation, normalised with the evaluation dataset's own statistics "
@@ -160,7 +161,7 @@ def add_compare_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", help=f"where datasets live [{d.data_root}]")
     _bool_flag(parser, "download", "download the dataset with torchvision if missing [off]")
     parser.add_argument("--backbone", help=f"backbone for every method [{d.backbone}]")
-    parser.add_argument("--backbone-args", nargs="+", metavar="KEY=VALUE",
+    parser.add_argument("--backbone-args", nargs="*", metavar="KEY=VALUE",
                         help="keyword arguments of the backbone's factory, as for pretrain [none]")
     parser.add_argument("--methods", nargs="+", choices=METHOD_NAMES,
                         help=f"methods to pretrain, each with every seed [{' '.join(d.methods)}]")
@@ -381,27 +382,32 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
     raise KeyError(name)
 
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _exponent_float(value: Any) -> Any:
+    """``1e-3`` as the number it is: YAML 1.1 reads a float without a dot as text, the command line as a number."""
+    return float(value) if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value) else value
+
+
 def backbone_args_from(value: Any) -> dict[str, Any]:
     """``--backbone-args`` as keyword arguments: ``KEY=VALUE`` strings, each value read as YAML (``false``, ``64``,
-    ``0.5``, ``[1, 2]``, text), or a config file's mapping."""
+    ``0.5``, ``1e-3``, ``[1, 2]``, text), or a config file's mapping; none at all for an empty list."""
     from relreason.backbones.registry import check_backbone_args
 
     if isinstance(value, dict):
-        return check_backbone_args(value)
+        return {key: _exponent_float(v) for key, v in check_backbone_args(value).items()}
     args: dict[str, Any] = {}
     for item in value if isinstance(value, list) else [value]:
         key, sign, text = str(item).partition("=")
         if not (sign and key.isidentifier()):
             raise RelreasonError(f"--backbone-args takes KEY=VALUE pairs such as small_stem=false, got {item!r}")
+        if key in args:
+            raise RelreasonError(f"--backbone-args gives {key} twice; keep one")
         try:
-            args[key] = yaml.safe_load(text) if text else ""
+            args[key] = _exponent_float(yaml.safe_load(text) if text else "")
         except yaml.YAMLError:
             args[key] = text  # not YAML: the text as it is
-        if isinstance(args[key], str) and any(c.isdigit() for c in text):
-            try:
-                args[key] = float(text)  # 1e-3, which YAML 1.1 reads as text
-            except ValueError:
-                pass
     return args
 
 

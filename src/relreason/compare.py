@@ -119,6 +119,12 @@ _RUN_DEFINING = ("method", "dataset", "data_root", "backbone", "backbone_args", 
 BUDGET_NAME = "budget.json"
 
 
+def _backbone_named(config: CompareConfig) -> str:
+    """The backbone with its arguments, as a heading says it: ``resnet18 (small_stem=False)``."""
+    arguments = ", ".join(f"{key}={value!r}" for key, value in config.backbone_args.items())
+    return f"{config.backbone} ({arguments})" if arguments else config.backbone
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
@@ -142,6 +148,7 @@ def check_existing_runs(config: CompareConfig) -> None:
             f"{config.output_dir} holds runs trained with {said(budget.get('time_limit'))} (now "
             f"{said(config.time_limit)}); rerun with the original budget or choose another --output-dir"
         )
+    defaults = PretrainConfig()
     for method in config.methods:
         for seed in config.seeds:
             run_dir = run_dir_of(config, method, seed)
@@ -151,7 +158,7 @@ def check_existing_runs(config: CompareConfig) -> None:
                 continue
             wanted = dataclasses.asdict(pretrain_config_for(config, method, seed))
             # An option a run folder does not record is older than the option: the run had its default.
-            recorded = {key: recorded.get(key, getattr(PretrainConfig(), key)) for key in keys}
+            recorded = {key: recorded.get(key, getattr(defaults, key)) for key in keys}
             differ = [f"{key}: run {option_value(recorded[key])} vs now {option_value(wanted[key])}" for key in keys
                       if recorded[key] != wanted[key]
                       and not (key == "dataset" and same_dataset(recorded.get(key), wanted[key]))
@@ -300,7 +307,7 @@ def format_markdown(summary: dict[str, Any], config: CompareConfig) -> str:
     budget = (f"{config.time_limit:g} min per run" if config.time_limit
               else f"{config.epochs} epoch{'s' if config.epochs != 1 else ''} per run")
     lines = [
-        f"# {config.dataset}, {config.backbone}: {len(config.seeds)} seed(s) ({', '.join(map(str, config.seeds))}), "
+        f"# {config.dataset}, {_backbone_named(config)}: {len(config.seeds)} seed(s) ({', '.join(map(str, config.seeds))}), "
         f"{budget}",
         "",
         "Test accuracy (%; retrieval: mAP in %) as mean ± std over seeds." if len(config.seeds) > 1 else
@@ -375,7 +382,7 @@ def plot_embeddings(config: CompareConfig, path: Path) -> None:
         axis.set_xticks([])
         axis.set_yticks([])
     # Wrapped to the figure's width: one method's map is a narrow figure.
-    title = f"t-SNE of {config.dataset} test features ({config.backbone}), coloured by class"
+    title = f"t-SNE of {config.dataset} test features ({_backbone_named(config)}), coloured by class"
     figure.suptitle(textwrap.fill(title, width=int(9 * 3.4 * columns)))
     figure.tight_layout()
     _save(figure, plt, path)
@@ -387,7 +394,7 @@ def _test_features_source(run_dir: Path, config: CompareConfig):
     from relreason.evaluate.data import data_tag_of, feature_cache_path, weights_digest
 
     meta = json.loads((run_dir / BACKBONE_META_NAME).read_text())
-    backbone = build_backbone(meta["backbone"], image_size=meta["image_size"], **meta.get("backbone_args", {}))
+    backbone = build_backbone(meta["backbone"], image_size=meta["image_size"], args=meta.get("backbone_args"))
     weights = (run_dir / BACKBONE_NAME).read_bytes()
     backbone.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True))
     # Named as evaluate names it (run_evaluation: the run's recorded dataset, its normalisation, and for a
@@ -402,7 +409,8 @@ def _test_features_source(run_dir: Path, config: CompareConfig):
     test = splits[-1]
     digest = weights_digest(weights)
     tag = data_tag_of(name, config.data_root, meta["mean"], meta["std"], splits)
-    cache = feature_cache_path(run_dir / FEATURES_DIR_NAME, meta["backbone"], digest, name, "test", meta["image_size"], tag)
+    cache = feature_cache_path(run_dir / FEATURES_DIR_NAME, meta["backbone"], digest, name, "test", meta["image_size"], tag,
+                               meta.get("backbone_args"))
     return backbone, test, eval_transform(meta["image_size"], meta["mean"], meta["std"]), cache
 
 

@@ -57,7 +57,7 @@ def _import_factory(spec: str) -> Callable[..., nn.Module]:
         raise RelreasonError(f"cannot load backbone factory '{spec}' ({error}); {hint}") from None
     except (ValueError, TypeError) as error:  # '' or '.rel': not a module name
         raise RelreasonError(f"cannot load backbone factory '{spec}' ({error}); {hint}") from None
-    except Exception as error:  # the user's module raised while it was imported: its own bug, at its own line
+    except (Exception, SystemExit) as error:  # the user's module raised as it was imported: its bug, at its line
         raise RelreasonError(_raised_on_import(spec, module_name, error)) from None
     factory = getattr(module, attribute, None)
     if factory is None:
@@ -104,11 +104,6 @@ def _import_from_here(module_name: str) -> ModuleType:
     # workers) it is not, under `python -m relreason` it is. Searched last, so it shadows nothing installed.
     sys.path.append(here)
     return importlib.import_module(module_name)
-
-
-def check_backbone_name(name: str) -> None:
-    """Refuse an unknown backbone name, or a ``module:factory`` that does not import, before any work starts."""
-    _factory(name)
 
 
 def check_backbone(name: str, args: Mapping[str, Any] | None = None) -> None:
@@ -180,14 +175,15 @@ def _is_kind(value: Any, kind: type) -> bool:
     return isinstance(value, kind)
 
 
-def build_backbone(name: str, image_size: int = 32, **kwargs) -> nn.Module:
+def build_backbone(name: str, image_size: int = 32, args: Mapping[str, Any] | None = None, **kwargs) -> nn.Module:
     """A fresh backbone with a ``feature_dim`` attribute.
 
     ``name`` is a registered name (``backbone_names()``) or ``"package.module:factory"`` for a user's own
-    module; ``kwargs`` go to its factory (``--backbone-args``: ``small_stem=False`` for a torchvision ResNet's
-    own 7x7 stem, a user factory's own arguments). A module without ``feature_dim`` gets it inferred at
-    ``image_size``.
+    module; ``args`` and ``kwargs`` go to its factory (``--backbone-args``: ``small_stem=False`` for a
+    torchvision ResNet's own 7x7 stem, a user factory's own arguments; ``args`` may name any argument, even
+    one called ``name`` or ``image_size``). A module without ``feature_dim`` gets it inferred at ``image_size``.
     """
+    kwargs = {**check_backbone_args(args), **kwargs}
     factory = _factory(name)
     _check_call(factory, name, kwargs)
     backbone = factory(**kwargs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -92,9 +92,13 @@ def state_digest(module: torch.nn.Module) -> str:
 
 
 def feature_cache_path(cache_dir: Path, backbone: str, weights_key: str, dataset_name: str, split: str,
-                       image_size: int, data_tag: str) -> Path:
-    """Where the features of a split under given weights are cached: named by all that decides them."""
+                       image_size: int, data_tag: str, backbone_args: Mapping[str, Any] | None = None) -> Path:
+    """Where the features of a split under given weights are cached: named by all that decides them (the
+    backbone's arguments too: one may change the features and no weight, as a pooling or an activation does)."""
     backbone = backbone.replace(":", "+")  # 'module:factory': no ':' in a file name, which Windows refuses
+    if backbone_args:
+        arguments = json.dumps(dict(backbone_args), sort_keys=True, default=str)
+        backbone += "-args" + hashlib.sha1(arguments.encode()).hexdigest()[:8]
     return cache_dir / f"{backbone}-{weights_key}-{dataset_name}-{split}-{image_size}px-{data_tag}.pt"
 
 

@@ -11,6 +11,7 @@ import torch
 
 from relreason.backbones import build_backbone
 from relreason.backbones.feature_dim import check_takes_rgb_views
+from relreason.backbones.registry import check_backbone
 from relreason.checkpoint import is_checkpoint_path
 from relreason.checks import with_home_expanded, with_plain_values
 from relreason.data import (
@@ -77,6 +78,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     device = resolve_device(config.device)
     use_device(device)
     weights, meta, state = load_backbone_source(config)
+    check_backbone(meta["backbone"], meta.get("backbone_args"))  # before any data is read
     # A training checkpoint's results go beside it under their own name, not over the exported backbone's.
     default = f"evaluation-{weights.stem}.json" if is_checkpoint_path(weights) else "evaluation.json"
     output = Path(config.output) if config.output else weights.parent / default
@@ -158,7 +160,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     plots: dict[str, str] = {}
     for label, weights_state in backbones.items():
         torch.manual_seed(config.seed)
-        backbone = build_backbone(meta["backbone"], image_size=image_size, **meta.get("backbone_args", {}))
+        backbone = build_backbone(meta["backbone"], image_size=image_size, args=meta.get("backbone_args"))
         check_takes_rgb_views(backbone, image_size, meta["backbone"])
         if weights_state is None:  # its caches named by the initialisation, which the factory's code decides
             key = f"random-seed{config.seed}-{state_digest(backbone)}"
@@ -172,7 +174,8 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         if feature_protocols:
             features = {}
             for split, dataset in (("train", train_set), ("test", test_set)):
-                cache = feature_cache_path(cache_dir, meta["backbone"], key, dataset_name, split, image_size, data_tag)
+                cache = feature_cache_path(cache_dir, meta["backbone"], key, dataset_name, split, image_size, data_tag,
+                                           meta.get("backbone_args"))
                 features[split] = extract_features(
                     backbone, dataset, transform, batch_size=config.batch_size, device=device, cache_path=cache
                 )

@@ -43,8 +43,9 @@ def load_backbone_source(config: EvaluateConfig) -> tuple[Path, dict[str, Any], 
     else:
         meta = _read_backbone_meta(weights.parent / BACKBONE_META_NAME)
         state = _load_state_dict(weights)
-    if config.backbone:
+    if config.backbone and config.backbone != meta.get("backbone"):
         meta["backbone"] = config.backbone
+        meta.pop("backbone_args", None)  # the recorded arguments were the other backbone's
     if config.backbone_args is not None:
         meta["backbone_args"] = config.backbone_args
     if "backbone" not in meta:
@@ -86,5 +87,6 @@ def load_matching_state(backbone: nn.Module, state: Mapping[str, torch.Tensor], 
     """Load ``state`` into ``backbone``, or say in one line how far apart they are."""
     mismatch = state_mismatch(backbone.state_dict(), state)
     if mismatch:
-        raise RelreasonError(f"{weights} does not fit backbone '{name}' ({mismatch}); pass the --backbone it was trained with")
+        raise RelreasonError(f"{weights} does not fit backbone '{name}' ({mismatch}); pass the --backbone (and "
+                             "--backbone-args) it was trained with")
     backbone.load_state_dict(state)

@@ -66,7 +66,8 @@ def build_pretrain_data(
     geometry = {"image_size": image_size, "mean": [float(m) for m in mean], "std": [float(s) for s in std],
                 "augment": "tensor" if batched else "pil"}  # the path taken, which 'auto' does not say
     if check_geometry is not None:
-        check_geometry(geometry)
+        check_geometry(geometry)  # a resumed run may keep the normalisation it started with
+        mean, std = geometry["mean"], geometry["std"]
     if batched and isinstance(dataset, ImageFolderDataset):
         # Under torchrun every process decodes its own copy; process 0 alone shows how far it is.
         dataset = DecodedImageFolder(dataset, image_size, progress=config.progress and os.environ.get("RANK", "0") == "0")

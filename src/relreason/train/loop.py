@@ -46,6 +46,7 @@ from relreason.train.position import TrainingPosition
 from relreason.train.resume import (
     CheckpointSaver,
     check_resumable,
+    keep_recorded_normalization,
     load_optimizer_state,
     newest_checkpoint_everywhere,
     without_probe,
@@ -100,6 +101,7 @@ def _pretrain(
 
     def check_resume(geometry: dict[str, Any]) -> None:
         if found is not None:
+            keep_recorded_normalization(found[1], config, geometry, context)
             check_resumable(found[1], config, geometry, found[0])
 
     dataset, geometry = build_pretrain_data(config, device, check_resume)
@@ -122,7 +124,7 @@ def _pretrain(
     method = build_model(config, geometry["image_size"], num_classes)  # a broken backbone factory fails here,
     run_dir = prepare_output_dir(config, context)  # before the output folder exists
     if method is None:  # 'random': the lower bound is the initialisation itself
-        backbone = build_backbone(config.backbone, image_size=geometry["image_size"], **config.backbone_args)
+        backbone = build_backbone(config.backbone, image_size=geometry["image_size"], args=config.backbone_args)
         if context.is_main:
             export_backbone(run_dir, backbone, config, geometry, TrainingPosition())
             log("method 'random': exported the randomly initialised backbone without training", context)
@@ -230,7 +232,7 @@ def _pretrain(
 
 def build_model(config: PretrainConfig, image_size: int, num_classes: int | None = None) -> PretrainMethod | None:
     """The method ``config.method`` on a fresh ``config.backbone`` (None for ``random``, which trains nothing)."""
-    backbone = build_backbone(config.backbone, image_size=image_size, **config.backbone_args)
+    backbone = build_backbone(config.backbone, image_size=image_size, args=config.backbone_args)
     check_takes_rgb_views(backbone, image_size, config.backbone)
     method = method_class(config.method)
     if method is None:

@@ -4,6 +4,7 @@ would not continue the same run."""
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,22 @@ def without_probe(checkpoint: dict[str, Any]) -> dict[str, Any]:
     ids = {i for group in kept for i in group["params"]}
     state = {i: s for i, s in optimizer["state"].items() if i in ids}
     return checkpoint | {"model": model, "optimizer": {"state": state, "param_groups": kept}}
+
+
+def keep_recorded_normalization(checkpoint: dict[str, Any], config: PretrainConfig, geometry: dict[str, Any],
+                                context: DistributedContext | None = None) -> None:
+    """A named dataset's normalisation is a constant of relreason's, not of the images: a run resumes with the
+    one it started with, should a later version have changed it (STL-10's did), rather than be refused."""
+    saved = checkpoint.get("geometry", {})
+    if dataset_info(config.dataset).mean is None or saved.get("mean") is None or saved.get("std") is None:
+        return  # an image folder's statistics come from its images: a change means other images
+    if saved["mean"] != geometry["mean"] or saved["std"] != geometry["std"]:
+        if context is None or context.is_main:
+            print(f"relreason: note: resuming with the normalisation the run started with (mean "
+                  f"{_rounded(saved['mean'])}, std {_rounded(saved['std'])}), not this version's for "
+                  f"'{config.dataset}' (mean {_rounded(geometry['mean'])}, std {_rounded(geometry['std'])})",
+                  file=sys.stderr)
+        geometry["mean"], geometry["std"] = list(saved["mean"]), list(saved["std"])
 
 
 def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, geometry: dict, path: Path) -> None:
