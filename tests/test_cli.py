@@ -110,6 +110,7 @@ def test_list_names_the_shipped_configs_with_a_summary():
     lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith("  ")}
     assert "CIFAR-10 setting with ResNet-32" in lines["cifar10_resnet32"]
     assert "digits" in lines["digits_conv4"]
+    assert "  --backbone-args for resnet18, resnet34, resnet50: small_stem (default true)" in result.stdout
 
 
 def test_a_built_wheel_ships_the_configs(tmp_path):

@@ -502,12 +502,22 @@ def run_compare_command(args: argparse.Namespace) -> int:
 
 def run_list(_: argparse.Namespace) -> int:
     from relreason.backbones import backbone_names
+    from relreason.backbones.registry import backbone_arguments
     from relreason.bundled_configs import bundled_config_names, bundled_config_summary
     from relreason.data import DATASET_NAMES
     from relreason.methods import METHOD_NAMES
 
     print("datasets:  " + ", ".join(DATASET_NAMES))
     print("backbones: " + ", ".join(backbone_names()) + ", or package.module:factory")
+    takes: dict[str, list[str]] = {}
+    for name in backbone_names():
+        arguments = backbone_arguments(name)
+        if arguments:
+            said = ", ".join(f"{key} (default {yaml.safe_dump(default).splitlines()[0]})"
+                             for key, default in arguments.items())
+            takes.setdefault(said, []).append(name)
+    for said, names in takes.items():
+        print(f"  --backbone-args for {', '.join(names)}: {said}")
     print("methods:   " + ", ".join(METHOD_NAMES))
     print("pretrain configs (`relreason pretrain --config NAME`, from any folder):")
     names = bundled_config_names()

@@ -46,6 +46,14 @@ def backbone_names() -> list[str]:
     return sorted(BACKBONES)
 
 
+def backbone_arguments(name: str) -> dict[str, Any]:
+    """The keyword arguments a registered backbone's factory takes beyond ``in_channels`` (views are RGB), with
+    their defaults: what ``--backbone-args`` may set."""
+    parameters = inspect.signature(BACKBONES[name]).parameters.values()
+    return {p.name: p.default for p in parameters
+            if p.name != "in_channels" and p.default is not inspect.Parameter.empty}
+
+
 def _import_factory(spec: str) -> Callable[..., nn.Module]:
     module_name, _, attribute = spec.partition(":")
     hint = "give 'package.module:function' importable from the working folder or PYTHONPATH"
