@@ -305,7 +305,7 @@ def test_files_of_many_modes_and_tiny_sizes_through_folder_and_transforms(tmp_pa
     assert len(ds) == 13
 
 
-def test_pretraining_on_a_folder_lists_every_bad_file_and_counts_them(tmp_path, monkeypatch):
+def test_pretraining_on_a_folder_lists_every_bad_file_and_counts_them(tmp_path, monkeypatch, capsys):
     """The bad files are first met while the normalisation statistics are computed, before the run folder
     exists: they must still reach skipped_images.txt and the epoch record. A resume that spells the data root
     otherwise (here relative to the working folder) lists and counts the same files once."""
@@ -322,8 +322,11 @@ def test_pretraining_on_a_folder_lists_every_bad_file_and_counts_them(tmp_path, 
     logged = set(read_skip_log(run / "skipped_images.txt"))
     assert logged == bad
     monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
     pretrain(PretrainConfig(dataset="folder", data_root="imgs", image_size=16, num_views=2, batch_size=4,
-                            epochs=2, device="cpu", progress=False, tensorboard=False, output_dir=str(run)))
+                            epochs=3, device="cpu", progress=False, tensorboard=False, output_dir=str(run)))
+    # Said after the first epoch of this run, not again after the next, which met no new one.
+    assert capsys.readouterr().err.count(f"skipped {len(bad)} unreadable image(s) so far") == 1
     lines = (run / "skipped_images.txt").read_text().splitlines()
     assert len(lines) == len(bad)  # the resumed run met them again, and did not list them twice
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["skipped_images"] == len(bad)

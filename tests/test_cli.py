@@ -341,14 +341,19 @@ def test_the_evaluate_hint_can_be_pasted_into_a_shell(tmp_path, capsys):
     assert shlex.split(hint) == ["relreason", "evaluate", "--run-dir", str(run)]
 
 
-def test_a_runs_config_json_is_a_config_file(capsys, tmp_path):
-    run = tmp_path / "run"
+def test_a_runs_config_json_is_a_config_file_from_any_working_folder(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     options = ["--dataset", "digits", "--image-size", "16", "-K", "2", "--epochs", "1", "--device", "cpu",
-               "--no-progress", "--no-tensorboard", "--output-dir", str(run)]
+               "--no-progress", "--no-tensorboard", "--output-dir", "run"]  # relative, as typed
     assert main(["pretrain", *options]) == 0
+    run = tmp_path / "run"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # its paths were recorded absolute: the same run, not a new one here
     assert main(["pretrain", "--config", str(run / "config.json"), "--epochs", "2"]) == 0  # its geometry is passed over
     assert "done: 2 epoch(s)" in capsys.readouterr().out
     assert json.loads((run / "config.json").read_text())["num_views"] == 2
+    assert list(elsewhere.iterdir()) == []
 
 
 def test_an_unknown_option_points_at_its_own_commands_help(capsys):

@@ -562,12 +562,15 @@ def test_compute_normalization():
     assert full[1] == pytest.approx(tuple(x.std(0)))
 
 
-def test_compute_normalization_on_folder_with_mixed_sizes(tmp_path):
+def test_compute_normalization_weighs_every_image_alike_whatever_its_size(tmp_path):
+    """Plain per-image means, averaged: a large photo among small ones counts as one image, and is scaled down
+    before its statistics are taken (a solid colour keeps its value)."""
     Image.new("RGB", (4, 4), (255, 0, 0)).save(tmp_path / "a.png")
     Image.new("RGB", (2, 2), (0, 0, 0)).save(tmp_path / "b.png")
+    Image.new("RGB", (3000, 1000), (0, 0, 255)).save(tmp_path / "c.png")
     mean, std = compute_normalization(ImageFolderDataset(tmp_path))
-    assert mean[0] == pytest.approx(16 / 20)  # pixel-weighted over own sizes
-    assert mean[1] == pytest.approx(0.0)
+    assert mean == pytest.approx((1 / 3, 0.0, 1 / 3))
+    assert std == pytest.approx((np.sqrt(2) / 3, 1.0, np.sqrt(2) / 3))
 
 
 @pytest.mark.parametrize(

@@ -93,7 +93,7 @@ def test_a_folder_too_large_for_memory_is_refused_before_decoding(tmp_path, monk
     _write_mixed_folder(tmp_path / "imgs")
     # Two copies of 6 x 16 x 16 x 3 = 4,608 bytes (the array, and the tensor the views are made from).
     monkeypatch.setattr(decoded_folder, "available_memory_bytes", lambda: 18_000)
-    with pytest.raises(RelreasonError, match=r"needs 9\.0 KB of memory and 17\.6 KB is available; use --augment pil"):
+    with pytest.raises(RelreasonError, match=r"needs 9\.0 KB of memory, more than 50% of the 17\.6 KB available; use --augment pil"):
         DecodedImageFolder(ImageFolderDataset(tmp_path / "imgs"), 16)
     monkeypatch.setattr(decoded_folder, "available_memory_bytes", lambda: 19_000)
     assert len(DecodedImageFolder(ImageFolderDataset(tmp_path / "imgs"), 16)) == 6

@@ -453,27 +453,42 @@ def test_a_read_only_weights_folder_keeps_its_feature_cache_beside_the_output(fo
     assert os.path.isfile(tmp_path / "out" / "results.json")
 
 
-def test_an_unreadable_evaluation_image_is_refused_not_replaced(folder_run, tmp_path, capsys):
-    _, run = folder_run
+def test_an_unreadable_evaluation_image_is_left_out_not_replaced(folder_run, tmp_path, capsys):
+    """As pretraining skips it, the evaluation leaves it out (not counted twice under another file's label), for
+    the random baseline and fine-tuning too; no cache of the replaced rows is kept, so the next run checks again."""
+    import json
+    import shutil
+
+    from relreason.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(folder_run[1], run, ignore=shutil.ignore_patterns("features", "evaluation*"))
     images = labelled_folder(tmp_path / "images", corrupt="test/dog/1.png")
-    args = ["--run-dir", str(run), "--dataset", "folder", "--data-root", str(images), "--output",
-            str(tmp_path / "results.json")]
+    output = tmp_path / "results.json"
+    argv = ["evaluate", "--run-dir", str(run), "--dataset", "folder", "--data-root", str(images), "--output",
+            str(output), "--protocols", "knn", "finetune", "--finetune-epochs", "1", "--knn-k", "3", "--device", "cpu"]
     for _ in range(2):  # the second time too: no cache of the spoilt rows is left behind
-        assert evaluate_args(*args) == 2
+        assert main(argv) == 0
         err = capsys.readouterr().err
-        assert "1 image(s) of the 'test' split cannot be read" in err and "test/dog/1.png" in err
+        assert "1 image(s) of the 'test' split cannot be read (e.g. " in err and "test/dog/1.png" in err
+        assert "the evaluation leaves them out, on 5 images" in err
+        results = json.loads(output.read_text())
+        assert (results["train_size"], results["test_size"]) == (12, 5)
+        assert results["unreadable_images_left_out"] == {"train": 0, "test": 1}
+        cached = list((run / "features").glob("*-folder-test-*"))  # the random baseline's, made on the 5 read
+        assert len(cached) == 1 and torch.load(cached[0], weights_only=True)["labels"].shape == (5,)
 
 
-def test_a_refused_evaluation_leaves_no_feature_folder_behind(folder_run, tmp_path, capsys):
+def test_an_unreadable_training_image_leaves_no_cache_of_its_split(folder_run, tmp_path, capsys):
     import shutil
 
     _, run = folder_run
     copy = tmp_path / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("features", "evaluation*"))
     images = labelled_folder(tmp_path / "images", corrupt="train/dog/1.png")
-    assert evaluate_args("--run-dir", str(copy), "--dataset", "folder", "--data-root", str(images)) == 2
+    assert evaluate_args("--run-dir", str(copy), "--dataset", "folder", "--data-root", str(images)) == 0
     assert "of the 'train' split cannot be read" in capsys.readouterr().err
-    assert not (copy / "features").exists()
+    assert [p.name.split("-")[-3] for p in (copy / "features").glob("*.pt")] == ["test"]
 
 
 def test_bare_weights_say_which_image_size_they_are_evaluated_at(folder_run, tmp_path, capsys):
@@ -547,8 +562,8 @@ def test_cached_features_with_other_labels_are_not_reused(tmp_path):
     assert labels.tolist() == relabelled.labels
 
 
-def test_a_vanished_file_is_refused_in_one_line_and_an_unwritable_cache_only_warned(folder_run, tmp_path, monkeypatch,
-                                                                                    capsys):
+def test_a_vanished_file_is_left_out_in_one_line_and_an_unwritable_cache_only_warned(folder_run, tmp_path, monkeypatch,
+                                                                                     capsys):
     from relreason.protocols import features
 
     _, run = folder_run
@@ -556,9 +571,10 @@ def test_a_vanished_file_is_refused_in_one_line_and_an_unwritable_cache_only_war
     (images / "test" / "dog" / "9.png").symlink_to(tmp_path / "nowhere.png")  # listed, but cannot be opened
     args = ["--run-dir", str(run), "--dataset", "folder", "--data-root", str(images), "--output",
             str(tmp_path / "results.json")]
-    assert evaluate_args(*args) == 2
+    assert evaluate_args(*args) == 0
     err = capsys.readouterr().err
     assert "cannot be read" in err and "9.png" in err and "Traceback" not in err
+    assert json.loads((tmp_path / "results.json").read_text())["test_size"] == 6
     (images / "test" / "dog" / "9.png").unlink()
 
     def refuse(*args):
@@ -738,7 +754,8 @@ def test_pretraining_with_a_test_fraction_never_sees_the_images_evaluate_holds_o
     capsys.readouterr()
     # A larger share than the run's reaches into images it trained on: allowed, said, and recorded.
     assert evaluate_args("--run-dir", str(run), "--test-fraction", "0.5", "--output", str(tmp_path / "more.json")) == 0
-    assert "the backbone was pretrained on part of the images --test-fraction 0.5 holds out" in capsys.readouterr().err
+    assert "the test images that --test-fraction 0.5 holds out of " in (err := capsys.readouterr().err)
+    assert "were partly seen in pretraining (it held out 0.25)" in err
     assert json.loads((tmp_path / "more.json").read_text())["test_images_seen_in_pretraining"] is True
     from relreason.train import PretrainConfig, pretrain
 

@@ -70,11 +70,21 @@ def test_metrics_tensorboard_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_time_limit_exports_current_backbone_and_checkpoints_the_step(tmp_path):
+def test_time_limit_exports_current_backbone_and_checkpoints_the_step(tmp_path, capsys):
+    import time
+
+    from relreason.train.loop import _past_the_limit
+
     result = pretrain(config(tmp_path, epochs=5, time_limit=1e-9))
     assert result.stopped_early and result.epochs_done == 0
     assert (result.run_dir / "backbone.pt").is_file()
     assert [p.name for p in list_checkpoints(result.run_dir)] == ["checkpoint-e0000-s0000001.pt"]
+    err = capsys.readouterr().err
+    assert "stopped during epoch 1 at step 1 by the time limit" in err and "rerun" not in err
+    # A step far longer than the limit (a large backbone on a CPU) is said, not left for the user to wonder at.
+    assert _past_the_limit(PretrainConfig(time_limit=0.5), time.monotonic() - 90) == (
+        ", 1.5 min past its 0.5 min (it is checked between steps, and a step takes long here)")
+    assert _past_the_limit(PretrainConfig(time_limit=0.5), time.monotonic() - 1) == ""
 
 
 def test_time_limit_counts_the_setup_too(tmp_path, monkeypatch):
@@ -668,7 +678,7 @@ def test_a_stop_at_an_epochs_end_says_after_that_epoch(tmp_path, monkeypatch, ca
     result = pretrain(config(tmp_path, epochs=2))
     assert result.stopped_early and not result.mid_epoch and result.epochs_done == 1
     err = capsys.readouterr().err
-    assert "stopped after epoch 1; exported the current backbone" in err and "step 0" not in err
+    assert "stopped after epoch 1 by the time limit; exported the current backbone" in err and "step 0" not in err
     monkeypatch.undo()
     stop_at_step(monkeypatch, 3)
     result = pretrain(config(tmp_path, epochs=3))  # resumes into epoch 2 and stops inside it
@@ -696,3 +706,8 @@ def test_a_named_datasets_run_resumes_with_the_normalisation_it_started_with(tmp
     assert geometry["mean"] == [0.4] * 3
     with pytest.raises(RelreasonError, match="the images differ from those the run started on"):
         check_resumable(folder_run, PretrainConfig(dataset="folder", data_root="x"), geometry, Path("c.pt"))
+    # A folder's statistics taken by an earlier version (by pixels, not per image) are kept, not compared.
+    geometry["normalization"] = "per-image"
+    keep_recorded_normalization(folder_run, PretrainConfig(dataset="folder"), geometry)
+    assert geometry["mean"] == [0.5] * 3 and "normalization" not in geometry
+    check_resumable(folder_run, PretrainConfig(dataset="folder", data_root="x"), geometry, Path("c.pt"))

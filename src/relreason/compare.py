@@ -120,8 +120,8 @@ BUDGET_NAME = "budget.json"
 
 
 def _backbone_named(config: CompareConfig) -> str:
-    """The backbone with its arguments, as a heading says it: ``resnet18 (small_stem=False)``."""
-    arguments = ", ".join(f"{key}={value!r}" for key, value in config.backbone_args.items())
+    """The backbone with its arguments as the command line gives them: ``resnet18 (small_stem=false)``."""
+    arguments = ", ".join(f"{key}={json.dumps(value)}" for key, value in config.backbone_args.items())
     return f"{config.backbone} ({arguments})" if arguments else config.backbone
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from torch.utils.data import Dataset
 
 from relreason.data.array_dataset import pil_to_rgb
@@ -116,14 +117,19 @@ def same_dataset(name: str, other: str | None) -> bool:
         return False
 
 
+NORMALIZATION_SIDE = 256  # images larger than this are scaled down to it for their statistics
+NORMALIZATION_METHOD = "per-image"  # recorded with a run, so that a resume knows how its statistics were taken
+
+
 def compute_normalization(
     dataset: Dataset, max_images: int = 2000, seed: int = 0
 ) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
     """Per-channel RGB mean and std (0..1 scale) over a seeded sample of images.
 
-    Up to ``max_images`` images are drawn without replacement with
-    ``numpy.random.default_rng(seed)``; each is converted to RGB and used at its own
-    size (statistics are pixel-weighted). A channel with zero variance gets std 1.
+    Up to ``max_images`` images are drawn without replacement with ``numpy.random.default_rng(seed)``; each is
+    converted to RGB, scaled down to at most ``NORMALIZATION_SIDE`` px on its long side, and weighs the same
+    whatever its size: one 100-megapixel photo among thumbnails must not decide the statistics (nor the memory
+    they take). A channel with zero variance gets std 1.
     """
     n = len(dataset)
     if n == 0:
@@ -136,15 +142,17 @@ def compute_normalization(
         indices = np.sort(np.random.default_rng(seed).choice(n, size=max_images, replace=False))
     total = np.zeros(3, dtype=np.float64)
     total_sq = np.zeros(3, dtype=np.float64)
-    count = 0
     for i in indices:
-        image = dataset[int(i)][0]
-        arr = np.asarray(pil_to_rgb(image), dtype=np.float64).reshape(-1, 3) / 255.0
-        total += arr.sum(axis=0)
-        total_sq += np.square(arr).sum(axis=0)
-        count += arr.shape[0]
-    mean = total / count
-    var = np.maximum(total_sq / count - np.square(mean), 0.0)
+        image = pil_to_rgb(dataset[int(i)][0])
+        scale = NORMALIZATION_SIDE / max(image.size)
+        if scale < 1:
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+            image = image.resize(size, Image.BILINEAR, reducing_gap=3.0)
+        arr = np.asarray(image, dtype=np.float64).reshape(-1, 3) / 255.0
+        total += arr.mean(axis=0)
+        total_sq += np.square(arr).mean(axis=0)
+    mean = total / len(indices)
+    var = np.maximum(total_sq / len(indices) - np.square(mean), 0.0)
     std = np.sqrt(var)
     std = np.where(std > 1e-8, std, 1.0)
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)  # type: ignore[return-value]

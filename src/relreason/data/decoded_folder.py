@@ -120,7 +120,8 @@ class DecodedImageFolder(ArrayImageDataset):
             each = f" ({processes} processes)" if processes > 1 else ""
             raise RelreasonError(
                 f"decoding the {n} images of {folder.root} at {image_size}x{image_size} needs {format_bytes(needed)} of "
-                f"memory{each} and {format_bytes(available)} is available; use --augment pil (reads files as it goes) "
+                f"memory{each}, more than {MEMORY_SHARE:.0%} of the {format_bytes(available)} available; use --augment pil "
+                "(reads files as it goes) "
                 "or a smaller --image-size"
             )
         start = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,22 +18,29 @@ from relreason.data import dataset_info, has_split_dirs, load_dataset
 from relreason.errors import RelreasonError
 
 
-def check_nothing_skipped(dataset: Any, split: str, cache: Path) -> None:
-    """An image folder replaces an unreadable file by the next readable one, which training can live with;
-    an evaluation would count that image twice, under another file's label. Refuse it (and drop the cache
-    that holds those rows, so the next run checks again)."""
+def without_unreadable(dataset: Any, split: str, cache: Path,
+                       features: tuple[torch.Tensor, torch.Tensor]) -> tuple[Any, tuple[torch.Tensor, torch.Tensor]]:
+    """The split and its features without the images that could not be read.
+
+    An image folder replaces an unreadable file by the next readable one, which training can live with; an
+    evaluation would count that image twice, under another file's label. So the evaluation leaves such files
+    out, as pretraining does, and says so; the cache holding the replaced rows is dropped, so the next run
+    checks again."""
     skipped = getattr(dataset, "skipped", None)
-    if skipped:
-        cache.unlink(missing_ok=True)
-        try:
-            cache.parent.rmdir()  # a folder made for that cache alone: a refused evaluation leaves nothing
-        except OSError:
-            pass  # other caches live there
-        path, reason = next(iter(skipped.items()))
-        raise RelreasonError(
-            f"{len(skipped)} image(s) of the '{split}' split cannot be read (e.g. {path}: {reason}); an evaluation "
-            "needs every image: remove or replace them"
-        )
+    if not skipped:
+        return dataset, features
+    cache.unlink(missing_ok=True)
+    try:
+        cache.parent.rmdir()  # a folder made for that cache alone
+    except OSError:
+        pass  # other caches live there
+    keep = [i for i, path in enumerate(dataset.paths) if str(path) not in skipped]
+    path, reason = next(iter(skipped.items()))
+    print(f"relreason: warning: {len(skipped)} image(s) of the '{split}' split cannot be read (e.g. {path}: "
+          f"{reason}); the evaluation leaves them out, on {len(keep)} images (and caches no features of this "
+          "split until they are removed or replaced)", file=sys.stderr)
+    rows = torch.as_tensor(keep, dtype=torch.int64)
+    return dataset.subset(keep), (features[0][rows], features[1][rows])
 
 
 def labelled_split(name: str, root: str, split: str, download: bool) -> Dataset:

@@ -28,7 +28,6 @@ from relreason.distributed import refuse_several_processes
 from relreason.errors import RelreasonError
 from relreason.evaluate.config import EvaluateConfig
 from relreason.evaluate.data import (
-    check_nothing_skipped,
     check_several_classes,
     count_images_inside,
     data_tag_of,
@@ -38,6 +37,7 @@ from relreason.evaluate.data import (
     same_path,
     state_digest,
     weights_digest,
+    without_unreadable,
 )
 from relreason.evaluate.report import check_output_path, write_results_json
 from relreason.evaluate.weights import load_backbone_source, load_matching_state
@@ -122,9 +122,10 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         train_set, test_set = held_out_split(dataset_name, data_root, test_fraction)
         if seen:
             own = "it held none out" if pretrained_share is None else f"it held out {pretrained_share:g}"
-            print(f"relreason: warning: the backbone was pretrained on {'all' if pretrained_share is None else 'part'} of "
-                  f"the images --test-fraction {config.test_fraction:g} holds out of {data_root} ({own}); pretrain "
-                  f"with --test-fraction {config.test_fraction:g} for a test set it never saw", file=sys.stderr)
+            print(f"relreason: warning: the test images that --test-fraction {config.test_fraction:g} holds out of "
+                  f"{data_root} were {'all' if pretrained_share is None else 'partly'} seen in pretraining ({own}); "
+                  f"pretrain with --test-fraction {config.test_fraction:g} for a test set it never saw",
+                  file=sys.stderr)
     else:
         train_set = labelled_split(dataset_name, data_root, info.train_split, config.download)
         test_set = labelled_split(dataset_name, data_root, info.test_split, config.download)
@@ -158,6 +159,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
 
     results: dict[str, Any] = {}
     plots: dict[str, str] = {}
+    left_out = {"train": 0, "test": 0}  # unreadable images
     for label, weights_state in backbones.items():
         torch.manual_seed(config.seed)
         backbone = build_backbone(meta["backbone"], image_size=image_size, args=meta.get("backbone_args"))
@@ -173,13 +175,16 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         row: dict[str, Any] = {}
         if feature_protocols:
             features = {}
-            for split, dataset in (("train", train_set), ("test", test_set)):
+            splits = {"train": train_set, "test": test_set}
+            for split, dataset in splits.items():
                 cache = feature_cache_path(cache_dir, meta["backbone"], key, dataset_name, split, image_size, data_tag,
                                            meta.get("backbone_args"))
-                features[split] = extract_features(
+                extracted = extract_features(
                     backbone, dataset, transform, batch_size=config.batch_size, device=device, cache_path=cache
                 )
-                check_nothing_skipped(dataset, split, cache)
+                splits[split], features[split] = without_unreadable(dataset, split, cache, extracted)
+                left_out[split] += len(dataset) - len(splits[split])
+            train_set, test_set = splits["train"], splits["test"]  # what follows sees only the images read
             row = evaluate_features(
                 *features["train"], *features["test"], protocols=feature_protocols,
                 linear_epochs=config.linear_epochs, knn_k=config.knn_k, seed=config.seed, device=device,
@@ -224,6 +229,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         "pretraining": {key: meta[key] for key in ("finished", "epochs_done", "stopped_by") if key in meta},
         "train_size": len(train_set),
         "test_size": len(test_set),
+        "unreadable_images_left_out": left_out,
         "test_fraction": test_fraction,  # None: the dataset's own test split
         "test_images_seen_in_pretraining": seen,
         "protocols": protocols,

@@ -25,6 +25,7 @@ from relreason.data import (
 from relreason.data.array_dataset import ArrayImageDataset
 from relreason.data.batch_augment import AugmentationRecipe, BatchRelationalAugmentation
 from relreason.data.batch_views import BatchViewLoader, DeviceMultiViewDataset
+from relreason.data.datasets import NORMALIZATION_METHOD
 from relreason.data.decoded_folder import DecodedImageFolder
 from relreason.data.sampler import EpochBatchSampler
 from relreason.data.splits import TEST_DIR_NAMES
@@ -65,6 +66,8 @@ def build_pretrain_data(
     batched = batched and not (method is None and isinstance(dataset, ImageFolderDataset))  # 'random' makes no views
     geometry = {"image_size": image_size, "mean": [float(m) for m in mean], "std": [float(s) for s in std],
                 "augment": "tensor" if batched else "pil"}  # the path taken, which 'auto' does not say
+    if info.mean is None:
+        geometry["normalization"] = NORMALIZATION_METHOD  # how the statistics were taken from the images
     if check_geometry is not None:
         check_geometry(geometry)  # a resumed run may keep the normalisation it started with
         mean, std = geometry["mean"], geometry["std"]

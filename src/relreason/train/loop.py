@@ -51,7 +51,13 @@ from relreason.train.resume import (
     newest_checkpoint_everywhere,
     without_probe,
 )
-from relreason.train.run_folder import check_no_other_run, check_output_dir, export_backbone, prepare_output_dir
+from relreason.train.run_folder import (
+    absolute_data_root,
+    check_no_other_run,
+    check_output_dir,
+    export_backbone,
+    prepare_output_dir,
+)
 from relreason.train.stop import StopRequest
 
 POSTFIX_SECONDS = 2.0  # how often the progress bar's running means are refreshed
@@ -192,7 +198,9 @@ def _pretrain(
     if context.is_main:
         # Records past the starting point (all of them on a fresh start) are of steps about to be redone.
         metrics.truncate_after(position.epochs_done)
-        atomic_write_json(run_dir / CONFIG_NAME, dataclasses.asdict(config) | {"geometry": geometry})
+        # Paths absolute: `pretrain --config RUN/config.json` then means the same run from any working folder.
+        paths = {"data_root": absolute_data_root(config), "output_dir": str(run_dir.resolve())}
+        atomic_write_json(run_dir / CONFIG_NAME, dataclasses.asdict(config) | paths | {"geometry": geometry})
     train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if context.enabled else model
     saver = CheckpointSaver(run_dir, config, geometry, model, optimizer, scaler, context, device,
@@ -215,8 +223,12 @@ def _pretrain(
             if stopped_early:
                 where = f"during epoch {position.epoch + 1} at step {position.step}" if position.step else \
                     f"after epoch {position.epoch}"
-                log(f"stopped {where}; exported the current backbone and saved a checkpoint there: rerun the same "
-                    "command to continue", context)
+                if stop.signal_name:
+                    log(f"stopped {where}; exported the current backbone and saved a checkpoint there: rerun the "
+                        "same command to continue", context)
+                else:  # the time limit: what follows (a rerun, compare's next run) is the caller's to decide
+                    log(f"stopped {where} by the time limit{_past_the_limit(config, deadline)}; exported the "
+                        "current backbone and saved a checkpoint there", context)
         barrier(context)  # every rank keeps the handlers until rank 0 is done: a SIGTERM then kills none of them
     finally:
         stop.uninstall()
@@ -228,6 +240,16 @@ def _pretrain(
     return PretrainResult(run_dir, position.epoch, history, stopped_early, model.method,
                           stopped_early and stop.signalled, num_classes, mid_epoch=stopped_early and position.step > 0,
                           sigterm_received=stop.signalled or stop.requested)
+
+
+def _past_the_limit(config: PretrainConfig, deadline: float) -> str:
+    """How far past ``--time-limit`` a run stopped, when that is worth saying: the limit is checked between
+    steps, so a step of minutes (a large backbone on a CPU) overruns it."""
+    past = time.monotonic() - deadline
+    if config.time_limit is None or past < max(5.0, 0.1 * config.time_limit * 60):
+        return ""
+    return (f", {past / 60:.1f} min past its {config.time_limit:g} min (it is checked between steps, and a step "
+            "takes long here)")
 
 
 def build_model(config: PretrainConfig, image_size: int, num_classes: int | None = None) -> PretrainMethod | None:
@@ -380,7 +402,8 @@ def train_one_epoch(
         skip_log = getattr(dataset.dataset, "skip_log", None)
         if skip_log is not None:
             record["skipped_images"] = len(read_skip_log(skip_log))
-            if record["skipped_images"]:
+            if record["skipped_images"] > getattr(dataset.dataset, "skips_reported", 0):  # said again only if more
+                dataset.dataset.skips_reported = record["skipped_images"]
                 log(f"skipped {record['skipped_images']} unreadable image(s) so far, each replaced by the next "
                     f"readable one; their paths are in {skip_log}", context)
         shown = "  ".join(f"{name} {format_metric(name, value)}" for name, value in means.items())

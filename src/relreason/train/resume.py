@@ -61,15 +61,22 @@ def without_probe(checkpoint: dict[str, Any]) -> dict[str, Any]:
 def keep_recorded_normalization(checkpoint: dict[str, Any], config: PretrainConfig, geometry: dict[str, Any],
                                 context: DistributedContext | None = None) -> None:
     """A named dataset's normalisation is a constant of relreason's, not of the images: a run resumes with the
-    one it started with, should a later version have changed it (STL-10's did), rather than be refused."""
+    one it started with, should a later version have changed it (STL-10's did), rather than be refused. So does
+    an image folder's run whose statistics an earlier version took another way (weighted by pixels), which no
+    longer compare with today's; otherwise a folder's statistics come from its images, and a change means other
+    images."""
     saved = checkpoint.get("geometry", {})
-    if dataset_info(config.dataset).mean is None or saved.get("mean") is None or saved.get("std") is None:
-        return  # an image folder's statistics come from its images: a change means other images
+    if saved.get("mean") is None or saved.get("std") is None:
+        return
+    if dataset_info(config.dataset).mean is None:
+        if saved.get("normalization") == geometry.get("normalization"):
+            return
+        geometry.pop("normalization", None)
     if saved["mean"] != geometry["mean"] or saved["std"] != geometry["std"]:
         if context is None or context.is_main:
             print(f"relreason: note: resuming with the normalisation the run started with (mean "
-                  f"{_rounded(saved['mean'])}, std {_rounded(saved['std'])}), not this version's for "
-                  f"'{config.dataset}' (mean {_rounded(geometry['mean'])}, std {_rounded(geometry['std'])})",
+                  f"{_rounded(saved['mean'])}, std {_rounded(saved['std'])}), not this version's "
+                  f"(mean {_rounded(geometry['mean'])}, std {_rounded(geometry['std'])})",
                   file=sys.stderr)
         geometry["mean"], geometry["std"] = list(saved["mean"]), list(saved["std"])
 
