@@ -479,6 +479,33 @@ def test_an_unreadable_evaluation_image_is_left_out_not_replaced(folder_run, tmp
         assert len(cached) == 1 and torch.load(cached[0], weights_only=True)["labels"].shape == (5,)
 
 
+def test_fine_tuning_alone_leaves_unreadable_images_out_and_one_class_left_is_refused(folder_run, tmp_path, capsys):
+    import json
+
+    from relreason.cli import main
+    from relreason.evaluate import extract_features
+
+    images = labelled_folder(tmp_path / "images", corrupt="test/dog/1.png")
+    output = tmp_path / "ft.json"
+    argv = ["evaluate", "--run-dir", str(folder_run[1]), "--dataset", "folder", "--data-root", str(images),
+            "--output", str(output), "--protocols", "finetune", "--finetune-epochs", "1", "--no-random-baseline",
+            "--device", "cpu"]
+    assert main(argv) == 0
+    assert "1 image(s) of the 'test' split cannot be read" in capsys.readouterr().err
+    results = json.loads(output.read_text())
+    assert results["test_size"] == 5 and results["unreadable_images_left_out"] == {"train": 0, "test": 1}
+    # Features of a folder that replaced an unreadable file are not cached (a later read would trust them).
+    from relreason.data import ImageFolderDataset
+
+    cache = tmp_path / "cache.pt"
+    extract_features(nn.Flatten(), ImageFolderDataset(images / "test"), ToTensor(), cache_path=cache)
+    assert not cache.exists()
+    for i in range(6):  # a whole class unreadable: one class is left to train a probe on
+        (images / "train" / "dog" / f"{i}.png").write_bytes(b"broken")
+    assert main([*argv[:-5], "knn", "--device", "cpu"]) == 2
+    assert "hold 1 class ('cat') once its 6 unreadable image(s) are left out" in capsys.readouterr().err
+
+
 def test_an_unreadable_training_image_leaves_no_cache_of_its_split(folder_run, tmp_path, capsys):
     import shutil
 

@@ -706,8 +706,13 @@ def test_a_named_datasets_run_resumes_with_the_normalisation_it_started_with(tmp
     assert geometry["mean"] == [0.4] * 3
     with pytest.raises(RelreasonError, match="the images differ from those the run started on"):
         check_resumable(folder_run, PretrainConfig(dataset="folder", data_root="x"), geometry, Path("c.pt"))
-    # A folder's statistics taken by an earlier version (by pixels, not per image) are kept, not compared.
+    # A folder's statistics taken by an earlier version (by pixels, not per image) are kept on the run's own
+    # folder, not compared; on another folder they are compared, and refused.
     geometry["normalization"] = "per-image"
-    keep_recorded_normalization(folder_run, PretrainConfig(dataset="folder"), geometry)
+    keep_recorded_normalization(folder_run | {"data_root": str(tmp_path / "other")},
+                                PretrainConfig(dataset="folder", data_root=str(tmp_path / "images")), geometry)
+    assert geometry["mean"] == [0.4] * 3
+    keep_recorded_normalization(folder_run | {"data_root": str(tmp_path / "images")},
+                                PretrainConfig(dataset="folder", data_root=str(tmp_path / "images")), geometry)
     assert geometry["mean"] == [0.5] * 3 and "normalization" not in geometry
     check_resumable(folder_run, PretrainConfig(dataset="folder", data_root="x"), geometry, Path("c.pt"))

@@ -405,9 +405,11 @@ def backbone_args_from(value: Any) -> dict[str, Any]:
         if key in args:
             raise RelreasonError(f"--backbone-args gives {key} twice; keep one")
         try:
-            args[key] = _exponent_float(yaml.safe_load(text) if text else "")
+            args[key] = yaml.safe_load(text) if text else ""
         except yaml.YAMLError:
             args[key] = text  # not YAML: the text as it is
+        if not text.startswith(("'", '"')):  # quoted text stays text
+            args[key] = _exponent_float(args[key])
     return args
 
 
@@ -451,7 +453,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
             print(f"stopped by SIGTERM after {result.epochs_done} epoch(s){part}, with a checkpoint there; rerun the "
                   "same command to continue")
         return 143  # 128 + SIGTERM: the run is not finished
-    partial = (" and part of the next" if result.mid_epoch else "") + " (time limit)" if result.stopped_early else ""
+    partial = ((" and part of the next" if result.mid_epoch else "")
+               + " (time limit: the same command trains on from there)" if result.stopped_early else "")
     evaluate = f"relreason evaluate --run-dir {shlex.quote(str(result.run_dir))}"  # to paste into a shell: last
     remark = ""
     if dataset_info(config.dataset).name == "folder" and config.test_fraction is None and (
@@ -500,6 +503,14 @@ def run_compare_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _as_yaml_value(value: Any) -> str:
+    """A value as a config file or ``--backbone-args`` writes it (``true``, ``3``); its repr if YAML has none."""
+    try:
+        return yaml.safe_dump(value).splitlines()[0]
+    except yaml.YAMLError:
+        return repr(value)
+
+
 def run_list(_: argparse.Namespace) -> int:
     from relreason.backbones import backbone_names
     from relreason.backbones.registry import backbone_arguments
@@ -513,8 +524,7 @@ def run_list(_: argparse.Namespace) -> int:
     for name in backbone_names():
         arguments = backbone_arguments(name)
         if arguments:
-            said = ", ".join(f"{key} (default {yaml.safe_dump(default).splitlines()[0]})"
-                             for key, default in arguments.items())
+            said = ", ".join(f"{key} (default {_as_yaml_value(default)})" for key, default in arguments.items())
             takes.setdefault(said, []).append(name)
     for said, names in takes.items():
         print(f"  --backbone-args for {', '.join(names)}: {said}")

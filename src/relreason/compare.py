@@ -362,6 +362,7 @@ def plot_embeddings(config: CompareConfig, path: Path) -> None:
     from sklearn.manifold import TSNE
 
     from relreason.evaluate import extract_features
+    from relreason.evaluate.data import without_unreadable
 
     plt = _pyplot()
     columns = len(config.methods)
@@ -372,8 +373,9 @@ def plot_embeddings(config: CompareConfig, path: Path) -> None:
         # Evaluate's own cache of these test features, named by the weights and the data: read, not extracted
         # again; a run trained on (more epochs, the rest of its budget) or a random backbone remade for other
         # data gets a new map.
-        features, labels = extract_features(backbone, dataset, transform, device=resolve_device(config.device),
-                                            cache_path=cache)
+        extracted = extract_features(backbone, dataset, transform, device=resolve_device(config.device),
+                                     cache_path=cache)
+        _, (features, labels) = without_unreadable(dataset, "test", cache, extracted, say=False)  # as evaluate did
         chosen = np.random.default_rng(0).permutation(len(labels))[: config.embedding_points]
         points = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(chosen) - 1) / 3),
                       random_state=0).fit_transform(features[chosen].numpy())

@@ -18,29 +18,35 @@ from relreason.data import dataset_info, has_split_dirs, load_dataset
 from relreason.errors import RelreasonError
 
 
-def without_unreadable(dataset: Any, split: str, cache: Path,
-                       features: tuple[torch.Tensor, torch.Tensor]) -> tuple[Any, tuple[torch.Tensor, torch.Tensor]]:
+def without_unreadable(dataset: Any, split: str, cache: Path | None,
+                       features: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       say: bool = True) -> tuple[Any, tuple[torch.Tensor, torch.Tensor] | None]:
     """The split and its features without the images that could not be read.
 
     An image folder replaces an unreadable file by the next readable one, which training can live with; an
     evaluation would count that image twice, under another file's label. So the evaluation leaves such files
-    out, as pretraining does, and says so; the cache holding the replaced rows is dropped, so the next run
-    checks again."""
+    out, as pretraining does, and says so (unless not ``say``); no cache holds the replaced rows, so the next
+    run checks again. Without ``features``, every image is read here to find them (nothing else reads them)."""
+    if features is None and hasattr(dataset, "skipped"):
+        for index in range(len(dataset)):
+            dataset[index]
     skipped = getattr(dataset, "skipped", None)
     if not skipped:
         return dataset, features
-    cache.unlink(missing_ok=True)
-    try:
-        cache.parent.rmdir()  # a folder made for that cache alone
-    except OSError:
-        pass  # other caches live there
+    if cache is not None:
+        try:
+            cache.parent.rmdir()  # a folder made for a cache that was not written: a refused run leaves nothing
+        except OSError:
+            pass  # other caches live there
     keep = [i for i, path in enumerate(dataset.paths) if str(path) not in skipped]
-    path, reason = next(iter(skipped.items()))
-    print(f"relreason: warning: {len(skipped)} image(s) of the '{split}' split cannot be read (e.g. {path}: "
-          f"{reason}); the evaluation leaves them out, on {len(keep)} images (and caches no features of this "
-          "split until they are removed or replaced)", file=sys.stderr)
+    if say:
+        path, reason = next(iter(skipped.items()))
+        print(f"relreason: warning: {len(skipped)} image(s) of the '{split}' split cannot be read (e.g. {path}: "
+              f"{reason}); the evaluation leaves them out, on {len(keep)} images (their features are not cached "
+              "while the split holds unreadable files)", file=sys.stderr)
     rows = torch.as_tensor(keep, dtype=torch.int64)
-    return dataset.subset(keep), (features[0][rows], features[1][rows])
+    kept = None if features is None else (features[0][rows], features[1][rows])
+    return dataset.subset(keep), kept
 
 
 def labelled_split(name: str, root: str, split: str, download: bool) -> Dataset:
@@ -55,14 +61,16 @@ def labelled_split(name: str, root: str, split: str, download: bool) -> Dataset:
     return dataset
 
 
-def check_several_classes(dataset: Any, name: str) -> None:
+def check_several_classes(dataset: Any, name: str, unreadable: int = 0) -> None:
     """Refuse training labels of one class: every classifier would score 100% on a test set of that class."""
     classes = np.unique(np.asarray(dataset.labels))
     if len(classes) < 2:
         named = getattr(dataset, "classes", None)
         which = f" ('{named[int(classes[0])]}')" if named and len(classes) == 1 else ""
+        readable = f" once its {unreadable} unreadable image(s) are left out" if unreadable else ""
         raise RelreasonError(
-            f"the labelled images of dataset '{name}' hold {len(classes)} class{which}; evaluation needs at least 2 "
+            f"the labelled images of dataset '{name}' hold {len(classes)} class{which}{readable}; evaluation needs "
+            "at least 2 "
             "(for a folder: one subfolder per class, in train/ and test/ or split with --test-fraction)"
         )
 

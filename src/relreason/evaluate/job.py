@@ -160,6 +160,13 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     results: dict[str, Any] = {}
     plots: dict[str, str] = {}
     left_out = {"train": 0, "test": 0}  # unreadable images
+    if not feature_protocols:  # fine-tuning alone extracts no features: the splits are read once to find them
+        splits = {"train": train_set, "test": test_set}
+        for split, dataset in splits.items():
+            splits[split], _ = without_unreadable(dataset, split, None)
+            left_out[split] += len(dataset) - len(splits[split])
+        train_set, test_set = splits["train"], splits["test"]
+        check_several_classes(train_set, dataset_name, left_out["train"])
     for label, weights_state in backbones.items():
         torch.manual_seed(config.seed)
         backbone = build_backbone(meta["backbone"], image_size=image_size, args=meta.get("backbone_args"))
@@ -185,6 +192,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
                 splits[split], features[split] = without_unreadable(dataset, split, cache, extracted)
                 left_out[split] += len(dataset) - len(splits[split])
             train_set, test_set = splits["train"], splits["test"]  # what follows sees only the images read
+            check_several_classes(train_set, dataset_name, left_out["train"])  # leaving images out may leave one
             row = evaluate_features(
                 *features["train"], *features["test"], protocols=feature_protocols,
                 linear_epochs=config.linear_epochs, knn_k=config.knn_k, seed=config.seed, device=device,

@@ -56,7 +56,7 @@ def extract_features(
 
     Returns float32 CPU features ``(N, d)`` and int64 CPU labels ``(N,)``, in dataset order.
     If ``cache_path`` exists it is loaded instead of running the backbone; otherwise the result
-    is written there atomically.  A cache is keyed only by its path: use one path per
+    is written there atomically (unless the dataset skipped unreadable files: ``dataset.skipped``).  A cache is keyed only by its path: use one path per
     (backbone checkpoint, split, transform).
     """
     batch_size = check_positive_int(batch_size, "batch_size")
@@ -123,7 +123,8 @@ def extract_features(
         raise RelreasonError("dataset yielded no items; check the dataset root and split")
     features = torch.cat(feature_chunks).contiguous()
     labels_all = torch.cat(label_chunks).contiguous()
-    if cache is not None:
+    # An image folder replaced its unreadable files by their neighbours: rows not to be trusted later, unread.
+    if cache is not None and not getattr(dataset, "skipped", None):
         try:
             atomic_torch_save({"features": features, "labels": labels_all}, cache)
         except OSError as error:  # a read-only or full disk costs the cache, not the evaluation

@@ -215,6 +215,7 @@ def _pretrain(
             )
         stopped_early = stopped_early and position.epoch < config.epochs
         stopped_by = (stop.signal_name or "time limit") if stopped_early else None
+        overrun = _past_the_limit(config, deadline)  # before the export, whose time is not a step's
         # Still under the handlers: a SIGTERM now (the run's last second) lets the export and the plot finish.
         if context.is_main:
             export_backbone(run_dir, model.method.backbone, config, geometry, position, stopped_by)
@@ -227,7 +228,7 @@ def _pretrain(
                     log(f"stopped {where}; exported the current backbone and saved a checkpoint there: rerun the "
                         "same command to continue", context)
                 else:  # the time limit: what follows (a rerun, compare's next run) is the caller's to decide
-                    log(f"stopped {where} by the time limit{_past_the_limit(config, deadline)}; exported the "
+                    log(f"stopped {where} by the time limit{overrun}; exported the "
                         "current backbone and saved a checkpoint there", context)
         barrier(context)  # every rank keeps the handlers until rank 0 is done: a SIGTERM then kills none of them
     finally:

@@ -62,15 +62,19 @@ def keep_recorded_normalization(checkpoint: dict[str, Any], config: PretrainConf
                                 context: DistributedContext | None = None) -> None:
     """A named dataset's normalisation is a constant of relreason's, not of the images: a run resumes with the
     one it started with, should a later version have changed it (STL-10's did), rather than be refused. So does
-    an image folder's run whose statistics an earlier version took another way (weighted by pixels), which no
-    longer compare with today's; otherwise a folder's statistics come from its images, and a change means other
-    images."""
+    an image folder's run on the same folder whose statistics an earlier version took another way (weighted by
+    pixels), which no longer compare with today's; otherwise a folder's statistics come from its images, and a
+    change means other images."""
     saved = checkpoint.get("geometry", {})
     if saved.get("mean") is None or saved.get("std") is None:
         return
     if dataset_info(config.dataset).mean is None:
         if saved.get("normalization") == geometry.get("normalization"):
             return
+        # Statistics of an earlier version's kind cannot tell other images: the same folder is the run's own.
+        recorded_root = checkpoint.get("data_root")
+        if recorded_root is None or Path(recorded_root) != Path(absolute_data_root(config) or ""):
+            return  # compared, and refused, as other images
         geometry.pop("normalization", None)
     if saved["mean"] != geometry["mean"] or saved["std"] != geometry["std"]:
         if context is None or context.is_main:
