@@ -111,7 +111,8 @@ def add_evaluate_options(parser: argparse.ArgumentParser) -> None:
     d = EvaluateConfig()
     parser.add_argument("--run-dir", help=f"a pretraining output folder (holds backbone.pt and backbone.json) [{d.run_dir}]")
     parser.add_argument("--weights", help="a backbone state_dict to evaluate instead of --run-dir's")
-    parser.add_argument("--backbone", help="backbone name, when --weights has no backbone.json beside it")
+    parser.add_argument("--backbone", help="backbone name: needed when --weights has no backbone.json beside it, "
+                        "else it overrides backbone.json's")
     parser.add_argument("--backbone-args", nargs="*", metavar="KEY=VALUE",
                         help="keyword arguments of the backbone's factory, values read as YAML; given alone: none "
                         "[backbone.json's, unless --backbone names another backbone]")
