@@ -202,24 +202,38 @@ def rotate_checkpoints(
         path.unlink(missing_ok=True)
 
 
+def _state_differences(expected: Mapping[str, torch.Tensor], given: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Every tensor by which ``given`` differs from a model whose state_dict is ``expected``, as ``(key, kind)``:
+    'missing' or 'mis-shaped' in ``expected``'s order, then 'unexpected' in ``given``'s."""
+    differences = []
+    for key, tensor in expected.items():
+        shape = getattr(given[key], "shape", None) if key in given else None
+        if key not in given:
+            differences.append((key, "missing"))
+        elif shape is None or tuple(shape) != tuple(tensor.shape):  # not a tensor counts as mis-shaped
+            differences.append((key, "mis-shaped"))
+    return differences + [(key, "unexpected") for key in given if key not in expected]
+
+
 def first_difference(expected: Mapping[str, torch.Tensor], given: Mapping[str, Any]) -> str:
     """The first tensor by which ``given`` differs from a model whose state_dict is ``expected``, in a few words."""
-    for key, tensor in expected.items():
-        if key not in given:
-            return f"{key} is not in the checkpoint"
-        saved = getattr(given[key], "shape", None)
-        if saved is None or tuple(saved) != tuple(tensor.shape):
-            shape = "not a tensor" if saved is None else tuple(saved)
-            return f"{key} is {shape} in the checkpoint, {tuple(tensor.shape)} now"
-    unexpected = next((key for key in given if key not in expected), None)
-    return f"the checkpoint has {unexpected}, which the model has not" if unexpected else "its tensors do not load"
+    differences = _state_differences(expected, given)
+    if not differences:
+        return "its tensors do not load"
+    key, kind = differences[0]
+    if kind == "missing":
+        return f"{key} is not in the checkpoint"
+    if kind == "unexpected":
+        return f"the checkpoint has {key}, which the model has not"
+    saved = getattr(given[key], "shape", None)
+    shape = "not a tensor" if saved is None else tuple(saved)
+    return f"{key} is {shape} in the checkpoint, {tuple(expected[key].shape)} now"
 
 
 def state_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, Any]) -> str | None:
     """How far ``given`` is from a model whose state_dict is ``expected``, in a few words; None when it fits."""
-    missing = [k for k in expected if k not in given]
-    unexpected = [k for k in given if k not in expected]
-    misshaped = [k for k in expected if k in given and tuple(given[k].shape) != tuple(expected[k].shape)]
-    if not (missing or unexpected or misshaped):
+    kinds = [kind for _, kind in _state_differences(expected, given)]
+    if not kinds:
         return None
-    return f"{len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} mis-shaped tensors"
+    return (f"{kinds.count('missing')} missing, {kinds.count('unexpected')} unexpected, "
+            f"{kinds.count('mis-shaped')} mis-shaped tensors")

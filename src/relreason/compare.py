@@ -174,10 +174,11 @@ def _same_data_root(recorded: Any, wanted: str, dataset: str) -> bool:
     """The same folder however it is spelled (relative, absolute, with ~, with a trailing /); any for digits,
     which reads no files."""
     from relreason.data import dataset_info
+    from relreason.evaluate.data import same_path
 
     if dataset_info(dataset).name == "digits":
         return True
-    return isinstance(recorded, str) and Path(recorded).expanduser().resolve() == Path(wanted).expanduser().resolve()
+    return isinstance(recorded, str) and same_path(recorded, wanted)
 
 
 def budget_spent(run_dir: Path, epochs: int) -> bool:
