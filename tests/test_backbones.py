@@ -218,11 +218,32 @@ def test_backbone_args_reach_the_factory_and_are_checked_against_its_signature()
 
 
 def test_backbone_args_from_the_command_line_and_config_files(tmp_path, capsys):
-    from relreason.cli import backbone_args_from, build_parser, main, parse_options
+    import json
+
+    from relreason.cli import backbone_args_from, build_parser, config_as_yaml, main, parse_options
+    from relreason.train import PretrainConfig
 
     assert backbone_args_from(["small_stem=false", "width=8", "scale=1e-3", "name=wide", "sizes=[1, 2]"]) == {
         "small_stem": False, "width": 8, "scale": 1e-3, "name": "wide", "sizes": [1, 2]}
-    assert backbone_args_from({"scale": "1e-3", "name": "1e-3x"}) == {"scale": 1e-3, "name": "1e-3x"}  # YAML 1.1
+    # An unquoted 1e-3 is a number wherever it stands (YAML 1.1 would read text); quoted text stays text.
+    given = ["rates=[1e-3, '1e-3', 2, 1.5e+2]", "nested={a: [1E5, +2e-1]}", "text='1e-3'", "name=1e-3x"]
+    expected = {"rates": [1e-3, "1e-3", 2, 150.0], "nested": {"a": [1e5, 0.2]}, "text": "1e-3", "name": "1e-3x"}
+    assert backbone_args_from(given) == expected
+    assert backbone_args_from({"scale": "1e-3", "rate": 1e-3}) == {"scale": "1e-3", "rate": 1e-3}  # typed already
+    # ... and so in a config file, and after a round trip through --print-config's YAML or a run's config.json.
+    parser = build_parser()
+    written = tmp_path / "written.yaml"
+    written.write_text("backbone-args: {rates: [1e-3, '1e-3'], scale: 2E-4, text: \"5e1\"}\n")
+    assert parse_options(parser, ["pretrain", "--config", str(written)]).backbone_args == {
+        "rates": [1e-3, "1e-3"], "scale": 2e-4, "text": "5e1"}
+    pretrain_parser = next(a for a in parser._actions if a.dest == "command").choices["pretrain"]
+    printed, recorded = tmp_path / "printed.yaml", tmp_path / "config.json"
+    printed.write_text(config_as_yaml(PretrainConfig(backbone_args=expected), pretrain_parser))
+    recorded.write_text(json.dumps({"backbone_args": expected, "lr": 1e-5}))
+    for config in (printed, recorded):
+        args = parse_options(parser, ["pretrain", "--config", str(config)])
+        assert backbone_args_from(args.backbone_args) == expected, config
+    assert args.lr == 1e-5
     assert backbone_args_from([]) == {}  # --backbone-args alone: none
     with pytest.raises(RelreasonError, match="--backbone-args gives width twice; keep one"):
         backbone_args_from(["width=8", "width=9"])

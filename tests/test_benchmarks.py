@@ -118,3 +118,18 @@ def test_a_reference_whose_workers_die_is_retried_with_fewer_and_the_other_rows_
     assert "| conv4 | 2 | reference, 4 workers | fp32 |" in out
     row = next(line for line in out.splitlines() if line.startswith("| conv4 | 2 | relreason | fp32 |"))
     assert row.split("|")[7].strip()  # the ratio to the reference is there
+
+
+def test_jpeg_decoding_benchmark_prints_a_row_per_use_and_size_with_the_sizes_decoded():
+    command = [sys.executable, str(ROOT / "benchmarks" / "jpeg_decoding.py"), "--count", "2", "--width", "1600",
+               "--height", "1200"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in result.stdout.splitlines()
+            if line.startswith(("| centre", "| K=4"))]
+    # The short side asked is 4 x the size over the smallest crop's side (1 for the centre square, sqrt(0.08 x 3/4)
+    # for the views): 128 px keeps 1/8; 523 and 384 px, 1/2; 1,568 px, the whole photo.
+    assert [(row[0].split()[0], row[1], row[5]) for row in rows] == [
+        ("centre", "32", "200x150"), ("K=4", "32", "800x600"), ("centre", "96", "800x600"), ("K=4", "96", "1600x1200")]
+    for row in rows:
+        assert float(row[2]) > 0 and float(row[3]) > 0 and row[4].endswith("x")

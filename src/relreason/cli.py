@@ -255,7 +255,7 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
     path = str(resolved)
     try:
         with open(path, encoding="utf-8") as handle:
-            loaded = yaml.safe_load(handle) or {}
+            loaded = yaml.load(handle, Loader=_ExponentFloatLoader) or {}
     except OSError as error:
         raise RelreasonError(f"cannot read config file {path} ({error.strerror}); check the --config path") from None
     except UnicodeDecodeError as error:  # an image, a checkpoint, ...: not text at all
@@ -383,12 +383,22 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
     raise KeyError(name)
 
 
-_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
-def _exponent_float(value: Any) -> Any:
-    """``1e-3`` as the number it is: YAML 1.1 reads a float without a dot as text, the command line as a number."""
-    return float(value) if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value) else value
+class _ExponentFloatLoader(yaml.SafeLoader):
+    """YAML whose unquoted ``1e-3`` is a float wherever it stands, as on the command line (YAML 1.1 wants a dot:
+    ``1.0e-3``); quoted text stays text."""
+
+
+class _ExponentFloatDumper(yaml.SafeDumper):
+    """Writes text such as ``1e-3`` quoted, so that :class:`_ExponentFloatLoader` reads it back as text."""
+
+
+for _yaml_class in (_ExponentFloatLoader, _ExponentFloatDumper):
+    _yaml_class.add_implicit_resolver(
+        "tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789.")
+    )
 
 
 def backbone_args_from(value: Any) -> dict[str, Any]:
@@ -396,8 +406,8 @@ def backbone_args_from(value: Any) -> dict[str, Any]:
     ``0.5``, ``1e-3``, ``[1, 2]``, text), or a config file's mapping; none at all for an empty list."""
     from relreason.backbones.registry import check_backbone_args
 
-    if isinstance(value, dict):
-        return {key: _exponent_float(v) for key, v in check_backbone_args(value).items()}
+    if isinstance(value, dict):  # a config file's mapping, read with its types
+        return check_backbone_args(value)
     args: dict[str, Any] = {}
     for item in value if isinstance(value, list) else [value]:
         key, sign, text = str(item).partition("=")
@@ -406,11 +416,9 @@ def backbone_args_from(value: Any) -> dict[str, Any]:
         if key in args:
             raise RelreasonError(f"--backbone-args gives {key} twice; keep one")
         try:
-            args[key] = yaml.safe_load(text) if text else ""
+            args[key] = yaml.load(text, Loader=_ExponentFloatLoader) if text else ""
         except yaml.YAMLError:
             args[key] = text  # not YAML: the text as it is
-        if not text.startswith(("'", '"')):  # quoted text stays text
-            args[key] = _exponent_float(args[key])
     return args
 
 
@@ -438,7 +446,7 @@ def config_as_yaml(config: Any, parser: argparse.ArgumentParser) -> str:
         if field.name in option_names:
             options[option_names[field.name]] = list(value) if isinstance(value, tuple) else value
     header = f"# {parser.prog} options; run them with `{parser.prog} --config THIS_FILE`\n"
-    return header + yaml.safe_dump(options, sort_keys=False, allow_unicode=True)
+    return header + yaml.dump(options, Dumper=_ExponentFloatDumper, sort_keys=False, allow_unicode=True)
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
@@ -507,7 +515,7 @@ def run_compare_command(args: argparse.Namespace) -> int:
 def _as_yaml_value(value: Any) -> str:
     """A value as a config file or ``--backbone-args`` writes it (``true``, ``3``); its repr if YAML has none."""
     try:
-        return yaml.safe_dump(value).splitlines()[0]
+        return yaml.dump(value, Dumper=_ExponentFloatDumper).splitlines()[0]
     except yaml.YAMLError:
         return repr(value)
 

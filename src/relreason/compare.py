@@ -394,6 +394,7 @@ def plot_embeddings(config: CompareConfig, path: Path) -> None:
 def _test_features_source(run_dir: Path, config: CompareConfig):
     from relreason.backbones import build_backbone
     from relreason.data import dataset_info, eval_transform, held_out_split, load_dataset
+    from relreason.data.image_folder import decoded_for
     from relreason.evaluate.data import data_tag_of, feature_cache_path, weights_digest
 
     meta = json.loads((run_dir / BACKBONE_META_NAME).read_text())
@@ -409,7 +410,7 @@ def _test_features_source(run_dir: Path, config: CompareConfig):
     else:
         wanted = (info.train_split, info.test_split) if info.name == "folder" else (info.test_split,)
         splits = tuple(load_dataset(name, config.data_root, split, download=config.download) for split in wanted)
-    test = splits[-1]
+    test = decoded_for(splits[-1], meta["image_size"])
     digest = weights_digest(weights)
     tag = data_tag_of(name, config.data_root, meta["mean"], meta["std"], splits)
     cache = feature_cache_path(run_dir / FEATURES_DIR_NAME, meta["backbone"], digest, name, "test", meta["image_size"], tag,

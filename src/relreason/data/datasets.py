@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from relreason.data.array_dataset import pil_to_rgb
 from relreason.data.benchmarks import load_benchmark, load_digits
-from relreason.data.image_folder import ImageFolderDataset
+from relreason.data.image_folder import ImageFolderDataset, decoded_for
 from relreason.data.splits import check_fraction_range, has_split_dirs, load_folder_split, split_image_folder
 from relreason.errors import RelreasonError
 
@@ -118,7 +118,8 @@ def same_dataset(name: str, other: str | None) -> bool:
 
 
 NORMALIZATION_SIDE = 256  # images larger than this are scaled down to it for their statistics
-NORMALIZATION_METHOD = "per-image"  # recorded with a run, so that a resume knows how its statistics were taken
+# Recorded with a run, so that a resume knows how its statistics were taken ("per-image": JPEGs at full size).
+NORMALIZATION_METHOD = "per-image-draft"
 
 
 def compute_normalization(
@@ -127,13 +128,15 @@ def compute_normalization(
     """Per-channel RGB mean and std (0..1 scale) over a seeded sample of images.
 
     Up to ``max_images`` images are drawn without replacement with ``numpy.random.default_rng(seed)``; each is
-    converted to RGB, scaled down to at most ``NORMALIZATION_SIDE`` px on its long side, and weighs the same
+    converted to RGB, scaled down to at most ``NORMALIZATION_SIDE`` px on its long side (a JPEG decoded at reduced
+    scale first, :func:`relreason.data.image_folder.decoded_for`), and weighs the same
     whatever its size: one 100-megapixel photo among thumbnails must not decide the statistics (nor the memory
     they take). A channel with zero variance gets std 1.
     """
     n = len(dataset)
     if n == 0:
         raise RelreasonError("cannot compute normalisation of an empty dataset; check the data root")
+    dataset = decoded_for(dataset, NORMALIZATION_SIDE)
     if max_images < 1:
         raise RelreasonError(f"max_images must be at least 1, got {max_images}; pass a positive number")
     if n <= max_images:

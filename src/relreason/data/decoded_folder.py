@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from relreason.checks import check_positive_int
 from relreason.data.array_dataset import ArrayImageDataset
-from relreason.data.image_folder import ImageFolderDataset
+from relreason.data.image_folder import ImageFolderDataset, decoded_for
 from relreason.data.transforms import square_crop
 from relreason.errors import RelreasonError, format_bytes
 
@@ -99,7 +99,8 @@ def _stat(folder: Path, key: str) -> int:
 class DecodedImageFolder(ArrayImageDataset):
     """Every image of ``folder`` as one ``(N, S, S)`` (all grey) or ``(N, S, S, 3)`` uint8 array, S = ``image_size``.
 
-    Image ``i`` is ``center_crop(resize(folder[i], S), S)``: for an unreadable file that is the next readable
+    Image ``i`` is ``center_crop(resize(folder[i], S), S)``, a JPEG decoded no larger than that needs
+    (:func:`relreason.data.image_folder.decoded_for`): for an unreadable file that is the next readable
     image with its label, as the folder itself substitutes, and the file is listed in the folder's skip log
     (:meth:`log_skips_to` passes through to the folder). Labels and classes are the folder's. Files are
     decoded by ``threads`` threads (PIL releases the interpreter lock while it decodes and resizes); the order
@@ -129,9 +130,10 @@ class DecodedImageFolder(ArrayImageDataset):
         labels = np.full(n, -1, dtype=np.int64)
 
         square = square_crop(image_size)
+        reader = decoded_for(folder, image_size)  # shares the folder's skipped files and skip log
 
         def decode(index: int) -> None:
-            image, labels[index] = folder[index]
+            image, labels[index] = reader[index]
             images[index] = np.asarray(square(image))
 
         workers = threads if threads is not None else min(8, os.cpu_count() or 1)

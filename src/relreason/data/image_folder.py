@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 import os
 import warnings
 from pathlib import Path
@@ -82,6 +84,21 @@ def read_skip_log(path: str | os.PathLike) -> dict[str, str]:
     return out
 
 
+#: A JPEG is decoded at 1/2, 1/4 or 1/8 of its size (PIL's draft: several times faster for camera photos) when its short
+#: side keeps at least this many times the pixels its use needs; the antialiased resize that follows then gives the
+#: full decode's pixels to within about one grey level on average.
+DRAFT_MARGIN = 4
+
+
+def decoded_for(dataset: Dataset, image_size: int, smallest_crop: float = 1.0) -> Dataset:
+    """``dataset`` for use at ``image_size`` px from crops whose side is at least ``smallest_crop`` of an image's
+    short side: an :class:`ImageFolderDataset` (a copy) then decodes its JPEGs only as large as that needs
+    (:data:`DRAFT_MARGIN`); any other dataset is returned as it is."""
+    if not isinstance(dataset, ImageFolderDataset):
+        return dataset
+    return dataset.decoded_at_least(math.ceil(DRAFT_MARGIN * image_size / smallest_crop))
+
+
 class _UnreadableImage(Exception):
     """Internal: an image file that cannot be opened or decoded (message = one-line reason)."""
 
@@ -112,7 +129,9 @@ class ImageFolderDataset(Dataset):
     substitute: it raises :class:`RelreasonError` for a bad file.
 
     PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left off, so a truncated file
-    raises (and is skipped) rather than being half decoded.
+    raises (and is skipped) rather than being half decoded. JPEGs are decoded at
+    full size unless :meth:`decoded_at_least` (a copy that shares ``skipped`` and
+    the skip log) asks for less.
     """
 
     def __init__(
@@ -170,6 +189,8 @@ class ImageFolderDataset(Dataset):
         #: Images of the folder left out of this dataset: the test share a --test-fraction holds out.
         self.held_out = 0
         self.skip_log: Path | None = None
+        #: JPEGs are decoded at reduced scale while their short side keeps at least this many pixels (None: full size).
+        self.decode_side: int | None = None
         self._log_warned = False
         if skip_log is not None:
             self.log_skips_to(skip_log)
@@ -182,6 +203,15 @@ class ImageFolderDataset(Dataset):
         part.labels = None if self.labels is None else self.labels[np.asarray(indices, dtype=np.int64)]
         part.skipped = {}
         return part
+
+    def decoded_at_least(self, side: int | None) -> ImageFolderDataset:
+        """This dataset (a copy sharing its skipped files and skip log) whose JPEGs are decoded at the largest
+        reduction, 1/2, 1/4 or 1/8, that keeps both sides at least ``side`` pixels; None decodes at full size."""
+        if side is not None and (isinstance(side, bool) or not isinstance(side, numbers.Integral) or side < 1):
+            raise RelreasonError(f"decode side must be a positive whole number of pixels or None, got {side!r}")
+        copied = copy.copy(self)
+        copied.decode_side = None if side is None else int(side)
+        return copied
 
     def log_skips_to(self, path: str | os.PathLike) -> None:
         """Append every skipped file to ``path`` from now on, starting with those skipped already (e.g. while
@@ -205,6 +235,8 @@ class ImageFolderDataset(Dataset):
         path = self.paths[index]
         try:
             with Image.open(path) as img:
+                if self.decode_side is not None:
+                    img.draft(None, (self.decode_side, self.decode_side))  # JPEG only; other formats ignore it
                 img.load()  # decode now: truncated / corrupt data raises here
                 if img.width < 1 or img.height < 1:
                     raise ValueError(f"image has size {img.width}x{img.height}")

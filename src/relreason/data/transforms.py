@@ -54,6 +54,16 @@ def check_crop_scale(min_scale: float) -> tuple[float, float]:
     return float(min_scale), 1.0
 
 
+#: Aspect-ratio range of the random resized crop (width / height), the paper's.
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+def smallest_crop_side(min_scale: float) -> float:
+    """The shortest side a random resized crop of at least ``min_scale`` of the area can have, as a fraction of the
+    image's short side (a crop of the smallest area at the most elongated ratio)."""
+    return math.sqrt(check_crop_scale(min_scale)[0] * CROP_RATIO[0])
+
+
 #: Largest --jitter-strength: the hue shift, 0.2 x strength, may not pass half the colour circle.
 MAX_JITTER_STRENGTH = 2.5
 
@@ -92,7 +102,7 @@ def relational_augmentation(
             T.RandomResizedCrop(
                 image_size,
                 scale=check_crop_scale(min_crop_scale),
-                ratio=(3.0 / 4.0, 4.0 / 3.0),
+                ratio=CROP_RATIO,
                 interpolation=InterpolationMode.BILINEAR,
             ),
             T.RandomHorizontalFlip(p=0.5),

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from relreason.data import dataset_info, has_split_dirs, load_dataset
+from relreason.data.image_folder import DRAFT_MARGIN
 from relreason.errors import RelreasonError
 
 
@@ -136,5 +137,7 @@ def data_tag_of(dataset_name: str, data_root: str, mean: Any, std: Any, splits: 
                 files.append([str(path), -1, -1])
                 continue
             files.append([str(path), stat.st_size, stat.st_mtime_ns])
-    key = json.dumps([dataset_info(dataset_name).name, root, [float(m) for m in mean], [float(v) for v in std], files])
+    decoding = ["jpeg-draft", DRAFT_MARGIN] if folder else []  # features of JPEGs decoded at reduced scale
+    key = json.dumps([dataset_info(dataset_name).name, root, [float(m) for m in mean], [float(v) for v in std], files]
+                     + decoding)
     return hashlib.sha1(key.encode()).hexdigest()[:8]

@@ -22,6 +22,7 @@ from relreason.data import (
     held_out_split,
     same_dataset,
 )
+from relreason.data.image_folder import decoded_for
 from relreason.data.splits import image_folders_read
 from relreason.device import resolve_device, use_device
 from relreason.distributed import refuse_several_processes
@@ -130,6 +131,8 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         train_set = labelled_split(dataset_name, data_root, info.train_split, config.download)
         test_set = labelled_split(dataset_name, data_root, info.test_split, config.download)
     check_several_classes(train_set, dataset_name)
+    # Every protocol sees an image at image_size from its short side: a folder's JPEGs need decoding no larger.
+    train_set, test_set = decoded_for(train_set, image_size), decoded_for(test_set, image_size)
     if info.name == "folder" and own_data and not same_folder and recorded:
         # Another folder than the run's own, which may still hold (or lie inside) the one it was pretrained on.
         pretrained_on = pretraining_folder(recorded)

@@ -27,8 +27,10 @@ from relreason.data.batch_augment import AugmentationRecipe, BatchRelationalAugm
 from relreason.data.batch_views import BatchViewLoader, DeviceMultiViewDataset
 from relreason.data.datasets import NORMALIZATION_METHOD
 from relreason.data.decoded_folder import DecodedImageFolder
+from relreason.data.image_folder import decoded_for
 from relreason.data.sampler import EpochBatchSampler
 from relreason.data.splits import TEST_DIR_NAMES
+from relreason.data.transforms import smallest_crop_side
 from relreason.distributed import DistributedContext
 from relreason.errors import RelreasonError
 from relreason.methods import method_class
@@ -79,6 +81,7 @@ def build_pretrain_data(
         augmentation = BatchRelationalAugmentation(image_size, mean, std, recipe, compile=config.compile)
         return DeviceMultiViewDataset(dataset, augmentation, views, config.seed, device), geometry
     transform = relational_augmentation(image_size, mean, std, config.min_crop_scale, config.jitter_strength)
+    dataset = decoded_for(dataset, image_size, smallest_crop_side(config.min_crop_scale))  # its crops' pixels, no more
     return MultiViewDataset(dataset, transform, views, seed=config.seed), geometry
 
 

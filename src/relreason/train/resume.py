@@ -63,7 +63,7 @@ def keep_recorded_normalization(checkpoint: dict[str, Any], config: PretrainConf
     """A named dataset's normalisation is a constant of relreason's, not of the images: a run resumes with the
     one it started with, should a later version have changed it (STL-10's did), rather than be refused. So does
     an image folder's run on the same folder whose statistics an earlier version took another way (weighted by
-    pixels), which no longer compare with today's; otherwise a folder's statistics come from its images, and a
+    pixels, or from JPEGs at full size), which no longer compare with today's; otherwise a folder's statistics come from its images, and a
     change means other images."""
     saved = checkpoint.get("geometry", {})
     if saved.get("mean") is None or saved.get("std") is None:
