@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
-from torchvision.transforms import ToTensor
+from torchvision.transforms import Compose, Resize, ToTensor
 
 from relreason.errors import RelreasonError
 from relreason.evaluate import (
@@ -321,6 +321,33 @@ def test_extract_features_restores_eval_mode_and_needs_tensor_transform():
     assert feats.shape == (3, 4)
     with pytest.raises(RelreasonError, match="ToTensor"):
         extract_features(net, tiny_image_dataset(3), None)
+
+
+def test_threaded_extraction_gives_the_plain_loaders_features_in_order_and_skips_alike(tmp_path):
+    from relreason.data import ImageFolderDataset
+
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(1)
+    for i in range(11):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (9 + i, 8, 3), dtype=np.uint8)).save(root / f"c{i % 2}" / f"{i:02d}.png")
+    (root / "c1" / "05.png").write_bytes(b"broken")  # replaced by the next readable image, with its label
+    torch.manual_seed(0)
+    net = TinyNet().eval()
+    transform = Compose([Resize((8, 8)), ToTensor()])
+    plain_folder, threaded_folder = ImageFolderDataset(root), ImageFolderDataset(root)
+    plain = extract_features(net, plain_folder, transform, batch_size=4, cache_path=tmp_path / "plain.pt")
+    threaded = extract_features(net, threaded_folder, transform, batch_size=4, threads=3,
+                                cache_path=tmp_path / "threaded.pt")
+    assert torch.equal(plain[0], threaded[0]) and torch.equal(plain[1], threaded[1])
+    assert plain_folder.paths[8].name == "05.png" and plain[1].tolist() == [0] * 6 + [1] * 5
+    assert torch.equal(plain[0][8], plain[0][9]) and not torch.equal(plain[0][7], plain[0][9])  # c1/07 stands in
+    assert threaded_folder.skipped == plain_folder.skipped and len(plain_folder.skipped) == 1
+    assert not (tmp_path / "plain.pt").exists() and not (tmp_path / "threaded.pt").exists()  # replaced rows: no cache
+    with pytest.raises(RelreasonError, match="ToTensor"):  # an item's error, raised from its thread
+        extract_features(net, tiny_image_dataset(5), Resize((8, 8)), batch_size=2, threads=2)
+    with pytest.raises(RelreasonError, match="threads"):
+        extract_features(net, tiny_image_dataset(5), ToTensor(), threads=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from PIL import Image
 
 from relreason.data import ImageFolderDataset, compute_normalization
 from relreason.data.decoded_folder import DecodedImageFolder
-from relreason.data.image_folder import DRAFT_MARGIN, decoded_for
+from relreason.data.image_folder import DRAFT_MARGIN, decoded_for, read_threads
 from relreason.data.transforms import smallest_crop_side
 from relreason.errors import RelreasonError
 
@@ -137,7 +138,7 @@ def test_normalisation_statistics_read_jpegs_reduced_and_barely_move(tmp_path):
 
 
 def test_the_per_image_path_and_evaluation_decode_what_their_crops_need(tmp_path, monkeypatch):
-    from relreason.compare import CompareConfig, _test_features_source
+    from relreason.compare import CompareConfig, _test_features_source, plot_embeddings
     from relreason.evaluate import job
     from relreason.train import PretrainConfig, build_pretrain_data, pretrain
 
@@ -153,12 +154,12 @@ def test_the_per_image_path_and_evaluation_decode_what_their_crops_need(tmp_path
         views, _ = build_pretrain_data(PretrainConfig(**options, augment="pil", min_crop_scale=scale))
         assert views.dataset.decode_side == math.ceil(4 * 12 / math.sqrt(scale * 0.75))
         assert [view.shape for view in views[0][0]] == [(3, 12, 12)] * 2
-    run = tmp_path / "run"
+    run = tmp_path / "compare" / "relational-seed1"  # as compare names its runs
     pretrain(PretrainConfig(**options, augment="pil", output_dir=str(run)))
     seen = []
 
     def recording(backbone, dataset, *args, **kwargs):
-        seen.append(dataset.decode_side)
+        seen.append((dataset.decode_side, kwargs["threads"]))
         return extract_features(backbone, dataset, *args, **kwargs)
 
     extract_features = job.extract_features
@@ -167,10 +168,18 @@ def test_the_per_image_path_and_evaluation_decode_what_their_crops_need(tmp_path
 
     assert main(["evaluate", "--run-dir", str(run), "--protocols", "knn", "--knn-k", "2", "--no-random-baseline",
                  "--device", "cpu", "--output", str(tmp_path / "eval.json")]) == 0
-    assert seen == [4 * 12, 4 * 12]  # train and test
+    threads = min(8, os.cpu_count())  # a folder is read by threads (PIL decodes without the interpreter lock)
+    assert seen == [(4 * 12, threads)] * 2  # train, test
+    assert read_threads(ImageFolderDataset(root / "test")) == threads and read_threads([1, 2]) == 1
     assert json.loads((tmp_path / "eval.json").read_text())["test_size"] == 4
-    _, test, _, _ = _test_features_source(run, CompareConfig(dataset="folder", data_root=str(root)))
+    comparison = CompareConfig(dataset="folder", data_root=str(root), methods=("relational",), seeds=(1,),
+                               embedding_points=4, output_dir=str(tmp_path / "compare"))
+    _, test, _, _ = _test_features_source(run, comparison)
     assert test.decode_side == 4 * 12 and len(test) == 4
+    seen.clear()
+    monkeypatch.setattr("relreason.evaluate.extract_features", recording)  # compare's t-SNE reads as evaluate
+    plot_embeddings(comparison, tmp_path / "map.png")
+    assert seen == [(4 * 12, threads)] and (tmp_path / "map.png").is_file()
 
 
 def test_a_feature_cache_of_full_decoding_is_not_read_as_one_of_reduced_decoding(tmp_path, monkeypatch):

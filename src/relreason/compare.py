@@ -362,6 +362,7 @@ def plot_embeddings(config: CompareConfig, path: Path) -> None:
     """A t-SNE map of test-set features per method (its first seed), coloured by class."""
     from sklearn.manifold import TSNE
 
+    from relreason.data.image_folder import read_threads
     from relreason.evaluate import extract_features
     from relreason.evaluate.data import without_unreadable
 
@@ -375,7 +376,7 @@ def plot_embeddings(config: CompareConfig, path: Path) -> None:
         # again; a run trained on (more epochs, the rest of its budget) or a random backbone remade for other
         # data gets a new map.
         extracted = extract_features(backbone, dataset, transform, device=resolve_device(config.device),
-                                     cache_path=cache)
+                                     cache_path=cache, threads=read_threads(dataset))
         _, (features, labels) = without_unreadable(dataset, "test", cache, extracted, say=False)  # as evaluate did
         chosen = np.random.default_rng(0).permutation(len(labels))[: config.embedding_points]
         points = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(chosen) - 1) / 3),

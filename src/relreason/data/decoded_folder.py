@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from relreason.checks import check_positive_int
 from relreason.data.array_dataset import ArrayImageDataset
-from relreason.data.image_folder import ImageFolderDataset, decoded_for
+from relreason.data.image_folder import ImageFolderDataset, decoded_for, read_threads
 from relreason.data.transforms import square_crop
 from relreason.errors import RelreasonError, format_bytes
 
@@ -136,7 +136,7 @@ class DecodedImageFolder(ArrayImageDataset):
             image, labels[index] = reader[index]
             images[index] = np.asarray(square(image))
 
-        workers = threads if threads is not None else min(8, os.cpu_count() or 1)
+        workers = threads if threads is not None else read_threads(folder)
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             # Consumed here, so a worker's exception is raised here; a bar, as a large folder takes minutes.
             for _ in tqdm(pool.map(decode, range(n)), total=n, desc="decoding images", unit="image",

@@ -8,7 +8,7 @@ import numbers
 import os
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -97,6 +97,12 @@ def decoded_for(dataset: Dataset, image_size: int, smallest_crop: float = 1.0) -
     if not isinstance(dataset, ImageFolderDataset):
         return dataset
     return dataset.decoded_at_least(math.ceil(DRAFT_MARGIN * image_size / smallest_crop))
+
+
+def read_threads(dataset: Any) -> int:
+    """Threads worth reading ``dataset`` with: for an image folder up to 8 (PIL decodes and resizes without the
+    interpreter lock), else 1."""
+    return min(8, os.cpu_count() or 1) if isinstance(dataset, ImageFolderDataset) else 1
 
 
 class _UnreadableImage(Exception):

@@ -22,7 +22,7 @@ from relreason.data import (
     held_out_split,
     same_dataset,
 )
-from relreason.data.image_folder import decoded_for
+from relreason.data.image_folder import decoded_for, read_threads
 from relreason.data.splits import image_folders_read
 from relreason.device import resolve_device, use_device
 from relreason.distributed import refuse_several_processes
@@ -189,9 +189,8 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
             for split, dataset in splits.items():
                 cache = feature_cache_path(cache_dir, meta["backbone"], key, dataset_name, split, image_size, data_tag,
                                            meta.get("backbone_args"))
-                extracted = extract_features(
-                    backbone, dataset, transform, batch_size=config.batch_size, device=device, cache_path=cache
-                )
+                extracted = extract_features(backbone, dataset, transform, batch_size=config.batch_size, device=device,
+                                             cache_path=cache, threads=read_threads(dataset))
                 splits[split], features[split] = without_unreadable(dataset, split, cache, extracted)
                 left_out[split] += len(dataset) - len(splits[split])
             train_set, test_set = splits["train"], splits["test"]  # what follows sees only the images read

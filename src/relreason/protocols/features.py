@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 from relreason.checkpoint import atomic_torch_save
@@ -46,6 +47,7 @@ def extract_features(
     device: str | torch.device = "cpu",
     num_workers: int = 0,
     cache_path: str | Path | None = None,
+    threads: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a frozen ``backbone`` over ``dataset`` and return ``(features, labels)``.
 
@@ -58,8 +60,13 @@ def extract_features(
     If ``cache_path`` exists it is loaded instead of running the backbone; otherwise the result
     is written there atomically (unless the dataset skipped unreadable files: ``dataset.skipped``).  A cache is keyed only by its path: use one path per
     (backbone checkpoint, split, transform).
+
+    With ``num_workers`` 0, ``threads`` threads fetch and transform each batch's items, the next batch's while the
+    backbone runs on this one: for image files, which PIL decodes without holding the interpreter lock. The
+    result does not depend on their number.
     """
     batch_size = check_positive_int(batch_size, "batch_size")
+    threads = check_positive_int(threads, "threads")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise RelreasonError(f"num_workers must be a non-negative integer, got {num_workers!r}")
     try:
@@ -86,14 +93,12 @@ def extract_features(
     except (RuntimeError, TypeError) as exc:
         raise RelreasonError(f"unknown device {device!r}; use e.g. 'cpu' or 'cuda'") from exc
 
-    loader = DataLoader(
-        TransformedDataset(dataset, transform),
-        batch_size=batch_size,
-        shuffle=False,
-        drop_last=False,
-        num_workers=num_workers,
-        pin_memory=target.type == "cuda",
-    )
+    items = TransformedDataset(dataset, transform)
+    if threads > 1 and num_workers == 0 and n_items is not None:
+        loader: Any = _threaded_batches(items, n_items, batch_size, threads)
+    else:
+        loader = DataLoader(items, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers,
+                            pin_memory=target.type == "cuda")
 
     modes = [(module, module.training) for module in backbone.modules()]
     original_device = module_device(backbone)
@@ -104,7 +109,8 @@ def extract_features(
         backbone.to(target)
         backbone.eval()
         with torch.no_grad():
-            for images, labels in tqdm(loader, desc="extracting features", unit="batch", disable=None):
+            batches = -(-n_items // batch_size) if n_items is not None else None
+            for images, labels in tqdm(loader, desc="extracting features", unit="batch", total=batches, disable=None):
                 out = backbone(images.to(target, input_dtype, non_blocking=True))
                 if not isinstance(out, torch.Tensor):
                     raise RelreasonError(
@@ -131,3 +137,21 @@ def extract_features(
             print(f"relreason: warning: could not cache features at {cache} ({error.strerror or error}); "
                   "they are used without being kept", file=sys.stderr)
     return features, labels_all
+
+
+def _threaded_batches(items: Dataset, n_items: int, batch_size: int, threads: int) -> Iterator[Any]:
+    """``items`` in order, collated batch by batch as a DataLoader would; ``threads`` threads fetch them, one batch
+    ahead of the one handed out (so at most two batches are held). An item's error is raised in its turn."""
+    pool = ThreadPoolExecutor(max_workers=threads)
+
+    def submit(start: int) -> list[Future]:
+        return [pool.submit(items.__getitem__, i) for i in range(start, min(start + batch_size, n_items))]
+
+    try:
+        pending = submit(0)
+        for start in range(batch_size, n_items + batch_size, batch_size):
+            following = submit(start) if start < n_items else []
+            yield default_collate([future.result() for future in pending])
+            pending = following
+    finally:  # also when the caller stops early: the batch fetched ahead is dropped
+        pool.shutdown(wait=True, cancel_futures=True)
