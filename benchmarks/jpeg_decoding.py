@@ -52,7 +52,7 @@ def main() -> None:
             views = relational_augmentation(size, [0.5] * 3, [0.25] * 3)
             uses = {
                 "centre square (--augment tensor, evaluate)": (square_crop(size), decoded_for(folder, size)),
-                "K=4 views (per-image path)": (lambda image: [views(image) for _ in range(4)],
+                "K=4 views (per-image path)": (lambda image, views=views: [views(image) for _ in range(4)],
                                                decoded_for(folder, size, smallest_crop_side(0.08))),
             }
             for name, (use, reduced) in uses.items():

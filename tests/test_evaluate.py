@@ -350,6 +350,37 @@ def test_threaded_extraction_gives_the_plain_loaders_features_in_order_and_skips
         extract_features(net, tiny_image_dataset(5), ToTensor(), threads=0)
 
 
+def test_threaded_extraction_stops_reading_when_the_backbone_fails_and_pins_batches_for_cuda(monkeypatch):
+    import threading
+    import time
+
+    from relreason.protocols.features import _threaded_batches
+
+    fetched, lock = [], threading.Lock()
+
+    class SlowImages:
+        def __len__(self):
+            return 400
+
+        def __getitem__(self, index):
+            time.sleep(0.002)
+            with lock:
+                fetched.append(index)
+            return torch.zeros(3, 8, 8), index % 3
+
+    with pytest.raises(AssertionError, match="the backbone must not run"):
+        extract_features(ExplodingNet(), SlowImages(), None, batch_size=20, threads=4)
+    count = len(fetched)
+    assert count <= 40  # the failing batch and the one read ahead, not the other 360 images
+    time.sleep(0.1)
+    assert len(fetched) == count  # and nothing is read after the error
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda tensor: pinned.append(tensor.shape) or tensor)
+    batches = list(_threaded_batches(SlowImages(), 50, 20, 2, pin=True))
+    assert [tuple(images.shape) for images, _ in batches] == [(20, 3, 8, 8), (20, 3, 8, 8), (10, 3, 8, 8)]
+    assert [tuple(shape) for shape in pinned] == [(20, 3, 8, 8), (20,), (20, 3, 8, 8), (20,), (10, 3, 8, 8), (10,)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_extract_features_feeds_a_backbone_in_its_own_dtype(dtype):
     torch.manual_seed(0)

@@ -282,7 +282,8 @@ class ImageFolderDataset(Dataset):
         except ValueError:
             logged = path
         # The log itself says what is listed: a resumed run's earlier entries, and those of DataLoader workers
-        # (forked copies of this dataset). Each process meets a bad file once (then it is in ``skipped``).
+        # (forked copies of this dataset). Each process meets a bad file once (then it is in ``skipped``), unless two
+        # of its reading threads meet it at once: a line may then repeat, and read_skip_log keeps one per file.
         if self.skip_log is None or logged in read_skip_log(self.skip_log):
             return
         try:

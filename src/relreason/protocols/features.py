@@ -62,8 +62,8 @@ def extract_features(
     (backbone checkpoint, split, transform).
 
     With ``num_workers`` 0, ``threads`` threads fetch and transform each batch's items, the next batch's while the
-    backbone runs on this one: for image files, which PIL decodes without holding the interpreter lock. The
-    result does not depend on their number.
+    backbone runs on this one: for image files, which PIL decodes without holding the interpreter lock. With a
+    deterministic transform the result does not depend on their number (``threads`` is ignored with workers).
     """
     batch_size = check_positive_int(batch_size, "batch_size")
     threads = check_positive_int(threads, "threads")
@@ -95,7 +95,7 @@ def extract_features(
 
     items = TransformedDataset(dataset, transform)
     if threads > 1 and num_workers == 0 and n_items is not None:
-        loader: Any = _threaded_batches(items, n_items, batch_size, threads)
+        loader: Any = _threaded_batches(items, n_items, batch_size, threads, pin=target.type == "cuda")
     else:
         loader = DataLoader(items, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers,
                             pin_memory=target.type == "cuda")
@@ -120,6 +120,8 @@ def extract_features(
                 feature_chunks.append(out.reshape(out.shape[0], -1).to("cpu", torch.float32))
                 label_chunks.append(labels.to(torch.int64))
     finally:
+        if hasattr(loader, "close"):  # the threaded reader: stop fetching ahead now, not when collected
+            loader.close()
         for module, was_training in modes:
             module.training = was_training
         if original_device is not None and original_device != target:
@@ -139,7 +141,7 @@ def extract_features(
     return features, labels_all
 
 
-def _threaded_batches(items: Dataset, n_items: int, batch_size: int, threads: int) -> Iterator[Any]:
+def _threaded_batches(items: Dataset, n_items: int, batch_size: int, threads: int, pin: bool = False) -> Iterator[Any]:
     """``items`` in order, collated batch by batch as a DataLoader would; ``threads`` threads fetch them, one batch
     ahead of the one handed out (so at most two batches are held). An item's error is raised in its turn."""
     pool = ThreadPoolExecutor(max_workers=threads)
@@ -150,8 +152,11 @@ def _threaded_batches(items: Dataset, n_items: int, batch_size: int, threads: in
     try:
         pending = submit(0)
         for start in range(batch_size, n_items + batch_size, batch_size):
-            following = submit(start) if start < n_items else []
-            yield default_collate([future.result() for future in pending])
-            pending = following
+            batch = default_collate([future.result() for future in pending])  # its items freed with their futures
+            if pin:  # as the DataLoader pins: the copy to the GPU may then overlap
+                batch = [part.pin_memory() for part in batch]
+            pending = submit(start) if start < n_items else []
+            yield batch
+            del batch
     finally:  # also when the caller stops early: the batch fetched ahead is dropped
         pool.shutdown(wait=True, cancel_futures=True)
