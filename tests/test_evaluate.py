@@ -943,3 +943,58 @@ def test_retrieval_warns_of_test_images_with_nothing_to_find(folder_run, tmp_pat
     assert evaluate_args("--run-dir", str(run), "--dataset", "folder", "--data-root", str(tmp_path / "enough"),
                          "--protocols", "retrieval", "--no-retrieval-plot", "--output", str(tmp_path / "r2.json")) == 0
     assert "no other image of their class" not in capsys.readouterr().err
+
+
+def test_fine_tuning_reads_a_folder_once_into_memory_with_the_results_of_reading_its_files(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """Fine-tuning's transforms start from the evaluation's square, so the folder is decoded once at that square
+    (for every backbone and protocol) instead of every epoch: the same pixels, the same results."""
+    from relreason.cli import main
+    from relreason.data import ImageFolderDataset
+    from relreason.data.decoded_folder import DecodedImageFolder
+    from relreason.evaluate import data, job
+    from relreason.protocols import finetune_transform
+    from relreason.protocols._common import TransformedDataset
+    from relreason.train import PretrainConfig, pretrain
+
+    rng = np.random.default_rng(3)
+    images = tmp_path / "images"
+    for split, count in (("train", 6), ("test", 3)):
+        for label, name in enumerate(("cat", "dog")):
+            (images / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = (rng.integers(0, 120, (10 + 7 * i, 16 + 3 * i, 3)) + 120 * label).astype(np.uint8)
+                Image.fromarray(pixels).save(images / split / name / f"{i}.{'jpg' if i % 2 else 'png'}")
+    folder = ImageFolderDataset(images / "train")
+    decoded = data.decoded_once(folder, 12, "train")
+    assert isinstance(decoded, DecodedImageFolder) and decoded.labels.tolist() == folder.labels.tolist()
+    transform = finetune_transform(12, [0.5] * 3, [0.25] * 3)
+    for index in range(len(folder)):  # the same random crop and flip of the same pixels, from files or memory
+        torch.manual_seed(index)
+        from_files = TransformedDataset(folder, transform)[index][0]
+        torch.manual_seed(index)
+        assert torch.equal(TransformedDataset(decoded, transform)[index][0], from_files), index
+    assert data.decoded_once(decoded, 12, "train") is decoded  # not a folder: as it is
+
+    run = tmp_path / "run"
+    pretrain(PretrainConfig(dataset="folder", data_root=str(images), image_size=12, num_views=2, batch_size=4,
+                            epochs=1, device="cpu", progress=False, tensorboard=False, output_dir=str(run)))
+    calls, tuned_on = [], []
+    decoded_once, fine_tune = job.decoded_once, job.fine_tune
+    monkeypatch.setattr(job, "decoded_once", lambda *args: calls.append(args[2]) or decoded_once(*args))
+    monkeypatch.setattr(job, "fine_tune", lambda backbone, **kw: tuned_on.append(type(kw["train_set"]).__name__)
+                        or fine_tune(backbone, **kw))
+    argv = ["evaluate", "--run-dir", str(run), "--protocols", "knn", "finetune", "few_label", "--label-fractions",
+            "0.5", "--finetune-epochs", "2", "--knn-k", "3", "--device", "cpu"]
+    assert main([*argv, "--output", str(tmp_path / "memory.json")]) == 0
+    assert calls == ["train", "test"]  # once, for both backbones
+    assert tuned_on == ["DecodedImageFolder"] * 4  # pretrained and random, all labels and half of them
+    monkeypatch.setattr(data, "decoding_too_large", lambda n, size: "needs 9 GB of memory, more than 50% of the 1 GB")
+    capsys.readouterr()
+    assert main([*argv, "--output", str(tmp_path / "files.json")]) == 0
+    assert "fine-tuning reads the train images from their files every epoch (decoding them into memory needs 9 GB" in \
+        capsys.readouterr().err
+    assert tuned_on[4:] == ["ImageFolderDataset"] * 4
+    in_memory, from_files = (json.loads((tmp_path / f"{name}.json").read_text())["results"] for name in ("memory", "files"))
+    assert in_memory == from_files
+    assert in_memory["pretrained"]["finetune"]["train_accuracy"] > 0

@@ -24,7 +24,7 @@ from relreason.data.image_folder import ImageFolderDataset, decoded_for, read_th
 from relreason.data.transforms import square_crop
 from relreason.errors import RelreasonError, format_bytes
 
-__all__ = ["DecodedImageFolder", "available_memory_bytes"]
+__all__ = ["DecodedImageFolder", "available_memory_bytes", "decoding_too_large"]
 
 #: The decoded images may take at most this share of the memory available when decoding starts.
 MEMORY_SHARE = 0.5
@@ -96,6 +96,21 @@ def _stat(folder: Path, key: str) -> int:
     return 0
 
 
+def decoding_too_large(n: int, image_size: int) -> str | None:
+    """Why ``n`` images may not be decoded into memory at ``image_size`` ("needs X of memory, more than 50% of the
+    Y available"), or None when they fit (or the memory available is unknown)."""
+    # Two copies at the peak (this array, and the channels-first tensor the views are made from) in each of
+    # the processes torchrun started on this machine, all decoding at once.
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    needed = 2 * n * image_size * image_size * 3 * processes
+    available = available_memory_bytes()
+    if available is None or needed <= MEMORY_SHARE * available:
+        return None
+    each = f" ({processes} processes)" if processes > 1 else ""
+    return (f"needs {format_bytes(needed)} of memory{each}, more than {MEMORY_SHARE:.0%} of the "
+            f"{format_bytes(available)} available")
+
+
 class DecodedImageFolder(ArrayImageDataset):
     """Every image of ``folder`` as one ``(N, S, S)`` (all grey) or ``(N, S, S, 3)`` uint8 array, S = ``image_size``.
 
@@ -112,18 +127,11 @@ class DecodedImageFolder(ArrayImageDataset):
     ) -> None:
         image_size = check_positive_int(image_size, "image size", example=32)
         n = len(folder)
-        # Two copies at the peak (this array, and the channels-first tensor the views are made from) in each of
-        # the processes torchrun started on this machine, all decoding at once.
-        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        needed = 2 * n * image_size * image_size * 3 * processes
-        available = available_memory_bytes()
-        if available is not None and needed > MEMORY_SHARE * available:
-            each = f" ({processes} processes)" if processes > 1 else ""
+        too_large = decoding_too_large(n, image_size)
+        if too_large:
             raise RelreasonError(
-                f"decoding the {n} images of {folder.root} at {image_size}x{image_size} needs {format_bytes(needed)} of "
-                f"memory{each}, more than {MEMORY_SHARE:.0%} of the {format_bytes(available)} available; use --augment pil "
-                "(reads files as it goes) "
-                "or a smaller --image-size"
+                f"decoding the {n} images of {folder.root} at {image_size}x{image_size} {too_large}; use --augment pil "
+                "(reads files as it goes) or a smaller --image-size"
             )
         start = time.perf_counter()
         images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)

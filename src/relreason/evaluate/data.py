@@ -15,8 +15,23 @@ import torch
 from torch.utils.data import Dataset
 
 from relreason.data import dataset_info, has_split_dirs, load_dataset
-from relreason.data.image_folder import DRAFT_MARGIN
+from relreason.data.decoded_folder import DecodedImageFolder, decoding_too_large
+from relreason.data.image_folder import DRAFT_MARGIN, ImageFolderDataset
 from relreason.errors import RelreasonError
+
+
+def decoded_once(dataset: Any, image_size: int, split: str) -> Any:
+    """An image folder decoded into memory once, at the square of ``image_size`` that fine-tuning's transforms start
+    from (so they see the same pixels), rather than read from its files every epoch; a folder that would take more
+    than half the memory keeps being read from its files, with a note; any other dataset as it is."""
+    if not isinstance(dataset, ImageFolderDataset):
+        return dataset
+    too_large = decoding_too_large(len(dataset), image_size)
+    if too_large:
+        print(f"relreason: note: fine-tuning reads the {split} images from their files every epoch (decoding them "
+              f"into memory {too_large})", file=sys.stderr)
+        return dataset
+    return DecodedImageFolder(dataset, image_size, progress=True)
 
 
 def without_unreadable(dataset: Any, split: str, cache: Path | None,

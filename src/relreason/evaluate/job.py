@@ -32,6 +32,7 @@ from relreason.evaluate.data import (
     check_several_classes,
     count_images_inside,
     data_tag_of,
+    decoded_once,
     feature_cache_path,
     labelled_split,
     pretraining_folder,
@@ -163,6 +164,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     results: dict[str, Any] = {}
     plots: dict[str, str] = {}
     left_out = {"train": 0, "test": 0}  # unreadable images
+    in_memory: dict[str, tuple[Any, Any]] = {}  # fine-tuning's splits (a folder decoded once), by the split read
     if not feature_protocols:  # fine-tuning alone extracts no features: the splits are read once to find them
         splits = {"train": train_set, "test": test_set}
         for split, dataset in splits.items():
@@ -204,8 +206,12 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
                 plot = output.with_name(f"{output.stem}-retrieval-{label}.png")
                 plots[label] = str(plot_retrieval(test_set, *features["test"], plot, seed=config.seed))
         if "finetune" in protocols:
+            for split, dataset in (("train", train_set), ("test", test_set)):  # once for every backbone
+                if split not in in_memory or in_memory[split][0] is not dataset:
+                    in_memory[split] = (dataset, decoded_once(dataset, image_size, split))
             tune = {
-                "train_set": train_set, "test_set": test_set, "train_transform": finetune_transform(image_size, mean, std),
+                "train_set": in_memory["train"][1], "test_set": in_memory["test"][1],
+                "train_transform": finetune_transform(image_size, mean, std),
                 "test_transform": transform, "num_classes": num_classes, "epochs": ft_epochs,
                 "backbone_lr": ft_backbone_lr, "head_lr": ft_head_lr, "seed": config.seed, "device": device,
             }
