@@ -100,6 +100,11 @@ def test_a_folder_too_large_for_memory_is_refused_before_decoding(tmp_path, monk
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: every process on this machine decodes its own copy
     with pytest.raises(RelreasonError, match=r"needs 18\.0 KB of memory \(2 processes\)"):
         DecodedImageFolder(ImageFolderDataset(tmp_path / "imgs"), 16)
+    # One copy in one process (evaluate's fine-tuning keeps the array alone) whatever the environment says.
+    assert decoded_folder.decoding_too_large(6, 16, copies=1, processes=1) is None
+    monkeypatch.setattr(decoded_folder, "available_memory_bytes", lambda: 9_000)
+    assert decoded_folder.decoding_too_large(6, 16, copies=1, processes=1) == ("needs 4.5 KB of memory, more than 50% "
+                                                                               "of the 8.8 KB available")
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.setattr(decoded_folder, "available_memory_bytes", lambda: None)  # unknown: no check
     assert len(DecodedImageFolder(ImageFolderDataset(tmp_path / "imgs"), 16)) == 6
@@ -259,3 +264,19 @@ def test_decoding_shows_a_progress_bar_when_asked_on_a_terminal_only(tmp_path, c
         monkeypatch.setattr("sys.stderr", terminal)
         DecodedImageFolder(ImageFolderDataset(tmp_path / "imgs"), 8, progress=progress)
         assert ("decoding images" in terminal.getvalue()) is progress
+
+
+def test_read_in_threads_reads_every_index_once_in_chunks_and_raises_a_readers_error():
+    from relreason.data.image_folder import read_in_threads
+
+    seen = []
+    counts = list(read_in_threads(seen.append, 150, threads=3, chunk=64))
+    assert counts == [64, 64, 22] and sorted(seen) == list(range(150))
+    assert list(read_in_threads(seen.append, 0, threads=2)) == []
+
+    def reader(index):
+        if index == 70:
+            raise RelreasonError("cannot read 70")
+
+    with pytest.raises(RelreasonError, match="cannot read 70"):
+        list(read_in_threads(reader, 150, threads=2, chunk=16))

@@ -952,6 +952,7 @@ def test_fine_tuning_reads_a_folder_once_into_memory_with_the_results_of_reading
     from relreason.cli import main
     from relreason.data import ImageFolderDataset
     from relreason.data.decoded_folder import DecodedImageFolder
+    from relreason.data.image_folder import decoded_for
     from relreason.evaluate import data, job
     from relreason.protocols import finetune_transform
     from relreason.protocols._common import TransformedDataset
@@ -965,7 +966,9 @@ def test_fine_tuning_reads_a_folder_once_into_memory_with_the_results_of_reading
             for i in range(count):
                 pixels = (rng.integers(0, 120, (10 + 7 * i, 16 + 3 * i, 3)) + 120 * label).astype(np.uint8)
                 Image.fromarray(pixels).save(images / split / name / f"{i}.{'jpg' if i % 2 else 'png'}")
-    folder = ImageFolderDataset(images / "train")
+    Image.fromarray(rng.integers(0, 256, (150, 200, 3), dtype=np.uint8)).save(images / "train" / "cat" / "large.jpg")
+    folder = decoded_for(ImageFolderDataset(images / "train"), 12)  # as evaluate reads it: JPEGs at 48 px or more
+    assert folder[6][0].size == (100, 75)  # large.jpg, decoded at half its size
     decoded = data.decoded_once(folder, 12, "train")
     assert isinstance(decoded, DecodedImageFolder) and decoded.labels.tolist() == folder.labels.tolist()
     transform = finetune_transform(12, [0.5] * 3, [0.25] * 3)
@@ -989,7 +992,7 @@ def test_fine_tuning_reads_a_folder_once_into_memory_with_the_results_of_reading
     assert main([*argv, "--output", str(tmp_path / "memory.json")]) == 0
     assert calls == ["train", "test"]  # once, for both backbones
     assert tuned_on == ["DecodedImageFolder"] * 4  # pretrained and random, all labels and half of them
-    monkeypatch.setattr(data, "decoding_too_large", lambda n, size: "needs 9 GB of memory, more than 50% of the 1 GB")
+    monkeypatch.setattr(data, "decoding_too_large", lambda *args, **kw: "needs 9 GB of memory, more than 50% of 1 GB")
     capsys.readouterr()
     assert main([*argv, "--output", str(tmp_path / "files.json")]) == 0
     assert "fine-tuning reads the train images from their files every epoch (decoding them into memory needs 9 GB" in \

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from tqdm import tqdm
 
 from relreason.checks import check_positive_int
 from relreason.data.array_dataset import ArrayImageDataset
-from relreason.data.image_folder import ImageFolderDataset, decoded_for, read_threads
+from relreason.data.image_folder import ImageFolderDataset, decoded_for, read_in_threads, read_threads
 from relreason.data.transforms import square_crop
 from relreason.errors import RelreasonError, format_bytes
 
@@ -96,13 +95,14 @@ def _stat(folder: Path, key: str) -> int:
     return 0
 
 
-def decoding_too_large(n: int, image_size: int) -> str | None:
+def decoding_too_large(n: int, image_size: int, copies: int = 2, processes: int | None = None) -> str | None:
     """Why ``n`` images may not be decoded into memory at ``image_size`` ("needs X of memory, more than 50% of the
-    Y available"), or None when they fit (or the memory available is unknown)."""
-    # Two copies at the peak (this array, and the channels-first tensor the views are made from) in each of
-    # the processes torchrun started on this machine, all decoding at once.
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    needed = 2 * n * image_size * image_size * 3 * processes
+    Y available"), or None when they fit (or the memory available is unknown). By default two copies at the peak
+    (the array, and the channels-first tensor the views are made from) in each of the processes torchrun started
+    on this machine, all decoding at once."""
+    if processes is None:
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    needed = copies * n * image_size * image_size * 3 * processes
     available = available_memory_bytes()
     if available is None or needed <= MEMORY_SHARE * available:
         return None
@@ -115,19 +115,22 @@ class DecodedImageFolder(ArrayImageDataset):
     """Every image of ``folder`` as one ``(N, S, S)`` (all grey) or ``(N, S, S, 3)`` uint8 array, S = ``image_size``.
 
     Image ``i`` is ``center_crop(resize(folder[i], S), S)``, a JPEG decoded no larger than that needs
-    (:func:`relreason.data.image_folder.decoded_for`): for an unreadable file that is the next readable
+    (:func:`relreason.data.image_folder.decoded_for`; a folder that sets its ``decode_side`` keeps it): for an
+    unreadable file that is the next readable
     image with its label, as the folder itself substitutes, and the file is listed in the folder's skip log
     (:meth:`log_skips_to` passes through to the folder). Labels and classes are the folder's. Files are
     decoded by ``threads`` threads (PIL releases the interpreter lock while it decodes and resizes); the order
-    and the result do not depend on their number.
+    and the result do not depend on their number. ``copies`` and ``processes`` say what the memory check counts
+    (:func:`decoding_too_large`).
     """
 
     def __init__(
-        self, folder: ImageFolderDataset, image_size: int, threads: int | None = None, progress: bool = False
+        self, folder: ImageFolderDataset, image_size: int, threads: int | None = None, progress: bool = False,
+        copies: int = 2, processes: int | None = None,
     ) -> None:
         image_size = check_positive_int(image_size, "image size", example=32)
         n = len(folder)
-        too_large = decoding_too_large(n, image_size)
+        too_large = decoding_too_large(n, image_size, copies, processes)
         if too_large:
             raise RelreasonError(
                 f"decoding the {n} images of {folder.root} at {image_size}x{image_size} {too_large}; use --augment pil "
@@ -138,18 +141,19 @@ class DecodedImageFolder(ArrayImageDataset):
         labels = np.full(n, -1, dtype=np.int64)
 
         square = square_crop(image_size)
-        reader = decoded_for(folder, image_size)  # shares the folder's skipped files and skip log
+        # Either shares the folder's skipped files and skip log.
+        reader = folder if folder.decode_side is not None else decoded_for(folder, image_size)
 
         def decode(index: int) -> None:
             image, labels[index] = reader[index]
             images[index] = np.asarray(square(image))
 
         workers = threads if threads is not None else read_threads(folder)
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            # Consumed here, so a worker's exception is raised here; a bar, as a large folder takes minutes.
-            for _ in tqdm(pool.map(decode, range(n)), total=n, desc="decoding images", unit="image",
-                          disable=None if progress else True, leave=False, dynamic_ncols=True):
-                pass
+        # A bar, as a large folder takes minutes; a worker's exception is raised here.
+        with tqdm(total=n, desc="decoding images", unit="image", disable=None if progress else True, leave=False,
+                  dynamic_ncols=True) as bar:
+            for done in read_in_threads(decode, n, workers):
+                bar.update(done)
         grey = bool((images[..., 0] == images[..., 1]).all() and (images[..., 0] == images[..., 2]).all())
         if grey:  # a third of the memory, and the batched augmentation works on the one channel
             images = np.ascontiguousarray(images[..., 0])

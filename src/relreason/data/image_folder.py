@@ -8,6 +8,8 @@ import numbers
 import os
 import warnings
 from pathlib import Path
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 import numpy as np
@@ -103,6 +105,20 @@ def read_threads(dataset: Any) -> int:
     """Threads worth reading ``dataset`` with: for an image folder up to 8 (PIL decodes and resizes without the
     interpreter lock), else 1."""
     return min(8, os.cpu_count() or 1) if isinstance(dataset, ImageFolderDataset) else 1
+
+
+def read_in_threads(read: Callable[[int], None], n: int, threads: int, chunk: int = 64) -> Iterator[int]:
+    """Call ``read(i)`` for every ``i < n`` on ``threads`` threads, ``chunk`` indices a task (few tasks, and no
+    result kept), yielding each chunk's count in order as it is done; a call's error is raised here."""
+
+    def read_chunk(start: int) -> int:
+        end = min(start + chunk, n)
+        for index in range(start, end):
+            read(index)
+        return end - start
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        yield from pool.map(read_chunk, range(0, n, chunk))
 
 
 class _UnreadableImage(Exception):

@@ -16,22 +16,23 @@ from torch.utils.data import Dataset
 
 from relreason.data import dataset_info, has_split_dirs, load_dataset
 from relreason.data.decoded_folder import DecodedImageFolder, decoding_too_large
-from relreason.data.image_folder import DRAFT_MARGIN, ImageFolderDataset
+from relreason.data.image_folder import DRAFT_MARGIN, ImageFolderDataset, read_in_threads, read_threads
 from relreason.errors import RelreasonError
 
 
 def decoded_once(dataset: Any, image_size: int, split: str) -> Any:
     """An image folder decoded into memory once, at the square of ``image_size`` that fine-tuning's transforms start
-    from (so they see the same pixels), rather than read from its files every epoch; a folder that would take more
+    from (so they see the same pixels; its JPEGs at the ``decode_side`` it was given), rather than read from its files
+    every epoch; a folder that would take more
     than half the memory keeps being read from its files, with a note; any other dataset as it is."""
     if not isinstance(dataset, ImageFolderDataset):
         return dataset
-    too_large = decoding_too_large(len(dataset), image_size)
+    too_large = decoding_too_large(len(dataset), image_size, copies=1, processes=1)  # evaluate runs alone
     if too_large:
         print(f"relreason: note: fine-tuning reads the {split} images from their files every epoch (decoding them "
               f"into memory {too_large})", file=sys.stderr)
         return dataset
-    return DecodedImageFolder(dataset, image_size, progress=True)
+    return DecodedImageFolder(dataset, image_size, progress=True, copies=1, processes=1)
 
 
 def without_unreadable(dataset: Any, split: str, cache: Path | None,
@@ -44,8 +45,8 @@ def without_unreadable(dataset: Any, split: str, cache: Path | None,
     out, as pretraining does, and says so (unless not ``say``); no cache holds the replaced rows, so the next
     run checks again. Without ``features``, every image is read here to find them (nothing else reads them)."""
     if features is None and hasattr(dataset, "skipped"):
-        for index in range(len(dataset)):
-            dataset[index]
+        for _ in read_in_threads(dataset.__getitem__, len(dataset), read_threads(dataset)):
+            pass
     skipped = getattr(dataset, "skipped", None)
     if not skipped:
         return dataset, features
