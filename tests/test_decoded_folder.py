@@ -270,8 +270,11 @@ def test_read_in_threads_reads_every_index_once_in_chunks_and_raises_a_readers_e
     from relreason.data.image_folder import read_in_threads
 
     seen = []
-    counts = list(read_in_threads(seen.append, 150, threads=3, chunk=64))
-    assert counts == [64, 64, 22] and sorted(seen) == list(range(150))
+    counts = list(read_in_threads(seen.append, 1000, threads=3, chunk=64))
+    assert counts == [64] * 15 + [40] and sorted(seen) == list(range(1000))
+    seen.clear()
+    counts = list(read_in_threads(seen.append, 100, threads=8))  # small: chunks of 4, so all 8 threads have work
+    assert counts == [4] * 25 and sorted(seen) == list(range(100))
     assert list(read_in_threads(seen.append, 0, threads=2)) == []
 
     def reader(index):

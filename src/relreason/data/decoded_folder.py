@@ -115,9 +115,9 @@ class DecodedImageFolder(ArrayImageDataset):
     """Every image of ``folder`` as one ``(N, S, S)`` (all grey) or ``(N, S, S, 3)`` uint8 array, S = ``image_size``.
 
     Image ``i`` is ``center_crop(resize(folder[i], S), S)``, a JPEG decoded no larger than that needs
-    (:func:`relreason.data.image_folder.decoded_for`; a folder that sets its ``decode_side`` keeps it): for an
-    unreadable file that is the next readable
-    image with its label, as the folder itself substitutes, and the file is listed in the folder's skip log
+    (:func:`relreason.data.image_folder.decoded_for`; a folder that sets its ``decode_side`` keeps it). For an
+    unreadable file that is the next readable image with its label, as the folder itself substitutes, and the
+    file is listed in the folder's skip log
     (:meth:`log_skips_to` passes through to the folder). Labels and classes are the folder's. Files are
     decoded by ``threads`` threads (PIL releases the interpreter lock while it decodes and resizes); the order
     and the result do not depend on their number. ``copies`` and ``processes`` say what the memory check counts

@@ -7,9 +7,9 @@ import math
 import numbers
 import os
 import warnings
-from pathlib import Path
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -107,9 +107,10 @@ def read_threads(dataset: Any) -> int:
     return min(8, os.cpu_count() or 1) if isinstance(dataset, ImageFolderDataset) else 1
 
 
-def read_in_threads(read: Callable[[int], None], n: int, threads: int, chunk: int = 64) -> Iterator[int]:
-    """Call ``read(i)`` for every ``i < n`` on ``threads`` threads, ``chunk`` indices a task (few tasks, and no
-    result kept), yielding each chunk's count in order as it is done; a call's error is raised here."""
+def read_in_threads(read: Callable[[int], Any], n: int, threads: int, chunk: int = 64) -> Iterator[int]:
+    """Call ``read(i)`` for every ``i < n`` on ``threads`` threads, at most ``chunk`` indices a task (few tasks, and
+    no result kept), yielding each chunk's count in order as it is done; a call's error is raised here."""
+    chunk = max(1, min(chunk, math.ceil(n / (4 * max(1, threads)))))  # a small folder still feeds every thread
 
     def read_chunk(start: int) -> int:
         end = min(start + chunk, n)

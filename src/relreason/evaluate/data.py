@@ -23,8 +23,8 @@ from relreason.errors import RelreasonError
 def decoded_once(dataset: Any, image_size: int, split: str) -> Any:
     """An image folder decoded into memory once, at the square of ``image_size`` that fine-tuning's transforms start
     from (so they see the same pixels; its JPEGs at the ``decode_side`` it was given), rather than read from its files
-    every epoch; a folder that would take more
-    than half the memory keeps being read from its files, with a note; any other dataset as it is."""
+    every epoch. A folder that would take more than half the memory keeps being read from its files, with a note;
+    any other dataset is returned as it is."""
     if not isinstance(dataset, ImageFolderDataset):
         return dataset
     too_large = decoding_too_large(len(dataset), image_size, copies=1, processes=1)  # evaluate runs alone
