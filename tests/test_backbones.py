@@ -34,6 +34,42 @@ def test_conv4_matches_reference_size_and_init():
     assert "layer1.0.weight" in model.state_dict() and "layer4.1.running_var" in model.state_dict()
 
 
+@pytest.mark.parametrize("width", [2, 4])
+def test_wider_conv4_multiplies_every_block(width):
+    model = build_backbone("conv4", args={"width": width})
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [8 * width, 16 * width, 32 * width, 64 * width]
+    assert [c.in_channels for c in convs] == [3, 8 * width, 16 * width, 32 * width]
+    assert model.feature_dim == 64 * width
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 64 * width)
+    # the reference's He-normal over fan-out, at the wider fan-out
+    assert model.layer4[0].weight.std().item() == pytest.approx((2.0 / (9 * 64 * width)) ** 0.5, rel=0.05)
+
+
+def test_conv4_width_one_is_the_paper_network():
+    torch.manual_seed(0)
+    default = Conv4().state_dict()
+    torch.manual_seed(0)
+    explicit = Conv4(width=1).state_dict()
+    assert default.keys() == explicit.keys() and all(torch.equal(default[k], explicit[k]) for k in default)
+
+
+@pytest.mark.parametrize("width", [0, -1])
+def test_conv4_width_must_be_a_positive_integer(width):
+    with pytest.raises(RelreasonError, match=r"^conv4's width \(--backbone-args width=N\) must be a positive integer, "
+                                             rf"got {width}; pass e.g. 2$"):
+        build_backbone("conv4", args={"width": width})
+
+
+@pytest.mark.parametrize("width", [1.5, "2", True])
+def test_conv4_width_of_another_type_is_refused(width):
+    with pytest.raises(RelreasonError, match=r"^backbone 'conv4' takes width as int, got .*; pass e.g. "
+                                             r"--backbone-args width=3$"):
+        build_backbone("conv4", args={"width": width})
+    with pytest.raises(RelreasonError, match=r"^conv4's width .* must be a positive integer"):
+        Conv4(width=width)  # called directly, without the registry's check
+
+
 @pytest.mark.parametrize("name,blocks", [("resnet8", 1), ("resnet32", 5), ("resnet56", 9)])
 def test_cifar_resnets_depth_and_width(name, blocks):
     model = build_backbone(name)
@@ -207,9 +243,9 @@ def test_backbone_args_reach_the_factory_and_are_checked_against_its_signature()
     with pytest.raises(RelreasonError, match=r"^backbone 'resnet18' takes small_stem as bool, got 'maybe'; pass e.g. "
                                              r"--backbone-args small_stem=false$"):
         build_backbone("resnet18", small_stem="maybe")
-    with pytest.raises(RelreasonError, match=r"^backbone 'conv4' cannot be built with width=3 \(got an unexpected "
-                                             r"keyword argument 'width'; it takes: in_channels\)"):
-        build_backbone("conv4", width=3)
+    with pytest.raises(RelreasonError, match=r"^backbone 'conv4' cannot be built with depth=3 \(got an unexpected "
+                                             r"keyword argument 'depth'; it takes: in_channels, width\)"):
+        build_backbone("conv4", depth=3)
     from relreason.backbones.registry import check_backbone
 
     check_backbone("resnet50", {"small_stem": False})

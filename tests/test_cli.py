@@ -53,12 +53,14 @@ def test_config_file_takes_exponent_floats_as_the_command_line_does(tmp_path, ca
 
 
 def test_shipped_configs_parse_by_name_from_any_folder(tmp_path, monkeypatch):
+    from relreason.backbones import build_backbone
     from relreason.bundled_configs import bundled_config_names
     from relreason.train import PretrainConfig
 
     monkeypatch.chdir(tmp_path)  # no configs/ folder here: the names must resolve inside the package
     names = bundled_config_names()
-    assert {"digits_conv4", "cifar10_conv4", "stl10_resnet32", "fashion_mnist_conv4_10min"} <= set(names)
+    assert {"digits_conv4", "cifar10_conv4", "stl10_resnet32", "fashion_mnist_conv4_10min",
+            "fashion_mnist_wide_conv4_10min"} <= set(names)
     for name in names:
         args = parse_options(build_parser(), ["pretrain", "--config", name])
         config = PretrainConfig(**{k: v for k, v in vars(args).items() if k in PretrainConfig.__dataclass_fields__ and v is not None})
@@ -66,6 +68,8 @@ def test_shipped_configs_parse_by_name_from_any_folder(tmp_path, monkeypatch):
     paper = parse_options(build_parser(), ["pretrain", "--config", "cifar10_resnet32.yaml"])  # the file name works too
     assert (paper.dataset, paper.backbone, paper.num_views, paper.batch_size, paper.epochs, paper.loss) == (
         "cifar10", "resnet32", 32, 64, 200, "focal")
+    wide = parse_options(build_parser(), ["pretrain", "--config", "fashion_mnist_wide_conv4_10min"])
+    assert build_backbone(wide.backbone, args=wide.backbone_args).feature_dim == 256
 
 
 def test_paper_configs_hold_the_papers_settings():
@@ -111,6 +115,7 @@ def test_list_names_the_shipped_configs_with_a_summary():
     assert "CIFAR-10 setting with ResNet-32" in lines["cifar10_resnet32"]
     assert "digits" in lines["digits_conv4"]
     assert "  --backbone-args for resnet18, resnet34, resnet50: small_stem (default true)" in result.stdout
+    assert "  --backbone-args for conv4: width (default 1)" in result.stdout
 
 
 def test_a_built_wheel_ships_the_configs(tmp_path):
@@ -607,3 +612,19 @@ def test_a_sigterm_before_pretrain_trains_is_one_line(monkeypatch, capsys, tmp_p
     assert main(["pretrain", "--dataset", "digits", "--output-dir", str(tmp_path / "run")]) == 143
     assert capsys.readouterr().err.endswith("relreason: stopped by SIGTERM outside training; the same command resumes "
                                             "from the newest checkpoint (or starts the run, if it has none)\n")
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+def test_output_into_a_closed_pipe_ends_quietly(unbuffered):
+    """`relreason list | head -1`: the reader leaves early; no traceback, the shell's status for SIGPIPE."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)  # gone before the command writes anything
+    try:
+        result = subprocess.run([sys.executable, "-m", "relreason", "list"], stdout=write, stderr=subprocess.PIPE,
+                                text=True, timeout=120, env={**os.environ, "PYTHONUNBUFFERED": unbuffered})
+    finally:
+        os.close(write)
+    assert result.returncode == 141
+    assert result.stderr == ""

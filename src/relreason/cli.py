@@ -10,6 +10,7 @@ import difflib
 import importlib
 import os
 import re
+import select
 import shlex
 import signal
 import sys
@@ -558,6 +559,30 @@ def config_class(command: str) -> type:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _run_command(argv)
+        sys.stdout.flush()  # now, so that a reader that has gone is found here rather than at the interpreter's exit
+        return code
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise
+        # `relreason list | head`: the reader has what it wanted. No traceback; what is still buffered goes nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports `yes | head`
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe whose reading end is closed (not any other broken pipe, such as a
+    DataLoader worker's)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or stdout has no file descriptor
+        return False
+
+
+def _run_command(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     command, args = None, None

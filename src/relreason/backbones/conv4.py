@@ -1,4 +1,4 @@
-"""Conv-4: the reference's four-block CNN (8-16-32-64 channels, 64-d features)."""
+"""Conv-4: the reference's four-block CNN (8-16-32-64 channels, 64-d features), optionally wider."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import math
 
 import torch
 from torch import nn
+
+from relreason.checks import check_positive_int
 
 
 def _conv_block(in_channels: int, out_channels: int, pool: nn.Module) -> nn.Sequential:
@@ -30,16 +32,21 @@ def init_conv_bn(module: nn.Module) -> None:
 
 class Conv4(nn.Module):
     """Four conv-BN-ReLU-pool blocks; the last pools globally. Module names match the reference notebook's
-    (``layer1.0.weight``, ...; the paper's repository names them ``layer1.conv``, ``layer1.bn``)."""
+    (``layer1.0.weight``, ...; the paper's repository names them ``layer1.conv``, ``layer1.bn``).
 
-    feature_dim = 64
+    ``width`` multiplies every block's channels: 1 is the paper's network (8-16-32-64, 64-d features), 2 gives
+    16-32-64-128 and 128-d features, 4 gives 32-64-128-256 and 256-d.
+    """
 
-    def __init__(self, in_channels: int = 3) -> None:
+    def __init__(self, in_channels: int = 3, width: int = 1) -> None:
         super().__init__()
-        self.layer1 = _conv_block(in_channels, 8, nn.AvgPool2d(kernel_size=2, stride=2))
-        self.layer2 = _conv_block(8, 16, nn.AvgPool2d(kernel_size=2, stride=2))
-        self.layer3 = _conv_block(16, 32, nn.AvgPool2d(kernel_size=2, stride=2))
-        self.layer4 = _conv_block(32, 64, nn.AdaptiveAvgPool2d(1))
+        width = check_positive_int(width, "conv4's width (--backbone-args width=N)", example=2)
+        channels = [8 * width, 16 * width, 32 * width, 64 * width]
+        self.feature_dim = channels[-1]
+        self.layer1 = _conv_block(in_channels, channels[0], nn.AvgPool2d(kernel_size=2, stride=2))
+        self.layer2 = _conv_block(channels[0], channels[1], nn.AvgPool2d(kernel_size=2, stride=2))
+        self.layer3 = _conv_block(channels[1], channels[2], nn.AvgPool2d(kernel_size=2, stride=2))
+        self.layer4 = _conv_block(channels[2], channels[3], nn.AdaptiveAvgPool2d(1))
         self.flatten = nn.Flatten()
         init_conv_bn(self)
 
