@@ -367,3 +367,19 @@ def test_backbone_args_built_in_python_compare_equal_to_their_record(tmp_path, m
     recorded = json.loads((tmp_path / "compare" / "relational-seed1" / "config.json").read_text())
     assert recorded["backbone_args"] == {"widths": [3]}
     run_compare(config)  # the same comparison again: its runs are its own
+
+
+def test_wide_conv4_weights_into_a_default_conv4_name_their_width(tmp_path):
+    from relreason.evaluate.weights import conv4_width_of, load_matching_state
+
+    wide = Conv4(width=2).state_dict()
+    assert (conv4_width_of(wide), conv4_width_of(Conv4().state_dict())) == (2, 1)
+    assert conv4_width_of(build_backbone("resnet8").state_dict()) is None
+    with pytest.raises(RelreasonError, match=r"does not fit backbone 'conv4' \(0 missing, 0 unexpected, 20 mis-shaped "
+                                             r"tensors\); .*: these are conv4's weights at --backbone-args width=2$"):
+        load_matching_state(Conv4(), wide, tmp_path / "backbone.pt", "conv4")
+    with pytest.raises(RelreasonError, match=r"it was trained with$"):  # no hint for another backbone's weights
+        load_matching_state(Conv4(), build_backbone("resnet8").state_dict(), tmp_path / "backbone.pt", "conv4")
+    narrow = Conv4(width=2)
+    load_matching_state(narrow, wide, tmp_path / "backbone.pt", "conv4")  # the right width loads
+    assert torch.equal(narrow.layer4[0].weight, wide["layer4.0.weight"])

@@ -628,3 +628,26 @@ def test_output_into_a_closed_pipe_ends_quietly(unbuffered):
         os.close(write)
     assert result.returncode == 141
     assert result.stderr == ""
+
+
+def test_output_with_standard_output_closed_is_no_failure():
+    """Started with fd 1 closed (a daemon, `>&-`): Python has no sys.stdout; the command still succeeds."""
+    import os
+
+    result = subprocess.run([sys.executable, "-m", "relreason", "list"], preexec_fn=lambda: os.close(1),
+                            stderr=subprocess.PIPE, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_broken_pipe_elsewhere_is_not_taken_for_a_gone_reader(monkeypatch, tmp_path):
+    """Only standard output's own reader leaving is quiet: a broken pipe inside a command (a worker's) still raises."""
+    import relreason.cli as cli
+
+    def broken(_):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "run_list", broken)
+    with open(tmp_path / "out.txt", "w") as stdout:  # a file: standard output itself is fine
+        monkeypatch.setattr(sys, "stdout", stdout)
+        with pytest.raises(BrokenPipeError):
+            cli.main(["list"])

@@ -70,7 +70,7 @@ def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
                         help=f"relational reasoning or a baseline: simclr, rotation, supervised, random [{d.method}]")
     method.add_argument("--backbone", help=f"registered backbone or 'package.module:factory' [{d.backbone}]")
     method.add_argument("--backbone-args", nargs="*", metavar="KEY=VALUE",
-                        help="keyword arguments of the backbone's factory, values read as YAML (false, 64, 0.5, text): small_stem=false gives a torchvision ResNet its own 7x7 stride-2 stem and max-pool (for images of 128 px and more), or your factory's own; given alone: none [none]")
+                        help="keyword arguments of the backbone's factory, values read as YAML (false, 64, 0.5, text): width=2 doubles conv4's channels (128-d), small_stem=false gives a torchvision ResNet its own 7x7 stride-2 stem and max-pool (for images of 128 px and more), or your factory's own; given alone: none [none]")
     method.add_argument("-K", "--num-views", type=int, dest="num_views", help=f"augmented views per image, K [{d.num_views}]")
     method.add_argument("--aggregation", choices=AGGREGATIONS, help=f"how a pair is joined [{d.aggregation}]")
     method.add_argument("--head-hidden", type=int, help=f"hidden width of the relation head [{d.head_hidden}]")
@@ -559,16 +559,20 @@ def config_class(command: str) -> type:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    code = 0
     try:
         code = _run_command(argv)
-        sys.stdout.flush()  # now, so that a reader that has gone is found here rather than at the interpreter's exit
+        if sys.stdout is not None:  # None when started with standard output closed
+            sys.stdout.flush()  # now, so that a reader that has gone is found here rather than at the interpreter's exit
         return code
     except BrokenPipeError:
         if not _stdout_reader_gone():
             raise
         # `relreason list | head`: the reader has what it wanted. No traceback; what is still buffered goes nowhere.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141  # 128 + SIGPIPE, as a shell reports `yes | head`
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return code or 141  # a command's own failure stands; else 128 + SIGPIPE, as a shell reports `yes | head`
 
 
 def _stdout_reader_gone() -> bool:
@@ -577,7 +581,8 @@ def _stdout_reader_gone() -> bool:
     try:
         poller = select.poll()
         poller.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(events & select.POLLERR for _, events in poller.poll(0))
+        # Linux says POLLERR for a pipe without a reader, macOS and the BSDs POLLHUP.
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
     except (AttributeError, OSError, ValueError):  # no poll (Windows), or stdout has no file descriptor
         return False
 

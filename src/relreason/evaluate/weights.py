@@ -87,6 +87,16 @@ def load_matching_state(backbone: nn.Module, state: Mapping[str, torch.Tensor], 
     """Load ``state`` into ``backbone``, or say in one line how far apart they are."""
     mismatch = state_mismatch(backbone.state_dict(), state)
     if mismatch:
+        width = conv4_width_of(state) if name == "conv4" else None
+        hint = f": these are conv4's weights at --backbone-args width={width}" if width else ""
         raise RelreasonError(f"{weights} does not fit backbone '{name}' ({mismatch}); pass the --backbone (and "
-                             "--backbone-args) it was trained with")
+                             f"--backbone-args) it was trained with{hint}")
     backbone.load_state_dict(state)
+
+
+def conv4_width_of(state: Mapping[str, Any]) -> int | None:
+    """The ``width`` a Conv-4 state dict was built with (its first block has 8 x width channels), else None."""
+    first = state.get("layer1.0.weight")
+    if not isinstance(first, torch.Tensor) or first.dim() != 4 or first.shape[0] % 8 or "layer4.0.weight" not in state:
+        return None
+    return first.shape[0] // 8
