@@ -602,9 +602,15 @@ def test_evaluating_a_run_stopped_early_says_so(folder_run, tmp_path, capsys):
     meta |= {"finished": False, "stopped_by": "time limit", "epochs_done": 0.5}
     (copy / "backbone.json").write_text(json.dumps(meta))
     assert evaluate_args("--run-dir", str(copy)) == 0
-    assert "stopped by time limit after 0.50 epoch(s)" in capsys.readouterr().err
+    assert (f"relreason: note: {copy / 'backbone.pt'} is from a run stopped by its time limit after 0.50 epoch(s); "
+            "the same pretrain command trains on from there") in capsys.readouterr().err
     recorded = json.loads((copy / "evaluation.json").read_text())["pretraining"]
     assert recorded == {"finished": False, "epochs_done": 0.5, "stopped_by": "time limit"}
+    meta |= {"stopped_by": "SIGTERM"}  # stopped by something else than the user's budget: the run is unfinished
+    (copy / "backbone.json").write_text(json.dumps(meta))
+    assert evaluate_args("--run-dir", str(copy)) == 0
+    assert "warning: " + f"{copy / 'backbone.pt'} is from a run stopped by SIGTERM after 0.50 epoch(s); rerun its " \
+           "pretrain command to finish it" in capsys.readouterr().err
 
 
 def test_a_cached_split_whose_files_were_relabelled_is_extracted_again(tmp_path):

@@ -86,9 +86,13 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     output = Path(config.output) if config.output else weights.parent / default
     planned_end = config.time_limit_ends_the_run and meta.get("stopped_by") == "time limit"
     if meta.get("finished") is False and not planned_end:  # a time limit or a signal stopped it: a partial run
-        print(f"relreason: warning: {weights} is from a run stopped by {meta.get('stopped_by') or 'an interruption'} "
-              f"after {meta.get('epochs_done', 0):.2f} epoch(s); rerun its pretrain command to finish it",
-              file=sys.stderr)
+        done = f"after {meta.get('epochs_done', 0):.2f} epoch(s)"
+        if meta.get("stopped_by") == "time limit":  # the user's own budget (the 10-minute configs): a fact, no fault
+            print(f"relreason: note: {weights} is from a run stopped by its time limit {done}; the same pretrain "
+                  "command trains on from there", file=sys.stderr)
+        else:
+            print(f"relreason: warning: {weights} is from a run stopped by {meta.get('stopped_by') or 'an interruption'} "
+                  f"{done}; rerun its pretrain command to finish it", file=sys.stderr)
     dataset_name = config.dataset or meta.get("dataset")
     if not dataset_name:
         raise RelreasonError("no dataset known for these weights; pass --eval-dataset NAME")
