@@ -370,7 +370,8 @@ def test_backbone_args_built_in_python_compare_equal_to_their_record(tmp_path, m
 
 
 def test_wide_conv4_weights_into_a_default_conv4_name_their_width(tmp_path):
-    from relreason.evaluate.weights import conv4_width_of, load_matching_state
+    from relreason.backbones.conv4 import conv4_width_of
+    from relreason.evaluate.weights import load_matching_state
 
     wide = Conv4(width=2).state_dict()
     assert (conv4_width_of(wide), conv4_width_of(Conv4().state_dict())) == (2, 1)

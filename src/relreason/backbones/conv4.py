@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from relreason.checks import check_positive_int
+
+#: The paper's channels per block; ``width`` multiplies them.
+CHANNELS = (8, 16, 32, 64)
 
 
 def _conv_block(in_channels: int, out_channels: int, pool: nn.Module) -> nn.Sequential:
@@ -41,7 +46,7 @@ class Conv4(nn.Module):
     def __init__(self, in_channels: int = 3, width: int = 1) -> None:
         super().__init__()
         width = check_positive_int(width, "conv4's width (--backbone-args width=N)", example=2)
-        channels = [8 * width, 16 * width, 32 * width, 64 * width]
+        channels = [c * width for c in CHANNELS]
         self.feature_dim = channels[-1]
         self.layer1 = _conv_block(in_channels, channels[0], nn.AvgPool2d(kernel_size=2, stride=2))
         self.layer2 = _conv_block(channels[0], channels[1], nn.AvgPool2d(kernel_size=2, stride=2))
@@ -52,3 +57,13 @@ class Conv4(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.flatten(self.layer4(self.layer3(self.layer2(self.layer1(x)))))
+
+
+def conv4_width_of(state: Mapping[str, Any]) -> int | None:
+    """The ``width`` a Conv-4 state dict was built with (read from its first block's channels), else None."""
+    first = state.get("layer1.0.weight")
+    if not isinstance(first, torch.Tensor) or first.dim() != 4 or "layer4.0.weight" not in state:
+        return None
+    if first.shape[0] % CHANNELS[0]:
+        return None
+    return first.shape[0] // CHANNELS[0]

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from relreason.backbones.conv4 import conv4_width_of
 from relreason.checkpoint import is_checkpoint_path, load_checkpoint, state_mismatch
 from relreason.errors import RelreasonError, one_line, short_reason
 from relreason.evaluate.config import EvaluateConfig
@@ -93,10 +94,3 @@ def load_matching_state(backbone: nn.Module, state: Mapping[str, torch.Tensor], 
                              f"--backbone-args) it was trained with{hint}")
     backbone.load_state_dict(state)
 
-
-def conv4_width_of(state: Mapping[str, Any]) -> int | None:
-    """The ``width`` a Conv-4 state dict was built with (its first block has 8 x width channels), else None."""
-    first = state.get("layer1.0.weight")
-    if not isinstance(first, torch.Tensor) or first.dim() != 4 or first.shape[0] % 8 or "layer4.0.weight" not in state:
-        return None
-    return first.shape[0] // 8
