@@ -19,7 +19,9 @@ class RelationHead(nn.Sequential):
 
     Kept deliberately weak: a head that can separate pairs on its own teaches the backbone nothing.
     A ``Sequential`` so that its state_dict keys (``0.weight``, ``1.running_mean``, ...) match the
-    reference implementation's ``relation_head``.
+    reference implementation's ``relation_head``. The LeakyReLU works in place (as torchvision's ResNets'
+    ReLUs do): a forward hook on the BatchNorm (``head[1]``) sees its output after the activation; hook the
+    LeakyReLU's input (``head[2]``, a pre-hook) for BatchNorm's own output.
     """
 
     def __init__(self, in_features: int, hidden_features: int = 256, negative_slope: float = 0.01) -> None:
