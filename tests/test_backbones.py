@@ -56,9 +56,13 @@ def test_conv4_width_one_is_the_paper_network():
 
 @pytest.mark.parametrize("width", [0, -1])
 def test_conv4_width_must_be_a_positive_integer(width):
-    with pytest.raises(RelreasonError, match=r"^conv4's width \(--backbone-args width=N\) must be a positive integer, "
-                                             rf"got {width}; pass e.g. 2$"):
-        build_backbone("conv4", args={"width": width})
+    from relreason.backbones.registry import check_backbone
+
+    for check in (lambda: build_backbone("conv4", args={"width": width}),
+                  lambda: check_backbone("conv4", {"width": width})):
+        with pytest.raises(RelreasonError, match=r"^conv4's width \(--backbone-args width=N\) must be a positive "
+                                                 rf"integer, got {width}; pass e.g. 2$"):
+            check()  # also the check before any work (--print-config), which builds it on the meta device
 
 
 @pytest.mark.parametrize("width", [1.5, "2", True])

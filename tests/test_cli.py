@@ -52,6 +52,26 @@ def test_config_file_takes_exponent_floats_as_the_command_line_does(tmp_path, ca
     expect_error(capsys, ["evaluate", "--config", str(misspelt)], "few_label, got 'linaer' in ['knn', 'linaer']")
 
 
+def test_config_file_takes_text_options_as_written(tmp_path, capsys):
+    # YAML 1.1 reads off as false, 2024 as a number and 1e3 (here) as a float; typed after --amp, --data-root and
+    # --output-dir they are text.
+    config = tmp_path / "c.yaml"
+    config.write_text("amp: off\ndata-root: 2024\noutput-dir: 1e3\nlr: 1e-3\nchannels-last: yes\n")
+    args = parse_options(build_parser(), ["pretrain", "--config", str(config)])
+    assert (args.amp, args.data_root, args.output_dir) == ("off", "2024", "1e3")
+    assert (args.lr, args.channels_last) == (1e-3, True)  # numbers and switches as before
+    evaluate = tmp_path / "e.yaml"
+    evaluate.write_text("protocols: [knn, linear]\nweights: 7\n")
+    args = parse_options(build_parser(), ["evaluate", "--config", str(evaluate)])
+    assert (args.protocols, args.weights) == (["knn", "linear"], "7")
+    wrong = tmp_path / "w.yaml"
+    wrong.write_text("amp: no\n")  # a word the option does not take, named as written
+    expect_error(capsys, ["pretrain", "--config", str(wrong)], "must be one of off, bf16, fp16, got 'no'")
+    mapping = tmp_path / "m.yaml"
+    mapping.write_text("data-root: {a: 1}\n")
+    expect_error(capsys, ["pretrain", "--config", str(mapping)], "must be a string, got {'a': 1}")
+
+
 def test_shipped_configs_parse_by_name_from_any_folder(tmp_path, monkeypatch):
     from relreason.backbones import build_backbone
     from relreason.bundled_configs import bundled_config_names
@@ -359,6 +379,26 @@ def test_a_runs_config_json_is_a_config_file_from_any_working_folder(capsys, tmp
     assert "done: 2 epoch(s)" in capsys.readouterr().out
     assert json.loads((run / "config.json").read_text())["num_views"] == 2
     assert list(elsewhere.iterdir()) == []
+
+
+def test_a_runs_config_json_rerun_under_another_number_of_processes_says_so(capsys, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    assert main(["pretrain", "--dataset", "digits", *TINY, "--output-dir", str(run)]) == 0
+    recorded = json.loads((run / "config.json").read_text())
+    assert recorded["processes"] == 1
+    capsys.readouterr()
+    assert main(["pretrain", "--config", str(run / "config.json"), "--print-config"]) == 0
+    assert "note" not in capsys.readouterr().err  # the same number of processes
+    (tmp_path / "four.json").write_text(json.dumps(recorded | {"processes": 4}))
+    assert main(["pretrain", "--config", str(tmp_path / "four.json"), "--print-config"]) == 0
+    err = capsys.readouterr().err
+    assert f"relreason: note: {tmp_path / 'four.json'} was trained by 4 process(es) and this run has 1" in err
+    assert f"a step now takes 1 batch(es) of {recorded['batch_size']} instead of 4" in err
+    assert "torchrun --nproc-per-node 4" in err and err.count("\n") == 1
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["pretrain", "--config", str(tmp_path / "four.json"), "--print-config"]) == 0
+    assert "note" not in capsys.readouterr().err  # launched as it was trained
 
 
 def test_an_unknown_option_points_at_its_own_commands_help(capsys):

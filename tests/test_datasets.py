@@ -573,6 +573,35 @@ def test_compute_normalization_weighs_every_image_alike_whatever_its_size(tmp_pa
     assert std == pytest.approx((np.sqrt(2) / 3, 1.0, np.sqrt(2) / 3))
 
 
+def test_a_folders_statistics_leave_unreadable_files_out_and_keep_their_sample_as_files_come_and_go(tmp_path):
+    rng = np.random.default_rng(0)
+    pixels = {}
+    for i in range(12):
+        pixels[f"{i:02d}.png"] = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+        Image.fromarray(pixels[f"{i:02d}.png"]).save(tmp_path / f"{i:02d}.png")
+    per_image = np.stack([p.reshape(-1, 3).mean(0) / 255 for p in pixels.values()])
+    everything = compute_normalization(ImageFolderDataset(tmp_path))
+    assert everything[0] == pytest.approx(tuple(per_image.mean(0)))
+    # Unreadable files beside them count for nothing (not as the next image again): the very same statistics.
+    (tmp_path / "05b.png").write_bytes(b"")
+    (tmp_path / "07b.png").write_bytes(b"not an image")
+    assert compute_normalization(ImageFolderDataset(tmp_path)) == everything
+    # A sample smaller than the folder: the same images, with the unreadable files there or deleted.
+    sampled = compute_normalization(ImageFolderDataset(tmp_path), max_images=5, seed=3)
+    assert sampled != everything
+    order = [ImageFolderDataset(tmp_path).paths[i].name for i in ImageFolderDataset(tmp_path).seeded_order(3)]
+    chosen = [name for name in order if name in pixels][:5]
+    assert sampled[0] == pytest.approx(tuple(np.mean([per_image[int(name[:2])] for name in chosen], axis=0)))
+    for name in ("05b.png", "07b.png"):
+        (tmp_path / name).unlink()
+    assert compute_normalization(ImageFolderDataset(tmp_path), max_images=5, seed=3) == sampled
+    # A file added takes its place in the seeded order; the others keep theirs.
+    Image.fromarray(pixels["00.png"]).save(tmp_path / "new.png")
+    grown = ImageFolderDataset(tmp_path)
+    assert [n for n in (grown.paths[i].name for i in grown.seeded_order(3)) if n in pixels] == \
+        [n for n in order if n in pixels]
+
+
 @pytest.mark.parametrize(
     "name,expected",
     [

@@ -18,14 +18,14 @@ from relreason.train import PretrainConfig, build_model, build_pretrain_data
 WORLD_SIZE = 2
 
 
-def run_workers(images: Path, output: Path, *extra: str) -> subprocess.CompletedProcess:
+def run_workers(images: Path, output: Path, *extra: str, succeed: bool = True) -> subprocess.CompletedProcess:
     worker = Path(__file__).parent / "ddp_worker.py"
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD_SIZE}",
          str(worker), str(images), str(output), *extra],
         capture_output=True, text=True, timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert (result.returncode == 0) == succeed, result.stderr[-3000:]
     return result
 
 
@@ -133,19 +133,73 @@ def test_a_run_stopped_on_one_rank_resumes_to_the_same_weights_and_epoch_metrics
             assert record[key] == pytest.approx(wanted[key], rel=1e-9), key
 
 
-def test_the_stop_vote_carries_a_failure_found_on_one_rank(monkeypatch):
-    import math
+def test_running_means_are_logged_over_all_ranks_as_checkpoints_keep_them(images, tmp_path):
+    """Each mid-epoch point of steps.jsonl is the mean over both ranks' batches (what a checkpoint keeps and a
+    resumed epoch goes on from), not rank 0's own."""
+    from relreason.checkpoint import load_checkpoint
 
-    import relreason.train as train
+    run_workers(images, tmp_path, "log-every-step")
+    kept = {}
+    for path in tmp_path.glob("checkpoint-*.pt"):
+        position = load_checkpoint(path)["position"]
+        if position["step"]:
+            kept[position["epoch"], position["step"]] = position
+    assert sorted(kept) == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    points = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    mid_epoch = [p for p in points if not float(p["epoch"]).is_integer()]
+    assert len(mid_epoch) == 4
+    for point, (epoch, step) in zip(mid_epoch, sorted(kept)):
+        totals = kept[epoch, step]["totals"]
+        assert point["epoch"] == pytest.approx(epoch + step / 3)
+        assert point["loss"] == pytest.approx(totals["loss"] / step, rel=1e-12)
+        assert point["relation_accuracy"] == pytest.approx(100 * totals["relation_accuracy"] / step, rel=1e-12)
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(images, tmp_path):
+    """Rank 1's loss turns NaN in step 2; the mean over the ranks logged there is NaN on both, so both stop with
+    the same error there (one stopping alone would leave the other in the next all-reduce until the timeout)."""
+    result = run_workers(images, tmp_path, "nan-on-rank-1", succeed=False)
+    for rank in range(WORLD_SIZE):
+        assert f"[rank{rank}]: relreason.errors.RelreasonError: the loss became nan in epoch 1" in result.stderr
+    assert not list(tmp_path.glob("checkpoint-*.pt"))
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "steps.jsonl").read_text().splitlines()] == \
+        [pytest.approx(1 / 3)]  # step 1's point; none from step 2 on
+
+
+def test_rank_zero_alone_downloads_while_the_others_wait(tmp_path):
+    """torchvision writes an archive straight to its final name: ranks fetching at once would write one file."""
+    run_workers(tmp_path / "data", tmp_path / "run", "download")
+    assert (tmp_path / "fetched-by.txt").read_text() == "rank0\n"
+    assert (tmp_path / "run" / "backbone.pt").is_file()
+
+
+def test_a_download_failing_on_rank_zero_stops_every_rank_with_its_message(monkeypatch, tmp_path):
+    import relreason.train.data as data
     from relreason.distributed import DistributedContext
+    from relreason.errors import RelreasonError
 
-    context = DistributedContext(rank=1, world_size=2)
-    monkeypatch.setattr(train.stop, "max_over_ranks", lambda value, context: max(value, train.StopRequest.FAILED))  # rank 0: NaN
-    stop = train.StopRequest()
-    assert stop.agreed(math.inf, context) and stop.failed and not stop.signalled
-    monkeypatch.setattr(train.stop, "max_over_ranks", lambda value, context: value)
-    assert stop.agreed(math.inf, context, failing=True) and stop.failed
-    assert not stop.agreed(math.inf, context) and not stop.failed
+    failure = "could not download dataset 'mnist' into x (no network); check the network connection"
+    sent = []
+    monkeypatch.setattr(data.dist, "new_group", lambda **kwargs: "patient group")
+    monkeypatch.setattr(data.dist, "destroy_process_group", lambda group: sent.append(("destroyed", group)))
+
+    def broadcast(value, context):  # rank 0's value reaches every rank
+        sent.append(value)
+        return failure
+
+    def fetch(*args, download):
+        if not download:
+            raise AssertionError("no rank reads the files after a failed download")
+        raise RelreasonError(failure)
+
+    monkeypatch.setattr(data, "broadcast_object", broadcast)
+    monkeypatch.setattr(data, "load_dataset", fetch)
+    config = PretrainConfig(dataset="mnist", data_root=str(tmp_path), download=True)
+    for rank in range(WORLD_SIZE):
+        with pytest.raises(RelreasonError, match="could not download dataset 'mnist'"):
+            data.load_downloading_once(config, "train", DistributedContext(rank=rank, world_size=WORLD_SIZE))
+    # Rank 0 sent its failure; rank 1 sent nothing of its own (it never fetched); each group was ended.
+    assert sent == [failure, ("destroyed", "patient group"), None, ("destroyed", "patient group")]
 
 
 def test_the_stop_vote_carries_a_signal_from_any_rank(monkeypatch):

@@ -511,6 +511,19 @@ def test_a_read_only_weights_folder_keeps_its_feature_cache_beside_the_output(fo
     assert os.path.isfile(tmp_path / "out" / "results.json")
 
 
+def test_weights_kept_in_the_image_folder_get_their_feature_cache_beside_the_output(folder_run, tmp_path):
+    import shutil
+
+    images, run = folder_run
+    folder = shutil.copytree(images, tmp_path / "images")
+    shutil.copy(run / "backbone.pt", folder / "backbone.pt")
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    assert evaluate_args("--weights", str(folder / "backbone.pt"), "--backbone", "conv4", "--dataset", "folder",
+                         "--data-root", str(folder), "--output", str(tmp_path / "out" / "results.json")) == 0
+    assert list((tmp_path / "out" / "features").glob("*.pt"))
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before  # the images' folder is only read
+
+
 def test_an_unreadable_evaluation_image_is_left_out_not_replaced(folder_run, tmp_path, capsys):
     """As pretraining skips it, the evaluation leaves it out (not counted twice under another file's label), for
     the random baseline and fine-tuning too; no cache of the replaced rows is kept, so the next run checks again."""

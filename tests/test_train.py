@@ -161,6 +161,17 @@ def test_resume_takes_a_dataset_name_as_typed_otherwise(tmp_path):
         check_resumable(checkpoint, PretrainConfig(dataset="mnist"), geometry, tmp_path / "c.pt")
 
 
+def test_a_refused_resume_shows_the_statistics_with_the_digits_that_tell_them_apart(tmp_path):
+    from relreason.train import check_resumable
+
+    saved = {"image_size": 32, "mean": [0.49621234, 0.498, 0.4973], "std": [0.25] * 3, "augment": "tensor"}
+    now = saved | {"mean": [0.49621999, 0.498, 0.4973]}  # one image more among thousands
+    checkpoint = {"config": PretrainConfig(dataset="folder").__dict__, "geometry": saved}
+    with pytest.raises(RelreasonError, match=re.escape("mean [0.49621, 0.498, 0.4973] then, [0.49622, 0.498, 0.4973] "
+                                                       "now")):
+        check_resumable(checkpoint, PretrainConfig(dataset="folder"), now, tmp_path / "c.pt")
+
+
 def _write_digit_pngs(root: Path, start: int, count: int) -> None:
     from PIL import Image
     from sklearn.datasets import load_digits
@@ -185,6 +196,16 @@ def test_resume_refuses_other_images_and_follows_a_moved_folder(tmp_path, monkey
     (tmp_path / "first").rename(tmp_path / "moved")
     assert pretrain(config(tmp_path, data_root="moved", epochs=2, **folder)).epochs_done == 2  # same images
     assert json.loads((tmp_path / "run" / "backbone.json").read_text())["data_root"] == str(tmp_path / "moved")
+
+
+def test_a_folder_run_resumes_after_its_unreadable_files_are_deleted(tmp_path, capsys):
+    _write_digit_pngs(tmp_path / "images", 0, 40)
+    (tmp_path / "images" / "010b.png").write_bytes(b"")  # between two images, as a user's folder has them
+    folder = dict(dataset="folder", data_root=str(tmp_path / "images"), num_views=2, batch_size=16, tensorboard=False)
+    run = pretrain(config(tmp_path, **folder)).run_dir
+    assert "010b.png" in (run / "skipped_images.txt").read_text()
+    (tmp_path / "images" / "010b.png").unlink()  # what a user does with the files the run listed
+    assert pretrain(config(tmp_path, epochs=2, **folder)).epochs_done == 2
 
 
 def test_rerunning_a_finished_run_says_so_instead_of_resuming_an_epoch_past_the_end(tmp_path, capsys):
@@ -401,9 +422,9 @@ def stop_at_step(monkeypatch, step):
 
     real, calls = StopRequest.agreed, []
 
-    def agreed(self, deadline, context, failing=False):
+    def agreed(self, deadline, context):
         calls.append(1)
-        return real(self, -1.0 if len(calls) == step else deadline, context, failing)
+        return real(self, -1.0 if len(calls) == step else deadline, context)
 
     monkeypatch.setattr(StopRequest, "agreed", agreed)
 

@@ -23,6 +23,9 @@ import yaml
 from relreason.errors import RelreasonError
 from relreason.run_files import BACKBONE_NAME
 
+# What a run's config.json records beside its options (so that it works as a config file): read, never options.
+RUN_RECORDS = ("geometry", "processes")
+
 
 class OneLineErrorParser(argparse.ArgumentParser):
     """Usage mistakes print one line naming the problem and pointing at --help, like every other error."""
@@ -256,7 +259,8 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
     path = str(resolved)
     try:
         with open(path, encoding="utf-8") as handle:
-            loaded = yaml.load(handle, Loader=_ExponentFloatLoader) or {}
+            text = handle.read()
+        loaded = yaml.load(text, Loader=_ExponentFloatLoader) or {}
     except OSError as error:
         raise RelreasonError(f"cannot read config file {path} ({error.strerror}); check the --config path") from None
     except UnicodeDecodeError as error:  # an image, a checkpoint, ...: not text at all
@@ -276,31 +280,52 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
     # A file of pretrain's options alone (a shipped config, a run's config.json, a --print-config output) given to
     # another command: say so, rather than "unknown option" for the first of them. Not for a key with a near name
     # here ('seed' for compare's 'seeds'): that is this command's file with a typo.
-    foreign = [key for key, dest in dests.items() if dest not in actions and dest != "geometry"
+    foreign = [key for key, dest in dests.items() if dest not in actions and dest not in RUN_RECORDS
                and not difflib.get_close_matches(dest, list(actions), n=1)]
     if parser.prog != "relreason pretrain" and (is_bundled(resolved) or (
-            foreign and set(dests.values()) <= _pretrain_dests() | {"geometry"})):
-        key = foreign[0] if foreign else next((k for k, d in dests.items() if d not in actions and d != "geometry"),
-                                              None)
+            foreign and set(dests.values()) <= _pretrain_dests() | set(RUN_RECORDS))):
+        key = foreign[0] if foreign else next(
+            (k for k, d in dests.items() if d not in actions and d not in RUN_RECORDS), None)
         if key is not None:  # (a shipped config whose every option this command has too is taken as it is)
             name = resolved.stem if is_bundled(resolved) else path
             raise RelreasonError(f"{name} is a config for `relreason pretrain` (it sets '{key}', which "
                                  f"`{parser.prog}` has not); run `relreason pretrain --config {shlex.quote(name)}`")
-    for key, value in loaded.items():
+    # Each value as written (YAML's base reading, every scalar as text): a text option takes `amp: off` or
+    # `data-root: 2024` as the command line would, not as YAML 1.1's false or 2024.
+    written = yaml.load(text, Loader=yaml.BaseLoader) if isinstance(loaded, dict) else None
+    written_values = list(written.values()) if isinstance(written, dict) and len(written) == len(loaded) else None
+    for position, (key, value) in enumerate(loaded.items()):
         dest = dests[key]
-        if dest == "geometry":  # a run's config.json records it beside the options: that file works as a config
+        if dest in RUN_RECORDS:  # a run's config.json records them beside the options: that file works as a config
+            if dest == "processes" and parser.prog == "relreason pretrain":
+                _note_other_process_count(path, value, loaded.get("batch_size", loaded.get("batch-size")))
             continue
         if dest not in actions:
             near = difflib.get_close_matches(dest, list(actions), n=1)
             hint = f" (did you mean '{near[0].replace('_', '-')}'?)" if near else ""
             raise RelreasonError(f"unknown option '{key}' in config file {path}{hint}; see `{parser.prog} --help` for "
                                  "the valid names")
-        value = _config_value(actions[dest], key, value, path)
+        value = _config_value(actions[dest], key, value, path,
+                              written_values[position] if written_values is not None else None)
         if dest in options and options[dest] != value:  # num_views: 4 and num-views: 8: which one was meant?
             raise RelreasonError(f"option '{key}' is given twice in config file {path}, under two spellings, with "
                                  f"different values ({options[dest]!r} and {value!r}); keep one")
         options[dest] = value
     return options
+
+
+def _note_other_process_count(path: str, recorded: Any, batch_size: Any) -> None:
+    """Say so when a run's config.json is rerun under another number of processes: --batch-size is per process,
+    so the images per step (and the step count per epoch) change with it."""
+    from relreason.distributed import launched_by_torchrun
+
+    now = int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
+    if not isinstance(recorded, int) or recorded == now or os.environ.get("RANK", "0") != "0":
+        return
+    batch = f" of {batch_size}" if isinstance(batch_size, int) else ""
+    print(f"relreason: note: {path} was trained by {recorded} process(es) and this run has {now}; --batch-size "
+          f"is per process, so a step now takes {now} batch(es){batch} instead of {recorded} (launch with `torchrun "
+          f"--nproc-per-node {recorded}`, or scale --batch-size, to keep the images per step)", file=sys.stderr)
 
 
 def _config_dest(key: Any) -> str:
@@ -315,8 +340,9 @@ def _pretrain_dests() -> set[str]:
     return {field.name for field in dataclasses.fields(PretrainConfig)}
 
 
-def _config_value(action: argparse.Action, key: str, value: Any, path: str) -> Any:
-    """A YAML value checked as strictly as the same value typed on the command line."""
+def _config_value(action: argparse.Action, key: str, value: Any, path: str, written: Any = None) -> Any:
+    """A YAML value checked as strictly as the same value typed on the command line; ``written``: the same value
+    as text, as the file spells it, which a text option takes instead of YAML's reading of it."""
     def refuse(expected: str, item: Any = None) -> NoReturn:
         got = f"{item!r} in {value!r}" if isinstance(value, list) and item is not None else repr(value)
         raise RelreasonError(f"option '{key}' in config file {path} must be {expected}, got {got}")
@@ -333,8 +359,14 @@ def _config_value(action: argparse.Action, key: str, value: Any, path: str) -> A
             refuse("true or false")
         return value
     values = value if action.nargs == "+" and isinstance(value, list) else [value]
+    texts = written if action.nargs == "+" and isinstance(written, list) else [written]
+    if len(texts) != len(values):
+        texts = [None] * len(values)
     checked = []
-    for item in values:
+    for item, text in zip(values, texts):
+        if action.type is None and not isinstance(item, (str, list, dict)) and isinstance(text, str):
+            item = text  # `amp: off`, `data-root: 2024`, `output-dir: 1e3`: the words typed, as on the command line
+            value = value if isinstance(value, list) else text  # and named so in an error
         if action.type is int and (isinstance(item, bool) or not isinstance(item, int)):
             refuse("an integer")
         if action.type is float and isinstance(item, str):

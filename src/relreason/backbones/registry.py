@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
 
+import torch
 from torch import nn
 
 from relreason.backbones.cifar_resnet import resnet8, resnet32, resnet56
@@ -116,8 +117,15 @@ def _import_from_here(module_name: str) -> ModuleType:
 
 def check_backbone(name: str, args: Mapping[str, Any] | None = None) -> None:
     """Refuse, before any work starts, a backbone that cannot be built: an unknown name, a ``module:factory`` that
-    does not import, or ``args`` (``--backbone-args``) that its factory does not take."""
-    _check_call(_factory(name), name, check_backbone_args(args))
+    does not import, or ``args`` (``--backbone-args``) that its factory does not take. A registered backbone is
+    also built, on the meta device (no memory, no numbers), so that a value it refuses (``width=0``) is refused
+    here too; a user's factory is not called, as it may do anything."""
+    kwargs = check_backbone_args(args)
+    factory = _factory(name)
+    _check_call(factory, name, kwargs)
+    if ":" not in name:
+        with torch.device("meta"):
+            factory(**kwargs)
 
 
 def check_backbone_args(args: Any) -> dict[str, Any]:

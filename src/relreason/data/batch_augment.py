@@ -358,10 +358,16 @@ def check_image_batch(images: torch.Tensor) -> None:
             "(images * 255).round().to(torch.uint8)"
         )
     if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise RelreasonError(
-            f"images must have shape (B, 1 or 3, H, W), got {tuple(images.shape)}; "
-            "move channels first with images.permute(0, 3, 1, 2) (grey images keep one channel)"
-        )
+        if images.dim() == 4 and images.shape[-1] in (1, 3):
+            fix = "move channels first with images.permute(0, 3, 1, 2)"
+        elif images.dim() == 4 and images.shape[1] == 4:
+            fix = "drop the alpha channel of RGBA images with images[:, :3]"
+        elif images.dim() == 3:
+            fix = ("give one image a batch axis with images.unsqueeze(0), grey images a channel axis with "
+                   "images.unsqueeze(1)")
+        else:
+            fix = "pass a batch of RGB or grey images, channels first"
+        raise RelreasonError(f"images must have shape (B, 1 or 3, H, W), got {tuple(images.shape)}; {fix}")
 
 
 class BatchRelationalAugmentation:

@@ -118,8 +118,9 @@ def same_dataset(name: str, other: str | None) -> bool:
 
 
 NORMALIZATION_SIDE = 256  # images larger than this are scaled down to it for their statistics
-# Recorded with a run, so that a resume knows how its statistics were taken ("per-image": JPEGs at full size).
-NORMALIZATION_METHOD = "per-image-draft"
+# Recorded with a run, so that a resume knows how its statistics were taken ("per-image": JPEGs at full size;
+# "per-image-draft": a folder's sample drawn by index, an unreadable file replaced by the next image).
+NORMALIZATION_METHOD = "per-image-draft-path-sample"
 
 
 def compute_normalization(
@@ -127,11 +128,16 @@ def compute_normalization(
 ) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
     """Per-channel RGB mean and std (0..1 scale) over a seeded sample of images.
 
-    Up to ``max_images`` images are drawn without replacement with ``numpy.random.default_rng(seed)``; each is
-    converted to RGB, scaled down to at most ``NORMALIZATION_SIDE`` px on its long side (a JPEG decoded at reduced
-    scale first, :func:`relreason.data.image_folder.decoded_for`), and weighs the same
-    whatever its size: one 100-megapixel photo among thumbnails must not decide the statistics (nor the memory
-    they take). A channel with zero variance gets std 1.
+    Up to ``max_images`` images: all of them when there are no more, else a seeded sample. Each is converted to
+    RGB, scaled down to at most ``NORMALIZATION_SIDE`` px on its long side (a JPEG decoded at reduced scale first,
+    :func:`relreason.data.image_folder.decoded_for`), and weighs the same whatever its size: one 100-megapixel
+    photo among thumbnails must not decide the statistics (nor the memory they take). A channel with zero
+    variance gets std 1.
+
+    An image folder's sample is its first ``max_images`` readable files in an order seeded by their paths, so that
+    the statistics stay those of the same images when an unreadable file is deleted (it was never counted) and
+    move by one image when a file is added; an in-memory dataset's is drawn with
+    ``numpy.random.default_rng(seed)``.
     """
     n = len(dataset)
     if n == 0:
@@ -139,23 +145,38 @@ def compute_normalization(
     dataset = decoded_for(dataset, NORMALIZATION_SIDE)
     if max_images < 1:
         raise RelreasonError(f"max_images must be at least 1, got {max_images}; pass a positive number")
-    if n <= max_images:
-        indices = np.arange(n)
+    read_or_skip = getattr(dataset, "read_or_skip", None)
+    if read_or_skip is not None:
+        candidates = dataset.seeded_order(seed)
+    elif n <= max_images:
+        candidates = range(n)
     else:
-        indices = np.sort(np.random.default_rng(seed).choice(n, size=max_images, replace=False))
-    total = np.zeros(3, dtype=np.float64)
-    total_sq = np.zeros(3, dtype=np.float64)
-    for i in indices:
-        image = pil_to_rgb(dataset[int(i)][0])
+        candidates = np.sort(np.random.default_rng(seed).choice(n, size=max_images, replace=False))
+    moments = {}  # index: the image's per-channel mean and mean square
+    for i in candidates:
+        if len(moments) == max_images:
+            break
+        image = read_or_skip(int(i)) if read_or_skip is not None else dataset[int(i)][0]
+        if image is None:  # left out, not replaced by the next image (which would then count twice)
+            continue
+        image = pil_to_rgb(image)
         scale = NORMALIZATION_SIDE / max(image.size)
         if scale < 1:
             size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
             image = image.resize(size, Image.BILINEAR, reducing_gap=3.0)
         arr = np.asarray(image, dtype=np.float64).reshape(-1, 3) / 255.0
-        total += arr.mean(axis=0)
-        total_sq += np.square(arr).mean(axis=0)
-    mean = total / len(indices)
-    var = np.maximum(total_sq / len(indices) - np.square(mean), 0.0)
+        moments[int(i)] = (arr.mean(axis=0), np.square(arr).mean(axis=0))
+    if not moments:
+        dataset[0]  # raises the dataset's own error, naming a file, when no image at all can be read
+        raise RelreasonError("none of the images sampled for the normalisation statistics can be read; replace the "
+                             "broken files or point --data-root at a folder of valid images")
+    total = np.zeros(3, dtype=np.float64)
+    total_sq = np.zeros(3, dtype=np.float64)
+    for i in sorted(moments):  # summed in the dataset's order, whatever order the images were read in
+        total += moments[i][0]
+        total_sq += moments[i][1]
+    mean = total / len(moments)
+    var = np.maximum(total_sq / len(moments) - np.square(mean), 0.0)
     std = np.sqrt(var)
     std = np.where(std > 1e-8, std, 1.0)
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)  # type: ignore[return-value]

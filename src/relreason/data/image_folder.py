@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import numbers
 import os
@@ -289,6 +290,32 @@ class ImageFolderDataset(Dataset):
             raise RelreasonError(
                 f"cannot read image {self.paths[index]} ({exc}); remove or replace the file"
             ) from None
+
+    def seeded_order(self, seed: int) -> list[int]:
+        """All indices, ordered by a seeded hash of each file's path inside the root: an order that adding or
+        removing a file, or moving the folder, does not change for the others."""
+
+        def rank(index: int) -> bytes:
+            path = Path(self.paths[index])
+            try:
+                name = path.relative_to(self.root).as_posix()
+            except ValueError:
+                name = path.as_posix()
+            return hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=16).digest()
+
+        return sorted(range(len(self.paths)), key=rank)
+
+    def read_or_skip(self, index: int) -> Image.Image | None:
+        """Image ``index`` as RGB, or None when it cannot be read (recorded as skipped, like ``self[index]`` does,
+        which returns the next readable image instead)."""
+        key = str(self.paths[index])
+        if key in self.skipped:
+            return None
+        try:
+            return self._read(index)
+        except _UnreadableImage as exc:
+            self._record_skip(key, str(exc))
+            return None
 
     def _record_skip(self, path: str, reason: str) -> None:
         self.skipped[path] = reason

@@ -59,8 +59,8 @@ def without_unreadable(dataset: Any, split: str, cache: Path | None,
     if say:
         path, reason = next(iter(skipped.items()))
         print(f"relreason: warning: {len(skipped)} image(s) of the '{split}' split cannot be read (e.g. {path}: "
-              f"{reason}); the evaluation leaves them out, on {len(keep)} images (features with replaced images in "
-              "them are never cached)", file=sys.stderr)
+              f"{reason}); the evaluation leaves them out, on {len(keep)} images, and reads the split again next time "
+              "(remove or replace those files to have its features cached)", file=sys.stderr)
     rows = torch.as_tensor(keep, dtype=torch.int64)
     kept = None if features is None else (features[0][rows], features[1][rows])
     return dataset.subset(keep), kept

@@ -156,8 +156,12 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     transform = eval_transform(image_size, mean, std)
 
     digest = weights_digest(weights.read_bytes())
-    # Beside the weights, unless that folder is read-only (a shared or downloaded backbone): then beside the output.
-    cache_dir = (weights.parent if os.access(weights.parent, os.W_OK) else output.parent) / FEATURES_DIR_NAME
+    # Beside the weights, unless that folder is read-only (a shared or downloaded backbone) or lies in the image folder
+    # evaluated (the user's files, only ever read): then beside the output.
+    in_images = any(weights.parent.resolve().is_relative_to(Path(folder).resolve())
+                    for folder in ([data_root, *read] if info.name == "folder" else []))
+    beside_weights = os.access(weights.parent, os.W_OK) and not in_images
+    cache_dir = (weights.parent if beside_weights else output.parent) / FEATURES_DIR_NAME
     data_tag = data_tag_of(dataset_name, data_root, mean, std, (train_set, test_set))
     backbones = {"pretrained": state}
     if config.random_baseline:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import datetime
 import os
 import signal
 import threading
@@ -11,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from relreason.data import (
@@ -31,17 +34,20 @@ from relreason.data.image_folder import decoded_for
 from relreason.data.sampler import EpochBatchSampler
 from relreason.data.splits import TEST_DIR_NAMES
 from relreason.data.transforms import smallest_crop_side
-from relreason.distributed import DistributedContext
+from relreason.distributed import DistributedContext, broadcast_object
 from relreason.errors import RelreasonError
 from relreason.methods import method_class
 from relreason.train.config import PretrainConfig, views_used
 from relreason.train.position import TrainingPosition
+
+DOWNLOAD_TIMEOUT = datetime.timedelta(hours=12)  # how long other ranks wait for rank 0's --download
 
 
 def build_pretrain_data(
     config: PretrainConfig,
     device: torch.device = torch.device("cpu"),
     check_geometry: Callable[[dict[str, Any]], None] | None = None,
+    context: DistributedContext = DistributedContext(),
 ) -> tuple[MultiViewDataset | DeviceMultiViewDataset, dict[str, Any]]:
     """The multi-view pretraining set and the image geometry/normalisation the backbone is trained with.
 
@@ -49,6 +55,7 @@ def build_pretrain_data(
     them; an image folder is decoded into memory at the training size first); image folders by default, or
     ``--augment pil``, get torchvision's per-image transforms in a DataLoader. ``check_geometry`` sees the
     geometry before a folder is decoded (which may take minutes), so that a resume it refuses is refused early.
+    Under torchrun (``context``) a ``--download`` is made by rank 0 alone.
     """
     info = dataset_info(config.dataset)
     method = method_class(config.method)
@@ -57,7 +64,7 @@ def build_pretrain_data(
     if config.test_fraction is not None:  # the rest of the folder is for evaluate alone
         dataset = held_out_split(config.dataset, config.data_root, config.test_fraction)[0]
     else:
-        dataset = load_dataset(config.dataset, config.data_root, split, download=config.download)
+        dataset = load_downloading_once(config, split, context)
     image_size = config.image_size or info.image_size
     if info.mean is None:
         mean, std = compute_normalization(dataset)
@@ -83,6 +90,30 @@ def build_pretrain_data(
     transform = relational_augmentation(image_size, mean, std, config.min_crop_scale, config.jitter_strength)
     dataset = decoded_for(dataset, image_size, smallest_crop_side(config.min_crop_scale))  # its crops' pixels, no more
     return MultiViewDataset(dataset, transform, views, seed=config.seed), geometry
+
+
+def load_downloading_once(config: PretrainConfig, split: str, context: DistributedContext) -> Any:
+    """``load_dataset`` of the run's dataset; under torchrun with ``--download``, rank 0 fetches the files while the
+    others wait, then they read them: torchvision writes an archive straight to its final name, so ranks fetching
+    at once would write over each other's file (and fetch it N times)."""
+    if not (config.download and context.enabled):
+        return load_dataset(config.dataset, config.data_root, split, download=config.download)
+    # A group of its own, patient beyond the default half hour (a large archive can take longer than that), made
+    # before the download: making it is itself a wait for every rank.
+    patient = dist.new_group(backend="gloo", timeout=DOWNLOAD_TIMEOUT)
+    dataset, error = None, None
+    try:
+        if context.is_main:
+            try:
+                dataset = load_dataset(config.dataset, config.data_root, split, download=True)
+            except RelreasonError as failure:
+                error = str(failure)  # every rank stops with it, rather than waiting here for ever
+        error = broadcast_object(error, dataclasses.replace(context, control_group=patient))
+    finally:
+        dist.destroy_process_group(patient)
+    if error is not None:
+        raise RelreasonError(error)
+    return dataset if dataset is not None else load_dataset(config.dataset, config.data_root, split, download=False)
 
 
 def make_loader(

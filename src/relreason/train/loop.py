@@ -110,7 +110,7 @@ def _pretrain(
             keep_recorded_normalization(found[1], config, geometry, context)
             check_resumable(found[1], config, geometry, found[0])
 
-    dataset, geometry = build_pretrain_data(config, device, check_resume)
+    dataset, geometry = build_pretrain_data(config, device, check_resume, context)
     if config.num_workers is not None and geometry["augment"] == "tensor" and method_type is not None:
         log(f"relreason: note: --num-workers {config.num_workers} does nothing on the batched path (its views are "
             "made on the device in this process); it serves --augment pil", context)
@@ -200,7 +200,8 @@ def _pretrain(
         metrics.truncate_after(position.epochs_done)
         # Paths absolute: `pretrain --config RUN/config.json` then means the same run from any working folder.
         paths = {"data_root": absolute_data_root(config), "output_dir": str(run_dir.resolve())}
-        atomic_write_json(run_dir / CONFIG_NAME, dataclasses.asdict(config) | paths | {"geometry": geometry})
+        recorded = {"geometry": geometry, "processes": context.world_size}  # --batch-size is per process
+        atomic_write_json(run_dir / CONFIG_NAME, dataclasses.asdict(config) | paths | recorded)
     train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if context.enabled else model
     saver = CheckpointSaver(run_dir, config, geometry, model, optimizer, scaler, context, device,
@@ -330,15 +331,13 @@ def train_one_epoch(
                    dynamic_ncols=True)
         shown_at = -math.inf  # the first step's means are shown at once
 
-        def sync_position(across_ranks: bool) -> None:
-            """Copy the device sums into ``position``; ``across_ranks`` (every rank must call it then): their mean
-            over the ranks, the same on each, which is what a checkpoint keeps (each rank resumes from it, and
-            the epoch's mean of (shared + own) is shared + the mean of its own), checked finite on every rank alike."""
-            values = all_reduce_mean(totals.clone(), context) if across_ranks else totals
-            position.totals = dict(zip(names, values.tolist()))
+        def sync_position() -> None:
+            """Copy the device sums' mean over the ranks into ``position`` (every rank calls it at the same step):
+            the same on each, which is what a checkpoint keeps (each rank resumes from it, and the epoch's mean of
+            (shared + own) is shared + the mean of its own), checked finite on every rank alike."""
+            position.totals = dict(zip(names, all_reduce_mean(totals.clone(), context).tolist()))
             position.seconds = time.perf_counter() - started
-            if across_ranks:
-                check_finite(position, config)
+            check_finite(position, config)
 
         for views, labels in bar:
             if isinstance(views, torch.Tensor):  # (K, B, C, H, W), made on the device
@@ -369,29 +368,27 @@ def train_one_epoch(
                 means = dict(zip(names, (totals / position.step).tolist()))
                 bar.set_postfix({name: format_metric(name, value) for name, value in means.items()})
                 shown_at = time.perf_counter()
-            failure = None
             # Counted over the whole run, so epochs shorter than --log-every still get points; the epoch's last
-            # step is recorded at its end (below), with the means over all ranks.
+            # step is recorded at its end (below).
             global_step = position.epoch * steps_per_epoch + position.step
-            if (config.log_every and context.is_main and global_step % config.log_every == 0
-                    and position.step < steps_per_epoch):
-                sync_position(across_ranks=False)  # rank 0's own running means: no collective on one rank
-                failure = non_finite_loss(position, config)
-                if failure is None:
+            log_now = (config.log_every and global_step % config.log_every == 0 and position.step < steps_per_epoch)
+            if log_now:
+                # The means over all ranks, as a checkpoint keeps them (so a resumed epoch logs what the uninterrupted
+                # one would); every rank takes part, so all of them find a non-finite loss alike and stop with it.
+                sync_position()
+                if context.is_main:
                     metrics.write_step(step_record(position))
-            # The check above ran on rank 0 alone: its verdict is part of the vote, so every rank stops with it.
-            interrupted = stop.agreed(deadline, context, failing=failure is not None)
-            if stop.failed:
-                raise failure or RelreasonError("process 0 found a non-finite loss; see its message")
+            interrupted = stop.agreed(deadline, context)
             if position.step < steps_per_epoch and (interrupted or (
                     config.checkpoint_every and position.step % config.checkpoint_every == 0)):
-                sync_position(across_ranks=True)
+                if not log_now:
+                    sync_position()
                 saver.save(position)
             if interrupted and position.step < steps_per_epoch:
                 bar.close()
                 return None, True
         bar.close()
-        sync_position(across_ranks=True)
+        sync_position()
         means = position.means()
         record = {
             "epoch": position.epoch + 1,

@@ -118,17 +118,26 @@ def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, geometry
     for key in ("mean", "std"):
         before, now = saved_geometry.get(key), geometry[key]
         if before is not None and not np.allclose(before, now, rtol=1e-6, atol=1e-9):
+            then, now = _told_apart(before, now)
             raise RelreasonError(
                 f"cannot resume {path}: the images differ from those the run started on (normalisation {key} "
-                f"{_rounded(before)} then, {_rounded(now)} now: another --data-root than "
+                f"{then} then, {now} now: another --data-root than "
                 f"{checkpoint.get('data_root') or saved.get('data_root')!r}, or files added or removed); rerun on the "
                 "run's images or choose "
                 "another --output-dir"
             )
 
 
-def _rounded(values: list[float]) -> list[float]:
-    return [round(float(v), 4) for v in values]
+def _rounded(values: list[float], digits: int = 4) -> list[float]:
+    return [round(float(v), digits) for v in values]
+
+
+def _told_apart(before: list[float], now: list[float]) -> tuple[list[float], list[float]]:
+    """Both rounded to 4 decimals, or to as many more as it takes for the difference to show."""
+    for digits in range(4, 17):
+        if _rounded(before, digits) != _rounded(now, digits):
+            break
+    return _rounded(before, digits), _rounded(now, digits)
 
 
 class CheckpointSaver:

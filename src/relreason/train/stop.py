@@ -15,13 +15,12 @@ class StopRequest:
     """SIGTERM (a scheduler's preemption notice) or a first Ctrl-C asks the loop to checkpoint and stop at the
     next step; a second Ctrl-C stops at once (KeyboardInterrupt), keeping the checkpoints written so far."""
 
-    # The ranks' votes, the largest wins: a failure outranks a Ctrl-C, which outranks a SIGTERM, then the clock.
-    GO_ON, TIME_LIMIT, SIGTERM, CTRL_C, FAILED = range(5)
+    # The ranks' votes, the largest wins: a Ctrl-C outranks a SIGTERM, which outranks the clock.
+    GO_ON, TIME_LIMIT, SIGTERM, CTRL_C = range(4)
 
     def __init__(self) -> None:
         self.requested = False  # set by the signal handler on this rank
         self.interrupted = False  # that signal was Ctrl-C (SIGINT)
-        self.failed = False  # the ranks' agreed decision: stop because a rank found the training broken
         self.signal_name: str | None = None  # the agreed signal: 'SIGTERM' or 'Ctrl-C' (on any rank)
         self.previous: dict[int, Any] = {}
 
@@ -59,17 +58,16 @@ class StopRequest:
             signal.signal(signum, signal.SIG_DFL if previous is None else previous)
         self.previous = {}
 
-    def agreed(self, deadline: float, context: DistributedContext, failing: bool = False) -> bool:
+    def agreed(self, deadline: float, context: DistributedContext) -> bool:
         """Whether to stop after this step, decided alike on every rank (a SIGTERM on one counts for all).
 
-        A rank that stopped alone, its own clock past the time limit, a SIGTERM reaching it first or an
-        error (``failing``) found by it alone, would leave the others waiting in the next gradient all-reduce.
+        A rank that stopped alone, its own clock past the time limit or a SIGTERM reaching it first, would leave
+        the others waiting in the next gradient all-reduce.
         """
-        own = (self.FAILED if failing else self.CTRL_C if self.interrupted else self.SIGTERM if self.requested
+        own = (self.CTRL_C if self.interrupted else self.SIGTERM if self.requested
                else self.TIME_LIMIT if time.monotonic() > deadline else self.GO_ON)
         vote = max_over_ranks(own, context)
         # The agreed reason, not this rank's flag (a SIGTERM may reach this rank after a time-limit vote):
         # every rank then reports the same reason and exits with the same status.
-        self.failed = vote == self.FAILED
         self.signal_name = {self.SIGTERM: "SIGTERM", self.CTRL_C: "Ctrl-C"}.get(vote)
         return vote > self.GO_ON
