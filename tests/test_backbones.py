@@ -65,6 +65,26 @@ def test_conv4_width_must_be_a_positive_integer(width):
             check()  # also the check before any work (--print-config), which builds it on the meta device
 
 
+def test_the_check_before_any_work_calls_no_factory_of_the_users(monkeypatch):
+    """relreason's own backbones are built on the meta device to check their arguments; a user's registered factory
+    may compute with real numbers (a drop-path schedule's .item()), so it is only checked against its signature."""
+    from relreason.backbones import registry
+
+    calls = []
+
+    def droppy(rate: float = 0.1):
+        calls.append(rate)
+        [step.item() for step in torch.linspace(0, rate, 4)]  # fails on the meta device
+        return Conv4()
+
+    monkeypatch.setitem(registry.BACKBONES, "droppy", droppy)
+    registry.check_backbone("droppy", {"rate": 0.2})
+    assert calls == []
+    assert build_backbone("droppy", args={"rate": 0.2}).feature_dim == 64 and calls == [0.2]
+    with pytest.raises(RelreasonError, match="takes rate as float"):
+        registry.check_backbone("droppy", {"rate": "high"})
+
+
 @pytest.mark.parametrize("width", [1.5, "2", True])
 def test_conv4_width_of_another_type_is_refused(width):
     with pytest.raises(RelreasonError, match=r"^backbone 'conv4' takes width as int, got .*; pass e.g. "

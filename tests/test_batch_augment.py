@@ -218,6 +218,7 @@ def test_loader_takes_any_batch_sampler_and_views_take_index_lists():
     (torch.rand(4, 3, 12, 12), "must be uint8"),  # float in [0, 1]: would be divided by 255 twice
     (torch.zeros(4, 12, 12, 3, dtype=torch.uint8), "permute"),  # channels last
     (torch.zeros(4, 4, 12, 12, dtype=torch.uint8), r"got \(4, 4, 12, 12\); drop the alpha"),  # RGBA
+    (torch.zeros(4, 12, 12, 4, dtype=torch.uint8), r"images\[\.\.\., :3\]\.permute\(0, 3, 1, 2\)"),  # RGBA, last
     (torch.zeros(3, 12, 12, dtype=torch.uint8), r"\(B, 1 or 3, H, W\).*unsqueeze\(0\)"),  # one image, no batch axis
     (torch.zeros(2, 2, 5, 12, 12, dtype=torch.uint8), r"\(B, 1 or 3, H, W\).*; pass a batch of RGB or grey images"),
     (np.zeros((4, 3, 12, 12), dtype=np.uint8), "uint8 tensor"),

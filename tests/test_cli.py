@@ -64,6 +64,10 @@ def test_config_file_takes_text_options_as_written(tmp_path, capsys):
     evaluate.write_text("protocols: [knn, linear]\nweights: 7\n")
     args = parse_options(build_parser(), ["evaluate", "--config", str(evaluate)])
     assert (args.protocols, args.weights) == (["knn", "linear"], "7")
+    merged = tmp_path / "merged.yaml"  # a merge key reads its keys first: each value still meets its own key
+    merged.write_text("data-root: 2024\noutput-dir: 2025\ndataset: folder\n<<: {seed: 3}\n")
+    args = parse_options(build_parser(), ["pretrain", "--config", str(merged)])
+    assert (args.data_root, args.output_dir, args.dataset, args.seed) == ("2024", "2025", "folder", 3)
     wrong = tmp_path / "w.yaml"
     wrong.write_text("amp: no\n")  # a word the option does not take, named as written
     expect_error(capsys, ["pretrain", "--config", str(wrong)], "must be one of off, bf16, fp16, got 'no'")

@@ -602,6 +602,46 @@ def test_a_folders_statistics_leave_unreadable_files_out_and_keep_their_sample_a
         [n for n in order if n in pixels]
 
 
+def test_earlier_versions_statistics_can_still_be_taken_their_way(tmp_path):
+    """By index (a seeded draw over a larger folder), an unreadable file standing for the next image, as a plain loop
+    over ``dataset[i]`` takes them; 'per-image' decodes JPEGs at full size, 'per-image-draft' at reduced scale."""
+    from relreason.data.image_folder import decoded_for
+
+    rng = np.random.default_rng(1)
+    for i in range(9):  # large enough for a reduced decoding: blocks of colour, which JPEG keeps small
+        side = 2300 if i % 3 == 0 else 300  # a short side of 2190 px: decoded at 1/2
+        blocks = Image.fromarray(rng.integers(0, 256, (21, 20, 3), dtype=np.uint8))
+        blocks.resize((side * 20 // 21, side), Image.NEAREST).save(tmp_path / f"{i}.jpg", quality=60)
+    (tmp_path / "3b.jpg").write_bytes(b"")
+
+    def plain(dataset, max_images):
+        n = len(dataset)
+        chosen = range(n) if n <= max_images else np.sort(np.random.default_rng(0).choice(n, max_images, replace=False))
+        means, squares = [], []
+        for i in chosen:
+            image = dataset[int(i)][0]
+            scale = 256 / max(image.size)  # the long side to 256
+            if scale < 1:
+                size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+                image = image.resize(size, Image.BILINEAR, reducing_gap=3.0)
+            pixels = np.asarray(image, dtype=np.float64).reshape(-1, 3) / 255
+            means.append(pixels.mean(0))
+            squares.append((pixels ** 2).mean(0))
+        mean = np.mean(means, 0)
+        return tuple(mean), tuple(np.sqrt(np.mean(squares, 0) - mean ** 2))
+
+    folder = ImageFolderDataset(tmp_path)
+    for max_images in (20, 6):
+        for method, decoded in (("per-image", folder), ("per-image-draft", decoded_for(folder, 256))):
+            taken = compute_normalization(ImageFolderDataset(tmp_path), max_images=max_images, method=method)
+            expected = plain(decoded, max_images)
+            assert taken[0] == pytest.approx(expected[0], abs=1e-12)
+            assert taken[1] == pytest.approx(expected[1], abs=1e-12)
+    assert compute_normalization(folder, method="per-image") != compute_normalization(folder, method="per-image-draft")
+    with pytest.raises(RelreasonError, match="unknown normalisation method 'by-pixel'"):
+        compute_normalization(folder, method="by-pixel")
+
+
 @pytest.mark.parametrize(
     "name,expected",
     [

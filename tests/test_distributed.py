@@ -173,33 +173,65 @@ def test_rank_zero_alone_downloads_while_the_others_wait(tmp_path):
     assert (tmp_path / "run" / "backbone.pt").is_file()
 
 
+def _download_phases(monkeypatch, outcome):
+    """load_downloading_once on one rank with the collectives faked: each phase's all-gather hands back ``outcome``
+    (the errors every rank reported in that phase). Returns this rank's calls of load_dataset and its reports."""
+    import relreason.train.data as data
+
+    loads, reports = [], []
+    monkeypatch.setattr(data.dist, "new_group", lambda **kwargs: "patient group")
+    monkeypatch.setattr(data.dist, "destroy_process_group", lambda group: reports.append("group ended"))
+
+    def all_gather_object(errors, error, group):
+        assert group == "patient group"
+        reports.append(error)
+        errors[:] = outcome[len([r for r in reports if r != "group ended"]) - 1]
+
+    def load(name, root, split, download):
+        loads.append(download)
+        if download and outcome_of_fetch[0]:
+            raise data.RelreasonError(outcome_of_fetch[0])
+        return f"dataset read by a rank (download={download})"
+
+    outcome_of_fetch = [None]
+    monkeypatch.setattr(data.dist, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(data, "load_dataset", load)
+    return loads, reports, outcome_of_fetch
+
+
+def test_a_download_is_made_by_rank_zero_then_by_each_other_machines_first_process(monkeypatch, tmp_path):
+    import relreason.train.data as data
+    from relreason.distributed import DistributedContext
+
+    config = PretrainConfig(dataset="mnist", data_root=str(tmp_path), download=True)
+    fine = [[None] * 4, [None] * 4]
+    # 2 machines x 2 processes: rank 0 fetches in phase 1, rank 2 (local rank 0 of machine 2) in phase 2.
+    expected = {0: ([True], "download=True"), 1: ([False], "download=False"), 2: ([True], "download=True"),
+                3: ([False], "download=False")}
+    for rank, (fetched, read) in expected.items():
+        loads, reports, _ = _download_phases(monkeypatch, fine)
+        context = DistributedContext(rank=rank, world_size=4, local_rank=rank % 2)
+        assert data.load_downloading_once(config, "train", context).endswith(f"({read})")
+        assert loads == fetched and reports == [None, None, "group ended"]
+        monkeypatch.undo()
+
+
 def test_a_download_failing_on_rank_zero_stops_every_rank_with_its_message(monkeypatch, tmp_path):
     import relreason.train.data as data
     from relreason.distributed import DistributedContext
     from relreason.errors import RelreasonError
 
     failure = "could not download dataset 'mnist' into x (no network); check the network connection"
-    sent = []
-    monkeypatch.setattr(data.dist, "new_group", lambda **kwargs: "patient group")
-    monkeypatch.setattr(data.dist, "destroy_process_group", lambda group: sent.append(("destroyed", group)))
-
-    def broadcast(value, context):  # rank 0's value reaches every rank
-        sent.append(value)
-        return failure
-
-    def fetch(*args, download):
-        if not download:
-            raise AssertionError("no rank reads the files after a failed download")
-        raise RelreasonError(failure)
-
-    monkeypatch.setattr(data, "broadcast_object", broadcast)
-    monkeypatch.setattr(data, "load_dataset", fetch)
     config = PretrainConfig(dataset="mnist", data_root=str(tmp_path), download=True)
     for rank in range(WORLD_SIZE):
+        loads, reports, fetch = _download_phases(monkeypatch, [[failure, None]])
+        fetch[0] = failure
         with pytest.raises(RelreasonError, match="could not download dataset 'mnist'"):
             data.load_downloading_once(config, "train", DistributedContext(rank=rank, world_size=WORLD_SIZE))
-    # Rank 0 sent its failure; rank 1 sent nothing of its own (it never fetched); each group was ended.
-    assert sent == [failure, ("destroyed", "patient group"), None, ("destroyed", "patient group")]
+        # Rank 0 reported its failure and rank 1 nothing of its own; neither read the files; each group was ended.
+        assert reports == [failure if rank == 0 else None, "group ended"]
+        assert loads == ([True] if rank == 0 else [])
+        monkeypatch.undo()
 
 
 def test_the_stop_vote_carries_a_signal_from_any_rank(monkeypatch):

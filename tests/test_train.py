@@ -208,6 +208,31 @@ def test_a_folder_run_resumes_after_its_unreadable_files_are_deleted(tmp_path, c
     assert pretrain(config(tmp_path, epochs=2, **folder)).epochs_done == 2
 
 
+def test_an_earlier_versions_folder_run_moved_elsewhere_resumes_on_the_same_images(tmp_path, capsys):
+    """Its statistics were taken by index, an unreadable file counted as the next image: taken that way again on the
+    moved folder they match, so the run resumes with them; on other images they do not, and it is refused."""
+    from relreason.data import ImageFolderDataset, compute_normalization
+
+    _write_digit_pngs(tmp_path / "images", 0, 40)
+    (tmp_path / "images" / "010b.png").write_bytes(b"")
+    folder = dict(dataset="folder", num_views=2, batch_size=16, tensorboard=False)
+    run = pretrain(config(tmp_path, data_root=str(tmp_path / "images"), **folder)).run_dir
+    earlier = compute_normalization(ImageFolderDataset(tmp_path / "images"), method="per-image-draft")
+    assert earlier != compute_normalization(ImageFolderDataset(tmp_path / "images"))  # 011.png counted twice then
+    checkpoint_path = sorted(run.glob("checkpoint-*.pt"))[-1]
+    checkpoint = torch.load(checkpoint_path, weights_only=False)
+    checkpoint["geometry"] |= {"mean": list(earlier[0]), "std": list(earlier[1]), "normalization": "per-image-draft"}
+    torch.save(checkpoint, checkpoint_path)
+    _write_digit_pngs(tmp_path / "others", 300, 40)
+    with pytest.raises(RelreasonError, match="the images differ from those the run started on"):
+        pretrain(config(tmp_path, data_root=str(tmp_path / "others"), epochs=2, **folder))
+    (tmp_path / "images").rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert pretrain(config(tmp_path, data_root=str(tmp_path / "moved"), epochs=2, **folder)).epochs_done == 2
+    assert "resuming with the normalisation the run started with" in capsys.readouterr().err
+    assert json.loads((run / "backbone.json").read_text())["mean"] == list(earlier[0])
+
+
 def test_rerunning_a_finished_run_says_so_instead_of_resuming_an_epoch_past_the_end(tmp_path, capsys):
     pretrain(config(tmp_path, tensorboard=False))
     capsys.readouterr()

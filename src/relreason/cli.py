@@ -293,8 +293,8 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
     # Each value as written (YAML's base reading, every scalar as text): a text option takes `amp: off` or
     # `data-root: 2024` as the command line would, not as YAML 1.1's false or 2024.
     written = yaml.load(text, Loader=yaml.BaseLoader) if isinstance(loaded, dict) else None
-    written_values = list(written.values()) if isinstance(written, dict) and len(written) == len(loaded) else None
-    for position, (key, value) in enumerate(loaded.items()):
+    written = written if isinstance(written, dict) else {}  # by key: a merge (<<:) orders the two readings unlike
+    for key, value in loaded.items():
         dest = dests[key]
         if dest in RUN_RECORDS:  # a run's config.json records them beside the options: that file works as a config
             if dest == "processes" and parser.prog == "relreason pretrain":
@@ -305,8 +305,7 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
             hint = f" (did you mean '{near[0].replace('_', '-')}'?)" if near else ""
             raise RelreasonError(f"unknown option '{key}' in config file {path}{hint}; see `{parser.prog} --help` for "
                                  "the valid names")
-        value = _config_value(actions[dest], key, value, path,
-                              written_values[position] if written_values is not None else None)
+        value = _config_value(actions[dest], key, value, path, written.get(key) if isinstance(key, str) else None)
         if dest in options and options[dest] != value:  # num_views: 4 and num-views: 8: which one was meant?
             raise RelreasonError(f"option '{key}' is given twice in config file {path}, under two spellings, with "
                                  f"different values ({options[dest]!r} and {value!r}); keep one")

@@ -41,6 +41,8 @@ register_backbone("resnet32")(resnet32)
 register_backbone("resnet56")(resnet56)
 for _name in ("resnet18", "resnet34", "resnet50"):
     register_backbone(_name)(functools.partial(torchvision_resnet, _name))
+# relreason's own factories, the ones check_backbone may call: they do nothing but build layers.
+_BUILT_IN = dict(BACKBONES)
 
 
 def backbone_names() -> list[str]:
@@ -119,13 +121,18 @@ def check_backbone(name: str, args: Mapping[str, Any] | None = None) -> None:
     """Refuse, before any work starts, a backbone that cannot be built: an unknown name, a ``module:factory`` that
     does not import, or ``args`` (``--backbone-args``) that its factory does not take. A registered backbone is
     also built, on the meta device (no memory, no numbers), so that a value it refuses (``width=0``) is refused
-    here too; a user's factory is not called, as it may do anything."""
+    here too; a user's factory (registered or ``module:factory``) is not called, as it may do anything."""
     kwargs = check_backbone_args(args)
     factory = _factory(name)
     _check_call(factory, name, kwargs)
-    if ":" not in name:
-        with torch.device("meta"):
-            factory(**kwargs)
+    if _BUILT_IN.get(name) is factory:
+        try:
+            with torch.device("meta"):
+                factory(**kwargs)
+        except RelreasonError:
+            raise
+        except Exception:  # noqa: BLE001 - whatever else the real build meets, it reports in its turn
+            pass
 
 
 def check_backbone_args(args: Any) -> dict[str, Any]:

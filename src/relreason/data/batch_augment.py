@@ -360,6 +360,8 @@ def check_image_batch(images: torch.Tensor) -> None:
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         if images.dim() == 4 and images.shape[-1] in (1, 3):
             fix = "move channels first with images.permute(0, 3, 1, 2)"
+        elif images.dim() == 4 and images.shape[-1] == 4:
+            fix = "drop the alpha channel and move channels first with images[..., :3].permute(0, 3, 1, 2)"
         elif images.dim() == 4 and images.shape[1] == 4:
             fix = "drop the alpha channel of RGBA images with images[:, :3]"
         elif images.dim() == 3:

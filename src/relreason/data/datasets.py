@@ -121,10 +121,13 @@ NORMALIZATION_SIDE = 256  # images larger than this are scaled down to it for th
 # Recorded with a run, so that a resume knows how its statistics were taken ("per-image": JPEGs at full size;
 # "per-image-draft": a folder's sample drawn by index, an unreadable file replaced by the next image).
 NORMALIZATION_METHOD = "per-image-draft-path-sample"
+# The earlier ways compute_normalization can still take (``method=``), to tell whether an older run's folder, moved
+# since, holds the same images.
+EARLIER_NORMALIZATION_METHODS = ("per-image", "per-image-draft")
 
 
 def compute_normalization(
-    dataset: Dataset, max_images: int = 2000, seed: int = 0
+    dataset: Dataset, max_images: int = 2000, seed: int = 0, method: str = NORMALIZATION_METHOD
 ) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
     """Per-channel RGB mean and std (0..1 scale) over a seeded sample of images.
 
@@ -137,15 +140,21 @@ def compute_normalization(
     An image folder's sample is its first ``max_images`` readable files in an order seeded by their paths, so that
     the statistics stay those of the same images when an unreadable file is deleted (it was never counted) and
     move by one image when a file is added; an in-memory dataset's is drawn with
-    ``numpy.random.default_rng(seed)``.
+    ``numpy.random.default_rng(seed)``. ``method`` names one of ``EARLIER_NORMALIZATION_METHODS`` to take the
+    statistics as earlier versions did (a folder sampled as an in-memory dataset, an unreadable file replaced by the
+    next image; "per-image": JPEGs decoded at full size).
     """
+    if method != NORMALIZATION_METHOD and method not in EARLIER_NORMALIZATION_METHODS:
+        raise RelreasonError(f"unknown normalisation method {method!r}; use one of "
+                             f"{', '.join((NORMALIZATION_METHOD, *EARLIER_NORMALIZATION_METHODS))}")
     n = len(dataset)
     if n == 0:
         raise RelreasonError("cannot compute normalisation of an empty dataset; check the data root")
-    dataset = decoded_for(dataset, NORMALIZATION_SIDE)
+    if method != "per-image":
+        dataset = decoded_for(dataset, NORMALIZATION_SIDE)
     if max_images < 1:
         raise RelreasonError(f"max_images must be at least 1, got {max_images}; pass a positive number")
-    read_or_skip = getattr(dataset, "read_or_skip", None)
+    read_or_skip = getattr(dataset, "read_or_skip", None) if method == NORMALIZATION_METHOD else None
     if read_or_skip is not None:
         candidates = dataset.seeded_order(seed)
     elif n <= max_images:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import os
 import signal
@@ -34,7 +33,7 @@ from relreason.data.image_folder import decoded_for
 from relreason.data.sampler import EpochBatchSampler
 from relreason.data.splits import TEST_DIR_NAMES
 from relreason.data.transforms import smallest_crop_side
-from relreason.distributed import DistributedContext, broadcast_object
+from relreason.distributed import DistributedContext
 from relreason.errors import RelreasonError
 from relreason.methods import method_class
 from relreason.train.config import PretrainConfig, views_used
@@ -46,7 +45,7 @@ DOWNLOAD_TIMEOUT = datetime.timedelta(hours=12)  # how long other ranks wait for
 def build_pretrain_data(
     config: PretrainConfig,
     device: torch.device = torch.device("cpu"),
-    check_geometry: Callable[[dict[str, Any]], None] | None = None,
+    check_geometry: Callable[[dict[str, Any], Callable[[str], Any]], None] | None = None,
     context: DistributedContext = DistributedContext(),
 ) -> tuple[MultiViewDataset | DeviceMultiViewDataset, dict[str, Any]]:
     """The multi-view pretraining set and the image geometry/normalisation the backbone is trained with.
@@ -54,7 +53,8 @@ def build_pretrain_data(
     In-memory datasets get their views made in batches on ``device`` (``--augment tensor``, the default for
     them; an image folder is decoded into memory at the training size first); image folders by default, or
     ``--augment pil``, get torchvision's per-image transforms in a DataLoader. ``check_geometry`` sees the
-    geometry before a folder is decoded (which may take minutes), so that a resume it refuses is refused early.
+    geometry before a folder is decoded (which may take minutes), so that a resume it refuses is refused early,
+    and a function that takes the images' statistics another way (``compute_normalization``'s ``method``).
     Under torchrun (``context``) a ``--download`` is made by rank 0 alone.
     """
     info = dataset_info(config.dataset)
@@ -78,7 +78,8 @@ def build_pretrain_data(
     if info.mean is None:
         geometry["normalization"] = NORMALIZATION_METHOD  # how the statistics were taken from the images
     if check_geometry is not None:
-        check_geometry(geometry)  # a resumed run may keep the normalisation it started with
+        # A resumed run may keep the normalisation it started with.
+        check_geometry(geometry, lambda method: compute_normalization(dataset, method=method))
         mean, std = geometry["mean"], geometry["std"]
     if batched and isinstance(dataset, ImageFolderDataset):
         # Under torchrun every process decodes its own copy; process 0 alone shows how far it is.
@@ -94,25 +95,30 @@ def build_pretrain_data(
 
 def load_downloading_once(config: PretrainConfig, split: str, context: DistributedContext) -> Any:
     """``load_dataset`` of the run's dataset; under torchrun with ``--download``, rank 0 fetches the files while the
-    others wait, then they read them: torchvision writes an archive straight to its final name, so ranks fetching
-    at once would write over each other's file (and fetch it N times)."""
+    others wait, then the first process of every other machine fetches them where they are not (a data root on
+    each machine's own disk; on a shared one they are there already), then the rest read them: torchvision writes
+    an archive straight to its final name, so processes fetching at once would write over each other's file."""
     if not (config.download and context.enabled):
         return load_dataset(config.dataset, config.data_root, split, download=config.download)
     # A group of its own, patient beyond the default half hour (a large archive can take longer than that), made
     # before the download: making it is itself a wait for every rank.
     patient = dist.new_group(backend="gloo", timeout=DOWNLOAD_TIMEOUT)
-    dataset, error = None, None
+    dataset = None
     try:
-        if context.is_main:
-            try:
-                dataset = load_dataset(config.dataset, config.data_root, split, download=True)
-            except RelreasonError as failure:
-                error = str(failure)  # every rank stops with it, rather than waiting here for ever
-        error = broadcast_object(error, dataclasses.replace(context, control_group=patient))
+        for fetches in (context.is_main, context.local_rank == 0 and not context.is_main):
+            error = None
+            if fetches:
+                try:
+                    dataset = load_dataset(config.dataset, config.data_root, split, download=True)
+                except RelreasonError as failure:
+                    error = str(failure)
+            errors: list[str | None] = [None] * context.world_size
+            dist.all_gather_object(errors, error, group=patient)
+            failed = next((e for e in errors if e is not None), None)
+            if failed is not None:  # every rank stops with it, rather than waiting for ever
+                raise RelreasonError(failed)
     finally:
         dist.destroy_process_group(patient)
-    if error is not None:
-        raise RelreasonError(error)
     return dataset if dataset is not None else load_dataset(config.dataset, config.data_root, split, download=False)
 
 

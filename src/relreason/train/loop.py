@@ -7,6 +7,7 @@ import dataclasses
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +106,9 @@ def _pretrain(
     # folder is decoded. 'random' keeps none.
     found = newest_checkpoint_everywhere(config, context) if method_type is not None else None
 
-    def check_resume(geometry: dict[str, Any]) -> None:
+    def check_resume(geometry: dict[str, Any], statistics_by: Callable[[str], Any]) -> None:
         if found is not None:
-            keep_recorded_normalization(found[1], config, geometry, context)
+            keep_recorded_normalization(found[1], config, geometry, context, statistics_by)
             check_resumable(found[1], config, geometry, found[0])
 
     dataset, geometry = build_pretrain_data(config, device, check_resume, context)

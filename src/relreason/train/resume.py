@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from relreason.checkpoint import (
     rotate_checkpoints,
 )
 from relreason.data import dataset_info, same_dataset
+from relreason.data.datasets import EARLIER_NORMALIZATION_METHODS
 from relreason.distributed import DistributedContext, broadcast_object
 from relreason.errors import RelreasonError, option_value
 from relreason.methods.online_probe import PretrainModule
@@ -59,22 +61,31 @@ def without_probe(checkpoint: dict[str, Any]) -> dict[str, Any]:
 
 
 def keep_recorded_normalization(checkpoint: dict[str, Any], config: PretrainConfig, geometry: dict[str, Any],
-                                context: DistributedContext | None = None) -> None:
+                                context: DistributedContext | None = None,
+                                statistics_by: Callable[[str], Any] | None = None) -> None:
     """A named dataset's normalisation is a constant of relreason's, not of the images: a run resumes with the
     one it started with, should a later version have changed it (STL-10's did), rather than be refused. So does
-    an image folder's run on the same folder whose statistics an earlier version took another way (weighted by
-    pixels, or from JPEGs at full size), which no longer compare with today's; otherwise a folder's statistics come from its images, and a
-    change means other images."""
+    an image folder's run whose statistics an earlier version took another way (weighted by pixels, from JPEGs at
+    full size, sampled by index), which no longer compare with today's: on the same folder, or on a folder moved
+    since whose statistics taken that earlier way (``statistics_by(method)``, where it still can) are the recorded
+    ones. Otherwise a folder's statistics come from its images, and a change means other images."""
     saved = checkpoint.get("geometry", {})
     if saved.get("mean") is None or saved.get("std") is None:
         return
     if dataset_info(config.dataset).mean is None:
         if saved.get("normalization") == geometry.get("normalization"):
             return
-        # Statistics of an earlier version's kind cannot tell other images: the same folder is the run's own.
+        # Statistics of an earlier version's kind cannot tell other images: the same folder is the run's own, and
+        # a folder elsewhere is when those statistics, taken the earlier way, are the recorded ones.
         recorded_root = checkpoint.get("data_root")
         if recorded_root is None or Path(recorded_root) != Path(absolute_data_root(config) or ""):
-            return  # compared, and refused, as other images
+            method = saved.get("normalization")
+            if statistics_by is None or method not in EARLIER_NORMALIZATION_METHODS:
+                return  # compared, and refused, as other images
+            then = statistics_by(method)
+            if not all(np.allclose(saved[key], values, rtol=1e-6, atol=1e-9)
+                       for key, values in zip(("mean", "std"), then)):
+                return
         geometry.pop("normalization", None)
     if saved["mean"] != geometry["mean"] or saved["std"] != geometry["std"]:
         if context is None or context.is_main:
