@@ -196,6 +196,21 @@ def test_a_feature_cache_of_full_decoding_is_not_read_as_one_of_reduced_decoding
                                                                                           [0.2] * 3)
 
 
+def test_a_folder_spelt_otherwise_names_the_same_feature_cache(tmp_path, monkeypatch):
+    from relreason.evaluate import data
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    Image.fromarray(_photo(40, 30)).save(root / "a.jpg")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "link").symlink_to(root)
+    tags = {data.data_tag_of("folder", spelt, [0.5] * 3, [0.2] * 3, (ImageFolderDataset(spelt),))
+            for spelt in ("imgs", "./imgs", str(root), "imgs/../imgs", "link")}
+    assert len(tags) == 1
+    (root / "a.jpg").touch()  # its modification time: another cache
+    assert data.data_tag_of("folder", "imgs", [0.5] * 3, [0.2] * 3, (ImageFolderDataset("imgs"),)) not in tags
+
+
 def test_a_folder_run_whose_statistics_came_from_full_size_jpegs_resumes_with_them_on_its_folder(tmp_path):
     from relreason.data.datasets import NORMALIZATION_METHOD
     from relreason.train import PretrainConfig

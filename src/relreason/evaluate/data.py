@@ -143,17 +143,21 @@ def data_tag_of(dataset_name: str, data_root: str, mean: Any, std: Any, splits: 
     stale features.
     """
     folder = dataset_info(dataset_name).name == "folder"
-    root = str(Path(data_root).expanduser().resolve()) if folder else ""
+    root = Path(data_root).expanduser().resolve() if folder else None
+    given = Path(os.path.abspath(Path(data_root).expanduser()))  # links unresolved, as in the files' paths
     files = []
     for split in splits if folder else ():
         for path in getattr(split, "paths", ()):
+            # Inside the root, so that `--data-root imgs`, `./imgs` and its absolute path name one cache.
+            absolute = Path(os.path.abspath(path))
+            name = absolute.relative_to(given).as_posix() if absolute.is_relative_to(given) else str(absolute)
             try:
                 stat = os.stat(path)
             except OSError:  # gone or a broken link: extraction finds it unreadable and says so
-                files.append([str(path), -1, -1])
+                files.append([name, -1, -1])
                 continue
-            files.append([str(path), stat.st_size, stat.st_mtime_ns])
+            files.append([name, stat.st_size, stat.st_mtime_ns])
     decoding = ["jpeg-draft", DRAFT_MARGIN] if folder else []  # features of JPEGs decoded at reduced scale
-    key = json.dumps([dataset_info(dataset_name).name, root, [float(m) for m in mean], [float(v) for v in std], files]
-                     + decoding)
+    key = json.dumps([dataset_info(dataset_name).name, str(root or ""), [float(m) for m in mean],
+                      [float(v) for v in std], files] + decoding)
     return hashlib.sha1(key.encode()).hexdigest()[:8]

@@ -39,7 +39,7 @@ from relreason.methods import method_class
 from relreason.train.config import PretrainConfig, views_used
 from relreason.train.position import TrainingPosition
 
-DOWNLOAD_TIMEOUT = datetime.timedelta(hours=12)  # how long other ranks wait for rank 0's --download
+DOWNLOAD_TIMEOUT = datetime.timedelta(hours=12)  # how long the other ranks wait for a --download
 
 
 def build_pretrain_data(
@@ -55,7 +55,7 @@ def build_pretrain_data(
     ``--augment pil``, get torchvision's per-image transforms in a DataLoader. ``check_geometry`` sees the
     geometry before a folder is decoded (which may take minutes), so that a resume it refuses is refused early,
     and a function that takes the images' statistics another way (``compute_normalization``'s ``method``).
-    Under torchrun (``context``) a ``--download`` is made by rank 0 alone.
+    Under torchrun (``context``) a ``--download`` is made by one process at a time (:func:`load_downloading_once`).
     """
     info = dataset_info(config.dataset)
     method = method_class(config.method)
