@@ -73,6 +73,7 @@ def test_compare_writes_tables_and_plots_from_the_runs(tmp_path, capsys):
         assert row["mean"] == pytest.approx(statistics.fmean(values))
         assert row["std"] == pytest.approx(statistics.stdev(values))
         assert f"{row['mean']:.2f} ± {row['std']:.2f}" in (output / "compare.md").read_text()
+    assert "Evaluation: `knn` with k=200.\n" in (output / "compare.md").read_text()
     assert summary["table"]["random"]["epochs"]["mean"] == 0
     assert summary["table"]["relational"]["epochs"]["mean"] == 1
     assert summary["table"]["relational"]["train_minutes"]["mean"] > 0
@@ -116,6 +117,31 @@ def test_compare_refuses_runs_made_with_other_options_and_trains_on_for_more_epo
     assert main(argv) == 0
     assert "epoch 2/2" in capsys.readouterr().err
     assert json.loads((output / "compare.json").read_text())["table"]["relational"]["epochs"]["mean"] == 2
+    before = (output / "compare.json").read_text()
+    assert main(compare_argv(output, "--epochs", "1")) == 2  # fewer: not averaged with longer runs, nor reported
+    assert ("has trained 2 epoch(s), more than --epochs 1, and runs of different lengths would be averaged together; "
+            "pass --epochs 2 or more") in capsys.readouterr().err
+    assert (output / "compare.json").read_text() == before
+
+
+def test_compare_refuses_an_output_folder_under_a_file(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    assert main(compare_argv(tmp_path / "afile" / "x")) == 2
+    assert capsys.readouterr().err == (f"relreason: error: output folder {tmp_path / 'afile' / 'x'} is not writable "
+                                       "(Not a directory); choose another --output-dir\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_compare_takes_the_size_its_runs_trained_at_as_their_own(tmp_path, capsys):
+    output = tmp_path / "compare"
+    argv = compare_argv(output, "--batch-size", "256")
+    del argv[argv.index("--image-size"):argv.index("--image-size") + 2]  # the dataset's own size: 32 px
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main([*argv, "--image-size", "32"]) == 0  # the same runs, named otherwise
+    assert "trained in an earlier run" in capsys.readouterr().err
+    assert main([*argv, "--image-size", "16"]) == 2
+    assert "image_size: run none vs now 16" in capsys.readouterr().err
 
 
 def test_sigterm_during_a_run_ends_the_whole_comparison(tmp_path, monkeypatch, capsys):

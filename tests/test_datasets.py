@@ -173,6 +173,29 @@ def _mnist_arrays(n, seed):
     return images, labels
 
 
+def test_a_named_datasets_feature_cache_is_of_its_files(tmp_path):
+    """Two MNIST roots with the same labels and other images (a corrupted copy of a test set, say) name two caches;
+    so does one root whose files changed; the same files under another spelling of the root name one."""
+    from relreason.evaluate.data import data_tag_of
+
+    images, labels = _mnist_arrays(6, seed=1)
+    for root, pixels in (("plain", images), ("inverted", 255 - images)):
+        for prefix in ("train", "t10k"):
+            _write_idx(tmp_path / root / "MNIST/raw" / f"{prefix}-images-idx3-ubyte", pixels, compress=False)
+            _write_idx(tmp_path / root / "MNIST/raw" / f"{prefix}-labels-idx1-ubyte", labels, compress=False)
+
+    def tag(root):
+        splits = [load_dataset("mnist", root, split) for split in ("train", "test")]
+        assert all(split.labels.tolist() == labels.tolist() for split in splits)
+        return data_tag_of("mnist", str(root), [0.5] * 3, [0.2] * 3, splits)
+
+    plain = tag(tmp_path / "plain")
+    assert tag(tmp_path / "inverted") != plain
+    assert tag(tmp_path / "plain" / ".." / "plain") == plain
+    _write_idx(tmp_path / "plain" / "MNIST/raw" / "t10k-images-idx3-ubyte", images[::-1], compress=False)
+    assert tag(tmp_path / "plain") != plain
+
+
 @pytest.mark.parametrize("name,subdir", [("mnist", "MNIST/raw"), ("fashion-mnist", "FashionMNIST/raw")])
 def test_mnist_family_idx_gz_and_plain(tmp_path, name, subdir):
     base = tmp_path / subdir

@@ -492,6 +492,29 @@ def test_cli_cross_domain_uses_the_evaluation_datasets_normalisation(tmp_path, c
     assert len(list((tmp_path / "run" / "features").glob("*.pt"))) == 4
 
 
+def test_a_folder_run_evaluated_on_another_folder_is_cross_domain(tmp_path, capsys):
+    first, second = tmp_path / "folder_a", tmp_path / "folder_b"
+    _write_folder(first, {"train": 6, "test": 3}, seed=0)
+    _write_folder(second, {"train": 5, "test": 4}, seed=1)
+    trained_on = compute_normalization(load_dataset("folder", first, "train"))
+    meta = {"backbone": "conv4", "dataset": "folder", "data_root": str(first), "image_size": 16,
+            "mean": list(trained_on[0]), "std": list(trained_on[1])}
+    weights = _save_random_conv4(tmp_path / "run", meta)
+    base = ["evaluate", "--weights", str(weights), "--device", "cpu", "--protocols", "knn", "--knn-k", "3",
+            "--no-random-baseline"]
+    assert main([*base, "--output", str(tmp_path / "own.json")]) == 0  # the run's own folder: in-domain
+    assert "cross-domain" not in capsys.readouterr().out
+    own = json.loads((tmp_path / "own.json").read_text())
+    assert not own["cross_domain"] and own["data_root"] == own["pretrained_data_root"] == str(first)
+    assert own["normalization"]["mean"] == meta["mean"]
+    assert main([*base, "--data-root", str(second), "--output", str(tmp_path / "other.json")]) == 0
+    assert f"cross-domain: pretrained on folder {first}, evaluated on folder {second}" in capsys.readouterr().out
+    other = json.loads((tmp_path / "other.json").read_text())
+    assert other["cross_domain"] and other["data_root"] == str(second)
+    expected_mean, _ = compute_normalization(load_dataset("folder", second, "train"))
+    assert other["normalization"]["mean"] == pytest.approx(list(expected_mean))  # its own, as another dataset's
+
+
 def test_cli_finetune_with_few_labels(tmp_path, capsys):
     weights = _save_random_conv4(tmp_path / "run", {"backbone": "conv4", "dataset": "folder", "image_size": 16})
     _write_folder(tmp_path / "data", {"train": 8, "test": 4}, seed=2)

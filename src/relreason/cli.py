@@ -521,8 +521,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     config = _config_from(args, EvaluateConfig)
     results = run_evaluation(config)
-    if results["pretrained_on"] and results["pretrained_on"] != results["dataset"]:
-        print(f"cross-domain: pretrained on {results['pretrained_on']}, evaluated on {results['dataset']}")
+    if results["pretrained_on"] and results["cross_domain"]:
+        then, now = results["pretrained_on"], results["dataset"]
+        if results["pretrained_data_root"]:  # two image folders: named by where they are
+            then, now = f"{then} {results['pretrained_data_root']}", f"{now} {results['data_root']}"
+        print(f"cross-domain: pretrained on {then}, evaluated on {now}")
     print(format_table(results["results"]))
     for label, plot in results.get("retrieval_plots", {}).items():
         print(f"retrieval plot ({label}) written to {plot}")

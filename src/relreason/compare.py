@@ -128,7 +128,7 @@ def _backbone_named(config: CompareConfig) -> str:
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no run yet (the output folder's own checks come later)
         return None
     except (OSError, ValueError) as error:
         raise RelreasonError(f"{path} cannot be read ({error}); delete that run folder to train it again") from None
@@ -136,9 +136,11 @@ def _read_json(path: Path) -> Any:
 
 def check_existing_runs(config: CompareConfig) -> None:
     """Refuse, before anything trains, run folders that another comparison's options made."""
-    from relreason.data import same_dataset
+    from relreason.data import dataset_info, same_dataset
     from relreason.train import PretrainConfig
+    from relreason.train.run_folder import check_writable_folder
 
+    check_writable_folder(Path(config.output_dir))
     budget = _read_json(Path(config.output_dir) / BUDGET_NAME)
     if isinstance(budget, dict) and budget.get("time_limit") != config.time_limit:
         def said(minutes: float | None) -> str:
@@ -157,6 +159,10 @@ def check_existing_runs(config: CompareConfig) -> None:
             if not isinstance(recorded, dict):
                 continue
             wanted = dataclasses.asdict(pretrain_config_for(config, method, seed))
+            # The size a run trained at, not the option: none (the dataset's own) and that size are the same run.
+            trained_size = (recorded.get("geometry") or {}).get("image_size")
+            if trained_size is not None and trained_size == (wanted["image_size"] or dataset_info(config.dataset).image_size):
+                wanted["image_size"] = recorded.get("image_size")
             # An option a run folder does not record is older than the option: the run had its default.
             recorded = {key: recorded.get(key, getattr(defaults, key)) for key in keys}
             differ = [f"{key}: run {option_value(recorded[key])} vs now {option_value(wanted[key])}" for key in keys
@@ -167,6 +173,15 @@ def check_existing_runs(config: CompareConfig) -> None:
                 raise RelreasonError(
                     f"{run_dir} was trained with other options ({', '.join(differ)}); rerun with the original "
                     "options or choose another --output-dir"
+                )
+            # A larger --epochs trains the runs on; a smaller one would average longer runs with shorter ones.
+            meta = _read_json(run_dir / BACKBONE_META_NAME)
+            trained = meta.get("epochs", 0) if isinstance(meta, dict) and meta.get("method") != "random" else 0
+            if isinstance(trained, int) and trained > config.epochs:
+                raise RelreasonError(
+                    f"{run_dir} has trained {trained} epoch(s), more than --epochs {config.epochs}, and runs of "
+                    f"different lengths would be averaged together; pass --epochs {trained} or more, or choose "
+                    "another --output-dir"
                 )
 
 
@@ -307,12 +322,25 @@ def _mean_and_spread(stats: dict[str, float]) -> str:
 def format_markdown(summary: dict[str, Any], config: CompareConfig) -> str:
     budget = (f"{config.time_limit:g} min per run" if config.time_limit
               else f"{config.epochs} epoch{'s' if config.epochs != 1 else ''} per run")
+    from relreason.data import dataset_info
+
+    # The settings that change what a column means: a 5-epoch "linear" is not the paper's 100-epoch probe.
+    settings = []
+    if "linear" in config.protocols:
+        paper = "the paper's" if config.linear_epochs == 100 else "the paper's is 100"
+        settings.append(f"`linear` trained {config.linear_epochs} epochs ({paper})")
+    if "knn" in config.protocols:
+        settings.append(f"`knn` with k={config.knn_k}")
+    dataset = config.dataset
+    if dataset_info(config.dataset).name == "folder":
+        dataset = f"{dataset} {config.data_root}"
     lines = [
-        f"# {config.dataset}, {_backbone_named(config)}: {len(config.seeds)} seed(s) ({', '.join(map(str, config.seeds))}), "
+        f"# {dataset}, {_backbone_named(config)}: {len(config.seeds)} seed(s) ({', '.join(map(str, config.seeds))}), "
         f"{budget}",
         "",
         "Test accuracy (%; retrieval: mAP in %) as mean ± std over seeds." if len(config.seeds) > 1 else
         "Test accuracy (%; retrieval: mAP in %) of one seed: no spread to show.",
+        *([f"Evaluation: {'; '.join(settings)}."] if settings else []),
         "",
         "| method | epochs | train min | " + " | ".join(config.protocols) + " |",
         "|---|---:|---:|" + "---:|" * len(config.protocols),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
@@ -28,6 +30,9 @@ class ArrayImageDataset(Dataset):
     ``images`` is kept as given (no copy). Grey images are returned as 3-channel
     RGB PIL images. ``labels`` may be ``None`` (unlabelled: every label is -1).
     """
+
+    #: The files the images were read from (a named dataset's, set by its loader): what a feature cache is of.
+    source_files: tuple[Path, ...] = ()
 
     def __init__(
         self,

@@ -285,4 +285,6 @@ def load_benchmark(key: str, root: Path, split: str, download: bool) -> ArrayIma
         files = _locate(key, root, split)
     if files is None:
         raise _not_found(key, root, split)
-    return _READERS[key](files, split)
+    dataset = _READERS[key](files, split)
+    dataset.source_files = tuple(files.values())
+    return dataset

@@ -65,8 +65,8 @@ def load_folder_split(root: Path, split: str) -> ImageFolderDataset:
     if test_dir is None:
         raise RelreasonError(
             f"image folder {root} has no train/ and test/ (or val/ or validation/) subfolders, so it has no 'test' split; "
-            "split the images into train/ and test/, each with one subfolder per class (relreason evaluate can "
-            "instead hold out a share of each class with --test-fraction)"
+            "split the images into train/ and test/, each with one subfolder per class (or hold out a share of each "
+            "class with --test-fraction, which evaluate and compare take, and pretrain too to keep it unseen)"
         )
     train = ImageFolderDataset(root / "train")
     return ImageFolderDataset(test_dir, classes=train.classes)

@@ -139,8 +139,8 @@ def data_tag_of(dataset_name: str, data_root: str, mean: Any, std: Any, splits: 
     """A short digest of what decides the features of a dataset besides the backbone.
 
     A feature cache name holds it, so evaluating the same weights on another image folder, on a folder whose
-    files changed (each file's path, size and modification time) or with another normalisation never reads
-    stale features.
+    files changed (each file's path, size and modification time), on a named dataset's files elsewhere or changed,
+    or with another normalisation never reads stale features.
     """
     folder = dataset_info(dataset_name).name == "folder"
     root = Path(data_root).expanduser().resolve() if folder else None
@@ -158,6 +158,13 @@ def data_tag_of(dataset_name: str, data_root: str, mean: Any, std: Any, splits: 
                 continue
             files.append([name, stat.st_size, stat.st_mtime_ns])
     decoding = ["jpeg-draft", DRAFT_MARGIN] if folder else []  # features of JPEGs decoded at reduced scale
+    for split in () if folder else splits:  # a named dataset's files, wherever they were found
+        for path in getattr(split, "source_files", ()):
+            try:
+                stat = os.stat(path)
+                files.append([str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns])
+            except OSError:
+                files.append([str(path), -1, -1])
     key = json.dumps([dataset_info(dataset_name).name, str(root or ""), [float(m) for m in mean],
                       [float(v) for v in std], files] + decoding)
     return hashlib.sha1(key.encode()).hexdigest()[:8]

@@ -62,8 +62,8 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
 
     Features are extracted once per backbone and split (cached beside the weights) for the
     feature protocols; ``finetune`` trains a copy of each backbone on the images.  The
-    evaluation dataset may differ from the one pretrained on (cross-domain); its images are
-    then normalised with its own statistics.  With ``retrieval`` a PNG of retrievals per
+    evaluation dataset may differ from the one pretrained on (cross-domain: another dataset, or another image folder
+    than the run's); its images are then normalised with its own statistics.  With ``retrieval`` a PNG of retrievals per
     backbone is written beside the JSON (``<output stem>-retrieval-<label>.png``).
     """
     refuse_several_processes("evaluate")
@@ -138,7 +138,9 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     check_several_classes(train_set, dataset_name)
     # Every protocol sees an image at image_size from its short side: a folder's JPEGs need decoding no larger.
     train_set, test_set = decoded_for(train_set, image_size), decoded_for(test_set, image_size)
-    if info.name == "folder" and own_data and not same_folder and recorded:
+    # Another image folder than the run's own: another domain, as another dataset is (its own statistics).
+    other_folder = bool(info.name == "folder" and own_data and not same_folder and recorded)
+    if other_folder:
         # Another folder than the run's own, which may still hold (or lie inside) the one it was pretrained on.
         pretrained_on = pretraining_folder(recorded)
         inside = count_images_inside(test_set, pretrained_on)
@@ -147,7 +149,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
             print(f"relreason: warning: {inside} of the {len(test_set)} test images lie in {pretrained_on}, "
                   f"which the backbone was pretrained on{'' if seen else ' (less its held-out share)'}; evaluate on "
                   "images outside it for a test set it never saw", file=sys.stderr)
-    if own_data and "mean" in meta:
+    if own_data and "mean" in meta and not other_folder:
         mean, std = meta["mean"], meta["std"]  # exactly what the backbone was trained on
     elif info.mean is not None:
         mean, std = info.mean, info.std
@@ -248,6 +250,10 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         "backbone_args": meta.get("backbone_args", {}),
         "pretrained_on": meta.get("dataset"),
         "dataset": dataset_name,
+        # Where the images were, for an image folder (a cross-domain evaluation may be on another one).
+        "pretrained_data_root": meta.get("data_root") if info.name == "folder" and own_data else None,
+        "data_root": str(Path(data_root).expanduser().resolve()) if info.name == "folder" else None,
+        "cross_domain": not own_data or other_folder,
         "image_size": image_size,
         "normalization": {"mean": [float(m) for m in mean], "std": [float(v) for v in std]},
         "pretraining": {key: meta[key] for key in ("finished", "epochs_done", "stopped_by") if key in meta},

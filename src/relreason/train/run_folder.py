@@ -20,23 +20,32 @@ def check_output_dir(config: PretrainConfig) -> None:
     """Refuse an ``--output-dir`` that cannot be written, or that ``--no-resume`` forbids, before any data is read
     (scanning or decoding a large folder takes minutes); nothing is created. ``prepare_output_dir`` makes it."""
     run_dir = Path(config.output_dir)
+    check_writable_folder(run_dir)
     try:
-        existing = run_dir
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
-        reason = "Not a directory" if not existing.is_dir() else None
-        if reason is None and not os.access(existing, os.W_OK | os.X_OK):
-            reason = "Read-only file system" if _read_only_mount(existing) else "Permission denied"
-        checkpoints = list_checkpoints(run_dir) if reason is None and not config.resume else []
-    except OSError as error:  # a folder on the way that cannot be searched
-        reason = error.strerror or type(error).__name__
-    if reason:
-        raise RelreasonError(f"output folder {run_dir} is not writable ({reason}); choose another --output-dir")
+        checkpoints = list_checkpoints(run_dir) if not config.resume else []
+    except OSError as error:
+        raise RelreasonError(f"output folder {run_dir} cannot be read ({error.strerror or type(error).__name__}); "
+                             "choose another --output-dir") from None
     if checkpoints:
         raise RelreasonError(
             f"{run_dir} already holds training checkpoints and --no-resume was given; "
             "drop --no-resume to continue them or choose another --output-dir"
         )
+
+
+def check_writable_folder(folder: Path) -> None:
+    """Refuse, in one line, an ``--output-dir`` that cannot be made or written (nothing is created)."""
+    try:
+        existing = folder
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        reason = "Not a directory" if not existing.is_dir() else None
+        if reason is None and not os.access(existing, os.W_OK | os.X_OK):
+            reason = "Read-only file system" if _read_only_mount(existing) else "Permission denied"
+    except OSError as error:  # a folder on the way that cannot be searched
+        reason = error.strerror or type(error).__name__
+    if reason:
+        raise RelreasonError(f"output folder {folder} is not writable ({reason}); choose another --output-dir")
 
 
 def _read_only_mount(path: Path) -> bool:
