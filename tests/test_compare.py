@@ -122,6 +122,9 @@ def test_compare_refuses_runs_made_with_other_options_and_trains_on_for_more_epo
     assert ("has trained 2 epoch(s), more than --epochs 1, and runs of different lengths would be averaged together; "
             "pass --epochs 2 or more") in capsys.readouterr().err
     assert (output / "compare.json").read_text() == before
+    (output / "relational-seed1" / "backbone.json").unlink()  # killed after a checkpoint, before its export
+    assert main(compare_argv(output, "--epochs", "1")) == 2  # the checkpoint says how far it got
+    assert "has trained 2 epoch(s), more than --epochs 1" in capsys.readouterr().err
 
 
 def test_compare_refuses_an_output_folder_under_a_file(tmp_path, capsys):
@@ -233,6 +236,28 @@ def test_the_embedding_map_follows_the_weights(tmp_path):
     features = output / "relational-seed1" / "features"
     assert len(list(features.glob("*-test-*.pt"))) == 2  # one per exported backbone: the trained-on run's map is not the old one
     assert len(list(features.glob("*.pt"))) == 4  # evaluate's train and test features; the map reads its test file
+
+
+def test_the_embedding_map_reads_evaluates_cache_of_a_named_dataset_from_files(tmp_path):
+    """MNIST read from its IDX files: the map's test features are those the evaluation cached (one name for them),
+    not extracted and stored a second time."""
+    import numpy as np
+
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, count in (("train", 60), ("t10k", 20)):
+        images, labels = rng.integers(0, 256, (count, 28, 28)), np.arange(count) % 3
+        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+            array = np.asarray(array, dtype=np.uint8)
+            header = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, ">i4").tobytes()
+            (raw / f"{prefix}-{kind}-ubyte").write_bytes(header + array.tobytes())
+    output = tmp_path / "compare"
+    argv = compare_argv(output, "--methods", "random", "--data-root", str(tmp_path / "data"))
+    argv[argv.index("digits")] = "mnist"
+    assert main(argv) == 0
+    caches = sorted(p.name.split("-")[-3] for p in (output / "random-seed1" / "features").glob("*.pt"))
+    assert caches == ["test", "train"]
 
 
 def test_a_finished_comparison_trains_nothing_again_and_remakes_random_with_the_new_options(tmp_path, capsys):

@@ -513,6 +513,24 @@ def test_a_folder_run_evaluated_on_another_folder_is_cross_domain(tmp_path, caps
     assert other["cross_domain"] and other["data_root"] == str(second)
     expected_mean, _ = compute_normalization(load_dataset("folder", second, "train"))
     assert other["normalization"]["mean"] == pytest.approx(list(expected_mean))  # its own, as another dataset's
+    first.rename(tmp_path / "moved")  # the run's folder gone: the one given is taken for it
+    assert main([*base, "--data-root", str(tmp_path / "moved"), "--output", str(tmp_path / "moved.json")]) == 0
+    out, err = capsys.readouterr()
+    assert "cross-domain" not in out and f"the run's folder {first} is not there; taking" in err
+    assert json.loads((tmp_path / "moved.json").read_text())["normalization"]["mean"] == meta["mean"]
+    # Pretrained on a root's train/ and evaluated on the root: the training images are the run's own.
+    weights = _save_random_conv4(tmp_path / "run_on_train", meta | {"data_root": str(second / "train")})
+    on_root = ["evaluate", *base[1:]]
+    on_root[on_root.index(str(tmp_path / "run" / "backbone.pt"))] = str(weights)
+    assert main([*on_root, "--data-root", str(second), "--output", str(tmp_path / "root.json")]) == 0
+    assert "cross-domain" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "root.json").read_text())["cross_domain"] is False
+    # Weights that name no dataset: whether another domain is not known.
+    unnamed = _save_random_conv4(tmp_path / "unnamed", {"backbone": "conv4", "image_size": 16})
+    on_root[on_root.index(str(weights))] = str(unnamed)
+    assert main([*on_root, "--dataset", "folder", "--data-root", str(second),
+                 "--output", str(tmp_path / "u.json")]) == 0
+    assert json.loads((tmp_path / "u.json").read_text())["cross_domain"] is None
 
 
 def test_cli_finetune_with_few_labels(tmp_path, capsys):

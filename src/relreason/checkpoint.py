@@ -145,14 +145,17 @@ def checkpoint_path(run_dir: str | os.PathLike, epoch: int, step: int) -> Path:
     return Path(run_dir) / f"checkpoint-e{epoch:04d}-s{step:07d}.pt"
 
 
+def checkpoint_position(path: str | os.PathLike) -> tuple[int, int] | None:
+    """``(epochs done, steps into the next)`` that a checkpoint's name says, or None for another name."""
+    match = _CHECKPOINT_PATTERN.match(Path(path).name)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """Training checkpoints in ``run_dir``, newest (furthest in training) first."""
-    found = []
-    for path in Path(run_dir).glob("checkpoint-e*-s*.pt"):
-        match = _CHECKPOINT_PATTERN.match(path.name)
-        if match:
-            found.append(((int(match.group(1)), int(match.group(2))), path))
-    return [path for _, path in sorted(found, reverse=True)]
+    found = [(checkpoint_position(path), path) for path in Path(run_dir).glob("checkpoint-e*-s*.pt")]
+    return [path for position, path in sorted(found, key=lambda item: item[0] or (-1, -1), reverse=True)
+            if position is not None]
 
 
 def load_newest_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:

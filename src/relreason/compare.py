@@ -136,6 +136,7 @@ def _read_json(path: Path) -> Any:
 
 def check_existing_runs(config: CompareConfig) -> None:
     """Refuse, before anything trains, run folders that another comparison's options made."""
+    from relreason.checkpoint import checkpoint_position, list_checkpoints
     from relreason.data import dataset_info, same_dataset
     from relreason.train import PretrainConfig
     from relreason.train.run_folder import check_writable_folder
@@ -161,7 +162,8 @@ def check_existing_runs(config: CompareConfig) -> None:
             wanted = dataclasses.asdict(pretrain_config_for(config, method, seed))
             # The size a run trained at, not the option: none (the dataset's own) and that size are the same run.
             trained_size = (recorded.get("geometry") or {}).get("image_size")
-            if trained_size is not None and trained_size == (wanted["image_size"] or dataset_info(config.dataset).image_size):
+            if trained_size is not None and trained_size == (wanted["image_size"]
+                                                             or dataset_info(config.dataset).image_size):
                 wanted["image_size"] = recorded.get("image_size")
             # An option a run folder does not record is older than the option: the run had its default.
             recorded = {key: recorded.get(key, getattr(defaults, key)) for key in keys}
@@ -174,13 +176,18 @@ def check_existing_runs(config: CompareConfig) -> None:
                     f"{run_dir} was trained with other options ({', '.join(differ)}); rerun with the original "
                     "options or choose another --output-dir"
                 )
-            # A larger --epochs trains the runs on; a smaller one would average longer runs with shorter ones.
+            # A larger --epochs trains the runs on; a smaller one would average longer runs with shorter ones. Its
+            # newest checkpoint says how far a run got, also one killed before it exported (no backbone.json).
             meta = _read_json(run_dir / BACKBONE_META_NAME)
-            trained = meta.get("epochs", 0) if isinstance(meta, dict) and meta.get("method") != "random" else 0
-            if isinstance(trained, int) and trained > config.epochs:
+            exported = meta.get("epochs", 0) if isinstance(meta, dict) else 0
+            newest = list_checkpoints(run_dir)[:1]
+            epochs, steps = max([(exported if isinstance(exported, int) else 0, 0),
+                                 *(checkpoint_position(path) for path in newest)])
+            if (epochs, steps) > (config.epochs, 0):
+                trained = f"{epochs} epoch(s)" + (f" and {steps} step(s) of the next" if steps else "")
                 raise RelreasonError(
-                    f"{run_dir} has trained {trained} epoch(s), more than --epochs {config.epochs}, and runs of "
-                    f"different lengths would be averaged together; pass --epochs {trained} or more, or choose "
+                    f"{run_dir} has trained {trained}, more than --epochs {config.epochs}, and runs of different "
+                    f"lengths would be averaged together; pass --epochs {epochs + (steps > 0)} or more, or choose "
                     "another --output-dir"
                 )
 
@@ -430,15 +437,15 @@ def _test_features_source(run_dir: Path, config: CompareConfig):
     backbone = build_backbone(meta["backbone"], image_size=meta["image_size"], args=meta.get("backbone_args"))
     weights = (run_dir / BACKBONE_NAME).read_bytes()
     backbone.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True))
-    # Named as evaluate names it (run_evaluation: the run's recorded dataset, its normalisation, and for a
-    # folder the files of both splits; a named dataset's tag reads no files, so its train split is not loaded).
+    # Named as evaluate names it (run_evaluation: the run's recorded dataset, its normalisation, and the files of
+    # both splits), so that the map reads the test features the evaluation cached.
     name = meta["dataset"]
     info = dataset_info(name)
     if config.test_fraction is not None:
         splits = held_out_split(name, config.data_root, config.test_fraction)
     else:
-        wanted = (info.train_split, info.test_split) if info.name == "folder" else (info.test_split,)
-        splits = tuple(load_dataset(name, config.data_root, split, download=config.download) for split in wanted)
+        splits = tuple(load_dataset(name, config.data_root, split, download=config.download)
+                       for split in (info.train_split, info.test_split))
     test = decoded_for(splits[-1], meta["image_size"])
     digest = weights_digest(weights)
     tag = data_tag_of(name, config.data_root, meta["mean"], meta["std"], splits)

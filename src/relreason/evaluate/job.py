@@ -120,6 +120,11 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     check_output_path(output)
     # The run's own held-out share when it was pretrained on part of this very folder (and none was asked for).
     same_folder = own_data and (not config.data_root or (recorded is not None and same_path(config.data_root, recorded)))
+    if info.name == "folder" and own_data and not same_folder and recorded and not Path(recorded).expanduser().exists():
+        # The run's folder is gone: the one given is taken for it, moved, as pretrain takes a moved folder on resuming.
+        same_folder = True
+        print(f"relreason: note: the run's folder {recorded} is not there; taking {data_root} for it, moved (its "
+              "held-out share and the statistics the backbone was trained with)", file=sys.stderr)
     pretrained_share = meta.get("test_fraction") if same_folder else None
     test_fraction = config.test_fraction if config.test_fraction is not None else pretrained_share
     seen = bool(same_folder and info.name == "folder" and config.test_fraction is not None
@@ -138,8 +143,10 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     check_several_classes(train_set, dataset_name)
     # Every protocol sees an image at image_size from its short side: a folder's JPEGs need decoding no larger.
     train_set, test_set = decoded_for(train_set, image_size), decoded_for(test_set, image_size)
-    # Another image folder than the run's own: another domain, as another dataset is (its own statistics).
-    other_folder = bool(info.name == "folder" and own_data and not same_folder and recorded)
+    # Another image folder than the run's own: another domain, as another dataset is (its own statistics). Not the
+    # root whose train/ the run was pretrained on: its training images are the run's own.
+    other_folder = bool(info.name == "folder" and own_data and not same_folder and recorded
+                        and pretraining_folder(recorded).resolve() != pretraining_folder(data_root).resolve())
     if other_folder:
         # Another folder than the run's own, which may still hold (or lie inside) the one it was pretrained on.
         pretrained_on = pretraining_folder(recorded)
@@ -253,7 +260,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         # Where the images were, for an image folder (a cross-domain evaluation may be on another one).
         "pretrained_data_root": meta.get("data_root") if info.name == "folder" and own_data else None,
         "data_root": str(Path(data_root).expanduser().resolve()) if info.name == "folder" else None,
-        "cross_domain": not own_data or other_folder,
+        "cross_domain": (not own_data or other_folder) if meta.get("dataset") else None,  # None: not known
         "image_size": image_size,
         "normalization": {"mean": [float(m) for m in mean], "std": [float(v) for v in std]},
         "pretraining": {key: meta[key] for key in ("finished", "epochs_done", "stopped_by") if key in meta},
