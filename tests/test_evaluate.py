@@ -462,6 +462,18 @@ def evaluate_args(*args):
     return main(["evaluate", "--protocols", "knn", "--knn-k", "3", "--no-random-baseline", "--device", "cpu", *args])
 
 
+def test_options_of_a_protocol_not_chosen_are_said_to_do_nothing(folder_run, tmp_path, capsys):
+    _, run = folder_run
+    out = ["--run-dir", str(run), "--output", str(tmp_path / "r.json")]
+    assert evaluate_args(*out, "--label-fractions", "0.5", "--finetune-epochs", "3", "--finetune-head-lr", "0.01") == 0
+    err = capsys.readouterr().err
+    assert ("relreason: note: --label-fractions sets the few_label protocol, which --protocols does not include "
+            "(knn); add few_label to use it") in err
+    assert "note: --finetune-epochs and --finetune-head-lr set the finetune protocol" in err
+    assert evaluate_args(*out, "--label-fractions", "0.01", "0.1", "0.25") == 0  # the defaults, typed: nothing to say
+    assert "note: --label-fractions" not in capsys.readouterr().err
+
+
 def test_evaluate_finds_the_runs_own_data_root_and_takes_a_training_checkpoint(folder_run, tmp_path, capsys):
     from relreason.checkpoint import list_checkpoints
 

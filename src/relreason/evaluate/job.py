@@ -56,6 +56,16 @@ from relreason.protocols.finetune import FINETUNE_BATCH_SIZE, FINETUNE_LR_DECAY,
 from relreason.protocols.frozen import ALL_PROTOCOLS, DEFAULT_LABEL_FRACTIONS, choose_protocols, evaluate_features
 from relreason.run_files import FEATURES_DIR_NAME
 
+# Options that serve one protocol alone: set without it, they are said to do nothing.
+_PROTOCOL_OPTIONS = {
+    "few_label": ("label_fractions",),
+    "finetune": ("finetune_epochs", "finetune_backbone_lr", "finetune_head_lr"),
+}
+
+
+def _plain(value: Any) -> Any:
+    return tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else value
+
 
 def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     """Evaluate the weights (and a random backbone) with the chosen protocols, write JSON; return the payload.
@@ -73,6 +83,13 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         print(f"relreason: note: --weights {config.weights} is evaluated; --run-dir {config.run_dir} is not read "
               "(the results go beside the weights, or to --output)", file=sys.stderr)
     protocols = choose_protocols(config.protocols, ALL_PROTOCOLS)
+    for protocol, fields in _PROTOCOL_OPTIONS.items():
+        changed = [field for field in fields
+                   if _plain(getattr(config, field)) != _plain(getattr(EvaluateConfig, field))]
+        if changed and protocol not in protocols:
+            flags = " and ".join(f"--{field.replace('_', '-')}" for field in changed)
+            print(f"relreason: note: {flags} set{'s' if len(changed) == 1 else ''} the {protocol} protocol, which "
+                  f"--protocols does not include ({', '.join(protocols)}); add {protocol} to use it", file=sys.stderr)
     fractions = check_label_fractions(config.label_fractions) if "few_label" in protocols else ()
     if "finetune" in protocols:  # checked by validate() above
         ft_epochs = config.finetune_epochs
@@ -120,7 +137,8 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     check_output_path(output)
     # The run's own held-out share when it was pretrained on part of this very folder (and none was asked for).
     same_folder = own_data and (not config.data_root or (recorded is not None and same_path(config.data_root, recorded)))
-    if info.name == "folder" and own_data and not same_folder and recorded and not Path(recorded).expanduser().exists():
+    gone = bool(recorded) and not Path(recorded).expanduser().exists()
+    if info.name == "folder" and own_data and not same_folder and gone:
         # The run's folder is gone: the one given is taken for it, moved, as pretrain takes a moved folder on resuming.
         same_folder = True
         print(f"relreason: note: the run's folder {recorded} is not there; taking {data_root} for it, moved (its "
