@@ -296,14 +296,16 @@ class ImageFolderDataset(Dataset):
         removing a file, or moving the folder, does not change for the others."""
 
         def rank(index: int) -> bytes:
-            path = Path(self.paths[index])
-            try:
-                name = path.relative_to(self.root).as_posix()
-            except ValueError:
-                name = path.as_posix()
-            return hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=16).digest()
+            return hashlib.blake2b(f"{seed}/{self._name_in_root(self.paths[index])}".encode(), digest_size=16).digest()
 
         return sorted(range(len(self.paths)), key=rank)
+
+    def _name_in_root(self, path: str | os.PathLike) -> str:
+        """``path`` inside the root (as given, or as it stands when it lies elsewhere), whatever spells the root."""
+        try:
+            return Path(path).relative_to(self.root).as_posix()
+        except ValueError:
+            return str(path)
 
     def read_or_skip(self, index: int) -> Image.Image | None:
         """Image ``index`` as RGB, or None when it cannot be read (recorded as skipped, like ``self[index]`` does,
@@ -321,10 +323,7 @@ class ImageFolderDataset(Dataset):
         self.skipped[path] = reason
         # Logged by its path inside the root: a resume that spells the root otherwise (relative to another
         # working folder, absolute, or after the folder moved) finds the same file already listed.
-        try:
-            logged = Path(path).relative_to(self.root).as_posix()
-        except ValueError:
-            logged = path
+        logged = self._name_in_root(path)
         # The log itself says what is listed: a resumed run's earlier entries, and those of DataLoader workers
         # (forked copies of this dataset). Each process meets a bad file once (then it is in ``skipped``), unless two
         # of its reading threads meet it at once: a line may then repeat, and read_skip_log keeps one per file.
@@ -355,13 +354,8 @@ class ImageFolderDataset(Dataset):
             raise IndexError(f"index {index} out of range for {n} images")
         for step in range(n):
             j = (index + step) % n
-            key = str(self.paths[j])
-            if key in self.skipped:
-                continue
-            try:
-                image = self._read(j)
-            except _UnreadableImage as exc:
-                self._record_skip(key, str(exc))
+            image = self.read_or_skip(j)
+            if image is None:
                 continue
             label = -1 if self.labels is None else int(self.labels[j])
             return image, label
