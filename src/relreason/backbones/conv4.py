@@ -58,6 +58,12 @@ class Conv4(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.flatten(self.layer4(self.layer3(self.layer2(self.layer1(x)))))
 
+    @staticmethod
+    def args_of_state(state: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The ``--backbone-args`` a Conv-4 state dict was built with (``backbone_args_of``), else None."""
+        width = conv4_width_of(state)
+        return {"width": width} if width else None
+
 
 def conv4_width_of(state: Mapping[str, Any]) -> int | None:
     """The ``width`` a Conv-4 state dict was built with (read from its first block's channels), else None."""

@@ -135,6 +135,13 @@ def check_backbone(name: str, args: Mapping[str, Any] | None = None) -> None:
             pass
 
 
+def backbone_args_of(name: str, state: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ``--backbone-args`` that weights ``state`` were built with, for a registered backbone whose factory says
+    (an ``args_of_state(state)`` attribute, as ``Conv4``'s width); None when it cannot tell."""
+    read = getattr(BACKBONES.get(name), "args_of_state", None)
+    return read(state) if callable(read) else None
+
+
 def check_backbone_args(args: Any) -> dict[str, Any]:
     """``args`` as the keyword arguments of a backbone factory: a mapping of argument names to values."""
     if args is None:

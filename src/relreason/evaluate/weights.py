@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from relreason.backbones.conv4 import conv4_width_of
+from relreason.backbones.registry import backbone_args_of
 from relreason.checkpoint import is_checkpoint_path, load_checkpoint, state_mismatch
 from relreason.errors import RelreasonError, one_line, short_reason
 from relreason.evaluate.config import EvaluateConfig
@@ -88,8 +88,9 @@ def load_matching_state(backbone: nn.Module, state: Mapping[str, torch.Tensor], 
     """Load ``state`` into ``backbone``, or say in one line how far apart they are."""
     mismatch = state_mismatch(backbone.state_dict(), state)
     if mismatch:
-        width = conv4_width_of(state) if name == "conv4" else None
-        hint = f": these are conv4's weights at --backbone-args width={width}" if width else ""
+        args = backbone_args_of(name, state)
+        hint = (f": these are {name}'s weights at --backbone-args {' '.join(f'{k}={v}' for k, v in args.items())}"
+                if args else "")
         raise RelreasonError(f"{weights} does not fit backbone '{name}' ({mismatch}); pass the --backbone (and "
                              f"--backbone-args) it was trained with{hint}")
     backbone.load_state_dict(state)
