@@ -153,9 +153,9 @@ def checkpoint_position(path: str | os.PathLike) -> tuple[int, int] | None:
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """Training checkpoints in ``run_dir``, newest (furthest in training) first."""
-    found = [(checkpoint_position(path), path) for path in Path(run_dir).glob("checkpoint-e*-s*.pt")]
-    return [path for position, path in sorted(found, key=lambda item: item[0] or (-1, -1), reverse=True)
-            if position is not None]
+    found = [(position, path) for path in Path(run_dir).glob("checkpoint-e*-s*.pt")
+             if (position := checkpoint_position(path)) is not None]
+    return [path for _, path in sorted(found, reverse=True)]
 
 
 def load_newest_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:

@@ -327,10 +327,10 @@ def _mean_and_spread(stats: dict[str, float]) -> str:
 
 
 def format_markdown(summary: dict[str, Any], config: CompareConfig) -> str:
-    budget = (f"{config.time_limit:g} min per run" if config.time_limit
-              else f"{config.epochs} epoch{'s' if config.epochs != 1 else ''} per run")
     from relreason.data import dataset_info
 
+    budget = (f"{config.time_limit:g} min per run" if config.time_limit
+              else f"{config.epochs} epoch{'s' if config.epochs != 1 else ''} per run")
     # The settings that change what a column means: a 5-epoch "linear" is not the paper's 100-epoch probe.
     settings = []
     if "linear" in config.protocols:

@@ -146,25 +146,23 @@ def data_tag_of(dataset_name: str, data_root: str, mean: Any, std: Any, splits: 
     root = Path(data_root).expanduser().resolve() if folder else None
     given = Path(os.path.abspath(Path(data_root).expanduser()))  # links unresolved, as in the files' paths
     files = []
-    for split in splits if folder else ():
-        for path in getattr(split, "paths", ()):
+
+    def add(name: str, path: Any) -> None:
+        try:
+            stat = os.stat(path)
+        except OSError:  # gone or a broken link: extraction finds it unreadable and says so
+            files.append([name, -1, -1])
+            return
+        files.append([name, stat.st_size, stat.st_mtime_ns])
+
+    for split in splits:
+        for path in getattr(split, "paths", ()) if folder else ():
             # Inside the root, so that `--data-root imgs`, `./imgs` and its absolute path name one cache.
             absolute = Path(os.path.abspath(path))
-            name = absolute.relative_to(given).as_posix() if absolute.is_relative_to(given) else str(absolute)
-            try:
-                stat = os.stat(path)
-            except OSError:  # gone or a broken link: extraction finds it unreadable and says so
-                files.append([name, -1, -1])
-                continue
-            files.append([name, stat.st_size, stat.st_mtime_ns])
+            add(absolute.relative_to(given).as_posix() if absolute.is_relative_to(given) else str(absolute), path)
+        for path in () if folder else getattr(split, "source_files", ()):  # a named dataset's, wherever found
+            add(str(Path(path).resolve()), path)
     decoding = ["jpeg-draft", DRAFT_MARGIN] if folder else []  # features of JPEGs decoded at reduced scale
-    for split in () if folder else splits:  # a named dataset's files, wherever they were found
-        for path in getattr(split, "source_files", ()):
-            try:
-                stat = os.stat(path)
-                files.append([str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns])
-            except OSError:
-                files.append([str(path), -1, -1])
     key = json.dumps([dataset_info(dataset_name).name, str(root or ""), [float(m) for m in mean],
                       [float(v) for v in std], files] + decoding)
     return hashlib.sha1(key.encode()).hexdigest()[:8]

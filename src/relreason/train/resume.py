@@ -83,8 +83,7 @@ def keep_recorded_normalization(checkpoint: dict[str, Any], config: PretrainConf
             if statistics_by is None or method not in EARLIER_NORMALIZATION_METHODS:
                 return  # compared, and refused, as other images
             then = statistics_by(method)
-            if not all(np.allclose(saved[key], values, rtol=1e-6, atol=1e-9)
-                       for key, values in zip(("mean", "std"), then)):
+            if not all(_same_statistics(saved[key], values) for key, values in zip(("mean", "std"), then)):
                 return
         geometry.pop("normalization", None)
     if saved["mean"] != geometry["mean"] or saved["std"] != geometry["std"]:
@@ -128,7 +127,7 @@ def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, geometry
     # changed) does not, as its views would be normalised unlike the weights' first epochs.
     for key in ("mean", "std"):
         before, now = saved_geometry.get(key), geometry[key]
-        if before is not None and not np.allclose(before, now, rtol=1e-6, atol=1e-9):
+        if before is not None and not _same_statistics(before, now):
             then, now = _told_apart(before, now)
             raise RelreasonError(
                 f"cannot resume {path}: the images differ from those the run started on (normalisation {key} "
@@ -137,6 +136,11 @@ def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, geometry
                 "run's images or choose "
                 "another --output-dir"
             )
+
+
+def _same_statistics(recorded: Any, taken: Any) -> bool:
+    """Whether normalisation statistics, recorded and taken now, are those of the same images (up to rounding)."""
+    return bool(np.allclose(recorded, taken, rtol=1e-6, atol=1e-9))
 
 
 def _rounded(values: list[float], digits: int = 4) -> list[float]:
