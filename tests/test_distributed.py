@@ -1,6 +1,7 @@
 """Two processes under torchrun (gloo, CPU) against a single process doing the same global batch."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,10 +21,13 @@ WORLD_SIZE = 2
 
 def run_workers(images: Path, output: Path, *extra: str, succeed: bool = True) -> subprocess.CompletedProcess:
     worker = Path(__file__).parent / "ddp_worker.py"
+    # torchrun leaves a torchelastic_* folder in the temporary directory: keep it beside the test's output
+    scratch = output.parent / f"{output.name}-torchrun-tmp"
+    scratch.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD_SIZE}",
          str(worker), str(images), str(output), *extra],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(scratch)},
     )
     assert (result.returncode == 0) == succeed, result.stderr[-3000:]
     return result
