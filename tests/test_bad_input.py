@@ -78,6 +78,8 @@ PRETRAIN_CASES = [
     ("focal alpha not a number", ["--loss", "focal", "--focal-alpha", "nan"], "alpha must lie in [0, 1], got nan"),
     ("corrupt gzip dataset file", ["--dataset", "mnist", "--data-root", "{tmp}/corrupt-mnist"],
      "(corrupt gzip data: Error -3 while decompressing data"),
+    ("another dataset's files under MNIST's name", ["--dataset", "mnist", "--data-root", "{tmp}/kmnist"],
+     "{tmp}/kmnist/train-labels-idx1-ubyte.gz holds labels that are not MNIST's but Fashion-MNIST's or KMNIST's"),
     ("held-out share of a one-class folder", ["--dataset", "folder", "--data-root", "{tmp}/one-class",
                                               "--test-fraction", "0.2"],
      "image folder {tmp}/one-class holds one class ('photos'); --test-fraction holds out a share of each class"),
@@ -172,6 +174,10 @@ def workspace(tmp_path):
     (tmp_path / "corrupt-mnist" / "train-images-idx3-ubyte.gz").write_bytes(bytes(corrupt))
     labels = bytes([0, 0, 0x08, 1]) + struct.pack(">I", 4) + bytes(4)
     (tmp_path / "corrupt-mnist" / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels, mtime=0))
+    (tmp_path / "kmnist").mkdir()  # as many of every class, as in Fashion-MNIST's and KMNIST's training labels
+    labels = bytes([0, 0, 0x08, 1]) + struct.pack(">I", 60_000) + bytes(range(10)) * 6_000
+    (tmp_path / "kmnist" / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels, mtime=0))
+    (tmp_path / "kmnist" / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(images, mtime=0))
     return tmp_path
 
 

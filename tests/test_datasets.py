@@ -78,8 +78,7 @@ def _write_cifar10(root):
         train_imgs.append(imgs)
         _dump(base / f"data_batch_{b}", {"data": rows, "labels": [b - 1, 9 - b], "batch_label": "x"})
     rows, test_imgs = _cifar_rows(3, seed=9)
-    # bytes keys, as a pickle loaded with encoding="bytes" would show them
-    _dump(base / "test_batch", {b"data": rows, b"labels": [3, 4, 5]})
+    _dump(base / "test_batch", {"data": rows, "labels": [3, 4, 5], "batch_label": "testing batch 1 of 1"})
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     _dump(base / "batches.meta", {"label_names": names, "num_vis": 3072})
     return np.concatenate(train_imgs), test_imgs
@@ -103,6 +102,13 @@ def test_cifar10_reads_real_pickle_layout(tmp_path):
     test = load_dataset("cifar10", tmp_path, "test")
     assert len(test) == 3 and test.labels.tolist() == [3, 4, 5]
     np.testing.assert_array_equal(np.asarray(test[2][0]), test_imgs[2])
+
+    # A batch re-saved from a pickle read with encoding="bytes" has bytes keys: read alike.
+    rows = test_imgs.transpose(0, 3, 1, 2).reshape(3, 3072)
+    _dump(tmp_path / "cifar-10-batches-py" / "test_batch", {b"data": rows, b"labels": [3, 4, 5]})
+    again = load_dataset("cifar10", tmp_path, "test")
+    assert again.labels.tolist() == [3, 4, 5]
+    np.testing.assert_array_equal(again.images, test_imgs)
 
 
 def _write_cifar100(root):
@@ -275,6 +281,78 @@ def test_fashion_mnist_from_debian_location(tmp_path, monkeypatch):
     _check_item(test, 0, int(test.labels[0]))
 
 
+@pytest.mark.skipif(not DEBIAN_FASHION.is_dir(), reason="dataset-fashion-mnist is not installed")
+def test_mnist_refuses_fashion_mnist_files(tmp_path):
+    """The three datasets share their file names; a folder of the wrong one is refused, not read under the wrong
+    class names."""
+    for split in ("train", "test"):
+        with pytest.raises(RelreasonError, match=r"t.*-labels-idx1-ubyte\.gz holds labels that are not MNIST's but "
+                           r"Fashion-MNIST's or KMNIST's .*; point --data-root at MNIST's files"):
+            load_dataset("mnist", DEBIAN_FASHION, split)
+
+
+def _full_size_test_split(folder: Path, labels: np.ndarray) -> None:
+    _write_idx(folder / "t10k-images-idx3-ubyte", np.zeros((labels.size, 28, 28), dtype=np.uint8), compress=True)
+    _write_idx(folder / "t10k-labels-idx1-ubyte", labels, compress=False)
+
+
+def test_a_full_size_mnist_family_file_must_hold_its_datasets_labels(tmp_path):
+    mnist_counts = benchmarks._MNIST_CLASS_COUNTS["test"]
+    mnist_like = np.random.default_rng(0).permutation(np.repeat(np.arange(10, dtype=np.uint8), mnist_counts))
+    _full_size_test_split(tmp_path / "mnist", mnist_like)
+    assert len(load_dataset("mnist", tmp_path / "mnist", "test")) == 10_000
+    with pytest.raises(RelreasonError, match="holds labels that are not Fashion-MNIST's but MNIST's; point --data-root"):
+        load_dataset("fashion-mnist", tmp_path / "mnist", "test")
+    balanced = np.random.default_rng(0).permutation(np.repeat(np.arange(10, dtype=np.uint8), 1000))  # KMNIST-like
+    _full_size_test_split(tmp_path / "kmnist", balanced)
+    with pytest.raises(RelreasonError, match=r"not Fashion-MNIST's but another dataset's \(KMNIST's\?\)"):
+        load_dataset("fashion-mnist", tmp_path / "kmnist", "test")
+    with pytest.raises(RelreasonError, match="not MNIST's but Fashion-MNIST's or KMNIST's"):
+        load_dataset("mnist", tmp_path / "kmnist", "test")
+    skewed = np.zeros(10_000, dtype=np.uint8)
+    _full_size_test_split(tmp_path / "skewed", skewed)
+    with pytest.raises(RelreasonError, match="not MNIST's but damaged or another dataset's"):
+        load_dataset("mnist", tmp_path / "skewed", "test")
+
+
+def test_a_damaged_unzipped_idx_file_gives_way_to_its_gz(tmp_path):
+    x, y = _mnist_arrays(3, seed=5)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte", x, compress=False)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", y, compress=True)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(y)[:-1])  # an interrupted gunzip
+    with pytest.warns(UserWarning, match=r"t10k-labels-idx1-ubyte is damaged; read t10k-labels-idx1-ubyte\.gz"):
+        test = load_dataset("mnist", tmp_path, "test")
+    assert test.labels.tolist() == y.tolist()
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b broken")
+    with pytest.raises(RelreasonError, match="t10k-labels-idx1-ubyte.gz"):
+        load_dataset("mnist", tmp_path, "test")
+
+
+@pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])
+def test_a_data_root_naming_torchvisions_own_folder(tmp_path, name, folder):
+    x, y = _mnist_arrays(3, seed=5)
+    _write_idx(tmp_path / folder / "raw" / "t10k-images-idx3-ubyte", x, compress=True)
+    _write_idx(tmp_path / folder / "raw" / "t10k-labels-idx1-ubyte", y, compress=True)
+    for root in (tmp_path, tmp_path / folder, tmp_path / folder / "raw"):
+        assert load_dataset(name, root, "test").labels.tolist() == y.tolist()
+
+
+def test_a_download_that_leaves_no_readable_files_says_what_it_left(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    class OldLayoutMNIST:  # torchvision finds its older processed/ files and fetches nothing
+        def __init__(self, root, train, download):
+            (Path(root) / "MNIST" / "processed").mkdir(parents=True)
+            (Path(root) / "MNIST" / "processed" / "test.pt").write_bytes(b"x")
+
+    monkeypatch.setattr(tvd, "MNIST", OldLayoutMNIST)
+    with pytest.raises(RelreasonError) as caught:
+        load_dataset("mnist", tmp_path / "data", "test", download=True)
+    message = str(caught.value)
+    assert "is still not under" in message and "after torchvision's download" in message
+    assert "holds MNIST/processed/test.pt" in message and "--download to fetch" not in message
+
+
 def test_default_system_dirs_point_at_debian_location():
     assert str(DEBIAN_FASHION) in _DEFAULT_SYSTEM_DIRS["fashion-mnist"]
 
@@ -304,7 +382,8 @@ def _write_stl(base: Path, n_train=3, n_test=2, n_unl=4):
     return train_x
 
 
-def test_stl10_binaries(tmp_path):
+def test_stl10_binaries(tmp_path, monkeypatch):
+    monkeypatch.setattr(benchmarks, "STL10_UNLABELED_IMAGES", 4)
     train_x = _write_stl(tmp_path / "stl10_binary")
     train = load_dataset("stl10", tmp_path, "train")
     assert len(train) == 3 and train.labels.tolist() == [0, 9, 4]
@@ -333,12 +412,18 @@ def test_stl10_binaries(tmp_path):
     assert dataset_info("stl10").mean == dataset_info("stl10").std == (0.5, 0.5, 0.5)  # the paper's code's constants
 
 
-def test_stl10_bad_sizes(tmp_path):
+def test_stl10_bad_sizes(tmp_path, monkeypatch):
+    monkeypatch.setattr(benchmarks, "STL10_UNLABELED_IMAGES", 4)
     base = tmp_path / "stl10_binary"
     _write_stl(base)
     (base / "test_y.bin").write_bytes(bytes([1, 2, 3]))  # 3 labels for 2 images
     with pytest.raises(RelreasonError, match="labels"):
         load_dataset("stl10", tmp_path, "test")
+    whole = (base / "unlabeled_X.bin").read_bytes()
+    (base / "unlabeled_X.bin").write_bytes(whole[: 3 * 96 * 96 * 3])  # cut short on a whole image
+    for split in ("unlabeled", "train+unlabeled"):
+        with pytest.raises(RelreasonError, match=r"holds 3 images, not the 4 of the unlabeled split \(cut short\?\)"):
+            load_dataset("stl10", tmp_path, split)
     (base / "unlabeled_X.bin").write_bytes(bytes(100))
     with pytest.raises(RelreasonError, match="multiple"):
         load_dataset("stl10", tmp_path, "unlabeled")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -66,7 +68,7 @@ _MNIST_FILES = {"train": _idx_files("train"), "test": _idx_files("t10k")}
 
 def _mnist_expected(sub: str) -> dict[str, str]:
     return {
-        s: f"{sub}/{' and '.join(f + '[.gz]' for f in files)} or the same files directly in the root"
+        s: f"{sub}/{' and '.join(f + '[.gz]' for f in files)} or the same files in the root or its raw/"
         for s, files in _MNIST_FILES.items()
     }
 
@@ -92,9 +94,10 @@ _LAYOUTS: dict[str, _Layout] = {
         {"train": ("train_32x32.mat",), "test": ("test_32x32.mat",)},
         {"train": "train_32x32.mat", "test": "test_32x32.mat"},
     ),
-    "mnist": _Layout(("MNIST/raw", ""), _MNIST_FILES, _mnist_expected("MNIST/raw"), gz_ok=True),
+    # "raw": a --data-root that names torchvision's MNIST or FashionMNIST folder itself
+    "mnist": _Layout(("MNIST/raw", "raw", ""), _MNIST_FILES, _mnist_expected("MNIST/raw"), gz_ok=True),
     "fashion-mnist": _Layout(
-        ("FashionMNIST/raw", ""), _MNIST_FILES, _mnist_expected("FashionMNIST/raw"), gz_ok=True
+        ("FashionMNIST/raw", "raw", ""), _MNIST_FILES, _mnist_expected("FashionMNIST/raw"), gz_ok=True
     ),
 }
 _LAYOUTS["cifar100-20"] = _LAYOUTS["cifar100"]
@@ -132,6 +135,16 @@ def _not_found(key: str, root: Path, split: str) -> RelreasonError:
         )
     return RelreasonError(
         f"dataset '{key}' (split '{split}') not found under {root} (expected {expected}); {fix}"
+    )
+
+
+def _not_made_by_download(key: str, root: Path, split: str) -> RelreasonError:
+    expected = _LAYOUTS[key].expected[split]
+    found = sorted(str(path.relative_to(root)) for path in root.rglob("*") if path.is_file())[:6] if root.is_dir() else []
+    holds = f"it holds {', '.join(found)}" if found else "it holds no files"
+    return RelreasonError(
+        f"dataset '{key}' (split '{split}') is still not under {root} after torchvision's download (expected "
+        f"{expected}; {holds}); download into an empty folder, or place the files there by hand"
     )
 
 
@@ -208,8 +221,23 @@ def _stl_classes(directory: Path) -> list[str]:
     return list(_STL10_CLASSES)
 
 
+#: Images in STL-10's unlabeled_X.bin. The file has no label file to count against, and an extraction cut short
+#: (disk full, interrupted) can end on a whole image; torchvision checks its md5 for the same reason. Tests
+#: monkeypatch it for their small files.
+STL10_UNLABELED_IMAGES = 100_000
+
+
+def _check_stl_unlabeled(path: Path) -> None:
+    count = formats.stl_count(path)
+    if count != STL10_UNLABELED_IMAGES:
+        raise RelreasonError(f"STL-10 file {path} holds {count} images, not the {STL10_UNLABELED_IMAGES} of the "
+                             "unlabeled split (cut short?); delete it and fetch it again (e.g. with --download)")
+
+
 def _read_stl10(files: dict[str, Path], split: str) -> ArrayImageDataset:
     classes = _stl_classes(next(iter(files.values())).parent)
+    if "unlabeled_X.bin" in files:
+        _check_stl_unlabeled(files["unlabeled_X.bin"])
     if split == "unlabeled":
         return ArrayImageDataset(formats.read_stl_images(files["unlabeled_X.bin"]), None, None)
     x_name = "test_X.bin" if split == "test" else "train_X.bin"
@@ -238,10 +266,60 @@ def _read_svhn(files: dict[str, Path], split: str) -> ArrayImageDataset:
     return ArrayImageDataset(x, y, list(_DIGIT_CLASSES))
 
 
-def _read_mnist_family(files: dict[str, Path], split: str, classes: list[str]) -> ArrayImageDataset:
+#: How many images of each digit MNIST's files hold: other datasets in the same IDX files (Fashion-MNIST,
+#: KMNIST) hold as many of every class, so the counts tell a full-size file of theirs from MNIST's.
+_MNIST_CLASS_COUNTS = {
+    "train": (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949),
+    "test": (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009),
+}
+
+#: SHA-256 of Fashion-MNIST's labels (the payload, as the gzip files of torchvision and of Debian differ).
+_FASHION_LABELS_SHA256 = {
+    "train": "657fbd221bfc9f4198cc14b5619cc33ec57c58dd0e47af4d99d6650759e869a7",
+    "test": "3d0e6c6ea990b53b6f8f500a41cac93881d981b315f84578b7d915342ade01e9",
+}
+
+
+def _read_idx_or_gz(path: Path, ndim: int) -> np.ndarray:
+    """An IDX file; when an unzipped one is damaged and its ``.gz`` sits beside it, the ``.gz``."""
+    try:
+        return formats.read_idx(path, expected_ndim=ndim)
+    except RelreasonError:
+        packed = path.with_name(path.name + ".gz")
+        if path.suffix == ".gz" or not packed.is_file():
+            raise
+        array = formats.read_idx(packed, expected_ndim=ndim)
+        warnings.warn(f"{path} is damaged; read {packed.name} beside it instead (delete {path.name} to silence this)",
+                      stacklevel=3)
+        return array
+
+
+def _check_mnist_family_labels(key: str, labels: np.ndarray, path: Path, split: str) -> None:
+    """Refuse another dataset's labels: all three datasets use the same file names, so a folder of the wrong one
+    would otherwise train and evaluate under the wrong class names. Only a full-size file can be told apart."""
+    full = sum(_MNIST_CLASS_COUNTS[split])
+    if labels.shape[0] != full:
+        return
+    counts = tuple(int(c) for c in np.bincount(labels, minlength=10)[:10])
+    balanced = counts == (full // 10,) * 10
+    if key == "mnist" and counts != _MNIST_CLASS_COUNTS[split]:
+        looks = ("Fashion-MNIST's or KMNIST's (they hold as many images of every class)" if balanced
+                 else "damaged or another dataset's")
+        raise RelreasonError(f"{path} holds labels that are not MNIST's but {looks}; point --data-root at "
+                             "MNIST's files, or download them into an empty folder (--download)")
+    if key == "fashion-mnist" and hashlib.sha256(labels.tobytes()).hexdigest() != _FASHION_LABELS_SHA256[split]:
+        looks = ("MNIST's" if counts == _MNIST_CLASS_COUNTS[split]
+                 else "another dataset's (KMNIST's?)" if balanced else "damaged or another dataset's")
+        raise RelreasonError(f"{path} holds labels that are not Fashion-MNIST's but {looks}; point --data-root at "
+                             "Fashion-MNIST's files, or download them into an empty folder (--download)")
+
+
+def _read_mnist_family(files: dict[str, Path], split: str, key: str, classes: list[str]) -> ArrayImageDataset:
     img_path, lab_path = files.values()
-    x = formats.read_idx(img_path, expected_ndim=3)
-    y = formats.read_idx(lab_path, expected_ndim=1)
+    y = _read_idx_or_gz(lab_path, 1)
+    if y.dtype == np.uint8:  # the labels first: another dataset's files are refused before 47 MB of its images
+        _check_mnist_family_labels(key, y, lab_path, split)
+    x = _read_idx_or_gz(img_path, 3)
     if x.dtype != np.uint8 or y.dtype != np.uint8:
         raise RelreasonError(
             f"IDX files {img_path} / {lab_path} are not unsigned-byte files; delete them and fetch them again (e.g. with --download)"
@@ -260,8 +338,8 @@ _READERS: dict[str, Callable[[dict[str, Path], str], Dataset]] = {
     "cifar100-20": lambda f, s: _read_cifar100(f, s, coarse=True),
     "stl10": _read_stl10,
     "svhn": _read_svhn,
-    "mnist": lambda f, s: _read_mnist_family(f, s, _DIGIT_CLASSES),
-    "fashion-mnist": lambda f, s: _read_mnist_family(f, s, _FASHION_CLASSES),
+    "mnist": lambda f, s: _read_mnist_family(f, s, "mnist", _DIGIT_CLASSES),
+    "fashion-mnist": lambda f, s: _read_mnist_family(f, s, "fashion-mnist", _FASHION_CLASSES),
 }
 
 
@@ -283,6 +361,8 @@ def load_benchmark(key: str, root: Path, split: str, download: bool) -> ArrayIma
     if files is None and download:
         _download(key, root, split)
         files = _locate(key, root, split)
+        if files is None:
+            raise _not_made_by_download(key, root, split)
     if files is None:
         raise _not_found(key, root, split)
     dataset = _READERS[key](files, split)

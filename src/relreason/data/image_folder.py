@@ -14,15 +14,24 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from relreason.data.array_dataset import pil_to_rgb
 from relreason.errors import RelreasonError, one_line, short_reason
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
-    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".avif", ".ppm", ".pgm",
+    ".pbm", ".pnm",
 )
+
+#: Photos in formats PIL does not read without plugins: said when a folder holds them, rather than left out unsaid.
+UNREAD_IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".heic", ".heif", ".jxl", ".jp2", ".j2k", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2", ".raw",
+    ".svg", ".psd", ".exr",
+)
+
+_EXIF_ORIENTATION = 0x0112
 
 
 def _is_hidden(name: str) -> bool:
@@ -30,8 +39,10 @@ def _is_hidden(name: str) -> bool:
 
 
 def _scan_images(root: Path) -> list[tuple[str, ...]]:
-    """Relative path parts of every image file under ``root``, sorted; hidden entries skipped."""
+    """Relative path parts of every image file under ``root``, sorted; hidden entries skipped; a warning names
+    photos of a format left out (HEIC, RAW, ...)."""
     found: list[tuple[str, ...]] = []
+    unread: dict[str, int] = {}
     seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -42,8 +53,15 @@ def _scan_images(root: Path) -> list[tuple[str, ...]]:
         dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
         rel = Path(dirpath).relative_to(root).parts
         for fname in filenames:
-            if not _is_hidden(fname) and os.path.splitext(fname)[1].lower() in IMAGE_EXTENSIONS:
+            extension = os.path.splitext(fname)[1].lower()
+            if not _is_hidden(fname) and extension in IMAGE_EXTENSIONS:
                 found.append(rel + (fname,))
+            elif not _is_hidden(fname) and extension in UNREAD_IMAGE_EXTENSIONS:
+                unread[extension] = unread.get(extension, 0) + 1
+    if unread:
+        kinds = ", ".join(f"{count} {extension}" for extension, count in sorted(unread.items()))
+        warnings.warn(f"image folder {root}: {kinds} file(s) are left out, as formats relreason does not read; "
+                      "convert them to JPEG or PNG to use them", UserWarning, stacklevel=3)
     found.sort()
     return found
 
@@ -264,6 +282,8 @@ class ImageFolderDataset(Dataset):
                 img.load()  # decode now: truncated / corrupt data raises here
                 if img.width < 1 or img.height < 1:
                     raise ValueError(f"image has size {img.width}x{img.height}")
+                if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # a phone photo stored sideways: turn it upright
+                    return pil_to_rgb(ImageOps.exif_transpose(img))
                 return pil_to_rgb(img)
         except Exception as exc:  # PIL raises many types on corrupt data (OSError, SyntaxError, struct.error, ...)
             try:
