@@ -5,6 +5,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from loop_reference import loop_augment
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
@@ -346,3 +347,17 @@ def test_view_counts_of_numpy_and_torch_integer_types_are_taken():
         assert augment(images, count, torch.Generator().manual_seed(0)).shape == (3, 2, 3, 8, 8)
     assert augment.image_size == 8 and type(ba.BatchRelationalAugmentation(np.int64(8), (0.5,) * 3, (0.25,) * 3)
                                             .image_size) is int
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_batched_views_equal_views_made_one_at_a_time(channels):
+    """The whole batched pipeline (crop box, flip, jitter order and factors, greyscale, normalisation) against a
+    per-view loop of PIL and torchvision operations with the same random choices."""
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (64, channels, 20, 24), dtype=np.uint8))
+    augment = ba.BatchRelationalAugmentation(12, mean, std)
+    params = augment.sample_parameters(64, 20, 24, torch.Generator().manual_seed(1))
+    assert params.flip.any() and (~params.flip).any() and params.grayscale.any() and (~params.jitter).any()
+    assert (params.boxes[:, 2] != params.boxes[:, 3]).any()  # crops that are not square: swapped axes would show
+    expected = loop_augment(images.expand(-1, 3, -1, -1), params, 12, mean, std)
+    torch.testing.assert_close(augment.apply(images, params), expected, atol=2e-3, rtol=0)

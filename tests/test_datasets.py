@@ -301,7 +301,7 @@ def test_a_full_size_mnist_family_file_must_hold_its_datasets_labels(tmp_path):
     mnist_like = np.random.default_rng(0).permutation(np.repeat(np.arange(10, dtype=np.uint8), mnist_counts))
     _full_size_test_split(tmp_path / "mnist", mnist_like)
     assert len(load_dataset("mnist", tmp_path / "mnist", "test")) == 10_000
-    with pytest.raises(RelreasonError, match="holds labels that are not Fashion-MNIST's but MNIST's; point --data-root"):
+    with pytest.raises(RelreasonError, match="holds labels that are not Fashion-MNIST's but MNIST's; point --data"):
         load_dataset("fashion-mnist", tmp_path / "mnist", "test")
     balanced = np.random.default_rng(0).permutation(np.repeat(np.arange(10, dtype=np.uint8), 1000))  # KMNIST-like
     _full_size_test_split(tmp_path / "kmnist", balanced)

@@ -13,8 +13,7 @@ from PIL import Image
 from test_bad_images import _EXPECTED_LABELS, _EXPECTED_SOURCE, _hashes, _write_bad_folder
 
 from relreason.cli import main
-from relreason.data import ImageFolderDataset, read_skip_log
-from relreason.data import decoded_folder
+from relreason.data import ImageFolderDataset, decoded_folder, read_skip_log
 from relreason.data.batch_views import DeviceMultiViewDataset
 from relreason.data.decoded_folder import DecodedImageFolder
 from relreason.errors import RelreasonError

@@ -60,6 +60,11 @@ def test_exported_backbone_loads_into_its_class(runs):
     straight, _ = runs
     model = Conv4()
     model.load_state_dict(torch.load(straight / "backbone.pt", weights_only=True))
+    # The trained weights, not a fresh Conv4's: every tensor is the final checkpoint's backbone.
+    trained = torch.load(straight / "checkpoint-e0008-s0000000.pt", weights_only=False)["model"]
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, trained[f"method.backbone.{name}"]), name
+    assert not torch.equal(model.state_dict()["layer1.0.weight"], Conv4().state_dict()["layer1.0.weight"])
 
 
 def test_evaluate_pretrained_beats_random_knn(runs, capsys):

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from loop_reference import reference_knn_predict
 from PIL import Image
 from torch import nn
 from torchvision.transforms import Compose, Resize, ToTensor
@@ -90,24 +90,6 @@ def test_knn_records_the_k_it_used_when_the_training_set_is_smaller():
 # --------------------------------------------------------------------------------------------
 # k-NN against an obviously correct reference
 # --------------------------------------------------------------------------------------------
-
-
-def reference_knn_predict(train_x, train_y, test_x, k, temperature):
-    """Loop-by-loop weighted cosine k-NN in float64, for comparison."""
-    tr = np.asarray(train_x, dtype=np.float64)
-    te = np.asarray(test_x, dtype=np.float64)
-    labels = np.asarray(train_y)
-    num_classes = int(labels.max()) + 1
-    k = min(k, len(tr))
-    predictions = []
-    for q in te:
-        sims = [float(q @ t) / (np.linalg.norm(q) * np.linalg.norm(t)) for t in tr]
-        order = sorted(range(len(tr)), key=lambda i: sims[i], reverse=True)[:k]
-        votes = [0.0] * num_classes
-        for i in order:
-            votes[labels[i]] += math.exp(sims[i] / temperature)
-        predictions.append(int(np.argmax(votes)))
-    return predictions
 
 
 @pytest.mark.parametrize("k", [1, 3, 10, 37, 60, 500])
@@ -1032,3 +1014,26 @@ def test_fine_tuning_reads_a_folder_once_into_memory_with_the_results_of_reading
     in_memory, from_files = (json.loads((tmp_path / f"{name}.json").read_text())["results"] for name in ("memory", "files"))
     assert in_memory == from_files
     assert in_memory["pretrained"]["finetune"]["train_accuracy"] > 0
+
+
+@pytest.mark.parametrize("weight_decay", [1e-3, 0.05])
+def test_converged_probe_minimises_the_same_objective_as_scikit_learn(weight_decay):
+    """mean CE + wd * ||W||^2 on standardised features is scikit-learn's multinomial logistic regression with
+    C = 1 / (2 * wd * N) (bias unpenalised): both land on the same classifier, so on overlapping classes the
+    same predictions."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(4)
+    centres = rng.normal(size=(3, 20)) * 0.6
+    tr_y, te_y = rng.integers(0, 3, 60), rng.integers(0, 3, 3000)
+    tr_x = centres[tr_y] + rng.normal(size=(60, 20)) * 1.5
+    te_x = centres[te_y] + rng.normal(size=(3000, 20)) * 1.5
+    ours = linear_probe_converged(torch.from_numpy(tr_x), torch.from_numpy(tr_y), torch.from_numpy(te_x),
+                                  torch.from_numpy(te_y), weight_decay=weight_decay)
+    scaler = StandardScaler().fit(tr_x)
+    reference = LogisticRegression(C=1 / (2 * weight_decay * 60), tol=1e-12, max_iter=10_000)
+    reference.fit(scaler.transform(tr_x), tr_y)
+    assert ours["train_accuracy"] == pytest.approx(100 * reference.score(scaler.transform(tr_x), tr_y))
+    assert ours["test_accuracy"] == pytest.approx(100 * reference.score(scaler.transform(te_x), te_y))
+    assert 40 < ours["test_accuracy"] < 95  # overlapping classes: the regularisation decides borderline rows

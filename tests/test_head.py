@@ -4,8 +4,8 @@ import copy
 
 import pytest
 import torch
-
 from loop_reference import loop_aggregate
+
 from relreason import RelationHead, RelreasonError, pair_tail
 from relreason.pairing import aggregation_width, relation_pair_indices
 
@@ -44,7 +44,7 @@ def test_score_pairs_equals_plain_head(aggregation, dtype, num_views, batch_size
     assert fast.shape == plain.shape == (num_views * (num_views - 1) * batch_size,)
     assert torch.allclose(fast, plain, **tol)
     assert torch.allclose(fast_features.grad, plain_features.grad, **tol)
-    for (name, a), b in zip(fast_head.named_parameters(), plain_head.parameters()):
+    for (name, a), b in zip(fast_head.named_parameters(), plain_head.parameters(), strict=True):
         if name == "0.bias" and aggregation != "max":
             # Exactly zero in exact arithmetic (BatchNorm removes any shift); both hold only rounding noise.
             assert a.grad.abs().max() < 10 * tol["atol"] and b.grad.abs().max() < 10 * tol["atol"]
@@ -135,7 +135,7 @@ def test_streamed_tail_with_zero_batchnorm_scale_and_cumulative_momentum(monkeyp
     (streamed, fast, fast_grad), (plain_head, plain, plain_grad) = streamed_and_plain(head, features, 3)
     assert torch.allclose(fast, plain, rtol=1e-10, atol=1e-12)
     assert torch.allclose(fast_grad, plain_grad, rtol=1e-10, atol=1e-12)
-    for (name, a), b in zip(streamed.named_parameters(), plain_head.parameters()):
+    for (name, a), b in zip(streamed.named_parameters(), plain_head.parameters(), strict=True):
         assert torch.isfinite(a.grad).all() and torch.allclose(a.grad, b.grad, rtol=1e-10, atol=1e-12), name
     for name in ("running_mean", "running_var"):
         assert torch.allclose(getattr(streamed[1], name), getattr(plain_head[1], name), rtol=1e-12), name
@@ -181,7 +181,7 @@ def test_streamed_tail_is_deterministic():
     features = torch.randn(8 * 16, 16)
     first, second = streamed_and_plain(head, features, 8)[0], streamed_and_plain(head, features, 8)[0]
     assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])
-    for a, b in zip(first[0].parameters(), second[0].parameters()):
+    for a, b in zip(first[0].parameters(), second[0].parameters(), strict=True):
         assert torch.equal(a.grad, b.grad)
 
 
@@ -279,7 +279,7 @@ def test_stream_tail_only_where_it_computes_what_the_modules_would(change, strea
     expected = expected_head(torch.cat([features[left], features[right]], 1)).squeeze(1)
     assert calls == ([1] if streams else [])
     assert torch.allclose(scores, expected, atol=1e-5)
-    for a, b in zip(head.buffers(), expected_head.buffers()):
+    for a, b in zip(head.buffers(), expected_head.buffers(), strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-6)
 
 
@@ -298,7 +298,7 @@ def test_streamed_tail_follows_the_heads_own_slope_eps_and_momentum(monkeypatch)
     assert calls == [1]
     plain = plain_scores(plain_head, features, 5, "cat")
     assert torch.allclose(streamed, plain, atol=1e-10)
-    for a, b in zip(head.buffers(), plain_head.buffers()):
+    for a, b in zip(head.buffers(), plain_head.buffers(), strict=True):
         assert torch.allclose(a.double(), b.double(), atol=1e-12)
 
 

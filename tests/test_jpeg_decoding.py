@@ -180,6 +180,9 @@ def test_the_per_image_path_and_evaluation_decode_what_their_crops_need(tmp_path
     monkeypatch.setattr("relreason.evaluate.extract_features", recording)  # compare's t-SNE reads as evaluate
     plot_embeddings(comparison, tmp_path / "map.png")
     assert seen == [(4 * 12, threads)] and (tmp_path / "map.png").is_file()
+    for cores, expected in ((12, 8), (3, 3), (None, 1)):  # up to 8 threads; one where the count is unknown
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        assert read_threads(ImageFolderDataset(root / "test")) == expected, cores
 
 
 def test_a_feature_cache_of_full_decoding_is_not_read_as_one_of_reduced_decoding(tmp_path, monkeypatch):

@@ -2,11 +2,12 @@ import math
 
 import pytest
 import torch
+from loop_reference import loop_nt_xent
 from torch import nn
 
 from relreason.errors import RelreasonError
 from relreason.methods.rotation import RotationPrediction, rotate_batch
-from relreason.methods.simclr import SimCLR, nt_xent_logits, nt_xent_loss, contrastive_accuracy
+from relreason.methods.simclr import SimCLR, contrastive_accuracy, nt_xent_logits, nt_xent_loss
 from relreason.methods.supervised import Supervised
 
 FEATURES = 16
@@ -30,19 +31,6 @@ class CountingBackbone(nn.Module):
     def forward(self, x):
         self.calls.append(x.shape[0])
         return self.net(x)
-
-
-def loop_nt_xent(z1, z2, temperature):
-    """Plain per-anchor NT-Xent: for anchor i, -log(exp(s_ip/T) / sum_{k != i} exp(s_ik/T)), averaged."""
-    z = torch.cat([z1, z2])
-    n, b = z.shape[0], z1.shape[0]
-    unit = [z[i] / z[i].norm() for i in range(n)]
-    total = 0.0
-    for i in range(n):
-        p = i + b if i < b else i - b
-        denominator = sum(torch.exp(torch.dot(unit[i], unit[k]) / temperature) for k in range(n) if k != i)
-        total = total - torch.log(torch.exp(torch.dot(unit[i], unit[p]) / temperature) / denominator)
-    return total / n
 
 
 # ---------------------------------------------------------------- NT-Xent

@@ -2,10 +2,10 @@ import copy
 
 import pytest
 import torch
+from loop_reference import formula_focal, loop_step, reference_head
 from torch import nn
 
-from loop_reference import loop_step, reference_head
-from relreason import RelationalReasoning, RelationHead, RelreasonError, relation_pair_indices
+from relreason import FocalLoss, RelationalReasoning, RelationHead, RelreasonError, relation_pair_indices
 from relreason.backbones import Conv4
 
 
@@ -38,11 +38,34 @@ def test_loss_scores_gradients_equal_loop(aggregation, dtype, factorised, stacke
     assert torch.allclose(out.scores, scores, **tol)
     assert torch.equal(out.targets, targets)
     assert torch.allclose(out.features, first_view.detach(), **tol)  # what the online probe learns from
-    for fast, plain in zip(model.parameters(), list(backbone.parameters()) + list(head.parameters())):
+    for fast, plain in zip(model.parameters(), list(backbone.parameters()) + list(head.parameters()), strict=True):
         assert torch.allclose(fast.grad, plain.grad, **tol)
     # BatchNorm running statistics move identically.
     assert torch.allclose(model.relation_head[1].running_mean, head[1].running_mean, **tol)
     assert torch.allclose(model.relation_head[1].running_var, head[1].running_var, **tol)
+
+
+@pytest.mark.parametrize("factorised", [True, False])
+@pytest.mark.parametrize("aggregation", ["cat", "max"])
+def test_focal_loss_scores_gradients_equal_loop(aggregation, factorised):
+    """The paper's configs train with the focal loss: the whole step under it against the loop and its formula."""
+    torch.manual_seed(3)
+    model = RelationalReasoning(small_backbone(), aggregation=aggregation, factorised_head=factorised,
+                                loss=FocalLoss(1.5, 0.3)).double()
+    backbone = copy.deepcopy(model.backbone)
+    head = reference_head(model.relation_head[0].in_features).double()
+    head.load_state_dict(model.relation_head.state_dict())
+    views = [torch.randn(5, 3, 8, 8, dtype=torch.float64) for _ in range(4)]
+
+    out = model(views)
+    out.loss.backward()
+    loss, scores, _, _ = loop_step(backbone, head, views, aggregation, criterion=formula_focal(1.5, 0.3))
+    loss.backward()
+
+    assert torch.allclose(out.loss, loss, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(out.loss, nn.BCEWithLogitsLoss()(scores, out.targets))  # it is not BCE's
+    for fast, plain in zip(model.parameters(), list(backbone.parameters()) + list(head.parameters()), strict=True):
+        assert torch.allclose(fast.grad, plain.grad, rtol=1e-10, atol=1e-12)
 
 
 def test_accuracies_match_definition():

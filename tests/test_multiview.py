@@ -16,7 +16,6 @@ from relreason.data import (
     ToRGB,
     dataset_info,
     eval_transform,
-    pil_to_rgb,
     relational_augmentation,
 )
 from relreason.errors import RelreasonError
@@ -165,7 +164,12 @@ def test_both_transforms_take_a_pil_image_of_any_mode(mode):
     image = Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 256) if mode == "I;16" else rgb.convert(mode)
     assert image.mode == mode
     assert eval_transform(16, MEAN, STD)(image).shape == (3, 16, 16)
-    assert ToRGB()(image).tobytes() == pil_to_rgb(image).tobytes()  # 16-bit scaled, not clipped
+    converted = np.asarray(ToRGB()(image))
+    assert converted.shape == (30, 40, 3) and converted.dtype == np.uint8
+    if mode in ("L", "I;16"):  # grey levels in every channel; 16-bit divided by 257, not clipped to 255
+        grey = np.asarray(rgb.convert("L"), dtype=np.float64)
+        expected = grey if mode == "L" else np.rint(grey * 256 / 257)
+        assert all(np.array_equal(converted[..., c], expected) for c in range(3))
     torch.manual_seed(0)
     assert relational_augmentation(16, MEAN, STD)(image).shape == (3, 16, 16)
     # RGB images pass through untouched: the step changes nothing for the RGB datasets' views.

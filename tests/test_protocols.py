@@ -9,17 +9,12 @@ from decimal import ROUND_HALF_UP, Decimal
 import numpy as np
 import pytest
 import torch
+from loop_reference import reference_knn_predict, reference_retrieval
 from PIL import Image
 from torch import nn
 
 from relreason.cli import main
-from relreason.data import (
-    ArrayImageDataset,
-    compute_normalization,
-    dataset_info,
-    eval_transform,
-    load_dataset,
-)
+from relreason.data import ArrayImageDataset, compute_normalization, dataset_info, eval_transform, load_dataset
 from relreason.errors import RelreasonError
 from relreason.evaluate import (
     evaluate_features,
@@ -76,38 +71,12 @@ def test_retrieval_metrics_hand_computed():
     assert retrieval_metrics(features, labels, ks=(10,))["precision@10"] == pytest.approx(100 * 2 / 5)
 
 
-def _reference_retrieval(features: np.ndarray, labels: np.ndarray, ks) -> dict[str, float]:
-    """A plain per-query loop: rank the others by cosine similarity, count hits, average precision."""
-    n = features.shape[0]
-    normed = features / np.linalg.norm(features, axis=1, keepdims=True)
-    precision = {k: 0.0 for k in ks}
-    ap_total, scored = 0.0, 0
-    for i in range(n):
-        others = [j for j in range(n) if j != i]
-        ranked = sorted(others, key=lambda j: -float(normed[i] @ normed[j]))
-        rel = [labels[j] == labels[i] for j in ranked]
-        for k in ks:
-            kk = min(k, n - 1)
-            precision[k] += sum(rel[:kk]) / kk
-        if sum(rel):
-            hits, ap = 0, 0.0
-            for rank, r in enumerate(rel, start=1):
-                if r:
-                    hits += 1
-                    ap += hits / rank
-            ap_total += ap / sum(rel)
-            scored += 1
-    out = {f"precision@{k}": 100 * precision[k] / n for k in ks}
-    out["mAP"] = 100 * ap_total / scored
-    return out
-
-
 def test_retrieval_metrics_match_plain_loop_and_do_not_depend_on_chunking():
     rng = np.random.default_rng(0)
     features = rng.normal(size=(60, 6)).astype(np.float32)
     labels = rng.integers(0, 4, size=60)
     labels[17] = 9  # a class with a single member: no AP for that query
-    expected = _reference_retrieval(features.astype(np.float64), labels, (1, 5, 10))
+    expected = reference_retrieval(features.astype(np.float64), labels, (1, 5, 10))
     for batch_size in (None, 7, 60):
         result = retrieval_metrics(torch.from_numpy(features), torch.from_numpy(labels), batch_size=batch_size)
         for key, value in expected.items():
@@ -467,7 +436,6 @@ def test_cli_cross_domain_uses_the_evaluation_datasets_normalisation(tmp_path, c
     assert payload["normalization"]["mean"] != pytest.approx(meta["mean"], abs=0.01)
     # The k-NN result is that of features extracted with the folder's own statistics: the same weights,
     # the folder's mean and std, and a plain weighted cosine 3-NN vote over them.
-    from test_evaluate import reference_knn_predict
 
     from relreason.backbones import build_backbone
 

@@ -140,7 +140,8 @@ def _not_found(key: str, root: Path, split: str) -> RelreasonError:
 
 def _not_made_by_download(key: str, root: Path, split: str) -> RelreasonError:
     expected = _LAYOUTS[key].expected[split]
-    found = sorted(str(path.relative_to(root)) for path in root.rglob("*") if path.is_file())[:6] if root.is_dir() else []
+    found = sorted(str(path.relative_to(root)) for path in root.rglob("*") if path.is_file()) if root.is_dir() else []
+    found = found[:6]
     holds = f"it holds {', '.join(found)}" if found else "it holds no files"
     return RelreasonError(
         f"dataset '{key}' (split '{split}') is still not under {root} after torchvision's download (expected "
