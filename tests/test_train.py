@@ -591,7 +591,8 @@ def test_random_method_refuses_a_folder_with_another_run(tmp_path):
 def test_stale_temporary_files_of_a_killed_write_are_removed(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    stale = [run / ".checkpoint-e0000-s0000003.pt.k2j4.tmp", run / ".backbone.pt.x9q1.tmp"]
+    stale = [run / ".checkpoint-e0000-s0000003.pt.k2j4.tmp", run / ".backbone.pt.x9q1.tmp",
+             run / ".training_curves.png.p0q1.tmp"]
     kept = run / ".notes.txt.a1b2.tmp"  # not a name relreason writes
     for path in (*stale, kept):
         path.write_bytes(b"partial")
@@ -814,3 +815,120 @@ def test_a_named_datasets_run_resumes_with_the_normalisation_it_started_with(tmp
                                 PretrainConfig(dataset="folder", data_root=str(tmp_path / "images")), geometry)
     assert geometry["mean"] == [0.5] * 3 and "normalization" not in geometry
     check_resumable(folder_run, PretrainConfig(dataset="folder", data_root="x"), geometry, Path("c.pt"))
+
+
+def test_a_run_trained_past_epochs_is_refused_not_relabelled(tmp_path, capsys):
+    pretrain(config(tmp_path, epochs=2, tensorboard=False))
+    run = tmp_path / "run"
+    before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+    with pytest.raises(RelreasonError, match=r"cannot resume .*checkpoint-e0002-s0000000\.pt with --epochs 1: the run has "
+                       r"trained 2 epochs, past it; pass --epochs 2 or more to go on, or choose another --output-dir"):
+        pretrain(config(tmp_path, epochs=1, tensorboard=False))
+    assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
+    # Mid-epoch: a checkpoint 1.5 epochs in is past --epochs 1 too.
+    checkpoint = torch.load(run / "checkpoint-e0001-s0000000.pt", weights_only=False)
+    checkpoint["position"] |= {"step": checkpoint["position"]["steps_per_epoch"] // 2}
+    for path in list_checkpoints(run):
+        path.unlink()
+    torch.save(checkpoint, run / "checkpoint-e0001-s0000005.pt")
+    with pytest.raises(RelreasonError, match=r"has trained 1\.\d+ epochs, past it; pass --epochs 2 or more"):
+        pretrain(config(tmp_path, epochs=1, tensorboard=False))
+
+
+def test_a_rerun_that_trains_nothing_keeps_the_options_that_trained_the_run(tmp_path, capsys):
+    pretrain(config(tmp_path, tensorboard=False))
+    recorded = (tmp_path / "run" / "config.json").read_text()
+    pretrain(config(tmp_path, lr=5e-3, tensorboard=False))
+    assert "nothing to train" in capsys.readouterr().err
+    assert (tmp_path / "run" / "config.json").read_text() == recorded
+
+
+def test_options_a_resume_may_change_are_said(tmp_path, capsys):
+    pretrain(config(tmp_path, tensorboard=False))
+    capsys.readouterr()
+    pretrain(config(tmp_path, epochs=2, lr=2e-3, amp="bf16", augment="pil", tensorboard=False))
+    err = capsys.readouterr().err
+    assert "relreason: note: resuming with --lr 0.002; the run so far trained with 0.001" in err
+    assert "relreason: note: resuming with --amp bf16; the run so far trained with off" in err
+    assert "relreason: note: resuming with --augment pil; the run so far trained with tensor" in err
+    assert "--weight-decay" not in err
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["lr"] == 2e-3
+
+
+def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDONLY)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(120)", str(run)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RelreasonError, match=f"run folder {run} is in use by another relreason process that is "
+                           "training in it; wait for it to end \\(or stop it\\), or choose another --output-dir"):
+            pretrain(config(tmp_path, tensorboard=False))
+        assert list(run.iterdir()) == []  # refused before anything was written
+    finally:
+        holder.kill()
+        holder.wait()
+    assert pretrain(config(tmp_path, tensorboard=False)).epochs_done == 1
+    assert pretrain(config(tmp_path, epochs=2, tensorboard=False)).epochs_done == 2  # released when a run ends
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from relreason.cli import main
+    from relreason.train import resume
+
+    def argv(epochs):
+        return ["pretrain", "--dataset", "digits", "--image-size", "16", "-K", "3", "--epochs", str(epochs),
+                "--device", "cpu", "--no-progress", "--no-tensorboard", "--output-dir", str(tmp_path / "run")]
+
+    assert main(argv(1)) == 0  # one epoch: its checkpoint is on the disk
+    first = (tmp_path / "run" / "checkpoint-e0001-s0000000.pt").read_bytes()
+
+    def disk_full(obj, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(resume, "atomic_torch_save", disk_full)
+    capsys.readouterr()
+    assert main(argv(2)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"relreason: error: cannot write {tmp_path / 'run'} (No space left on device); the run keeps its last "
+                   "whole checkpoint: free space there (or choose another --output-dir) and rerun the command")
+    assert (tmp_path / "run" / "checkpoint-e0001-s0000000.pt").read_bytes() == first
+
+
+def test_tensorboard_shows_a_resumed_epoch_once(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pretrain(config(tmp_path, epochs=2))
+    (tmp_path / "run" / "checkpoint-e0002-s0000000.pt").unlink()  # as if killed before it: epoch 2 again
+    pretrain(config(tmp_path, epochs=3, lr=2e-3))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    steps = [event.step for event in events.Scalars("pretrain/loss")]
+    assert steps == [1, 2, 3]
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [event.value for event in events.Scalars("pretrain/loss")] == pytest.approx([r["loss"] for r in history])
+
+
+def test_an_export_cut_short_leaves_no_description_of_other_weights(tmp_path, monkeypatch):
+    from relreason.train import run_folder
+
+    result = pretrain(config(tmp_path, tensorboard=False))
+    run = tmp_path / "run"
+    assert (run / "backbone.json").is_file()
+
+    def killed(obj, path):
+        raise KeyboardInterrupt  # as a kill between the weights and their description
+
+    monkeypatch.setattr(run_folder, "atomic_torch_save", killed)
+    position = TrainingPosition(epoch=1)
+    with pytest.raises(KeyboardInterrupt):
+        run_folder.export_backbone(run, result.model.backbone, config(tmp_path), {"image_size": 16}, position)
+    assert not (run / "backbone.json").exists()

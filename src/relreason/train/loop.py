@@ -4,6 +4,7 @@ trains it epoch by epoch, logging and checkpointing on rank 0."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import sys
 import time
@@ -46,6 +47,7 @@ from relreason.train.metrics_log import MetricsLog, format_metric, in_percent, p
 from relreason.train.position import TrainingPosition
 from relreason.train.resume import (
     CheckpointSaver,
+    changed_option_notes,
     check_resumable,
     keep_recorded_normalization,
     load_optimizer_state,
@@ -57,9 +59,14 @@ from relreason.train.run_folder import (
     check_no_other_run,
     check_output_dir,
     export_backbone,
+    lock_run_folder,
     prepare_output_dir,
+    release_run_folders,
 )
 from relreason.train.stop import StopRequest
+
+#: Write errors that no retry fixes and the user can: a full disk, a spent quota, a file system turned read-only.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 POSTFIX_SECONDS = 2.0  # how often the progress bar's running means are refreshed
 
@@ -80,7 +87,15 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     context, device = init_distributed(resolve_device(config.device))
     try:
         return _pretrain(config, context, device, deadline)
+    except OSError as error:
+        if error.errno not in _DISK_FULL:
+            raise
+        # Every run file is written whole or not at all, so what is there is the last checkpoint written whole.
+        where = error.filename or config.output_dir
+        raise RelreasonError(f"cannot write {where} ({error.strerror}); the run keeps its last whole checkpoint: "
+                             "free space there (or choose another --output-dir) and rerun the command") from None
     finally:
+        release_run_folders()
         shutdown_distributed(context)
 
 
@@ -100,6 +115,8 @@ def _pretrain(
     seed_everything(config.seed)
     method_type = method_class(config.method)
     check_output_dir(config)  # in one line before any data is read; the folder is made after the data checks
+    if context.is_main:
+        lock_run_folder(Path(config.output_dir))  # an existing one, before its checkpoints are read
     if method_type is None:
         check_no_other_run(Path(config.output_dir))  # before anything in that folder is touched
     # The checkpoint to resume is read before the data, so that a resume its options refuse is refused before a
@@ -130,6 +147,8 @@ def _pretrain(
     num_classes = num_classes_of(dataset)
     method = build_model(config, geometry["image_size"], num_classes)  # a broken backbone factory fails here,
     run_dir = prepare_output_dir(config, context)  # before the output folder exists
+    if context.is_main:
+        lock_run_folder(run_dir)  # one made just now
     if method is None:  # 'random': the lower bound is the initialisation itself
         backbone = build_backbone(config.backbone, image_size=geometry["image_size"], args=config.backbone_args)
         if context.is_main:
@@ -191,6 +210,8 @@ def _pretrain(
                     "train on); exporting its backbone again", context)
             else:
                 log(f"resuming {path}: epoch {position.epoch + 1}, step {position.step}", context)
+                for note in changed_option_notes(checkpoint, config, geometry):
+                    log(f"relreason: note: {note}", context)
             saved_epochs = checkpoint.get("config", {}).get("epochs", config.epochs)
             if config.lr_schedule == "cosine" and saved_epochs != config.epochs:
                 log(f"relreason: warning: --epochs changed from {saved_epochs} to {config.epochs}: the cosine schedule "
@@ -199,10 +220,12 @@ def _pretrain(
     if context.is_main:
         # Records past the starting point (all of them on a fresh start) are of steps about to be redone.
         metrics.truncate_after(position.epochs_done)
-        # Paths absolute: `pretrain --config RUN/config.json` then means the same run from any working folder.
-        paths = {"data_root": absolute_data_root(config), "output_dir": str(run_dir.resolve())}
-        recorded = {"geometry": geometry, "processes": context.world_size}  # --batch-size is per process
-        atomic_write_json(run_dir / CONFIG_NAME, dataclasses.asdict(config) | paths | recorded)
+        # The options of the latest command that trained the run: a rerun that trains nothing keeps them.
+        if position.epoch < config.epochs or not (run_dir / CONFIG_NAME).exists():
+            # Paths absolute: `pretrain --config RUN/config.json` then means the same run from any working folder.
+            paths = {"data_root": absolute_data_root(config), "output_dir": str(run_dir.resolve())}
+            recorded = {"geometry": geometry, "processes": context.world_size}  # --batch-size is per process
+            atomic_write_json(run_dir / CONFIG_NAME, dataclasses.asdict(config) | paths | recorded)
     train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if context.enabled else model
     saver = CheckpointSaver(run_dir, config, geometry, model, optimizer, scaler, context, device,

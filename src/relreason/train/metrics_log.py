@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -20,22 +21,31 @@ class MetricsLog:
     def __init__(self, run_dir: Path, use_tensorboard: bool) -> None:
         self.path = run_dir / METRICS_NAME
         self.steps_path = run_dir / STEPS_NAME
+        self.tensorboard_dir = run_dir / "tensorboard" if use_tensorboard else None
         self.writer = None
-        if use_tensorboard:
+        self.purge_from: int | None = None  # the first epoch a resumed run writes again
+
+    def _tensorboard(self):
+        if self.writer is None and self.tensorboard_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                pass
-            else:
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+                self.tensorboard_dir = None
+                return None
+            # purge_step: TensorBoard hides the earlier attempt's events from that epoch on, as truncate_after
+            # drops its JSON lines, so a resumed run's curves do not show those epochs twice.
+            self.writer = SummaryWriter(str(self.tensorboard_dir), purge_step=self.purge_from)
+        return self.writer
 
     def write(self, record: dict[str, float]) -> None:
-        _append_json_line(self.path, record)
-        if self.writer is not None:
+        # Synced: the checkpoint that ends the epoch is, and a crash must not keep it without its record.
+        _append_json_line(self.path, record, sync=True)
+        writer = self._tensorboard()
+        if writer is not None:
             for key, value in record.items():
                 if key != "epoch":
-                    self.writer.add_scalar(f"pretrain/{key}", value, record["epoch"])
-            self.writer.flush()
+                    writer.add_scalar(f"pretrain/{key}", value, record["epoch"])
+            writer.flush()
 
     def write_step(self, record: dict[str, float]) -> None:
         _append_json_line(self.steps_path, record)
@@ -45,6 +55,7 @@ class MetricsLog:
 
     def truncate_after(self, epochs_done: float) -> None:
         """Drop records a resumed run will write again (those after the checkpoint it resumes)."""
+        self.purge_from = math.floor(epochs_done) + 1  # epoch records are logged at steps 1, 2, ...
         for path in (self.path, self.steps_path):
             kept = [r for r in _read_json_lines(path) if r["epoch"] <= epochs_done]
             atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
@@ -54,9 +65,12 @@ class MetricsLog:
             self.writer.close()
 
 
-def _append_json_line(path: Path, record: dict[str, float]) -> None:
+def _append_json_line(path: Path, record: dict[str, float], sync: bool = False) -> None:
     with open(path, "a") as handle:
         handle.write(json.dumps(record) + "\n")
+        if sync:
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 def _read_json_lines(path: Path) -> list[dict[str, Any]]:
@@ -109,8 +123,8 @@ def plot_training_curves(history: list[dict[str, float]], path: Path) -> bool:
     right.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracies")
     right.legend(fontsize="small")
     figure.tight_layout()
-    temporary = path.with_suffix(".tmp.png")
-    figure.savefig(temporary, dpi=100)
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=100)
     plt.close(figure)
-    os.replace(temporary, path)
+    atomic_write_bytes(path, image.getvalue())  # a temporary a kill leaves is removed at the next start
     return True

@@ -4,6 +4,7 @@ would not continue the same run."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -97,6 +98,15 @@ def keep_recorded_normalization(checkpoint: dict[str, Any], config: PretrainConf
 
 def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, geometry: dict, path: Path) -> None:
     saved = checkpoint.get("config", {})
+    position = checkpoint.get("position", {})
+    steps_per_epoch = position.get("steps_per_epoch") or 0
+    trained = position.get("epoch", 0) + (position.get("step", 0) / steps_per_epoch if steps_per_epoch else 0.0)
+    if trained > config.epochs:  # exporting it would label weights of a longer run as a shorter one's
+        raise RelreasonError(
+            f"cannot resume {path} with --epochs {config.epochs}: the run has trained {trained:.4g} epochs, past it; "
+            f"pass --epochs {math.ceil(trained)} or more to go on, or choose another --output-dir for a "
+            f"{config.epochs}-epoch run"
+        )
     defaults = PretrainConfig()  # for options that checkpoints from older versions do not record
     shaping = ("method", "backbone", "backbone_args", "dataset", "batch_size", "seed", "lr_schedule", "warmup_epochs",
                "online_probe", "min_crop_scale", "jitter_strength", "test_fraction")
@@ -136,6 +146,27 @@ def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, geometry
                 "run's images or choose "
                 "another --output-dir"
             )
+
+
+#: Options a resumed run may change, each said when it does: they change how the rest trains, not what it is.
+_CHANGEABLE_ON_RESUME = ("lr", "weight_decay", "amp")
+
+
+def changed_option_notes(checkpoint: dict[str, Any], config: PretrainConfig, geometry: dict) -> list[str]:
+    """One line per option that the resuming command changes from the one that wrote ``checkpoint``:
+    ``config.json`` then records the new value, and the earlier part of the run trained with the old one."""
+    saved = checkpoint.get("config", {})
+    then = {name: saved[name] for name in _CHANGEABLE_ON_RESUME if name in saved}
+    now = {name: getattr(config, name) for name in then}
+    # The path the views came from, as resolved ('auto' is one or the other); a folder's is refused above.
+    if checkpoint.get("geometry", {}).get("augment") not in (None, geometry.get("augment")):
+        then["augment"], now["augment"] = checkpoint["geometry"]["augment"], geometry["augment"]
+
+    def shown(value: Any) -> str:  # as typed on the command line
+        return value if isinstance(value, str) else option_value(value)
+
+    return [f"resuming with --{name.replace('_', '-')} {shown(now[name])}; the run so far trained with "
+            f"{shown(then[name])}" for name in then if then[name] != now[name]]
 
 
 def _same_statistics(recorded: Any, taken: Any) -> bool:

@@ -11,7 +11,7 @@ from torch import nn
 from relreason.checkpoint import atomic_torch_save, atomic_write_json, list_checkpoints, remove_stale_temporaries
 from relreason.distributed import DistributedContext
 from relreason.errors import RelreasonError
-from relreason.run_files import BACKBONE_META_NAME, BACKBONE_NAME, CONFIG_NAME, METRICS_NAME, STEPS_NAME
+from relreason.run_files import BACKBONE_META_NAME, BACKBONE_NAME, CONFIG_NAME, CURVES_NAME, METRICS_NAME, STEPS_NAME
 from relreason.train.config import PretrainConfig, views_used
 from relreason.train.position import TrainingPosition
 
@@ -65,10 +65,45 @@ def prepare_output_dir(config: PretrainConfig, context: DistributedContext = Dis
     except OSError as error:
         raise RelreasonError(f"output folder {run_dir} is not writable ({error.strerror}); choose another --output-dir") from None
     if context.is_main:  # left by a run killed while writing them
-        for name in ("checkpoint-e*-s*.pt", BACKBONE_NAME, BACKBONE_META_NAME, CONFIG_NAME, METRICS_NAME, STEPS_NAME):
+        for name in ("checkpoint-e*-s*.pt", BACKBONE_NAME, BACKBONE_META_NAME, CONFIG_NAME, METRICS_NAME, STEPS_NAME,
+                     CURVES_NAME):
             remove_stale_temporaries(run_dir, name)
     check_output_dir(config)
     return run_dir
+
+
+#: Run folders this process holds locked (path -> descriptor of the folder), until release_run_folders.
+_LOCKED: dict[str, int] = {}
+
+
+def lock_run_folder(run_dir: Path) -> None:
+    """Refuse a run folder that another process trains in (a requeued job beside the one still checkpointing):
+    two runs would interleave their logs and delete each other's temporary files. The lock is the kernel's
+    flock on the folder itself, so it creates no file and dies with the process however it ends."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock, as before
+        return
+    key = str(run_dir.resolve())
+    if key in _LOCKED or not run_dir.is_dir():
+        return
+    descriptor = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise RelreasonError(f"run folder {run_dir} is in use by another relreason process that is training in it; "
+                             "wait for it to end (or stop it), or choose another --output-dir") from None
+    except OSError:  # a file system without locks (some network mounts): go on unlocked
+        os.close(descriptor)
+        return
+    _LOCKED[key] = descriptor
+
+
+def release_run_folders() -> None:
+    """Release every run folder this process locked."""
+    while _LOCKED:
+        os.close(_LOCKED.popitem()[1])
 
 
 def check_no_other_run(run_dir: Path) -> None:
@@ -101,6 +136,9 @@ def export_backbone(
     """The trained backbone alone, as a plain state_dict, plus what is needed to rebuild and feed it."""
     # Contiguous: a --channels-last run's tensors would otherwise keep their strides into the file.
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    # The earlier description goes first: a kill between the two writes leaves new weights without one, not
+    # beside one of other weights (a rerun writes both again).
+    (run_dir / BACKBONE_META_NAME).unlink(missing_ok=True)
     atomic_torch_save(state, run_dir / BACKBONE_NAME)
     meta = {
         "backbone": config.backbone,
