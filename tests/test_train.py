@@ -821,7 +821,8 @@ def test_a_run_trained_past_epochs_is_refused_not_relabelled(tmp_path, capsys):
     pretrain(config(tmp_path, epochs=2, tensorboard=False))
     run = tmp_path / "run"
     before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
-    with pytest.raises(RelreasonError, match=r"cannot resume .*checkpoint-e0002-s0000000\.pt with --epochs 1: the run has "
+    with pytest.raises(RelreasonError, match=r"cannot resume .*checkpoint-e0002-s0000000\.pt with --epochs 1: the run "
+                       r"has "
                        r"trained 2 epochs, past it; pass --epochs 2 or more to go on, or choose another --output-dir"):
         pretrain(config(tmp_path, epochs=1, tensorboard=False))
     assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
@@ -898,8 +899,8 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeyp
     capsys.readouterr()
     assert main(argv(2)) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err == (f"relreason: error: cannot write {tmp_path / 'run'} (No space left on device); the run keeps its last "
-                   "whole checkpoint: free space there (or choose another --output-dir) and rerun the command")
+    assert err == (f"relreason: error: cannot write {tmp_path / 'run'} (No space left on device); the run keeps its "
+                   "last whole checkpoint: free space there (or choose another --output-dir) and rerun the command")
     assert (tmp_path / "run" / "checkpoint-e0001-s0000000.pt").read_bytes() == first
 
 
