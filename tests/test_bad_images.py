@@ -349,32 +349,21 @@ def test_dataloader_workers_list_each_bad_file_once(tmp_path):
     assert len((tmp_path / "skip.log").read_text().splitlines()) == len(bad)
 
 
-@pytest.mark.parametrize("suffix,draft", [(".png", None), (".jpg", None), (".jpg", 8)])
-def test_a_photo_stored_sideways_is_read_upright(tmp_path, suffix, draft):
-    """EXIF orientation 6 (a phone held upright): the pixels are stored rotated, the tag says how to turn them."""
-    upright = np.zeros((40, 24, 3), dtype=np.uint8)  # 40 high, 24 wide
-    upright[:8] = 255  # a white band at the top
-    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # what the camera wrote: 24 high, 40 wide
-    exif = Image.Exif()
-    exif[0x0112] = 6  # display rotated 90 degrees clockwise
-    stored.save(tmp_path / f"photo{suffix}", exif=exif, **({"quality": 100} if suffix == ".jpg" else {}))
-    folder = ImageFolderDataset(tmp_path).decoded_at_least(draft)
-    read = np.asarray(folder.load_image(0))
-    scale = 1 if draft is None else 2  # the draft decodes at half size, keeping both sides >= 8
-    assert read.shape == (40 // scale, 24 // scale, 3)
-    assert read[: 6 // scale].min() > 200 and read[10 // scale :].max() < 60  # the band is at the top, not a side
+def test_image_files_of_other_formats_are_left_out_and_counted(tmp_path):
+    from relreason.train.data import describe_folder
 
-
-def test_other_image_extensions_are_read_and_unread_formats_are_named(tmp_path):
-    Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "saved-by-a-browser.jfif", format="JPEG")
-    Image.new("L", (8, 8), 0).save(tmp_path / "scan.pbm", format="PPM")
-    (tmp_path / "IMG_0001.HEIC").write_bytes(b"not read")
-    (tmp_path / "IMG_0002.heic").write_bytes(b"not read")
-    (tmp_path / "notes.txt").write_text("not an image, and not one to mention")
-    with pytest.warns(UserWarning) as caught:
-        folder = ImageFolderDataset(tmp_path)
-    assert [path.name for path in folder.paths] == ["saved-by-a-browser.jfif", "scan.pbm"]
-    (message,) = [str(w.message) for w in caught]
-    assert "2 .heic file(s) are left out, as formats relreason does not read; convert them to JPEG or PNG" in message
-    assert "txt" not in message
-    assert np.asarray(folder.load_image(0)).shape == (8, 8, 3)
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "kept.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "saved-by-a-browser.jfif", format="JPEG")
+    (tmp_path / "IMG_0001.HEIC").write_bytes(b"a phone's photo")
+    (tmp_path / "IMG_0002.heic").write_bytes(b"a phone's photo")
+    (tmp_path / "notes.txt").write_text("not an image, and not one to count")
+    (tmp_path / "scan.pdf").write_bytes(b"%PDF")
+    folder = ImageFolderDataset(tmp_path)
+    assert [path.name for path in folder.paths] == ["kept.png"]
+    assert folder.left_out == {".heic": 2, ".jfif": 1}
+    assert describe_folder(folder).endswith("; left out: 3 files of other formats (2 .heic, 1 .jfif), which relreason "
+                                            "does not read (convert them to JPEG or PNG to use them)")
+    (tmp_path / "kept.png").unlink()
+    with pytest.raises(RelreasonError, match=r"no image files .* found under .* \(it holds 3 files of other formats "
+                       r"\(2 \.heic, 1 \.jfif\): convert them to JPEG or PNG\); put images there"):
+        ImageFolderDataset(tmp_path)

@@ -79,7 +79,7 @@ PRETRAIN_CASES = [
     ("corrupt gzip dataset file", ["--dataset", "mnist", "--data-root", "{tmp}/corrupt-mnist"],
      "(corrupt gzip data: Error -3 while decompressing data"),
     ("another dataset's files under MNIST's name", ["--dataset", "mnist", "--data-root", "{tmp}/kmnist"],
-     "{tmp}/kmnist/train-labels-idx1-ubyte.gz holds labels that are not MNIST's but Fashion-MNIST's or KMNIST's"),
+     "{tmp}/kmnist/train-labels-idx1-ubyte.gz holds labels that are not MNIST's but another dataset's (KMNIST's?)"),
     ("held-out share of a one-class folder", ["--dataset", "folder", "--data-root", "{tmp}/one-class",
                                               "--test-fraction", "0.2"],
      "image folder {tmp}/one-class holds one class ('photos'); --test-fraction holds out a share of each class"),

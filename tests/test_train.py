@@ -899,9 +899,14 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeyp
     capsys.readouterr()
     assert main(argv(2)) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err == (f"relreason: error: cannot write {tmp_path / 'run'} (No space left on device); the run keeps its "
-                   "last whole checkpoint: free space there (or choose another --output-dir) and rerun the command")
+    assert err == (f"relreason: error: cannot write in {tmp_path / 'run'} (No space left on device); its newest whole "
+                   "checkpoint, checkpoint-e0001-s0000000.pt, is kept: free space there and rerun the command to go on "
+                   "from it")
     assert (tmp_path / "run" / "checkpoint-e0001-s0000000.pt").read_bytes() == first
+    assert main([*argv(1)[:-1], str(tmp_path / "fresh")]) == 2  # a run stopped before its first checkpoint
+    assert capsys.readouterr().err.strip().endswith("(No space left on device); no checkpoint had been written yet: "
+                                                    "free space there (or choose another --output-dir) and rerun the "
+                                                    "command")
 
 
 def test_tensorboard_shows_a_resumed_epoch_once(tmp_path):

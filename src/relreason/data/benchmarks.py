@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import warnings
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -290,8 +291,9 @@ def _read_idx_or_gz(path: Path, ndim: int) -> np.ndarray:
         if path.suffix == ".gz" or not packed.is_file():
             raise
         array = formats.read_idx(packed, expected_ndim=ndim)
-        warnings.warn(f"{path} is damaged; read {packed.name} beside it instead (delete {path.name} to silence this)",
-                      stacklevel=3)
+        if os.environ.get("RANK", "0") == "0":  # once under torchrun, as the trainer's own warnings
+            print(f"relreason: warning: {path} is damaged; read {packed.name} beside it instead (delete {path.name} "
+                  "to silence this)", file=sys.stderr)
         return array
 
 
@@ -303,16 +305,18 @@ def _check_mnist_family_labels(key: str, labels: np.ndarray, path: Path, split: 
         return
     counts = tuple(int(c) for c in np.bincount(labels, minlength=10)[:10])
     balanced = counts == (full // 10,) * 10
-    if key == "mnist" and counts != _MNIST_CLASS_COUNTS[split]:
-        looks = ("Fashion-MNIST's or KMNIST's (they hold as many images of every class)" if balanced
-                 else "damaged or another dataset's")
-        raise RelreasonError(f"{path} holds labels that are not MNIST's but {looks}; point --data-root at "
-                             "MNIST's files, or download them into an empty folder (--download)")
-    if key == "fashion-mnist" and hashlib.sha256(labels.tobytes()).hexdigest() != _FASHION_LABELS_SHA256[split]:
-        looks = ("MNIST's" if counts == _MNIST_CLASS_COUNTS[split]
-                 else "another dataset's (KMNIST's?)" if balanced else "damaged or another dataset's")
-        raise RelreasonError(f"{path} holds labels that are not Fashion-MNIST's but {looks}; point --data-root at "
-                             "Fashion-MNIST's files, or download them into an empty folder (--download)")
+    fashion = hashlib.sha256(labels.tobytes()).hexdigest() == _FASHION_LABELS_SHA256[split]
+    mnist = counts == _MNIST_CLASS_COUNTS[split]
+    if (key == "mnist" and mnist) or (key == "fashion-mnist" and fashion):
+        return
+    name = "MNIST" if key == "mnist" else "Fashion-MNIST"
+    if fashion or mnist:
+        other = "fashion-mnist" if fashion else "mnist"
+        raise RelreasonError(f"{path} holds {'Fashion-MNIST' if fashion else 'MNIST'}'s labels, not {name}'s; pass "
+                             f"--dataset {other} to use them, or point --data-root at {name}'s files")
+    looks = "another dataset's (KMNIST's?)" if balanced else "damaged or another dataset's"
+    raise RelreasonError(f"{path} holds labels that are not {name}'s but {looks}; point --data-root at {name}'s "
+                         "files, or download them into an empty folder (--download)")
 
 
 def _read_mnist_family(files: dict[str, Path], split: str, key: str, classes: list[str]) -> ArrayImageDataset:

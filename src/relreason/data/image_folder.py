@@ -14,35 +14,32 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from relreason.data.array_dataset import pil_to_rgb
 from relreason.errors import RelreasonError, one_line, short_reason
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
-    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".avif", ".ppm", ".pgm",
-    ".pbm", ".pnm",
+    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
 )
 
-#: Photos in formats PIL does not read without plugins: said when a folder holds them, rather than left out unsaid.
-UNREAD_IMAGE_EXTENSIONS: tuple[str, ...] = (
-    ".heic", ".heif", ".jxl", ".jp2", ".j2k", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2", ".raw",
-    ".svg", ".psd", ".exr",
-)
-
-_EXIF_ORIENTATION = 0x0112
+#: Photo formats a folder may hold that relreason leaves out, counted so that pretraining can say so: HEIC and
+#: camera RAW (which PIL does not read) and image files under other names than those above.
+OTHER_IMAGE_EXTENSIONS: frozenset[str] = frozenset(Image.registered_extensions()) - {
+    *IMAGE_EXTENSIONS, ".pdf", ".ps", ".eps", ".h5", ".hdf", ".grib", ".bufr", ".mpg", ".mpeg",  # not photos
+} | {".heic", ".heif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2", ".raw"}
 
 
 def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _scan_images(root: Path) -> list[tuple[str, ...]]:
-    """Relative path parts of every image file under ``root``, sorted; hidden entries skipped; a warning names
-    photos of a format left out (HEIC, RAW, ...)."""
+def _scan_images(root: Path) -> tuple[list[tuple[str, ...]], dict[str, int]]:
+    """Relative path parts of every image file under ``root``, sorted, hidden entries skipped; and how many files
+    of other image formats were left out, by extension."""
     found: list[tuple[str, ...]] = []
-    unread: dict[str, int] = {}
+    left_out: dict[str, int] = {}
     seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -53,17 +50,22 @@ def _scan_images(root: Path) -> list[tuple[str, ...]]:
         dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
         rel = Path(dirpath).relative_to(root).parts
         for fname in filenames:
+            if _is_hidden(fname):
+                continue
             extension = os.path.splitext(fname)[1].lower()
-            if not _is_hidden(fname) and extension in IMAGE_EXTENSIONS:
+            if extension in IMAGE_EXTENSIONS:
                 found.append(rel + (fname,))
-            elif not _is_hidden(fname) and extension in UNREAD_IMAGE_EXTENSIONS:
-                unread[extension] = unread.get(extension, 0) + 1
-    if unread:
-        kinds = ", ".join(f"{count} {extension}" for extension, count in sorted(unread.items()))
-        warnings.warn(f"image folder {root}: {kinds} file(s) are left out, as formats relreason does not read; "
-                      "convert them to JPEG or PNG to use them", UserWarning, stacklevel=3)
+            elif extension in OTHER_IMAGE_EXTENSIONS:
+                left_out[extension] = left_out.get(extension, 0) + 1
     found.sort()
-    return found
+    return found, dict(sorted(left_out.items()))
+
+
+def describe_left_out(left_out: dict[str, int]) -> str:
+    """``{".heic": 4, ".jfif": 1}`` as "5 files of other formats (4 .heic, 1 .jfif)"."""
+    total = sum(left_out.values())
+    kinds = ", ".join(f"{count} {extension}" for extension, count in left_out.items())
+    return f"{total} file{'s' if total != 1 else ''} of other formats ({kinds})"
 
 
 def _skip_line(path: str, reason: str) -> bytes:
@@ -191,10 +193,13 @@ class ImageFolderDataset(Dataset):
             raise RelreasonError(
                 f"image folder {self.root} is not a directory; pass the folder that holds the images"
             )
-        rel = _scan_images(self.root)
+        rel, left_out = _scan_images(self.root)
+        #: Files of image formats relreason does not read (HEIC, RAW, .jfif, ...), by extension: left out.
+        self.left_out: dict[str, int] = left_out
         if not rel:
+            others = f" (it holds {describe_left_out(left_out)}: convert them to JPEG or PNG)" if left_out else ""
             raise RelreasonError(
-                f"no image files ({' '.join(IMAGE_EXTENSIONS)}) found under {self.root}; "
+                f"no image files ({' '.join(IMAGE_EXTENSIONS)}) found under {self.root}{others}; "
                 "put images there, optionally one subfolder per class"
             )
         self.paths: list[Path] = [self.root.joinpath(*parts) for parts in rel]
@@ -282,8 +287,6 @@ class ImageFolderDataset(Dataset):
                 img.load()  # decode now: truncated / corrupt data raises here
                 if img.width < 1 or img.height < 1:
                     raise ValueError(f"image has size {img.width}x{img.height}")
-                if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # a phone photo stored sideways: turn it upright
-                    return pil_to_rgb(ImageOps.exif_transpose(img))
                 return pil_to_rgb(img)
         except Exception as exc:  # PIL raises many types on corrupt data (OSError, SyntaxError, struct.error, ...)
             try:

@@ -29,7 +29,7 @@ from relreason.data.batch_augment import AugmentationRecipe, BatchRelationalAugm
 from relreason.data.batch_views import BatchViewLoader, DeviceMultiViewDataset
 from relreason.data.datasets import NORMALIZATION_METHOD
 from relreason.data.decoded_folder import DecodedImageFolder
-from relreason.data.image_folder import decoded_for
+from relreason.data.image_folder import decoded_for, describe_left_out
 from relreason.data.sampler import EpochBatchSampler
 from relreason.data.splits import TEST_DIR_NAMES
 from relreason.data.transforms import smallest_crop_side
@@ -38,6 +38,7 @@ from relreason.errors import RelreasonError
 from relreason.methods import method_class
 from relreason.train.config import PretrainConfig, views_used
 from relreason.train.position import TrainingPosition
+from relreason.train.run_folder import close_inherited_locks
 
 DOWNLOAD_TIMEOUT = datetime.timedelta(hours=12)  # how long the other ranks wait for a --download
 
@@ -163,6 +164,7 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):  # held back since the worker started (stop_signals_held): ignored now
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    close_inherited_locks()  # a worker outliving a killed main process must not hold the run folder
 
 
 @contextlib.contextmanager
@@ -229,6 +231,9 @@ def describe_folder(folder: ImageFolderDataset) -> str:
         about = f"unlabelled: its one subfolder '{classes[0]}' holds one class, nothing to tell apart (no online probe)"
     else:
         about = f"unlabelled: {folder.why_unlabelled}"
+    if folder.left_out:
+        about += (f"; left out: {describe_left_out(folder.left_out)}, which relreason does not read (convert them to "
+                  "JPEG or PNG to use them)")
     return f"image folder {folder.root}: {images}, {about}"
 
 

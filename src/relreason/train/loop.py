@@ -90,10 +90,12 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     except OSError as error:
         if error.errno not in _DISK_FULL:
             raise
-        # Every run file is written whole or not at all, so what is there is the last checkpoint written whole.
-        where = error.filename or config.output_dir
-        raise RelreasonError(f"cannot write {where} ({error.strerror}); the run keeps its last whole checkpoint: "
-                             "free space there (or choose another --output-dir) and rerun the command") from None
+        # Every run file is written whole or not at all: the newest checkpoint there is whole.
+        kept = list_checkpoints(config.output_dir)
+        progress = (f"its newest whole checkpoint, {kept[0].name}, is kept: free space there and rerun the command "
+                    "to go on from it" if kept else "no checkpoint had been written yet: free space there (or choose "
+                    "another --output-dir) and rerun the command")
+        raise RelreasonError(f"cannot write in {config.output_dir} ({error.strerror}); {progress}") from None
     finally:
         release_run_folders()
         shutdown_distributed(context)
@@ -115,8 +117,7 @@ def _pretrain(
     seed_everything(config.seed)
     method_type = method_class(config.method)
     check_output_dir(config)  # in one line before any data is read; the folder is made after the data checks
-    if context.is_main:
-        lock_run_folder(Path(config.output_dir))  # an existing one, before its checkpoints are read
+    lock_run_folder(Path(config.output_dir), context)  # an existing one, before its checkpoints are read
     if method_type is None:
         check_no_other_run(Path(config.output_dir))  # before anything in that folder is touched
     # The checkpoint to resume is read before the data, so that a resume its options refuse is refused before a
@@ -147,8 +148,6 @@ def _pretrain(
     num_classes = num_classes_of(dataset)
     method = build_model(config, geometry["image_size"], num_classes)  # a broken backbone factory fails here,
     run_dir = prepare_output_dir(config, context)  # before the output folder exists
-    if context.is_main:
-        lock_run_folder(run_dir)  # one made just now
     if method is None:  # 'random': the lower bound is the initialisation itself
         backbone = build_backbone(config.backbone, image_size=geometry["image_size"], args=config.backbone_args)
         if context.is_main:

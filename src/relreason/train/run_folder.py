@@ -9,7 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from relreason.checkpoint import atomic_torch_save, atomic_write_json, list_checkpoints, remove_stale_temporaries
-from relreason.distributed import DistributedContext
+from relreason.distributed import DistributedContext, broadcast_object
 from relreason.errors import RelreasonError
 from relreason.run_files import BACKBONE_META_NAME, BACKBONE_NAME, CONFIG_NAME, CURVES_NAME, METRICS_NAME, STEPS_NAME
 from relreason.train.config import PretrainConfig, views_used
@@ -64,6 +64,7 @@ def prepare_output_dir(config: PretrainConfig, context: DistributedContext = Dis
         probe.unlink()
     except OSError as error:
         raise RelreasonError(f"output folder {run_dir} is not writable ({error.strerror}); choose another --output-dir") from None
+    lock_run_folder(run_dir, context)  # before the cleanup: another run's temporaries are not stale
     if context.is_main:  # left by a run killed while writing them
         for name in ("checkpoint-e*-s*.pt", BACKBONE_NAME, BACKBONE_META_NAME, CONFIG_NAME, METRICS_NAME, STEPS_NAME,
                      CURVES_NAME):
@@ -76,34 +77,48 @@ def prepare_output_dir(config: PretrainConfig, context: DistributedContext = Dis
 _LOCKED: dict[str, int] = {}
 
 
-def lock_run_folder(run_dir: Path) -> None:
+def lock_run_folder(run_dir: Path, context: DistributedContext = DistributedContext()) -> None:
     """Refuse a run folder that another process trains in (a requeued job beside the one still checkpointing):
-    two runs would interleave their logs and delete each other's temporary files. The lock is the kernel's
-    flock on the folder itself, so it creates no file and dies with the process however it ends."""
+    two runs would interleave their logs and delete each other's temporary files. Rank 0 takes the kernel's flock
+    on the folder itself (no file is created; it dies with the process however it ends) and every rank gets its
+    refusal. Where the file system has no flock (some network mounts) the folder is not locked."""
+    refusal = _lock(run_dir) if context.is_main else None
+    refusal = broadcast_object(refusal, context)
+    if refusal is not None:
+        raise RelreasonError(refusal)
+
+
+def _lock(run_dir: Path) -> str | None:
     try:
         import fcntl
-    except ImportError:  # not a POSIX system: no lock, as before
-        return
+    except ImportError:  # not a POSIX system: no lock
+        return None
     key = str(run_dir.resolve())
     if key in _LOCKED or not run_dir.is_dir():
-        return
+        return None
     descriptor = os.open(run_dir, os.O_RDONLY)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(descriptor)
-        raise RelreasonError(f"run folder {run_dir} is in use by another relreason process that is training in it; "
-                             "wait for it to end (or stop it), or choose another --output-dir") from None
-    except OSError:  # a file system without locks (some network mounts): go on unlocked
+        return (f"run folder {run_dir} is in use by another relreason process that is training in it; wait for it "
+                "to end (or stop it), or choose another --output-dir")
+    except OSError:
         os.close(descriptor)
-        return
+        return None
     _LOCKED[key] = descriptor
+    return None
+
+
+def close_inherited_locks() -> None:
+    """In a forked worker: drop its copies of the parent's lock descriptors, so the lock ends with the parent."""
+    while _LOCKED:
+        os.close(_LOCKED.popitem()[1])
 
 
 def release_run_folders() -> None:
     """Release every run folder this process locked."""
-    while _LOCKED:
-        os.close(_LOCKED.popitem()[1])
+    close_inherited_locks()
 
 
 def check_no_other_run(run_dir: Path) -> None:
