@@ -291,18 +291,12 @@ def test_a_single_process_on_another_gpu_makes_it_the_current_device(monkeypatch
 def test_a_run_folder_in_use_is_refused_alike_on_every_rank(images, tmp_path):
     """Rank 0 takes the folder's lock and hands its refusal to the others: each rank stops with the one-line
     error, none is left waiting for rank 0 in a collective."""
+    from folder_lock import held_by_another_process
+
     run = tmp_path / "run"
     run.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDONLY)\n"
-         "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(300)", str(run)],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with held_by_another_process(run):
         result = run_workers(images, run, succeed=False)
-    finally:
-        holder.kill()
-        holder.wait()
     for rank in range(WORLD_SIZE):
         assert f"[rank{rank}]: relreason.errors.RelreasonError: run folder {run} is in use by another relreason " \
                "process" in result.stderr

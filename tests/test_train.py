@@ -857,24 +857,15 @@ def test_options_a_resume_may_change_are_said(tmp_path, capsys):
 
 
 def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path):
-    import subprocess
-    import sys
+    from folder_lock import held_by_another_process
 
     run = tmp_path / "run"
     run.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDONLY)\n"
-         "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(120)", str(run)],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with held_by_another_process(run):
         with pytest.raises(RelreasonError, match=f"run folder {run} is in use by another relreason process that is "
                            "training in it; wait for it to end \\(or stop it\\), or choose another --output-dir"):
             pretrain(config(tmp_path, tensorboard=False))
         assert list(run.iterdir()) == []  # refused before anything was written
-    finally:
-        holder.kill()
-        holder.wait()
     assert pretrain(config(tmp_path, tensorboard=False)).epochs_done == 1
     assert pretrain(config(tmp_path, epochs=2, tensorboard=False)).epochs_done == 2  # released when a run ends
 
