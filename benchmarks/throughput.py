@@ -20,8 +20,10 @@ import math
 import os
 import platform
 import time
+import traceback
 from contextlib import contextmanager, nullcontext
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -183,9 +185,17 @@ def relreason_step_factory(backbone_name, images, num_views, batch_size, mode, d
     source = batches()
     totals = torch.zeros(2, device=device, dtype=torch.float64)
 
+    def next_views():
+        nonlocal source
+        try:
+            return next(source)
+        except StopIteration:  # a sync error raised while making views ended the generator: the unchecked rerun
+            source = batches()
+            return next(source)
+
     def step(check_sync: bool = True):
         with no_host_sync(device) if check_sync else nullcontext():
-            views, _ = next(source)
+            views, _ = next_views()
             with autocast(device, mode):
                 out = model(views)
             optimizer.zero_grad(set_to_none=True)
@@ -274,13 +284,16 @@ def time_reference(backbone_name, num_views, images, workers, device, args) -> f
     Many DataLoader workers can die where shared memory is small (K=32 batches are ~25 MB each): then once
     more with at most 4, so the other rows still get their ratios."""
     views_per_step = num_views * args.batch_size
-    for count in dict.fromkeys([workers, min(workers, 4)]):
+    for count in dict.fromkeys([workers, min(workers, 4), 0]):  # 0: no shared memory at all
         step = None
         try:
             # On its own, in one block: its DataLoader workers would otherwise fill their queue while the
             # other rows run, and the reference would be timed on batches prepared for free.
             step = reference_step_factory(backbone_name, images, num_views, args.batch_size, count, device)
-            seconds = timed({"reference": step}, args.steps, args.warmup, device, block=args.steps)["reference"]
+            # Warm-up past the batches the workers queue up at the start (prefetch_factor 2 each), so that the
+            # timed steps wait for batches made at the workers' steady pace.
+            warmup = max(args.warmup, 2 * count)
+            seconds = timed({"reference": step}, args.steps, warmup, device, block=args.steps)["reference"]
         except Exception as error:  # noqa: BLE001 - reported, and the rows of relreason still run
             print(f"# reference {backbone_name} K={num_views} with {count} DataLoader workers failed: "
                   f"{type(error).__name__}: {str(error).strip()[:200]}", flush=True)
@@ -312,9 +325,12 @@ def time_rows(backbone_name, num_views, images, modes, workers, device, args) ->
             raise
         # Say so (and exit non-zero at the end), then time the same steps unchecked: the figures still count.
         synced = True
+        frames = [f"{Path(frame.filename).name}:{frame.lineno} {frame.name}"
+                  for frame in traceback.extract_tb(error.__traceback__)
+                  if "relreason" in frame.filename or "benchmarks" in frame.filename][-4:]
         print(f"# SYNC: relreason's {backbone_name} K={num_views} step waited for the device in one of the modes "
-              f"{', '.join(modes)} ({str(error).splitlines()[0]}); the rows below are timed without the check",
-              flush=True)
+              f"{', '.join(modes)} ({str(error).splitlines()[0]}; at {' <- '.join(reversed(frames))}); the rows "
+              "below are timed without the check", flush=True)
         unchecked = {name: partial(step, check_sync=False) if name[0] == "relreason" else step
                      for name, step in steps.items()}
         seconds = timed(unchecked, args.steps, args.warmup, device)

@@ -76,12 +76,26 @@ def test_a_step_that_waits_for_the_device_is_reported_timed_unchecked_and_fails_
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import throughput
 
-    @contextlib.contextmanager
-    def always_syncs(device):
-        raise RuntimeError("called a synchronizing CUDA operation")
-        yield
+    checking = []
 
-    monkeypatch.setattr(throughput, "no_host_sync", always_syncs)
+    @contextlib.contextmanager
+    def checked(device):
+        checking.append(True)
+        try:
+            yield
+        finally:
+            checking.pop()
+
+    # The sync fires where it is likeliest, while the views are made: inside the generator that yields them.
+    make_views = throughput.DeviceMultiViewDataset.views
+
+    def views_that_sync(self, *args, **kwargs):
+        if checking:
+            raise RuntimeError("called a synchronizing CUDA operation")
+        return make_views(self, *args, **kwargs)
+
+    monkeypatch.setattr(throughput, "no_host_sync", checked)
+    monkeypatch.setattr(throughput.DeviceMultiViewDataset, "views", views_that_sync)
     monkeypatch.setattr(sys, "argv", ["throughput.py", "--backbones", "conv4", "--views", "2", "--batch-size", "4",
                                       "--modes", "fp32", "--steps", "1", "--warmup", "1", "--dataset", "synthetic",
                                       "--skip-reference"])
@@ -90,6 +104,7 @@ def test_a_step_that_waits_for_the_device_is_reported_timed_unchecked_and_fails_
     assert exit_info.value.code == 1
     out = capsys.readouterr().out
     assert "# SYNC: relreason's conv4 K=2 step waited for the device" in out
+    assert "at test_benchmarks.py:" in out and "views_that_sync <- " in out  # where it waited
     assert "| conv4 | 2 | relreason | fp32 |" in out and "| conv4 | 2 | backbone only | fp32 |" in out
 
 
@@ -113,7 +128,7 @@ def test_a_reference_whose_workers_die_is_retried_with_fewer_and_the_other_rows_
                                       "--reference-workers", "16"])
     throughput.main()
     out = capsys.readouterr().out
-    assert tried == [16, 4]
+    assert tried == [16, 4]  # 4 works here: the one without workers (no shared memory) is not needed
     assert "# reference conv4 K=2 with 16 DataLoader workers failed: RuntimeError: DataLoader worker" in out
     assert "| conv4 | 2 | reference, 4 workers | fp32 |" in out
     row = next(line for line in out.splitlines() if line.startswith("| conv4 | 2 | relreason | fp32 |"))
