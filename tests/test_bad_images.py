@@ -367,3 +367,24 @@ def test_image_files_of_other_formats_are_left_out_and_counted(tmp_path):
     with pytest.raises(RelreasonError, match=r"no image files .* found under .* \(it holds 3 files of other formats "
                        r"\(2 \.heic, 1 \.jfif\): convert them to JPEG or PNG\); put images there"):
         ImageFolderDataset(tmp_path)
+
+
+def _sideways_photo(path: Path, height: int = 40, width: int = 24, **save) -> None:
+    """A portrait photo as a phone stores it: pixels turned 90 degrees, EXIF orientation 6 saying how to turn them
+    back. Upright, a white band runs across its top."""
+    upright = np.zeros((height, width, 3), dtype=np.uint8)
+    upright[: height // 5] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display rotated 90 degrees clockwise
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(path, exif=exif, **save)
+
+
+@pytest.mark.parametrize("suffix,draft", [(".png", None), (".jpg", None), (".jpg", 8)])
+def test_a_photo_stored_sideways_is_read_upright(tmp_path, suffix, draft):
+    _sideways_photo(tmp_path / f"photo{suffix}", **({"quality": 100} if suffix == ".jpg" else {}))
+    folder = ImageFolderDataset(tmp_path).decoded_at_least(draft)
+    read = np.asarray(folder.load_image(0))
+    scale = 1 if draft is None else 2  # the draft decodes at half size, keeping both sides >= 8
+    assert read.shape == (40 // scale, 24 // scale, 3)
+    assert read[: 6 // scale].min() > 200 and read[10 // scale :].max() < 60  # the band is at the top, not a side
+    assert np.asarray(folder.read_as_stored().load_image(0)).shape == (24 // scale, 40 // scale, 3)

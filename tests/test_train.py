@@ -4,6 +4,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -267,6 +268,40 @@ def test_an_earlier_versions_folder_run_moved_elsewhere_resumes_on_the_same_imag
     assert pretrain(config(tmp_path, data_root=str(tmp_path / "moved"), epochs=2, **folder)).epochs_done == 2
     assert "resuming with the normalisation the run started with" in capsys.readouterr().err
     assert json.loads((run / "backbone.json").read_text())["mean"] == list(earlier[0])
+
+
+def test_an_earlier_versions_run_on_sideways_photos_resumes_and_still_tells_other_images(tmp_path, capsys):
+    """Its statistics were taken from the photos as stored; today's reading turns them upright, which changes the
+    statistics (the photos are not square). Taken the earlier way again they match: the run resumes with them.
+    A file added since shows in them, on the same folder too: refused."""
+    from PIL import Image
+
+    from relreason.data import ImageFolderDataset, compute_normalization
+
+    _write_digit_pngs(tmp_path / "images", 0, 30)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a portrait photo stored sideways; larger than the statistics' 256 px, so it is resized
+    for i in range(6):
+        pixels = np.random.default_rng(i).integers(0, 256, (300, 170, 3), dtype=np.uint8)
+        Image.fromarray(pixels).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "images" / f"phone{i}.png",
+                                                                          exif=exif)
+    folder = dict(dataset="folder", data_root=str(tmp_path / "images"), num_views=2, batch_size=16, tensorboard=False)
+    run = pretrain(config(tmp_path, **folder)).run_dir
+    as_stored = compute_normalization(ImageFolderDataset(tmp_path / "images"), method="per-image-draft-path-sample")
+    assert as_stored != compute_normalization(ImageFolderDataset(tmp_path / "images"))
+    checkpoint_path = sorted(run.glob("checkpoint-*.pt"))[-1]
+    checkpoint = torch.load(checkpoint_path, weights_only=False)
+    checkpoint["geometry"] |= {"mean": list(as_stored[0]), "std": list(as_stored[1]),
+                               "normalization": "per-image-draft-path-sample"}
+    torch.save(checkpoint, checkpoint_path)
+    (tmp_path / "images" / "phone9.png").write_bytes((tmp_path / "images" / "phone0.png").read_bytes())
+    with pytest.raises(RelreasonError, match="the images differ from those the run started on"):
+        pretrain(config(tmp_path, epochs=2, **folder))
+    (tmp_path / "images" / "phone9.png").unlink()
+    capsys.readouterr()
+    assert pretrain(config(tmp_path, epochs=2, **folder)).epochs_done == 2
+    assert "resuming with the normalisation the run started with" in capsys.readouterr().err
+    assert json.loads((run / "backbone.json").read_text())["mean"] == list(as_stored[0])
 
 
 def test_rerunning_a_finished_run_says_so_instead_of_resuming_an_epoch_past_the_end(tmp_path, capsys):

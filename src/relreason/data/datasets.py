@@ -119,11 +119,14 @@ def same_dataset(name: str, other: str | None) -> bool:
 
 NORMALIZATION_SIDE = 256  # images larger than this are scaled down to it for their statistics
 # Recorded with a run, so that a resume knows how its statistics were taken ("per-image": JPEGs at full size;
-# "per-image-draft": a folder's sample drawn by index, an unreadable file replaced by the next image).
-NORMALIZATION_METHOD = "per-image-draft-path-sample"
+# "per-image-draft": a folder's sample drawn by index, an unreadable file replaced by the next image;
+# "per-image-draft-path-sample": photos as stored, their EXIF orientation not applied).
+NORMALIZATION_METHOD = "per-image-draft-path-sample-upright"
 # The earlier ways compute_normalization can still take (``method=``), to tell whether an older run's folder, moved
 # since, holds the same images.
-EARLIER_NORMALIZATION_METHODS = ("per-image", "per-image-draft")
+EARLIER_NORMALIZATION_METHODS = ("per-image", "per-image-draft", "per-image-draft-path-sample")
+#: The methods whose sample is a folder's own files, whatever is added or removed: their statistics tell other images.
+PATH_SAMPLED_METHODS = (NORMALIZATION_METHOD, "per-image-draft-path-sample")
 
 
 def compute_normalization(
@@ -141,8 +144,9 @@ def compute_normalization(
     the statistics stay those of the same images when an unreadable file is deleted (it was never counted) and
     move by one image when a file is added; an in-memory dataset's is drawn with
     ``numpy.random.default_rng(seed)``. ``method`` names one of ``EARLIER_NORMALIZATION_METHODS`` to take the
-    statistics as earlier versions did (a folder sampled as an in-memory dataset, an unreadable file replaced by the
-    next image; "per-image": JPEGs decoded at full size).
+    statistics as earlier versions did (photos as stored, not turned upright by their EXIF orientation; before
+    that, a folder sampled as an in-memory dataset, an unreadable file replaced by the next image; "per-image":
+    JPEGs decoded at full size).
     """
     if method != NORMALIZATION_METHOD and method not in EARLIER_NORMALIZATION_METHODS:
         raise RelreasonError(f"unknown normalisation method {method!r}; use one of "
@@ -152,9 +156,11 @@ def compute_normalization(
         raise RelreasonError("cannot compute normalisation of an empty dataset; check the data root")
     if method != "per-image":
         dataset = decoded_for(dataset, NORMALIZATION_SIDE)
+    if method != NORMALIZATION_METHOD and hasattr(dataset, "read_as_stored"):
+        dataset = dataset.read_as_stored()  # the earlier methods predate turning photos upright
     if max_images < 1:
         raise RelreasonError(f"max_images must be at least 1, got {max_images}; pass a positive number")
-    read_or_skip = getattr(dataset, "read_or_skip", None) if method == NORMALIZATION_METHOD else None
+    read_or_skip = getattr(dataset, "read_or_skip", None) if method in PATH_SAMPLED_METHODS else None
     if read_or_skip is not None:
         candidates = dataset.seeded_order(seed)
     elif n <= max_images:

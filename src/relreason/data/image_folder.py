@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from relreason.data.array_dataset import pil_to_rgb
@@ -29,6 +29,9 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 OTHER_IMAGE_EXTENSIONS: frozenset[str] = frozenset(Image.registered_extensions()) - {
     *IMAGE_EXTENSIONS, ".pdf", ".ps", ".eps", ".h5", ".hdf", ".grib", ".bufr", ".mpg", ".mpeg",  # not photos
 } | {".heic", ".heif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2", ".raw"}
+
+
+_EXIF_ORIENTATION = 0x0112
 
 
 def _is_hidden(name: str) -> bool:
@@ -238,6 +241,8 @@ class ImageFolderDataset(Dataset):
         self.skip_log: Path | None = None
         #: JPEGs are decoded at reduced scale while their short side keeps at least this many pixels (None: full size).
         self.decode_side: int | None = None
+        #: Photos are turned as their EXIF orientation says (a phone's portrait photo is stored sideways).
+        self.upright = True
         self._log_warned = False
         if skip_log is not None:
             self.log_skips_to(skip_log)
@@ -258,6 +263,13 @@ class ImageFolderDataset(Dataset):
             raise RelreasonError(f"decode side must be a positive whole number of pixels or None, got {side!r}")
         copied = copy.copy(self)
         copied.decode_side = None if side is None else int(side)
+        return copied
+
+    def read_as_stored(self) -> ImageFolderDataset:
+        """This dataset (a copy sharing its skipped files and skip log) reading photos as stored, their EXIF
+        orientation not applied: as versions before it did, for the statistics of runs they started."""
+        copied = copy.copy(self)
+        copied.upright = False
         return copied
 
     def log_skips_to(self, path: str | os.PathLike) -> None:
@@ -287,6 +299,8 @@ class ImageFolderDataset(Dataset):
                 img.load()  # decode now: truncated / corrupt data raises here
                 if img.width < 1 or img.height < 1:
                     raise ValueError(f"image has size {img.width}x{img.height}")
+                if self.upright and img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+                    return pil_to_rgb(ImageOps.exif_transpose(img))
                 return pil_to_rgb(img)
         except Exception as exc:  # PIL raises many types on corrupt data (OSError, SyntaxError, struct.error, ...)
             try:

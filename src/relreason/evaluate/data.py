@@ -162,7 +162,8 @@ def data_tag_of(dataset_name: str, data_root: str, mean: Any, std: Any, splits: 
             add(absolute.relative_to(given).as_posix() if absolute.is_relative_to(given) else str(absolute), path)
         for path in () if folder else getattr(split, "source_files", ()):  # a named dataset's, wherever found
             add(str(Path(path).resolve()), path)
-    decoding = ["jpeg-draft", DRAFT_MARGIN] if folder else []  # features of JPEGs decoded at reduced scale
+    # Features of JPEGs decoded at reduced scale, of photos turned upright: caches of earlier readings are not these.
+    decoding = ["jpeg-draft", DRAFT_MARGIN, "exif-upright"] if folder else []
     key = json.dumps([dataset_info(dataset_name).name, str(root or ""), [float(m) for m in mean],
                       [float(v) for v in std], files] + decoding)
     return hashlib.sha1(key.encode()).hexdigest()[:8]

@@ -22,7 +22,7 @@ from relreason.checkpoint import (
     rotate_checkpoints,
 )
 from relreason.data import dataset_info, same_dataset
-from relreason.data.datasets import EARLIER_NORMALIZATION_METHODS
+from relreason.data.datasets import EARLIER_NORMALIZATION_METHODS, PATH_SAMPLED_METHODS
 from relreason.distributed import DistributedContext, broadcast_object
 from relreason.errors import RelreasonError, option_value
 from relreason.methods.online_probe import PretrainModule
@@ -79,8 +79,9 @@ def keep_recorded_normalization(checkpoint: dict[str, Any], config: PretrainConf
         # Statistics of an earlier version's kind cannot tell other images: the same folder is the run's own, and
         # a folder elsewhere is when those statistics, taken the earlier way, are the recorded ones.
         recorded_root = checkpoint.get("data_root")
-        if recorded_root is None or Path(recorded_root) != Path(absolute_data_root(config) or ""):
-            method = saved.get("normalization")
+        method = saved.get("normalization")
+        same_root = recorded_root is not None and Path(recorded_root) == Path(absolute_data_root(config) or "")
+        if not same_root or method in PATH_SAMPLED_METHODS:  # those tell other images on the same folder too
             if statistics_by is None or method not in EARLIER_NORMALIZATION_METHODS:
                 return  # compared, and refused, as other images
             then = statistics_by(method)
