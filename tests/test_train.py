@@ -302,6 +302,10 @@ def test_an_earlier_versions_run_on_sideways_photos_resumes_and_still_tells_othe
     assert pretrain(config(tmp_path, epochs=2, **folder)).epochs_done == 2
     assert "resuming with the normalisation the run started with" in capsys.readouterr().err
     assert json.loads((run / "backbone.json").read_text())["mean"] == list(as_stored[0])
+    assert json.loads((run / "backbone.json").read_text())["normalization"] == "per-image-draft-path-sample"
+    (tmp_path / "images" / "phone9.png").write_bytes((tmp_path / "images" / "phone0.png").read_bytes())
+    with pytest.raises(RelreasonError, match="the images differ"):  # a second resume still tells
+        pretrain(config(tmp_path, epochs=3, **folder))
 
 
 def test_rerunning_a_finished_run_says_so_instead_of_resuming_an_epoch_past_the_end(tmp_path, capsys):

@@ -87,7 +87,11 @@ def keep_recorded_normalization(checkpoint: dict[str, Any], config: PretrainConf
             then = statistics_by(method)
             if not all(_same_statistics(saved[key], values) for key, values in zip(("mean", "std"), then)):
                 return
-        geometry.pop("normalization", None)
+        # The kept statistics' own method goes on with the run: a later resume compares them the same way.
+        if method is None:
+            geometry.pop("normalization", None)
+        else:
+            geometry["normalization"] = method
     if saved["mean"] != geometry["mean"] or saved["std"] != geometry["std"]:
         if context is None or context.is_main:
             print(f"relreason: note: resuming with the normalisation the run started with (mean "
