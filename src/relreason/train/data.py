@@ -38,7 +38,7 @@ from relreason.errors import RelreasonError
 from relreason.methods import method_class
 from relreason.train.config import PretrainConfig, views_used
 from relreason.train.position import TrainingPosition
-from relreason.train.run_folder import close_inherited_locks
+from relreason.train.run_folder import release_run_folders
 
 DOWNLOAD_TIMEOUT = datetime.timedelta(hours=12)  # how long the other ranks wait for a --download
 
@@ -164,7 +164,7 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):  # held back since the worker started (stop_signals_held): ignored now
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-    close_inherited_locks()  # a worker outliving a killed main process must not hold the run folder
+    release_run_folders()  # its copies: a worker outliving a killed main process must not hold the run folder
 
 
 @contextlib.contextmanager

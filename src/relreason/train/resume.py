@@ -103,9 +103,7 @@ def keep_recorded_normalization(checkpoint: dict[str, Any], config: PretrainConf
 
 def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, geometry: dict, path: Path) -> None:
     saved = checkpoint.get("config", {})
-    position = checkpoint.get("position", {})
-    steps_per_epoch = position.get("steps_per_epoch") or 0
-    trained = position.get("epoch", 0) + (position.get("step", 0) / steps_per_epoch if steps_per_epoch else 0.0)
+    trained = TrainingPosition(**checkpoint.get("position", {})).epochs_done
     if trained > config.epochs:  # exporting it would label weights of a longer run as a shorter one's
         raise RelreasonError(
             f"cannot resume {path} with --epochs {config.epochs}: the run has trained {trained:.4g} epochs, past it; "

@@ -110,15 +110,11 @@ def _lock(run_dir: Path) -> str | None:
     return None
 
 
-def close_inherited_locks() -> None:
-    """In a forked worker: drop its copies of the parent's lock descriptors, so the lock ends with the parent."""
+def release_run_folders() -> None:
+    """Release every run folder this process locked; in a forked worker, drop its copies of the parent's lock
+    descriptors, so that the lock ends with the parent."""
     while _LOCKED:
         os.close(_LOCKED.popitem()[1])
-
-
-def release_run_folders() -> None:
-    """Release every run folder this process locked."""
-    close_inherited_locks()
 
 
 def check_no_other_run(run_dir: Path) -> None:
