@@ -8,15 +8,13 @@ header claims a decompression-bomb size.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from bad_folder import EXPECTED_LABELS, EXPECTED_SOURCE, file_hashes, jpeg_bytes, noise, write_bad_folder
 from PIL import Image, ImageFile
 from torch.utils.data import DataLoader
 
@@ -33,66 +31,6 @@ from relreason.errors import RelreasonError
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 
-# =========================================================================== file writers
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def _png(width: int, height: int, idat: bytes) -> bytes:
-    """A PNG (8-bit greyscale) with a valid signature, IHDR and CRCs around ``idat``."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
-
-
-def _noise(seed: int, size=(24, 20)) -> Image.Image:
-    arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    return Image.fromarray(arr)
-
-
-def _jpeg_bytes(seed: int) -> bytes:
-    buf = io.BytesIO()
-    _noise(seed, (64, 48)).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
-def _write_bad_folder(root: Path) -> tuple[list[str], set[str]]:
-    """Write the folder; return the sorted relative paths and the set of bad relative paths."""
-    (root / "a").mkdir(parents=True)
-    (root / "b").mkdir(parents=True)
-    _noise(0).save(root / "a" / "00.png")
-    _noise(1).save(root / "a" / "01.jpg", quality=90)
-    (root / "a" / "02_zero.png").write_bytes(b"")
-    (root / "a" / "03_text.jpg").write_text("this is a text file, not a JPEG\n")
-    _noise(2).save(root / "a" / "04.png")
-    _noise(3).save(root / "b" / "00.jpg", quality=90)
-    # header (signature, IHDR, CRCs) fine, the zlib stream is random bytes
-    garbage = np.random.default_rng(7).integers(0, 256, 400, dtype=np.uint8).tobytes()
-    (root / "b" / "01_garbage.png").write_bytes(_png(20, 20, garbage))
-    _noise(4).save(root / "b" / "02.png")
-    # 40000 x 40000 pixels > 2 * Image.MAX_IMAGE_PIXELS: refused before decoding
-    (root / "b" / "03_bomb.png").write_bytes(_png(40000, 40000, zlib.compress(bytes(40001))))
-    whole = _jpeg_bytes(5)
-    (root / "b" / "04_trunc.jpg").write_bytes(whole[: len(whole) // 2])  # last file: wraps around
-    rel = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-    bad = {"a/02_zero.png", "a/03_text.jpg", "b/01_garbage.png", "b/03_bomb.png", "b/04_trunc.jpg"}
-    return rel, bad
-
-
-# index of the image each index is replaced by (the next readable one, wrapping)
-_EXPECTED_SOURCE = [0, 1, 4, 4, 4, 5, 7, 7, 0, 0]
-_EXPECTED_LABELS = [0, 0, 0, 0, 0, 1, 1, 1, 0, 0]
-
-
-def _hashes(root: Path) -> dict[str, str]:
-    return {
-        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
-
-
 # =========================================================================== PIL itself
 
 
@@ -102,12 +40,12 @@ def test_pil_raises_on_truncated_files_and_relreason_leaves_it_so():
     assert relreason.data  # importing the data package must not switch it on
 
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
-    whole = _jpeg_bytes(1)
+    whole = jpeg_bytes(1)
     with Image.open(io.BytesIO(whole[: len(whole) // 2])) as img:  # the header parses ...
         with pytest.raises(OSError, match="truncated"):
             img.load()  # ... decoding the missing half raises
     buf = io.BytesIO()
-    _noise(2, (64, 64)).save(buf, "PNG")
+    noise(2, (64, 64)).save(buf, "PNG")
     with Image.open(io.BytesIO(buf.getvalue()[: len(buf.getvalue()) // 2])) as img:
         with pytest.raises(OSError, match="truncated"):
             img.load()
@@ -118,7 +56,7 @@ def test_pil_raises_on_truncated_files_and_relreason_leaves_it_so():
 
 def test_bad_images_are_replaced_by_next_readable_one(tmp_path):
     root = tmp_path / "imgs"
-    rel, bad = _write_bad_folder(root)
+    rel, bad = write_bad_folder(root)
     ds = ImageFolderDataset(root)
     assert [p.relative_to(root).as_posix() for p in ds.paths] == rel
     assert ds.classes == ["a", "b"] and ds.skipped == {}
@@ -126,9 +64,9 @@ def test_bad_images_are_replaced_by_next_readable_one(tmp_path):
     images = []
     for i in range(len(ds)):
         image, label = ds[i]
-        assert image.mode == "RGB" and label == _EXPECTED_LABELS[i]
+        assert image.mode == "RGB" and label == EXPECTED_LABELS[i]
         images.append(np.asarray(image))
-    for i, src in enumerate(_EXPECTED_SOURCE):
+    for i, src in enumerate(EXPECTED_SOURCE):
         np.testing.assert_array_equal(images[i], images[src])
     assert images[0].shape == (20, 24, 3)
     assert not np.array_equal(images[0], images[4])
@@ -145,7 +83,7 @@ def test_bad_images_are_replaced_by_next_readable_one(tmp_path):
     again = ImageFolderDataset(root)
     for i in reversed(range(len(again))):
         image, label = again[i]
-        assert label == _EXPECTED_LABELS[i]
+        assert label == EXPECTED_LABELS[i]
         np.testing.assert_array_equal(np.asarray(image), images[i])
     assert set(again.skipped) == set(ds.skipped)
     np.testing.assert_array_equal(np.asarray(ds[-1][0]), images[0])  # negative index = last
@@ -166,8 +104,8 @@ def test_bad_images_are_replaced_by_next_readable_one(tmp_path):
 
 def test_multiview_dataloader_pass_with_workers_writes_skip_log(tmp_path):
     root = tmp_path / "imgs"
-    _, bad = _write_bad_folder(root)
-    before = _hashes(root)
+    _, bad = write_bad_folder(root)
+    before = file_hashes(root)
     log = tmp_path / "logs" / "skipped.tsv"
     log.parent.mkdir()
 
@@ -183,7 +121,7 @@ def test_multiview_dataloader_pass_with_workers_writes_skip_log(tmp_path):
         for v in views:
             assert v.shape == (y.shape[0], 3, 32, 32) and torch.isfinite(v).all()
         labels.extend(y.tolist())
-    assert batches == 4 and labels == _EXPECTED_LABELS
+    assert batches == 4 and labels == EXPECTED_LABELS
 
     logged = read_skip_log(log)
     assert set(logged) == {Path(r).as_posix() for r in bad}  # paths inside the folder
@@ -195,12 +133,12 @@ def test_multiview_dataloader_pass_with_workers_writes_skip_log(tmp_path):
     assert {line.split(b"\t")[0].decode() for line in raw_lines[:-1]} == set(logged)
 
     # (c) the user's files are untouched, and nothing was added to the folder
-    assert _hashes(root) == before
+    assert file_hashes(root) == before
 
 
 def test_skip_log_appends_and_reader_dedups(tmp_path):
     root = tmp_path / "imgs"
-    _, bad = _write_bad_folder(root)
+    _, bad = write_bad_folder(root)
     log = tmp_path / "skip.log"
     log.write_bytes(b"/earlier/run.png\told reason\n")
     for _ in range(2):  # two runs (a resume) in fresh processes: the second lists nothing the log holds
@@ -225,7 +163,7 @@ def test_folder_with_only_bad_images_is_an_error(tmp_path):
     (root / "x").mkdir(parents=True)
     (root / "x" / "empty.png").write_bytes(b"")
     (root / "x" / "text.jpg").write_text("hello")
-    whole = _jpeg_bytes(3)
+    whole = jpeg_bytes(3)
     (root / "x" / "trunc.jpg").write_bytes(whole[: len(whole) // 2])
     log = tmp_path / "skip.log"
     ds = ImageFolderDataset(root, skip_log=log)
@@ -314,8 +252,8 @@ def test_pretraining_on_a_folder_lists_every_bad_file_and_counts_them(tmp_path, 
     from relreason.train import PretrainConfig, pretrain
 
     root = tmp_path / "imgs"
-    _, bad = _write_bad_folder(root)
-    before = _hashes(root)
+    _, bad = write_bad_folder(root)
+    before = file_hashes(root)
     run = tmp_path / "run"
     pretrain(PretrainConfig(dataset="folder", data_root=str(root), image_size=16, num_views=2, batch_size=4,
                             epochs=1, device="cpu", progress=False, tensorboard=False, output_dir=str(run)))
@@ -330,7 +268,7 @@ def test_pretraining_on_a_folder_lists_every_bad_file_and_counts_them(tmp_path, 
     lines = (run / "skipped_images.txt").read_text().splitlines()
     assert len(lines) == len(bad)  # the resumed run met them again, and did not list them twice
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["skipped_images"] == len(bad)
-    assert _hashes(root) == before
+    assert file_hashes(root) == before
 
 
 
@@ -339,7 +277,7 @@ def test_dataloader_workers_list_each_bad_file_once(tmp_path):
     import copy
 
     root = tmp_path / "imgs"
-    _, bad = _write_bad_folder(root)
+    _, bad = write_bad_folder(root)
     dataset = ImageFolderDataset(root)
     dataset.log_skips_to(tmp_path / "skip.log")
     workers = [copy.deepcopy(dataset) for _ in range(2)]

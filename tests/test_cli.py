@@ -405,6 +405,14 @@ def test_a_runs_config_json_rerun_under_another_number_of_processes_says_so(caps
     assert "note" not in capsys.readouterr().err  # launched as it was trained
 
 
+def test_a_run_record_key_is_an_unknown_option_outside_pretrain(capsys, tmp_path):
+    config = tmp_path / "evaluate.yaml"
+    config.write_text("knn-k: 5\nprocesses: 4\n")  # a run's record, not an option of evaluate or compare
+    expect_error(capsys, ["evaluate", "--config", str(config), "--print-config"], "unknown option 'processes'")
+    config.write_text("seeds: [1]\ngeometry: {}\n")
+    expect_error(capsys, ["compare", "--config", str(config), "--print-config"], "unknown option 'geometry'")
+
+
 def test_an_unknown_option_points_at_its_own_commands_help(capsys):
     expect_error(capsys, ["evaluate", "--knn", "5"],
                  "unrecognized arguments: --knn 5 (did you mean --knn-k?); see `relreason evaluate --help`")

@@ -10,24 +10,25 @@ import gzip
 import hashlib
 import os
 import pickle
-import struct
 import urllib.error
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.io
+from idx_files import idx_bytes, mnist_arrays, write_idx
 from PIL import Image
 
-from relreason.data import benchmarks, splits
 from relreason.data import (
     DATASET_NAMES,
     ArrayImageDataset,
     DatasetInfo,
     ImageFolderDataset,
+    benchmarks,
     compute_normalization,
     dataset_info,
     load_dataset,
+    splits,
 )
 from relreason.data.formats import read_idx
 from relreason.errors import RelreasonError
@@ -156,39 +157,16 @@ def test_cifar_flat_root_and_corrupt_file(tmp_path):
 # =========================================================================== MNIST / Fashion-MNIST
 
 
-def _idx_bytes(arr: np.ndarray) -> bytes:
-    arr = np.ascontiguousarray(arr, dtype=np.uint8)
-    header = struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + b"".join(struct.pack(">I", d) for d in arr.shape)
-    return header + arr.tobytes()
-
-
-def _write_idx(path: Path, arr: np.ndarray, compress: bool):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = _idx_bytes(arr)
-    if compress:
-        with gzip.open(str(path) + ".gz", "wb") as fh:
-            fh.write(data)
-    else:
-        path.write_bytes(data)
-
-
-def _mnist_arrays(n, seed):
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-    labels = rng.integers(0, 10, size=n, dtype=np.uint8)
-    return images, labels
-
-
 def test_a_named_datasets_feature_cache_is_of_its_files(tmp_path):
     """Two MNIST roots with the same labels and other images (a corrupted copy of a test set, say) name two caches;
     so does one root whose files changed; the same files under another spelling of the root name one."""
     from relreason.evaluate.data import data_tag_of
 
-    images, labels = _mnist_arrays(6, seed=1)
+    images, labels = mnist_arrays(6, seed=1)
     for root, pixels in (("plain", images), ("inverted", 255 - images)):
         for prefix in ("train", "t10k"):
-            _write_idx(tmp_path / root / "MNIST/raw" / f"{prefix}-images-idx3-ubyte", pixels, compress=False)
-            _write_idx(tmp_path / root / "MNIST/raw" / f"{prefix}-labels-idx1-ubyte", labels, compress=False)
+            write_idx(tmp_path / root / "MNIST/raw" / f"{prefix}-images-idx3-ubyte", pixels, compress=False)
+            write_idx(tmp_path / root / "MNIST/raw" / f"{prefix}-labels-idx1-ubyte", labels, compress=False)
 
     def tag(root):
         splits = [load_dataset("mnist", root, split) for split in ("train", "test")]
@@ -198,21 +176,21 @@ def test_a_named_datasets_feature_cache_is_of_its_files(tmp_path):
     plain = tag(tmp_path / "plain")
     assert tag(tmp_path / "inverted") != plain
     assert tag(tmp_path / "plain" / ".." / "plain") == plain
-    _write_idx(tmp_path / "plain" / "MNIST/raw" / "t10k-images-idx3-ubyte", images[::-1], compress=False)
+    write_idx(tmp_path / "plain" / "MNIST/raw" / "t10k-images-idx3-ubyte", images[::-1], compress=False)
     assert tag(tmp_path / "plain") != plain
 
 
 @pytest.mark.parametrize("name,subdir", [("mnist", "MNIST/raw"), ("fashion-mnist", "FashionMNIST/raw")])
 def test_mnist_family_idx_gz_and_plain(tmp_path, name, subdir):
     base = tmp_path / subdir
-    tr_x, tr_y = _mnist_arrays(6, seed=1)
+    tr_x, tr_y = mnist_arrays(6, seed=1)
     tr_x[2] = 0
     tr_x[2, 3, 20] = 250  # row 3, column 20
-    te_x, te_y = _mnist_arrays(4, seed=2)
-    _write_idx(base / "train-images-idx3-ubyte", tr_x, compress=True)
-    _write_idx(base / "train-labels-idx1-ubyte", tr_y, compress=True)
-    _write_idx(base / "t10k-images-idx3-ubyte", te_x, compress=False)
-    _write_idx(base / "t10k-labels-idx1-ubyte", te_y, compress=False)
+    te_x, te_y = mnist_arrays(4, seed=2)
+    write_idx(base / "train-images-idx3-ubyte", tr_x, compress=True)
+    write_idx(base / "train-labels-idx1-ubyte", tr_y, compress=True)
+    write_idx(base / "t10k-images-idx3-ubyte", te_x, compress=False)
+    write_idx(base / "t10k-labels-idx1-ubyte", te_y, compress=False)
 
     train = load_dataset(name, tmp_path, "train")
     assert len(train) == 6 and train.labels.dtype == np.int64
@@ -230,35 +208,35 @@ def test_mnist_family_idx_gz_and_plain(tmp_path, name, subdir):
 
 
 def test_mnist_flat_root(tmp_path):
-    x, y = _mnist_arrays(3, seed=5)
-    _write_idx(tmp_path / "t10k-images-idx3-ubyte", x, compress=True)
-    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", y, compress=False)
+    x, y = mnist_arrays(3, seed=5)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", x, compress=True)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", y, compress=False)
     test = load_dataset("mnist", tmp_path, "test")
     assert test.labels.tolist() == y.tolist()
 
 
 def test_idx_header_is_checked(tmp_path):
-    x, y = _mnist_arrays(3, seed=5)
-    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", y, compress=False)
-    bad = bytearray(_idx_bytes(x))
+    x, y = mnist_arrays(3, seed=5)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", y, compress=False)
+    bad = bytearray(idx_bytes(x))
     bad[0] = 0x12  # broken magic
     (tmp_path / "t10k-images-idx3-ubyte").write_bytes(bytes(bad))
     with pytest.raises(RelreasonError, match="magic"):
         load_dataset("mnist", tmp_path, "test")
-    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(_idx_bytes(x)[:-5])  # truncated payload
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(x)[:-5])  # truncated payload
     with pytest.raises(RelreasonError, match="data bytes"):
         load_dataset("mnist", tmp_path, "test")
-    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(_idx_bytes(x))
-    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", y[:2], compress=False)  # count mismatch
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(x))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", y[:2], compress=False)  # count mismatch
     with pytest.raises(RelreasonError, match="3 images but"):
         load_dataset("mnist", tmp_path, "test")
 
 
 def test_corrupt_gzip_idx_is_a_one_line_error(tmp_path):
     # One byte flipped in the deflate stream: zlib.error, not OSError/EOFError/BadGzipFile.
-    x, y = _mnist_arrays(3, seed=5)
-    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", y, compress=True)
-    corrupt = bytearray(gzip.compress(_idx_bytes(x), mtime=0))
+    x, y = mnist_arrays(3, seed=5)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", y, compress=True)
+    corrupt = bytearray(gzip.compress(idx_bytes(x), mtime=0))
     corrupt[10] ^= 0xFF  # the first byte after gzip.compress's 10-byte header
     (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(bytes(corrupt))
     with pytest.raises(RelreasonError, match=r"cannot read IDX file .*t10k-images-idx3-ubyte\.gz \(corrupt gzip data: "
@@ -292,8 +270,8 @@ def test_mnist_refuses_fashion_mnist_files(tmp_path):
 
 
 def _full_size_test_split(folder: Path, labels: np.ndarray) -> None:
-    _write_idx(folder / "t10k-images-idx3-ubyte", np.zeros((labels.size, 28, 28), dtype=np.uint8), compress=True)
-    _write_idx(folder / "t10k-labels-idx1-ubyte", labels, compress=False)
+    write_idx(folder / "t10k-images-idx3-ubyte", np.zeros((labels.size, 28, 28), dtype=np.uint8), compress=True)
+    write_idx(folder / "t10k-labels-idx1-ubyte", labels, compress=False)
 
 
 def test_a_full_size_mnist_family_file_must_hold_its_datasets_labels(tmp_path):
@@ -316,10 +294,10 @@ def test_a_full_size_mnist_family_file_must_hold_its_datasets_labels(tmp_path):
 
 
 def test_a_damaged_unzipped_idx_file_gives_way_to_its_gz(tmp_path, capsys):
-    x, y = _mnist_arrays(3, seed=5)
-    _write_idx(tmp_path / "t10k-images-idx3-ubyte", x, compress=False)
-    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", y, compress=True)
-    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(y)[:-1])  # an interrupted gunzip
+    x, y = mnist_arrays(3, seed=5)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", x, compress=False)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", y, compress=True)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(y)[:-1])  # an interrupted gunzip
     test = load_dataset("mnist", tmp_path, "test")
     assert test.labels.tolist() == y.tolist()
     assert capsys.readouterr().err == (f"relreason: warning: {tmp_path / 't10k-labels-idx1-ubyte'} is damaged; read "
@@ -332,9 +310,9 @@ def test_a_damaged_unzipped_idx_file_gives_way_to_its_gz(tmp_path, capsys):
 
 @pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])
 def test_a_data_root_naming_torchvisions_own_folder(tmp_path, name, folder):
-    x, y = _mnist_arrays(3, seed=5)
-    _write_idx(tmp_path / folder / "raw" / "t10k-images-idx3-ubyte", x, compress=True)
-    _write_idx(tmp_path / folder / "raw" / "t10k-labels-idx1-ubyte", y, compress=True)
+    x, y = mnist_arrays(3, seed=5)
+    write_idx(tmp_path / folder / "raw" / "t10k-images-idx3-ubyte", x, compress=True)
+    write_idx(tmp_path / folder / "raw" / "t10k-labels-idx1-ubyte", y, compress=True)
     for root in (tmp_path, tmp_path / folder, tmp_path / folder / "raw"):
         assert load_dataset(name, root, "test").labels.tolist() == y.tolist()
 

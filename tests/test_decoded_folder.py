@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
+from bad_folder import EXPECTED_LABELS, EXPECTED_SOURCE, file_hashes, write_bad_folder
 from PIL import Image
-from test_bad_images import _EXPECTED_LABELS, _EXPECTED_SOURCE, _hashes, _write_bad_folder
 
 from relreason.cli import main
 from relreason.data import ImageFolderDataset, decoded_folder, read_skip_log
@@ -59,19 +59,19 @@ def test_decoded_folder_equals_per_image_resize_and_crop(tmp_path, threads):
 
 def test_bad_files_are_replaced_as_the_folder_replaces_them_and_logged(tmp_path):
     root = tmp_path / "imgs"
-    _, bad = _write_bad_folder(root)
-    before = _hashes(root)
+    _, bad = write_bad_folder(root)
+    before = file_hashes(root)
     decoded = DecodedImageFolder(ImageFolderDataset(root), 12, threads=2)
     plain = ImageFolderDataset(root)
-    for i, source in enumerate(_EXPECTED_SOURCE):
+    for i, source in enumerate(EXPECTED_SOURCE):
         image = plain.load_image(source)
         assert np.array_equal(decoded.images[i], np.asarray(TF.center_crop(TF.resize(image, 12), 12)))
-    assert decoded.labels.tolist() == _EXPECTED_LABELS
+    assert decoded.labels.tolist() == EXPECTED_LABELS
     assert {Path(p).relative_to(root).as_posix() for p in decoded.skipped} == bad
     decoded.log_skips_to(tmp_path / "skip.log")  # the ones met while decoding reach the log
     assert set(read_skip_log(tmp_path / "skip.log")) == bad
     assert decoded.skip_log == tmp_path / "skip.log"
-    assert _hashes(root) == before
+    assert file_hashes(root) == before
 
 
 def test_a_grey_folder_is_kept_as_one_channel(tmp_path):
@@ -174,8 +174,8 @@ def test_augment_tensor_on_a_folder_makes_batched_views_and_auto_keeps_the_files
 
 def test_pretraining_a_folder_with_batched_views_logs_skips_and_resumes(tmp_path, capsys):
     root = tmp_path / "imgs"
-    _, bad = _write_bad_folder(root)
-    before = _hashes(root)
+    _, bad = write_bad_folder(root)
+    before = file_hashes(root)
     run = tmp_path / "run"
     args = ["pretrain", "--dataset", "folder", "--data-root", str(root), "--augment", "tensor", "--image-size", "16",
             "-K", "2", "--batch-size", "4", "--device", "cpu", "--no-progress", "--no-tensorboard",
@@ -188,7 +188,7 @@ def test_pretraining_a_folder_with_batched_views_logs_skips_and_resumes(tmp_path
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2] and records[-1]["skipped_images"] == len(bad)
     assert len((run / "skipped_images.txt").read_text().splitlines()) == len(bad)
-    assert _hashes(root) == before
+    assert file_hashes(root) == before
     torch.load(run / "backbone.pt", weights_only=True)
 
 

@@ -753,15 +753,15 @@ def test_test_fraction_refusals(folder_run, tmp_path, capsys, where, fraction, m
 
 
 def test_a_run_copied_from_another_machine_looks_for_a_named_dataset_in_data_here(tmp_path, monkeypatch, capsys):
-    from test_datasets import _mnist_arrays, _write_idx
+    from idx_files import mnist_arrays, write_idx
 
     from relreason.train import PretrainConfig, pretrain
 
     raw = tmp_path / "elsewhere" / "data" / "MNIST" / "raw"
     for prefix, n, seed in (("train", 80, 1), ("t10k", 30, 2)):
-        images, labels = _mnist_arrays(n, seed)
-        _write_idx(raw / f"{prefix}-images-idx3-ubyte", images, compress=True)
-        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels, compress=True)
+        images, labels = mnist_arrays(n, seed)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images, compress=True)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels, compress=True)
     pretrain(PretrainConfig(dataset="mnist", image_size=12, num_views=2, batch_size=16, epochs=1, device="cpu",
                             progress=False, tensorboard=False, data_root=str(tmp_path / "elsewhere" / "data"),
                             output_dir=str(tmp_path / "run")))

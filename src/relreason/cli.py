@@ -296,8 +296,8 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
     written = written if isinstance(written, dict) else {}  # by key: a merge (<<:) orders the two readings unlike
     for key, value in loaded.items():
         dest = dests[key]
-        if dest in RUN_RECORDS:  # a run's config.json records them beside the options: that file works as a config
-            if dest == "processes" and parser.prog == "relreason pretrain":
+        if dest in RUN_RECORDS and parser.prog == "relreason pretrain":  # a run's config.json records them beside
+            if dest == "processes":  # the options: that file works as pretrain's config
                 _note_other_process_count(path, value, loaded.get("batch_size", loaded.get("batch-size")))
             continue
         if dest not in actions:
