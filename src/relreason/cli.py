@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 import yaml
 
 from relreason.errors import RelreasonError
+from relreason.launch import is_first_process, launched_by_torchrun
 from relreason.run_files import BACKBONE_NAME
 
 # What a run's config.json records beside its options (so that it works as a config file): read, never options.
@@ -316,10 +317,8 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
 def _note_other_process_count(path: str, recorded: Any, batch_size: Any) -> None:
     """Say so when a run's config.json is rerun under another number of processes: --batch-size is per process,
     so the images per step (and the step count per epoch) change with it."""
-    from relreason.distributed import launched_by_torchrun
-
     now = int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
-    if not isinstance(recorded, int) or recorded == now or os.environ.get("RANK", "0") != "0":
+    if not isinstance(recorded, int) or recorded == now or not is_first_process():
         return
     batch = f" of {batch_size}" if isinstance(batch_size, int) else ""
     print(f"relreason: note: {path} was trained by {recorded} process(es) and this run has {now}; --batch-size "
@@ -487,7 +486,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
     config = _config_from(args, PretrainConfig)
     result = pretrain(config)
-    reports = os.environ.get("RANK", "0") == "0"  # under torchrun, process 0 alone speaks for the run
+    reports = is_first_process()  # under torchrun, process 0 alone speaks for the run
     if result.preempted:
         if reports:
             part = " and part of the next" if result.mid_epoch else ""
@@ -634,7 +633,7 @@ def _run_command(argv: Sequence[str] | None) -> int:
         if getattr(args, "print_config", False):
             config = _config_from(args, config_class(command))
             config.validate(on_this_machine=False)  # a printed config runs, maybe on another machine (a GPU's)
-            if os.environ.get("RANK", "0") == "0":  # under torchrun, one copy of the file
+            if is_first_process():  # under torchrun, one copy of the file
                 print(config_as_yaml(config, _subparser(parser, command)), end="")
             return 0
         handler = {"pretrain": run_pretrain, "evaluate": run_evaluate, "compare": run_compare_command,
@@ -644,7 +643,7 @@ def _run_command(argv: Sequence[str] | None) -> int:
         with _sigterm_raises():
             return handler(args)
     except Terminated:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets it: one says so
+        if is_first_process():  # under torchrun every rank gets it: one says so
             sys.stderr.write(f"relreason: stopped by SIGTERM{_AFTER_SIGTERM.get(command, '')}\n")
         return 143  # 128 + SIGTERM, as pretrain's
     except RelreasonError as error:
@@ -653,7 +652,7 @@ def _run_command(argv: Sequence[str] | None) -> int:
         sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank is interrupted: one says so
+        if is_first_process():  # under torchrun every rank is interrupted: one says so
             sys.stderr.write(f"relreason: interrupted{_after_interrupt(command, args)}\n")
         return 130
 

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from relreason.device import use_device
 from relreason.errors import RelreasonError
+from relreason.launch import launched_by_torchrun
 
 
 @dataclass(frozen=True)
@@ -33,10 +34,6 @@ class DistributedContext:
     def is_main(self) -> bool:
         """Rank 0 alone logs, shows progress and writes files."""
         return self.rank == 0
-
-
-def launched_by_torchrun() -> bool:
-    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
 def refuse_several_processes(command: str) -> None:

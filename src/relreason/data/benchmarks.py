@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from torch.utils.data import Dataset
 from relreason.data.array_dataset import ArrayImageDataset
 from relreason.data.splits import stratified_split
 from relreason.errors import RelreasonError, one_line
+from relreason.launch import is_first_process
 
 from . import formats
 
@@ -291,7 +291,7 @@ def _read_idx_or_gz(path: Path, ndim: int) -> np.ndarray:
         if path.suffix == ".gz" or not packed.is_file():
             raise
         array = formats.read_idx(packed, expected_ndim=ndim)
-        if os.environ.get("RANK", "0") == "0":  # once under torchrun, as the trainer's own warnings
+        if is_first_process():  # once under torchrun, as the trainer's own warnings
             print(f"relreason: warning: {path} is damaged; read {packed.name} beside it instead (delete {path.name} "
                   "to silence this)", file=sys.stderr)
         return array

@@ -35,6 +35,7 @@ from relreason.data.splits import TEST_DIR_NAMES
 from relreason.data.transforms import smallest_crop_side
 from relreason.distributed import DistributedContext
 from relreason.errors import RelreasonError
+from relreason.launch import is_first_process
 from relreason.methods import method_class
 from relreason.train.config import PretrainConfig, views_used
 from relreason.train.position import TrainingPosition
@@ -84,7 +85,7 @@ def build_pretrain_data(
         mean, std = geometry["mean"], geometry["std"]
     if batched and isinstance(dataset, ImageFolderDataset):
         # Under torchrun every process decodes its own copy; process 0 alone shows how far it is.
-        dataset = DecodedImageFolder(dataset, image_size, progress=config.progress and os.environ.get("RANK", "0") == "0")
+        dataset = DecodedImageFolder(dataset, image_size, progress=config.progress and is_first_process())
     if batched:
         recipe = AugmentationRecipe.from_options(config.min_crop_scale, config.jitter_strength)
         augmentation = BatchRelationalAugmentation(image_size, mean, std, recipe, compile=config.compile)

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from relreason.distributed import DistributedContext, max_over_ranks
+from relreason.launch import is_first_process
 
 
 class StopRequest:
@@ -45,7 +46,7 @@ class StopRequest:
                 self.uninstall()
                 raise KeyboardInterrupt
             self.interrupted = True
-            if os.environ.get("RANK", "0") == "0":  # os.write: a print could land inside another write of stderr
+            if is_first_process():  # os.write: a print could land inside another write of stderr
                 os.write(2, b"\nrelreason: Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again to quit "
                             b"at once)\n")
         self.requested = True
