@@ -268,8 +268,13 @@ def test_backbone_args_reach_the_factory_and_are_checked_against_its_signature()
                                              r"--backbone-args small_stem=false$"):
         build_backbone("resnet18", small_stem="maybe")
     with pytest.raises(RelreasonError, match=r"^backbone 'conv4' cannot be built with depth=3 \(got an unexpected "
-                                             r"keyword argument 'depth'; it takes: in_channels, width\)"):
+                                             r"keyword argument 'depth'; it takes: in_channels, width\).*"
+                                             r"build_backbone's args=\)"):
         build_backbone("conv4", depth=3)
+    # the fix the message names works: args= (not backbone_args=, which is the factory's unknown argument)
+    assert build_backbone("resnet18", args={"small_stem": False}).conv1.kernel_size == (7, 7)
+    with pytest.raises(RelreasonError, match=r"cannot be built with backbone_args="):
+        build_backbone("resnet18", backbone_args={"small_stem": False})
     from relreason.backbones.registry import check_backbone
 
     check_backbone("resnet50", {"small_stem": False})

@@ -197,6 +197,58 @@ def test_device_dataset_and_loader_are_reproducible_per_step():
     assert not torch.equal(next_epoch[0][0], full[0][0])
 
 
+def test_unseeded_views_come_from_the_global_generator():
+    dataset = ArrayImageDataset(colour_images(6, 12, 12), np.arange(6) % 2)
+    views = DeviceMultiViewDataset(dataset, ba.BatchRelationalAugmentation(8, (0.5,) * 3, (0.5,) * 3), 2)
+    batches = [[0, 1, 2]]
+    torch.manual_seed(5)
+    first, labels = next(iter(BatchViewLoader(views, batches)))
+    again, _ = next(iter(BatchViewLoader(views, batches)))
+    torch.manual_seed(5)
+    replayed, _ = next(iter(BatchViewLoader(views, batches)))
+    assert first.shape == (2, 3, 3, 8, 8) and labels.tolist() == [0, 1, 0]
+    assert not torch.equal(first, again) and torch.equal(first, replayed)
+    with pytest.raises(RelreasonError, match="seed must be an integer or None, got '3'"):
+        DeviceMultiViewDataset(dataset, views.augmentation, 2, seed="3")
+
+
+def test_subsets_and_torchvision_style_datasets_give_their_image_arrays(tmp_path):
+    import torchvision
+    from idx_files import write_idx
+    from torch.utils.data import Subset
+
+    rgb = colour_images(5, 12, 10)
+    ours = ArrayImageDataset(rgb, np.arange(5))
+    subset = Subset(ours, [4, 1])
+    assert torch.equal(images_as_tensor(subset), images_as_tensor(ours)[[4, 1]])
+    views = DeviceMultiViewDataset(subset, ba.BatchRelationalAugmentation(8, (0.5,) * 3, (0.5,) * 3), 2, seed=1)
+    assert views.labels.tolist() == [4, 1]
+
+    class TorchvisionStyle:  # CIFAR's layout: (N, H, W, C) and a list of targets; STL-10's: channels first
+        def __init__(self, data, targets, transform=None):
+            self.data, self.targets, self.transform = data, targets, transform
+
+    cifar_like = TorchvisionStyle(rgb, [3, 1, 4, 1, 5])
+    assert torch.equal(images_as_tensor(cifar_like), images_as_tensor(ours))
+    assert torch.equal(images_as_tensor(TorchvisionStyle(rgb.transpose(0, 3, 1, 2), None)), images_as_tensor(ours))
+    views = DeviceMultiViewDataset(cifar_like, views.augmentation, 2, seed=1)
+    assert views.labels.tolist() == [3, 1, 4, 1, 5]
+    with pytest.raises(RelreasonError, match="a torchvision dataset's data without a transform"):
+        images_as_tensor(TorchvisionStyle(rgb, [0] * 5, transform=T.ToTensor()))  # its transform would be skipped
+
+    grey = colour_images(4, 28, 28)[..., 0]
+    raw = tmp_path / "FashionMNIST" / "raw"
+    write_idx(raw / "t10k-labels-idx1-ubyte", np.array([7, 0, 2, 9], dtype=np.uint8), compress=False)
+    for prefix in ("train", "t10k"):  # torchvision looks for both splits' files
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", grey, compress=False)
+    write_idx(raw / "train-labels-idx1-ubyte", np.array([7, 0, 2, 9], dtype=np.uint8), compress=False)
+    fashion = torchvision.datasets.FashionMNIST(str(tmp_path), train=False)  # torchvision's own, from its files
+    tensor = images_as_tensor(fashion, keep_grey=True)
+    assert tensor.shape == (4, 1, 28, 28) and torch.equal(tensor[:, 0], torch.from_numpy(grey))
+    views = DeviceMultiViewDataset(fashion, views.augmentation, 2, seed=1)
+    assert views.labels.tolist() == [7, 0, 2, 9]
+
+
 def test_datasets_without_an_image_array_are_refused():
     with pytest.raises(RelreasonError, match="MultiViewDataset; on the command line, --augment pil"):
         images_as_tensor([(Image.new("RGB", (4, 4)), 0)])

@@ -259,6 +259,23 @@ def test_fashion_mnist_from_debian_location(tmp_path, monkeypatch):
     _check_item(test, 0, int(test.labels[0]))
 
 
+def test_fashion_mnist_without_a_root_is_read_from_the_system_directory_alone(tmp_path, monkeypatch):
+    system = tmp_path / "system"
+    images, labels = mnist_arrays(5, seed=3)
+    write_idx(system / "t10k-images-idx3-ubyte", images, compress=True)
+    write_idx(system / "t10k-labels-idx1-ubyte", labels, compress=True)
+    monkeypatch.setattr(benchmarks, "SYSTEM_DATASET_DIRS", {"fashion-mnist": (str(system),)})
+    test = load_dataset("fashion-mnist", None, "test")
+    assert np.array_equal(test.images, images) and np.array_equal(test.labels, labels)
+    with pytest.raises(RelreasonError, match=rf"'fashion-mnist' \(split 'train'\) not found in {system} .*"
+                       "--data-root to point at it"):
+        load_dataset("fashion-mnist", None, "train")
+    with pytest.raises(RelreasonError, match="needs a data directory to download into; pass --data-root"):
+        load_dataset("fashion-mnist", None, "train", download=True)  # nowhere to fetch it to
+    with pytest.raises(RelreasonError, match="'mnist' needs a data directory; pass --data-root"):
+        load_dataset("mnist", None, "test")  # no system directory of its own
+
+
 @pytest.mark.skipif(not DEBIAN_FASHION.is_dir(), reason="dataset-fashion-mnist is not installed")
 def test_mnist_refuses_fashion_mnist_files(tmp_path):
     """The three datasets share their file names; a folder of the wrong one is refused, not read under the wrong

@@ -81,6 +81,23 @@ def test_score_pairs_refuses_features_that_are_not_one_row_per_image():
         head.score_pairs(torch.randn(16), left, right)
 
 
+def test_score_pairs_refuses_indices_and_heads_it_cannot_use_in_one_line():
+    head = RelationHead(8)
+    features = torch.randn(6, 4)
+    left, right, _ = relation_pair_indices(2, 3)
+    with pytest.raises(RelreasonError, match=r"left must be a tensor of integer row indices, got list"):
+        head.score_pairs(features, left.tolist(), right)
+    with pytest.raises(RelreasonError, match=r"right must be a tensor of integer row indices, got torch.float32"):
+        head.score_pairs(features, left, right.float())
+    meta_left, meta_right, _ = relation_pair_indices(2, 3, device="meta")  # another device than the features'
+    with pytest.raises(RelreasonError, match=r"left indices are on meta and the features on cpu; pass "
+                       r"relation_pair_indices\(K, B, device=features.device\)"):
+        head.score_pairs(features, meta_left, meta_right)
+    with pytest.raises(RelreasonError, match=r"the relation head is on cpu and the features on meta; move the head"):
+        head.score_pairs(features.to("meta"), meta_left, meta_right)
+    assert head.score_pairs(features, left.int(), right.int()).shape == (6,)  # int32 indices serve as well
+
+
 @pytest.mark.parametrize("in_features, hidden", [(0, 256), (8, 0), (-2, 256), (8, 2.5)])
 def test_head_sizes_must_be_positive_integers(in_features, hidden):
     with pytest.raises(RelreasonError, match="must be a positive integer"):

@@ -41,6 +41,24 @@ def test_focal_gradient_stays_finite_on_saturated_logits(gamma):
     assert torch.allclose(loss.double(), torch.as_tensor(exact, dtype=torch.float64), rtol=1e-4)
 
 
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_focal_second_derivatives_are_finite_and_right(gamma):
+    """A gradient penalty differentiates the loss twice: on 0/1 targets, soft ones and a mix."""
+    torch.manual_seed(2)
+    logits = (torch.randn(12, dtype=torch.float64) * 2).requires_grad_()
+    for targets in [(torch.rand(12) > 0.5).double(), torch.rand(12, dtype=torch.float64),
+                    torch.tensor([0.0, 1.0, 0.3] * 4, dtype=torch.float64)]:
+        loss = FocalLoss(gamma, 0.25)
+        assert torch.autograd.gradgradcheck(lambda z, t=targets, focal=loss: focal(z, t), (logits,))
+    hard = (torch.rand(12) > 0.5).double()
+    (grad,) = torch.autograd.grad(FocalLoss(gamma, 0.25)(logits, hard), logits, create_graph=True)
+    (second,) = torch.autograd.grad(grad.square().sum(), logits)
+    plain_logits = logits.detach().clone().requires_grad_()
+    (plain_grad,) = torch.autograd.grad(formula_focal(gamma, 0.25)(plain_logits, hard), plain_logits, create_graph=True)
+    (plain_second,) = torch.autograd.grad(plain_grad.square().sum(), plain_logits)
+    assert torch.isfinite(second).all() and torch.allclose(second, plain_second, rtol=1e-9, atol=1e-12)
+
+
 def test_focal_with_soft_targets_blends_both_terms():
     logits = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)
     soft = torch.tensor([0.7, 0.2, 0.5], dtype=torch.float64)

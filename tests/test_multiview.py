@@ -158,6 +158,24 @@ def test_multiview_takes_a_numpy_view_count_as_an_int():
     assert len(dataset[0][0]) == 3
 
 
+def test_the_transforms_take_uint8_arrays_as_the_images_they_hold_and_refuse_other_input():
+    rgb = _pil(seed=4)
+    pixels = np.array(rgb)
+    for transform in (eval_transform(16, MEAN, STD), relational_augmentation(16, MEAN, STD)):
+        for image in (pixels, torch.from_numpy(pixels).permute(2, 0, 1)):  # a torchvision dataset's data items
+            torch.manual_seed(1)
+            got = transform(image)
+            torch.manual_seed(1)
+            assert torch.equal(got, transform(rgb))
+    grey = np.array(rgb.convert("L"))
+    for image in (grey, grey[..., None], torch.from_numpy(grey)):
+        assert np.array_equal(np.asarray(ToRGB()(image)), np.asarray(rgb.convert("L").convert("RGB")))
+    for bad, kind in [(torch.rand(3, 30, 40), r"got a torch.float32 Tensor shaped \(3, 30, 40\)"),
+                      (pixels[..., :2], r"got a uint8 ndarray shaped \(30, 40, 2\)"), ("photo.png", "got str")]:
+        with pytest.raises(RelreasonError, match=rf"take one image \(a PIL image, .*\), {kind}; convert it so"):
+            relational_augmentation(16, MEAN, STD)(bad)
+
+
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16"])
 def test_both_transforms_take_a_pil_image_of_any_mode(mode):
     rgb = _pil(seed=3)

@@ -11,7 +11,13 @@ from relreason.errors import RelreasonError
 from relreason.head import RelationHead
 from relreason.losses import FocalLoss, build_loss
 from relreason.model import RelationalReasoning, RelationOutput
-from relreason.pairing import AGGREGATIONS, aggregate_pairs, make_relation_pairs, relation_pair_indices
+from relreason.pairing import (
+    AGGREGATIONS,
+    aggregate_pairs,
+    aggregation_width,
+    make_relation_pairs,
+    relation_pair_indices,
+)
 
 __version__ = "0.1.0"
 
@@ -23,6 +29,7 @@ __all__ = [
     "RelationalReasoning",
     "RelreasonError",
     "aggregate_pairs",
+    "aggregation_width",
     "build_loss",
     "infer_feature_dim",
     "make_relation_pairs",

@@ -62,7 +62,19 @@ class RelationHead(nn.Sequential):
                 f"the relation head scores pairs of (N, d) features, got features shaped {tuple(features.shape)}; "
                 "flatten the backbone's output to one row per image"
             )
+        for name, index in (("left", left), ("right", right)):
+            if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32):
+                got = index.dtype if isinstance(index, torch.Tensor) else type(index).__name__
+                raise RelreasonError(f"score_pairs' {name} must be a tensor of integer row indices, got {got}; "
+                                     "make left and right with relation_pair_indices(K, B)")
+            if index.device != features.device:
+                raise RelreasonError(f"score_pairs' {name} indices are on {index.device} and the features on "
+                                     f"{features.device}; pass relation_pair_indices(K, B, device=features.device)")
         first, width = self[0], features.shape[-1]
+        weight = getattr(first, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.device != features.device:
+            raise RelreasonError(f"the relation head is on {weight.device} and the features on {features.device}; "
+                                 "move the head with .to(features.device)")
         joined_width = aggregation_width(width, aggregation)
         lazy = isinstance(first, nn.modules.lazy.LazyModuleMixin) and first.has_uninitialized_params()
         if isinstance(first, nn.Linear) and not lazy and first.in_features != joined_width:

@@ -33,7 +33,13 @@ class FocalLoss(nn.Module):
         cross_entropy = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
         # (1 - p_true) ** gamma in log space: 1 - sigmoid(z) rounds to 0 from |z| ~ 17 in fp32, where the
         # derivative of x ** gamma is infinite for gamma < 1 and the gradient would be NaN.
-        log_miss = torch.logaddexp(targets.log() + F.logsigmoid(-logits), (-targets).log1p() + F.logsigmoid(logits))
+        hard = (targets == 0) | (targets == 1)
+        log_miss_hard = F.logsigmoid(torch.where(targets == 1, -logits, logits))
+        # A soft target blends both terms. On a 0/1 target that blend takes log(0), whose second derivative (a
+        # gradient penalty's) is NaN even where it is not selected, so there it runs on a stand-in target.
+        soft = torch.where(hard, torch.full_like(targets, 0.5), targets)
+        log_miss_soft = torch.logaddexp(soft.log() + F.logsigmoid(-logits), (-soft).log1p() + F.logsigmoid(logits))
+        log_miss = torch.where(hard, log_miss_hard, log_miss_soft)
         loss = torch.exp(self.gamma * log_miss) * cross_entropy
         if self.alpha is not None:
             loss = (targets * self.alpha + (1 - targets) * (1 - self.alpha)) * loss

@@ -62,12 +62,15 @@ class CifarResNet(nn.Module):
 
 
 def resnet8(in_channels: int = 3) -> CifarResNet:
+    """The CIFAR ResNet-8 (He et al. 2016): 1 basic block(s) per stage, 64-d features."""
     return CifarResNet(1, in_channels=in_channels)
 
 
 def resnet32(in_channels: int = 3) -> CifarResNet:
+    """The CIFAR ResNet-32 (He et al. 2016): 5 basic block(s) per stage, 64-d features."""
     return CifarResNet(5, in_channels=in_channels)
 
 
 def resnet56(in_channels: int = 3) -> CifarResNet:
+    """The CIFAR ResNet-56 (He et al. 2016): 9 basic block(s) per stage, 64-d features."""
     return CifarResNet(9, in_channels=in_channels)

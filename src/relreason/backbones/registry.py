@@ -46,6 +46,7 @@ _BUILT_IN = dict(BACKBONES)
 
 
 def backbone_names() -> list[str]:
+    """The registered backbones' names, as ``build_backbone`` and ``--backbone`` take them."""
     return sorted(BACKBONES)
 
 
@@ -148,7 +149,7 @@ def check_backbone_args(args: Any) -> dict[str, Any]:
         return {}
     if not isinstance(args, Mapping) or not all(isinstance(k, str) and k.isidentifier() for k in args):
         raise RelreasonError(f"backbone arguments must map argument names to values, got {args!r}; pass e.g. "
-                             "--backbone-args small_stem=false (backbone_args={'small_stem': False})")
+                             "--backbone-args small_stem=false (a dict such as {'small_stem': False} in Python)")
     return dict(args)
 
 
@@ -174,7 +175,8 @@ def _check_call(factory: Callable[..., nn.Module], name: str, kwargs: dict[str, 
     except TypeError as error:
         raise RelreasonError(
             f"backbone '{name}' cannot be built with {given} ({error}; it takes: {takes}); give --backbone-args "
-            "(backbone_args= in Python) each argument it needs and none that it does not take"
+            "(PretrainConfig's backbone_args=, build_backbone's args=) each argument it needs and none that it does "
+            "not take"
         ) from None
     for key, value in kwargs.items():
         kind = _plain_kind(signature.parameters[key]) if key in signature.parameters else None
@@ -205,7 +207,7 @@ def _is_kind(value: Any, kind: type) -> bool:
     return isinstance(value, kind)
 
 
-def build_backbone(name: str, image_size: int = 32, args: Mapping[str, Any] | None = None, **kwargs) -> nn.Module:
+def build_backbone(name: str, image_size: int = 32, args: Mapping[str, Any] | None = None, **kwargs: Any) -> nn.Module:
     """A fresh backbone with a ``feature_dim`` attribute.
 
     ``name`` is a registered name (``backbone_names()``) or ``"package.module:factory"`` for a user's own

@@ -1,6 +1,10 @@
-"""Datasets, transforms and the multi-view wrapper used for relational reasoning."""
+"""Datasets, transforms and the multi-view wrappers used for relational reasoning: per-image views
+(``relational_augmentation``, ``MultiViewDataset``) and views made in batches on the device
+(``BatchRelationalAugmentation``, ``DeviceMultiViewDataset``, ``BatchViewLoader``, ``EpochBatchSampler``)."""
 
 from .array_dataset import ArrayImageDataset, pil_to_rgb
+from .batch_augment import BatchRelationalAugmentation
+from .batch_views import BatchViewLoader, DeviceMultiViewDataset, images_as_tensor
 from .benchmarks import SYSTEM_DATASET_DIRS
 from .datasets import (
     DATASET_NAMES,
@@ -14,6 +18,7 @@ from .datasets import (
 )
 from .image_folder import IMAGE_EXTENSIONS, ImageFolderDataset, read_skip_log
 from .multiview import MultiViewDataset
+from .sampler import EpochBatchSampler
 from .splits import has_split_dirs, split_image_folder, stratified_split
 from .transforms import ToRGB, eval_transform, relational_augmentation
 
@@ -22,7 +27,11 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "SYSTEM_DATASET_DIRS",
     "ArrayImageDataset",
+    "BatchRelationalAugmentation",
+    "BatchViewLoader",
     "DatasetInfo",
+    "DeviceMultiViewDataset",
+    "EpochBatchSampler",
     "ImageFolderDataset",
     "MultiViewDataset",
     "ToRGB",
@@ -33,6 +42,7 @@ __all__ = [
     "eval_transform",
     "has_split_dirs",
     "held_out_split",
+    "images_as_tensor",
     "load_dataset",
     "pil_to_rgb",
     "read_skip_log",

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from relreason.checks import check_positive_int
 from relreason.data.batch_augment import BatchRelationalAugmentation
@@ -17,16 +18,18 @@ __all__ = ["BatchViewLoader", "DeviceMultiViewDataset", "images_as_tensor"]
 
 
 def images_as_tensor(dataset: Dataset, keep_grey: bool = False) -> torch.Tensor:
-    """The images of an in-memory dataset (``ArrayImageDataset``) as one ``(N, 3, H, W)`` uint8 tensor.
+    """The images of an in-memory dataset as one ``(N, 3, H, W)`` uint8 tensor: relreason's ``ArrayImageDataset``
+    (its ``images``), a torchvision dataset that keeps its images as one uint8 array and has no ``transform`` of its
+    own (its ``data``: MNIST, Fashion-MNIST, CIFAR, SVHN, STL-10), or a ``Subset`` of either.
 
     A grey dataset comes as three equal channels, or with ``keep_grey`` as ``(N, 1, H, W)``: a third of the
     memory, and ``BatchRelationalAugmentation`` makes its views at a third of the cost."""
-    images = getattr(dataset, "images", None)
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+    images = _image_array(dataset)
+    if images is None:
         raise RelreasonError(
-            f"{type(dataset).__name__} does not hold its images as one uint8 array, so views cannot be made on "
-            "the device; use per-image torchvision transforms for this dataset (MultiViewDataset; on the command "
-            "line, --augment pil)"
+            f"{type(dataset).__name__} does not hold its images as one uint8 array (an ArrayImageDataset's images, "
+            "a torchvision dataset's data without a transform), so views cannot be made on the device; use "
+            "per-image torchvision transforms for this dataset (MultiViewDataset; on the command line, --augment pil)"
         )
     tensor = torch.from_numpy(np.ascontiguousarray(images))
     if tensor.dim() == 4 and tensor.shape[3] == 1:
@@ -34,6 +37,37 @@ def images_as_tensor(dataset: Dataset, keep_grey: bool = False) -> torch.Tensor:
     if tensor.dim() == 3:  # grey: three equal channels, as the PIL path's convert("RGB")
         return tensor[:, None] if keep_grey else tensor[:, None].expand(-1, 3, -1, -1).contiguous()
     return tensor.permute(0, 3, 1, 2).contiguous()
+
+
+def _image_array(dataset: Any) -> np.ndarray | None:
+    """The dataset's images as one uint8 array, ``(N, H, W)`` or ``(N, H, W, C)``; None when it keeps none."""
+    if isinstance(dataset, Subset):
+        images = _image_array(dataset.dataset)
+        return None if images is None else images[np.asarray(dataset.indices, dtype=np.int64)]
+    images = getattr(dataset, "images", None)
+    if images is None and getattr(dataset, "transform", None) is None:  # a transform would be passed over
+        images = getattr(dataset, "data", None)
+        if isinstance(images, torch.Tensor):
+            images = images.numpy()
+        # STL-10 and SVHN keep theirs channels first; MNIST's and CIFAR's are (N, H, W[, C]) as PIL reads them.
+        if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[1] in (1, 3) and images.shape[3] > 3:
+            images = images.transpose(0, 2, 3, 1)
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim not in (3, 4):
+        return None
+    return images
+
+
+def labels_of(dataset: Any) -> np.ndarray | None:
+    """The labels of a dataset ``images_as_tensor`` reads (``labels``, or a torchvision dataset's ``targets``)."""
+    if isinstance(dataset, Subset):
+        labels = labels_of(dataset.dataset)
+        return None if labels is None else labels[np.asarray(dataset.indices, dtype=np.int64)]
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        labels = getattr(dataset, "targets", None)
+    if isinstance(labels, torch.Tensor):
+        labels = labels.numpy()
+    return None if labels is None else np.asarray(labels)
 
 
 def free_device_memory(device: torch.device) -> int | None:
@@ -56,7 +90,8 @@ class DeviceMultiViewDataset:
     """A labelled image set held on ``device`` as uint8, and the batched augmentation that makes its views.
 
     ``views(indices, generator)`` returns ``(K, B, 3, S, S)`` float views and the ``(B,)`` labels. The source
-    dataset stays reachable as ``.dataset`` (its labels, classes), as with ``MultiViewDataset``.
+    dataset stays reachable as ``.dataset`` (its labels, classes), as with ``MultiViewDataset``. With ``seed``
+    None, ``BatchViewLoader`` draws the views from PyTorch's global generator (not reproducible by themselves).
     """
 
     def __init__(
@@ -64,10 +99,12 @@ class DeviceMultiViewDataset:
         dataset: Dataset,
         augmentation: BatchRelationalAugmentation,
         num_views: int,
-        seed: int,
+        seed: int | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
         num_views = check_positive_int(num_views, "the number of views per image", example=4)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+            raise RelreasonError(f"seed must be an integer or None, got {seed!r}")
         self.dataset = dataset
         self.augmentation = augmentation
         self.num_views = num_views
@@ -76,8 +113,8 @@ class DeviceMultiViewDataset:
         images = images_as_tensor(dataset, keep_grey=True)
         check_fits_on_device(images.nbytes, self.device)
         self.images = images.to(self.device)
-        labels = getattr(dataset, "labels", None)
-        labels = np.full(len(self.images), -1) if labels is None else np.asarray(labels)
+        labels = labels_of(dataset)
+        labels = np.full(len(self.images), -1) if labels is None else labels
         self.labels = torch.as_tensor(labels, dtype=torch.long).to(self.device)
         self.epoch = 0
 
@@ -101,7 +138,7 @@ class BatchViewLoader:
     """Iterates over ``(views, labels)`` for the batches of ``batch_sampler``, each made in one go on the device.
 
     The random parameters of step ``s`` come from a generator seeded by ``(seed, epoch, s, rank)`` alone, so
-    a resumed epoch makes exactly the views it would have made.
+    a resumed epoch makes exactly the views it would have made (a dataset without a seed: PyTorch's global one).
     """
 
     def __init__(self, dataset: DeviceMultiViewDataset, batch_sampler: Iterable[Sequence[int]], rank: int = 0) -> None:
@@ -117,5 +154,8 @@ class BatchViewLoader:
         sampler = self.batch_sampler
         # A resumable sampler (EpochBatchSampler) starts mid-epoch; any other batch sampler from step 0.
         for step, indices in enumerate(sampler, start=getattr(sampler, "start_step", 0)):
-            self.generator.manual_seed(mix_seed(self.dataset.seed, self.dataset.epoch, step, self.rank))
-            yield self.dataset.views(torch.as_tensor(indices, dtype=torch.long), self.generator)
+            generator = None
+            if self.dataset.seed is not None:
+                generator = self.generator
+                generator.manual_seed(mix_seed(self.dataset.seed, self.dataset.epoch, step, self.rank))
+            yield self.dataset.views(torch.as_tensor(indices, dtype=torch.long), generator)

@@ -112,10 +112,11 @@ def _find_in(directory: Path, name: str, gz_ok: bool) -> Path | None:
     return None
 
 
-def _locate(key: str, root: Path, split: str) -> dict[str, Path] | None:
-    """Paths of the files ``split`` needs, all from the first directory holding all of them."""
+def _locate(key: str, root: Path | None, split: str) -> dict[str, Path] | None:
+    """Paths of the files ``split`` needs, all from the first directory holding all of them (None: the system
+    directories alone)."""
     layout = _LAYOUTS[key]
-    dirs = [root / sub if sub else root for sub in layout.subdirs]
+    dirs = [root / sub if sub else root for sub in layout.subdirs] if root is not None else []
     dirs += [Path(d) for d in SYSTEM_DATASET_DIRS.get(key, ())]
     names = layout.files[split]
     for directory in dirs:
@@ -125,18 +126,17 @@ def _locate(key: str, root: Path, split: str) -> dict[str, Path] | None:
     return None
 
 
-def _not_found(key: str, root: Path, split: str) -> RelreasonError:
+def _not_found(key: str, root: Path | None, split: str) -> RelreasonError:
     expected = _LAYOUTS[key].expected[split]
     fix = "pass --download to fetch it or --data-root to point at it (load_dataset's download=True, root=)"
     if key == "fashion-mnist":
         searched = ", ".join(SYSTEM_DATASET_DIRS.get(key, ())) or "no system directory"
         fix = (
             "pass --download to fetch it, --data-root to point at it (load_dataset's download=True, root=), or run "
-            f"'apt-get install dataset-fashion-mnist' (searched also {searched})"
+            "'apt-get install dataset-fashion-mnist'" + (f" (searched also {searched})" if root is not None else "")
         )
-    return RelreasonError(
-        f"dataset '{key}' (split '{split}') not found under {root} (expected {expected}); {fix}"
-    )
+    where = f"under {root}" if root is not None else f"in {', '.join(SYSTEM_DATASET_DIRS.get(key, ()))}"
+    return RelreasonError(f"dataset '{key}' (split '{split}') not found {where} (expected {expected}); {fix}")
 
 
 def _not_made_by_download(key: str, root: Path, split: str) -> RelreasonError:
@@ -359,11 +359,11 @@ def load_digits(split: str) -> ArrayImageDataset:
     return ArrayImageDataset(np.ascontiguousarray(images[idx]), labels[idx], list(_DIGIT_CLASSES))
 
 
-def load_benchmark(key: str, root: Path, split: str, download: bool) -> ArrayImageDataset:
-    """Split ``split`` of benchmark ``key`` from its files under ``root`` (or a system directory), fetched first
-    when missing and ``download`` is true."""
+def load_benchmark(key: str, root: Path | None, split: str, download: bool) -> ArrayImageDataset:
+    """Split ``split`` of benchmark ``key`` from its files under ``root`` (or a system directory; None: only
+    there), fetched first when missing and ``download`` is true."""
     files = _locate(key, root, split)
-    if files is None and download:
+    if files is None and download and root is not None:
         _download(key, root, split)
         files = _locate(key, root, split)
         if files is None:

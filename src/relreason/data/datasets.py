@@ -23,7 +23,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from relreason.data.array_dataset import pil_to_rgb
-from relreason.data.benchmarks import load_benchmark, load_digits
+from relreason.data.benchmarks import SYSTEM_DATASET_DIRS, load_benchmark, load_digits
 from relreason.data.image_folder import ImageFolderDataset, decoded_for
 from relreason.data.splits import check_fraction_range, has_split_dirs, load_folder_split, split_image_folder
 from relreason.errors import RelreasonError
@@ -228,8 +228,9 @@ def load_dataset(
     """Load split ``split`` of dataset ``name`` (one of :data:`DATASET_NAMES`) from ``root``.
 
     Files are looked for in torchvision's layout under ``root`` (and in ``root``
-    itself; for ``fashion-mnist`` also in :data:`SYSTEM_DATASET_DIRS`). If they are
-    missing and ``download`` is true, torchvision fetches them into ``root`` first.
+    itself; for ``fashion-mnist`` also in :data:`SYSTEM_DATASET_DIRS`, and there alone when
+    ``root`` is None). If they are missing and ``download`` is true, torchvision fetches
+    them into ``root`` first.
     ``digits`` needs no files (scikit-learn bundles it); ``folder`` reads ``root``
     as an image folder (``root/train`` and ``root/test`` when both exist).
     """
@@ -241,8 +242,11 @@ def load_dataset(
         )
     if key == "digits":
         return load_digits(split)
-    if root is None:
-        raise RelreasonError(f"dataset '{key}' needs a data directory; pass --data-root (load_dataset's root=)")
+    if root is None and (key not in SYSTEM_DATASET_DIRS or download):
+        fetch = " to download into" if download else ""
+        raise RelreasonError(f"dataset '{key}' needs a data directory{fetch}; pass --data-root (load_dataset's root=)")
+    if root is None:  # the system directories alone
+        return load_benchmark(key, None, split, download=False)
     root = Path(root).expanduser()
     if key == "folder":
         return load_folder_split(root, split)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
+import numpy as np
+import torch
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
@@ -18,11 +20,26 @@ __all__ = ["relational_augmentation", "eval_transform", "ToRGB"]
 
 class ToRGB:
     """A PIL image in any mode (grey, palette, RGBA, CMYK, 16-bit, ...) as RGB, as the datasets read them
-    (:func:`relreason.data.pil_to_rgb`): the jitter and Normalize steps expect three channels. RGB images, and
-    anything that is not a PIL image, pass unchanged."""
+    (:func:`relreason.data.pil_to_rgb`): the jitter and Normalize steps expect three channels. A uint8 array
+    ``(H, W)`` or ``(H, W, C)``, or a uint8 tensor ``(C, H, W)`` or ``(H, W)`` (one image of a torchvision dataset's
+    ``data``), is taken as that image; anything else is refused in one line."""
 
-    def __call__(self, image):
-        return pil_to_rgb(image) if isinstance(image, Image.Image) else image
+    def __call__(self, image: Any) -> Image.Image:
+        if isinstance(image, Image.Image):
+            return pil_to_rgb(image)
+        if isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.dim() in (2, 3):
+            image = image.numpy(force=True)
+            image = image if image.ndim == 2 else image.transpose(1, 2, 0)  # channels first, as tensors hold them
+        if isinstance(image, np.ndarray) and image.dtype == np.uint8 and (
+                image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4))):
+            return pil_to_rgb(Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image))
+        kind = (f"a {image.dtype} {type(image).__name__} shaped {tuple(image.shape)}"
+                if isinstance(image, (np.ndarray, torch.Tensor)) else type(image).__name__)
+        raise RelreasonError(
+            f"the per-image transforms take one image (a PIL image, a uint8 (H, W[, C]) array or a uint8 (C, H, W) "
+            f"tensor), got {kind}; convert it so, or make views of a batch of uint8 tensors with "
+            "BatchRelationalAugmentation"
+        )
 
     def __repr__(self) -> str:
         return "ToRGB()"
@@ -91,7 +108,8 @@ def relational_augmentation(
 
     Random resized crop (scale 0.08..1, ratio 3/4..4/3, bilinear), horizontal flip,
     colour jitter (0.8, 0.8, 0.8, 0.2) with probability 0.8, greyscale with
-    probability 0.2, then ToTensor and Normalize. Input: a PIL image, made RGB first (``ToRGB``).
+    probability 0.2, then ToTensor and Normalize. Input: a PIL image (or a uint8 image array), made RGB first
+    (``ToRGB``).
     ``min_crop_scale`` replaces the 0.08: the smallest crop, as a fraction of the image's area;
     ``jitter_strength`` scales the four jitter amounts (0: no jitter).
     """
