@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# The prepared check for a lent GPU machine, in one call (an estimated 4 minutes on an H100/H200, never
-# measured; at most 8.3 by its timeouts: run it with timeout_s 540): the throughput tables on CUDA
-# (reference vs relreason vs backbone alone; relreason's steps after the first run under
+# The CUDA check in one command (at most about 8.3 minutes on one GPU, by its timeouts): the throughput tables
+# on CUDA (reference vs relreason vs backbone alone; relreason's steps after the first run under
 # torch.cuda.set_sync_debug_mode("error"), so a host sync inside a step is reported and fails the
 # script), Conv-4 compiled at the paper's K=32, then a short pretraining run on CUDA with bf16 and
 # channels_last and its evaluation.
@@ -9,8 +8,8 @@
 #   bash benchmarks/device_check.sh OUT_DIR          # from the repository root
 #
 # It runs from src/ without installing (no package index is needed) and writes seven small
-# files to OUT_DIR. Fashion-MNIST is read from data/FashionMNIST/raw when that folder travels with the
-# tree (copy the IDX .gz files there and carry it); otherwise the benchmark uses synthetic images.
+# files to OUT_DIR. Fashion-MNIST is read from data/FashionMNIST/raw when that folder holds its IDX .gz
+# files; otherwise the benchmark uses synthetic images.
 # DEVICE=cpu QUICK=1 runs the same steps tiny, on the CPU, to check the script itself (its "compile"
 # line then runs uncompiled: compiling on a small CPU takes longer than the whole check).
 set -uo pipefail

@@ -228,12 +228,6 @@ def remaining_minutes(run_dir: Path, time_limit: float | None) -> float | None:
     return max(time_limit - trained, 1e-9)  # spent: one step, which exports the backbone and marks the budget spent
 
 
-def read_json_lines(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def headline(result: dict[str, Any]) -> float | None:
     """The one number a protocol is ranked by: its test accuracy, else its mAP."""
     for key in ("test_accuracy", "mAP"):
@@ -253,6 +247,7 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     from relreason.data import dataset_info, held_out_split
     from relreason.evaluate import EvaluateConfig, check_several_classes, labelled_split, run_evaluation
     from relreason.train import pretrain
+    from relreason.train.metrics_log import read_json_lines
 
     refuse_several_processes("compare")
     config = with_home_expanded(with_plain_values(config), "output_dir", "data_root")

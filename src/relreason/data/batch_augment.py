@@ -27,7 +27,17 @@ from functools import lru_cache
 import torch
 
 from relreason.checks import check_positive_int
-from relreason.data.transforms import check_crop_scale, check_normalization, jitter_amounts
+from relreason.data.transforms import (
+    CROP_RATIO,
+    FLIP_P,
+    GRAYSCALE_P,
+    JITTER,
+    JITTER_P,
+    MIN_CROP_SCALE,
+    check_crop_scale,
+    check_normalization,
+    jitter_amounts,
+)
 from relreason.errors import RelreasonError
 
 __all__ = [
@@ -51,15 +61,15 @@ _LUMA = (0.299, 0.587, 0.114)
 class AugmentationRecipe:
     """The knobs of the relational-reasoning augmentation; the defaults are the paper's."""
 
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
-    flip_p: float = 0.5
-    brightness: float = 0.8
-    contrast: float = 0.8
-    saturation: float = 0.8
-    hue: float = 0.2
-    jitter_p: float = 0.8
-    grayscale_p: float = 0.2
+    scale: tuple[float, float] = (MIN_CROP_SCALE, 1.0)
+    ratio: tuple[float, float] = CROP_RATIO
+    flip_p: float = FLIP_P
+    brightness: float = JITTER[0]
+    contrast: float = JITTER[1]
+    saturation: float = JITTER[2]
+    hue: float = JITTER[3]
+    jitter_p: float = JITTER_P
+    grayscale_p: float = GRAYSCALE_P
 
     def __post_init__(self) -> None:
         # The ranges torchvision's RandomResizedCrop and ColorJitter accept, so a recipe means the same on both paths.
@@ -81,7 +91,7 @@ class AugmentationRecipe:
             raise RelreasonError(f"hue must lie in [0, 0.5] (half the colour circle), got {self.hue!r}")
 
     @classmethod
-    def from_options(cls, min_crop_scale: float = 0.08, jitter_strength: float = 1.0) -> AugmentationRecipe:
+    def from_options(cls, min_crop_scale: float = MIN_CROP_SCALE, jitter_strength: float = 1.0) -> AugmentationRecipe:
         """The paper's recipe with ``--min-crop-scale`` and ``--jitter-strength`` applied (one-line errors for values
         out of range), as :func:`relreason.data.relational_augmentation` takes them."""
         brightness, contrast, saturation, hue = jitter_amounts(jitter_strength)
@@ -121,8 +131,8 @@ def sample_crop_boxes(
     num: int,
     height: int,
     width: int,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+    scale: tuple[float, float] = (MIN_CROP_SCALE, 1.0),
+    ratio: tuple[float, float] = CROP_RATIO,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     tries: int = 10,

@@ -71,8 +71,16 @@ def check_crop_scale(min_scale: float) -> tuple[float, float]:
     return float(min_scale), 1.0
 
 
-#: Aspect-ratio range of the random resized crop (width / height), the paper's.
+# The paper's augmentation, in one place for both paths (relational_augmentation here, AugmentationRecipe for the
+# batched views), so that they cannot drift apart.
+#: The smallest random crop, as a fraction of the image's area (--min-crop-scale's default).
+MIN_CROP_SCALE = 0.08
+#: Aspect-ratio range of the random resized crop (width / height).
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+#: ColorJitter's (brightness, contrast, saturation, hue) at --jitter-strength 1.
+JITTER = (0.8, 0.8, 0.8, 0.2)
+#: Probabilities of the horizontal flip, of the colour jitter and of greyscale.
+FLIP_P, JITTER_P, GRAYSCALE_P = 0.5, 0.8, 0.2
 
 
 def smallest_crop_side(min_scale: float) -> float:
@@ -94,14 +102,15 @@ def jitter_amounts(strength: float = 1.0) -> tuple[float, float, float, float]:
             "pass 1 for the paper's jitter or 0 for none"
         )
     strength = float(strength)
-    return 0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength
+    brightness, contrast, saturation, hue = (amount * strength for amount in JITTER)
+    return brightness, contrast, saturation, hue
 
 
 def relational_augmentation(
     image_size: int,
     mean: Sequence[float],
     std: Sequence[float],
-    min_crop_scale: float = 0.08,
+    min_crop_scale: float = MIN_CROP_SCALE,
     jitter_strength: float = 1.0,
 ) -> T.Compose:
     """The augmentation of Patacchiola & Storkey (2020), in the paper's order.
@@ -123,9 +132,9 @@ def relational_augmentation(
                 ratio=CROP_RATIO,
                 interpolation=InterpolationMode.BILINEAR,
             ),
-            T.RandomHorizontalFlip(p=0.5),
-            T.RandomApply([T.ColorJitter(*jitter_amounts(jitter_strength))], p=0.8),
-            T.RandomGrayscale(p=0.2),
+            T.RandomHorizontalFlip(p=FLIP_P),
+            T.RandomApply([T.ColorJitter(*jitter_amounts(jitter_strength))], p=JITTER_P),
+            T.RandomGrayscale(p=GRAYSCALE_P),
             T.ToTensor(),
             T.Normalize(mean_t, std_t),
         ]

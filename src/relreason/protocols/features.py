@@ -57,9 +57,10 @@ def extract_features(
     backbone's device are restored.  Outputs are flattened per sample.
 
     Returns float32 CPU features ``(N, d)`` and int64 CPU labels ``(N,)``, in dataset order.
-    If ``cache_path`` exists it is loaded instead of running the backbone; otherwise the result
-    is written there atomically (unless the dataset skipped unreadable files: ``dataset.skipped``).  A cache is keyed only by its path: use one path per
-    (backbone checkpoint, split, transform).
+    If ``cache_path`` exists it is loaded instead of running the backbone (unless its item count or labels no
+    longer match the dataset's: then it is made again); otherwise the result is written there atomically (unless
+    the dataset skipped unreadable files: ``dataset.skipped``). Nothing else of the cache is checked, so use one
+    path per (backbone checkpoint, split, transform).
 
     With ``num_workers`` 0, ``threads`` threads fetch and transform each batch's items, the next batch's while the
     backbone runs on this one: for image files, which PIL decodes without holding the interpreter lock. With a

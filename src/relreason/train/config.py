@@ -12,7 +12,7 @@ from torch import nn
 from relreason.backbones.registry import check_backbone
 from relreason.data import check_test_fraction, dataset_info
 from relreason.data.splits import image_folders_read
-from relreason.data.transforms import check_crop_scale, jitter_amounts
+from relreason.data.transforms import MIN_CROP_SCALE, check_crop_scale, jitter_amounts
 from relreason.device import AMP_MODES, check_device_name, resolve_device
 from relreason.errors import RelreasonError
 from relreason.losses import build_loss
@@ -52,7 +52,7 @@ class PretrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: str = "off"
-    min_crop_scale: float = 0.08  # smallest random crop, as a fraction of the image area (the paper's 0.08)
+    min_crop_scale: float = MIN_CROP_SCALE  # smallest random crop, as a fraction of the image area (the paper's 0.08)
     jitter_strength: float = 1.0  # colour jitter amounts as a multiple of the paper's (0.8, 0.8, 0.8, 0.2)
     augment: str = "auto"  # tensor: batched on the device; pil: per-image torchvision; auto: tensor when possible
     test_fraction: float | None = None  # a labelled folder: train on all but this held-out share of each class

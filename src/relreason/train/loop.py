@@ -233,7 +233,7 @@ def _pretrain(
     stopped_early = False
     try:
         while position.epoch < config.epochs and not stopped_early:
-            record, stopped_early = train_one_epoch(
+            _, stopped_early = train_one_epoch(
                 train_model, optimizer, scaler, dataset, config, position, device, amp_dtype, deadline, stop, saver,
                 context, metrics,
             )

@@ -51,13 +51,13 @@ class MetricsLog:
         _append_json_line(self.steps_path, record)
 
     def read(self) -> list[dict[str, float]]:
-        return _read_json_lines(self.path)
+        return read_json_lines(self.path)
 
     def truncate_after(self, epochs_done: float) -> None:
         """Drop records a resumed run will write again (those after the checkpoint it resumes)."""
         self.purge_from = math.floor(epochs_done) + 1  # epoch records are logged at steps 1, 2, ...
         for path in (self.path, self.steps_path):
-            kept = [r for r in _read_json_lines(path) if r["epoch"] <= epochs_done]
+            kept = [r for r in read_json_lines(path) if r["epoch"] <= epochs_done]
             atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def close(self) -> None:
@@ -73,7 +73,8 @@ def _append_json_line(path: Path, record: dict[str, float], sync: bool = False) 
             os.fsync(handle.fileno())
 
 
-def _read_json_lines(path: Path) -> list[dict[str, Any]]:
+def read_json_lines(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines log (``metrics.jsonl``, ``steps.jsonl``); none when it is missing."""
     if not path.exists():
         return []
     records = []

@@ -1,4 +1,5 @@
-"""The run folder: its files' names, its preparation, and the exported backbone with its metadata."""
+"""The run folder: its preparation, its lock, and the exported backbone with its metadata (the files' names are
+in ``relreason.run_files``)."""
 
 from __future__ import annotations
 
