@@ -104,16 +104,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
 def _pretrain(
     config: PretrainConfig, context: DistributedContext, device: torch.device, deadline: float
 ) -> PretrainResult:
-    if config.sync_batchnorm and context.enabled and device.type != "cuda":
-        raise RelreasonError("--sync-batchnorm needs CUDA devices (PyTorch's SyncBatchNorm is GPU-only); drop it on CPU")
-    if config.sync_batchnorm and not context.enabled:
-        log("relreason: note: --sync-batchnorm does nothing in a single process (it shares BatchNorm statistics "
-            "across torchrun's processes)", context)
-    if config.amp == "fp16" and device.type == "cpu":
-        log("relreason: note: --amp fp16 is slow on a CPU (and needs a loss scaler); --amp bf16 is the CPU's "
-            "half precision", context)
-    for note in unused_option_notes(config):
-        log(f"relreason: note: {note}", context)
+    _say_option_notes(config, context, device)
     seed_everything(config.seed)
     method_type = method_class(config.method)
     check_output_dir(config)  # in one line before any data is read; the folder is made after the data checks
@@ -130,24 +121,11 @@ def _pretrain(
             check_resumable(found[1], config, geometry, found[0])
 
     dataset, geometry = build_pretrain_data(config, device, check_resume, context)
-    if config.num_workers is not None and geometry["augment"] == "tensor" and method_type is not None:
-        log(f"relreason: note: --num-workers {config.num_workers} does nothing on the batched path (its views are "
-            "made on the device in this process); it serves --augment pil", context)
-    if len(dataset) < 2 * context.world_size:
-        raise RelreasonError(
-            f"dataset '{config.dataset}' has {len(dataset)} image(s); each of the {context.world_size} process(es) "
-            "needs at least 2 (an image cannot be its own negative)"
-        )
-    if method_type is not None and method_type.needs_labels:
-        check_every_image_labelled(dataset, config.dataset)  # before the output folder exists
-    folder = getattr(dataset.dataset, "folder", dataset.dataset)
-    if isinstance(folder, ImageFolderDataset):
-        log(describe_folder(folder), context)
-    if isinstance(dataset.dataset, DecodedImageFolder):
-        log(dataset.dataset.describe(), context)
+    _check_training_data(dataset, geometry, config, method_type, context)
     num_classes = num_classes_of(dataset)
-    method = build_model(config, geometry["image_size"], num_classes)  # a broken backbone factory fails here,
-    run_dir = prepare_output_dir(config, context)  # before the output folder exists
+    # A broken backbone factory fails here, before the output folder exists.
+    method = build_model(config, geometry["image_size"], num_classes)
+    run_dir = prepare_output_dir(config, context)
     if method is None:  # 'random': the lower bound is the initialisation itself
         backbone = build_backbone(config.backbone, image_size=geometry["image_size"], args=config.backbone_args)
         if context.is_main:
@@ -160,18 +138,7 @@ def _pretrain(
     if method.needs_labels:
         method.check_label_values = False  # checked once above, so no step waits on the device to check them
     probe = OnlineProbe(method.feature_dim, num_classes) if config.online_probe and num_classes else None
-    model = PretrainModule(method, probe).to(device)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if config.compile:
-        # The backbone only: compiling the whole forward was faster at K=16 but slower at K=32 on the CPU (the
-        # relation pairs' gradient becomes an atomic scatter-add, which is also not deterministic), while the
-        # eager relation head is cheap. In place: the state_dict keys stay those of the plain backbone.
-        # Static shapes: an epoch's short last batch then gets a graph of its own, instead of turning every
-        # later step into a dynamic-shape graph.
-        model.method.backbone.compile(dynamic=False)
-    if config.sync_batchnorm and context.enabled:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = _step_module(method, probe, config, device, context)
     groups = [{"params": model.method.parameters(), "base_lr": config.lr}]
     if probe is not None:
         # The probe must keep up with features that move every step; on standardised features a 10x
@@ -182,49 +149,13 @@ def _pretrain(
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     metrics = MetricsLog(run_dir, config.tensorboard and context.is_main)
     position = TrainingPosition()
-
     if found is not None:
-        path, checkpoint = found
-        if probe is None:
-            checkpoint = without_probe(checkpoint)
-        try:
-            model.load_state_dict(checkpoint["model"])
-        except RuntimeError:
-            difference = first_difference(model.state_dict(), checkpoint["model"])
-            # The probe's output grows with the classes; the method's tensors change with the backbone's code.
-            cause = ("was a class folder added? Rerun with the original data" if difference.startswith("probe.")
-                     else "did the backbone's code change? Rerun with the backbone the run started with")
-            raise RelreasonError(
-                f"cannot resume {path}: this run's model no longer fits it ({difference}); {cause} or choose another "
-                "--output-dir"
-            ) from None
-        load_optimizer_state(optimizer, checkpoint["optimizer"], groups, config)
-        if checkpoint["scaler"]:  # empty when saved without --amp fp16: a newly enabled scaler starts afresh
-            scaler.load_state_dict(checkpoint["scaler"])
-        set_rng_state(checkpoint["rng"], device)
-        position = TrainingPosition(**checkpoint["position"])
-        if context.is_main:
-            if position.epoch >= config.epochs:
-                log(f"{path} ends the run's {position.epoch} epoch(s): nothing to train (pass a larger --epochs to "
-                    "train on); exporting its backbone again", context)
-            else:
-                log(f"resuming {path}: epoch {position.epoch + 1}, step {position.step}", context)
-                for note in changed_option_notes(checkpoint, config, geometry):
-                    log(f"relreason: note: {note}", context)
-            saved_epochs = checkpoint.get("config", {}).get("epochs", config.epochs)
-            if config.lr_schedule == "cosine" and saved_epochs != config.epochs:
-                log(f"relreason: warning: --epochs changed from {saved_epochs} to {config.epochs}: the cosine schedule "
-                    "now spans the new length, so the learning rate jumps to that curve", context)
-
+        position = _resume(found, model, optimizer, groups, scaler, config, geometry, device, context)
     if context.is_main:
         # Records past the starting point (all of them on a fresh start) are of steps about to be redone.
         metrics.truncate_after(position.epochs_done)
-        # The options of the latest command that trained the run: a rerun that trains nothing keeps them.
-        if position.epoch < config.epochs or not (run_dir / CONFIG_NAME).exists():
-            # Paths absolute: `pretrain --config RUN/config.json` then means the same run from any working folder.
-            paths = {"data_root": absolute_data_root(config), "output_dir": str(run_dir.resolve())}
-            recorded = {"geometry": geometry, "processes": context.world_size}  # --batch-size is per process
-            atomic_write_json(run_dir / CONFIG_NAME, dataclasses.asdict(config) | paths | recorded)
+        _record_options(run_dir, config, geometry, position, context)
+
     train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if context.enabled else model
     saver = CheckpointSaver(run_dir, config, geometry, model, optimizer, scaler, context, device,
@@ -238,22 +169,15 @@ def _pretrain(
                 context, metrics,
             )
         stopped_early = stopped_early and position.epoch < config.epochs
-        stopped_by = (stop.signal_name or "time limit") if stopped_early else None
         overrun = _past_the_limit(config, deadline)  # before the export, whose time is not a step's
         # Still under the handlers: a SIGTERM now (the run's last second) lets the export and the plot finish.
         if context.is_main:
+            stopped_by = (stop.signal_name or "time limit") if stopped_early else None
             export_backbone(run_dir, model.method.backbone, config, geometry, position, stopped_by)
             metrics.close()
             plot_training_curves(metrics.read(), run_dir / CURVES_NAME)
             if stopped_early:
-                where = f"during epoch {position.epoch + 1} at step {position.step}" if position.step else \
-                    f"after epoch {position.epoch}"
-                if stop.signal_name:
-                    log(f"stopped {where}; exported the current backbone and saved a checkpoint there: rerun the "
-                        "same command to continue", context)
-                else:  # the time limit: what follows (a rerun, compare's next run) is the caller's to decide
-                    log(f"stopped {where} by the time limit{overrun}; exported the "
-                        "current backbone and saved a checkpoint there", context)
+                _say_where_it_stopped(position, stop, overrun, context)
         barrier(context)  # every rank keeps the handlers until rank 0 is done: a SIGTERM then kills none of them
     finally:
         stop.uninstall()
@@ -265,6 +189,120 @@ def _pretrain(
     return PretrainResult(run_dir, position.epoch, history, stopped_early, model.method,
                           stopped_early and stop.signalled, num_classes, mid_epoch=stopped_early and position.step > 0,
                           sigterm_received=stop.signalled or stop.requested)
+
+
+def _say_option_notes(config: PretrainConfig, context: DistributedContext, device: torch.device) -> None:
+    """Refuse --sync-batchnorm where it cannot work, and note the options that will do nothing or little."""
+    if config.sync_batchnorm and context.enabled and device.type != "cuda":
+        raise RelreasonError("--sync-batchnorm needs CUDA devices (PyTorch's SyncBatchNorm is GPU-only); drop it on CPU")
+    if config.sync_batchnorm and not context.enabled:
+        log("relreason: note: --sync-batchnorm does nothing in a single process (it shares BatchNorm statistics "
+            "across torchrun's processes)", context)
+    if config.amp == "fp16" and device.type == "cpu":
+        log("relreason: note: --amp fp16 is slow on a CPU (and needs a loss scaler); --amp bf16 is the CPU's "
+            "half precision", context)
+    for note in unused_option_notes(config):
+        log(f"relreason: note: {note}", context)
+
+
+def _check_training_data(dataset: Any, geometry: dict[str, Any], config: PretrainConfig,
+                         method_type: type[PretrainMethod] | None, context: DistributedContext) -> None:
+    """Refuse data the method cannot train on (before the output folder exists), and describe an image folder."""
+    if config.num_workers is not None and geometry["augment"] == "tensor" and method_type is not None:
+        log(f"relreason: note: --num-workers {config.num_workers} does nothing on the batched path (its views are "
+            "made on the device in this process); it serves --augment pil", context)
+    if len(dataset) < 2 * context.world_size:
+        raise RelreasonError(
+            f"dataset '{config.dataset}' has {len(dataset)} image(s); each of the {context.world_size} process(es) "
+            "needs at least 2 (an image cannot be its own negative)"
+        )
+    if method_type is not None and method_type.needs_labels:
+        check_every_image_labelled(dataset, config.dataset)
+    folder = getattr(dataset.dataset, "folder", dataset.dataset)
+    if isinstance(folder, ImageFolderDataset):
+        log(describe_folder(folder), context)
+    if isinstance(dataset.dataset, DecodedImageFolder):
+        log(dataset.dataset.describe(), context)
+
+
+def _step_module(method: PretrainMethod, probe: OnlineProbe | None, config: PretrainConfig, device: torch.device,
+                 context: DistributedContext) -> nn.Module:
+    """What a step runs: the method and its online probe, on the device, in the memory format and compiled as the
+    options say."""
+    model = PretrainModule(method, probe).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if config.compile:
+        # The backbone only: compiling the whole forward was faster at K=16 but slower at K=32 on the CPU (the
+        # relation pairs' gradient becomes an atomic scatter-add, which is also not deterministic), while the
+        # eager relation head is cheap. In place: the state_dict keys stay those of the plain backbone.
+        # Static shapes: an epoch's short last batch then gets a graph of its own, instead of turning every
+        # later step into a dynamic-shape graph.
+        model.method.backbone.compile(dynamic=False)
+    if config.sync_batchnorm and context.enabled:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def _resume(found: tuple[Path, dict[str, Any]], model: nn.Module, optimizer: torch.optim.Optimizer,
+            groups: list[dict[str, Any]], scaler: torch.amp.GradScaler, config: PretrainConfig,
+            geometry: dict[str, Any], device: torch.device, context: DistributedContext) -> TrainingPosition:
+    """Load the checkpoint ``found`` into the model, optimiser, scaler and RNGs; the position it ends at."""
+    path, checkpoint = found
+    if model.probe is None:
+        checkpoint = without_probe(checkpoint)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError:
+        difference = first_difference(model.state_dict(), checkpoint["model"])
+        # The probe's output grows with the classes; the method's tensors change with the backbone's code.
+        cause = ("was a class folder added? Rerun with the original data" if difference.startswith("probe.")
+                 else "did the backbone's code change? Rerun with the backbone the run started with")
+        raise RelreasonError(
+            f"cannot resume {path}: this run's model no longer fits it ({difference}); {cause} or choose another "
+            "--output-dir"
+        ) from None
+    load_optimizer_state(optimizer, checkpoint["optimizer"], groups, config)
+    if checkpoint["scaler"]:  # empty when saved without --amp fp16: a newly enabled scaler starts afresh
+        scaler.load_state_dict(checkpoint["scaler"])
+    set_rng_state(checkpoint["rng"], device)
+    position = TrainingPosition(**checkpoint["position"])
+    if context.is_main:
+        if position.epoch >= config.epochs:
+            log(f"{path} ends the run's {position.epoch} epoch(s): nothing to train (pass a larger --epochs to "
+                "train on); exporting its backbone again", context)
+        else:
+            log(f"resuming {path}: epoch {position.epoch + 1}, step {position.step}", context)
+            for note in changed_option_notes(checkpoint, config, geometry):
+                log(f"relreason: note: {note}", context)
+        saved_epochs = checkpoint.get("config", {}).get("epochs", config.epochs)
+        if config.lr_schedule == "cosine" and saved_epochs != config.epochs:
+            log(f"relreason: warning: --epochs changed from {saved_epochs} to {config.epochs}: the cosine schedule "
+                "now spans the new length, so the learning rate jumps to that curve", context)
+    return position
+
+
+def _record_options(run_dir: Path, config: PretrainConfig, geometry: dict[str, Any], position: TrainingPosition,
+                    context: DistributedContext) -> None:
+    """Write config.json: the options of the latest command that trained the run (a rerun that trains nothing
+    keeps them), with the data's geometry and the number of processes (--batch-size is per process)."""
+    if position.epoch < config.epochs or not (run_dir / CONFIG_NAME).exists():
+        # Paths absolute: `pretrain --config RUN/config.json` then means the same run from any working folder.
+        paths = {"data_root": absolute_data_root(config), "output_dir": str(run_dir.resolve())}
+        recorded = {"geometry": geometry, "processes": context.world_size}
+        atomic_write_json(run_dir / CONFIG_NAME, dataclasses.asdict(config) | paths | recorded)
+
+
+def _say_where_it_stopped(position: TrainingPosition, stop: StopRequest, overrun: str,
+                          context: DistributedContext) -> None:
+    where = f"during epoch {position.epoch + 1} at step {position.step}" if position.step else \
+        f"after epoch {position.epoch}"
+    if stop.signal_name:
+        log(f"stopped {where}; exported the current backbone and saved a checkpoint there: rerun the "
+            "same command to continue", context)
+    else:  # the time limit: what follows (a rerun, compare's next run) is the caller's to decide
+        log(f"stopped {where} by the time limit{overrun}; exported the "
+            "current backbone and saved a checkpoint there", context)
 
 
 def _past_the_limit(config: PretrainConfig, deadline: float) -> str:
