@@ -413,3 +413,29 @@ def test_wide_conv4_weights_into_a_default_conv4_name_their_width(tmp_path):
     narrow = Conv4(width=2)
     load_matching_state(narrow, wide, tmp_path / "backbone.pt", "conv4")  # the right width loads
     assert torch.equal(narrow.layer4[0].weight, wide["layer4.0.weight"])
+    with pytest.raises(RelreasonError, match=r"though that is the backbone and arguments its metadata records: did "
+                                             r"the backbone's code change since it was trained\?"):
+        load_matching_state(Conv4(), wide, tmp_path / "backbone.pt", "conv4", recorded=True)
+
+
+def test_a_whole_models_state_dict_evaluates_its_backbone(tmp_path, capsys):
+    from relreason import RelationalReasoning
+    from relreason.cli import main
+    from relreason.evaluate.weights import load_matching_state
+
+    torch.manual_seed(0)
+    model = RelationalReasoning(Conv4())
+    whole = model.state_dict()
+    assert any(key.startswith("relation_head.") for key in whole)  # the head's tensors beside the backbone's
+    ddp = {f"module.{key}": value for key, value in whole.items()}  # a DistributedDataParallel's
+    for state, prefix in [(whole, "backbone."), (ddp, "module.backbone.")]:
+        fresh = Conv4()
+        load_matching_state(fresh, state, tmp_path / "w.pt", "conv4")
+        assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.backbone.state_dict().values()))
+        assert f"evaluating its backbone, the tensors under '{prefix}'" in capsys.readouterr().err
+    torch.save(whole, tmp_path / "w.pt")
+    assert main(["evaluate", "--weights", str(tmp_path / "w.pt"), "--backbone", "conv4", "--dataset", "digits",
+                 "--protocols", "knn", "--device", "cpu", "--no-random-baseline"]) == 0
+    with pytest.raises(RelreasonError, match="does not fit backbone 'conv4'"):  # the head alone: no backbone in it
+        load_matching_state(Conv4(), {k: v for k, v in whole.items() if k.startswith("relation_head.")},
+                            tmp_path / "w.pt", "conv4")

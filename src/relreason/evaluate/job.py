@@ -215,7 +215,8 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
             key = f"random-seed{config.seed}-{state_digest(backbone)}"
         else:
             key = digest
-            load_matching_state(backbone, weights_state, weights, meta["backbone"])
+            recorded = not config.backbone and config.backbone_args is None  # as the weights' metadata says
+            load_matching_state(backbone, weights_state, weights, meta["backbone"], recorded)
             if not (config.image_size or meta.get("image_size")):
                 print(f"relreason: note: evaluating at {image_size} px, the dataset's own size (no backbone.json says "
                       "what the weights were trained at); pass --image-size if it was another", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -84,9 +85,22 @@ def _load_state_dict(weights: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_matching_state(backbone: nn.Module, state: Mapping[str, torch.Tensor], weights: Path, name: str) -> None:
-    """Load ``state`` into ``backbone``, or say in one line how far apart they are."""
-    mismatch = state_mismatch(backbone.state_dict(), state)
+def load_matching_state(backbone: nn.Module, state: Mapping[str, torch.Tensor], weights: Path, name: str,
+                        recorded: bool = False) -> None:
+    """Load ``state`` into ``backbone`` (from a whole model's state_dict, the backbone's part of it: the tensors
+    under one prefix such as ``backbone.`` or DDP's ``module.backbone.``), or say in one line how far apart they
+    are. ``recorded``: ``name`` and the backbone's arguments are the ones the weights' metadata records."""
+    expected = backbone.state_dict()
+    mismatch = state_mismatch(expected, state)
+    prefix = _backbone_prefix(expected, state) if mismatch else None
+    if prefix is not None:
+        print(f"relreason: note: {weights} holds a whole model; evaluating its backbone, the tensors under "
+              f"'{prefix}'", file=sys.stderr)
+        state, mismatch = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}, None
+    if mismatch and recorded:
+        raise RelreasonError(f"{weights} does not fit backbone '{name}' ({mismatch}), though that is the backbone "
+                             "and arguments its metadata records: did the backbone's code change since it was "
+                             "trained? Evaluate it with that code")
     if mismatch:
         args = backbone_args_of(name, state)
         hint = (f": these are {name}'s weights at --backbone-args {' '.join(f'{k}={v}' for k, v in args.items())}"
@@ -95,3 +109,16 @@ def load_matching_state(backbone: nn.Module, state: Mapping[str, torch.Tensor], 
                              f"--backbone-args) it was trained with{hint}")
     backbone.load_state_dict(state)
 
+
+def _backbone_prefix(expected: Mapping[str, torch.Tensor], state: Mapping[str, Any]) -> str | None:
+    """The prefix under which ``state`` holds exactly a backbone whose state_dict is ``expected`` (a whole model
+    saved, with its head beside it); None when there is none."""
+    if not expected:
+        return None
+    first = next(iter(expected))
+    prefixes = {key[: -len(first)] for key in state if key.endswith("." + first)}
+    for prefix in sorted(prefixes, key=len):
+        part = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+        if state_mismatch(expected, part) is None:
+            return prefix
+    return None

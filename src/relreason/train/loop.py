@@ -72,7 +72,8 @@ POSTFIX_SECONDS = 2.0  # how often the progress bar's running means are refreshe
 
 
 def pretrain(config: PretrainConfig) -> PretrainResult:
-    """Train ``config.backbone`` with relational reasoning on ``config.dataset``; see ``PretrainConfig``.
+    """Train ``config.backbone`` with ``config.method`` (relational reasoning by default) on ``config.dataset``;
+    see ``PretrainConfig``.
 
     Under ``torchrun`` each process trains on its own share of every epoch (pairs are formed inside each
     rank's batch) and rank 0 alone writes files; otherwise this is a plain single-process loop. SIGTERM and
