@@ -22,10 +22,7 @@ import yaml
 
 from relreason.errors import RelreasonError
 from relreason.launch import is_first_process, launched_by_torchrun
-from relreason.run_files import BACKBONE_NAME
-
-# What a run's config.json records beside its options (so that it works as a config file): read, never options.
-RUN_RECORDS = ("geometry", "processes")
+from relreason.run_files import BACKBONE_NAME, RUN_RECORDS
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

@@ -24,6 +24,7 @@ from relreason.checks import with_home_expanded, with_plain_values
 from relreason.device import resolve_device
 from relreason.distributed import refuse_several_processes
 from relreason.errors import RelreasonError, option_value
+from relreason.figures import save_png
 from relreason.methods import check_method_name
 from relreason.run_files import BACKBONE_META_NAME, BACKBONE_NAME, CONFIG_NAME, FEATURES_DIR_NAME, STEPS_NAME
 from relreason.seeding import check_seed
@@ -385,7 +386,7 @@ def plot_curves(runs: list[dict[str, Any]], path: Path) -> None:
         if axis.lines:
             axis.legend(fontsize="small")
     figure.tight_layout()
-    _save(figure, plt, path)
+    save_png(figure, path, dpi=110)
 
 
 def plot_embeddings(config: CompareConfig, path: Path) -> None:
@@ -419,7 +420,7 @@ def plot_embeddings(config: CompareConfig, path: Path) -> None:
     title = f"t-SNE of {config.dataset} test features ({_backbone_named(config)}), coloured by class"
     figure.suptitle(textwrap.fill(title, width=int(9 * 3.4 * columns)))
     figure.tight_layout()
-    _save(figure, plt, path)
+    save_png(figure, path, dpi=110)
 
 
 def _test_features_source(run_dir: Path, config: CompareConfig):
@@ -447,14 +448,6 @@ def _test_features_source(run_dir: Path, config: CompareConfig):
     cache = feature_cache_path(run_dir / FEATURES_DIR_NAME, meta["backbone"], digest, name, "test", meta["image_size"], tag,
                                meta.get("backbone_args"))
     return backbone, test, eval_transform(meta["image_size"], meta["mean"], meta["std"]), cache
-
-
-def _save(figure, plt, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp.png")
-    figure.savefig(temporary, dpi=110)
-    plt.close(figure)
-    temporary.replace(path)
 
 
 __all__ = ["COMPARABLE_PROTOCOLS", "CompareConfig", "format_markdown", "run_compare", "summarise"]

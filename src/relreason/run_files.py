@@ -8,3 +8,7 @@ STEPS_NAME = "steps.jsonl"  # running means every --log-every steps
 SKIPPED_IMAGES_NAME = "skipped_images.txt"  # an image folder's unreadable files
 CURVES_NAME = "training_curves.png"
 FEATURES_DIR_NAME = "features"  # evaluate's feature caches, beside the weights
+
+#: What config.json records beside the run's options: the data's geometry (image size, normalisation, the
+#: augmentation path) and the number of processes (--batch-size is per process). A config file passes them over.
+RUN_RECORDS = ("geometry", "processes")

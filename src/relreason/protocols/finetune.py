@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchvision import transforms as T
-from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
 
 from relreason.errors import RelreasonError
@@ -50,14 +49,14 @@ def finetune_transform(image_size: int, mean: Sequence[float], std: Sequence[flo
     0.5, ToTensor and Normalize.
     """
     from relreason.data import ToRGB, eval_transform
+    from relreason.data.transforms import square_crop
 
     eval_transform(image_size, mean, std)  # the same checks of size, mean and std
     padding = max(1, round(image_size / 8))
     return T.Compose(
         [
             ToRGB(),
-            T.Resize(image_size, interpolation=InterpolationMode.BILINEAR),
-            T.CenterCrop(image_size),
+            *square_crop(image_size).transforms,  # as evaluation sees the image, then the padded crop
             T.RandomCrop(image_size, padding=padding),
             T.RandomHorizontalFlip(p=0.5),
             T.ToTensor(),

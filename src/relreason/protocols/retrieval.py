@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -11,8 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from relreason.checkpoint import atomic_write_bytes
 from relreason.errors import RelreasonError
+from relreason.figures import save_png
 from relreason.protocols._common import as_device, as_features, as_labels, check_positive_int, check_seed, precise_float
 
 __all__ = ["plot_retrieval", "retrieval_metrics"]
@@ -177,8 +176,4 @@ def plot_retrieval(
                  f"{class_name(int(y[j]))} {float(sims[row, col]):.3f}")
     fig.suptitle("retrieval: green frame = same class, red = other class", fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    path = Path(path)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+    return save_png(fig, path)

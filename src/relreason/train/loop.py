@@ -290,7 +290,7 @@ def _record_options(run_dir: Path, config: PretrainConfig, geometry: dict[str, A
     if position.epoch < config.epochs or not (run_dir / CONFIG_NAME).exists():
         # Paths absolute: `pretrain --config RUN/config.json` then means the same run from any working folder.
         paths = {"data_root": absolute_data_root(config), "output_dir": str(run_dir.resolve())}
-        recorded = {"geometry": geometry, "processes": context.world_size}
+        recorded = {"geometry": geometry, "processes": context.world_size}  # run_files.RUN_RECORDS: not options
         atomic_write_json(run_dir / CONFIG_NAME, dataclasses.asdict(config) | paths | recorded)
 
 

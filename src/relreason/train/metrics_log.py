@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -10,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from relreason.checkpoint import atomic_write_bytes
+from relreason.figures import save_png
 from relreason.run_files import METRICS_NAME, STEPS_NAME
 from relreason.train.position import TrainingPosition
 
@@ -95,7 +95,7 @@ def step_record(position: TrainingPosition) -> dict[str, float]:
     """The running means of the current epoch, placed in training time and epochs, for fine-grained curves."""
     return {
         "epoch": position.epochs_done,
-        "minutes": (position.past_seconds + position.seconds) / 60,
+        "minutes": position.train_seconds / 60,
         **in_percent(position.means()),
     }
 
@@ -124,8 +124,5 @@ def plot_training_curves(history: list[dict[str, float]], path: Path) -> bool:
     right.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracies")
     right.legend(fontsize="small")
     figure.tight_layout()
-    image = io.BytesIO()
-    figure.savefig(image, format="png", dpi=100)
-    plt.close(figure)
-    atomic_write_bytes(path, image.getvalue())  # a temporary a kill leaves is removed at the next start
+    save_png(figure, path)  # a temporary a kill leaves is removed at the next start
     return True

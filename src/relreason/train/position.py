@@ -24,6 +24,11 @@ class TrainingPosition:
         """Epochs trained, the current one counted by its fraction done."""
         return self.epoch + (self.step / self.steps_per_epoch if self.steps_per_epoch else 0.0)
 
+    @property
+    def train_seconds(self) -> float:
+        """Training time of the whole run so far (its data loading and checkpoints not counted)."""
+        return self.past_seconds + self.seconds
+
     def means(self) -> dict[str, float]:
         """The running means of the epoch so far."""
         return {name: total / max(self.step, 1) for name, total in self.totals.items()}

@@ -161,7 +161,7 @@ def export_backbone(
         "data_root": absolute_data_root(config),
         "epochs": position.epoch,
         "epochs_done": position.epochs_done,
-        "train_seconds": position.past_seconds + position.seconds,
+        "train_seconds": position.train_seconds,
         "finished": position.epoch >= config.epochs or config.method == "random",
         "stopped_by": stopped_by,
         "num_views": views_used(config),  # per image, as the method took them (SimCLR: 2 whatever -K says)
