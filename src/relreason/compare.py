@@ -238,6 +238,7 @@ def headline(result: dict[str, Any]) -> float | None:
 
 
 def summarise(values: list[float]) -> dict[str, float]:
+    """Mean, sample standard deviation (0 for one value) and count of one metric over seeds."""
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return {"mean": mean, "std": std, "n": len(values)}
@@ -323,6 +324,7 @@ def _mean_and_spread(stats: dict[str, float]) -> str:
 
 
 def format_markdown(summary: dict[str, Any], config: CompareConfig) -> str:
+    """compare.md: the budget, then one row per method of mean ± std over seeds for each protocol."""
     from relreason.data import dataset_info
 
     budget = (f"{config.time_limit:g} min per run" if config.time_limit

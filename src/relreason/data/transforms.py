@@ -45,7 +45,9 @@ class ToRGB:
         return "ToRGB()"
 
 
-def check_normalization(image_size: int, mean: Sequence[float] | None, std: Sequence[float] | None):
+def check_normalization(image_size: int, mean: Sequence[float] | None, std: Sequence[float] | None
+                        ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` as three floats each, or a one-line error for a bad image size, mean or std."""
     check_positive_int(image_size, "image size", example=32)
     if mean is None or std is None:
         raise RelreasonError(

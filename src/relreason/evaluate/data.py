@@ -67,6 +67,7 @@ def without_unreadable(dataset: Any, split: str, cache: Path | None,
 
 
 def labelled_split(name: str, root: str, split: str, download: bool) -> Dataset:
+    """Split ``split`` of dataset ``name``, refused in one line when its images have no labels."""
     dataset = load_dataset(name, root, split, download=download)
     if dataset.labels is None:
         why = getattr(dataset, "why_unlabelled", None)

@@ -34,6 +34,7 @@ def method_class(name: str) -> type[PretrainMethod] | None:
 
 
 def check_method_name(name: str) -> None:
+    """A one-line error for a name not in ``METHOD_NAMES``."""
     if name not in METHOD_NAMES:
         raise RelreasonError(f"unknown method '{name}'; choose one of {', '.join(METHOD_NAMES)}")
 

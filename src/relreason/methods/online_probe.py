@@ -3,6 +3,8 @@ the module the trainer steps: a method with its optional probe."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,7 +45,8 @@ class PretrainModule(nn.Module):
         self.method = method
         self.probe = probe
 
-    def forward(self, views: list[torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, StepOutput]:
+    def forward(self, views: Sequence[torch.Tensor] | torch.Tensor, labels: torch.Tensor
+                ) -> tuple[torch.Tensor, StepOutput]:
         """The loss to minimise (method + probe) and the method's output, its metrics joined by the probe's."""
         out = self.method(views, labels)
         metrics = dict(out.metrics)

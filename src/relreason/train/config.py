@@ -132,6 +132,8 @@ class PretrainConfig:
 
 @dataclass
 class PretrainResult:
+    """What ``pretrain`` returns: where the run is, how far it trained, its epoch records and the trained model."""
+
     run_dir: Path
     epochs_done: int
     history: list[dict[str, float]]
@@ -143,10 +145,9 @@ class PretrainResult:
     mid_epoch: bool = False  # stopped early inside an epoch (not at an epoch's end)
 
 
-
-
 def views_used(config: PretrainConfig) -> int:
-    """The views per image the method trains on: -K for relational, the method's own number for the others."""
+    """The views per image the method trains on: --num-views (-K) for relational, the method's own number for the
+    others, 0 for random (which trains nothing)."""
     method = method_class(config.method)
     return method.views_per_image(config.num_views) if method is not None else 0
 

@@ -199,6 +199,8 @@ def stop_signals_held() -> Iterator[None]:
 
 
 def loader_workers(requested: int | None, device: torch.device) -> int:
+    """DataLoader workers for the per-image path: ``requested`` (--num-workers), else none on a CPU and up to 8 on
+    CUDA."""
     if requested is not None:
         return requested
     # On CPU the training step already uses every core; extra augmentation processes only contend.

@@ -102,6 +102,8 @@ def keep_recorded_normalization(checkpoint: dict[str, Any], config: PretrainConf
 
 
 def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, geometry: dict, path: Path) -> None:
+    """Refuse in one line to resume the checkpoint at ``path`` under options (or data geometry) that define another
+    run, or with fewer --epochs than it has trained."""
     saved = checkpoint.get("config", {})
     trained = TrainingPosition(**checkpoint.get("position", {})).epochs_done
     if trained > config.epochs:  # exporting it would label weights of a longer run as a shorter one's

@@ -57,6 +57,7 @@ def _read_only_mount(path: Path) -> bool:
 
 
 def prepare_output_dir(config: PretrainConfig, context: DistributedContext = DistributedContext()) -> Path:
+    """Make the run folder (locked, writable, cleared of what killed writes left) and return it."""
     run_dir = Path(config.output_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
