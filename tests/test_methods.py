@@ -274,3 +274,81 @@ def test_trainer_checks_every_image_is_labelled_before_supervised_training():
     check_every_image_labelled(Views([0, 2, 1]), "toy")
     with pytest.raises(RelreasonError, match=r"2 image\(s\) of dataset 'toy' have none"):
         check_every_image_labelled(Views([0, -1, -1]), "toy")
+
+
+_USER_METHOD = '''
+import torch
+import torch.nn.functional as F
+
+from relreason.methods import PretrainMethod, StepOutput
+from relreason.methods.base import view_list
+
+
+class TwoViewCosine(PretrainMethod):
+    """Agreement of the projected features of two views (a method of the user's own)."""
+
+    name = "two-view-cosine"
+
+    def __init__(self, backbone, feature_dim):
+        super().__init__(backbone, feature_dim)
+        self.projector = self.beside_backbone(torch.nn.Linear(feature_dim, 8))
+
+    @staticmethod
+    def views_per_image(num_views):
+        return num_views
+
+    def forward(self, views, labels=None):
+        views = view_list(views, "TwoViewCosine")
+        first = self.embed(views[0])
+        loss = -F.cosine_similarity(self.projector(first), self.projector(self.embed(views[1]))).mean()
+        return StepOutput(loss, {"agreement": -loss.detach()}, features=first.detach())
+
+
+class NeedsLabels(TwoViewCosine):
+    needs_labels = True
+
+
+not_a_method = torch.nn.Linear
+'''
+
+
+def test_a_method_of_ones_own_trains_by_module_and_class_name(tmp_path, monkeypatch, capsys):
+    import json
+
+    from relreason.cli import main
+
+    (tmp_path / "my_methods.py").write_text(_USER_METHOD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = tmp_path / "run"
+    argv = ["pretrain", "--dataset", "digits", "--method", "my_methods:TwoViewCosine", "--image-size", "16", "-K", "2",
+            "--batch-size", "16", "--epochs", "1", "--no-progress", "--no-tensorboard", "--device", "cpu",
+            "--output-dir", str(run)]
+    assert main(argv) == 0
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "agreement" in record and "probe_accuracy" in record  # its own metric, and the online probe beside it
+    assert json.loads((run / "backbone.json").read_text())["method"] == "my_methods:TwoViewCosine"
+    assert main([*argv[:-2], "--epochs", "2", "--output-dir", str(run)]) == 0  # resumed by the same name
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    capsys.readouterr()
+    assert main([*argv[:-2], "--epochs", "3", "-K", "3", "--output-dir", str(run)]) == 2  # its views follow K
+    assert "num_views: checkpoint 2 vs now 3" in capsys.readouterr().err
+    assert main(["evaluate", "--run-dir", str(run), "--protocols", "knn", "--device", "cpu"]) == 0
+    for method, message in [
+        ("my_methods:not_a_method", "method 'my_methods:not_a_method' is class Linear, not a subclass of "
+                                    "relreason.methods.PretrainMethod"),
+        ("my_methods:Missing", "cannot load method class 'my_methods:Missing' (module 'my_methods'"),
+        ("no_such_module:Method", "cannot load method class 'no_such_module:Method' (No module named"),
+        ("simclear", "unknown method 'simclear'; choose one of relational, simclr"),
+    ]:
+        assert main([*argv[:4], method, *argv[5:-2], "--output-dir", str(tmp_path / "other")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("relreason: error:") and message in err and len(err.splitlines()) == 1, err
+    from PIL import Image
+
+    folder = tmp_path / "unlabelled" / "photos"  # one class subfolder: no classes to tell apart
+    folder.mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (16, 16), (60 * i, 0, 0)).save(folder / f"{i}.png")
+    assert main([*argv[:2], "folder", "--data-root", str(folder.parent), "--method", "my_methods:NeedsLabels",
+                 *argv[5:-2], "--output-dir", str(tmp_path / "other")]) == 2
+    assert "--method my_methods:NeedsLabels needs" in capsys.readouterr().err

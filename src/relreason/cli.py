@@ -67,8 +67,9 @@ def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
                       "share of each class, which evaluate then holds out as the test set [off: every image]")
     data.add_argument("--num-workers", type=int, help="DataLoader worker processes of --augment pil [0 on CPU, up to 8 on CUDA]")
     method = parser.add_argument_group("method")
-    method.add_argument("--method", choices=METHOD_NAMES,
-                        help=f"relational reasoning or a baseline: simclr, rotation, supervised, random [{d.method}]")
+    method.add_argument("--method", metavar="METHOD",
+                        help=f"{', '.join(METHOD_NAMES)} (relational reasoning, or a baseline), or "
+                        f"'package.module:Class' for a PretrainMethod subclass of your own [{d.method}]")
     method.add_argument("--backbone", help=f"registered backbone or 'package.module:factory' [{d.backbone}]")
     method.add_argument("--backbone-args", nargs="*", metavar="KEY=VALUE",
                         help="keyword arguments of the backbone's factory, values read as YAML (false, 64, 0.5, text): width=2 doubles conv4's channels (128-d), small_stem=false gives a torchvision ResNet its own 7x7 stride-2 stem and max-pool (for images of 128 px and more), or your factory's own; given alone: none [none]")
@@ -166,8 +167,9 @@ def add_compare_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", help=f"backbone for every method [{d.backbone}]")
     parser.add_argument("--backbone-args", nargs="*", metavar="KEY=VALUE",
                         help="keyword arguments of the backbone's factory, as for pretrain [none]")
-    parser.add_argument("--methods", nargs="+", choices=METHOD_NAMES,
-                        help=f"methods to pretrain, each with every seed [{' '.join(d.methods)}]")
+    parser.add_argument("--methods", nargs="+", metavar="METHOD",
+                        help=f"methods to pretrain, each with every seed: {', '.join(METHOD_NAMES)} or "
+                        f"'package.module:Class' [{' '.join(d.methods)}]")
     parser.add_argument("--seeds", nargs="+", type=int, help=f"one run per seed and method [{' '.join(map(str, d.seeds))}]")
     parser.add_argument("--epochs", type=int, help=f"epochs per run (an upper bound with --time-limit) [{d.epochs}]")
     parser.add_argument("--time-limit", type=float,
@@ -568,7 +570,7 @@ def run_list(_: argparse.Namespace) -> int:
             takes.setdefault(said, []).append(name)
     for said, names in takes.items():
         print(f"  --backbone-args for {', '.join(names)}: {said}")
-    print("methods:   " + ", ".join(METHOD_NAMES))
+    print("methods:   " + ", ".join(METHOD_NAMES) + ", or package.module:Class")
     print("pretrain configs (`relreason pretrain --config NAME`, from any folder):")
     names = bundled_config_names()
     width = max(map(len, names))

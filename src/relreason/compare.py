@@ -95,7 +95,8 @@ class CompareConfig:
 
 
 def run_dir_of(config: CompareConfig, method: str, seed: int) -> Path:
-    return Path(config.output_dir) / f"{method}-seed{seed}"
+    """A run's folder: the method's name (a user's method by its module and class, 'pkg.mod.Class') and the seed."""
+    return Path(config.output_dir) / f"{method.replace(':', '.')}-seed{seed}"
 
 
 def pretrain_config_for(config: CompareConfig, method: str, seed: int) -> PretrainConfig:

@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
-import os
-import sys
-import traceback
 from collections.abc import Callable, Mapping
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -20,7 +15,8 @@ from relreason.backbones.conv4 import Conv4
 from relreason.backbones.feature_dim import infer_feature_dim
 from relreason.backbones.torchvision_resnet import torchvision_resnet
 from relreason.checks import check_positive_int
-from relreason.errors import RelreasonError, short_reason
+from relreason.errors import RelreasonError
+from relreason.user_code import import_named
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 
@@ -59,63 +55,13 @@ def backbone_arguments(name: str) -> dict[str, Any]:
 
 
 def _import_factory(spec: str) -> Callable[..., nn.Module]:
-    module_name, _, attribute = spec.partition(":")
-    hint = "give 'package.module:function' importable from the working folder or PYTHONPATH"
-    try:
-        module = _import_from_here(module_name)
-    except ModuleNotFoundError as error:
-        if not _names_the_module(error, module_name):  # the module is there; something it imports is not
-            raise RelreasonError(_raised_on_import(spec, module_name, error)) from None
-        raise RelreasonError(f"cannot load backbone factory '{spec}' ({error}); {hint}") from None
-    except (ValueError, TypeError) as error:  # '' or '.rel': not a module name
-        raise RelreasonError(f"cannot load backbone factory '{spec}' ({error}); {hint}") from None
-    except (Exception, SystemExit) as error:  # the user's module raised as it was imported: its bug, at its line
-        raise RelreasonError(_raised_on_import(spec, module_name, error)) from None
-    factory = getattr(module, attribute, None)
-    if factory is None:
-        raise RelreasonError(
-            f"cannot load backbone factory '{spec}' (module '{module_name}' ({module.__file__}) has no "
-            f"'{attribute}'); {hint}"
-        )
+    factory = import_named(spec, "backbone factory", "backbone", "package.module:function")
     if not callable(factory):  # e.g. 'os:path', a module
         raise RelreasonError(
             f"backbone factory '{spec}' is a {type(factory).__name__}, not a function or class returning an "
             "nn.Module; give 'package.module:function'"
         )
     return factory
-
-
-def _names_the_module(error: ModuleNotFoundError, module_name: str) -> bool:
-    """Whether the module missing is ``module_name`` or a package above it (not one that it imports)."""
-    parts = module_name.split(".")
-    return error.name in {".".join(parts[: i + 1]) for i in range(len(parts))}
-
-
-def _raised_on_import(spec: str, module_name: str, error: BaseException) -> str:
-    """One line for an error raised by a user's module as it was imported, naming the file and line."""
-    if isinstance(error, SyntaxError) and error.filename:
-        where, reason = f"{error.filename}, line {error.lineno}", f"SyntaxError: {error.msg}"
-    else:
-        # The outermost frame outside this file and the import machinery: the user's line that set it off.
-        machinery = (__file__, importlib.__file__)
-        frames = [f for f in traceback.extract_tb(error.__traceback__)
-                  if f.filename not in machinery and not f.filename.startswith("<frozen")]
-        where = f"{frames[0].filename}, line {frames[0].lineno}" if frames else module_name
-        reason = short_reason(error, None)
-    return f"importing '{module_name}' for backbone '{spec}' failed at {where}: {reason}; fix that module"
-
-
-def _import_from_here(module_name: str) -> ModuleType:
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        here = os.getcwd()
-        if error.name != module_name.split(".")[0] or "" in sys.path or here in sys.path:
-            raise
-    # Not found, and the working folder is not searched: under the installed `relreason` command (and torchrun's
-    # workers) it is not, under `python -m relreason` it is. Searched last, so it shadows nothing installed.
-    sys.path.append(here)
-    return importlib.import_module(module_name)
 
 
 def check_backbone(name: str, args: Mapping[str, Any] | None = None) -> None:

@@ -1,7 +1,8 @@
 """Pretraining methods on one interface: relational reasoning and the paper's baselines.
 
 ``relational`` (the method), ``simclr`` (NT-Xent on two views), ``rotation`` (4-way rotation prediction),
-``supervised`` (labels; the upper bound) and ``random`` (no training; the lower bound).
+``supervised`` (labels; the upper bound) and ``random`` (no training; the lower bound); or a user's own
+``PretrainMethod`` subclass named ``package.module:Class``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ METHOD_NAMES = ("relational", "simclr", "rotation", "supervised", "random")
 
 
 def method_class(name: str) -> type[PretrainMethod] | None:
-    """The class of method ``name``; None for ``random``, which trains nothing."""
+    """The class of method ``name`` (one of ``METHOD_NAMES``, or ``package.module:Class`` for a user's own
+    ``PretrainMethod`` subclass); None for ``random``, which trains nothing."""
+    if isinstance(name, str) and ":" in name:
+        return _user_method(name)
     if name == "relational":
         from relreason.model import RelationalReasoning  # here: relreason.model imports this package's base
 
@@ -30,13 +34,37 @@ def method_class(name: str) -> type[PretrainMethod] | None:
         return Supervised
     if name == "random":
         return None
-    raise RelreasonError(f"unknown method '{name}'; choose one of {', '.join(METHOD_NAMES)}")
+    raise _unknown(name)
 
 
 def check_method_name(name: str) -> None:
-    """A one-line error for a name not in ``METHOD_NAMES``."""
-    if name not in METHOD_NAMES:
-        raise RelreasonError(f"unknown method '{name}'; choose one of {', '.join(METHOD_NAMES)}")
+    """A one-line error for a name not in ``METHOD_NAMES`` and not a ``package.module:Class`` that imports as a
+    ``PretrainMethod`` subclass."""
+    if isinstance(name, str) and ":" in name:
+        _user_method(name)
+    elif name not in METHOD_NAMES:
+        raise _unknown(name)
+
+
+def is_built_in(name: str) -> bool:
+    return name in METHOD_NAMES
+
+
+def _unknown(name: str) -> RelreasonError:
+    return RelreasonError(f"unknown method '{name}'; choose one of {', '.join(METHOD_NAMES)}, or give "
+                          "'package.module:Class' for a PretrainMethod subclass of your own")
+
+
+def _user_method(spec: str) -> type[PretrainMethod]:
+    """A user's method class: a subclass of ``PretrainMethod`` whose constructor takes (backbone, feature_dim)."""
+    from relreason.user_code import import_named
+
+    found = import_named(spec, "method class", "method", "package.module:Class")
+    if not (isinstance(found, type) and issubclass(found, PretrainMethod)):
+        kind = f"class {found.__name__}" if isinstance(found, type) else f"a {type(found).__name__}"
+        raise RelreasonError(f"method '{spec}' is {kind}, not a subclass of relreason.methods.PretrainMethod; "
+                             "subclass it (forward(views, labels) -> StepOutput)")
+    return found
 
 
 __all__ = [
@@ -48,5 +76,6 @@ __all__ = [
     "StepOutput",
     "Supervised",
     "check_method_name",
+    "is_built_in",
     "method_class",
 ]

@@ -240,22 +240,23 @@ def describe_folder(folder: ImageFolderDataset) -> str:
     return f"image folder {folder.root}: {images}, {about}"
 
 
-def no_labels_error(name: str) -> RelreasonError:
-    return RelreasonError(f"--method supervised needs labels and dataset '{name}' has none; "
+def no_labels_error(name: str, method: str = "supervised") -> RelreasonError:
+    return RelreasonError(f"--method {method} needs labels and dataset '{name}' has none; "
                           "choose a labelled dataset or another method")
 
 
-def check_every_image_labelled(dataset: MultiViewDataset | DeviceMultiViewDataset, name: str) -> None:
+def check_every_image_labelled(dataset: MultiViewDataset | DeviceMultiViewDataset, name: str,
+                               method: str = "supervised") -> None:
     """A one-line error unless every image of ``dataset`` has a label (unlabelled images are marked -1)."""
     labels = getattr(dataset.dataset, "labels", None)
     if labels is None or len(labels) == 0:
-        raise no_labels_error(name)
+        raise no_labels_error(name, method)
     missing = int((np.asarray(labels) < 0).sum())
     if not missing and len(np.unique(np.asarray(labels))) < 2:
-        raise RelreasonError(f"--method supervised needs images of at least 2 classes, and dataset '{name}' has one; "
+        raise RelreasonError(f"--method {method} needs images of at least 2 classes, and dataset '{name}' has one; "
                              "give one subfolder per class, or choose another method")
     if missing:
         raise RelreasonError(
-            f"--method supervised needs a label for every image, and {missing} image(s) of dataset '{name}' have "
+            f"--method {method} needs a label for every image, and {missing} image(s) of dataset '{name}' have "
             "none; choose a labelled dataset/split or another method"
         )

@@ -218,7 +218,7 @@ def _check_training_data(dataset: Any, geometry: dict[str, Any], config: Pretrai
             "needs at least 2 (an image cannot be its own negative)"
         )
     if method_type is not None and method_type.needs_labels:
-        check_every_image_labelled(dataset, config.dataset)
+        check_every_image_labelled(dataset, config.dataset, config.method)
     folder = getattr(dataset.dataset, "folder", dataset.dataset)
     if isinstance(folder, ImageFolderDataset):
         log(describe_folder(folder), context)
@@ -328,11 +328,11 @@ def build_model(config: PretrainConfig, image_size: int, num_classes: int | None
         return method(backbone, backbone.feature_dim, config.aggregation, config.head_hidden, loss, image_size=image_size)
     if config.method == "simclr":
         return method(backbone, backbone.feature_dim, temperature=config.simclr_temperature)
+    if method.needs_labels and num_classes is None:
+        raise no_labels_error(config.dataset, config.method)
     if config.method == "supervised":
-        if num_classes is None:
-            raise no_labels_error(config.dataset)
         return method(backbone, backbone.feature_dim, num_classes)
-    return method(backbone, backbone.feature_dim)
+    return method(backbone, backbone.feature_dim)  # rotation, and a user's own method
 
 
 def make_optimizer(groups: list[dict[str, Any]], config: PretrainConfig, device: torch.device) -> torch.optim.Adam:

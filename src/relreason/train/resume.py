@@ -25,6 +25,7 @@ from relreason.data import dataset_info, same_dataset
 from relreason.data.datasets import EARLIER_NORMALIZATION_METHODS, PATH_SAMPLED_METHODS
 from relreason.distributed import DistributedContext, broadcast_object
 from relreason.errors import RelreasonError, option_value
+from relreason.methods import is_built_in, method_class
 from relreason.methods.online_probe import PretrainModule
 from relreason.train.config import PretrainConfig
 from relreason.train.position import TrainingPosition
@@ -121,6 +122,9 @@ def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, geometry
             shaping += ("focal_gamma", "focal_alpha")
     if config.method == "simclr":
         shaping += ("simclr_temperature",)
+    user_method = method_class(config.method) if not is_built_in(config.method) else None
+    if user_method is not None and user_method.views_per_image(2) != user_method.views_per_image(3):
+        shaping += ("num_views",)  # a method of the user's own whose views follow K
     recorded = {k: saved.get(k, getattr(defaults, k)) for k in shaping}
     mismatched = {k: (v, getattr(config, k)) for k, v in recorded.items() if v != getattr(config, k)}
     if "dataset" in mismatched and same_dataset(*mismatched["dataset"]):  # fashion_mnist is fashion-mnist
