@@ -436,6 +436,11 @@ def test_a_whole_models_state_dict_evaluates_its_backbone(tmp_path, capsys):
     torch.save(whole, tmp_path / "w.pt")
     assert main(["evaluate", "--weights", str(tmp_path / "w.pt"), "--backbone", "conv4", "--dataset", "digits",
                  "--protocols", "knn", "--device", "cpu", "--no-random-baseline"]) == 0
+    momentum = {**{f"encoder_q.{k}": v for k, v in model.backbone.state_dict().items()},
+                **{f"encoder_k.{k}": v for k, v in model.backbone.state_dict().items()}}  # MoCo's two encoders
+    with pytest.raises(RelreasonError, match=r"hold 2 backbones that fit \(under 'encoder_k\.', 'encoder_q\.'\); "
+                                             "save the one to evaluate alone"):
+        load_matching_state(Conv4(), momentum, tmp_path / "w.pt", "conv4")
     with pytest.raises(RelreasonError, match="does not fit backbone 'conv4'"):  # the head alone: no backbone in it
         load_matching_state(Conv4(), {k: v for k, v in whole.items() if k.startswith("relation_head.")},
                             tmp_path / "w.pt", "conv4")

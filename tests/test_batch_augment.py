@@ -210,6 +210,10 @@ def test_unseeded_views_come_from_the_global_generator():
     assert not torch.equal(first, again) and torch.equal(first, replayed)
     with pytest.raises(RelreasonError, match="seed must be an integer or None, got '3'"):
         DeviceMultiViewDataset(dataset, views.augmentation, 2, seed="3")
+    numpy_seeded = DeviceMultiViewDataset(dataset, views.augmentation, 2, seed=np.int64(3))
+    seeded = DeviceMultiViewDataset(dataset, views.augmentation, 2, seed=3)
+    assert torch.equal(next(iter(BatchViewLoader(numpy_seeded, batches)))[0],
+                       next(iter(BatchViewLoader(seeded, batches)))[0])
 
 
 def test_subsets_and_torchvision_style_datasets_give_their_image_arrays(tmp_path):
@@ -225,8 +229,8 @@ def test_subsets_and_torchvision_style_datasets_give_their_image_arrays(tmp_path
     assert views.labels.tolist() == [4, 1]
 
     class TorchvisionStyle:  # CIFAR's layout: (N, H, W, C) and a list of targets; STL-10's: channels first
-        def __init__(self, data, targets, transform=None):
-            self.data, self.targets, self.transform = data, targets, transform
+        def __init__(self, data, targets, transform=None, target_transform=None):
+            self.data, self.targets, self.transform, self.target_transform = data, targets, transform, target_transform
 
     cifar_like = TorchvisionStyle(rgb, [3, 1, 4, 1, 5])
     assert torch.equal(images_as_tensor(cifar_like), images_as_tensor(ours))
@@ -235,6 +239,10 @@ def test_subsets_and_torchvision_style_datasets_give_their_image_arrays(tmp_path
     assert views.labels.tolist() == [3, 1, 4, 1, 5]
     with pytest.raises(RelreasonError, match="a torchvision dataset's data without a transform"):
         images_as_tensor(TorchvisionStyle(rgb, [0] * 5, transform=T.ToTensor()))  # its transform would be skipped
+    with pytest.raises(RelreasonError, match="a torchvision dataset's data without a transform"):
+        images_as_tensor(TorchvisionStyle(rgb, [0] * 5, target_transform=lambda y: y % 2))  # and its labels
+    with pytest.raises(RelreasonError, match=r"shape \(2, 3, 8, 3\) reads as channels first and as channels last"):
+        images_as_tensor(TorchvisionStyle(np.zeros((2, 3, 8, 3), np.uint8), [0, 1]))
 
     grey = colour_images(4, 28, 28)[..., 0]
     raw = tmp_path / "FashionMNIST" / "raw"

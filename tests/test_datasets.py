@@ -267,13 +267,17 @@ def test_fashion_mnist_without_a_root_is_read_from_the_system_directory_alone(tm
     monkeypatch.setattr(benchmarks, "SYSTEM_DATASET_DIRS", {"fashion-mnist": (str(system),)})
     test = load_dataset("fashion-mnist", None, "test")
     assert np.array_equal(test.images, images) and np.array_equal(test.labels, labels)
-    with pytest.raises(RelreasonError, match=rf"'fashion-mnist' \(split 'train'\) not found in {system} .*"
-                       "--data-root to point at it"):
+    with pytest.raises(RelreasonError, match=rf"'fashion-mnist' \(split 'train'\) not found in {system} \(expected .*"
+                       r"\); pass root= \(--data-root\) to point at it or to download it into$"):
         load_dataset("fashion-mnist", None, "train")
     with pytest.raises(RelreasonError, match="needs a data directory to download into; pass --data-root"):
         load_dataset("fashion-mnist", None, "train", download=True)  # nowhere to fetch it to
     with pytest.raises(RelreasonError, match="'mnist' needs a data directory; pass --data-root"):
         load_dataset("mnist", None, "test")  # no system directory of its own
+    monkeypatch.setattr(benchmarks, "SYSTEM_DATASET_DIRS", {"mnist": (str(system),), "fashion-mnist": ()})
+    assert np.array_equal(load_dataset("mnist", None, "test").labels, labels)  # the mapping as it is at the call
+    with pytest.raises(RelreasonError, match="'fashion-mnist' needs a data directory; pass --data-root"):
+        load_dataset("fashion-mnist", None, "test")  # no system directory left
 
 
 @pytest.mark.skipif(not DEBIAN_FASHION.is_dir(), reason="dataset-fashion-mnist is not installed")

@@ -168,10 +168,11 @@ def test_the_transforms_take_uint8_arrays_as_the_images_they_hold_and_refuse_oth
             torch.manual_seed(1)
             assert torch.equal(got, transform(rgb))
     grey = np.array(rgb.convert("L"))
-    for image in (grey, grey[..., None], torch.from_numpy(grey)):
+    for image in (grey, grey[..., None], torch.from_numpy(grey), grey.astype(np.uint16) * 257):  # 16-bit as PIL's I;16
         assert np.array_equal(np.asarray(ToRGB()(image)), np.asarray(rgb.convert("L").convert("RGB")))
     for bad, kind in [(torch.rand(3, 30, 40), r"got a torch.float32 Tensor shaped \(3, 30, 40\)"),
-                      (pixels[..., :2], r"got a uint8 ndarray shaped \(30, 40, 2\)"), ("photo.png", "got str")]:
+                      (pixels[..., :2], r"got a uint8 ndarray shaped \(30, 40, 2\)"), ("photo.png", "got str"),
+                      (torch.zeros(2, 3, 4, 5, dtype=torch.uint8), r"got a torch.uint8 Tensor shaped \(2, 3, 4, 5\)")]:
         with pytest.raises(RelreasonError, match=rf"take one image \(a PIL image, .*\), {kind}; convert it so"):
             relational_augmentation(16, MEAN, STD)(bad)
 

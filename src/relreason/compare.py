@@ -225,8 +225,9 @@ def remaining_minutes(run_dir: Path, time_limit: float | None) -> float | None:
     found = load_newest_checkpoint(run_dir)
     if found is None:
         return time_limit
-    position = found[1].get("position", {})
-    trained = (position.get("past_seconds", 0.0) + position.get("seconds", 0.0)) / 60
+    from relreason.train.position import TrainingPosition
+
+    trained = TrainingPosition(**found[1].get("position", {})).train_seconds / 60
     return max(time_limit - trained, 1e-9)  # spent: one step, which exports the backbone and marks the budget spent
 
 

@@ -1,5 +1,4 @@
-"""How this process was launched, read from the environment torchrun sets, without importing torch (the command
-line reads it before it imports anything heavy)."""
+"""How this process was launched, read from the environment torchrun sets."""
 
 from __future__ import annotations
 

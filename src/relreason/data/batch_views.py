@@ -19,8 +19,9 @@ __all__ = ["BatchViewLoader", "DeviceMultiViewDataset", "images_as_tensor"]
 
 def images_as_tensor(dataset: Dataset, keep_grey: bool = False) -> torch.Tensor:
     """The images of an in-memory dataset as one ``(N, 3, H, W)`` uint8 tensor: relreason's ``ArrayImageDataset``
-    (its ``images``), a torchvision dataset that keeps its images as one uint8 array and has no ``transform`` of its
-    own (its ``data``: MNIST, Fashion-MNIST, CIFAR, SVHN, STL-10), or a ``Subset`` of either.
+    (its ``images``), a torchvision dataset that keeps its images as one uint8 array and has no ``transform`` or
+    ``target_transform`` of its own (its ``data``: MNIST, Fashion-MNIST, CIFAR, SVHN, STL-10), or a ``Subset`` of
+    either.
 
     A grey dataset comes as three equal channels, or with ``keep_grey`` as ``(N, 1, H, W)``: a third of the
     memory, and ``BatchRelationalAugmentation`` makes its views at a third of the cost."""
@@ -45,13 +46,18 @@ def _image_array(dataset: Any) -> np.ndarray | None:
         images = _image_array(dataset.dataset)
         return None if images is None else images[np.asarray(dataset.indices, dtype=np.int64)]
     images = getattr(dataset, "images", None)
-    if images is None and getattr(dataset, "transform", None) is None:  # a transform would be passed over
+    transforms = (getattr(dataset, "transform", None), getattr(dataset, "target_transform", None))
+    if images is None and transforms == (None, None):  # a transform of its own would be passed over
         images = getattr(dataset, "data", None)
         if isinstance(images, torch.Tensor):
             images = images.numpy()
         # STL-10 and SVHN keep theirs channels first; MNIST's and CIFAR's are (N, H, W[, C]) as PIL reads them.
-        if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[1] in (1, 3) and images.shape[3] > 3:
-            images = images.transpose(0, 2, 3, 1)
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            first, last = images.shape[1] in (1, 3), images.shape[3] in (1, 3, 4)
+            if first and last:
+                raise RelreasonError(f"{type(dataset).__name__}'s data of shape {images.shape} reads as channels "
+                                     "first and as channels last; pass an ArrayImageDataset of (N, H, W, C) images")
+            images = images.transpose(0, 2, 3, 1) if first else images
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim not in (3, 4):
         return None
     return images
@@ -108,7 +114,7 @@ class DeviceMultiViewDataset:
         self.dataset = dataset
         self.augmentation = augmentation
         self.num_views = num_views
-        self.seed = seed
+        self.seed = None if seed is None else int(seed)
         self.device = torch.device(device)
         images = images_as_tensor(dataset, keep_grey=True)
         check_fits_on_device(images.nbytes, self.device)

@@ -128,6 +128,10 @@ def _locate(key: str, root: Path | None, split: str) -> dict[str, Path] | None:
 
 def _not_found(key: str, root: Path | None, split: str) -> RelreasonError:
     expected = _LAYOUTS[key].expected[split]
+    if root is None:  # load_dataset(name, None): the system directories alone were searched
+        searched = ", ".join(SYSTEM_DATASET_DIRS.get(key, ()))
+        return RelreasonError(f"dataset '{key}' (split '{split}') not found in {searched} (expected {expected}); "
+                              "pass root= (--data-root) to point at it or to download it into")
     fix = "pass --download to fetch it or --data-root to point at it (load_dataset's download=True, root=)"
     if key == "fashion-mnist":
         searched = ", ".join(SYSTEM_DATASET_DIRS.get(key, ())) or "no system directory"

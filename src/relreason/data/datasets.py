@@ -22,8 +22,9 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from relreason.data import benchmarks
 from relreason.data.array_dataset import pil_to_rgb
-from relreason.data.benchmarks import SYSTEM_DATASET_DIRS, load_benchmark, load_digits
+from relreason.data.benchmarks import load_benchmark, load_digits
 from relreason.data.image_folder import ImageFolderDataset, decoded_for
 from relreason.data.splits import check_fraction_range, has_split_dirs, load_folder_split, split_image_folder
 from relreason.errors import RelreasonError
@@ -242,7 +243,7 @@ def load_dataset(
         )
     if key == "digits":
         return load_digits(split)
-    if root is None and (key not in SYSTEM_DATASET_DIRS or download):
+    if root is None and (not benchmarks.SYSTEM_DATASET_DIRS.get(key) or download):
         fetch = " to download into" if download else ""
         raise RelreasonError(f"dataset '{key}' needs a data directory{fetch}; pass --data-root (load_dataset's root=)")
     if root is None:  # the system directories alone

@@ -27,14 +27,17 @@ class ToRGB:
     def __call__(self, image: Any) -> Image.Image:
         if isinstance(image, Image.Image):
             return pil_to_rgb(image)
+        given = image
+        if isinstance(image, np.ndarray) and image.dtype == np.uint16 and image.ndim == 2:  # 16-bit grey, as PIL's I;16
+            return pil_to_rgb(Image.fromarray(image))
         if isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.dim() in (2, 3):
             image = image.numpy(force=True)
             image = image if image.ndim == 2 else image.transpose(1, 2, 0)  # channels first, as tensors hold them
         if isinstance(image, np.ndarray) and image.dtype == np.uint8 and (
                 image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4))):
             return pil_to_rgb(Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image))
-        kind = (f"a {image.dtype} {type(image).__name__} shaped {tuple(image.shape)}"
-                if isinstance(image, (np.ndarray, torch.Tensor)) else type(image).__name__)
+        kind = (f"a {given.dtype} {type(given).__name__} shaped {tuple(given.shape)}"
+                if isinstance(given, (np.ndarray, torch.Tensor)) else type(given).__name__)
         raise RelreasonError(
             f"the per-image transforms take one image (a PIL image, a uint8 (H, W[, C]) array or a uint8 (C, H, W) "
             f"tensor), got {kind}; convert it so, or make views of a batch of uint8 tensors with "

@@ -117,8 +117,10 @@ def _backbone_prefix(expected: Mapping[str, torch.Tensor], state: Mapping[str, A
         return None
     first = next(iter(expected))
     prefixes = {key[: -len(first)] for key in state if key.endswith("." + first)}
-    for prefix in sorted(prefixes, key=len):
-        part = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
-        if state_mismatch(expected, part) is None:
-            return prefix
-    return None
+    fitting = sorted(prefix for prefix in prefixes if state_mismatch(
+        expected, {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}) is None)
+    if len(fitting) > 1:  # a momentum encoder beside the online one (MoCo, BYOL): which one is meant?
+        under = ", ".join(map(repr, fitting))
+        raise RelreasonError(f"the weights hold {len(fitting)} backbones that fit (under {under}); save the one to "
+                             "evaluate alone, as a state_dict of its own")
+    return fitting[0] if fitting else None

@@ -170,10 +170,10 @@ def _pretrain(
                 context, metrics,
             )
         stopped_early = stopped_early and position.epoch < config.epochs
+        stopped_by = (stop.signal_name or "time limit") if stopped_early else None
         overrun = _past_the_limit(config, deadline)  # before the export, whose time is not a step's
         # Still under the handlers: a SIGTERM now (the run's last second) lets the export and the plot finish.
         if context.is_main:
-            stopped_by = (stop.signal_name or "time limit") if stopped_early else None
             export_backbone(run_dir, model.method.backbone, config, geometry, position, stopped_by)
             metrics.close()
             plot_training_curves(metrics.read(), run_dir / CURVES_NAME)
