@@ -308,6 +308,60 @@ class NeedsLabels(TwoViewCosine):
     needs_labels = True
 
 
+class LabelsAndClasses(TwoViewCosine):
+    """Trains on labels: its constructor takes num_classes, which the trainer then passes."""
+
+    needs_labels = True
+
+    def __init__(self, backbone, feature_dim, num_classes):
+        super().__init__(backbone, feature_dim)
+        self.classes = num_classes
+
+
+class OtherSignature(TwoViewCosine):
+    def __init__(self, backbone, feature_dim, temperature):
+        super().__init__(backbone, feature_dim)
+
+
+class BrokenConstructor(TwoViewCosine):
+    def __init__(self, backbone, feature_dim):
+        raise ValueError("no projector size given")
+
+
+class ViewsOnInstance(TwoViewCosine):
+    def views_per_image(self, num_views):
+        return 2
+
+
+class HalfOfK(TwoViewCosine):
+    @staticmethod
+    def views_per_image(num_views):
+        return max(2, num_views // 2)
+
+
+class ReturnsTensor(TwoViewCosine):
+    def forward(self, views, labels=None):
+        return super().forward(views, labels).loss
+
+
+class Detached(TwoViewCosine):
+    def forward(self, views, labels=None):
+        out = super().forward(views, labels)
+        return StepOutput(out.loss.detach(), out.metrics, out.features)
+
+
+class NoFeatures(TwoViewCosine):
+    def forward(self, views, labels=None):
+        out = super().forward(views, labels)
+        return StepOutput(out.loss, out.metrics)
+
+
+class FloatMetric(TwoViewCosine):
+    def forward(self, views, labels=None):
+        out = super().forward(views, labels)
+        return StepOutput(out.loss, {"agreement": 0.5}, out.features)
+
+
 not_a_method = torch.nn.Linear
 '''
 
@@ -352,3 +406,51 @@ def test_a_method_of_ones_own_trains_by_module_and_class_name(tmp_path, monkeypa
     assert main([*argv[:2], "folder", "--data-root", str(folder.parent), "--method", "my_methods:NeedsLabels",
                  *argv[5:-2], "--output-dir", str(tmp_path / "other")]) == 2
     assert "--method my_methods:NeedsLabels needs" in capsys.readouterr().err
+
+
+def test_a_method_of_ones_own_that_the_trainer_cannot_use_is_one_line(tmp_path, monkeypatch, capsys):
+    import json
+
+    from relreason.cli import main
+
+    (tmp_path / "my_methods.py").write_text(_USER_METHOD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    common = ["--dataset", "digits", "--image-size", "16", "-K", "2", "--batch-size", "16", "--epochs", "1",
+              "--no-progress", "--no-tensorboard", "--device", "cpu"]
+
+    def pretrain(method, *extra, output="run"):
+        code = main(["pretrain", *common, "--method", f"my_methods:{method}", *extra,
+                     "--output-dir", str(tmp_path / output)])
+        return code, capsys.readouterr().err.strip()
+
+    for method, message in [
+        ("OtherSignature", "cannot be built as OtherSignature(backbone, feature_dim) (missing a required argument: "
+                           "'temperature'); give its constructor those two parameters"),
+        ("ViewsOnInstance", "views_per_image(2) failed"),
+        ("BrokenConstructor", "building method 'my_methods:BrokenConstructor' failed (ValueError: no projector size "
+                              "given); fix its constructor"),
+        ("ReturnsTensor", "method ReturnsTensor's forward returned Tensor; return relreason.methods.StepOutput"),
+        ("Detached", "method Detached's loss does not depend on any parameter (was it detached?)"),
+        ("NoFeatures", "method NoFeatures's StepOutput has no features, which the online probe learns from"),
+        ("FloatMetric", "method FloatMetric's metrics 'agreement' must be one-number tensors"),
+    ]:
+        code, err = pretrain(method, output=method)
+        assert code == 2 and err.startswith("relreason: error:") and len(err.splitlines()) == 1, err
+        assert message in err, err
+    assert pretrain("NoFeatures", "--no-online-probe", output="no-probe")[0] == 0  # nothing learns from them then
+    code, err = pretrain("LabelsAndClasses")
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["agreement"] is not None
+    # Its views follow K in steps: -K 4 and -K 5 both give 2 views (resumes), -K 6 gives 3 (refused).
+    assert pretrain("HalfOfK", "-K", "4", output="half")[0] == 0
+    assert pretrain("HalfOfK", "-K", "5", "--epochs", "2", output="half")[0] == 0
+    code, err = pretrain("HalfOfK", "-K", "6", "--epochs", "3", output="half")
+    assert code == 2 and "num_views: checkpoint 5 vs now 6" in err, err
+    assert "does not change that" not in err
+    import sys
+
+    (tmp_path / "my_methods.py").write_text(_USER_METHOD.replace("Linear(feature_dim, 8)", "Linear(feature_dim, 16)"))
+    monkeypatch.delitem(sys.modules, "my_methods")  # the method's code changed between the two runs
+    code, err = pretrain("LabelsAndClasses", "--epochs", "2")
+    assert code == 2 and "method.projector.weight is (8, 64) in the checkpoint, (16, 64) now); did the method's " \
+        "code change? Rerun with the method the run started with" in err, err

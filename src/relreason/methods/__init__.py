@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from relreason.errors import RelreasonError
 from relreason.methods.base import PretrainMethod, StepOutput
 from relreason.methods.online_probe import OnlineProbe
@@ -56,7 +58,8 @@ def _unknown(name: str) -> RelreasonError:
 
 
 def _user_method(spec: str) -> type[PretrainMethod]:
-    """A user's method class: a subclass of ``PretrainMethod`` whose constructor takes (backbone, feature_dim)."""
+    """A user's method class: a subclass of ``PretrainMethod`` whose constructor takes ``(backbone, feature_dim)``
+    (and ``num_classes``, when it has such a parameter) and whose static ``views_per_image(K)`` gives a count."""
     from relreason.user_code import import_named
 
     found = import_named(spec, "method class", "method", "package.module:Class")
@@ -64,7 +67,26 @@ def _user_method(spec: str) -> type[PretrainMethod]:
         kind = f"class {found.__name__}" if isinstance(found, type) else f"a {type(found).__name__}"
         raise RelreasonError(f"method '{spec}' is {kind}, not a subclass of relreason.methods.PretrainMethod; "
                              "subclass it (forward(views, labels) -> StepOutput)")
+    try:
+        inspect.signature(found).bind(None, 1, **({"num_classes": 2} if takes_num_classes(found) else {}))
+    except TypeError as error:
+        raise RelreasonError(f"method '{spec}' cannot be built as {found.__name__}(backbone, feature_dim) ({error}); "
+                             "give its constructor those two parameters (others need defaults)") from None
+    for num_views in (2, 3):
+        try:
+            count = found.views_per_image(num_views)
+        except TypeError as error:
+            raise RelreasonError(f"method '{spec}': views_per_image({num_views}) failed ({error}); make it a "
+                                 "@staticmethod taking K and returning the views per image") from None
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise RelreasonError(f"method '{spec}': views_per_image({num_views}) returned {count!r}; it must "
+                                 "return a positive int (the views per image a step needs)")
     return found
+
+
+def takes_num_classes(method: type[PretrainMethod]) -> bool:
+    """Whether a method's constructor takes ``num_classes`` (a user's method that trains on labels may)."""
+    return "num_classes" in inspect.signature(method).parameters
 
 
 __all__ = [
@@ -78,4 +100,5 @@ __all__ = [
     "check_method_name",
     "is_built_in",
     "method_class",
+    "takes_num_classes",
 ]

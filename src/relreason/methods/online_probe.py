@@ -4,11 +4,13 @@ the module the trainer steps: a method with its optional probe."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from relreason.errors import RelreasonError
 from relreason.methods.base import PretrainMethod, StepOutput
 
 
@@ -49,9 +51,34 @@ class PretrainModule(nn.Module):
                 ) -> tuple[torch.Tensor, StepOutput]:
         """The loss to minimise (method + probe) and the method's output, its metrics joined by the probe's."""
         out = self.method(views, labels)
+        check_step_output(out, self.method, needs_features=self.probe is not None)
         metrics = dict(out.metrics)
         total = out.loss
         if self.probe is not None:
             probe_loss, metrics["probe_accuracy"] = self.probe(out.features, labels)
             total = total + probe_loss
         return total, StepOutput(out.loss, metrics, out.features)
+
+
+def check_step_output(out: Any, method: nn.Module, needs_features: bool) -> None:
+    """A one-line error for a step output the trainer cannot use: what a method of one's own may get wrong. Reads
+    only shapes and flags, so no step waits for the device."""
+    name = type(method).__name__
+    if not all(hasattr(out, field) for field in ("loss", "metrics", "features")):  # a StepOutput, or alike
+        raise RelreasonError(f"method {name}'s forward returned {type(out).__name__}; return "
+                             "relreason.methods.StepOutput(loss, metrics, features)")
+    loss = out.loss
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise RelreasonError(f"method {name}'s StepOutput.loss must be a one-number tensor, got {shape}; reduce it "
+                             "(e.g. .mean())")
+    if torch.is_grad_enabled() and method.training and not loss.requires_grad:
+        raise RelreasonError(f"method {name}'s loss does not depend on any parameter (was it detached?); nothing "
+                             "would train")
+    wrong = [key for key, value in out.metrics.items() if not isinstance(value, torch.Tensor) or value.numel() != 1]
+    if wrong:
+        raise RelreasonError(f"method {name}'s metrics {', '.join(map(repr, wrong))} must be one-number tensors "
+                             "(detached, on the device), so that no step waits for it")
+    if needs_features and not isinstance(out.features, torch.Tensor):
+        raise RelreasonError(f"method {name}'s StepOutput has no features, which the online probe learns from; "
+                             "return the first view's detached backbone features (B, d), or pass --no-online-probe")

@@ -163,7 +163,10 @@ def unused_option_notes(config: PretrainConfig) -> list[str]:
     """One line for each group of options given (set away from their defaults) that this run does not read: a
     silently ignored option looks like one that took effect."""
     notes, defaults = [], PretrainConfig()
-    if views_used(config) not in (0, config.num_views) and config.num_views != defaults.num_views:
+    method = method_class(config.method)
+    ignores_k = method is not None and method.views_per_image(config.num_views) == method.views_per_image(
+        defaults.num_views)
+    if ignores_k and views_used(config) != config.num_views and config.num_views != defaults.num_views:
         notes.append(f"method '{config.method}' trains on {views_used(config)} view(s) per image; "
                      f"-K {config.num_views} does not change that")
     for method, names in _METHOD_OPTIONS.items():

@@ -26,9 +26,9 @@ from relreason.data.batch_views import DeviceMultiViewDataset
 from relreason.data.decoded_folder import DecodedImageFolder
 from relreason.device import autocast_dtype, precise_float, resolve_device
 from relreason.distributed import DistributedContext, all_reduce_mean, barrier, init_distributed, shutdown_distributed
-from relreason.errors import RelreasonError
+from relreason.errors import RelreasonError, short_reason
 from relreason.losses import build_loss
-from relreason.methods import PretrainMethod, method_class
+from relreason.methods import PretrainMethod, is_built_in, method_class, takes_num_classes
 from relreason.methods.online_probe import OnlineProbe, PretrainModule
 from relreason.run_files import CONFIG_NAME, CURVES_NAME, SKIPPED_IMAGES_NAME
 from relreason.schedule import learning_rate_factor, set_learning_rate
@@ -256,9 +256,14 @@ def _resume(found: tuple[Path, dict[str, Any]], model: nn.Module, optimizer: tor
         model.load_state_dict(checkpoint["model"])
     except RuntimeError:
         difference = first_difference(model.state_dict(), checkpoint["model"])
-        # The probe's output grows with the classes; the method's tensors change with the backbone's code.
-        cause = ("was a class folder added? Rerun with the original data" if difference.startswith("probe.")
-                 else "did the backbone's code change? Rerun with the backbone the run started with")
+        # The probe's output grows with the classes; the method's tensors change with its code or its backbone's.
+        names = difference.split()  # the tensor's name leads, or follows "the checkpoint has"
+        if any(name.startswith("probe.") for name in names):
+            cause = "was a class folder added? Rerun with the original data"
+        elif any(name.startswith("method.backbone.") for name in names):
+            cause = "did the backbone's code change? Rerun with the backbone the run started with"
+        else:
+            cause = "did the method's code change? Rerun with the method the run started with"
         raise RelreasonError(
             f"cannot resume {path}: this run's model no longer fits it ({difference}); {cause} or choose another "
             "--output-dir"
@@ -332,7 +337,16 @@ def build_model(config: PretrainConfig, image_size: int, num_classes: int | None
         raise no_labels_error(config.dataset, config.method)
     if config.method == "supervised":
         return method(backbone, backbone.feature_dim, num_classes)
-    return method(backbone, backbone.feature_dim)  # rotation, and a user's own method
+    if is_built_in(config.method):  # rotation
+        return method(backbone, backbone.feature_dim)
+    extra = {"num_classes": num_classes} if takes_num_classes(method) else {}
+    try:  # a user's own method: its constructor's error is its own, at its line
+        return method(backbone, backbone.feature_dim, **extra)
+    except RelreasonError:
+        raise
+    except Exception as error:
+        raise RelreasonError(f"building method '{config.method}' failed ({short_reason(error)}); fix its "
+                             "constructor") from error
 
 
 def make_optimizer(groups: list[dict[str, Any]], config: PretrainConfig, device: torch.device) -> torch.optim.Adam:
@@ -485,9 +499,10 @@ def non_finite_loss(position: TrainingPosition, config: PretrainConfig) -> Relre
         return None
     kept = (f"the last good checkpoint is kept in {config.output_dir}" if list_checkpoints(Path(config.output_dir))
             else "no checkpoint had been written yet")
+    own = "" if is_built_in(config.method) else f", or check method {config.method}'s forward"
     return RelreasonError(
         f"the loss became {loss / max(position.step, 1)} in epoch {position.epoch + 1}; lower --lr or turn off "
-        f"--amp fp16 ({kept})"
+        f"--amp fp16{own} ({kept})"
     )
 
 

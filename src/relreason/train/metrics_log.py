@@ -122,7 +122,8 @@ def plot_training_curves(history: list[dict[str, float]], path: Path) -> bool:
     for key in (k for k in history[-1] if k.endswith("accuracy")):
         right.plot(epochs, [r.get(key, math.nan) for r in history], marker="o", label=key.replace("_", " "))
     right.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracies")
-    right.legend(fontsize="small")
+    if right.lines:  # a method of one's own may log no accuracy
+        right.legend(fontsize="small")
     figure.tight_layout()
     save_png(figure, path)  # a temporary a kill leaves is removed at the next start
     return True

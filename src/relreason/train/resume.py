@@ -123,7 +123,9 @@ def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, geometry
     if config.method == "simclr":
         shaping += ("simclr_temperature",)
     user_method = method_class(config.method) if not is_built_in(config.method) else None
-    if user_method is not None and user_method.views_per_image(2) != user_method.views_per_image(3):
+    saved_views = saved.get("num_views", config.num_views)
+    if user_method is not None and user_method.views_per_image(saved_views) != user_method.views_per_image(
+            config.num_views):
         shaping += ("num_views",)  # a method of the user's own whose views follow K
     recorded = {k: saved.get(k, getattr(defaults, k)) for k in shaping}
     mismatched = {k: (v, getattr(config, k)) for k, v in recorded.items() if v != getattr(config, k)}
