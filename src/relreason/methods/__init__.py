@@ -49,6 +49,7 @@ def check_method_name(name: str) -> None:
 
 
 def is_built_in(name: str) -> bool:
+    """Whether ``name`` is one of relreason's own methods (not a user's ``package.module:Class``)."""
     return name in METHOD_NAMES
 
 
