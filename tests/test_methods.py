@@ -362,6 +362,38 @@ class FloatMetric(TwoViewCosine):
         return StepOutput(out.loss, {"agreement": 0.5}, out.features)
 
 
+class OnlyTwoViews(TwoViewCosine):
+    @staticmethod
+    def views_per_image(num_views):
+        if num_views != 2:
+            raise ValueError("takes K=2 only")
+        return 2
+
+
+class LossOfShapeOne(TwoViewCosine):
+    def forward(self, views, labels=None):
+        out = super().forward(views, labels)
+        return StepOutput(out.loss.reshape(1), out.metrics, out.features)
+
+
+class AllViewFeatures(TwoViewCosine):
+    def forward(self, views, labels=None):
+        out = super().forward(views, labels)
+        return StepOutput(out.loss, out.metrics, torch.cat([out.features, out.features]))
+
+
+class NoMetrics(TwoViewCosine):
+    def forward(self, views, labels=None):
+        out = super().forward(views, labels)
+        return StepOutput(out.loss, None, out.features)
+
+
+class MetricNamedLoss(TwoViewCosine):
+    def forward(self, views, labels=None):
+        out = super().forward(views, labels)
+        return StepOutput(out.loss, {"loss": out.loss.detach()}, out.features)
+
+
 not_a_method = torch.nn.Linear
 '''
 
@@ -426,18 +458,26 @@ def test_a_method_of_ones_own_that_the_trainer_cannot_use_is_one_line(tmp_path, 
     for method, message in [
         ("OtherSignature", "cannot be built as OtherSignature(backbone, feature_dim) (missing a required argument: "
                            "'temperature'); give its constructor those two parameters"),
-        ("ViewsOnInstance", "views_per_image(2) failed"),
+        ("ViewsOnInstance", "views_per_image must be a @staticmethod taking K"),
         ("BrokenConstructor", "building method 'my_methods:BrokenConstructor' failed (ValueError: no projector size "
                               "given); fix its constructor"),
         ("ReturnsTensor", "method ReturnsTensor's forward returned Tensor; return relreason.methods.StepOutput"),
         ("Detached", "method Detached's loss does not depend on any parameter (was it detached?)"),
-        ("NoFeatures", "method NoFeatures's StepOutput has no features, which the online probe learns from"),
-        ("FloatMetric", "method FloatMetric's metrics 'agreement' must be one-number tensors"),
+        ("NoFeatures", "method NoFeatures's StepOutput.features must be the first view's detached backbone features"),
+        ("FloatMetric", "method FloatMetric's metrics 'agreement' must be 0-d tensors"),
+        ("LossOfShapeOne", "method LossOfShapeOne's StepOutput.loss must be a 0-d tensor, got (1,)"),
+        ("AllViewFeatures", "StepOutput.features must be the first view's detached backbone features, (16, 64), "
+                            "which the online probe learns from; got shaped (32, 64)"),
+        ("NoMetrics", "StepOutput.metrics must be a dict of name: 0-d tensor, got NoneType"),
+        ("MetricNamedLoss", "metric name 'loss' is the trainer's own"),
     ]:
         code, err = pretrain(method, output=method)
         assert code == 2 and err.startswith("relreason: error:") and len(err.splitlines()) == 1, err
         assert message in err, err
     assert pretrain("NoFeatures", "--no-online-probe", output="no-probe")[0] == 0  # nothing learns from them then
+    assert pretrain("OnlyTwoViews", output="two")[0] == 0  # asked at its own K alone
+    code, err = pretrain("OnlyTwoViews", "-K", "3", output="three")
+    assert code == 2 and "views_per_image(3) failed (ValueError: takes K=2 only)" in err, err
     code, err = pretrain("LabelsAndClasses")
     assert code == 0, err
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["agreement"] is not None

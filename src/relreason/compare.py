@@ -384,7 +384,7 @@ def plot_curves(runs: list[dict[str, Any]], path: Path) -> None:
                           marker="o" if len(points) < 3 else None, markersize=3)
     left.set(xlabel="training minutes", ylabel="loss (epoch running mean)",
              title="training loss (each method its own objective)")
-    if all(y > 0 for line in left.lines for y in line.get_ydata()):  # a loss of one's own may reach 0 or below
+    if not any(y <= 0 for line in left.lines for y in line.get_ydata()):  # a loss of one's own may reach 0 or below
         left.set_yscale("log")
     right.set(xlabel="training minutes", ylabel="accuracy (%)", title="online linear probe (epoch running mean)")
     for axis in (left, right):

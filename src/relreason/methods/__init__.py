@@ -8,8 +8,9 @@
 from __future__ import annotations
 
 import inspect
+import operator
 
-from relreason.errors import RelreasonError
+from relreason.errors import RelreasonError, short_reason
 from relreason.methods.base import PretrainMethod, StepOutput
 from relreason.methods.online_probe import OnlineProbe
 from relreason.methods.rotation import RotationPrediction
@@ -73,16 +74,25 @@ def _user_method(spec: str) -> type[PretrainMethod]:
     except TypeError as error:
         raise RelreasonError(f"method '{spec}' cannot be built as {found.__name__}(backbone, feature_dim) ({error}); "
                              "give its constructor those two parameters (others need defaults)") from None
-    for num_views in (2, 3):
-        try:
-            count = found.views_per_image(num_views)
-        except TypeError as error:
-            raise RelreasonError(f"method '{spec}': views_per_image({num_views}) failed ({error}); make it a "
-                                 "@staticmethod taking K and returning the views per image") from None
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise RelreasonError(f"method '{spec}': views_per_image({num_views}) returned {count!r}; it must "
-                                 "return a positive int (the views per image a step needs)")
+    if not isinstance(inspect.getattr_static(found, "views_per_image"), (staticmethod, classmethod)):
+        raise RelreasonError(f"method '{spec}': views_per_image must be a @staticmethod taking K and returning the "
+                             "views per image a step needs (the trainer asks before any model exists)")
     return found
+
+
+def views_per_image(method: type[PretrainMethod], num_views: int, name: str) -> int:
+    """How many views of each image a step of ``method`` needs at K = ``num_views``; a one-line error when a
+    user's method cannot say."""
+    try:
+        count = operator.index(method.views_per_image(num_views))
+    except RelreasonError:
+        raise
+    except Exception as error:
+        raise RelreasonError(f"method '{name}': views_per_image({num_views}) failed ({short_reason(error)}); "
+                             "return the views per image a step needs at that K") from None
+    if count < 1:
+        raise RelreasonError(f"method '{name}': views_per_image({num_views}) returned {count}; it must be >= 1")
+    return count
 
 
 def takes_num_classes(method: type[PretrainMethod]) -> bool:
@@ -102,4 +112,5 @@ __all__ = [
     "is_built_in",
     "method_class",
     "takes_num_classes",
+    "views_per_image",
 ]

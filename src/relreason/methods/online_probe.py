@@ -3,7 +3,7 @@ the module the trainer steps: a method with its optional probe."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -46,12 +46,16 @@ class PretrainModule(nn.Module):
         super().__init__()
         self.method = method
         self.probe = probe
+        self.output_checked = False
 
     def forward(self, views: Sequence[torch.Tensor] | torch.Tensor, labels: torch.Tensor
                 ) -> tuple[torch.Tensor, StepOutput]:
         """The loss to minimise (method + probe) and the method's output, its metrics joined by the probe's."""
         out = self.method(views, labels)
-        check_step_output(out, self.method, needs_features=self.probe is not None)
+        if not self.output_checked:  # once per process: its first step shows what every step returns
+            batch_size = labels.shape[0] if labels is not None else None
+            check_step_output(out, self.method, batch_size, needs_features=self.probe is not None)
+            self.output_checked = True
         metrics = dict(out.metrics)
         total = out.loss
         if self.probe is not None:
@@ -60,25 +64,37 @@ class PretrainModule(nn.Module):
         return total, StepOutput(out.loss, metrics, out.features)
 
 
-def check_step_output(out: Any, method: nn.Module, needs_features: bool) -> None:
+def check_step_output(out: Any, method: nn.Module, batch_size: int | None, needs_features: bool) -> None:
     """A one-line error for a step output the trainer cannot use: what a method of one's own may get wrong. Reads
-    only shapes and flags, so no step waits for the device."""
+    only shapes and flags, so the step does not wait for the device."""
     name = type(method).__name__
     if not all(hasattr(out, field) for field in ("loss", "metrics", "features")):  # a StepOutput, or alike
         raise RelreasonError(f"method {name}'s forward returned {type(out).__name__}; return "
                              "relreason.methods.StepOutput(loss, metrics, features)")
     loss = out.loss
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise RelreasonError(f"method {name}'s StepOutput.loss must be a one-number tensor, got {shape}; reduce it "
+        raise RelreasonError(f"method {name}'s StepOutput.loss must be a 0-d tensor, got {shape}; reduce it "
                              "(e.g. .mean())")
     if torch.is_grad_enabled() and method.training and not loss.requires_grad:
         raise RelreasonError(f"method {name}'s loss does not depend on any parameter (was it detached?); nothing "
                              "would train")
-    wrong = [key for key, value in out.metrics.items() if not isinstance(value, torch.Tensor) or value.numel() != 1]
+    if not isinstance(out.metrics, Mapping):
+        raise RelreasonError(f"method {name}'s StepOutput.metrics must be a dict of name: 0-d tensor, got "
+                             f"{type(out.metrics).__name__}")
+    wrong = [key for key, value in out.metrics.items() if not isinstance(value, torch.Tensor) or value.dim() != 0]
     if wrong:
-        raise RelreasonError(f"method {name}'s metrics {', '.join(map(repr, wrong))} must be one-number tensors "
-                             "(detached, on the device), so that no step waits for it")
-    if needs_features and not isinstance(out.features, torch.Tensor):
-        raise RelreasonError(f"method {name}'s StepOutput has no features, which the online probe learns from; "
-                             "return the first view's detached backbone features (B, d), or pass --no-online-probe")
+        raise RelreasonError(f"method {name}'s metrics {', '.join(map(repr, wrong))} must be 0-d tensors "
+                             "(detached, on the device), so that no step waits for them")
+    taken = sorted(set(out.metrics) & {"loss", "probe_accuracy"})
+    if taken:
+        raise RelreasonError(f"method {name}'s metric name {taken[0]!r} is the trainer's own; name it otherwise")
+    if needs_features:
+        features = out.features
+        shape = tuple(features.shape) if isinstance(features, torch.Tensor) else None
+        feature_dim = getattr(method, "feature_dim", None)
+        if shape is None or len(shape) != 2 or batch_size not in (None, shape[0]) or shape[1] != feature_dim:
+            got = f"shaped {shape}" if shape is not None else type(features).__name__
+            raise RelreasonError(f"method {name}'s StepOutput.features must be the first view's detached backbone "
+                                 f"features, ({batch_size}, {feature_dim}), which the online probe learns from; got "
+                                 f"{got} (or pass --no-online-probe)")

@@ -16,7 +16,7 @@ from relreason.data.transforms import MIN_CROP_SCALE, check_crop_scale, jitter_a
 from relreason.device import AMP_MODES, check_device_name, resolve_device
 from relreason.errors import RelreasonError
 from relreason.losses import build_loss
-from relreason.methods import PretrainMethod, check_method_name, method_class
+from relreason.methods import PretrainMethod, check_method_name, is_built_in, method_class, views_per_image
 from relreason.pairing import AGGREGATIONS, check_pairing_sizes
 from relreason.schedule import check_schedule
 from relreason.seeding import check_seed
@@ -149,7 +149,7 @@ def views_used(config: PretrainConfig) -> int:
     """The views per image the method trains on: --num-views (-K) for relational, the method's own number for the
     others, 0 for random (which trains nothing)."""
     method = method_class(config.method)
-    return method.views_per_image(config.num_views) if method is not None else 0
+    return views_per_image(method, config.num_views, config.method) if method is not None else 0
 
 
 #: Options that only one method reads, by that method.
@@ -163,10 +163,9 @@ def unused_option_notes(config: PretrainConfig) -> list[str]:
     """One line for each group of options given (set away from their defaults) that this run does not read: a
     silently ignored option looks like one that took effect."""
     notes, defaults = [], PretrainConfig()
-    method = method_class(config.method)
-    ignores_k = method is not None and method.views_per_image(config.num_views) == method.views_per_image(
-        defaults.num_views)
-    if ignores_k and views_used(config) != config.num_views and config.num_views != defaults.num_views:
+    # A method of one's own may need K views in its own way: only the built-in ones are known to ignore K.
+    if (is_built_in(config.method) and views_used(config) not in (0, config.num_views)
+            and config.num_views != defaults.num_views):
         notes.append(f"method '{config.method}' trains on {views_used(config)} view(s) per image; "
                      f"-K {config.num_views} does not change that")
     for method, names in _METHOD_OPTIONS.items():

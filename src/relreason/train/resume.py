@@ -25,7 +25,7 @@ from relreason.data import dataset_info, same_dataset
 from relreason.data.datasets import EARLIER_NORMALIZATION_METHODS, PATH_SAMPLED_METHODS
 from relreason.distributed import DistributedContext, broadcast_object
 from relreason.errors import RelreasonError, option_value
-from relreason.methods import is_built_in, method_class
+from relreason.methods import is_built_in, method_class, views_per_image
 from relreason.methods.online_probe import PretrainModule
 from relreason.train.config import PretrainConfig
 from relreason.train.position import TrainingPosition
@@ -123,9 +123,9 @@ def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, geometry
     if config.method == "simclr":
         shaping += ("simclr_temperature",)
     user_method = method_class(config.method) if not is_built_in(config.method) else None
-    saved_views = saved.get("num_views", config.num_views)
-    if user_method is not None and user_method.views_per_image(saved_views) != user_method.views_per_image(
-            config.num_views):
+    saved_k = saved.get("num_views", config.num_views)
+    if user_method is not None and views_per_image(user_method, saved_k, config.method) != views_per_image(
+            user_method, config.num_views, config.method):
         shaping += ("num_views",)  # a method of the user's own whose views follow K
     recorded = {k: saved.get(k, getattr(defaults, k)) for k in shaping}
     mismatched = {k: (v, getattr(config, k)) for k, v in recorded.items() if v != getattr(config, k)}
