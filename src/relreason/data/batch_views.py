@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,7 @@ def images_as_tensor(dataset: Dataset, keep_grey: bool = False) -> torch.Tensor:
 
     A grey dataset comes as three equal channels, or with ``keep_grey`` as ``(N, 1, H, W)``: a third of the
     memory, and ``BatchRelationalAugmentation`` makes its views at a third of the cost."""
-    images = _image_array(dataset)
+    images = _through_subsets(dataset, _image_array)
     if images is None:
         raise RelreasonError(
             f"{type(dataset).__name__} does not hold its images as one uint8 array (an ArrayImageDataset's images, "
@@ -40,11 +40,16 @@ def images_as_tensor(dataset: Dataset, keep_grey: bool = False) -> torch.Tensor:
     return tensor.permute(0, 3, 1, 2).contiguous()
 
 
+def _through_subsets(dataset: Any, read: Callable[[Any], np.ndarray | None]) -> np.ndarray | None:
+    """``read(dataset)``, or for a ``Subset`` (of a subset ...) the rows of what ``read`` gives for the whole."""
+    if isinstance(dataset, Subset):
+        whole = _through_subsets(dataset.dataset, read)
+        return None if whole is None else whole[np.asarray(dataset.indices, dtype=np.int64)]
+    return read(dataset)
+
+
 def _image_array(dataset: Any) -> np.ndarray | None:
     """The dataset's images as one uint8 array, ``(N, H, W)`` or ``(N, H, W, C)``; None when it keeps none."""
-    if isinstance(dataset, Subset):
-        images = _image_array(dataset.dataset)
-        return None if images is None else images[np.asarray(dataset.indices, dtype=np.int64)]
     images = getattr(dataset, "images", None)
     transforms = (getattr(dataset, "transform", None), getattr(dataset, "target_transform", None))
     if images is None and transforms == (None, None):  # a transform of its own would be passed over
@@ -65,9 +70,10 @@ def _image_array(dataset: Any) -> np.ndarray | None:
 
 def labels_of(dataset: Any) -> np.ndarray | None:
     """The labels of a dataset ``images_as_tensor`` reads (``labels``, or a torchvision dataset's ``targets``)."""
-    if isinstance(dataset, Subset):
-        labels = labels_of(dataset.dataset)
-        return None if labels is None else labels[np.asarray(dataset.indices, dtype=np.int64)]
+    return _through_subsets(dataset, _labels)
+
+
+def _labels(dataset: Any) -> np.ndarray | None:
     labels = getattr(dataset, "labels", None)
     if labels is None:
         labels = getattr(dataset, "targets", None)

@@ -96,7 +96,7 @@ def load_matching_state(backbone: nn.Module, state: Mapping[str, torch.Tensor], 
     if prefix is not None:
         print(f"relreason: note: {weights} holds a whole model; evaluating its backbone, the tensors under "
               f"'{prefix}'", file=sys.stderr)
-        state, mismatch = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}, None
+        state, mismatch = _under(state, prefix), None
     if mismatch and recorded:
         raise RelreasonError(f"{weights} does not fit backbone '{name}' ({mismatch}), though that is the backbone "
                              "and arguments its metadata records: did the backbone's code change since it was "
@@ -117,10 +117,14 @@ def _backbone_prefix(expected: Mapping[str, torch.Tensor], state: Mapping[str, A
         return None
     first = next(iter(expected))
     prefixes = {key[: -len(first)] for key in state if key.endswith("." + first)}
-    fitting = sorted(prefix for prefix in prefixes if state_mismatch(
-        expected, {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}) is None)
+    fitting = sorted(prefix for prefix in prefixes if state_mismatch(expected, _under(state, prefix)) is None)
     if len(fitting) > 1:  # a momentum encoder beside the online one (MoCo, BYOL): which one is meant?
         under = ", ".join(map(repr, fitting))
         raise RelreasonError(f"the weights hold {len(fitting)} backbones that fit (under {under}); save the one to "
                              "evaluate alone, as a state_dict of its own")
     return fitting[0] if fitting else None
+
+
+def _under(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """The entries of ``state`` under ``prefix``, named without it."""
+    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
