@@ -58,7 +58,7 @@ if __name__ == "__main__":
 
         import numpy as np
 
-        from relreason.data import benchmarks
+        from relreason.data import standard_datasets
 
         def fetch(key, root, split):
             with open(Path(root).parent / "fetched-by.txt", "a") as log:  # the output folder is made later
@@ -73,7 +73,7 @@ if __name__ == "__main__":
                     header = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, ">i4").tobytes()
                     (raw / f"{prefix}-{kind}-ubyte").write_bytes(header + array.tobytes())
 
-        benchmarks._download = fetch
+        standard_datasets._download = fetch
         dataset, every_step = "mnist", {"download": True}
     config = PretrainConfig(dataset=dataset, data_root=data_root, image_size=16, num_views=3, batch_size=8,
                             epochs=2, seed=5, device="cpu", progress=False, tensorboard=False, output_dir=output_dir,

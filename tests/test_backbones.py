@@ -285,7 +285,8 @@ def test_backbone_args_reach_the_factory_and_are_checked_against_its_signature()
 def test_backbone_args_from_the_command_line_and_config_files(tmp_path, capsys):
     import json
 
-    from relreason.cli import backbone_args_from, build_parser, config_as_yaml, main, parse_options
+    from relreason.cli import build_parser, main, parse_options
+    from relreason.config_files import backbone_args_from, config_as_yaml
     from relreason.train import PretrainConfig
 
     assert backbone_args_from(["small_stem=false", "width=8", "scale=1e-3", "name=wide", "sizes=[1, 2]"]) == {

@@ -24,23 +24,23 @@ from relreason.data import (
     ArrayImageDataset,
     DatasetInfo,
     ImageFolderDataset,
-    benchmarks,
     compute_normalization,
     dataset_info,
     load_dataset,
     splits,
+    standard_datasets,
 )
 from relreason.data.formats import read_idx
 from relreason.errors import RelreasonError
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
-_DEFAULT_SYSTEM_DIRS = dict(benchmarks.SYSTEM_DATASET_DIRS)  # before the autouse fixture empties it
+_DEFAULT_SYSTEM_DIRS = dict(standard_datasets.SYSTEM_DATASET_DIRS)  # before the autouse fixture empties it
 
 
 @pytest.fixture(autouse=True)
 def _no_system_dirs(monkeypatch):
     """Tests see only what they write, unless they opt back in."""
-    monkeypatch.setattr(benchmarks, "SYSTEM_DATASET_DIRS", {})
+    monkeypatch.setattr(standard_datasets, "SYSTEM_DATASET_DIRS", {})
 
 
 def _check_item(ds, i, label):
@@ -249,7 +249,7 @@ def test_corrupt_gzip_idx_is_a_one_line_error(tmp_path):
 
 @pytest.mark.skipif(not DEBIAN_FASHION.is_dir(), reason="dataset-fashion-mnist is not installed")
 def test_fashion_mnist_from_debian_location(tmp_path, monkeypatch):
-    monkeypatch.setattr(benchmarks, "SYSTEM_DATASET_DIRS", {"fashion-mnist": (str(DEBIAN_FASHION),)})
+    monkeypatch.setattr(standard_datasets, "SYSTEM_DATASET_DIRS", {"fashion-mnist": (str(DEBIAN_FASHION),)})
     train = load_dataset("fashion-mnist", tmp_path / "empty", "train")
     test = load_dataset("fashion-mnist", tmp_path / "empty", "test")
     assert len(train) == 60000 and len(test) == 10000
@@ -264,7 +264,7 @@ def test_fashion_mnist_without_a_root_is_read_from_the_system_directory_alone(tm
     images, labels = mnist_arrays(5, seed=3)
     write_idx(system / "t10k-images-idx3-ubyte", images, compress=True)
     write_idx(system / "t10k-labels-idx1-ubyte", labels, compress=True)
-    monkeypatch.setattr(benchmarks, "SYSTEM_DATASET_DIRS", {"fashion-mnist": (str(system),)})
+    monkeypatch.setattr(standard_datasets, "SYSTEM_DATASET_DIRS", {"fashion-mnist": (str(system),)})
     test = load_dataset("fashion-mnist", None, "test")
     assert np.array_equal(test.images, images) and np.array_equal(test.labels, labels)
     with pytest.raises(RelreasonError, match=rf"'fashion-mnist' \(split 'train'\) not found in {system} \(expected .*"
@@ -274,7 +274,7 @@ def test_fashion_mnist_without_a_root_is_read_from_the_system_directory_alone(tm
         load_dataset("fashion-mnist", None, "train", download=True)  # nowhere to fetch it to
     with pytest.raises(RelreasonError, match="'mnist' needs a data directory; pass --data-root"):
         load_dataset("mnist", None, "test")  # no system directory of its own
-    monkeypatch.setattr(benchmarks, "SYSTEM_DATASET_DIRS", {"mnist": (str(system),), "fashion-mnist": ()})
+    monkeypatch.setattr(standard_datasets, "SYSTEM_DATASET_DIRS", {"mnist": (str(system),), "fashion-mnist": ()})
     assert np.array_equal(load_dataset("mnist", None, "test").labels, labels)  # the mapping as it is at the call
     with pytest.raises(RelreasonError, match="'fashion-mnist' needs a data directory; pass --data-root"):
         load_dataset("fashion-mnist", None, "test")  # no system directory left
@@ -296,7 +296,7 @@ def _full_size_test_split(folder: Path, labels: np.ndarray) -> None:
 
 
 def test_a_full_size_mnist_family_file_must_hold_its_datasets_labels(tmp_path):
-    mnist_counts = benchmarks._MNIST_CLASS_COUNTS["test"]
+    mnist_counts = standard_datasets._MNIST_CLASS_COUNTS["test"]
     mnist_like = np.random.default_rng(0).permutation(np.repeat(np.arange(10, dtype=np.uint8), mnist_counts))
     _full_size_test_split(tmp_path / "mnist", mnist_like)
     assert len(load_dataset("mnist", tmp_path / "mnist", "test")) == 10_000
@@ -384,7 +384,7 @@ def _write_stl(base: Path, n_train=3, n_test=2, n_unl=4):
 
 
 def test_stl10_binaries(tmp_path, monkeypatch):
-    monkeypatch.setattr(benchmarks, "STL10_UNLABELED_IMAGES", 4)
+    monkeypatch.setattr(standard_datasets, "STL10_UNLABELED_IMAGES", 4)
     train_x = _write_stl(tmp_path / "stl10_binary")
     train = load_dataset("stl10", tmp_path, "train")
     assert len(train) == 3 and train.labels.tolist() == [0, 9, 4]
@@ -414,7 +414,7 @@ def test_stl10_binaries(tmp_path, monkeypatch):
 
 
 def test_stl10_bad_sizes(tmp_path, monkeypatch):
-    monkeypatch.setattr(benchmarks, "STL10_UNLABELED_IMAGES", 4)
+    monkeypatch.setattr(standard_datasets, "STL10_UNLABELED_IMAGES", 4)
     base = tmp_path / "stl10_binary"
     _write_stl(base)
     (base / "test_y.bin").write_bytes(bytes([1, 2, 3]))  # 3 labels for 2 images

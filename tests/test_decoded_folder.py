@@ -12,6 +12,7 @@ import torchvision.transforms.functional as TF
 from bad_folder import EXPECTED_LABELS, EXPECTED_SOURCE, file_hashes, write_bad_folder
 from PIL import Image
 
+from relreason import memory
 from relreason.cli import main
 from relreason.data import ImageFolderDataset, decoded_folder, read_skip_log
 from relreason.data.batch_views import DeviceMultiViewDataset
@@ -110,7 +111,7 @@ def test_a_folder_too_large_for_memory_is_refused_before_decoding(tmp_path, monk
 
 
 def test_available_memory_is_read_from_the_kernel_and_the_tightest_cgroup_limit(tmp_path):
-    real = decoded_folder.available_memory_bytes()
+    real = memory.available_memory_bytes()
     assert real is None or real > 0
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       8000 kB\nMemFree:         100 kB\nMemAvailable:    5000 kB\n")
@@ -120,7 +121,7 @@ def test_available_memory_is_read_from_the_kernel_and_the_tightest_cgroup_limit(
     own.write_text("0::/slurm/job7\n")
 
     def available():
-        return decoded_folder.available_memory_bytes(str(meminfo), str(root), str(own))
+        return memory.available_memory_bytes(str(meminfo), str(root), str(own))
 
     assert available() == 5000 * 1024  # no limit files: the machine's MemAvailable
     (job / "memory.max").write_text("3000000\n")
@@ -155,7 +156,7 @@ def test_available_memory_is_read_from_the_kernel_and_the_tightest_cgroup_limit(
         (v1 / name).rename(v1_root / name)
     (v1_root / "memory.limit_in_bytes").write_text("2500000\n")
     assert available() == 1_300_000
-    assert decoded_folder.available_memory_bytes(str(tmp_path / "none"), str(tmp_path / "none"), str(own)) is None
+    assert memory.available_memory_bytes(str(tmp_path / "none"), str(tmp_path / "none"), str(own)) is None
 
 
 def test_augment_tensor_on_a_folder_makes_batched_views_and_auto_keeps_the_files(tmp_path):

@@ -198,7 +198,7 @@ def test_pruning_counts_from_the_checkpoint_just_written_and_drops_those_known_t
 def test_the_umask_is_read_without_being_changed():
     import os
 
-    from relreason.checkpoint import _read_umask
+    from relreason.atomic_files import _read_umask
 
     previous = os.umask(0o027)
     try:
@@ -209,10 +209,10 @@ def test_the_umask_is_read_without_being_changed():
 
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_atomic_writes_follow_the_umask(tmp_path, monkeypatch, umask, mode):
-    from relreason import checkpoint
+    from relreason import atomic_files
 
-    monkeypatch.setattr(checkpoint, "_UMASK", umask)
-    checkpoint.atomic_write_json(tmp_path / "config.json", {"a": 1})
+    monkeypatch.setattr(atomic_files, "_UMASK", umask)
+    atomic_files.atomic_write_json(tmp_path / "config.json", {"a": 1})
     assert (tmp_path / "config.json").stat().st_mode & 0o777 == mode
 
 
@@ -220,24 +220,24 @@ def test_a_write_that_fails_midway_leaves_the_old_file_whole(tmp_path, monkeypat
     """A crash (here a failing fsync) between writing and renaming keeps the previous file and no temporary."""
     import os
 
-    from relreason import checkpoint
+    from relreason import atomic_files
 
     target = tmp_path / "checkpoint-e0001-s0000000.pt"
     target.write_bytes(b"old checkpoint")
     renames = []
     real_replace = os.replace
-    monkeypatch.setattr(checkpoint.os, "replace", lambda a, b: renames.append((a, b)) or real_replace(a, b))
+    monkeypatch.setattr(atomic_files.os, "replace", lambda a, b: renames.append((a, b)) or real_replace(a, b))
 
     def failing_fsync(descriptor):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint.os, "fsync", failing_fsync)
+    monkeypatch.setattr(atomic_files.os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="disk full"):
-        checkpoint.atomic_write_bytes(target, b"new checkpoint, half written")
+        atomic_files.atomic_write_bytes(target, b"new checkpoint, half written")
     assert target.read_bytes() == b"old checkpoint" and sorted(tmp_path.iterdir()) == [target]
     assert renames == []
-    monkeypatch.setattr(checkpoint.os, "fsync", lambda descriptor: None)
-    checkpoint.atomic_write_bytes(target, b"new checkpoint")
+    monkeypatch.setattr(atomic_files.os, "fsync", lambda descriptor: None)
+    atomic_files.atomic_write_bytes(target, b"new checkpoint")
     assert target.read_bytes() == b"new checkpoint" and sorted(tmp_path.iterdir()) == [target]
     assert len(renames) == 1 and renames[0][1] == target and renames[0][0] != str(target)
 
@@ -272,7 +272,8 @@ def test_short_reason_drops_terminal_codes_and_cuts_at_a_word():
 def test_loader_workers_ignore_the_stop_signals_and_end_with_an_error_that_escapes():
     from torch.utils.data import DataLoader, Dataset
 
-    from relreason.train.data import _ignore_stop_signals, loader_batches, stop_signals_held
+    from relreason.train.data import loader_batches
+    from relreason.train.stop import ignore_stop_signals, stop_signals_held
 
     stop = {signal.SIGINT, signal.SIGTERM}
 
@@ -289,7 +290,7 @@ def test_loader_workers_ignore_the_stop_signals_and_end_with_an_error_that_escap
     with stop_signals_held():
         assert stop <= signal.pthread_sigmask(signal.SIG_BLOCK, [])
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before  # the hold ends with the block
-    loader = DataLoader(WhatTheWorkerHas(), num_workers=1, worker_init_fn=_ignore_stop_signals)
+    loader = DataLoader(WhatTheWorkerHas(), num_workers=1, worker_init_fn=ignore_stop_signals)
     with pytest.raises(RuntimeError, match="a backbone's bug"):
         with loader_batches(loader) as batches:
             ignored_term, ignored_int, held, pid = next(batches)[0].tolist()

@@ -10,7 +10,7 @@ from relreason.backbones.feature_dim import infer_feature_dim
 from relreason.errors import RelreasonError
 from relreason.head import RelationHead
 from relreason.losses import FocalLoss, build_loss
-from relreason.model import RelationalReasoning, RelationOutput
+from relreason.methods.relational import RelationalReasoning, RelationOutput
 from relreason.pairing import (
     AGGREGATIONS,
     aggregate_pairs,

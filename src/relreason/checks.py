@@ -10,7 +10,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from relreason.checkpoint import plain_json
+from relreason.atomic_files import plain_json
 from relreason.errors import RelreasonError
 
 ConfigT = TypeVar("ConfigT")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from relreason.checkpoint import atomic_write_bytes, atomic_write_json
+from relreason.atomic_files import atomic_write_bytes, atomic_write_json
 from relreason.checks import with_home_expanded, with_plain_values
 from relreason.device import resolve_device
 from relreason.distributed import refuse_several_processes

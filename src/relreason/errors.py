@@ -1,13 +1,27 @@
-"""The exception users see (its message is a single line naming the problem and the fix), and the helpers
-that keep such messages short."""
+"""The exception users see (its message is a single line naming the problem and the fix), the notes and warnings
+printed beside a run that goes on, and the helpers that keep such messages short."""
 
 import re
+import sys
 
 _TERMINAL_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class RelreasonError(Exception):
     """Invalid input or missing resource; the CLI prints the message on one line and exits non-zero."""
+
+
+def note(message: str, speaks: bool = True) -> None:
+    """Print ``relreason: note: MESSAGE`` on standard error: worth knowing, nothing is wrong. ``speaks``: whether
+    this process speaks for the run (under torchrun, rank 0 alone, so that the note is printed once)."""
+    if speaks:
+        print(f"relreason: note: {message}", file=sys.stderr, flush=True)
+
+
+def warn(message: str, speaks: bool = True) -> None:
+    """Print ``relreason: warning: MESSAGE`` on standard error: likely not what was meant, but the work goes on."""
+    if speaks:
+        print(f"relreason: warning: {message}", file=sys.stderr, flush=True)
 
 
 def one_line(text: object) -> str:

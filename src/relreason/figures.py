@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from relreason.checkpoint import atomic_write_bytes
+from relreason.atomic_files import atomic_write_bytes
 
 
 def save_png(figure: Any, path: str | os.PathLike, dpi: int = 100) -> Path:

@@ -5,7 +5,6 @@
 from .array_dataset import ArrayImageDataset, pil_to_rgb
 from .batch_augment import BatchRelationalAugmentation
 from .batch_views import BatchViewLoader, DeviceMultiViewDataset, images_as_tensor
-from .benchmarks import SYSTEM_DATASET_DIRS
 from .datasets import (
     DATASET_NAMES,
     DatasetInfo,
@@ -20,6 +19,7 @@ from .image_folder import IMAGE_EXTENSIONS, ImageFolderDataset, read_skip_log
 from .multiview import MultiViewDataset
 from .sampler import EpochBatchSampler
 from .splits import has_split_dirs, split_image_folder, stratified_split
+from .standard_datasets import SYSTEM_DATASET_DIRS
 from .transforms import ToRGB, eval_transform, relational_augmentation
 
 __all__ = [

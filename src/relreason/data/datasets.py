@@ -7,7 +7,7 @@ images, and which has ``.labels`` (int64 ``(N,)`` array, or ``None`` when the wh
 dataset is unlabelled) and ``.classes`` (``list[str]`` or ``None``).
 
 The kinds of dataset live beside this module: :mod:`~relreason.data.array_dataset` (images in memory),
-:mod:`~relreason.data.image_folder` (a folder of files), :mod:`~relreason.data.benchmarks` (the standard
+:mod:`~relreason.data.image_folder` (a folder of files), :mod:`~relreason.data.standard_datasets` (the standard
 benchmarks, read from their real on-disk formats by :mod:`relreason.data.formats`; torchvision only
 *downloads* them) and :mod:`~relreason.data.splits` (train/test splits).
 """
@@ -22,11 +22,11 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from relreason.data import benchmarks
+from relreason.data import standard_datasets
 from relreason.data.array_dataset import pil_to_rgb
-from relreason.data.benchmarks import load_benchmark, load_digits
 from relreason.data.image_folder import ImageFolderDataset, decoded_for
 from relreason.data.splits import check_fraction_range, has_split_dirs, load_folder_split, split_image_folder
+from relreason.data.standard_datasets import load_benchmark, load_digits
 from relreason.errors import RelreasonError
 
 __all__ = [
@@ -243,7 +243,7 @@ def load_dataset(
         )
     if key == "digits":
         return load_digits(split)
-    if root is None and (not benchmarks.SYSTEM_DATASET_DIRS.get(key) or download):
+    if root is None and (not standard_datasets.SYSTEM_DATASET_DIRS.get(key) or download):
         fetch = " to download into" if download else ""
         raise RelreasonError(f"dataset '{key}' needs a data directory{fetch}; pass --data-root (load_dataset's root=)")
     if root is None:  # the system directories alone

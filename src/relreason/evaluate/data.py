@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from torch.utils.data import Dataset
 from relreason.data import dataset_info, has_split_dirs, load_dataset
 from relreason.data.decoded_folder import DecodedImageFolder, decoding_too_large
 from relreason.data.image_folder import DRAFT_MARGIN, ImageFolderDataset, read_in_threads, read_threads
-from relreason.errors import RelreasonError
+from relreason.errors import RelreasonError, note, warn
 
 
 def decoded_once(dataset: Any, image_size: int, split: str) -> Any:
@@ -29,8 +28,8 @@ def decoded_once(dataset: Any, image_size: int, split: str) -> Any:
         return dataset
     too_large = decoding_too_large(len(dataset), image_size, copies=1, processes=1)  # evaluate runs alone
     if too_large:
-        print(f"relreason: note: fine-tuning reads the {split} images from their files every epoch (decoding them "
-              f"into memory {too_large})", file=sys.stderr)
+        note(f"fine-tuning reads the {split} images from their files every epoch (decoding them "
+             f"into memory {too_large})")
         return dataset
     return DecodedImageFolder(dataset, image_size, progress=True, copies=1, processes=1)
 
@@ -58,9 +57,9 @@ def without_unreadable(dataset: Any, split: str, cache: Path | None,
     keep = [i for i, path in enumerate(dataset.paths) if str(path) not in skipped]
     if say:
         path, reason = next(iter(skipped.items()))
-        print(f"relreason: warning: {len(skipped)} image(s) of the '{split}' split cannot be read (e.g. {path}: "
-              f"{reason}); the evaluation leaves them out, on {len(keep)} images, and reads the split again next time "
-              "(remove or replace those files to have its features cached)", file=sys.stderr)
+        warn(f"{len(skipped)} image(s) of the '{split}' split cannot be read (e.g. {path}: "
+             f"{reason}); the evaluation leaves them out, on {len(keep)} images, and reads the split again next time "
+             "(remove or replace those files to have its features cached)")
     rows = torch.as_tensor(keep, dtype=torch.int64)
     kept = None if features is None else (features[0][rows], features[1][rows])
     return dataset.subset(keep), kept

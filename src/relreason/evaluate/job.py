@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from relreason.data.image_folder import decoded_for, read_threads
 from relreason.data.splits import image_folders_read
 from relreason.device import resolve_device, use_device
 from relreason.distributed import refuse_several_processes
-from relreason.errors import RelreasonError
+from relreason.errors import RelreasonError, note, warn
 from relreason.evaluate.config import EvaluateConfig
 from relreason.evaluate.data import (
     check_several_classes,
@@ -102,8 +101,8 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     config = with_home_expanded(with_plain_values(config), "run_dir", "weights", "data_root", "output")
     config.validate()  # every option, named by its flag, before anything is read or written
     if config.weights and config.run_dir != EvaluateConfig.run_dir:
-        print(f"relreason: note: --weights {config.weights} is evaluated; --run-dir {config.run_dir} is not read "
-              "(the results go beside the weights, or to --output)", file=sys.stderr)
+        note(f"--weights {config.weights} is evaluated; --run-dir {config.run_dir} is not read "
+             "(the results go beside the weights, or to --output)")
     protocols = choose_protocols(config.protocols, ALL_PROTOCOLS)
     _note_options_of_other_protocols(config, protocols)
     fractions = check_label_fractions(config.label_fractions) if "few_label" in protocols else ()
@@ -149,8 +148,8 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
             recorded = not config.backbone and config.backbone_args is None  # as the weights' metadata says
             load_matching_state(backbone, weights_state, weights, meta["backbone"], recorded)
             if not (config.image_size or meta.get("image_size")):
-                print(f"relreason: note: evaluating at {image_size} px, the dataset's own size (no backbone.json says "
-                      "what the weights were trained at); pass --image-size if it was another", file=sys.stderr)
+                note(f"evaluating at {image_size} px, the dataset's own size (no backbone.json says "
+                     "what the weights were trained at); pass --image-size if it was another")
         row: dict[str, Any] = {}
         if feature_protocols:
             features = {}
@@ -189,9 +188,9 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
                 row["few_label"][fraction_key(fraction)]["finetune"] = fine_tune(backbone, **tune, label_indices=indices)
         unmatched = row.get("retrieval", {}).get("queries_without_match", 0)
         if unmatched and label == "pretrained":
-            print(f"relreason: warning: {unmatched} of the {len(test_set)} test images have no other image of their "
-                  "class to find: retrieval's mAP leaves them out and its precision counts them as misses (with none "
-                  "to find at all, both read 0); give the test set at least 2 images of every class", file=sys.stderr)
+            warn(f"{unmatched} of the {len(test_set)} test images have no other image of their "
+                 "class to find: retrieval's mAP leaves them out and its precision counts them as misses (with none "
+                 "to find at all, both read 0); give the test set at least 2 images of every class")
         results[label] = {p: row[p] for p in ALL_PROTOCOLS if p in row}
 
     payload = {
@@ -229,8 +228,8 @@ def _note_options_of_other_protocols(config: EvaluateConfig, protocols: list[str
                    if _plain(getattr(config, field)) != _plain(getattr(EvaluateConfig, field))]
         if changed and protocol not in protocols:
             flags = " and ".join(f"--{field.replace('_', '-')}" for field in changed)
-            print(f"relreason: note: {flags} set{'s' if len(changed) == 1 else ''} the {protocol} protocol, which "
-                  f"--protocols does not include ({', '.join(protocols)}); add {protocol} to use it", file=sys.stderr)
+            note(f"{flags} set{'s' if len(changed) == 1 else ''} the {protocol} protocol, which "
+                 f"--protocols does not include ({', '.join(protocols)}); add {protocol} to use it")
 
 
 def _say_if_partial(meta: dict[str, Any], weights: Path, config: EvaluateConfig) -> None:
@@ -240,11 +239,11 @@ def _say_if_partial(meta: dict[str, Any], weights: Path, config: EvaluateConfig)
         return
     done = f"after {meta.get('epochs_done', 0):.2f} epoch(s)"
     if meta.get("stopped_by") == "time limit":  # the user's own budget (the 10-minute configs): a fact, no fault
-        print(f"relreason: note: {weights} is from a run stopped by its time limit {done}; the same pretrain "
-              "command trains on from there", file=sys.stderr)
+        note(f"{weights} is from a run stopped by its time limit {done}; the same pretrain "
+             "command trains on from there")
     else:
-        print(f"relreason: warning: {weights} is from a run stopped by {meta.get('stopped_by') or 'an interruption'} "
-              f"{done}; rerun its pretrain command to finish it", file=sys.stderr)
+        warn(f"{weights} is from a run stopped by {meta.get('stopped_by') or 'an interruption'} "
+             f"{done}; rerun its pretrain command to finish it")
 
 
 def _evaluation_data(config: EvaluateConfig, meta: dict[str, Any], output: Path) -> _EvaluationData:
@@ -271,8 +270,8 @@ def _evaluation_data(config: EvaluateConfig, meta: dict[str, Any], output: Path)
     if info.name == "folder" and own_data and not same_folder and gone:
         # The run's folder is gone: the one given is taken for it, moved, as pretrain takes a moved folder on resuming.
         same_folder = True
-        print(f"relreason: note: the run's folder {recorded} is not there; taking {data_root} for it, moved (its "
-              "held-out share and the statistics the backbone was trained with)", file=sys.stderr)
+        note(f"the run's folder {recorded} is not there; taking {data_root} for it, moved (its "
+             "held-out share and the statistics the backbone was trained with)")
     pretrained_share = meta.get("test_fraction") if same_folder else None
     test_fraction = config.test_fraction if config.test_fraction is not None else pretrained_share
     seen: bool | None = bool(same_folder and info.name == "folder" and config.test_fraction is not None
@@ -281,10 +280,9 @@ def _evaluation_data(config: EvaluateConfig, meta: dict[str, Any], output: Path)
         train_set, test_set = held_out_split(name, data_root, test_fraction)
         if seen:
             own = "it held none out" if pretrained_share is None else f"it held out {pretrained_share:g}"
-            print(f"relreason: warning: the test images that --test-fraction {config.test_fraction:g} holds out of "
-                  f"{data_root} were {'all' if pretrained_share is None else 'partly'} seen in pretraining ({own}); "
-                  f"pretrain with --test-fraction {config.test_fraction:g} for a test set it never saw",
-                  file=sys.stderr)
+            warn(f"the test images that --test-fraction {config.test_fraction:g} holds out of "
+                 f"{data_root} were {'all' if pretrained_share is None else 'partly'} seen in pretraining ({own}); "
+                 f"pretrain with --test-fraction {config.test_fraction:g} for a test set it never saw")
     else:
         train_set = labelled_split(name, data_root, info.train_split, config.download)
         test_set = labelled_split(name, data_root, info.test_split, config.download)
@@ -301,9 +299,9 @@ def _evaluation_data(config: EvaluateConfig, meta: dict[str, Any], output: Path)
         inside = count_images_inside(test_set, pretrained_on)
         if inside:
             seen = True if meta.get("test_fraction") is None else None  # None: perhaps, its own share held out
-            print(f"relreason: warning: {inside} of the {len(test_set)} test images lie in {pretrained_on}, "
-                  f"which the backbone was pretrained on{'' if seen else ' (less its held-out share)'}; evaluate on "
-                  "images outside it for a test set it never saw", file=sys.stderr)
+            warn(f"{inside} of the {len(test_set)} test images lie in {pretrained_on}, "
+                 f"which the backbone was pretrained on{'' if seen else ' (less its held-out share)'}; evaluate on "
+                 "images outside it for a test set it never saw")
     if own_data and "mean" in meta and not other_folder:
         mean, std = meta["mean"], meta["std"]  # exactly what the backbone was trained on
     elif info.mean is not None:
@@ -324,8 +322,8 @@ def _data_root(config: EvaluateConfig, meta: dict[str, Any], name: str, info: Da
     if (recorded and info.name not in ("folder", "digits") and not Path(recorded).exists() and not config.data_root
             and not same_path(recorded, "data")):
         system = "".join(f" and {folder}" for folder in SYSTEM_DATASET_DIRS.get(info.name, ()))
-        print(f"relreason: note: the run's data root {recorded} does not exist here; looking for {name} in "
-              f"./data{system} (pass --data-root to say where it is)", file=sys.stderr)
+        note(f"the run's data root {recorded} does not exist here; looking for {name} in "
+             f"./data{system} (pass --data-root to say where it is)")
         recorded = None
     return config.data_root or recorded or "data", recorded
 

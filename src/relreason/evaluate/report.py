@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from relreason.checkpoint import atomic_write_bytes, plain_json
+from relreason.atomic_files import atomic_write_bytes, plain_json
 from relreason.errors import RelreasonError
 from relreason.protocols import fraction_name
 from relreason.protocols.frozen import ALL_PROTOCOLS, LINEAR_PROTOCOLS

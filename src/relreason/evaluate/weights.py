@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from torch import nn
 
 from relreason.backbones.registry import backbone_args_of
 from relreason.checkpoint import is_checkpoint_path, load_checkpoint, state_mismatch
-from relreason.errors import RelreasonError, one_line, short_reason
+from relreason.errors import RelreasonError, note, one_line, short_reason
 from relreason.evaluate.config import EvaluateConfig
 from relreason.run_files import BACKBONE_META_NAME, BACKBONE_NAME
 
@@ -94,8 +93,8 @@ def load_matching_state(backbone: nn.Module, state: Mapping[str, torch.Tensor], 
     mismatch = state_mismatch(expected, state)
     prefix = _backbone_prefix(expected, state) if mismatch else None
     if prefix is not None:
-        print(f"relreason: note: {weights} holds a whole model; evaluating its backbone, the tensors under "
-              f"'{prefix}'", file=sys.stderr)
+        note(f"{weights} holds a whole model; evaluating its backbone, the tensors under "
+             f"'{prefix}'")
         state, mismatch = _under(state, prefix), None
     if mismatch and recorded:
         raise RelreasonError(f"{weights} does not fit backbone '{name}' ({mismatch}), though that is the backbone "

@@ -1,8 +1,8 @@
 """Pretraining methods on one interface: relational reasoning and the paper's baselines.
 
-``relational`` (the method), ``simclr`` (NT-Xent on two views), ``rotation`` (4-way rotation prediction),
-``supervised`` (labels; the upper bound) and ``random`` (no training; the lower bound); or a user's own
-``PretrainMethod`` subclass named ``package.module:Class``.
+``relational`` (the method, :class:`RelationalReasoning`), ``simclr`` (NT-Xent on two views), ``rotation``
+(4-way rotation prediction), ``supervised`` (labels; the upper bound) and ``random`` (no training; the lower
+bound); or a user's own ``PretrainMethod`` subclass named ``package.module:Class``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import operator
 from relreason.errors import RelreasonError, short_reason
 from relreason.methods.base import PretrainMethod, StepOutput
 from relreason.methods.online_probe import OnlineProbe
+from relreason.methods.relational import RelationalReasoning, RelationOutput
 from relreason.methods.rotation import RotationPrediction
 from relreason.methods.simclr import SimCLR
 from relreason.methods.supervised import Supervised
@@ -26,8 +27,6 @@ def method_class(name: str) -> type[PretrainMethod] | None:
     if isinstance(name, str) and ":" in name:
         return _user_method(name)
     if name == "relational":
-        from relreason.model import RelationalReasoning  # here: relreason.model imports this package's base
-
         return RelationalReasoning
     if name == "simclr":
         return SimCLR
@@ -104,6 +103,8 @@ __all__ = [
     "METHOD_NAMES",
     "OnlineProbe",
     "PretrainMethod",
+    "RelationOutput",
+    "RelationalReasoning",
     "RotationPrediction",
     "SimCLR",
     "StepOutput",

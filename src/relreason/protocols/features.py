@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -14,8 +13,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
-from relreason.checkpoint import atomic_torch_save
-from relreason.errors import RelreasonError
+from relreason.atomic_files import atomic_torch_save
+from relreason.errors import RelreasonError, note, warn
 from relreason.protocols._common import TransformedDataset, check_positive_int, module_device, module_dtype
 
 
@@ -82,8 +81,8 @@ def extract_features(
         # Free to check, and they catch a dataset whose files changed under the same name (images added or
         # removed, files moved between class folders): such a cache is stale, and is made again.
         if n_items is not None and len(labels) != n_items:
-            print(f"relreason: note: {cache} holds {len(labels)} items but the dataset has {n_items} now; "
-                  "extracting its features again", file=sys.stderr)
+            note(f"{cache} holds {len(labels)} items but the dataset has {n_items} now; "
+                 "extracting its features again")
         elif current is None or torch.equal(labels, torch.as_tensor(np.asarray(current), dtype=torch.int64)):
             return features, labels
 
@@ -137,8 +136,8 @@ def extract_features(
         try:
             atomic_torch_save({"features": features, "labels": labels_all}, cache)
         except OSError as error:  # a read-only or full disk costs the cache, not the evaluation
-            print(f"relreason: warning: could not cache features at {cache} ({error.strerror or error}); "
-                  "they are used without being kept", file=sys.stderr)
+            warn(f"could not cache features at {cache} ({error.strerror or error}); "
+                 "they are used without being kept")
     return features, labels_all
 
 

@@ -8,6 +8,7 @@ in those blocks imports it. Its parts, each a small module:
 * :mod:`~relreason.train.loop` -- ``pretrain`` and the epoch loop;
 * :mod:`~relreason.train.position` -- where a run stands (``TrainingPosition``);
 * :mod:`~relreason.train.resume` -- checkpoints: saving, finding the newest, refusing a foreign resume;
+* :mod:`~relreason.train.step_module` -- what a step runs: the method and its online probe (``PretrainModule``);
 * :mod:`~relreason.train.stop` -- SIGTERM, Ctrl-C and the time limit, agreed across ranks;
 * :mod:`~relreason.train.metrics_log` -- metrics files, TensorBoard and the training-curve plot;
 * :mod:`~relreason.train.run_folder` -- the run folder's files and the exported backbone.
@@ -31,7 +32,7 @@ from relreason.train.data import (
     make_loader,
     num_classes_of,
 )
-from relreason.train.loop import build_model, make_optimizer, pretrain, train_one_epoch
+from relreason.train.loop import build_model, make_optimizer, pretrain, train_one_epoch, train_step
 from relreason.train.metrics_log import MetricsLog, plot_training_curves
 from relreason.train.position import TrainingPosition
 from relreason.train.resume import CheckpointSaver, check_resumable, load_optimizer_state
@@ -70,5 +71,6 @@ __all__ = [
     "pretrain",
     "resolve_device",
     "train_one_epoch",
+    "train_step",
     "views_used",
 ]

@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import signal
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -39,7 +37,7 @@ from relreason.launch import is_first_process
 from relreason.methods import method_class
 from relreason.train.config import PretrainConfig, views_used
 from relreason.train.position import TrainingPosition
-from relreason.train.run_folder import release_run_folders
+from relreason.train.stop import ignore_stop_signals, stop_signals_held
 
 DOWNLOAD_TIMEOUT = datetime.timedelta(hours=12)  # how long the other ranks wait for a --download
 
@@ -151,21 +149,8 @@ def make_loader(
         batch_sampler=sampler,
         num_workers=loader_workers(config.num_workers, device),
         pin_memory=device.type == "cuda",
-        worker_init_fn=_ignore_stop_signals,
+        worker_init_fn=ignore_stop_signals,
     )
-
-
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
-def _ignore_stop_signals(worker_id: int) -> None:
-    # Ctrl-C, and a SIGTERM sent to the whole process group (Slurm's scancel, `timeout`, kill -TERM -PGID), reach
-    # the workers too: they must keep serving the step the main process finishes and checkpoints before it stops.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if hasattr(signal, "pthread_sigmask"):  # held back since the worker started (stop_signals_held): ignored now
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-    release_run_folders()  # its copies: a worker outliving a killed main process must not hold the run folder
 
 
 @contextlib.contextmanager
@@ -181,21 +166,6 @@ def loader_batches(loader: DataLoader | BatchViewLoader) -> Iterator[Iterator]:
         shutdown = getattr(batches, "_shutdown_workers", None)  # PyTorch's multi-process iterator
         if shutdown is not None:
             shutdown()
-
-
-@contextlib.contextmanager
-def stop_signals_held() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM back while DataLoader workers start: a new worker inherits the hold and lets them in
-    only once it ignores them (``_ignore_stop_signals``), so a signal to the whole process group at that moment
-    cannot kill it. This process gets a held-back signal as soon as the hold ends."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def loader_workers(requested: int | None, device: torch.device) -> int:

@@ -17,19 +17,20 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from relreason.atomic_files import atomic_write_json
 from relreason.backbones import build_backbone
 from relreason.backbones.feature_dim import check_takes_rgb_views
-from relreason.checkpoint import atomic_write_json, first_difference, list_checkpoints, set_rng_state
+from relreason.checkpoint import first_difference, list_checkpoints, set_rng_state
 from relreason.checks import with_home_expanded, with_plain_values
 from relreason.data import ImageFolderDataset, MultiViewDataset, read_skip_log
 from relreason.data.batch_views import DeviceMultiViewDataset
 from relreason.data.decoded_folder import DecodedImageFolder
 from relreason.device import autocast_dtype, precise_float, resolve_device
 from relreason.distributed import DistributedContext, all_reduce_mean, barrier, init_distributed, shutdown_distributed
-from relreason.errors import RelreasonError, short_reason
+from relreason.errors import RelreasonError, note, short_reason, warn
 from relreason.losses import build_loss
 from relreason.methods import PretrainMethod, is_built_in, method_class, takes_num_classes
-from relreason.methods.online_probe import OnlineProbe, PretrainModule
+from relreason.methods.online_probe import OnlineProbe
 from relreason.run_files import CONFIG_NAME, CURVES_NAME, SKIPPED_IMAGES_NAME
 from relreason.schedule import learning_rate_factor, set_learning_rate
 from relreason.seeding import seed_everything
@@ -63,6 +64,7 @@ from relreason.train.run_folder import (
     prepare_output_dir,
     release_run_folders,
 )
+from relreason.train.step_module import PretrainModule
 from relreason.train.stop import StopRequest
 
 #: Write errors that no retry fixes and the user can: a full disk, a spent quota, a file system turned read-only.
@@ -197,21 +199,21 @@ def _say_option_notes(config: PretrainConfig, context: DistributedContext, devic
     if config.sync_batchnorm and context.enabled and device.type != "cuda":
         raise RelreasonError("--sync-batchnorm needs CUDA devices (PyTorch's SyncBatchNorm is GPU-only); drop it on CPU")
     if config.sync_batchnorm and not context.enabled:
-        log("relreason: note: --sync-batchnorm does nothing in a single process (it shares BatchNorm statistics "
-            "across torchrun's processes)", context)
+        note("--sync-batchnorm does nothing in a single process (it shares BatchNorm statistics "
+             "across torchrun's processes)", context.is_main)
     if config.amp == "fp16" and device.type == "cpu":
-        log("relreason: note: --amp fp16 is slow on a CPU (and needs a loss scaler); --amp bf16 is the CPU's "
-            "half precision", context)
-    for note in unused_option_notes(config):
-        log(f"relreason: note: {note}", context)
+        note("--amp fp16 is slow on a CPU (and needs a loss scaler); --amp bf16 is the CPU's "
+             "half precision", context.is_main)
+    for unused in unused_option_notes(config):
+        note(unused, context.is_main)
 
 
 def _check_training_data(dataset: Any, geometry: dict[str, Any], config: PretrainConfig,
                          method_type: type[PretrainMethod] | None, context: DistributedContext) -> None:
     """Refuse data the method cannot train on (before the output folder exists), and describe an image folder."""
     if config.num_workers is not None and geometry["augment"] == "tensor" and method_type is not None:
-        log(f"relreason: note: --num-workers {config.num_workers} does nothing on the batched path (its views are "
-            "made on the device in this process); it serves --augment pil", context)
+        note(f"--num-workers {config.num_workers} does nothing on the batched path (its views are "
+             "made on the device in this process); it serves --augment pil", context.is_main)
     if len(dataset) < 2 * context.world_size:
         raise RelreasonError(
             f"dataset '{config.dataset}' has {len(dataset)} image(s); each of the {context.world_size} process(es) "
@@ -279,12 +281,12 @@ def _resume(found: tuple[Path, dict[str, Any]], model: nn.Module, optimizer: tor
                 "train on); exporting its backbone again", context)
         else:
             log(f"resuming {path}: epoch {position.epoch + 1}, step {position.step}", context)
-            for note in changed_option_notes(checkpoint, config, geometry):
-                log(f"relreason: note: {note}", context)
+            for changed in changed_option_notes(checkpoint, config, geometry):
+                note(changed, context.is_main)
         saved_epochs = checkpoint.get("config", {}).get("epochs", config.epochs)
         if config.lr_schedule == "cosine" and saved_epochs != config.epochs:
-            log(f"relreason: warning: --epochs changed from {saved_epochs} to {config.epochs}: the cosine schedule "
-                "now spans the new length, so the learning rate jumps to that curve", context)
+            warn(f"--epochs changed from {saved_epochs} to {config.epochs}: the cosine schedule "
+                 "now spans the new length, so the learning rate jumps to that curve", context.is_main)
     return position
 
 
@@ -386,18 +388,7 @@ def train_one_epoch(
         model.train()
         sampler = loader.batch_sampler
         steps_per_epoch = position.steps_per_epoch = sampler.steps_per_epoch
-        position.items = sampler.start_item
-        if position.step != sampler.start_step:
-            # Resumed under another number of ranks: count the images already used in this run's steps, so
-            # that the schedule, the progress and the running means go on from the same fraction of the epoch.
-            log(f"resumed under {context.world_size} process(es), a different number from the checkpoint's: the "
-                f"epoch goes on with its {len(dataset) - sampler.start_item} unused image(s), as step "
-                f"{sampler.start_step} of {steps_per_epoch}", context)
-            scale = sampler.start_step / position.step if position.step else 0.0
-            position.totals = {name: value * scale for name, value in position.totals.items()}
-            if sampler.start_step < position.step:
-                saver.steps_renumbered(position.epoch, sampler.start_step)
-            position.step = sampler.start_step
+        _start_where_the_sampler_starts(position, sampler, len(dataset), saver, context)
         # Sums stay on the device: reading them every step would stall a GPU on each batch.
         names = list(position.totals)
         totals = torch.tensor(list(position.totals.values()), device=device, dtype=precise_float(device))
@@ -416,21 +407,10 @@ def train_one_epoch(
             check_finite(position, config)
 
         for views, labels in bar:
-            if isinstance(views, torch.Tensor):  # (K, B, C, H, W), made on the device
-                views = views.to(device, non_blocking=True)
-            else:
-                views = [v.to(device, non_blocking=True) for v in views]
-            labels = labels.to(device, non_blocking=True)
             set_learning_rate(optimizer, learning_rate_factor(
                 position.epoch * steps_per_epoch + position.step, config.epochs * steps_per_epoch,
                 round(config.warmup_epochs * steps_per_epoch), config.lr_schedule))
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                total_loss, out = model(views, labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total_loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            step_values = {"loss": out.loss.detach(), **out.metrics}
+            step_values = train_step(model, optimizer, scaler, views, labels, device, amp_dtype)
             if not names:
                 names = list(step_values)
                 totals = torch.zeros(len(names), device=device, dtype=precise_float(device))
@@ -465,24 +445,7 @@ def train_one_epoch(
                 return None, True
         bar.close()
         sync_position()
-        means = position.means()
-        record = {
-            "epoch": position.epoch + 1,
-            **in_percent(means),
-            "seconds": position.seconds,
-            "views_per_second": position.views / position.seconds if position.seconds > 0 else 0.0,
-            "lr": optimizer.param_groups[0]["lr"],
-        }
-        skip_log = getattr(dataset.dataset, "skip_log", None)
-        if skip_log is not None:
-            record["skipped_images"] = len(read_skip_log(skip_log))
-            if record["skipped_images"] > getattr(dataset.dataset, "skips_reported", 0):  # said again only if more
-                dataset.dataset.skips_reported = record["skipped_images"]
-                log(f"skipped {record['skipped_images']} unreadable image(s) so far, each replaced by the next "
-                    f"readable one; their paths are in {skip_log}", context)
-        shown = "  ".join(f"{name} {format_metric(name, value)}" for name, value in means.items())
-        log(f"epoch {position.epoch + 1}/{config.epochs}  {shown}  {position.seconds:.1f}s  "
-            f"{record['views_per_second']:.0f} views/s", context)
+        record = _epoch_record(position, optimizer, dataset, config, context)
         if context.is_main:
             if config.log_every:
                 metrics.write_step(step_record(position))  # the curve's point at the epoch's end
@@ -490,6 +453,69 @@ def train_one_epoch(
         position.next_epoch()
         saver.save(position)
         return record, stop.agreed(deadline, context)
+
+
+def _start_where_the_sampler_starts(position: TrainingPosition, sampler: Any, dataset_size: int,
+                                    saver: CheckpointSaver, context: DistributedContext) -> None:
+    """Put ``position`` at the sampler's first step of the epoch: the checkpoint's own step, unless the run was
+    resumed under another number of ranks, whose steps are of another size."""
+    position.items = sampler.start_item
+    if position.step == sampler.start_step:
+        return
+    # Count the images already used in this run's steps, so that the schedule, the progress and the running means
+    # go on from the same fraction of the epoch.
+    log(f"resumed under {context.world_size} process(es), a different number from the checkpoint's: the epoch goes "
+        f"on with its {dataset_size - sampler.start_item} unused image(s), as step {sampler.start_step} of "
+        f"{sampler.steps_per_epoch}", context)
+    scale = sampler.start_step / position.step if position.step else 0.0
+    position.totals = {name: value * scale for name, value in position.totals.items()}
+    if sampler.start_step < position.step:
+        saver.steps_renumbered(position.epoch, sampler.start_step)
+    position.step = sampler.start_step
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               views: list[torch.Tensor] | torch.Tensor, labels: torch.Tensor, device: torch.device,
+               amp_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """One optimiser step on a batch of views; the step's loss and metrics, as 0-d tensors still on the device."""
+    if isinstance(views, torch.Tensor):  # (K, B, C, H, W), made on the device
+        views = views.to(device, non_blocking=True)
+    else:
+        views = [v.to(device, non_blocking=True) for v in views]
+    labels = labels.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        total_loss, out = model(views, labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total_loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return {"loss": out.loss.detach(), **out.metrics}
+
+
+def _epoch_record(position: TrainingPosition, optimizer: torch.optim.Optimizer,
+                  dataset: MultiViewDataset | DeviceMultiViewDataset, config: PretrainConfig,
+                  context: DistributedContext) -> dict[str, Any]:
+    """The epoch's line of metrics.jsonl (its means, speed, learning rate and unreadable images so far), said on
+    rank 0."""
+    means = position.means()
+    record = {
+        "epoch": position.epoch + 1,
+        **in_percent(means),
+        "seconds": position.seconds,
+        "views_per_second": position.views / position.seconds if position.seconds > 0 else 0.0,
+        "lr": optimizer.param_groups[0]["lr"],
+    }
+    skip_log = getattr(dataset.dataset, "skip_log", None)
+    if skip_log is not None:
+        record["skipped_images"] = len(read_skip_log(skip_log))
+        if record["skipped_images"] > getattr(dataset.dataset, "skips_reported", 0):  # said again only if more
+            dataset.dataset.skips_reported = record["skipped_images"]
+            log(f"skipped {record['skipped_images']} unreadable image(s) so far, each replaced by the next "
+                f"readable one; their paths are in {skip_log}", context)
+    shown = "  ".join(f"{name} {format_metric(name, value)}" for name, value in means.items())
+    log(f"epoch {position.epoch + 1}/{config.epochs}  {shown}  {position.seconds:.1f}s  "
+        f"{record['views_per_second']:.0f} views/s", context)
+    return record
 
 
 def non_finite_loss(position: TrainingPosition, config: PretrainConfig) -> RelreasonError | None:

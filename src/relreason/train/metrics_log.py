@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from relreason.checkpoint import atomic_write_bytes
+from relreason.atomic_files import atomic_write_bytes
 from relreason.figures import save_png
 from relreason.run_files import METRICS_NAME, STEPS_NAME
 from relreason.train.position import TrainingPosition

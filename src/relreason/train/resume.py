@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from relreason.atomic_files import atomic_torch_save
 from relreason.checkpoint import (
-    atomic_torch_save,
     checkpoint_path,
     list_checkpoints,
     load_newest_checkpoint,
@@ -24,12 +23,12 @@ from relreason.checkpoint import (
 from relreason.data import dataset_info, same_dataset
 from relreason.data.datasets import EARLIER_NORMALIZATION_METHODS, PATH_SAMPLED_METHODS
 from relreason.distributed import DistributedContext, broadcast_object
-from relreason.errors import RelreasonError, option_value
+from relreason.errors import RelreasonError, note, option_value
 from relreason.methods import is_built_in, method_class, views_per_image
-from relreason.methods.online_probe import PretrainModule
 from relreason.train.config import PretrainConfig
 from relreason.train.position import TrainingPosition
 from relreason.train.run_folder import absolute_data_root
+from relreason.train.step_module import PretrainModule
 
 
 def newest_checkpoint_everywhere(
@@ -95,10 +94,9 @@ def keep_recorded_normalization(checkpoint: dict[str, Any], config: PretrainConf
             geometry["normalization"] = method
     if saved["mean"] != geometry["mean"] or saved["std"] != geometry["std"]:
         if context is None or context.is_main:
-            print(f"relreason: note: resuming with the normalisation the run started with (mean "
-                  f"{_rounded(saved['mean'])}, std {_rounded(saved['std'])}), not this version's "
-                  f"(mean {_rounded(geometry['mean'])}, std {_rounded(geometry['std'])})",
-                  file=sys.stderr)
+            note(f"resuming with the normalisation the run started with (mean "
+                 f"{_rounded(saved['mean'])}, std {_rounded(saved['std'])}), not this version's "
+                 f"(mean {_rounded(geometry['mean'])}, std {_rounded(geometry['std'])})")
         geometry["mean"], geometry["std"] = list(saved["mean"]), list(saved["std"])
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from torch import nn
 
-from relreason.checkpoint import atomic_torch_save, atomic_write_json, list_checkpoints, remove_stale_temporaries
+from relreason.atomic_files import atomic_torch_save, atomic_write_json, remove_stale_temporaries
+from relreason.checkpoint import list_checkpoints
 from relreason.distributed import DistributedContext, broadcast_object
 from relreason.errors import RelreasonError
 from relreason.run_files import BACKBONE_META_NAME, BACKBONE_NAME, CONFIG_NAME, CURVES_NAME, METRICS_NAME, STEPS_NAME

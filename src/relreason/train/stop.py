@@ -1,15 +1,19 @@
-"""Stopping a run cleanly: SIGTERM, Ctrl-C and the time limit, decided alike on every rank."""
+"""Stopping a run cleanly: SIGTERM, Ctrl-C and the time limit, decided alike on every rank; DataLoader workers
+that ignore the signals, so that they serve the last step."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from relreason.distributed import DistributedContext, max_over_ranks
 from relreason.launch import is_first_process
+from relreason.train.run_folder import release_run_folders
 
 
 class StopRequest:
@@ -72,3 +76,33 @@ class StopRequest:
         # every rank then reports the same reason and exits with the same status.
         self.signal_name = {self.SIGTERM: "SIGTERM", self.CTRL_C: "Ctrl-C"}.get(vote)
         return vote > self.GO_ON
+
+
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker's ``worker_init_fn``: the worker ignores Ctrl-C and SIGTERM, and keeps no run folder
+    locked."""
+    # Ctrl-C, and a SIGTERM sent to the whole process group (Slurm's scancel, `timeout`, kill -TERM -PGID), reach
+    # the workers too: they must keep serving the step the main process finishes and checkpoints before it stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # held back since the worker started (stop_signals_held): ignored now
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    release_run_folders()  # its copies: a worker outliving a killed main process must not hold the run folder
+
+
+@contextlib.contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM back while DataLoader workers start: a new worker inherits the hold and lets them in
+    only once it ignores them (``ignore_stop_signals``), so a signal to the whole process group at that moment
+    cannot kill it. This process gets a held-back signal as soon as the hold ends."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

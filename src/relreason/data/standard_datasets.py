@@ -1,9 +1,9 @@
-"""The standard benchmarks: where their files live, fetching them with torchvision, and reading them."""
+"""The standard datasets (MNIST, Fashion-MNIST, CIFAR, STL-10, SVHN, digits): where their files live, fetching
+them with torchvision, and reading them."""
 
 from __future__ import annotations
 
 import hashlib
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from relreason.data.array_dataset import ArrayImageDataset
 from relreason.data.splits import stratified_split
-from relreason.errors import RelreasonError, one_line
+from relreason.errors import RelreasonError, one_line, warn
 from relreason.launch import is_first_process
 
 from . import formats
@@ -296,8 +296,8 @@ def _read_idx_or_gz(path: Path, ndim: int) -> np.ndarray:
             raise
         array = formats.read_idx(packed, expected_ndim=ndim)
         if is_first_process():  # once under torchrun, as the trainer's own warnings
-            print(f"relreason: warning: {path} is damaged; read {packed.name} beside it instead (delete {path.name} "
-                  "to silence this)", file=sys.stderr)
+            warn(f"{path} is damaged; read {packed.name} beside it instead (delete {path.name} "
+                 "to silence this)")
         return array
 
 

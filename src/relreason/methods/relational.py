@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from relreason.backbones.feature_dim import infer_feature_dim  # noqa: F401 (kept importable where it first lived)
 from relreason.errors import RelreasonError
 from relreason.head import RelationHead
 from relreason.losses import build_loss

@@ -220,7 +220,7 @@ def test_width_is_inferred_when_a_conv_is_defined_before_the_stem():
             return self.pool(self.project(self.stem(x)))
 
     assert RelationalReasoning(ProjectionFirst()).feature_dim == 32
-    from relreason.model import infer_feature_dim  # still importable from its former module
+    from relreason import infer_feature_dim
 
     assert infer_feature_dim(ProjectionFirst(), in_channels=3) == 32
 
