@@ -220,8 +220,10 @@ def test_width_is_inferred_when_a_conv_is_defined_before_the_stem():
             return self.pool(self.project(self.stem(x)))
 
     assert RelationalReasoning(ProjectionFirst()).feature_dim == 32
-    from relreason import infer_feature_dim
+    from relreason.model import RelationalReasoning as FromItsFormerModule
+    from relreason.model import infer_feature_dim  # still importable from its former module
 
+    assert FromItsFormerModule is RelationalReasoning
     assert infer_feature_dim(ProjectionFirst(), in_channels=3) == 32
 
 

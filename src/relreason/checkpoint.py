@@ -1,5 +1,6 @@
 """Training checkpoints: their names, the newest readable one, rotation, RNG state, and what differs when a model
-no longer fits one. Written with ``relreason.atomic_files``, so a crash mid-write never leaves a half-written one."""
+no longer fits one. They are written (by ``relreason.train.resume``) with ``relreason.atomic_files``: a crash
+mid-write never leaves a half-written one."""
 
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ in those blocks imports it. Its parts, each a small module:
 * :mod:`~relreason.train.position` -- where a run stands (``TrainingPosition``);
 * :mod:`~relreason.train.resume` -- checkpoints: saving, finding the newest, refusing a foreign resume;
 * :mod:`~relreason.train.step_module` -- what a step runs: the method and its online probe (``PretrainModule``);
-* :mod:`~relreason.train.stop` -- SIGTERM, Ctrl-C and the time limit, agreed across ranks;
+* :mod:`~relreason.train.stop` -- SIGTERM, Ctrl-C and the time limit, agreed across ranks; DataLoader workers that
+  ignore them;
 * :mod:`~relreason.train.metrics_log` -- metrics files, TensorBoard and the training-curve plot;
 * :mod:`~relreason.train.run_folder` -- the run folder's files and the exported backbone.
 """
