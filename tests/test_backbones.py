@@ -366,7 +366,7 @@ def test_a_factory_with_arguments_trains_evaluates_resumes_and_compares(tmp_path
     assert main(["evaluate", "--run-dir", str(run), "--backbone", "conv4", "--protocols", "knn", "--device", "cpu"]) == 2
     assert "does not fit backbone 'conv4'" in capsys.readouterr().err
     assert main([*argv[:-4], "--epochs", "2", "--output-dir", str(run), "--backbone-args", "width=6"]) == 2
-    assert "options differ (backbone_args: checkpoint {'width': 5} vs now {'width': 6})" in capsys.readouterr().err
+    assert "options differ (--backbone-args: checkpoint {'width': 5} vs now {'width': 6})" in capsys.readouterr().err
     compare = tmp_path / "compare"
     assert main(["compare", *common, "--methods", "random", "--seeds", "1", "--protocols", "knn",
                  "--embedding-points", "60", "--backbone-args", "width=4", "--output-dir", str(compare)]) == 0

@@ -13,8 +13,11 @@ from relreason.cli import main
 
 # (case, argv after the subcommand, a fragment of the message). {tmp} is a fresh temporary folder.
 PRETRAIN_CASES = [
-    ("K below 2", ["-K", "1"], "need at least 2 views per image"),
-    ("batch below 2", ["--batch-size", "1"], "no negative pairs"),
+    ("K below 2", ["-K", "1"], "-K/--num-views must be >= 2 for relational reasoning"),
+    ("K below 1 for another method", ["--method", "rotation", "-K", "0"], "-K/--num-views must be >= 1, got 0"),
+    ("batch below 2", ["--batch-size", "1"], "--batch-size must be >= 2 (each image needs another one as its negative)"),
+    ("negative batch", ["--batch-size", "-5"], "--batch-size must be >= 2"),
+    ("empty output folder", ["--output-dir", ""], "--output-dir is empty"),
     ("negative epochs", ["--epochs", "-3"], "--epochs must be >= 1"),
     ("zero learning rate", ["--lr", "0"], "--lr must be a finite number > 0"),
     ("infinite learning rate", ["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
@@ -42,7 +45,8 @@ PRETRAIN_CASES = [
     ("unknown aggregation", ["--aggregation", "product"], "invalid choice: 'product'"),
     ("unknown AMP mode", ["--amp", "fp8"], "invalid choice: 'fp8'"),
     ("unknown augmentation path", ["--augment", "gpu"], "invalid choice: 'gpu'"),
-    ("focal alpha out of range", ["--loss", "focal", "--focal-alpha", "2"], "alpha must lie in [0, 1]"),
+    ("focal alpha out of range", ["--loss", "focal", "--focal-alpha", "2"], "--focal-alpha must lie in [0, 1]"),
+    ("focal alpha out of range without the focal loss", ["--focal-alpha", "2"], "--focal-alpha must lie in [0, 1], got 2.0"),
     ("unknown device", ["--device", "tpu"], "unknown --device 'tpu'"),
     ("image size too small", ["--image-size", "4"], "--image-size must be >= 8"),
     ("crop scale out of range", ["--min-crop-scale", "1.5"], "--min-crop-scale) must be a fraction"),
@@ -58,6 +62,10 @@ PRETRAIN_CASES = [
     ("unknown key in config", ["--config", "{tmp}/unknown-key.yaml"],
      "unknown option 'epochz' in config file {tmp}/unknown-key.yaml (did you mean 'epochs'?); see `relreason pretrain --help`"),
     ("an option twice in config", ["--config", "{tmp}/twice.yaml"], "option 'num-views' is given twice in config file"),
+    ("a key twice in config", ["--config", "{tmp}/same-key-twice.yaml"],
+     "'epochs' is given twice in config file {tmp}/same-key-twice.yaml (line 3); keep one"),
+    ("a bad value from a config file", ["--config", "{tmp}/negative-lr.yaml"],
+     "--lr must be a finite number > 0, got -1.0; pass e.g. 0.001 (--lr is set in config file {tmp}/negative-lr.yaml)"),
     ("wrong type in config", ["--config", "{tmp}/wrong-type.yaml"], "must be an integer, got [1, 2]"),
     ("config is not YAML", ["--config", "{tmp}/broken.yaml"], "is not valid YAML at line 2 (while parsing a flow sequence)"),
     ("--no-resume over checkpoints", ["--no-resume", "--output-dir", "{tmp}/has-checkpoint"], "drop --no-resume"),
@@ -78,8 +86,8 @@ PRETRAIN_CASES = [
     ("config is not a text file", ["--config", "{tmp}/photo.jpg"], "is not a text YAML file"),
     ("a word for a number in config", ["--config", "{tmp}/not-a-number.yaml"], "must be a number, got 'fast'"),
     ("focal gamma not a number", ["--loss", "focal", "--focal-gamma", "nan"],
-     "focal loss gamma must be a finite number >= 0, got nan"),
-    ("focal alpha not a number", ["--loss", "focal", "--focal-alpha", "nan"], "alpha must lie in [0, 1], got nan"),
+     "--focal-gamma must be a finite number >= 0, got nan"),
+    ("focal alpha not a number", ["--loss", "focal", "--focal-alpha", "nan"], "--focal-alpha must lie in [0, 1], got nan"),
     ("corrupt gzip dataset file", ["--dataset", "mnist", "--data-root", "{tmp}/corrupt-mnist"],
      "(corrupt gzip data: Error -3 while decompressing data"),
     ("another dataset's files under MNIST's name", ["--dataset", "mnist", "--data-root", "{tmp}/kmnist"],
@@ -119,6 +127,8 @@ EVALUATE_CASES = [
     ("seed beyond int64", [*BARE_DIGITS, "--seed", "100000000000000000000000"],
      "--seed must be an integer in [0, 2**63 - 1]"),
     ("meta device", [*BARE_DIGITS, "--device", "meta"], "unknown --device 'meta'"),
+    ("results under a file", [*BARE_DIGITS, "--output", "{tmp}/a-file/results.json"],
+     "cannot create the folder of --output {tmp}/a-file/results.json ({tmp}/a-file is a file, not a folder)"),
     ("a shipped pretrain config", ["--config", "digits_conv4"],
      "digits_conv4 is a config for `relreason pretrain` (it sets 'num-views', which `relreason evaluate` has not)"),
     ("results inside the image folder", ["--weights", "{tmp}/bare/weights.pt", "--backbone", "conv4", "--dataset",
@@ -130,6 +140,10 @@ EVALUATE_CASES = [
 
 # `compare` checks its evaluation options before the first training run.
 COMPARE_CASES = [
+    ("empty output folder", ["--output-dir", ""], "--output-dir is empty"),
+    ("an option only pretrain has", ["--lr", "0.1"],
+     "unrecognized arguments: --lr 0.1 (--lr is an option of `relreason pretrain`; compare trains every method with "
+     "pretrain's default for it); see `relreason compare --help`"),
     ("no neighbours for k-NN", ["--knn-k", "0"], "--knn-k must be a positive integer, got 0"),
     ("negative linear-probe epochs", ["--linear-epochs", "-1"], "--linear-epochs must be a positive integer, got -1"),
     ("a seed beyond int64", ["--seeds", "1", "100000000000000000000000"], "--seeds must be an integer in [0, 2**63 - 1]"),
@@ -155,6 +169,8 @@ def workspace(tmp_path):
     (tmp_path / "no-images" / "notes.txt").write_text("not an image")
     (tmp_path / "unknown-key.yaml").write_text("epochz: 3\n")
     (tmp_path / "twice.yaml").write_text("num_views: 4\nnum-views: 8\n")
+    (tmp_path / "same-key-twice.yaml").write_text("epochs: 2\nlr: 0.001\nepochs: 3\n")
+    (tmp_path / "negative-lr.yaml").write_text("lr: -1\n")
     (tmp_path / "wrong-type.yaml").write_text("epochs: [1, 2]\n")
     (tmp_path / "broken.yaml").write_text("epochs: [1, 2\n")
     (tmp_path / "pretrain.yaml").write_text("dataset: digits\nmethod: simclr\nlr: 0.001\n")  # --print-config's kind

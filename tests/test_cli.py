@@ -168,8 +168,8 @@ def expect_error(capsys, argv, fragment):
 
 def test_bad_inputs_are_one_line_errors(capsys, tmp_path):
     out = ["--output-dir", str(tmp_path / "run")]
-    expect_error(capsys, ["pretrain", "-K", "1", *out], "at least 2 views")
-    expect_error(capsys, ["pretrain", "--batch-size", "1", *out], "at least 2 images")
+    expect_error(capsys, ["pretrain", "-K", "1", *out], "-K/--num-views must be >= 2")
+    expect_error(capsys, ["pretrain", "--batch-size", "1", *out], "--batch-size must be >= 2")
     expect_error(capsys, ["pretrain", "--epochs", "0", *out], "--epochs must be >= 1")
     expect_error(capsys, ["pretrain", "--dataset", "imagenet-99", *out], "unknown dataset")
     expect_error(capsys, ["pretrain", "--backbone", "vgg99", "--epochs", "1", *out], "unknown backbone")
@@ -413,10 +413,48 @@ def test_a_run_record_key_is_an_unknown_option_outside_pretrain(capsys, tmp_path
     expect_error(capsys, ["compare", "--config", str(config), "--print-config"], "unknown option 'geometry'")
 
 
+def test_a_bad_value_from_a_config_file_names_the_file_and_a_typed_one_does_not(capsys, tmp_path):
+    config = tmp_path / "mine.yaml"
+    config.write_text("lr: -1\nepochs: 2\nfocal-alpha: 3\n")
+    out = ["--output-dir", str(tmp_path / "run")]
+    expect_error(capsys, ["pretrain", "--config", str(config), *out],
+                 f"--lr must be a finite number > 0, got -1.0; pass e.g. 0.001 (--lr is set in config file {config})")
+    assert main(["pretrain", "--config", str(config), "--lr", "-2", *out]) == 2
+    err = capsys.readouterr().err
+    assert "got -2.0; pass e.g. 0.001" in err and "config file" not in err
+    expect_error(capsys, ["pretrain", "--config", str(config), "--lr", "1e-3", *out],
+                 f"--focal-alpha must lie in [0, 1], got 3.0; pass e.g. 0.5 (--focal-alpha is set in config file {config})")
+    assert not (tmp_path / "run").exists()
+
+
+def test_none_on_the_command_line_clears_an_optional_option_a_config_file_sets(capsys, tmp_path):
+    from relreason.cli import _config_from, config_class
+
+    config = tmp_path / "ten-minutes.yaml"
+    config.write_text("time-limit: 10\nimage-size: 28\nnum-workers: 2\n")
+
+    def options(*flags):
+        return _config_from(parse_options(build_parser(), ["pretrain", "--config", str(config), *flags]),
+                            config_class("pretrain"))
+
+    assert (options().time_limit, options().image_size, options().num_workers) == (10.0, 28, 2)
+    cleared = options("--time-limit", "none", "--image-size", "None", "--num-workers", "null")
+    assert (cleared.time_limit, cleared.image_size, cleared.num_workers) == (None, None, None)
+    assert options("--time-limit", "5").time_limit == 5.0
+    expect_error(capsys, ["pretrain", "--time-limit", "soon"], "argument --time-limit: invalid float value: 'soon'")
+
+
 def test_an_unknown_option_points_at_its_own_commands_help(capsys):
     expect_error(capsys, ["evaluate", "--knn", "5"],
                  "unrecognized arguments: --knn 5 (did you mean --knn-k?); see `relreason evaluate --help`")
     expect_error(capsys, ["pretrain", "--frobnicate"], "unrecognized arguments: --frobnicate; see `relreason pretrain --help`")
+    # Near in meaning (other tools' names), but not in spelling alone: --lr is not --help, nor --loss --progress.
+    expect_error(capsys, ["pretrain", "--gpu"], "(did you mean --device?)")
+    expect_error(capsys, ["pretrain", "--run-dir", "x"], "(did you mean --output-dir?)")
+    expect_error(capsys, ["compare", "--lr", "0.1"], "unrecognized arguments: --lr 0.1 (--lr is an option of `relreason "
+                 "pretrain`; compare trains every method with pretrain's default for it)")
+    expect_error(capsys, ["compare", "--loss", "focal"], "(--loss is an option of `relreason pretrain`;")
+    expect_error(capsys, ["evaluate", "--epochs", "3"], "(--epochs is an option of `relreason pretrain`); see")
 
 
 def test_ctrl_c_before_the_first_checkpoint_says_so(capsys, tmp_path, monkeypatch):
@@ -464,7 +502,7 @@ def test_print_config_reads_back_to_the_same_options(argv, tmp_path, monkeypatch
 
 
 def test_print_config_refuses_what_the_command_would_refuse(capsys):
-    expect_error(capsys, ["pretrain", "-K", "1", "--print-config"], "set K >= 2")
+    expect_error(capsys, ["pretrain", "-K", "1", "--print-config"], "got 1; pass e.g. -K 4")
     assert capsys.readouterr().out == ""
     for command in ("pretrain", "evaluate", "compare"):
         expect_error(capsys, [command, "--device", "gpu", "--print-config"], "unknown --device 'gpu'")

@@ -107,9 +107,9 @@ def test_compare_refuses_runs_made_with_other_options_and_trains_on_for_more_epo
     assert main(compare_argv(output)) == 0
     capsys.readouterr()
     assert main(compare_argv(output, "--batch-size", "32")) == 2
-    assert "was trained with other options (batch_size: run 64 vs now 32)" in capsys.readouterr().err
+    assert "was trained with other options (--batch-size: run 64 vs now 32)" in capsys.readouterr().err
     assert main(compare_argv(output, "--jitter-strength", "0.5")) == 2
-    assert "was trained with other options (jitter_strength: run 1.0 vs now 0.5)" in capsys.readouterr().err
+    assert "was trained with other options (--jitter-strength: run 1.0 vs now 0.5)" in capsys.readouterr().err
     assert main(compare_argv(output, "--time-limit", "5")) == 2
     assert "holds runs trained with no --time-limit (now --time-limit 5)" in capsys.readouterr().err
     argv = compare_argv(output, "--epochs", "2", "--data-root", str(tmp_path / "elsewhere"))
@@ -144,7 +144,7 @@ def test_compare_takes_the_size_its_runs_trained_at_as_their_own(tmp_path, capsy
     assert main([*argv, "--image-size", "32"]) == 0  # the same runs, named otherwise
     assert "trained in an earlier run" in capsys.readouterr().err
     assert main([*argv, "--image-size", "16"]) == 2
-    assert "image_size: run none vs now 16" in capsys.readouterr().err
+    assert "--image-size: run none vs now 16" in capsys.readouterr().err
 
 
 def test_sigterm_during_a_run_ends_the_whole_comparison(tmp_path, monkeypatch, capsys):
@@ -309,7 +309,7 @@ def test_view_options_reach_every_methods_run_and_older_run_folders_read_as_defa
     (tmp_path / "compare" / "simclr-seed1").mkdir(parents=True)
     (tmp_path / "compare" / "simclr-seed1" / "config.json").write_text(json.dumps(recorded))
     check_existing_runs(defaults)
-    with pytest.raises(RelreasonError, match=r"jitter_strength: run 1.0 vs now 0.5"):
+    with pytest.raises(RelreasonError, match=r"--jitter-strength: run 1.0 vs now 0.5"):
         check_existing_runs(CompareConfig(methods=("simclr",), seeds=(1,), jitter_strength=0.5,
                                           output_dir=str(tmp_path / "compare")))
 
@@ -376,7 +376,7 @@ def test_compare_takes_a_folder_named_otherwise_as_the_same_folder(tmp_path, cap
     for spelling in ("imgs", "./imgs/", str(tmp_path / "imgs")):
         check_existing_runs(CompareConfig(dataset="folder", data_root=spelling, methods=("relational",), seeds=(1,),
                                           output_dir=str(output)))
-    with pytest.raises(RelreasonError, match="data_root: run 'imgs' vs now 'other'"):
+    with pytest.raises(RelreasonError, match="--data-root: run 'imgs' vs now 'other'"):
         check_existing_runs(CompareConfig(dataset="folder", data_root="other", methods=("relational",), seeds=(1,),
                                           output_dir=str(output)))
 

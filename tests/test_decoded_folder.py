@@ -227,7 +227,7 @@ def test_a_folder_run_resumes_only_on_the_augmentation_path_it_started_on(tmp_pa
     common = dict(dataset="folder", data_root=str(tmp_path / "imgs"), image_size=16, num_views=2, batch_size=3,
                   device="cpu", progress=False, tensorboard=False, output_dir=str(tmp_path / "run"))
     pretrain(PretrainConfig(augment="tensor", epochs=1, **common))
-    with pytest.raises(RelreasonError, match="augment: checkpoint 'tensor' vs now 'pil'"):
+    with pytest.raises(RelreasonError, match="--augment: checkpoint 'tensor' vs now 'pil'"):
         pretrain(PretrainConfig(augment="auto", epochs=2, **common))  # auto takes the per-file path for a folder
     assert pretrain(PretrainConfig(augment="tensor", epochs=2, **common)).epochs_done == 2
     assert json.loads((tmp_path / "run" / "backbone.json").read_text())["augment"] == "tensor"
@@ -244,7 +244,7 @@ def test_a_refused_resume_is_refused_before_the_folder_is_decoded(tmp_path, monk
             raise AssertionError("decoded a folder for a resume that is refused")
 
     monkeypatch.setattr("relreason.train.data.DecodedImageFolder", Refused)
-    with pytest.raises(RelreasonError, match="image_size: checkpoint 16 vs now 24"):
+    with pytest.raises(RelreasonError, match="--image-size: checkpoint 16 vs now 24"):
         pretrain(PretrainConfig(image_size=24, epochs=2, **common))
 
 

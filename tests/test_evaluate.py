@@ -857,8 +857,8 @@ def test_pretraining_with_a_test_fraction_never_sees_the_images_evaluate_holds_o
     assert json.loads((tmp_path / "more.json").read_text())["test_images_seen_in_pretraining"] is True
     from relreason.train import PretrainConfig, pretrain
 
-    for fraction, said in ((0.5, "test_fraction: checkpoint 0.25 vs now 0.5"),
-                           (None, "test_fraction: checkpoint 0.25 vs now none")):  # as a user would write it
+    for fraction, said in ((0.5, "--test-fraction: checkpoint 0.25 vs now 0.5"),
+                           (None, "--test-fraction: checkpoint 0.25 vs now none")):  # as a user would write it
         with pytest.raises(RelreasonError, match=said):
             pretrain(PretrainConfig(dataset="folder", data_root=str(images), test_fraction=fraction, image_size=12,
                                     num_views=2, batch_size=4, epochs=2, device="cpu", progress=False,
@@ -1037,3 +1037,22 @@ def test_converged_probe_minimises_the_same_objective_as_scikit_learn(weight_dec
     assert ours["train_accuracy"] == pytest.approx(100 * reference.score(scaler.transform(tr_x), tr_y))
     assert ours["test_accuracy"] == pytest.approx(100 * reference.score(scaler.transform(te_x), te_y))
     assert 40 < ours["test_accuracy"] < 95  # overlapping classes: the regularisation decides borderline rows
+
+
+def test_running_out_of_memory_while_evaluating_is_one_line(tmp_path, monkeypatch, capsys):
+    from relreason.backbones import Conv4
+    from relreason.cli import main
+    from relreason.evaluate import job
+
+    torch.save(Conv4().state_dict(), tmp_path / "weights.pt")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setattr(job, "extract_features", out_of_memory)
+    argv = ["evaluate", "--weights", str(tmp_path / "weights.pt"), "--backbone", "conv4", "--dataset", "digits",
+            "--protocols", "knn", "--device", "cpu", "--batch-size", "512"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "relreason: error: out of memory evaluating (features are extracted in batches of --batch-size 512 images, "
+        "fine-tuning steps take 128); lower --batch-size, or leave finetune out of --protocols")

@@ -417,7 +417,7 @@ def test_a_method_of_ones_own_trains_by_module_and_class_name(tmp_path, monkeypa
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
     capsys.readouterr()
     assert main([*argv[:-2], "--epochs", "3", "-K", "3", "--output-dir", str(run)]) == 2  # its views follow K
-    assert "num_views: checkpoint 2 vs now 3" in capsys.readouterr().err
+    assert "-K/--num-views: checkpoint 2 vs now 3" in capsys.readouterr().err
     assert main(["evaluate", "--run-dir", str(run), "--protocols", "knn", "--device", "cpu"]) == 0
     for method, message in [
         ("my_methods:not_a_method", "method 'my_methods:not_a_method' is class Linear, not a subclass of "
@@ -485,7 +485,7 @@ def test_a_method_of_ones_own_that_the_trainer_cannot_use_is_one_line(tmp_path, 
     assert pretrain("HalfOfK", "-K", "4", output="half")[0] == 0
     assert pretrain("HalfOfK", "-K", "5", "--epochs", "2", output="half")[0] == 0
     code, err = pretrain("HalfOfK", "-K", "6", "--epochs", "3", output="half")
-    assert code == 2 and "num_views: checkpoint 5 vs now 6" in err, err
+    assert code == 2 and "-K/--num-views: checkpoint 5 vs now 6" in err, err
     assert "does not change that" not in err
     import sys
 

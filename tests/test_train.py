@@ -175,11 +175,11 @@ def test_resume_refuses_changed_model_options(tmp_path):
 
 
 @pytest.mark.parametrize("first, then, message", [
-    ({}, dict(loss="focal"), "loss: checkpoint 'bce' vs now 'focal'"),
-    (dict(loss="focal"), dict(loss="focal", focal_gamma=1.0), "focal_gamma: checkpoint 2.0 vs now 1.0"),
-    ({}, dict(min_crop_scale=0.5), "min_crop_scale: checkpoint 0.08 vs now 0.5"),
-    ({}, dict(jitter_strength=0.5), "jitter_strength: checkpoint 1.0 vs now 0.5"),
-    (dict(method="simclr"), dict(method="simclr", simclr_temperature=0.1), "simclr_temperature: checkpoint 0.5 vs now 0.1"),
+    ({}, dict(loss="focal"), "--loss: checkpoint 'bce' vs now 'focal'"),
+    (dict(loss="focal"), dict(loss="focal", focal_gamma=1.0), "--focal-gamma: checkpoint 2.0 vs now 1.0"),
+    ({}, dict(min_crop_scale=0.5), "--min-crop-scale: checkpoint 0.08 vs now 0.5"),
+    ({}, dict(jitter_strength=0.5), "--jitter-strength: checkpoint 1.0 vs now 0.5"),
+    (dict(method="simclr"), dict(method="simclr", simclr_temperature=0.1), "--simclr-temperature: checkpoint 0.5 vs now 0.1"),
 ])
 def test_resume_refuses_another_objective_or_crop(tmp_path, first, then, message):
     pretrain(config(tmp_path, **first))
@@ -194,7 +194,7 @@ def test_resume_takes_a_dataset_name_as_typed_otherwise(tmp_path):
     saved = PretrainConfig(dataset="fashion-mnist")
     checkpoint = {"config": saved.__dict__, "geometry": geometry}
     check_resumable(checkpoint, PretrainConfig(dataset="Fashion_MNIST"), geometry, tmp_path / "c.pt")
-    with pytest.raises(RelreasonError, match="dataset: checkpoint 'fashion-mnist' vs now 'mnist'"):
+    with pytest.raises(RelreasonError, match="--dataset: checkpoint 'fashion-mnist' vs now 'mnist'"):
         check_resumable(checkpoint, PretrainConfig(dataset="mnist"), geometry, tmp_path / "c.pt")
 
 
@@ -326,13 +326,13 @@ def test_resume_refuses_a_changed_schedule_and_reads_older_checkpoints_as_defaul
     from relreason.train import check_resumable
 
     pretrain(config(tmp_path))
-    with pytest.raises(RelreasonError, match="options differ.*lr_schedule: checkpoint 'constant' vs now 'cosine'"):
+    with pytest.raises(RelreasonError, match="options differ.*--lr-schedule: checkpoint 'constant' vs now 'cosine'"):
         pretrain(config(tmp_path, epochs=2, resume=True, lr_schedule="cosine"))
     checkpoint = torch.load(list_checkpoints(tmp_path / "run")[0], weights_only=False)
     for option in ("lr_schedule", "warmup_epochs"):  # as a checkpoint written before these options existed
         del checkpoint["config"][option]
     check_resumable(checkpoint, config(tmp_path), checkpoint["geometry"], tmp_path / "old.pt")
-    with pytest.raises(RelreasonError, match="warmup_epochs: checkpoint 0.0 vs now 0.5"):
+    with pytest.raises(RelreasonError, match="--warmup-epochs: checkpoint 0.0 vs now 0.5"):
         check_resumable(checkpoint, config(tmp_path, epochs=2, warmup_epochs=0.5), checkpoint["geometry"], tmp_path / "old.pt")
 
 
@@ -604,7 +604,7 @@ def test_resume_applies_this_commands_weight_decay_and_a_newly_enabled_fp16_scal
 
 def test_resume_refuses_a_changed_online_probe_and_accepts_the_dataset_size_given_explicitly(tmp_path):
     pretrain(config(tmp_path, image_size=None))
-    with pytest.raises(RelreasonError, match="online_probe: checkpoint True vs now False"):
+    with pytest.raises(RelreasonError, match="--online-probe: checkpoint True vs now False"):
         pretrain(config(tmp_path, image_size=None, epochs=2, online_probe=False))
     native = json.loads((tmp_path / "run" / "backbone.json").read_text())["image_size"]
     assert pretrain(config(tmp_path, image_size=native, epochs=2)).epochs_done == 2
@@ -764,6 +764,16 @@ def test_notes_for_options_that_change_nothing_here_and_the_views_recorded(tmp_p
     pretrain(config(tmp_path, output_dir=str(tmp_path / "own"), time_limit=1e-9, loss="focal", simclr_temperature=0.2,
                     augment="pil", num_workers=0))
     assert "note: method 'relational' does not use --simclr-temperature ('simclr' options)\n" in capsys.readouterr().err
+
+
+def test_focal_options_without_the_focal_loss_get_a_note():
+    from relreason.train.config import unused_option_notes
+
+    assert unused_option_notes(PretrainConfig(focal_gamma=3.0, focal_alpha=0.25)) == [
+        "--loss bce does not use --focal-gamma and --focal-alpha; pass --loss focal to train with the focal loss"]
+    assert unused_option_notes(PretrainConfig(loss="focal", focal_gamma=3.0)) == []
+    assert unused_option_notes(PretrainConfig(method="simclr", focal_alpha=0.25)) == [
+        "method 'simclr' does not use --focal-alpha ('relational' options)"]
 
 
 def test_a_one_class_run_that_trained_a_probe_resumes_without_it(tmp_path, monkeypatch):
@@ -937,6 +947,40 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeyp
     assert capsys.readouterr().err.strip().endswith("(No space left on device); no checkpoint had been written yet: "
                                                     "free space there (or choose another --output-dir) and rerun the "
                                                     "command")
+
+
+def test_a_step_out_of_memory_is_one_line_saying_what_to_lower(tmp_path, monkeypatch, capsys):
+    from relreason.cli import main
+    from relreason.train import loop
+
+    def argv(epochs, *more):
+        return ["pretrain", "--dataset", "digits", "--image-size", "16", "-K", "3", "--epochs", str(epochs),
+                "--device", "cpu", "--no-progress", "--no-tensorboard", "--output-dir", str(tmp_path / "run"), *more]
+
+    real_step = loop.train_step
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(loop, "train_step", out_of_memory)
+    assert main(argv(1)) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "relreason: error: out of host memory for a training step of 3 views of each of 64 images; lower --batch-size "
+        "or -K, or pass --amp bf16; no checkpoint had been written yet")
+    monkeypatch.setattr(loop, "train_step", real_step)
+    assert main(argv(1)) == 0
+    allocation = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                              "memory: you tried to allocate 64424509440 bytes. Error code 12")
+    monkeypatch.setattr(loop, "train_step", lambda *args, **kwargs: (_ for _ in ()).throw(allocation))
+    assert main(argv(2, "--amp", "bf16")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "relreason: error: out of host memory for a training step of 3 views of each of 64 images; lower --batch-size "
+        "or -K; the newest checkpoint, checkpoint-e0001-s0000000.pt, is kept (a resume keeps -K and --batch-size: a "
+        "smaller step starts afresh in another --output-dir)")
+    other = RuntimeError("mat1 and mat2 shapes cannot be multiplied")  # not about memory: raised as it is
+    monkeypatch.setattr(loop, "train_step", lambda *args, **kwargs: (_ for _ in ()).throw(other))
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        pretrain(config(tmp_path, epochs=2, output_dir=str(tmp_path / "other")))
 
 
 def test_tensorboard_shows_a_resumed_epoch_once(tmp_path):

@@ -41,6 +41,13 @@ def check_positive_float(value: Any, name: str) -> float:
     return v
 
 
+def check_folder_given(value: Any, flag: str = "--output-dir") -> None:
+    """Refuse an empty folder option (an unset shell variable, ``--output-dir "$OUT"``), which would otherwise
+    mean the working folder."""
+    if value is None or not str(value).strip():
+        raise RelreasonError(f"{flag} is empty (an unset shell variable?); give a folder, e.g. runs/my-run")
+
+
 def _plain_value(value: Any, kind: str, name: str, example: Any = None) -> Any:
     """``value`` as the plain Python type ``kind`` names ('int', 'float', 'bool', 'str'), or a one-line error."""
     if isinstance(value, os.PathLike):

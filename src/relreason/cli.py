@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import importlib
 import os
+import re
 import select
 import shlex
 import signal
@@ -30,6 +31,41 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"relreason: error: {message}; see `{self.prog} --help`\n")
 
 
+DEVICE_HELP = "auto (cuda when a GPU is visible, else cpu), cpu, cuda, cuda:N or mps [auto]"
+
+
+def _image_size_help() -> str:
+    """The training size when --image-size is not given: 32 px for most datasets (MNIST's 28 and the digits' 8
+    are upsampled to it, as in the paper's setting), each exception named."""
+    from relreason.data import DATASET_NAMES, dataset_info
+
+    sizes = {name: dataset_info(name).image_size for name in DATASET_NAMES}
+    usual = max(set(sizes.values()), key=list(sizes.values()).count)
+    others = "".join(f"; {size} for {name}" for name, size in sizes.items() if size != usual)
+    return f"side of the square views in pixels [{usual}{others}]"
+
+
+class _NoneGiven:
+    """What ``--time-limit none`` gives: the option's "not set", which overrides a config file's value (argparse's
+    own None means "not given on the command line")."""
+
+    def __repr__(self) -> str:
+        return "none"
+
+
+NONE_GIVEN = _NoneGiven()
+
+
+def _or_none(kind: type) -> Any:
+    """An argparse ``type`` reading ``kind``, or ``none`` for an optional option's "not set"."""
+    def read(text: str) -> Any:
+        return NONE_GIVEN if text.strip().lower() in ("none", "null") else kind(text)
+
+    read.__name__ = kind.__name__  # argparse names it in "invalid float value: 'x'"
+    read.kind = kind  # what a config file's value is checked as
+    return read
+
+
 def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
     parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=help)
 
@@ -45,10 +81,10 @@ def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", help=f"dataset name (see `relreason list`) [{d.dataset}]")
     data.add_argument("--data-root", help="where datasets live; for 'folder', the image folder itself (its train/ "
-                      f"subfolder when it holds train/ and test/) [{d.data_root}]")
+                      "subfolder when it holds train/ and test/); fashion-mnist is also looked for where Debian's "
+                      f"dataset-fashion-mnist puts it [{d.data_root}]")
     _bool_flag(data, "download", "download the dataset with torchvision if missing [off]")
-    data.add_argument("--image-size", type=int, help="side of the square views in pixels [the dataset's own; 32 "
-                      "for 'folder']")
+    data.add_argument("--image-size", type=_or_none(int), help=_image_size_help())
     data.add_argument("--min-crop-scale", type=float,
                       help="smallest random crop as a fraction of the image area; larger keeps more of each "
                       f"image in every view, which can suit small images [{d.min_crop_scale}, the paper's]")
@@ -60,10 +96,10 @@ def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
                       "dataset kept there as uint8 (an image folder is decoded once, each image resized and "
                       "centre-cropped to --image-size); pil: torchvision's per-image transforms in a DataLoader, "
                       f"crops taken from the original files; auto: tensor for in-memory datasets, pil for image folders [{d.augment}]")
-    data.add_argument("--test-fraction", type=float,
+    data.add_argument("--test-fraction", type=_or_none(float),
                       help="an image folder with class subfolders but no train/ and test/: pretrain on all but this "
                       "share of each class, which evaluate then holds out as the test set [off: every image]")
-    data.add_argument("--num-workers", type=int, help="DataLoader worker processes of --augment pil [0 on CPU, up to 8 on CUDA]")
+    data.add_argument("--num-workers", type=_or_none(int), help="DataLoader worker processes of --augment pil [0 on CPU, up to 8 on CUDA]")
     method = parser.add_argument_group("method")
     method.add_argument("--method", metavar="METHOD",
                         help=f"{', '.join(METHOD_NAMES)} (relational reasoning, or a baseline), or "
@@ -81,7 +117,7 @@ def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
     _bool_flag(method, "online-probe", "train a linear classifier on detached features when the data has labels [on]")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, help=f"passes over the data [{d.epochs}]")
-    optim.add_argument("--batch-size", type=int, help=f"images per batch, B (each gives K views) [{d.batch_size}]")
+    optim.add_argument("--batch-size", type=int, help=f"images per batch, B, in each process (torchrun: per process) [{d.batch_size}]")
     optim.add_argument("--lr", type=float, help=f"Adam learning rate [{d.lr}]")
     optim.add_argument("--lr-schedule", choices=LR_SCHEDULES,
                        help=f"constant (the paper's) or cosine: decay towards 0 at the last of --epochs [{d.lr_schedule}]")
@@ -89,18 +125,18 @@ def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
                        help=f"epochs of linear learning-rate warm-up at the start (fractions allowed) [{d.warmup_epochs}]")
     optim.add_argument("--weight-decay", type=float, help=f"Adam weight decay [{d.weight_decay}]")
     optim.add_argument("--seed", type=int, help=f"random seed [{d.seed}]")
-    optim.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps [auto]")
+    optim.add_argument("--device", help=DEVICE_HELP)
     optim.add_argument("--amp", choices=AMP_MODES, help=f"mixed precision: bf16 or fp16 autocast [{d.amp}]")
     _bool_flag(optim, "channels-last", "keep the backbone in channels_last memory format (faster convolutions) [off]")
     _bool_flag(optim, "compile", "torch.compile the backbone and the batched colour jitter (slow first steps, faster after) [off]")
-    optim.add_argument("--time-limit", type=float, help="stop this many minutes after the start (data loading included), checkpoint and export the backbone [none]")
+    optim.add_argument("--time-limit", type=_or_none(float), help="stop this many minutes after the start (data loading included), checkpoint and export the backbone [none]")
     run = parser.add_argument_group("run")
     run.add_argument("--output-dir", help=f"folder for checkpoints, metrics and the exported backbone [{d.output_dir}]")
     _bool_flag(run, "resume", "continue from the newest valid checkpoint in --output-dir, if any [on]")
     run.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps within an epoch [0: epoch ends only]")
     run.add_argument("--keep-checkpoints", type=int, help=f"how many of the newest checkpoints to keep [{d.keep_checkpoints}]")
     _bool_flag(run, "sync-batchnorm", "under torchrun on GPUs, BatchNorm statistics over all ranks' batches [off]")
-    _bool_flag(run, "progress", "show a progress bar [on]")
+    _bool_flag(run, "progress", "show a progress bar when standard error is a terminal [on]")
     run.add_argument("--log-every", type=int, help="steps between running-mean records in steps.jsonl, which also "
                      f"gets one at each epoch's end; 0: none [{d.log_every}]")
     _bool_flag(run, "tensorboard", "also log to TensorBoard when it is installed [on]")
@@ -111,7 +147,8 @@ def add_evaluate_options(parser: argparse.ArgumentParser) -> None:
 
     d = EvaluateConfig()
     parser.add_argument("--run-dir", help=f"a pretraining output folder (holds backbone.pt and backbone.json) [{d.run_dir}]")
-    parser.add_argument("--weights", help="a backbone state_dict to evaluate instead of --run-dir's")
+    parser.add_argument("--weights", help="a backbone state_dict (or a whole model's, or a pretrain checkpoint) "
+                        "to evaluate instead of --run-dir's")
     parser.add_argument("--backbone", help="backbone name: needed when --weights has no backbone.json beside it, "
                         "else it overrides backbone.json's")
     parser.add_argument("--backbone-args", nargs="*", metavar="KEY=VALUE",
@@ -124,11 +161,11 @@ def add_evaluate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", help="where datasets live [the pretraining run's own when evaluating on its "
                         "dataset, else data]")
     _bool_flag(parser, "download", "download the dataset with torchvision if missing [off]")
-    parser.add_argument("--test-fraction", type=float,
+    parser.add_argument("--test-fraction", type=_or_none(float),
                         help="for an image folder with class subfolders but no train/ and test/: hold out this share "
                         "of each class as the test set, chosen by each file's own path (a file keeps its side as "
                         "others come and go) [the share the run was pretrained without, on its own folder; else off]")
-    parser.add_argument("--image-size", type=int, help="image side in pixels [the one pretrained at]")
+    parser.add_argument("--image-size", type=_or_none(int), help="image side in pixels [the one pretrained at]")
     parser.add_argument("--protocols", nargs="+", choices=ALL_PROTOCOLS,
                         help="linear, linear_converged, knn: frozen features; finetune: the backbone trained too; "
                         "retrieval: precision@k and mAP on the test set; few_label: the linear probe(s), and "
@@ -148,7 +185,7 @@ def add_evaluate_options(parser: argparse.ArgumentParser) -> None:
     _bool_flag(parser, "random-baseline", "also evaluate a randomly initialised backbone (lower bound) [on]")
     parser.add_argument("--batch-size", type=int, help=f"feature extraction batch size [{d.batch_size}]")
     parser.add_argument("--seed", type=int, help=f"seed of the probe and of the random backbone [{d.seed}]")
-    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps [auto]")
+    parser.add_argument("--device", help=DEVICE_HELP)
     parser.add_argument("--output", help="results JSON path [evaluation.json beside the weights; "
                         "evaluation-<name>.json for a training checkpoint]")
 
@@ -170,18 +207,19 @@ def add_compare_options(parser: argparse.ArgumentParser) -> None:
                         f"'package.module:Class' [{' '.join(d.methods)}]")
     parser.add_argument("--seeds", nargs="+", type=int, help=f"one run per seed and method [{' '.join(map(str, d.seeds))}]")
     parser.add_argument("--epochs", type=int, help=f"epochs per run (an upper bound with --time-limit) [{d.epochs}]")
-    parser.add_argument("--time-limit", type=float,
-                        help="minutes per run, its setup included: the same budget for every method [none]")
+    parser.add_argument("--time-limit", type=_or_none(float),
+                        help="minutes per run, its setup included: the same budget for every method (a rerun gives an "
+                        "unfinished run what is left of its budget) [none]")
     parser.add_argument("-K", "--num-views", type=int, dest="num_views", help=f"views per image for relational [{d.num_views}]")
     parser.add_argument("--batch-size", type=int, help=f"images per batch [{d.batch_size}]")
-    parser.add_argument("--image-size", type=int, help="image side in pixels [the dataset's own]")
+    parser.add_argument("--image-size", type=_or_none(int), help=_image_size_help())
     parser.add_argument("--augment", choices=AUGMENT_MODES,
                         help=f"how views are made, as for pretrain [{d.augment}]")
     parser.add_argument("--min-crop-scale", type=float,
                         help=f"smallest random crop of every method's views, as for pretrain [{d.min_crop_scale}]")
     parser.add_argument("--jitter-strength", type=float,
                         help=f"colour jitter of every method's views, as for pretrain [{d.jitter_strength}]")
-    parser.add_argument("--test-fraction", type=float,
+    parser.add_argument("--test-fraction", type=_or_none(float),
                         help="an image folder with class subfolders but no train/ and test/: every run pretrains on "
                         "all but this share of each class, which the evaluations hold out [off]")
     parser.add_argument("--protocols", nargs="+", choices=COMPARABLE_PROTOCOLS,
@@ -191,13 +229,14 @@ def add_compare_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embedding-points", type=int, help=f"test images in the t-SNE map [{d.embedding_points}]")
     parser.add_argument("--log-every", type=int,
                         help=f"steps between points of the training curves (plus one at each epoch's end) [{d.log_every}]")
-    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps [auto]")
+    parser.add_argument("--device", help=DEVICE_HELP)
     parser.add_argument("--output-dir", help=f"one run folder per method and seed, the tables and plots [{d.output_dir}]")
-    _bool_flag(parser, "progress", "show progress bars [on]")
+    _bool_flag(parser, "progress", "show progress bars when standard error is a terminal [on]")
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file of options, or a shipped config's name (`relreason list`)")
+    shipped = ", or a shipped config's name (`relreason list`)" if parser.prog == "relreason pretrain" else ""
+    parser.add_argument("--config", help=f"YAML file of options{shipped}")
     parser.add_argument("--print-config", action="store_true",
                         help="print every option as a YAML config (yours, the config's and the defaults) and exit")
 
@@ -217,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         help="train a backbone with relational reasoning (or a baseline: --method)",
         description="Train a backbone with self-supervised relational reasoning. Every option may also be set "
-        "in a YAML file given with --config (keys as option names, dashes or underscores); flags override it.",
+        "in a YAML file given with --config (keys as option names, dashes or underscores); flags override it, and `none` clears an optional one (--time-limit none).",
     )
     _add_config_options(pretrain)
     add_pretrain_options(pretrain)
@@ -243,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_options(compare)
     add_compare_options(compare)
-    commands.add_parser("list", help="list the datasets, backbones, methods and shipped configs known by name")
+    commands.add_parser("list", help="list the datasets, backbones, methods and shipped configs known by name",
+                        description="List the datasets, backbones, methods and shipped configs known by name.")
     return parser
 
 
@@ -252,9 +292,26 @@ def parse_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argpa
     args = _parse_all(parser, argv)
     if getattr(args, "config", None):
         subparser = _subparser(parser, args.command)
-        subparser.set_defaults(**load_config_file(args.config, subparser))
+        from_file = load_config_file(args.config, subparser)
+        typed = args  # the flags alone: what they set, the file does not
+        subparser.set_defaults(**from_file)
         args = _parse_all(parser, argv)
+        args.set_by_config_file = {dest for dest in from_file if getattr(typed, dest, None) is None}
     return args
+
+
+def _naming_the_config_file(error: RelreasonError, parser: argparse.ArgumentParser,
+                            args: argparse.Namespace | None) -> str:
+    """The error's message, with the config file named when the option it begins with was set there (not typed
+    on the command line): `--lr must be > 0` is found in the file, not among the flags."""
+    message = str(error)
+    flag = re.search(r"(?<![\w-])(--[a-z][a-z-]*|-K)\b", message)
+    if args is None or flag is None or not getattr(args, "set_by_config_file", None):
+        return message
+    action = _subparser(parser, args.command)._option_string_actions.get(flag.group(1))
+    if action is None or action.dest not in args.set_by_config_file:
+        return message
+    return f"{message} ({flag.group(1)} is set in config file {args.config})"
 
 
 def _parse_all(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
@@ -263,12 +320,30 @@ def _parse_all(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         subparser = _subparser(parser, args.command)
-        names = [name for action in subparser._actions for name in action.option_strings]
-        near = [match for option in unknown if option.startswith("--")
-                for match in difflib.get_close_matches(option.split("=")[0], names, n=1)]
-        hint = f" (did you mean {near[0]}?)" if near else ""
-        subparser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+        subparser.error(f"unrecognized arguments: {' '.join(unknown)}{_unknown_option_hint(parser, args.command, unknown)}")
     return args
+
+
+#: Options of other tools (or of another relreason command) that mean one of ours.
+_SYNONYMS = {"--run-dir": "--output-dir", "--out-dir": "--output-dir", "--outdir": "--output-dir", "--gpu": "--device",
+             "--gpus": "--device", "--data-dir": "--data-root", "--views": "--num-views", "--workers": "--num-workers"}
+
+
+def _unknown_option_hint(parser: argparse.ArgumentParser, command: str, unknown: Sequence[str]) -> str:
+    """`` (did you mean --epochs?)`` for the first unknown option near one of this command's in spelling or
+    meaning, or the command that has it (compare trains with pretrain's own value of an option it lacks)."""
+    names = [name for action in _subparser(parser, command)._actions for name in action.option_strings]
+    for option in (item.split("=")[0] for item in unknown if item.startswith("--")):
+        if _SYNONYMS.get(option) in names:
+            return f" (did you mean {_SYNONYMS[option]}?)"
+        near = difflib.get_close_matches(option, names, n=1, cutoff=0.7)  # below 0.7: --lr -> --help
+        if near:
+            return f" (did you mean {near[0]}?)"
+        for other in ("pretrain", "evaluate", "compare"):
+            if other != command and option in _subparser(parser, other)._option_string_actions:
+                runs = "; compare trains every method with pretrain's default for it" if command == "compare" else ""
+                return f" ({option} is an option of `relreason {other}`{runs})"
+    return ""
 
 
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
@@ -280,7 +355,7 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
 
 def _config_from(args: argparse.Namespace, config_class: type) -> Any:
     fields = {f.name: f for f in dataclasses.fields(config_class)}
-    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    values = {k: None if v is NONE_GIVEN else v for k, v in vars(args).items() if k in fields and v is not None}
     if "backbone_args" in values:
         values["backbone_args"] = backbone_args_from(values["backbone_args"])
     try:
@@ -449,7 +524,7 @@ def _run_command(argv: Sequence[str] | None) -> int:
         return 143  # 128 + SIGTERM, as pretrain's
     except RelreasonError as error:
         # One write: under torchrun every rank may say it, and two prints each would interleave on one line.
-        sys.stderr.write(f"relreason: error: {error}\n")
+        sys.stderr.write(f"relreason: error: {_naming_the_config_file(error, parser, args)}\n")
         sys.stderr.flush()
         return 2
     except KeyboardInterrupt:

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from relreason.atomic_files import atomic_write_bytes, atomic_write_json
-from relreason.checks import with_home_expanded, with_plain_values
+from relreason.checks import check_folder_given, with_home_expanded, with_plain_values
 from relreason.device import resolve_device
 from relreason.distributed import refuse_several_processes
-from relreason.errors import RelreasonError, option_value
+from relreason.errors import RelreasonError, option_flag, option_value
 from relreason.figures import save_png
 from relreason.methods import check_method_name
 from relreason.run_files import BACKBONE_META_NAME, BACKBONE_NAME, CONFIG_NAME, FEATURES_DIR_NAME, STEPS_NAME
@@ -71,6 +71,7 @@ class CompareConfig:
         ``on_this_machine=False`` leaves out whether ``--device`` is there (``--print-config``)."""
         from relreason.evaluate import EvaluateConfig
 
+        check_folder_given(self.output_dir)
         for method in self.methods:
             check_method_name(method)
         if not self.methods or not self.seeds:
@@ -169,8 +170,8 @@ def check_existing_runs(config: CompareConfig) -> None:
                 wanted["image_size"] = recorded.get("image_size")
             # An option a run folder does not record is older than the option: the run had its default.
             recorded = {key: recorded.get(key, getattr(defaults, key)) for key in keys}
-            differ = [f"{key}: run {option_value(recorded[key])} vs now {option_value(wanted[key])}" for key in keys
-                      if recorded[key] != wanted[key]
+            differ = [f"{option_flag(key)}: run {option_value(recorded[key])} vs now {option_value(wanted[key])}"
+                      for key in keys if recorded[key] != wanted[key]
                       and not (key == "dataset" and same_dataset(recorded.get(key), wanted[key]))
                       and not (key == "data_root" and _same_data_root(recorded[key], wanted[key], config.dataset))]
             if differ:

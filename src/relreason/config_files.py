@@ -36,6 +36,9 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
         raise RelreasonError(
             f"config file {path} is not a text YAML file (byte {error.start} is not UTF-8); check the --config path"
         ) from None
+    except _DuplicateKey as error:
+        raise RelreasonError(f"'{error.key}' is given twice in config file {path} (line {error.line}); keep "
+                             "one") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -124,39 +127,62 @@ def _config_value(action: argparse.Action, key: str, value: Any, path: str, writ
         if not isinstance(value, bool):
             refuse("true or false")
         return value
+    kind = getattr(action.type, "kind", action.type)  # int for --image-size's reader of an int or `none`
     values = value if action.nargs == "+" and isinstance(value, list) else [value]
     texts = written if action.nargs == "+" and isinstance(written, list) else [written]
     if len(texts) != len(values):
         texts = [None] * len(values)
     checked = []
     for item, text in zip(values, texts):
-        if action.type is None and not isinstance(item, (str, list, dict)) and isinstance(text, str):
+        if kind is None and not isinstance(item, (str, list, dict)) and isinstance(text, str):
             item = text  # `amp: off`, `data-root: 2024`, `output-dir: 1e3`: the words typed, as on the command line
             value = value if isinstance(value, list) else text  # and named so in an error
-        if action.type is int and (isinstance(item, bool) or not isinstance(item, int)):
+        if kind is int and (isinstance(item, bool) or not isinstance(item, int)):
             refuse("an integer")
-        if action.type is float and isinstance(item, str):
+        if kind is float and isinstance(item, str):
             # YAML 1.1 reads 1e-3 (no dot) as a string; take it as the command line would: float('1e-3').
             try:
                 item = float(item)
             except ValueError:
                 refuse("a number")
-        if action.type is float and (isinstance(item, bool) or not isinstance(item, (int, float))):
+        if kind is float and (isinstance(item, bool) or not isinstance(item, (int, float))):
             refuse("a number")
-        if action.type is None and not isinstance(item, str):
+        if kind is None and not isinstance(item, str):
             refuse("a string")
         if action.choices is not None and item not in action.choices:
             refuse(f"one of {', '.join(map(str, action.choices))}", item)
-        checked.append(float(item) if action.type is float else item)
+        checked.append(float(item) if kind is float else item)
     return checked if action.nargs == "+" else checked[0]
 
 
 _EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
+class _DuplicateKey(yaml.YAMLError):
+    """A mapping that gives one key twice: YAML forbids it, and PyYAML would keep the last value in silence."""
+
+    def __init__(self, key: Any, line: int) -> None:
+        super().__init__(f"key {key!r} given twice")
+        self.key, self.line = key, line
+
+
 class _ExponentFloatLoader(yaml.SafeLoader):
     """YAML whose unquoted ``1e-3`` is a float wherever it stands, as on the command line (YAML 1.1 wants a dot:
-    ``1.0e-3``); quoted text stays text."""
+    ``1.0e-3``), and whose mappings give each key once; quoted text stays text."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then a key of its own: an override
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1)
+                seen.add(key)
+            except TypeError:  # an unhashable key, which the base class refuses in its own words
+                pass
+        return super().construct_mapping(node, deep)
 
 
 class _ExponentFloatDumper(yaml.SafeDumper):

@@ -56,3 +56,10 @@ def autocast_dtype(amp: str) -> torch.dtype | None:
 def precise_float(device: torch.device | str) -> torch.dtype:
     """float64 for sums and solves that need it, except on Apple's MPS, which has no float64 (float32 there)."""
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation that failed: a GPU's (CUDA, MPS) or the host's."""
+    text = str(error)
+    return isinstance(error, torch.OutOfMemoryError) or (isinstance(error, RuntimeError) and (
+        "DefaultCPUAllocator: can't allocate memory" in text or "MPS backend out of memory" in text))

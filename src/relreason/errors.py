@@ -44,6 +44,11 @@ def option_value(value: object) -> str:
     return "none" if value is None else repr(value)
 
 
+def option_flag(name: str) -> str:
+    """An option's field name as the user types it: ``--batch-size`` for ``batch_size``, ``-K/--num-views``."""
+    return "-K/--num-views" if name == "num_views" else "--" + name.replace("_", "-")
+
+
 def format_bytes(n: float) -> str:
     """A size for a message: ``512 B``, ``4.5 KB``, ``2.3 GB``."""
     for unit in ("B", "KB", "MB", "GB"):

@@ -26,7 +26,7 @@ from relreason.data import (
 )
 from relreason.data.image_folder import decoded_for, read_threads
 from relreason.data.splits import image_folders_read
-from relreason.device import resolve_device, use_device
+from relreason.device import is_out_of_memory, resolve_device, use_device
 from relreason.distributed import refuse_several_processes
 from relreason.errors import RelreasonError, note, warn
 from relreason.evaluate.config import EvaluateConfig
@@ -97,6 +97,17 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     than the run's); its images are then normalised with its own statistics.  With ``retrieval`` a PNG of retrievals per
     backbone is written beside the JSON (``<output stem>-retrieval-<label>.png``).
     """
+    try:
+        return _run_evaluation(config)
+    except RuntimeError as error:
+        if not is_out_of_memory(error):
+            raise
+        raise RelreasonError(f"out of memory evaluating (features are extracted in batches of --batch-size "
+                             f"{config.batch_size} images, fine-tuning steps take {FINETUNE_BATCH_SIZE}); lower "
+                             "--batch-size, or leave finetune out of --protocols") from error
+
+
+def _run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     refuse_several_processes("evaluate")
     config = with_home_expanded(with_plain_values(config), "run_dir", "weights", "data_root", "output")
     config.validate()  # every option, named by its flag, before anything is read or written

@@ -109,7 +109,9 @@ def check_output_path(output: Path) -> None:
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise RelreasonError(f"cannot create the folder of --output {output} ({error.strerror}); choose another "
+        in_the_way = next((folder for folder in output.parents if folder.is_file()), None)
+        reason = f"{in_the_way} is a file, not a folder" if in_the_way is not None else error.strerror
+        raise RelreasonError(f"cannot create the folder of --output {output} ({reason}); choose another "
                              "--output") from None
     if not os.access(output.parent, os.W_OK):
         raise RelreasonError(f"{output.parent} is not writable; pass --output with a writable path")

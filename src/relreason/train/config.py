@@ -10,11 +10,12 @@ from typing import Any
 from torch import nn
 
 from relreason.backbones.registry import check_backbone
+from relreason.checks import check_folder_given
 from relreason.data import check_test_fraction, dataset_info
 from relreason.data.splits import image_folders_read
 from relreason.data.transforms import MIN_CROP_SCALE, check_crop_scale, jitter_amounts
 from relreason.device import AMP_MODES, check_device_name, resolve_device
-from relreason.errors import RelreasonError
+from relreason.errors import RelreasonError, option_flag
 from relreason.losses import build_loss
 from relreason.methods import PretrainMethod, check_method_name, is_built_in, method_class, views_per_image
 from relreason.pairing import AGGREGATIONS, check_pairing_sizes
@@ -76,10 +77,17 @@ class PretrainConfig:
         ``on_this_machine=False`` leaves out what depends on the machine (whether ``--device`` is there), for
         options written down to run elsewhere (``--print-config``)."""
         check_method_name(self.method)
-        if self.method == "relational":
+        check_folder_given(self.output_dir)
+        relational = self.method == "relational"
+        if self.batch_size < 2:
+            why = "each image needs another one as its negative" if relational else "BatchNorm needs two images"
+            raise RelreasonError(f"--batch-size must be >= 2 ({why}), got {self.batch_size}; pass e.g. --batch-size 64")
+        if self.num_views < (2 if relational else 1):
+            raise RelreasonError(f"-K/--num-views must be >= 2 for relational reasoning (a positive pair takes two "
+                                 f"views of an image), got {self.num_views}; pass e.g. -K 4" if relational else
+                                 f"-K/--num-views must be >= 1, got {self.num_views}; pass e.g. -K 4")
+        if relational:
             check_pairing_sizes(self.num_views, self.batch_size)
-        elif self.batch_size < 2:
-            raise RelreasonError(f"--batch-size must be >= 2 (BatchNorm needs two images), got {self.batch_size}")
         if self.epochs < 1:
             raise RelreasonError(f"--epochs must be >= 1, got {self.epochs}")
         if not self.simclr_temperature > 0:
@@ -114,6 +122,12 @@ class PretrainConfig:
             raise RelreasonError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.time_limit is not None and not self.time_limit > 0:
             raise RelreasonError(f"--time-limit must be > 0 minutes, got {self.time_limit}")
+        # Checked whatever --loss is: unused, a value out of range is a mistake all the same.
+        if not (self.focal_gamma >= 0 and math.isfinite(self.focal_gamma)):  # NaN passes a plain `< 0` check
+            raise RelreasonError(f"--focal-gamma must be a finite number >= 0, got {self.focal_gamma}; pass e.g. 2 "
+                                 "(the paper's)")
+        if self.focal_alpha is not None and not 0.0 <= self.focal_alpha <= 1.0:
+            raise RelreasonError(f"--focal-alpha must lie in [0, 1], got {self.focal_alpha}; pass e.g. 0.5")
         build_loss(self.loss, self.focal_gamma, self.focal_alpha)
         check_test_fraction(self.dataset, self.test_fraction)
         if dataset_info(self.dataset).name == "folder":
@@ -171,8 +185,12 @@ def unused_option_notes(config: PretrainConfig) -> list[str]:
     for method, names in _METHOD_OPTIONS.items():
         given = [name for name in names if getattr(config, name) != getattr(defaults, name)]
         if config.method != method and given:
-            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            flags = ", ".join(option_flag(name) for name in given)
             notes.append(f"method '{config.method}' does not use {flags} ('{method}' options)")
+    focal = [name for name in ("focal_gamma", "focal_alpha") if getattr(config, name) != getattr(defaults, name)]
+    if config.method == "relational" and config.loss != "focal" and focal:
+        flags = " and ".join(option_flag(name) for name in focal)
+        notes.append(f"--loss {config.loss} does not use {flags}; pass --loss focal to train with the focal loss")
     if config.download and dataset_info(config.dataset).name in ("folder", "digits"):
         notes.append(f"--download fetches the named datasets; '{config.dataset}' needs no download, so it does nothing")
     return notes

@@ -25,7 +25,7 @@ from relreason.checks import with_home_expanded, with_plain_values
 from relreason.data import ImageFolderDataset, MultiViewDataset, read_skip_log
 from relreason.data.batch_views import DeviceMultiViewDataset
 from relreason.data.decoded_folder import DecodedImageFolder
-from relreason.device import autocast_dtype, precise_float, resolve_device
+from relreason.device import autocast_dtype, is_out_of_memory, precise_float, resolve_device
 from relreason.distributed import DistributedContext, all_reduce_mean, barrier, init_distributed, shutdown_distributed
 from relreason.errors import RelreasonError, note, short_reason, warn
 from relreason.losses import build_loss
@@ -34,7 +34,7 @@ from relreason.methods.online_probe import OnlineProbe
 from relreason.run_files import CONFIG_NAME, CURVES_NAME, SKIPPED_IMAGES_NAME
 from relreason.schedule import learning_rate_factor, set_learning_rate
 from relreason.seeding import seed_everything
-from relreason.train.config import PretrainConfig, PretrainResult, unused_option_notes
+from relreason.train.config import PretrainConfig, PretrainResult, unused_option_notes, views_used
 from relreason.train.data import (
     build_pretrain_data,
     check_every_image_labelled,
@@ -99,9 +99,30 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
                     "to go on from it" if kept else "no checkpoint had been written yet: free space there (or choose "
                     "another --output-dir) and rerun the command")
         raise RelreasonError(f"cannot write in {config.output_dir} ({error.strerror}); {progress}") from None
+    except RuntimeError as error:
+        if not is_out_of_memory(error):
+            raise
+        raise RelreasonError(_out_of_memory_message(config, device, context)) from error
     finally:
         release_run_folders()
         shutdown_distributed(context)
+
+
+def _out_of_memory_message(config: PretrainConfig, device: torch.device, context: DistributedContext) -> str:
+    """What to change when a step does not fit the device's memory, and what is kept."""
+    where = "GPU" if device.type in ("cuda", "mps") else "host"
+    each = " in each process" if context.enabled else ""
+    views = views_used(config)
+    step = f"{views} views of each of {config.batch_size} images{each}" if views else f"{config.batch_size} images{each}"
+    lower = "--batch-size or -K" if config.method == "relational" else "--batch-size"
+    amp = ", or pass --amp bf16" if config.amp == "off" else ""
+    try:
+        kept = list_checkpoints(config.output_dir)
+    except OSError:
+        kept = []
+    progress = (f"the newest checkpoint, {kept[0].name}, is kept (a resume keeps -K and --batch-size: a smaller "
+                "step starts afresh in another --output-dir)" if kept else "no checkpoint had been written yet")
+    return f"out of {where} memory for a training step of {step}; lower {lower}{amp}; {progress}"
 
 
 def _pretrain(

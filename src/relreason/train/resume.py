@@ -23,7 +23,7 @@ from relreason.checkpoint import (
 from relreason.data import dataset_info, same_dataset
 from relreason.data.datasets import EARLIER_NORMALIZATION_METHODS, PATH_SAMPLED_METHODS
 from relreason.distributed import DistributedContext, broadcast_object
-from relreason.errors import RelreasonError, note, option_value
+from relreason.errors import RelreasonError, note, option_flag, option_value
 from relreason.methods import is_built_in, method_class, views_per_image
 from relreason.train.config import PretrainConfig
 from relreason.train.position import TrainingPosition
@@ -139,7 +139,8 @@ def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, geometry
     if dataset_info(config.dataset).name == "folder" and None not in (saved_path, path_now) and saved_path != path_now:
         mismatched["augment"] = (saved_path, path_now)
     if mismatched:
-        detail = ", ".join(f"{k}: checkpoint {option_value(a)} vs now {option_value(b)}" for k, (a, b) in mismatched.items())
+        detail = ", ".join(f"{option_flag(k)}: checkpoint {option_value(a)} vs now {option_value(b)}"
+                           for k, (a, b) in mismatched.items())
         raise RelreasonError(f"cannot resume {path}: options differ ({detail}); rerun with the original options, or "
                              "choose another --output-dir for a new run")
     # Same statistics, same images: a folder moved elsewhere resumes, another folder (or one whose files
@@ -174,7 +175,7 @@ def changed_option_notes(checkpoint: dict[str, Any], config: PretrainConfig, geo
     def shown(value: Any) -> str:  # as typed on the command line
         return value if isinstance(value, str) else option_value(value)
 
-    return [f"resuming with --{name.replace('_', '-')} {shown(now[name])}; the run so far trained with "
+    return [f"resuming with {option_flag(name)} {shown(now[name])}; the run so far trained with "
             f"{shown(then[name])}" for name in then if then[name] != now[name]]
 
 
