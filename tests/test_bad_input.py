@@ -14,7 +14,6 @@ from relreason.cli import main
 # (case, argv after the subcommand, a fragment of the message). {tmp} is a fresh temporary folder.
 PRETRAIN_CASES = [
     ("K below 2", ["-K", "1"], "-K/--num-views must be >= 2 for relational reasoning"),
-    ("K below 1 for another method", ["--method", "rotation", "-K", "0"], "-K/--num-views must be >= 1, got 0"),
     ("batch below 2", ["--batch-size", "1"], "--batch-size must be >= 2 (each image needs another one as its negative)"),
     ("negative batch", ["--batch-size", "-5"], "--batch-size must be >= 2"),
     ("empty output folder", ["--output-dir", ""], "--output-dir is empty"),

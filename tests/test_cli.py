@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 
@@ -7,6 +8,7 @@ import pytest
 import yaml
 
 from relreason.cli import build_parser, main, parse_options
+from relreason.errors import RelreasonError
 
 
 def run_cli(*argv):
@@ -425,6 +427,16 @@ def test_a_bad_value_from_a_config_file_names_the_file_and_a_typed_one_does_not(
     expect_error(capsys, ["pretrain", "--config", str(config), "--lr", "1e-3", *out],
                  f"--focal-alpha must lie in [0, 1], got 3.0; pass e.g. 0.5 (--focal-alpha is set in config file {config})")
     assert not (tmp_path / "run").exists()
+    # An option the file leaves unset (null) is not blamed on it; any option of the message that the file set is.
+    config.write_text("output-dir: null\ndata-root: null\n")
+    assert main(["pretrain", "--config", str(config), "--output-dir", ""]) == 2
+    assert "config file" not in capsys.readouterr().err
+    images = tmp_path / "images"
+    (images / "cats").mkdir(parents=True)
+    config.write_text(f"dataset: folder\ndata-root: {images}\n")
+    expect_error(capsys, ["pretrain", "--config", str(config), "--output-dir", str(images / "run")],
+                 f"lies inside --data-root {images}, so the run's own files would be read as images; choose an "
+                 f"--output-dir outside it (--data-root is set in config file {config})")
 
 
 def test_none_on_the_command_line_clears_an_optional_option_a_config_file_sets(capsys, tmp_path):
@@ -442,6 +454,8 @@ def test_none_on_the_command_line_clears_an_optional_option_a_config_file_sets(c
     assert (cleared.time_limit, cleared.image_size, cleared.num_workers) == (None, None, None)
     assert options("--time-limit", "5").time_limit == 5.0
     expect_error(capsys, ["pretrain", "--time-limit", "soon"], "argument --time-limit: invalid float value: 'soon'")
+    config.write_text("time-limit: none\nimage-size: 28\n")  # `none` in the file too: left unset
+    assert (options().time_limit, options().image_size) == (None, 28)
 
 
 def test_an_unknown_option_points_at_its_own_commands_help(capsys):
@@ -455,6 +469,10 @@ def test_an_unknown_option_points_at_its_own_commands_help(capsys):
                  "pretrain`; compare trains every method with pretrain's default for it)")
     expect_error(capsys, ["compare", "--loss", "focal"], "(--loss is an option of `relreason pretrain`;")
     expect_error(capsys, ["evaluate", "--epochs", "3"], "(--epochs is an option of `relreason pretrain`); see")
+    expect_error(capsys, ["compare", "--weights", "x.pt"], "(--weights is an option of `relreason evaluate`); see")
+    expect_error(capsys, ["compare", "--finetune-epochs", "3"], "(--finetune-epochs is an option of `relreason evaluate`)")
+    expect_error(capsys, ["evaluate", "--views", "4"], "(--num-views is an option of `relreason pretrain`); see")
+    expect_error(capsys, ["compare", "--seed", "3"], "(did you mean --seeds?)")
 
 
 def test_ctrl_c_before_the_first_checkpoint_says_so(capsys, tmp_path, monkeypatch):
@@ -741,3 +759,24 @@ def test_a_broken_pipe_elsewhere_is_not_taken_for_a_gone_reader(monkeypatch, tmp
         monkeypatch.setattr(sys, "stdout", stdout)
         with pytest.raises(BrokenPipeError):
             cli.main(["list"])
+
+
+def test_pretrain_options_of_the_wrong_type_are_one_line_errors_in_python_too():
+    from relreason.train import PretrainConfig
+
+    for options, message in ((dict(batch_size="64"), "--batch-size must be a whole number, got '64'"),
+                             (dict(num_views=2.5), "-K/--num-views must be a whole number, got 2.5"),
+                             (dict(focal_gamma="2"), "--focal-gamma must be a number, got '2'"),
+                             (dict(focal_alpha=True), "--focal-alpha must be a number, got True")):
+        with pytest.raises(RelreasonError, match=re.escape(message)):
+            PretrainConfig(**options).validate(on_this_machine=False)
+    # A baseline makes its own views whatever -K says (a note says so): its K is not refused.
+    PretrainConfig(method="simclr", num_views=0).validate(on_this_machine=False)
+
+
+def test_a_key_given_twice_inside_backbone_args_is_refused():
+    from relreason.config_files import backbone_args_from
+
+    assert backbone_args_from(["widths={a: 1, b: 2}"]) == {"widths": {"a": 1, "b": 2}}
+    with pytest.raises(RelreasonError, match=r"--backbone-args widths=\{a: 1, a: 2\} gives 'a' twice; keep one"):
+        backbone_args_from(["widths={a: 1, a: 2}"])

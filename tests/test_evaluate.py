@@ -472,6 +472,7 @@ def test_evaluate_finds_the_runs_own_data_root_and_takes_a_training_checkpoint(f
     ("not-weights", "cannot be read as backbone weights (KeyError: 101); pass the backbone.pt")
     , ("output-is-a-folder", "is a folder; give a file path")
     , ("broken-backbone-json", "backbone.json cannot be read (")
+    , ("image-size-not-a-number", "backbone.json gives image_size 'big', not a positive integer; restore it")
 ])
 def test_evaluate_refuses_unusable_paths_before_extracting_features(folder_run, tmp_path, capsys, case, message):
     import shutil
@@ -485,6 +486,9 @@ def test_evaluate_refuses_unusable_paths_before_extracting_features(folder_run, 
         args = ["--weights", str(tmp_path / "notes.pt"), "--backbone", "conv4"]
     elif case == "output-is-a-folder":
         args += ["--output", str(tmp_path)]
+    elif case == "image-size-not-a-number":
+        meta = json.loads((copy / "backbone.json").read_text())
+        (copy / "backbone.json").write_text(json.dumps(meta | {"image_size": "big"}))
     else:
         (copy / "backbone.json").write_text('{"backbone": ')
     assert evaluate_args(*args) == 2
@@ -1054,5 +1058,9 @@ def test_running_out_of_memory_while_evaluating_is_one_line(tmp_path, monkeypatc
             "--protocols", "knn", "--device", "cpu", "--batch-size", "512"]
     assert main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "relreason: error: out of memory evaluating (features are extracted in batches of --batch-size 512 images, "
-        "fine-tuning steps take 128); lower --batch-size, or leave finetune out of --protocols")
+        "relreason: error: out of memory evaluating (features are extracted in batches of 512 images); lower "
+        "`relreason evaluate`'s --batch-size")
+    assert main([*argv, "--protocols", "knn", "finetune"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "relreason: error: out of memory evaluating (features are extracted in batches of 512 images, fine-tuning's "
+        "steps 128); lower `relreason evaluate`'s --batch-size, or leave finetune out of --protocols")

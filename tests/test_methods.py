@@ -487,6 +487,8 @@ def test_a_method_of_ones_own_that_the_trainer_cannot_use_is_one_line(tmp_path, 
     code, err = pretrain("HalfOfK", "-K", "6", "--epochs", "3", output="half")
     assert code == 2 and "-K/--num-views: checkpoint 5 vs now 6" in err, err
     assert "does not change that" not in err
+    code, err = pretrain("HalfOfK", "-K", "0", output="no-views")  # K is checked for a method of one's own
+    assert code == 2 and "-K/--num-views must be >= 1, got 0; pass e.g. -K 4" in err, err
     import sys
 
     (tmp_path / "my_methods.py").write_text(_USER_METHOD.replace("Linear(feature_dim, 8)", "Linear(feature_dim, 16)"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import operator
 import os
 from collections.abc import Mapping
@@ -41,11 +42,28 @@ def check_positive_float(value: Any, name: str) -> float:
     return v
 
 
+def whole_number(value: Any, name: str) -> int:
+    """``value`` as an int; a fractional or non-numeric value is an error rather than silently truncated."""
+    try:
+        return operator.index(value)  # ints, NumPy and 0-d torch integers; not 2.5
+    except TypeError:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise RelreasonError(f"{name} must be a whole number, got {value!r}") from None
+
+
+def real_number(value: Any, name: str) -> float:
+    """``value`` as a float when it is a real number (not a bool, not text), else a one-line error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise RelreasonError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
 def check_folder_given(value: Any, flag: str = "--output-dir") -> None:
     """Refuse an empty folder option (an unset shell variable, ``--output-dir "$OUT"``), which would otherwise
     mean the working folder."""
     if value is None or not str(value).strip():
-        raise RelreasonError(f"{flag} is empty (an unset shell variable?); give a folder, e.g. runs/my-run")
+        raise RelreasonError(f"{flag} is empty; give a folder, e.g. runs/my-run")
 
 
 def _plain_value(value: Any, kind: str, name: str, example: Any = None) -> Any:

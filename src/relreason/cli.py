@@ -117,7 +117,7 @@ def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
     _bool_flag(method, "online-probe", "train a linear classifier on detached features when the data has labels [on]")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, help=f"passes over the data [{d.epochs}]")
-    optim.add_argument("--batch-size", type=int, help=f"images per batch, B, in each process (torchrun: per process) [{d.batch_size}]")
+    optim.add_argument("--batch-size", type=int, help=f"images per batch and process (under torchrun each process takes its own), B [{d.batch_size}]")
     optim.add_argument("--lr", type=float, help=f"Adam learning rate [{d.lr}]")
     optim.add_argument("--lr-schedule", choices=LR_SCHEDULES,
                        help=f"constant (the paper's) or cosine: decay towards 0 at the last of --epochs [{d.lr_schedule}]")
@@ -296,22 +296,24 @@ def parse_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argpa
         typed = args  # the flags alone: what they set, the file does not
         subparser.set_defaults(**from_file)
         args = _parse_all(parser, argv)
-        args.set_by_config_file = {dest for dest in from_file if getattr(typed, dest, None) is None}
+        args.set_by_config_file = {dest for dest, value in from_file.items()
+                                   if value is not None and getattr(typed, dest, None) is None}
     return args
 
 
 def _naming_the_config_file(error: RelreasonError, parser: argparse.ArgumentParser,
                             args: argparse.Namespace | None) -> str:
-    """The error's message, with the config file named when the option it begins with was set there (not typed
-    on the command line): `--lr must be > 0` is found in the file, not among the flags."""
+    """The error's message, with the config file named when an option it names was set there (not typed on the
+    command line): `--lr must be > 0` is found in the file, not among the flags."""
     message = str(error)
-    flag = re.search(r"(?<![\w-])(--[a-z][a-z-]*|-K)\b", message)
-    if args is None or flag is None or not getattr(args, "set_by_config_file", None):
+    if args is None or not getattr(args, "set_by_config_file", None):
         return message
-    action = _subparser(parser, args.command)._option_string_actions.get(flag.group(1))
-    if action is None or action.dest not in args.set_by_config_file:
-        return message
-    return f"{message} ({flag.group(1)} is set in config file {args.config})"
+    actions = _subparser(parser, args.command)._option_string_actions
+    for flag in re.finditer(r"(?<![\w-])(--[a-z][a-z-]*|-K)\b", message):
+        action = actions.get(flag.group(1))
+        if action is not None and action.dest in args.set_by_config_file:
+            return f"{message} ({flag.group(1)} is set in config file {args.config})"
+    return message
 
 
 def _parse_all(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
@@ -334,15 +336,20 @@ def _unknown_option_hint(parser: argparse.ArgumentParser, command: str, unknown:
     meaning, or the command that has it (compare trains with pretrain's own value of an option it lacks)."""
     names = [name for action in _subparser(parser, command)._actions for name in action.option_strings]
     for option in (item.split("=")[0] for item in unknown if item.startswith("--")):
-        if _SYNONYMS.get(option) in names:
-            return f" (did you mean {_SYNONYMS[option]}?)"
-        near = difflib.get_close_matches(option, names, n=1, cutoff=0.7)  # below 0.7: --lr -> --help
+        meant = _SYNONYMS.get(option, option)
+        if meant != option and meant in names:
+            return f" (did you mean {meant}?)"
+        near = difflib.get_close_matches(option, names, n=1, cutoff=0.85)  # a slip of the keyboard: --seed
         if near:
             return f" (did you mean {near[0]}?)"
         for other in ("pretrain", "evaluate", "compare"):
-            if other != command and option in _subparser(parser, other)._option_string_actions:
-                runs = "; compare trains every method with pretrain's default for it" if command == "compare" else ""
-                return f" ({option} is an option of `relreason {other}`{runs})"
+            if other != command and meant in _subparser(parser, other)._option_string_actions:
+                runs = "; compare trains every method with pretrain's default for it" if (
+                    command == "compare" and other == "pretrain") else ""
+                return f" ({meant} is an option of `relreason {other}`{runs})"
+        near = difflib.get_close_matches(option, names, n=1, cutoff=0.7)  # below 0.7: --lr -> --help
+        if near:
+            return f" (did you mean {near[0]}?)"
     return ""
 
 

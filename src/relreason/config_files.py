@@ -116,8 +116,8 @@ def _config_value(action: argparse.Action, key: str, value: Any, path: str, writ
         got = f"{item!r} in {value!r}" if isinstance(value, list) and item is not None else repr(value)
         raise RelreasonError(f"option '{key}' in config file {path} must be {expected}, got {got}")
 
-    if value is None:
-        return None
+    if value is None or (hasattr(action.type, "kind") and isinstance(value, str) and value.strip().lower() == "none"):
+        return None  # null, or `none` as on the command line (--time-limit none): not set
     if action.dest == "backbone_args":  # a mapping (as --print-config writes it) or KEY=VALUE strings
         try:
             return backbone_args_from(value)
@@ -211,6 +211,8 @@ def backbone_args_from(value: Any) -> dict[str, Any]:
             raise RelreasonError(f"--backbone-args gives {key} twice; keep one")
         try:
             args[key] = yaml.load(text, Loader=_ExponentFloatLoader) if text else ""
+        except _DuplicateKey as error:
+            raise RelreasonError(f"--backbone-args {key}={text} gives {error.key!r} twice; keep one") from None
         except yaml.YAMLError:
             args[key] = text  # not YAML: the text as it is
     return args

@@ -59,7 +59,8 @@ def precise_float(device: torch.device | str) -> torch.dtype:
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` is an allocation that failed: a GPU's (CUDA, MPS) or the host's."""
+    """Whether ``error`` is an allocation that failed: a GPU's (CUDA, MPS; also as cuBLAS's or cuDNN's) or the
+    host's."""
     text = str(error)
-    return isinstance(error, torch.OutOfMemoryError) or (isinstance(error, RuntimeError) and (
-        "DefaultCPUAllocator: can't allocate memory" in text or "MPS backend out of memory" in text))
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (isinstance(error, RuntimeError) and (
+        "out of memory" in text.lower() or "can't allocate memory" in text or "_ALLOC_FAILED" in text))

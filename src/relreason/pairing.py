@@ -11,29 +11,19 @@ paired with itself. This module builds those pairs as index tensors in one shot.
 
 from __future__ import annotations
 
-import operator
 from functools import lru_cache
 
 import torch
 
+from relreason.checks import whole_number
 from relreason.errors import RelreasonError
 
 AGGREGATIONS = ("cat", "sum", "mean", "max")
 
 
-def _whole_number(value, name: str) -> int:
-    """``value`` as an int; a fractional or non-numeric value is an error rather than silently truncated."""
-    try:
-        return operator.index(value)  # ints, NumPy and 0-d torch integers; not 2.5
-    except TypeError:
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise RelreasonError(f"{name} must be a whole number, got {value!r}") from None
-
-
 def check_pairing_sizes(num_views: int, batch_size: int) -> tuple[int, int]:
     """``(K, B)`` as ints, or a one-line error when K views of B images cannot form positive and negative pairs."""
-    num_views, batch_size = _whole_number(num_views, "K (views per image)"), _whole_number(batch_size, "the batch size")
+    num_views, batch_size = whole_number(num_views, "K (views per image)"), whole_number(batch_size, "the batch size")
     if num_views < 2:
         raise RelreasonError(
             f"need at least 2 views per image to form relation pairs, got K={num_views}; set K >= 2"
@@ -136,7 +126,7 @@ def images_per_view_block(features: torch.Tensor, num_views: int) -> int:
     into K equal view blocks."""
     if features.dim() != 2:
         raise RelreasonError(f"features must have shape (K*B, d), got {tuple(features.shape)}")
-    num_views, total = _whole_number(num_views, "K (views per image)"), features.shape[0]
+    num_views, total = whole_number(num_views, "K (views per image)"), features.shape[0]
     if num_views < 1 or total % num_views:
         raise RelreasonError(
             f"{total} feature rows cannot be split into K={num_views} equal view blocks; "

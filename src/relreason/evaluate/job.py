@@ -102,9 +102,11 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     except RuntimeError as error:
         if not is_out_of_memory(error):
             raise
-        raise RelreasonError(f"out of memory evaluating (features are extracted in batches of --batch-size "
-                             f"{config.batch_size} images, fine-tuning steps take {FINETUNE_BATCH_SIZE}); lower "
-                             "--batch-size, or leave finetune out of --protocols") from error
+        finetune = "finetune" in choose_protocols(config.protocols, ALL_PROTOCOLS)
+        steps = f", fine-tuning's steps {FINETUNE_BATCH_SIZE}" if finetune else ""
+        drop = ", or leave finetune out of --protocols" if finetune else ""
+        raise RelreasonError(f"out of memory evaluating (features are extracted in batches of {config.batch_size} "
+                             f"images{steps}); lower `relreason evaluate`'s --batch-size{drop}") from error
 
 
 def _run_evaluation(config: EvaluateConfig) -> dict[str, Any]:

@@ -66,6 +66,10 @@ def _read_backbone_meta(path: Path) -> dict[str, Any]:
         ) from None
     if not isinstance(meta, dict):
         raise RelreasonError(f"{path} does not hold backbone metadata; restore it or pass --backbone NAME")
+    size = meta.get("image_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise RelreasonError(f"{path} gives image_size {size!r}, not a positive integer; restore it (pretrain rewrites "
+                             "it when rerun) or pass --image-size")
     return meta
 
 

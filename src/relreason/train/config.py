@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from relreason.backbones.registry import check_backbone
-from relreason.checks import check_folder_given
+from relreason.checks import check_folder_given, real_number, whole_number
 from relreason.data import check_test_fraction, dataset_info
 from relreason.data.splits import image_folders_read
 from relreason.data.transforms import MIN_CROP_SCALE, check_crop_scale, jitter_amounts
@@ -79,15 +79,18 @@ class PretrainConfig:
         check_method_name(self.method)
         check_folder_given(self.output_dir)
         relational = self.method == "relational"
-        if self.batch_size < 2:
+        batch_size, num_views = whole_number(self.batch_size, "--batch-size"), whole_number(self.num_views, "-K/--num-views")
+        if batch_size < 2:
             why = "each image needs another one as its negative" if relational else "BatchNorm needs two images"
-            raise RelreasonError(f"--batch-size must be >= 2 ({why}), got {self.batch_size}; pass e.g. --batch-size 64")
-        if self.num_views < (2 if relational else 1):
+            raise RelreasonError(f"--batch-size must be >= 2 ({why}), got {batch_size}; pass e.g. --batch-size 64")
+        # The built-in baselines make their own number of views whatever K says (a note tells so): K is checked for
+        # the methods that use it.
+        if (relational or not is_built_in(self.method)) and num_views < (2 if relational else 1):
             raise RelreasonError(f"-K/--num-views must be >= 2 for relational reasoning (a positive pair takes two "
-                                 f"views of an image), got {self.num_views}; pass e.g. -K 4" if relational else
-                                 f"-K/--num-views must be >= 1, got {self.num_views}; pass e.g. -K 4")
+                                 f"views of an image), got {num_views}; pass e.g. -K 4" if relational else
+                                 f"-K/--num-views must be >= 1, got {num_views}; pass e.g. -K 4")
         if relational:
-            check_pairing_sizes(self.num_views, self.batch_size)
+            check_pairing_sizes(num_views, batch_size)
         if self.epochs < 1:
             raise RelreasonError(f"--epochs must be >= 1, got {self.epochs}")
         if not self.simclr_temperature > 0:
@@ -123,10 +126,12 @@ class PretrainConfig:
         if self.time_limit is not None and not self.time_limit > 0:
             raise RelreasonError(f"--time-limit must be > 0 minutes, got {self.time_limit}")
         # Checked whatever --loss is: unused, a value out of range is a mistake all the same.
-        if not (self.focal_gamma >= 0 and math.isfinite(self.focal_gamma)):  # NaN passes a plain `< 0` check
+        focal_gamma = real_number(self.focal_gamma, "--focal-gamma")
+        focal_alpha = None if self.focal_alpha is None else real_number(self.focal_alpha, "--focal-alpha")
+        if not (focal_gamma >= 0 and math.isfinite(focal_gamma)):  # NaN passes a plain `< 0` check
             raise RelreasonError(f"--focal-gamma must be a finite number >= 0, got {self.focal_gamma}; pass e.g. 2 "
                                  "(the paper's)")
-        if self.focal_alpha is not None and not 0.0 <= self.focal_alpha <= 1.0:
+        if focal_alpha is not None and not 0.0 <= focal_alpha <= 1.0:
             raise RelreasonError(f"--focal-alpha must lie in [0, 1], got {self.focal_alpha}; pass e.g. 0.5")
         build_loss(self.loss, self.focal_gamma, self.focal_alpha)
         check_test_fraction(self.dataset, self.test_fraction)

@@ -99,22 +99,19 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
                     "to go on from it" if kept else "no checkpoint had been written yet: free space there (or choose "
                     "another --output-dir) and rerun the command")
         raise RelreasonError(f"cannot write in {config.output_dir} ({error.strerror}); {progress}") from None
-    except RuntimeError as error:
-        if not is_out_of_memory(error):
-            raise
-        raise RelreasonError(_out_of_memory_message(config, device, context)) from error
     finally:
         release_run_folders()
         shutdown_distributed(context)
 
 
-def _out_of_memory_message(config: PretrainConfig, device: torch.device, context: DistributedContext) -> str:
-    """What to change when a step does not fit the device's memory, and what is kept."""
-    where = "GPU" if device.type in ("cuda", "mps") else "host"
+def _out_of_memory_message(error: RuntimeError, config: PretrainConfig, device: torch.device,
+                           context: DistributedContext) -> str:
+    """What to change when a step does not fit the memory, and what is kept."""
+    where = "host" if device.type == "cpu" or "can't allocate memory" in str(error) else "GPU"
     each = " in each process" if context.enabled else ""
-    views = views_used(config)
-    step = f"{views} views of each of {config.batch_size} images{each}" if views else f"{config.batch_size} images{each}"
-    lower = "--batch-size or -K" if config.method == "relational" else "--batch-size"
+    step = f"{views_used(config)} views of each of {config.batch_size} images{each}"
+    # The built-in baselines make their own number of views; relational reasoning's (and maybe one's own) follow K.
+    lower = "--batch-size" if is_built_in(config.method) and config.method != "relational" else "--batch-size or -K"
     amp = ", or pass --amp bf16" if config.amp == "off" else ""
     try:
         kept = list_checkpoints(config.output_dir)
@@ -431,7 +428,12 @@ def train_one_epoch(
             set_learning_rate(optimizer, learning_rate_factor(
                 position.epoch * steps_per_epoch + position.step, config.epochs * steps_per_epoch,
                 round(config.warmup_epochs * steps_per_epoch), config.lr_schedule))
-            step_values = train_step(model, optimizer, scaler, views, labels, device, amp_dtype)
+            try:
+                step_values = train_step(model, optimizer, scaler, views, labels, device, amp_dtype)
+            except RuntimeError as error:
+                if not is_out_of_memory(error):
+                    raise
+                raise RelreasonError(_out_of_memory_message(error, config, device, context)) from error
             if not names:
                 names = list(step_values)
                 totals = torch.zeros(len(names), device=device, dtype=precise_float(device))
