@@ -170,6 +170,38 @@ def test_user_factory_found_in_the_working_folder_as_under_the_installed_command
         build_backbone("my_folder_net_missing:make")
 
 
+def test_evaluate_elsewhere_says_where_the_run_found_its_own_factory(tmp_path, monkeypatch, capsys):
+    import json
+    import sys
+
+    from relreason.cli import main
+    from relreason.user_code import code_folder
+
+    project = tmp_path / "project"
+    (project / "nets").mkdir(parents=True)
+    (project / "nets" / "__init__.py").write_text("")
+    (project / "nets" / "small.py").write_text(
+        "import torch.nn as nn\n"
+        "def make():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 5, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())\n"
+    )
+    monkeypatch.setattr(sys, "path", [str(project), *sys.path])
+    run = tmp_path / "run"
+    assert main(["pretrain", "--dataset", "digits", "--backbone", "nets.small:make", "--image-size", "16", "-K", "2",
+                 "--epochs", "1", "--device", "cpu", "--no-progress", "--output-dir", str(run)]) == 0
+    assert code_folder("nets.small:make") == str(project) and code_folder("conv4") is None
+    assert json.loads((run / "backbone.json").read_text())["backbone_code"] == str(project)
+    # Evaluated from where the module is not importable (another folder, another shell): the error says where it was.
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(project)])
+    for name in ("nets", "nets.small"):
+        monkeypatch.delitem(sys.modules, name)
+    capsys.readouterr()
+    assert main(["evaluate", "--run-dir", str(run), "--protocols", "knn", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"importable from the working folder or PYTHONPATH (the run imported it from {project}: run evaluate there, "
+        "or add that folder to PYTHONPATH)")
+
+
 def test_load_into_torchvision_refuses_what_does_not_fit_in_one_line():
     conv4 = Conv4().state_dict()
     with pytest.raises(RelreasonError, match=r"not a torchvision ResNet's \(no 4-d conv1.weight\)"):

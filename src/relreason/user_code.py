@@ -13,6 +13,25 @@ from typing import Any
 from relreason.errors import RelreasonError, short_reason
 
 
+class UserCodeNotFound(RelreasonError):
+    """The module a ``package.module:name`` names is not importable from here."""
+
+
+def code_folder(spec: str) -> str | None:
+    """The folder that ``spec``'s module was imported from, the one to put on PYTHONPATH for it (an absolute path),
+    or None for a registered name or a module not imported yet."""
+    module_name = spec.partition(":")[0] if isinstance(spec, str) and ":" in spec else None
+    module = sys.modules.get(module_name) if module_name else None
+    file = getattr(module, "__file__", None)
+    if not file:
+        return None
+    path = os.path.abspath(file)
+    depth = module_name.count(".") + (2 if os.path.basename(path) == "__init__.py" else 1)
+    for _ in range(depth):
+        path = os.path.dirname(path)
+    return path
+
+
 def import_named(spec: str, what: str, role: str, form: str) -> Any:
     """The object ``spec`` (``package.module:name``) names. ``what`` names it in errors ("backbone factory"),
     ``role`` says what it serves ("backbone"), ``form`` is the spelling to suggest ("package.module:function")."""
@@ -23,7 +42,7 @@ def import_named(spec: str, what: str, role: str, form: str) -> Any:
     except ModuleNotFoundError as error:
         if not _names_the_module(error, module_name):  # the module is there; something it imports is not
             raise RelreasonError(_raised_on_import(spec, module_name, error, role)) from None
-        raise RelreasonError(f"cannot load {what} '{spec}' ({error}); {hint}") from None
+        raise UserCodeNotFound(f"cannot load {what} '{spec}' ({error}); {hint}") from None
     except (ValueError, TypeError) as error:  # '' or '.rel': not a module name
         raise RelreasonError(f"cannot load {what} '{spec}' ({error}); {hint}") from None
     except (Exception, SystemExit) as error:  # the user's module raised as it was imported: its bug, at its line

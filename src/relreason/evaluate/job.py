@@ -57,6 +57,7 @@ from relreason.protocols.features import extract_features
 from relreason.protocols.finetune import FINETUNE_BATCH_SIZE, FINETUNE_LR_DECAY, finetune_milestones
 from relreason.protocols.frozen import ALL_PROTOCOLS, DEFAULT_LABEL_FRACTIONS, choose_protocols, evaluate_features
 from relreason.run_files import FEATURES_DIR_NAME
+from relreason.user_code import UserCodeNotFound
 
 # Options that serve one protocol alone: set without it, they are said to do nothing.
 _PROTOCOL_OPTIONS = {
@@ -122,7 +123,14 @@ def _run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     device = resolve_device(config.device)
     use_device(device)
     weights, meta, state = load_backbone_source(config)
-    check_backbone(meta["backbone"], meta.get("backbone_args"))  # before any data is read
+    try:
+        check_backbone(meta["backbone"], meta.get("backbone_args"))  # before any data is read
+    except UserCodeNotFound as error:
+        where = meta.get("backbone_code")
+        if not where:
+            raise
+        raise RelreasonError(f"{error} (the run imported it from {where}: run evaluate there, or add that folder to "
+                             "PYTHONPATH)") from None
     # A training checkpoint's results go beside it under their own name, not over the exported backbone's.
     default = f"evaluation-{weights.stem}.json" if is_checkpoint_path(weights) else "evaluation.json"
     output = Path(config.output) if config.output else weights.parent / default

@@ -16,6 +16,7 @@ from relreason.errors import RelreasonError
 from relreason.run_files import BACKBONE_META_NAME, BACKBONE_NAME, CONFIG_NAME, CURVES_NAME, METRICS_NAME, STEPS_NAME
 from relreason.train.config import PretrainConfig, views_used
 from relreason.train.position import TrainingPosition
+from relreason.user_code import code_folder
 
 
 def check_output_dir(config: PretrainConfig) -> None:
@@ -157,6 +158,7 @@ def export_backbone(
     meta = {
         "backbone": config.backbone,
         "backbone_args": config.backbone_args,
+        "backbone_code": code_folder(config.backbone),  # a factory of one's own: where it was imported from
         "method": config.method,
         "feature_dim": int(backbone.feature_dim),
         "dataset": config.dataset,
