@@ -8,9 +8,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from relreason.checks import real_number
 from relreason.errors import RelreasonError
 
 LOSSES = ("bce", "focal")
+
+
+def check_focal_parameters(gamma: float, alpha: float | None, gamma_name: str = "focal loss gamma",
+                           alpha_name: str = "focal loss alpha") -> None:
+    """A one-line error, naming the parameter as ``gamma_name`` / ``alpha_name`` say (the command line names its
+    flags), for a focal loss ``gamma`` that is not a finite number >= 0 or an ``alpha`` outside [0, 1]."""
+    if not (real_number(gamma, gamma_name) >= 0 and math.isfinite(gamma)):  # NaN passes a plain `gamma < 0` check
+        raise RelreasonError(f"{gamma_name} must be a finite number >= 0, got {gamma}; pass e.g. 2 (the paper's)")
+    if alpha is not None and not 0.0 <= real_number(alpha, alpha_name) <= 1.0:  # also refuses NaN and infinities
+        raise RelreasonError(f"{alpha_name} must lie in [0, 1], got {alpha}; pass e.g. 0.5")
 
 
 class FocalLoss(nn.Module):
@@ -22,10 +33,7 @@ class FocalLoss(nn.Module):
 
     def __init__(self, gamma: float = 2.0, alpha: float | None = 0.5) -> None:
         super().__init__()
-        if not (gamma >= 0 and math.isfinite(gamma)):  # NaN passes a plain `gamma < 0` check
-            raise RelreasonError(f"focal loss gamma must be a finite number >= 0, got {gamma}; pass e.g. 2 (the paper's)")
-        if alpha is not None and not 0.0 <= alpha <= 1.0:  # also refuses NaN and infinities
-            raise RelreasonError(f"focal loss alpha must lie in [0, 1], got {alpha}")
+        check_focal_parameters(gamma, alpha)
         self.gamma = gamma
         self.alpha = alpha
 

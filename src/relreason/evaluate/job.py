@@ -28,7 +28,7 @@ from relreason.data.image_folder import decoded_for, read_threads
 from relreason.data.splits import image_folders_read
 from relreason.device import is_out_of_memory, resolve_device, use_device
 from relreason.distributed import refuse_several_processes
-from relreason.errors import RelreasonError, note, warn
+from relreason.errors import RelreasonError, note, option_flag, warn
 from relreason.evaluate.config import EvaluateConfig
 from relreason.evaluate.data import (
     check_several_classes,
@@ -248,7 +248,7 @@ def _note_options_of_other_protocols(config: EvaluateConfig, protocols: list[str
         changed = [field for field in fields
                    if _plain(getattr(config, field)) != _plain(getattr(EvaluateConfig, field))]
         if changed and protocol not in protocols:
-            flags = " and ".join(f"--{field.replace('_', '-')}" for field in changed)
+            flags = " and ".join(option_flag(field) for field in changed)
             note(f"{flags} set{'s' if len(changed) == 1 else ''} the {protocol} protocol, which "
                  f"--protocols does not include ({', '.join(protocols)}); add {protocol} to use it")
 

@@ -10,15 +10,15 @@ from typing import Any
 from torch import nn
 
 from relreason.backbones.registry import check_backbone
-from relreason.checks import check_folder_given, real_number, whole_number
+from relreason.checks import check_folder_given, whole_number
 from relreason.data import check_test_fraction, dataset_info
 from relreason.data.splits import image_folders_read
 from relreason.data.transforms import MIN_CROP_SCALE, check_crop_scale, jitter_amounts
 from relreason.device import AMP_MODES, check_device_name, resolve_device
 from relreason.errors import RelreasonError, option_flag
-from relreason.losses import build_loss
+from relreason.losses import build_loss, check_focal_parameters
 from relreason.methods import PretrainMethod, check_method_name, is_built_in, method_class, views_per_image
-from relreason.pairing import AGGREGATIONS, check_pairing_sizes
+from relreason.pairing import AGGREGATIONS
 from relreason.schedule import check_schedule
 from relreason.seeding import check_seed
 
@@ -89,8 +89,6 @@ class PretrainConfig:
             raise RelreasonError(f"-K/--num-views must be >= 2 for relational reasoning (a positive pair takes two "
                                  f"views of an image), got {num_views}; pass e.g. -K 4" if relational else
                                  f"-K/--num-views must be >= 1, got {num_views}; pass e.g. -K 4")
-        if relational:
-            check_pairing_sizes(num_views, batch_size)
         if self.epochs < 1:
             raise RelreasonError(f"--epochs must be >= 1, got {self.epochs}")
         if not self.simclr_temperature > 0:
@@ -126,13 +124,7 @@ class PretrainConfig:
         if self.time_limit is not None and not self.time_limit > 0:
             raise RelreasonError(f"--time-limit must be > 0 minutes, got {self.time_limit}")
         # Checked whatever --loss is: unused, a value out of range is a mistake all the same.
-        focal_gamma = real_number(self.focal_gamma, "--focal-gamma")
-        focal_alpha = None if self.focal_alpha is None else real_number(self.focal_alpha, "--focal-alpha")
-        if not (focal_gamma >= 0 and math.isfinite(focal_gamma)):  # NaN passes a plain `< 0` check
-            raise RelreasonError(f"--focal-gamma must be a finite number >= 0, got {self.focal_gamma}; pass e.g. 2 "
-                                 "(the paper's)")
-        if focal_alpha is not None and not 0.0 <= focal_alpha <= 1.0:
-            raise RelreasonError(f"--focal-alpha must lie in [0, 1], got {self.focal_alpha}; pass e.g. 0.5")
+        check_focal_parameters(self.focal_gamma, self.focal_alpha, "--focal-gamma", "--focal-alpha")
         build_loss(self.loss, self.focal_gamma, self.focal_alpha)
         check_test_fraction(self.dataset, self.test_fraction)
         if dataset_info(self.dataset).name == "folder":

@@ -300,11 +300,11 @@ def _resume(found: tuple[Path, dict[str, Any]], model: nn.Module, optimizer: tor
         else:
             log(f"resuming {path}: epoch {position.epoch + 1}, step {position.step}", context)
             for changed in changed_option_notes(checkpoint, config, geometry):
-                note(changed, context.is_main)
+                note(changed)
         saved_epochs = checkpoint.get("config", {}).get("epochs", config.epochs)
         if config.lr_schedule == "cosine" and saved_epochs != config.epochs:
             warn(f"--epochs changed from {saved_epochs} to {config.epochs}: the cosine schedule "
-                 "now spans the new length, so the learning rate jumps to that curve", context.is_main)
+                 "now spans the new length, so the learning rate jumps to that curve")
     return position
 
 
