@@ -101,17 +101,18 @@ def test_public_indices_are_the_callers_own():
     assert shared_pair_indices(2, 4)[0].sum() > 0
 
 
-@pytest.mark.parametrize("num_views, batch_size", [(2.5, 4), (3, 4.5), ("3", 4)])
-def test_fractional_sizes_are_refused(num_views, batch_size):
+@pytest.mark.parametrize("num_views, batch_size", [(2.5, 4), (3, 4.5), ("3", 4), (3.0, 4), (3, True)])
+def test_sizes_that_are_not_integers_are_refused(num_views, batch_size):
+    """Floats, even whole ones, are refused as everywhere else in the library (check_positive_int)."""
     with pytest.raises(RelreasonError, match="whole number"):
         relation_pair_indices(num_views, batch_size)
 
 
-def test_whole_sizes_of_other_types_are_accepted():
+def test_integers_of_other_types_are_accepted():
     import numpy as np
 
     expected = relation_pair_indices(3, 4)
-    for num_views, batch_size in [(3.0, 4.0), (np.int64(3), np.int32(4)), (torch.tensor(3), torch.tensor(4))]:
+    for num_views, batch_size in [(np.int64(3), np.int32(4)), (torch.tensor(3), torch.tensor(4))]:
         assert all(torch.equal(a, b) for a, b in zip(relation_pair_indices(num_views, batch_size), expected))
 
 

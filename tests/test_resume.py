@@ -307,3 +307,40 @@ def test_loader_workers_ignore_the_stop_signals_and_end_with_an_error_that_escap
         time.sleep(0.05)
     else:
         raise AssertionError("the loader's worker is still running")
+
+
+_DROPOUT_BACKBONE = '''
+from torch import nn
+from relreason.backbones import Conv4
+
+
+def conv4_with_dropout():
+    net = Conv4()
+    net.flatten = nn.Sequential(nn.Flatten(), nn.Dropout(0.5))  # draws from the global generator every step
+    return net
+'''
+
+
+def test_a_mid_epoch_resume_on_the_per_image_path_keeps_the_global_generator_in_step(tmp_path, monkeypatch):
+    """A backbone with dropout draws from PyTorch's global generator, which a checkpoint keeps: a run resumed
+    mid-epoch ends bit-identical only if nothing else drew from it (the DataLoader's worker seed did)."""
+    (tmp_path / "dropout_backbone.py").write_text(_DROPOUT_BACKBONE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def config(name):
+        return PretrainConfig(dataset="digits", backbone="dropout_backbone:conv4_with_dropout", image_size=16,
+                              num_views=2, batch_size=64, epochs=2, seed=5, augment="pil", num_workers=0,
+                              checkpoint_every=8, keep_checkpoints=100, device="cpu", progress=False,
+                              tensorboard=False, output_dir=str(tmp_path / name))
+
+    pretrain(config("straight"))
+    stopped = tmp_path / "stopped"
+    pretrain(config("stopped"))
+    # As if killed after the second epoch's step-8 checkpoint: what came after it is gone.
+    for path in list_checkpoints(stopped):
+        if path.name > "checkpoint-e0001-s0000008.pt":
+            path.unlink()
+    (stopped / "backbone.pt").unlink()
+    pretrain(config("stopped"))
+    assert_same_weights(tmp_path / "straight", stopped)
+    assert losses(tmp_path / "straight") == losses(stopped)

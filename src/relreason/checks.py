@@ -17,12 +17,16 @@ from relreason.errors import RelreasonError
 ConfigT = TypeVar("ConfigT")
 
 
+def _is_bool(value: Any) -> bool:
+    """True for Python, NumPy and torch booleans, which ``operator.index`` would take as 0 and 1."""
+    return isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("torch.bool", "bool")
+
+
 def check_positive_int(value: Any, name: str, example: int | None = None) -> int:
     """``value`` as an int when it is an integer >= 1 (a NumPy or 0-d torch integer too, not a bool or a float),
     else a one-line error naming ``name``."""
     try:
-        is_bool = isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("torch.bool", "bool")
-        number = None if is_bool else operator.index(value)
+        number = None if _is_bool(value) else operator.index(value)
     except TypeError:
         number = None
     if number is None or number < 1:
@@ -43,13 +47,25 @@ def check_positive_float(value: Any, name: str) -> float:
 
 
 def whole_number(value: Any, name: str) -> int:
-    """``value`` as an int; a fractional or non-numeric value is an error rather than silently truncated."""
+    """``value`` as an int when it is an integer (a NumPy or 0-d torch integer too), else a one-line error: a float,
+    even 4.0, is refused as ``check_positive_int`` refuses it, rather than silently truncated."""
     try:
+        if _is_bool(value):
+            raise TypeError
         return operator.index(value)  # ints, NumPy and 0-d torch integers; not 2.5
     except TypeError:
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
         raise RelreasonError(f"{name} must be a whole number, got {value!r}") from None
+
+
+def check_seed(seed: Any, name: str = "seed") -> int | None:
+    """``seed`` as an int, or None; anything else (a float, text, a bool) is a one-line error now rather than a
+    TypeError inside a DataLoader worker at the first item."""
+    if seed is None:
+        return None
+    try:
+        return whole_number(seed, name)
+    except RelreasonError:
+        raise RelreasonError(f"{name} must be an integer or None, got {seed!r}") from None
 
 
 def real_number(value: Any, name: str) -> float:

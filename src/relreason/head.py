@@ -70,11 +70,19 @@ class RelationHead(nn.Sequential):
             if index.device != features.device:
                 raise RelreasonError(f"score_pairs' {name} indices are on {index.device} and the features on "
                                      f"{features.device}; pass relation_pair_indices(K, B, device=features.device)")
+        if left.shape != right.shape:
+            raise RelreasonError(f"score_pairs' left and right must be index tensors of one shape, got "
+                                 f"{tuple(left.shape)} and {tuple(right.shape)}; pair row left[p] with row right[p]")
         first, width = self[0], features.shape[-1]
         weight = getattr(first, "weight", None)
         if isinstance(weight, torch.Tensor) and weight.device != features.device:
             raise RelreasonError(f"the relation head is on {weight.device} and the features on {features.device}; "
                                  "move the head with .to(features.device)")
+        if (isinstance(weight, torch.Tensor) and weight.dtype != features.dtype and weight.is_floating_point()
+                and not torch.is_autocast_enabled(features.device.type)):
+            raise RelreasonError(f"the features are {features.dtype} and the relation head {weight.dtype}; convert "
+                                 f"one to the other (features.to({weight.dtype}), or the head with .to(dtype)), or run "
+                                 "under torch.autocast")
         joined_width = aggregation_width(width, aggregation)
         lazy = isinstance(first, nn.modules.lazy.LazyModuleMixin) and first.has_uninitialized_params()
         if isinstance(first, nn.Linear) and not lazy and first.in_features != joined_width:

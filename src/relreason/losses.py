@@ -58,7 +58,8 @@ class FocalLoss(nn.Module):
 
 
 def build_loss(name: str = "bce", gamma: float = 2.0, alpha: float | None = 0.5) -> nn.Module:
-    """``bce`` (BCE with logits, the reference notebook's) or ``focal`` (the paper's code)."""
+    """``bce`` (BCE with logits, the reference notebook's) or ``focal`` (the paper's code); ``gamma`` and ``alpha``
+    are the focal loss's and do not change ``bce``."""
     if name == "bce":
         return nn.BCEWithLogitsLoss()
     if name == "focal":

@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import torch
 
-from relreason.checks import whole_number
+from relreason.checks import check_positive_int, whole_number
 from relreason.errors import RelreasonError
 
 AGGREGATIONS = ("cat", "sum", "mean", "max")
@@ -118,12 +118,16 @@ def aggregation_width(feature_dim: int, aggregation: str) -> int:
     """Width of the relation vector that ``aggregation`` makes from two ``feature_dim`` features."""
     if aggregation not in AGGREGATIONS:
         raise RelreasonError(f"unknown aggregation '{aggregation}'; choose one of {', '.join(AGGREGATIONS)}")
+    feature_dim = check_positive_int(feature_dim, "feature_dim (the backbone's output width)", example=64)
     return 2 * feature_dim if aggregation == "cat" else feature_dim
 
 
 def images_per_view_block(features: torch.Tensor, num_views: int) -> int:
     """B, the number of images, of view-major ``features`` ``(K * B, d)``; a one-line error when they do not split
     into K equal view blocks."""
+    if not isinstance(features, torch.Tensor):
+        raise RelreasonError(f"features must be one tensor (K*B, d), view-major, got a {type(features).__name__}; "
+                             "join K per-view feature tensors with torch.cat(features)")
     if features.dim() != 2:
         raise RelreasonError(f"features must have shape (K*B, d), got {tuple(features.shape)}")
     num_views, total = whole_number(num_views, "K (views per image)"), features.shape[0]

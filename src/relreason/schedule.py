@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from relreason.checks import real_number, whole_number
 from relreason.errors import RelreasonError
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -15,7 +16,7 @@ def check_schedule(schedule: str, warmup_epochs: float, epochs: int) -> None:
     """Raise a one-line error for an unknown schedule or a warm-up that does not fit in the run."""
     if schedule not in LR_SCHEDULES:
         raise RelreasonError(f"unknown --lr-schedule '{schedule}'; choose one of {', '.join(LR_SCHEDULES)}")
-    if not 0 <= warmup_epochs < epochs:
+    if not 0 <= real_number(warmup_epochs, "--warmup-epochs") < whole_number(epochs, "--epochs"):
         raise RelreasonError(
             f"--warmup-epochs must lie in [0, --epochs) = [0, {epochs}), got {warmup_epochs}; "
             "use a shorter warm-up or more epochs"
@@ -26,10 +27,19 @@ def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, schedul
     """Multiplier of the base learning rate for optimizer step ``step`` (0-based) of ``total_steps``.
 
     A linear warm-up over the first ``warmup_steps`` (from ``1/warmup_steps`` up to 1), then 1 for
-    ``constant`` or a half cosine from 1 towards 0 at ``total_steps`` for ``cosine``.
+    ``constant`` or a half cosine from 1 towards 0 at ``total_steps`` for ``cosine``. Steps are whole numbers (a
+    warm-up of ``epochs * steps_per_epoch`` steps: round it, as the trainer does) and the warm-up ends within the
+    run; past ``total_steps`` the cosine stays at 0.
     """
     if schedule not in LR_SCHEDULES:
         raise RelreasonError(f"unknown learning-rate schedule '{schedule}'; choose one of {', '.join(LR_SCHEDULES)}")
+    step, total_steps = whole_number(step, "step"), whole_number(total_steps, "total_steps")
+    warmup_steps = whole_number(warmup_steps, "warmup_steps (round a fractional warm-up to whole steps)")
+    if step < 0 or not 0 <= warmup_steps <= total_steps:
+        raise RelreasonError(
+            f"learning_rate_factor needs step >= 0 and 0 <= warmup_steps <= total_steps, got step {step}, "
+            f"warmup_steps {warmup_steps}, total_steps {total_steps}; count steps from 0 over the whole run"
+        )
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":

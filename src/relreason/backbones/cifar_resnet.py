@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 from relreason.backbones.conv4 import init_conv_bn
+from relreason.checks import check_positive_int
+from relreason.errors import RelreasonError
 
 
 def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
@@ -13,6 +15,8 @@ def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
 
 
 class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with a shortcut (a 1x1 projection where the stride or the width changes)."""
+
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
         super().__init__()
         self.conv1 = _conv3x3(in_channels, out_channels, stride)
@@ -38,8 +42,15 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """3x3 stem, three stages of ``blocks_per_stage`` basic blocks (strides 1, 2, 2), global pooling."""
 
-    def __init__(self, blocks_per_stage: int, channels: tuple[int, int, int] = (16, 32, 64), in_channels: int = 3):
+    def __init__(self, blocks_per_stage: int, channels: tuple[int, int, int] = (16, 32, 64), in_channels: int = 3
+                 ) -> None:
         super().__init__()
+        blocks_per_stage = check_positive_int(blocks_per_stage, "blocks_per_stage", example=5)
+        in_channels = check_positive_int(in_channels, "in_channels", example=3)
+        if len(channels) != 3:
+            raise RelreasonError(f"channels must give the 3 stages' widths, got {tuple(channels)}; "
+                                 "pass e.g. (16, 32, 64)")
+        channels = tuple(check_positive_int(c, "each stage's channels", example=16) for c in channels)
         self.conv1 = _conv3x3(in_channels, channels[0])
         self.bn1 = nn.BatchNorm2d(channels[0])
         self.relu = nn.ReLU(inplace=True)

@@ -46,6 +46,7 @@ class Conv4(nn.Module):
     def __init__(self, in_channels: int = 3, width: int = 1) -> None:
         super().__init__()
         width = check_positive_int(width, "conv4's width (--backbone-args width=N)", example=2)
+        in_channels = check_positive_int(in_channels, "in_channels", example=3)
         channels = [c * width for c in CHANNELS]
         self.feature_dim = channels[-1]
         self.layer1 = _conv_block(in_channels, channels[0], nn.AvgPool2d(kernel_size=2, stride=2))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,12 +20,26 @@ from relreason.errors import RelreasonError
 from relreason.user_code import import_named
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
+_BUILT_IN: dict[str, Callable[..., nn.Module]] = {}  # filled below, once the built-in names are registered
 
 
 def register_backbone(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator: make a factory ``f(**kwargs) -> nn.Module`` buildable by ``name``."""
+    """Decorator: make a factory ``f(**kwargs) -> nn.Module`` buildable by ``name``.
+
+    Registering a name again replaces one's own factory (a notebook cell run twice); a built-in name is kept, so
+    that runs and exports that name it mean one network.
+    """
+    if not isinstance(name, str) or not name.strip() or ":" in name:
+        raise RelreasonError(f"a backbone name must be a non-empty string without ':' (which marks "
+                             f"package.module:factory), got {name!r}")
+    if name in _BUILT_IN:
+        raise RelreasonError(f"'{name}' is a built-in backbone; register yours under another name, e.g. "
+                             f"'my-{name}'")
 
     def decorate(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if not callable(factory):
+            raise RelreasonError(f"register_backbone('{name}') decorates a factory f(**kwargs) -> nn.Module, got "
+                                 f"{type(factory).__name__}")
         BACKBONES[name] = factory
         return factory
 
@@ -38,7 +53,7 @@ register_backbone("resnet56")(resnet56)
 for _name in ("resnet18", "resnet34", "resnet50"):
     register_backbone(_name)(functools.partial(torchvision_resnet, _name))
 # relreason's own factories, the ones check_backbone may call: they do nothing but build layers.
-_BUILT_IN = dict(BACKBONES)
+_BUILT_IN.update(BACKBONES)
 
 
 def backbone_names() -> list[str]:
@@ -147,9 +162,9 @@ def _plain_kind(parameter: inspect.Parameter) -> type | None:
 
 def _is_kind(value: Any, kind: type) -> bool:
     if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if kind is int:  # NumPy integers too, as the factories themselves take them
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     return isinstance(value, kind)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from relreason.checks import check_positive_int
+from relreason.checks import check_positive_int, check_seed, whole_number
 from relreason.data.batch_augment import BatchRelationalAugmentation
 from relreason.errors import RelreasonError, format_bytes
 from relreason.seeding import mix_seed
@@ -98,6 +99,23 @@ def check_fits_on_device(nbytes: int, device: torch.device, share: float = 0.5) 
         )
 
 
+def check_batch_augmentation(augmentation: Any) -> None:
+    """A one-line error unless ``augmentation`` can be called as ``augmentation(images, num_views, generator)``, the
+    way a ``BatchRelationalAugmentation`` is: a per-image transform would fail only at the first batch."""
+    if isinstance(augmentation, BatchRelationalAugmentation):
+        return
+    try:
+        inspect.signature(augmentation).bind(None, 1, None)
+    except TypeError:
+        raise RelreasonError(
+            f"the augmentation must be called as augmentation(uint8 images, num_views, generator) on a whole batch, "
+            f"got {type(augmentation).__name__}; use BatchRelationalAugmentation, or MultiViewDataset for a per-image "
+            "transform"
+        ) from None
+    except ValueError:  # no signature to read (a builtin): the first batch will tell
+        pass
+
+
 class DeviceMultiViewDataset:
     """A labelled image set held on ``device`` as uint8, and the batched augmentation that makes its views.
 
@@ -115,12 +133,11 @@ class DeviceMultiViewDataset:
         device: torch.device | str = "cpu",
     ) -> None:
         num_views = check_positive_int(num_views, "the number of views per image", example=4)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-            raise RelreasonError(f"seed must be an integer or None, got {seed!r}")
+        check_batch_augmentation(augmentation)
         self.dataset = dataset
         self.augmentation = augmentation
         self.num_views = num_views
-        self.seed = None if seed is None else int(seed)
+        self.seed = check_seed(seed)
         self.device = torch.device(device)
         images = images_as_tensor(dataset, keep_grey=True)
         check_fits_on_device(images.nbytes, self.device)
@@ -131,13 +148,28 @@ class DeviceMultiViewDataset:
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """Views differ from epoch to epoch (with a seed, they follow ``(seed, epoch, step)``); call before each
+        epoch."""
+        self.epoch = whole_number(epoch, "epoch")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    def views(self, indices: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        indices = torch.as_tensor(indices, dtype=torch.long)  # a list of indices as well
+    def views(self, indices: torch.Tensor | Sequence[int], generator: torch.Generator | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(K, B, 3, S, S)`` views and ``(B,)`` labels of the images at ``indices`` (integer positions, a
+        tensor or a list), their random parameters drawn from ``generator`` (PyTorch's global one when None)."""
+        indices = torch.as_tensor(indices)  # a list of indices as well
+        if indices.dtype == torch.bool or indices.is_floating_point() or indices.is_complex():
+            # as_tensor(dtype=long) would read a mask as positions 0 and 1, and truncate 1.7 to 1, in silence
+            raise RelreasonError(f"views() takes integer image positions, got a {indices.dtype} tensor; turn a mask "
+                                 "into positions with mask.nonzero().squeeze(1)")
+        indices = indices.long()
+        if indices.device.type == "cpu" and indices.numel():  # on the CPU, the range costs no device sync to check
+            low, high = int(indices.min()), int(indices.max())
+            if low < 0 or high >= len(self):
+                raise RelreasonError(f"image positions must lie in [0, {len(self)}) for this dataset of {len(self)} "
+                                     f"images, got {low if low < 0 else high}")
         if self.device.type == "cuda" and indices.device.type == "cpu":
             # From pageable memory the driver may wait for the stream before it stages the copy; pinned, never.
             indices = indices.pin_memory()

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import Dataset
 
-from relreason.checks import check_positive_int
+from relreason.checks import check_positive_int, check_seed, whole_number
 from relreason.errors import RelreasonError
 from relreason.seeding import mix_seed
 
@@ -36,12 +36,12 @@ class MultiViewDataset(Dataset):
         self.dataset = dataset
         self.transform = transform
         self.num_views = num_views
-        self.seed = seed
+        self.seed = check_seed(seed)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Views differ from epoch to epoch; call before iterating over each epoch."""
-        self.epoch = epoch
+        self.epoch = whole_number(epoch, "epoch")
 
     def __len__(self) -> int:
         return len(self.dataset)

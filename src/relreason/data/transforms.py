@@ -63,6 +63,11 @@ def check_normalization(image_size: int, mean: Sequence[float] | None, std: Sequ
         )
     if not all(math.isfinite(s) and s > 0 for s in std_t) or not all(math.isfinite(m) for m in mean_t):
         raise RelreasonError(f"std must be positive and finite and mean finite, got mean {mean_t} std {std_t}; fix the normalisation values")
+    # Views are normalised on the 0-1 scale of ToTensor and of the batched path; values on the 0-255 scale would
+    # squash every view to a near-constant image without any error.
+    if not all(0 <= m <= 1 for m in mean_t) or not all(s <= 1 for s in std_t):
+        raise RelreasonError(f"mean and std are taken on pixel values in [0, 1], got mean {mean_t} std {std_t}; "
+                             "values on the 0-255 scale must be divided by 255")
     return mean_t, std_t
 
 

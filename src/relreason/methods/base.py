@@ -68,18 +68,37 @@ class PretrainMethod(nn.Module):
         try:
             features = self.backbone(images)
         except RuntimeError as error:
-            if images.is_floating_point():
+            fix = _how_to_fix_views(images, self.backbone, error)
+            if fix is None:
                 raise
-            raise RelreasonError(
-                f"the backbone cannot take {images.dtype} views ({short_reason(error)}); make normalised float views "
-                "from uint8 images with relreason.data.batch_augment.BatchRelationalAugmentation or a transform "
-                "ending in Normalize"
-            ) from error
+            what = "these views" if images.is_floating_point() else f"{images.dtype} views"
+            raise RelreasonError(f"the backbone cannot take {what} ({short_reason(error)}); {fix}") from error
         check_features(features, images.shape[0], self.feature_dim)
         return features
 
     def forward(self, views: Sequence[torch.Tensor], labels: torch.Tensor | None = None) -> StepOutput:
         raise NotImplementedError
+
+
+def _how_to_fix_views(images: torch.Tensor, backbone: nn.Module, error: RuntimeError) -> str | None:
+    """The fix for the view mistakes a backbone's first layer reports in PyTorch's words, or None for any other
+    error, which is then raised as it is."""
+    if not images.is_floating_point():
+        return ("make normalised float views from uint8 images with "
+                "relreason.data.batch_augment.BatchRelationalAugmentation or a transform ending in Normalize")
+    if "channels" in str(error) and images.dim() == 4:
+        shape = tuple(images.shape)
+        fix = "views are (N, C, H, W) with the channels the backbone takes"
+        if images.shape[-1] in (1, 3, 4) and images.shape[1] not in (1, 3, 4):
+            return f"{fix}, and these {shape} look channels-last: pass images.permute(0, 3, 1, 2)"
+        if images.shape[1] == 1:
+            return f"{fix}, and these {shape} are grey: pass images.expand(-1, 3, -1, -1) for RGB"
+        return f"{fix}, got {shape}"
+    weight = next((t for t in backbone.parameters() if t.is_floating_point()), None)
+    if weight is not None and weight.dtype != images.dtype and not torch.is_autocast_enabled(images.device.type):
+        return (f"the views are {images.dtype} and the backbone {weight.dtype}; convert the views "
+                f"(views.to({weight.dtype})) or the model (model.to(dtype)), or run under torch.autocast")
+    return None
 
 
 def check_features(features: torch.Tensor, num_images: int, feature_dim: int) -> None:

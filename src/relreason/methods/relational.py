@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +39,18 @@ class RelationOutput:
             "positive_accuracy": self.positive_accuracy,
             "negative_accuracy": self.negative_accuracy,
         }
+
+
+def check_loss_module(loss: object) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``loss`` when it is a loss to call as ``loss(logits, targets)``; a class given for an instance
+    (``loss=FocalLoss``) or a non-callable is a one-line error now rather than at the first step."""
+    if isinstance(loss, type):
+        raise RelreasonError(f"loss must be a loss module, got the class {loss.__name__}; build one: "
+                             f"loss={loss.__name__}(), or pass 'bce' or 'focal'")
+    if not callable(loss):
+        raise RelreasonError(f"loss must be 'bce', 'focal' or a module called as loss(logits, targets), got "
+                             f"{type(loss).__name__}")
+    return loss  # a module, or a plain function
 
 
 def stack_views(views: Sequence[torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -92,11 +104,12 @@ class RelationalReasoning(PretrainMethod):
         self.relation_head = self.beside_backbone(
             RelationHead(aggregation_width(self.feature_dim, aggregation), hidden_features)
         )
-        self.criterion = build_loss(loss) if isinstance(loss, str) else loss
+        self.criterion = build_loss(loss) if isinstance(loss, str) else check_loss_module(loss)
         self.factorised_head = factorised_head
 
     @staticmethod
     def views_per_image(num_views: int) -> int:
+        """All K views of each image: every pair of them is a positive."""
         return num_views
 
     def relation_scores(self, features: torch.Tensor, num_views: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,6 +130,10 @@ class RelationalReasoning(PretrainMethod):
         # Under autocast the scores may be half precision; the loss is always taken in at least fp32.
         loss_dtype = torch.promote_types(scores.dtype, torch.float32)
         loss = self.criterion(scores.to(loss_dtype), targets.to(loss_dtype))
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise RelreasonError(f"the loss must reduce the pairs to one number, got {shape}; give the loss module "
+                                 "reduction='mean' (or end its forward with .mean())")
         with torch.no_grad():
             correct = ((scores > 0).to(targets.dtype) == targets).float()
             positive = (targets > 0.5).float()

@@ -35,6 +35,7 @@ from relreason.distributed import DistributedContext
 from relreason.errors import RelreasonError
 from relreason.launch import is_first_process
 from relreason.methods import method_class
+from relreason.seeding import mix_seed
 from relreason.train.config import PretrainConfig, views_used
 from relreason.train.position import TrainingPosition
 from relreason.train.stop import ignore_stop_signals, stop_signals_held
@@ -150,6 +151,10 @@ def make_loader(
         num_workers=loader_workers(config.num_workers, device),
         pin_memory=device.type == "cuda",
         worker_init_fn=ignore_stop_signals,
+        # Its own generator: each iter() draws the workers' base seed, which from the global one would put a run
+        # resumed mid-epoch one draw ahead of an uninterrupted one (a method's dropout would then differ). The
+        # views do not depend on it: each image's come from (seed, epoch, index).
+        generator=torch.Generator().manual_seed(mix_seed(config.seed, position.epoch, context.rank)),
     )
 
 
