@@ -208,7 +208,7 @@ def test_unseeded_views_come_from_the_global_generator():
     replayed, _ = next(iter(BatchViewLoader(views, batches)))
     assert first.shape == (2, 3, 3, 8, 8) and labels.tolist() == [0, 1, 0]
     assert not torch.equal(first, again) and torch.equal(first, replayed)
-    with pytest.raises(RelreasonError, match="seed must be an integer or None, got '3'"):
+    with pytest.raises(RelreasonError, match=r"seed must be None or an integer in \[0, 2\*\*63 - 1\], got '3'"):
         DeviceMultiViewDataset(dataset, views.augmentation, 2, seed="3")
     numpy_seeded = DeviceMultiViewDataset(dataset, views.augmentation, 2, seed=np.int64(3))
     seeded = DeviceMultiViewDataset(dataset, views.augmentation, 2, seed=3)

@@ -1,5 +1,6 @@
 """The trainer's promises beyond the happy path: AMP, logs, time limit, non-finite loss, resume checks."""
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -102,7 +103,9 @@ def test_metrics_tensorboard_and_plot(tmp_path):
     record = result.history[-1]
     assert set(record) >= {"epoch", "loss", "relation_accuracy", "positive_accuracy", "negative_accuracy",
                            "seconds", "views_per_second", "lr"}
-    assert list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    # TensorBoard's files where it is installed (the dev extra installs it); without it, none and no error.
+    has_tensorboard = importlib.util.find_spec("tensorboard") is not None
+    assert bool(list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))) == has_tensorboard
     png = result.run_dir / "training_curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -417,7 +420,12 @@ def test_adam_is_fused_on_cuda_only_and_stays_so_when_resumed_from_a_cpu_checkpo
     # The fused kernel keeps its step counts beside the parameters; a CPU checkpoint keeps them on the CPU.
     # Parameters on the meta device stand for a GPU here.
     elsewhere = nn.Parameter(torch.ones(3, device="meta"))
-    fused = make_optimizer([{"params": [elsewhere], "base_lr": 1e-3}], PretrainConfig(), torch.device("cuda"))
+    try:
+        fused = make_optimizer([{"params": [elsewhere], "base_lr": 1e-3}], PretrainConfig(), torch.device("cuda"))
+    except RuntimeError as error:  # torch 2.4 checks a fused optimizer's devices when it is built
+        if "requires all the params to be floating point Tensors of supported devices" not in str(error):
+            raise
+        pytest.skip(f"torch {torch.__version__} builds no fused Adam on the meta device, the GPU's stand-in here")
     load_optimizer_state(fused, cpu.state_dict(), [{"params": [elsewhere], "base_lr": 1e-3}], PretrainConfig())
     step = fused.state[elsewhere]["step"]
     assert (step.device.type, step.dtype) == ("meta", torch.float32)
@@ -984,6 +992,7 @@ def test_a_step_out_of_memory_is_one_line_saying_what_to_lower(tmp_path, monkeyp
 
 
 def test_tensorboard_shows_a_resumed_epoch_once(tmp_path):
+    pytest.importorskip("tensorboard", reason="TensorBoard comes with the dev extra")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     pretrain(config(tmp_path, epochs=2))

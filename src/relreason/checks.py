@@ -57,17 +57,6 @@ def whole_number(value: Any, name: str) -> int:
         raise RelreasonError(f"{name} must be a whole number, got {value!r}") from None
 
 
-def check_seed(seed: Any, name: str = "seed") -> int | None:
-    """``seed`` as an int, or None; anything else (a float, text, a bool) is a one-line error now rather than a
-    TypeError inside a DataLoader worker at the first item."""
-    if seed is None:
-        return None
-    try:
-        return whole_number(seed, name)
-    except RelreasonError:
-        raise RelreasonError(f"{name} must be an integer or None, got {seed!r}") from None
-
-
 def real_number(value: Any, name: str) -> float:
     """``value`` as a float when it is a real number (not a bool, not text), else a one-line error naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

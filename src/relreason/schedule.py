@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -23,6 +24,13 @@ def check_schedule(schedule: str, warmup_epochs: float, epochs: int) -> None:
         )
 
 
+def _whole_steps(value: Any, name: str) -> int:
+    """A count of steps as an int: a whole float too (``5.0 * steps_per_epoch``), a fractional one refused."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return whole_number(value, name)
+
+
 def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
     """Multiplier of the base learning rate for optimizer step ``step`` (0-based) of ``total_steps``.
 
@@ -33,8 +41,8 @@ def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, schedul
     """
     if schedule not in LR_SCHEDULES:
         raise RelreasonError(f"unknown learning-rate schedule '{schedule}'; choose one of {', '.join(LR_SCHEDULES)}")
-    step, total_steps = whole_number(step, "step"), whole_number(total_steps, "total_steps")
-    warmup_steps = whole_number(warmup_steps, "warmup_steps (round a fractional warm-up to whole steps)")
+    step, total_steps = _whole_steps(step, "step"), _whole_steps(total_steps, "total_steps")
+    warmup_steps = _whole_steps(warmup_steps, "warmup_steps (round a fractional warm-up to whole steps)")
     if step < 0 or not 0 <= warmup_steps <= total_steps:
         raise RelreasonError(
             f"learning_rate_factor needs step >= 0 and 0 <= warmup_steps <= total_steps, got step {step}, "

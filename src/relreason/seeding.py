@@ -3,6 +3,7 @@ run's seed (per epoch, step, item)."""
 
 from __future__ import annotations
 
+import operator
 import random
 from typing import Any
 
@@ -31,6 +32,21 @@ def check_seed(seed: Any, name: str = "seed") -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise RelreasonError(f"{name} must be an integer in [0, 2**63 - 1], got {seed!r}; pass e.g. 0")
     return seed
+
+
+def check_optional_seed(seed: Any, name: str = "seed") -> int | None:
+    """None (views from PyTorch's global generator), or a seed as ``check_seed`` takes it, a NumPy or 0-d torch
+    integer too: anything else is a one-line error now rather than a TypeError inside a DataLoader worker."""
+    if seed is None:
+        return None
+    try:
+        number = None if isinstance(seed, bool) or str(getattr(seed, "dtype", "")) in ("torch.bool", "bool") \
+            else operator.index(seed)
+    except TypeError:
+        number = None
+    if number is None or not 0 <= number <= MAX_SEED:
+        raise RelreasonError(f"{name} must be None or an integer in [0, 2**63 - 1], got {seed!r}; pass e.g. 0")
+    return number
 
 
 def seed_everything(seed: int) -> None:

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from relreason.checks import check_positive_int, check_seed, whole_number
+from relreason.checks import check_positive_int, whole_number
 from relreason.data.batch_augment import BatchRelationalAugmentation
 from relreason.errors import RelreasonError, format_bytes
-from relreason.seeding import mix_seed
+from relreason.seeding import check_optional_seed, mix_seed
 
 __all__ = ["BatchViewLoader", "DeviceMultiViewDataset", "images_as_tensor"]
 
@@ -137,7 +137,7 @@ class DeviceMultiViewDataset:
         self.dataset = dataset
         self.augmentation = augmentation
         self.num_views = num_views
-        self.seed = check_seed(seed)
+        self.seed = check_optional_seed(seed)
         self.device = torch.device(device)
         images = images_as_tensor(dataset, keep_grey=True)
         check_fits_on_device(images.nbytes, self.device)
@@ -160,10 +160,13 @@ class DeviceMultiViewDataset:
         """The ``(K, B, 3, S, S)`` views and ``(B,)`` labels of the images at ``indices`` (integer positions, a
         tensor or a list), their random parameters drawn from ``generator`` (PyTorch's global one when None)."""
         indices = torch.as_tensor(indices)  # a list of indices as well
-        if indices.dtype == torch.bool or indices.is_floating_point() or indices.is_complex():
-            # as_tensor(dtype=long) would read a mask as positions 0 and 1, and truncate 1.7 to 1, in silence
-            raise RelreasonError(f"views() takes integer image positions, got a {indices.dtype} tensor; turn a mask "
-                                 "into positions with mask.nonzero().squeeze(1)")
+        # as_tensor(dtype=long) would read a mask as positions 0 and 1, and truncate 1.7 to 1, in silence
+        if indices.dtype == torch.bool:
+            raise RelreasonError("views() takes integer image positions, got a boolean mask; turn it into positions "
+                                 "with mask.nonzero().squeeze(1)")
+        if (indices.is_floating_point() or indices.is_complex()) and indices.numel():  # [] reads as float
+            raise RelreasonError(f"views() takes integer image positions, got {indices.dtype} ones; pass integers "
+                                 "(indices.long() where they are whole)")
         indices = indices.long()
         if indices.device.type == "cpu" and indices.numel():  # on the CPU, the range costs no device sync to check
             low, high = int(indices.min()), int(indices.max())

@@ -7,9 +7,9 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import Dataset
 
-from relreason.checks import check_positive_int, check_seed, whole_number
+from relreason.checks import check_positive_int, whole_number
 from relreason.errors import RelreasonError
-from relreason.seeding import mix_seed
+from relreason.seeding import check_optional_seed, mix_seed
 
 __all__ = ["MultiViewDataset"]
 
@@ -36,7 +36,7 @@ class MultiViewDataset(Dataset):
         self.dataset = dataset
         self.transform = transform
         self.num_views = num_views
-        self.seed = check_seed(seed)
+        self.seed = check_optional_seed(seed)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:

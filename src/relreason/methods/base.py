@@ -86,13 +86,14 @@ def _how_to_fix_views(images: torch.Tensor, backbone: nn.Module, error: RuntimeE
     if not images.is_floating_point():
         return ("make normalised float views from uint8 images with "
                 "relreason.data.batch_augment.BatchRelationalAugmentation or a transform ending in Normalize")
-    if "channels" in str(error) and images.dim() == 4:
-        shape = tuple(images.shape)
+    shape = tuple(images.shape)
+    # Only the first layer's complaint about the views themselves: one about a later layer is the backbone's own.
+    if "channels" in str(error) and f"input[{', '.join(map(str, shape))}]" in str(error):
         fix = "views are (N, C, H, W) with the channels the backbone takes"
         if images.shape[-1] in (1, 3, 4) and images.shape[1] not in (1, 3, 4):
-            return f"{fix}, and these {shape} look channels-last: pass images.permute(0, 3, 1, 2)"
+            return f"{fix}, and these {shape} look channels-last: pass views.movedim(-1, -3)"
         if images.shape[1] == 1:
-            return f"{fix}, and these {shape} are grey: pass images.expand(-1, 3, -1, -1) for RGB"
+            return f"{fix}, and these {shape} are grey: pass views.repeat_interleave(3, dim=-3) for RGB"
         return f"{fix}, got {shape}"
     weight = next((t for t in backbone.parameters() if t.is_floating_point()), None)
     if weight is not None and weight.dtype != images.dtype and not torch.is_autocast_enabled(images.device.type):

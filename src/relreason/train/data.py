@@ -41,6 +41,7 @@ from relreason.train.position import TrainingPosition
 from relreason.train.stop import ignore_stop_signals, stop_signals_held
 
 DOWNLOAD_TIMEOUT = datetime.timedelta(hours=12)  # how long the other ranks wait for a --download
+_LOADER_STREAM = 0x10AD  # keeps the loader's seeds apart from the views' (seed, epoch, index) ones
 
 
 def build_pretrain_data(
@@ -154,7 +155,7 @@ def make_loader(
         # Its own generator: each iter() draws the workers' base seed, which from the global one would put a run
         # resumed mid-epoch one draw ahead of an uninterrupted one (a method's dropout would then differ). The
         # views do not depend on it: each image's come from (seed, epoch, index).
-        generator=torch.Generator().manual_seed(mix_seed(config.seed, position.epoch, context.rank)),
+        generator=torch.Generator().manual_seed(mix_seed(config.seed, position.epoch, context.rank, _LOADER_STREAM)),
     )
 
 
