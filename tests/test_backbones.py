@@ -477,3 +477,90 @@ def test_a_whole_models_state_dict_evaluates_its_backbone(tmp_path, capsys):
     with pytest.raises(RelreasonError, match="does not fit backbone 'conv4'"):  # the head alone: no backbone in it
         load_matching_state(Conv4(), {k: v for k, v in whole.items() if k.startswith("relation_head.")},
                             tmp_path / "w.pt", "conv4")
+
+
+def test_a_factory_default_changed_after_training_is_told_on_resume_and_evaluate(tmp_path, monkeypatch, capsys):
+    """A default that changes the network but no weight's shape (here the pooling) would otherwise resume or be
+    evaluated as another network in silence: the run records its factory's defaults."""
+    import json
+    import sys
+
+    from relreason.cli import main
+
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    module = tmp_path / "pooled_net.py"
+
+    def write_net(pool_default):
+        module.write_text(
+            "import torch.nn as nn\n"
+            f"def make(width: int = 4, pool: str = {pool_default!r}):\n"
+            "    pooling = nn.AdaptiveAvgPool2d(1) if pool == 'avg' else nn.AdaptiveMaxPool2d(1)\n"
+            "    return nn.Sequential(nn.Conv2d(3, width, 3), pooling, nn.Flatten())\n"
+        )
+        monkeypatch.delitem(sys.modules, "pooled_net", raising=False)
+
+    write_net("avg")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = tmp_path / "run"
+    argv = ["pretrain", "--dataset", "digits", "--backbone", "pooled_net:make", "--image-size", "16", "-K", "2",
+            "--device", "cpu", "--no-progress", "--no-tensorboard", "--output-dir", str(run)]
+    assert main([*argv, "--epochs", "1", "--checkpoint-every", "5"]) == 0
+    assert json.loads((run / "backbone.json").read_text())["backbone_defaults"] == {"width": 4, "pool": "avg"}
+
+    write_net("maximum")  # the author changes the default
+    capsys.readouterr()
+    assert main([*argv, "--epochs", "2"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "backbone 'pooled_net:make' has other defaults than when the run started (pool avg then, maximum now); pass "
+        "--backbone-args pool=avg to go on as it started, or choose another --output-dir for a new run")
+    # The default it had, given as an argument, is the same network: the run goes on.
+    assert main([*argv, "--epochs", "2", "--backbone-args", "pool=avg"]) == 0
+    assert "resuming" in capsys.readouterr().err
+
+    # evaluate builds the network the weights were trained as, and says why.
+    assert main(["evaluate", "--run-dir", str(run), "--protocols", "knn", "--device", "cpu",
+                 "--no-random-baseline"]) == 0
+    assert json.loads((run / "evaluation.json").read_text())["backbone_args"] == {"pool": "avg"}
+    write_net("avg")
+    # The second run recorded pool=avg as an argument: nothing to tell when the default comes back either.
+    assert main([*argv, "--epochs", "2", "--backbone-args", "pool=avg"]) == 0
+    assert "other defaults" not in capsys.readouterr().err
+
+
+def test_evaluate_builds_a_network_whose_default_changed_as_it_was_trained(tmp_path, monkeypatch, capsys):
+    import json
+    import sys
+
+    from relreason.cli import main
+
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    module = tmp_path / "pooled_net2.py"
+
+    def write_net(pool_default):
+        module.write_text(
+            "import torch.nn as nn\n"
+            f"def make(pool: str = {pool_default!r}):\n"
+            "    pooling = nn.AdaptiveAvgPool2d(1) if pool == 'avg' else nn.AdaptiveMaxPool2d(1)\n"
+            "    return nn.Sequential(nn.Conv2d(3, 4, 3), pooling, nn.Flatten())\n"
+        )
+        monkeypatch.delitem(sys.modules, "pooled_net2", raising=False)
+
+    write_net("avg")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = tmp_path / "run"
+    assert main(["pretrain", "--dataset", "digits", "--backbone", "pooled_net2:make", "--image-size", "16", "-K", "2",
+                 "--epochs", "1", "--device", "cpu", "--no-progress", "--no-tensorboard", "--output-dir",
+                 str(run)]) == 0
+    evaluate = ["evaluate", "--run-dir", str(run), "--protocols", "knn", "--device", "cpu", "--no-random-baseline"]
+    assert main(evaluate) == 0
+    as_trained = json.loads((run / "evaluation.json").read_text())
+    write_net("max")
+    capsys.readouterr()
+    assert main([*evaluate, "--output", str(tmp_path / "later.json")]) == 0
+    assert ("backbone 'pooled_net2:make' has other defaults than when these weights were trained (pool avg then, max "
+            "now); evaluating the network as trained, built with --backbone-args pool=avg") in capsys.readouterr().err
+    later = json.loads((tmp_path / "later.json").read_text())
+    assert later["results"] == as_trained["results"]
+    # Asked for explicitly, the other network is evaluated, without the note.
+    assert main([*evaluate, "--output", str(tmp_path / "max.json"), "--backbone-args", "pool=max"]) == 0
+    assert "other defaults" not in capsys.readouterr().err

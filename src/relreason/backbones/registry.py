@@ -16,6 +16,7 @@ from relreason.backbones.conv4 import Conv4
 from relreason.backbones.feature_dim import infer_feature_dim
 from relreason.backbones.torchvision_resnet import torchvision_resnet
 from relreason.checks import check_positive_int
+from relreason.config_files import as_yaml_value
 from relreason.errors import RelreasonError
 from relreason.user_code import import_named
 
@@ -67,6 +68,36 @@ def backbone_arguments(name: str) -> dict[str, Any]:
     parameters = inspect.signature(BACKBONES[name]).parameters.values()
     return {p.name: p.default for p in parameters
             if p.name != "in_channels" and p.default is not inspect.Parameter.empty}
+
+
+def factory_defaults(name: str, args: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The defaults that backbone ``name``'s factory gives the arguments ``args`` leave unset, where they are plain
+    values (numbers, strings, booleans, None): a run records them, so that a default its author changes later does
+    not change the network a resume trains or evaluate rebuilds in silence. Empty when the factory cannot be read."""
+    try:
+        parameters = inspect.signature(_factory(name)).parameters.values()
+    except (RelreasonError, TypeError, ValueError):
+        return {}
+    given = set(args or {})
+    return {p.name: p.default for p in parameters
+            if p.name != "in_channels" and p.name not in given and p.kind is not p.VAR_KEYWORD
+            and p.default is not p.empty and (p.default is None or type(p.default) in (bool, int, float, str))}
+
+
+def changed_defaults(name: str, args: Mapping[str, Any] | None, recorded: Mapping[str, Any] | None
+                     ) -> dict[str, tuple[Any, Any]]:
+    """``{argument: (recorded default, default now)}`` for the defaults of ``recorded`` (``factory_defaults`` when a
+    run was trained) that backbone ``name``'s factory now gives otherwise, for the arguments ``args`` leave unset."""
+    now = factory_defaults(name, args) if recorded else {}
+    return {key: (value, now[key]) for key, value in (recorded or {}).items() if key in now and now[key] != value}
+
+
+def describe_changed_defaults(name: str, args: Mapping[str, Any] | None, changed: Mapping[str, tuple[Any, Any]]
+                              ) -> tuple[str, str]:
+    """What changed (``dropout 0.1 then, 0.3 now``) and the ``--backbone-args`` that build the network as trained."""
+    what = ", ".join(f"{key} {as_yaml_value(then)} then, {as_yaml_value(now)} now" for key, (then, now) in changed.items())
+    as_trained = {**(args or {}), **{key: then for key, (then, _) in changed.items()}}
+    return what, " ".join(f"{key}={as_yaml_value(value)}" for key, value in as_trained.items())
 
 
 def _import_factory(spec: str) -> Callable[..., nn.Module]:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from relreason.backbones.registry import backbone_args_of
+from relreason.backbones.registry import backbone_args_of, changed_defaults, describe_changed_defaults
 from relreason.checkpoint import is_checkpoint_path, load_checkpoint, state_mismatch
 from relreason.errors import RelreasonError, note, one_line, short_reason
 from relreason.evaluate.config import EvaluateConfig
@@ -40,6 +40,8 @@ def load_backbone_source(config: EvaluateConfig) -> tuple[Path, dict[str, Any], 
         if checkpoint.get("data_root"):  # absolute (older checkpoints: as typed, relative to where pretrain ran)
             meta["data_root"] = checkpoint["data_root"]
         meta |= checkpoint.get("geometry", {})
+        if checkpoint.get("backbone_defaults") is not None:
+            meta["backbone_defaults"] = checkpoint["backbone_defaults"]
         state = checkpoint["backbone"]
     else:
         meta = _read_backbone_meta(weights.parent / BACKBONE_META_NAME)
@@ -47,11 +49,25 @@ def load_backbone_source(config: EvaluateConfig) -> tuple[Path, dict[str, Any], 
     if config.backbone and config.backbone != meta.get("backbone"):
         meta["backbone"] = config.backbone
         meta.pop("backbone_args", None)  # the recorded arguments were the other backbone's
-    if config.backbone_args is not None:
+        meta.pop("backbone_defaults", None)
+    if config.backbone_args is not None:  # the user's word on how to build it
         meta["backbone_args"] = config.backbone_args
+        meta.pop("backbone_defaults", None)
     if "backbone" not in meta:
         raise RelreasonError(f"{weights} has no backbone.json beside it; pass --backbone NAME")
+    _build_as_trained(meta)
     return weights, meta, state
+
+
+def _build_as_trained(meta: dict[str, Any]) -> None:
+    """Where the factory's defaults changed since the weights were trained, build with the ones they were trained
+    with (as arguments), and say so: the same weights in another network would be judged in silence."""
+    changed = changed_defaults(meta["backbone"], meta.get("backbone_args"), meta.get("backbone_defaults"))
+    if changed:
+        what, as_trained = describe_changed_defaults(meta["backbone"], meta.get("backbone_args"), changed)
+        meta["backbone_args"] = {**(meta.get("backbone_args") or {}), **{k: then for k, (then, _) in changed.items()}}
+        note(f"backbone '{meta['backbone']}' has other defaults than when these weights were trained ({what}); "
+             f"evaluating the network as trained, built with --backbone-args {as_trained}")
 
 
 def _read_backbone_meta(path: Path) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from relreason.atomic_files import atomic_torch_save
+from relreason.backbones.registry import describe_changed_defaults, factory_defaults
 from relreason.checkpoint import (
     checkpoint_path,
     list_checkpoints,
@@ -129,6 +130,8 @@ def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, geometry
     mismatched = {k: (v, getattr(config, k)) for k, v in recorded.items() if v != getattr(config, k)}
     if "dataset" in mismatched and same_dataset(*mismatched["dataset"]):  # fashion_mnist is fashion-mnist
         del mismatched["dataset"]
+    if checkpoint.get("backbone_defaults") is not None and "backbone" not in mismatched:
+        _compare_built_backbones(checkpoint["backbone_defaults"], recorded["backbone_args"], config, path, mismatched)
     # The size the run trains at, not the option: no --image-size and the dataset's own size are the same run.
     saved_geometry = checkpoint.get("geometry", {})
     saved_size = saved_geometry.get("image_size", geometry["image_size"])
@@ -156,6 +159,31 @@ def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, geometry
                 "run's images or choose "
                 "another --output-dir"
             )
+
+
+_UNSET = object()
+
+
+def _compare_built_backbones(saved_defaults: dict[str, Any], saved_args: dict[str, Any] | None, config: PretrainConfig,
+                             path: Path, mismatched: dict[str, tuple[Any, Any]]) -> None:
+    """Compare the arguments the backbone was built with then and now, its factory's defaults included: giving the
+    default it had as an argument is the same network, while a default changed since then is another one (refused
+    in one line that names the arguments to go on as the run started)."""
+    mismatched.pop("backbone_args", None)
+    saved_args, args = dict(saved_args or {}), dict(config.backbone_args or {})
+    defaults_now = factory_defaults(config.backbone, config.backbone_args)
+    # A parameter the factory no longer has is not compared: a build that misses it fails in its own words.
+    then = {**{k: v for k, v in saved_defaults.items() if k in defaults_now or k in args}, **saved_args}
+    now = {**defaults_now, **args}
+    differing = [k for k in {**then, **args} if then.get(k, _UNSET) != now.get(k, _UNSET)]
+    moved = {k: (then[k], now[k]) for k in differing if k in saved_defaults and k not in saved_args and k not in args}
+    if moved and len(moved) == len(differing):
+        what, as_trained = describe_changed_defaults(config.backbone, saved_args, moved)
+        raise RelreasonError(f"cannot resume {path}: backbone '{config.backbone}' has other defaults than when the run "
+                             f"started ({what}); pass --backbone-args {as_trained} to go on as it started, or choose "
+                             "another --output-dir for a new run")
+    if differing:
+        mismatched["backbone_args"] = (saved_args, config.backbone_args)
 
 
 #: Options a resumed run may change, each said when it does: they change how the rest trains, not what it is.
@@ -215,6 +243,7 @@ class CheckpointSaver:
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.resumed_from = resumed_from
         self.behind: list[Path] = []  # pruned at the next save whatever their names
+        self.backbone_defaults = factory_defaults(config.backbone, config.backbone_args)
 
     def steps_renumbered(self, epoch: int, step: int) -> None:
         """The run resumed in ``epoch`` under more processes and counts its steps anew from ``step``: this epoch's
@@ -239,6 +268,7 @@ class CheckpointSaver:
             "config": dataclasses.asdict(self.config),
             "data_root": absolute_data_root(self.config),  # for `evaluate --weights` on this checkpoint
             "geometry": self.geometry,
+            "backbone_defaults": self.backbone_defaults,  # read by check_resumable and evaluate --weights
             "rng": rng_state(self.device),
         }
         path = checkpoint_path(self.run_dir, position.epoch, position.step)

@@ -10,6 +10,7 @@ from pathlib import Path
 from torch import nn
 
 from relreason.atomic_files import atomic_torch_save, atomic_write_json, remove_stale_temporaries
+from relreason.backbones.registry import factory_defaults
 from relreason.checkpoint import list_checkpoints
 from relreason.distributed import DistributedContext, broadcast_object
 from relreason.errors import RelreasonError
@@ -159,6 +160,7 @@ def export_backbone(
         "backbone": config.backbone,
         "backbone_args": config.backbone_args,
         "backbone_code": code_folder(config.backbone),  # a factory of one's own: where it was imported from
+        "backbone_defaults": factory_defaults(config.backbone, config.backbone_args),  # what args= left to it
         "method": config.method,
         "feature_dim": int(backbone.feature_dim),
         "dataset": config.dataset,
