@@ -522,9 +522,57 @@ def test_a_factory_default_changed_after_training_is_told_on_resume_and_evaluate
                  "--no-random-baseline"]) == 0
     assert json.loads((run / "evaluation.json").read_text())["backbone_args"] == {"pool": "avg"}
     write_net("avg")
-    # The second run recorded pool=avg as an argument: nothing to tell when the default comes back either.
-    assert main([*argv, "--epochs", "2", "--backbone-args", "pool=avg"]) == 0
+    # The default back as it was: the run goes on with no arguments (the argument it recorded is that default).
+    assert main([*argv, "--epochs", "2"]) == 0
     assert "other defaults" not in capsys.readouterr().err
+
+
+def test_the_arguments_to_go_on_as_trained_are_one_shell_word_each_read_back_as_they_were():
+    import shlex
+
+    from relreason.backbones.registry import describe_changed_defaults, same_value
+    from relreason.config_files import backbone_args_from
+
+    changed = {"pool": ("max pool", "avg"), "flag": ("yes", "no"), "clip": (float("nan"), 1.0), "depth": (None, 3)}
+    what, words = describe_changed_defaults("net:make", {"channels": [16, 32], "extra": {"a": 1}}, changed)
+    assert "pool max pool then, avg now" in what
+    given = backbone_args_from(shlex.split(words))
+    assert given.keys() == {"channels", "extra", "pool", "flag", "clip", "depth"}
+    expected = {"channels": [16, 32], "extra": {"a": 1}, "pool": "max pool", "flag": "yes", "clip": float("nan"),
+                "depth": None}
+    assert all(same_value(given[k], v) if not isinstance(v, (list, dict)) else given[k] == v
+               for k, v in expected.items())
+    assert same_value(float("nan"), float("nan")) and not same_value(True, 1) and not same_value(1, 1.0)
+
+
+def test_compare_goes_on_when_a_changed_default_is_given_as_the_argument_it_was(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from relreason.cli import main
+
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    module = tmp_path / "pooled_net3.py"
+
+    def write_net(pool_default):
+        module.write_text(
+            "import torch.nn as nn\n"
+            f"def make(pool: str = {pool_default!r}):\n"
+            "    pooling = nn.AdaptiveAvgPool2d(1) if pool == 'avg' else nn.AdaptiveMaxPool2d(1)\n"
+            "    return nn.Sequential(nn.Conv2d(3, 4, 3), pooling, nn.Flatten())\n"
+        )
+        monkeypatch.delitem(sys.modules, "pooled_net3", raising=False)
+
+    write_net("avg")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    compare = ["compare", "--dataset", "digits", "--backbone", "pooled_net3:make", "--image-size", "16", "--device",
+               "cpu", "--no-progress", "--methods", "relational", "--seeds", "1", "--protocols", "knn",
+               "--embedding-points", "60", "--output-dir", str(tmp_path / "compare")]
+    assert main([*compare, "--epochs", "1"]) == 0
+    write_net("maximum")
+    capsys.readouterr()
+    assert main([*compare, "--epochs", "2"]) == 2
+    assert "pass --backbone-args pool=avg to go on as it started" in capsys.readouterr().err
+    assert main([*compare, "--epochs", "2", "--backbone-args", "pool=avg"]) == 0
 
 
 def test_evaluate_builds_a_network_whose_default_changed_as_it_was_trained(tmp_path, monkeypatch, capsys):

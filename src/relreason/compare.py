@@ -139,6 +139,7 @@ def _read_json(path: Path) -> Any:
 
 def check_existing_runs(config: CompareConfig) -> None:
     """Refuse, before anything trains, run folders that another comparison's options made."""
+    from relreason.backbones.registry import build_difference
     from relreason.checkpoint import checkpoint_position, list_checkpoints
     from relreason.data import dataset_info, same_dataset
     from relreason.train import PretrainConfig
@@ -170,6 +171,12 @@ def check_existing_runs(config: CompareConfig) -> None:
                 wanted["image_size"] = recorded.get("image_size")
             # An option a run folder does not record is older than the option: the run had its default.
             recorded = {key: recorded.get(key, getattr(defaults, key)) for key in keys}
+            meta = _read_json(run_dir / BACKBONE_META_NAME)
+            saved_defaults = meta.get("backbone_defaults") if isinstance(meta, dict) else None
+            if (saved_defaults is not None and recorded.get("backbone") == wanted["backbone"]
+                    and not build_difference(wanted["backbone"], recorded["backbone_args"], saved_defaults,
+                                             wanted["backbone_args"])[0]):
+                recorded["backbone_args"] = wanted["backbone_args"]  # a default given as an argument: the same network
             differ = [f"{option_flag(key)}: run {option_value(recorded[key])} vs now {option_value(wanted[key])}"
                       for key in keys if recorded[key] != wanted[key]
                       and not (key == "dataset" and same_dataset(recorded.get(key), wanted[key]))
@@ -181,7 +188,6 @@ def check_existing_runs(config: CompareConfig) -> None:
                 )
             # A larger --epochs trains the runs on; a smaller one would average longer runs with shorter ones. Its
             # newest checkpoint says how far a run got, also one killed before it exported (no backbone.json).
-            meta = _read_json(run_dir / BACKBONE_META_NAME)
             exported = meta.get("epochs", 0) if isinstance(meta, dict) else 0
             newest = list_checkpoints(run_dir)[:1]
             epochs, steps = max([(exported if isinstance(exported, int) else 0, 0),
@@ -434,8 +440,10 @@ def _test_features_source(run_dir: Path, config: CompareConfig):
     from relreason.data import dataset_info, eval_transform, held_out_split, load_dataset
     from relreason.data.image_folder import decoded_for
     from relreason.evaluate.data import data_tag_of, feature_cache_path, weights_digest
+    from relreason.evaluate.weights import build_as_trained
 
     meta = json.loads((run_dir / BACKBONE_META_NAME).read_text())
+    build_as_trained(meta, speaks=False)  # the network evaluate scored (which said so)
     backbone = build_backbone(meta["backbone"], image_size=meta["image_size"], args=meta.get("backbone_args"))
     weights = (run_dir / BACKBONE_NAME).read_bytes()
     backbone.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True))

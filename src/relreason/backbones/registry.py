@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import numbers
+import shlex
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from relreason.backbones.cifar_resnet import resnet8, resnet32, resnet56
@@ -80,8 +83,15 @@ def factory_defaults(name: str, args: Mapping[str, Any] | None = None) -> dict[s
         return {}
     given = set(args or {})
     return {p.name: p.default for p in parameters
-            if p.name != "in_channels" and p.name not in given and p.kind is not p.VAR_KEYWORD
+            if p.name != "in_channels" and p.name not in given and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
             and p.default is not p.empty and (p.default is None or type(p.default) in (bool, int, float, str))}
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Equal and of one type (``True`` is not ``1``, ``1`` not ``1.0``), NaN equal to NaN."""
+    if type(a) is not type(b):
+        return False
+    return a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b))
 
 
 def changed_defaults(name: str, args: Mapping[str, Any] | None, recorded: Mapping[str, Any] | None
@@ -89,7 +99,33 @@ def changed_defaults(name: str, args: Mapping[str, Any] | None, recorded: Mappin
     """``{argument: (recorded default, default now)}`` for the defaults of ``recorded`` (``factory_defaults`` when a
     run was trained) that backbone ``name``'s factory now gives otherwise, for the arguments ``args`` leave unset."""
     now = factory_defaults(name, args) if recorded else {}
-    return {key: (value, now[key]) for key, value in (recorded or {}).items() if key in now and now[key] != value}
+    return {key: (value, now[key]) for key, value in (recorded or {}).items()
+            if key in now and not same_value(now[key], value)}
+
+
+_UNSET = object()
+
+
+def build_difference(name: str, saved_args: Mapping[str, Any] | None, saved_defaults: Mapping[str, Any],
+                     args: Mapping[str, Any] | None) -> tuple[list[str], dict[str, tuple[Any, Any]]]:
+    """How backbone ``name`` built with ``args`` now differs from the build a run recorded (its arguments and its
+    factory's defaults then): the arguments whose values differ, and of those the defaults that moved while no
+    argument was given, ``{argument: (then, now)}``. Giving a default as an argument builds the same network."""
+    saved_args, args = dict(saved_args or {}), dict(args or {})
+    defaults_now = factory_defaults(name, args)
+    # A parameter the factory no longer has is not compared: a build that misses it fails in its own words.
+    then = {**{k: v for k, v in saved_defaults.items() if k in defaults_now or k in args}, **saved_args}
+    now = {**defaults_now, **args}
+    differing = [k for k in {**then, **args} if not same_value(then.get(k, _UNSET), now.get(k, _UNSET))]
+    moved = {k: (then[k], now[k]) for k in differing if k in saved_defaults and k not in saved_args and k not in args}
+    return differing, moved
+
+
+def _shell_word(key: str, value: Any) -> str:
+    """``key=value`` as one shell word that ``--backbone-args`` reads back as ``value``."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf")).strip()
+    text = text.removesuffix("...").strip()  # a plain scalar's end-of-document marker
+    return shlex.quote(f"{key}={text}")
 
 
 def describe_changed_defaults(name: str, args: Mapping[str, Any] | None, changed: Mapping[str, tuple[Any, Any]]
@@ -97,7 +133,7 @@ def describe_changed_defaults(name: str, args: Mapping[str, Any] | None, changed
     """What changed (``dropout 0.1 then, 0.3 now``) and the ``--backbone-args`` that build the network as trained."""
     what = ", ".join(f"{key} {as_yaml_value(then)} then, {as_yaml_value(now)} now" for key, (then, now) in changed.items())
     as_trained = {**(args or {}), **{key: then for key, (then, _) in changed.items()}}
-    return what, " ".join(f"{key}={as_yaml_value(value)}" for key, value in as_trained.items())
+    return what, " ".join(_shell_word(key, value) for key, value in as_trained.items())
 
 
 def _import_factory(spec: str) -> Callable[..., nn.Module]:

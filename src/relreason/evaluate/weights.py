@@ -50,24 +50,23 @@ def load_backbone_source(config: EvaluateConfig) -> tuple[Path, dict[str, Any], 
         meta["backbone"] = config.backbone
         meta.pop("backbone_args", None)  # the recorded arguments were the other backbone's
         meta.pop("backbone_defaults", None)
-    if config.backbone_args is not None:  # the user's word on how to build it
+    if config.backbone_args is not None:  # the user's word on how to build it (the defaults of the rest as trained)
         meta["backbone_args"] = config.backbone_args
-        meta.pop("backbone_defaults", None)
     if "backbone" not in meta:
         raise RelreasonError(f"{weights} has no backbone.json beside it; pass --backbone NAME")
-    _build_as_trained(meta)
+    build_as_trained(meta)
     return weights, meta, state
 
 
-def _build_as_trained(meta: dict[str, Any]) -> None:
+def build_as_trained(meta: dict[str, Any], speaks: bool = True) -> None:
     """Where the factory's defaults changed since the weights were trained, build with the ones they were trained
-    with (as arguments), and say so: the same weights in another network would be judged in silence."""
+    with (as arguments), and say so (``speaks``): the same weights in another network would be judged in silence."""
     changed = changed_defaults(meta["backbone"], meta.get("backbone_args"), meta.get("backbone_defaults"))
     if changed:
         what, as_trained = describe_changed_defaults(meta["backbone"], meta.get("backbone_args"), changed)
         meta["backbone_args"] = {**(meta.get("backbone_args") or {}), **{k: then for k, (then, _) in changed.items()}}
         note(f"backbone '{meta['backbone']}' has other defaults than when these weights were trained ({what}); "
-             f"evaluating the network as trained, built with --backbone-args {as_trained}")
+             f"evaluating the network as trained, built with --backbone-args {as_trained}", speaks)
 
 
 def _read_backbone_meta(path: Path) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from relreason.atomic_files import atomic_torch_save
-from relreason.backbones.registry import describe_changed_defaults, factory_defaults
+from relreason.backbones.registry import build_difference, describe_changed_defaults, factory_defaults
 from relreason.checkpoint import (
     checkpoint_path,
     list_checkpoints,
@@ -161,29 +161,20 @@ def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, geometry
             )
 
 
-_UNSET = object()
-
-
 def _compare_built_backbones(saved_defaults: dict[str, Any], saved_args: dict[str, Any] | None, config: PretrainConfig,
                              path: Path, mismatched: dict[str, tuple[Any, Any]]) -> None:
     """Compare the arguments the backbone was built with then and now, its factory's defaults included: giving the
     default it had as an argument is the same network, while a default changed since then is another one (refused
     in one line that names the arguments to go on as the run started)."""
     mismatched.pop("backbone_args", None)
-    saved_args, args = dict(saved_args or {}), dict(config.backbone_args or {})
-    defaults_now = factory_defaults(config.backbone, config.backbone_args)
-    # A parameter the factory no longer has is not compared: a build that misses it fails in its own words.
-    then = {**{k: v for k, v in saved_defaults.items() if k in defaults_now or k in args}, **saved_args}
-    now = {**defaults_now, **args}
-    differing = [k for k in {**then, **args} if then.get(k, _UNSET) != now.get(k, _UNSET)]
-    moved = {k: (then[k], now[k]) for k in differing if k in saved_defaults and k not in saved_args and k not in args}
+    differing, moved = build_difference(config.backbone, saved_args, saved_defaults, config.backbone_args)
     if moved and len(moved) == len(differing):
         what, as_trained = describe_changed_defaults(config.backbone, saved_args, moved)
         raise RelreasonError(f"cannot resume {path}: backbone '{config.backbone}' has other defaults than when the run "
                              f"started ({what}); pass --backbone-args {as_trained} to go on as it started, or choose "
                              "another --output-dir for a new run")
     if differing:
-        mismatched["backbone_args"] = (saved_args, config.backbone_args)
+        mismatched["backbone_args"] = (saved_args or {}, config.backbone_args)
 
 
 #: Options a resumed run may change, each said when it does: they change how the rest trains, not what it is.
