@@ -479,28 +479,37 @@ def test_a_whole_models_state_dict_evaluates_its_backbone(tmp_path, capsys):
                             tmp_path / "w.pt", "conv4")
 
 
-def test_a_factory_default_changed_after_training_is_told_on_resume_and_evaluate(tmp_path, monkeypatch, capsys):
-    """A default that changes the network but no weight's shape (here the pooling) would otherwise resume or be
-    evaluated as another network in silence: the run records its factory's defaults."""
-    import json
+def pooled_net(tmp_path, monkeypatch, name):
+    """A backbone factory of one's own, ``name:make``, and the function that rewrites its ``pool`` default as its
+    author would (the module is imported afresh after each rewrite)."""
+    import importlib
     import sys
 
-    from relreason.cli import main
-
     monkeypatch.setattr(sys, "dont_write_bytecode", True)
-    module = tmp_path / "pooled_net.py"
+    monkeypatch.syspath_prepend(str(tmp_path))
 
     def write_net(pool_default):
-        module.write_text(
+        (tmp_path / f"{name}.py").write_text(
             "import torch.nn as nn\n"
             f"def make(width: int = 4, pool: str = {pool_default!r}):\n"
             "    pooling = nn.AdaptiveAvgPool2d(1) if pool == 'avg' else nn.AdaptiveMaxPool2d(1)\n"
             "    return nn.Sequential(nn.Conv2d(3, width, 3), pooling, nn.Flatten())\n"
         )
-        monkeypatch.delitem(sys.modules, "pooled_net", raising=False)
+        monkeypatch.delitem(sys.modules, name, raising=False)
+        importlib.invalidate_caches()
 
+    return write_net
+
+
+def test_a_factory_default_changed_after_training_is_told_on_resume_and_evaluate(tmp_path, monkeypatch, capsys):
+    """A default that changes the network but no weight's shape (here the pooling) would otherwise resume or be
+    evaluated as another network in silence: the run records its factory's defaults."""
+    import json
+
+    from relreason.cli import main
+
+    write_net = pooled_net(tmp_path, monkeypatch, "pooled_net")
     write_net("avg")
-    monkeypatch.syspath_prepend(str(tmp_path))
     run = tmp_path / "run"
     argv = ["pretrain", "--dataset", "digits", "--backbone", "pooled_net:make", "--image-size", "16", "-K", "2",
             "--device", "cpu", "--no-progress", "--no-tensorboard", "--output-dir", str(run)]
@@ -546,24 +555,11 @@ def test_the_arguments_to_go_on_as_trained_are_one_shell_word_each_read_back_as_
 
 
 def test_compare_goes_on_when_a_changed_default_is_given_as_the_argument_it_was(tmp_path, monkeypatch, capsys):
-    import sys
 
     from relreason.cli import main
 
-    monkeypatch.setattr(sys, "dont_write_bytecode", True)
-    module = tmp_path / "pooled_net3.py"
-
-    def write_net(pool_default):
-        module.write_text(
-            "import torch.nn as nn\n"
-            f"def make(pool: str = {pool_default!r}):\n"
-            "    pooling = nn.AdaptiveAvgPool2d(1) if pool == 'avg' else nn.AdaptiveMaxPool2d(1)\n"
-            "    return nn.Sequential(nn.Conv2d(3, 4, 3), pooling, nn.Flatten())\n"
-        )
-        monkeypatch.delitem(sys.modules, "pooled_net3", raising=False)
-
+    write_net = pooled_net(tmp_path, monkeypatch, "pooled_net3")
     write_net("avg")
-    monkeypatch.syspath_prepend(str(tmp_path))
     compare = ["compare", "--dataset", "digits", "--backbone", "pooled_net3:make", "--image-size", "16", "--device",
                "cpu", "--no-progress", "--methods", "relational", "--seeds", "1", "--protocols", "knn",
                "--embedding-points", "60", "--output-dir", str(tmp_path / "compare")]
@@ -577,24 +573,11 @@ def test_compare_goes_on_when_a_changed_default_is_given_as_the_argument_it_was(
 
 def test_evaluate_builds_a_network_whose_default_changed_as_it_was_trained(tmp_path, monkeypatch, capsys):
     import json
-    import sys
 
     from relreason.cli import main
 
-    monkeypatch.setattr(sys, "dont_write_bytecode", True)
-    module = tmp_path / "pooled_net2.py"
-
-    def write_net(pool_default):
-        module.write_text(
-            "import torch.nn as nn\n"
-            f"def make(pool: str = {pool_default!r}):\n"
-            "    pooling = nn.AdaptiveAvgPool2d(1) if pool == 'avg' else nn.AdaptiveMaxPool2d(1)\n"
-            "    return nn.Sequential(nn.Conv2d(3, 4, 3), pooling, nn.Flatten())\n"
-        )
-        monkeypatch.delitem(sys.modules, "pooled_net2", raising=False)
-
+    write_net = pooled_net(tmp_path, monkeypatch, "pooled_net2")
     write_net("avg")
-    monkeypatch.syspath_prepend(str(tmp_path))
     run = tmp_path / "run"
     assert main(["pretrain", "--dataset", "digits", "--backbone", "pooled_net2:make", "--image-size", "16", "-K", "2",
                  "--epochs", "1", "--device", "cpu", "--no-progress", "--no-tensorboard", "--output-dir",
