@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +76,10 @@ def shutdown_distributed(context: DistributedContext) -> None:
     """End what init_distributed started: the control group, and the default group only if it made it."""
     if not dist.is_initialized():
         return
+    # Before torch 2.8 a gloo group is destroyed holding the GIL while its worker threads may still need the GIL to
+    # free the last tensors of finished work (pytorch/pytorch#154976): a CPU run could hang as it ended, about once
+    # in five 2-process runs on torch 2.4. A moment without the GIL lets them finish first.
+    time.sleep(0.05)
     if context.owns_process_group:
         dist.destroy_process_group()  # every group with it
     elif context.control_group is not None:
