@@ -543,7 +543,7 @@ def test_the_arguments_to_go_on_as_trained_are_one_shell_word_each_read_back_as_
     from relreason.config_files import backbone_args_from
 
     changed = {"pool": ("max pool", "avg"), "flag": ("yes", "no"), "clip": (float("nan"), 1.0), "depth": (None, 3)}
-    what, words = describe_changed_defaults("net:make", {"channels": [16, 32], "extra": {"a": 1}}, changed)
+    what, words = describe_changed_defaults({"channels": [16, 32], "extra": {"a": 1}}, changed)
     assert "pool max pool then, avg now" in what
     given = backbone_args_from(shlex.split(words))
     assert given.keys() == {"channels", "extra", "pool", "flag", "clip", "depth"}

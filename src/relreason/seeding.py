@@ -3,13 +3,13 @@ run's seed (per epoch, step, item)."""
 
 from __future__ import annotations
 
-import operator
 import random
 from typing import Any
 
 import numpy as np
 import torch
 
+from relreason.checks import whole_number
 from relreason.errors import RelreasonError
 
 MAX_SEED = 2**63 - 1  # int64: what torch.manual_seed, torch.Generator and numpy's generators all take
@@ -40,9 +40,8 @@ def check_optional_seed(seed: Any, name: str = "seed") -> int | None:
     if seed is None:
         return None
     try:
-        number = None if isinstance(seed, bool) or str(getattr(seed, "dtype", "")) in ("torch.bool", "bool") \
-            else operator.index(seed)
-    except TypeError:
+        number = whole_number(seed, name)
+    except RelreasonError:
         number = None
     if number is None or not 0 <= number <= MAX_SEED:
         raise RelreasonError(f"{name} must be None or an integer in [0, 2**63 - 1], got {seed!r}; pass e.g. 0")

@@ -94,15 +94,6 @@ def same_value(a: Any, b: Any) -> bool:
     return a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b))
 
 
-def changed_defaults(name: str, args: Mapping[str, Any] | None, recorded: Mapping[str, Any] | None
-                     ) -> dict[str, tuple[Any, Any]]:
-    """``{argument: (recorded default, default now)}`` for the defaults of ``recorded`` (``factory_defaults`` when a
-    run was trained) that backbone ``name``'s factory now gives otherwise, for the arguments ``args`` leave unset."""
-    now = factory_defaults(name, args) if recorded else {}
-    return {key: (value, now[key]) for key, value in (recorded or {}).items()
-            if key in now and not same_value(now[key], value)}
-
-
 _UNSET = object()
 
 
@@ -121,6 +112,13 @@ def build_difference(name: str, saved_args: Mapping[str, Any] | None, saved_defa
     return differing, moved
 
 
+def changed_defaults(name: str, args: Mapping[str, Any] | None, recorded: Mapping[str, Any] | None
+                     ) -> dict[str, tuple[Any, Any]]:
+    """``{argument: (recorded default, default now)}`` for the defaults of ``recorded`` (``factory_defaults`` when a
+    run was trained) that backbone ``name``'s factory now gives otherwise, for the arguments ``args`` leave unset."""
+    return build_difference(name, args, recorded, args)[1] if recorded else {}
+
+
 def _shell_word(key: str, value: Any) -> str:
     """``key=value`` as one shell word that ``--backbone-args`` reads back as ``value``."""
     text = yaml.safe_dump(value, default_flow_style=True, width=float("inf")).strip()
@@ -128,7 +126,7 @@ def _shell_word(key: str, value: Any) -> str:
     return shlex.quote(f"{key}={text}")
 
 
-def describe_changed_defaults(name: str, args: Mapping[str, Any] | None, changed: Mapping[str, tuple[Any, Any]]
+def describe_changed_defaults(args: Mapping[str, Any] | None, changed: Mapping[str, tuple[Any, Any]]
                               ) -> tuple[str, str]:
     """What changed (``dropout 0.1 then, 0.3 now``) and the ``--backbone-args`` that build the network as trained."""
     what = ", ".join(f"{key} {as_yaml_value(then)} then, {as_yaml_value(now)} now" for key, (then, now) in changed.items())

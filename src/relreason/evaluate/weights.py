@@ -63,7 +63,7 @@ def build_as_trained(meta: dict[str, Any], speaks: bool = True) -> None:
     with (as arguments), and say so (``speaks``): the same weights in another network would be judged in silence."""
     changed = changed_defaults(meta["backbone"], meta.get("backbone_args"), meta.get("backbone_defaults"))
     if changed:
-        what, as_trained = describe_changed_defaults(meta["backbone"], meta.get("backbone_args"), changed)
+        what, as_trained = describe_changed_defaults(meta.get("backbone_args"), changed)
         meta["backbone_args"] = {**(meta.get("backbone_args") or {}), **{k: then for k, (then, _) in changed.items()}}
         note(f"backbone '{meta['backbone']}' has other defaults than when these weights were trained ({what}); "
              f"evaluating the network as trained, built with --backbone-args {as_trained}", speaks)

@@ -169,7 +169,7 @@ def _compare_built_backbones(saved_defaults: dict[str, Any], saved_args: dict[st
     mismatched.pop("backbone_args", None)
     differing, moved = build_difference(config.backbone, saved_args, saved_defaults, config.backbone_args)
     if moved and len(moved) == len(differing):
-        what, as_trained = describe_changed_defaults(config.backbone, saved_args, moved)
+        what, as_trained = describe_changed_defaults(saved_args, moved)
         raise RelreasonError(f"cannot resume {path}: backbone '{config.backbone}' has other defaults than when the run "
                              f"started ({what}); pass --backbone-args {as_trained} to go on as it started, or choose "
                              "another --output-dir for a new run")
