@@ -653,6 +653,16 @@ def test_registry():
         c10.name = "x"  # frozen
 
 
+def test_dataset_normalization_is_the_fixed_statistics_or_a_pointer_to_computing_them():
+    for name in DATASET_NAMES:
+        info = dataset_info(name)
+        if name == "folder":
+            with pytest.raises(RelreasonError, match=r"no fixed normalisation.*compute_normalization\(images\)"):
+                info.normalization()
+        else:
+            assert info.normalization() == (info.mean, info.std)
+
+
 def test_compute_normalization():
     images = np.zeros((4, 2, 2, 3), dtype=np.uint8)
     images[:, :, :, 0] = 255  # red always on

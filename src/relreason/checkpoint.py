@@ -129,10 +129,10 @@ def rotate_checkpoints(
     Other files named as later than ``newest`` are left alone: they could not be read when the run resumed,
     perhaps only for a moment, and counting them would delete the checkpoint just written.
     """
-    behind = {Path(path) for path in behind}
-    for path in behind - ({Path(newest)} if newest is not None else set()):
+    behind_paths = {Path(path) for path in behind}
+    for path in behind_paths - ({Path(newest)} if newest is not None else set()):
         path.unlink(missing_ok=True)
-    found = [path for path in list_checkpoints(run_dir) if path not in behind]
+    found = [path for path in list_checkpoints(run_dir) if path not in behind_paths]
     if newest is not None and Path(newest) in found:
         found = found[found.index(Path(newest)):]
     for path in found[keep:]:

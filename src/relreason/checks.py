@@ -9,12 +9,15 @@ import numbers
 import operator
 import os
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from relreason.atomic_files import plain_json
 from relreason.errors import RelreasonError
 
-ConfigT = TypeVar("ConfigT")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+ConfigT = TypeVar("ConfigT", bound="DataclassInstance")
 
 
 def _is_bool(value: Any) -> bool:
@@ -111,7 +114,7 @@ def with_plain_values(config: ConfigT) -> ConfigT:
     NumPy number, a 0-d tensor or a ``Path`` where the command line gives an int, a float or a string, which
     would break its JSON record after the work is done; a value of the wrong kind is refused here, in one line."""
     changes = {}
-    for field in dataclasses.fields(config):  # type: ignore[arg-type]
+    for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         kind = str(field.type)
         if value is None and kind.endswith("| None"):
@@ -128,7 +131,7 @@ def with_plain_values(config: ConfigT) -> ConfigT:
             continue
         if plain is not value:
             changes[field.name] = plain
-    return dataclasses.replace(config, **changes) if changes else config  # type: ignore[type-var]
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 def with_home_expanded(config: ConfigT, *fields: str) -> ConfigT:

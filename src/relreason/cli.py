@@ -15,7 +15,7 @@ import shlex
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 from relreason.config_files import as_yaml_value, backbone_args_from, config_as_yaml, load_config_file
@@ -56,17 +56,19 @@ class _NoneGiven:
 NONE_GIVEN = _NoneGiven()
 
 
-def _or_none(kind: type) -> Any:
+class _OrNone:
     """An argparse ``type`` reading ``kind``, or ``none`` for an optional option's "not set"."""
-    def read(text: str) -> Any:
-        return NONE_GIVEN if text.strip().lower() in ("none", "null") else kind(text)
 
-    read.__name__ = kind.__name__  # argparse names it in "invalid float value: 'x'"
-    read.kind = kind  # what a config file's value is checked as
-    return read
+    def __init__(self, kind: type) -> None:
+        self.kind = kind  # what a config file's value is checked as
+        self.__name__ = kind.__name__  # argparse names it in "invalid float value: 'x'"
+
+    def __call__(self, text: str) -> Any:
+        return NONE_GIVEN if text.strip().lower() in ("none", "null") else self.kind(text)
 
 
-def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
+
+def _bool_flag(parser: argparse._ActionsContainer, name: str, help: str) -> None:
     parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=help)
 
 
@@ -84,7 +86,7 @@ def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
                       "subfolder when it holds train/ and test/); fashion-mnist is also looked for where Debian's "
                       f"dataset-fashion-mnist puts it [{d.data_root}]")
     _bool_flag(data, "download", "download the dataset with torchvision if missing [off]")
-    data.add_argument("--image-size", type=_or_none(int), help=_image_size_help())
+    data.add_argument("--image-size", type=_OrNone(int), help=_image_size_help())
     data.add_argument("--min-crop-scale", type=float,
                       help="smallest random crop as a fraction of the image area; larger keeps more of each "
                       f"image in every view, which can suit small images [{d.min_crop_scale}, the paper's]")
@@ -96,10 +98,10 @@ def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
                       "dataset kept there as uint8 (an image folder is decoded once, each image resized and "
                       "centre-cropped to --image-size); pil: torchvision's per-image transforms in a DataLoader, "
                       f"crops taken from the original files; auto: tensor for in-memory datasets, pil for image folders [{d.augment}]")
-    data.add_argument("--test-fraction", type=_or_none(float),
+    data.add_argument("--test-fraction", type=_OrNone(float),
                       help="an image folder with class subfolders but no train/ and test/: pretrain on all but this "
                       "share of each class, which evaluate then holds out as the test set [off: every image]")
-    data.add_argument("--num-workers", type=_or_none(int), help="DataLoader worker processes of --augment pil [0 on CPU, up to 8 on CUDA]")
+    data.add_argument("--num-workers", type=_OrNone(int), help="DataLoader worker processes of --augment pil [0 on CPU, up to 8 on CUDA]")
     method = parser.add_argument_group("method")
     method.add_argument("--method", metavar="METHOD",
                         help=f"{', '.join(METHOD_NAMES)} (relational reasoning, or a baseline), or "
@@ -129,7 +131,7 @@ def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--amp", choices=AMP_MODES, help=f"mixed precision: bf16 or fp16 autocast [{d.amp}]")
     _bool_flag(optim, "channels-last", "keep the backbone in channels_last memory format (faster convolutions) [off]")
     _bool_flag(optim, "compile", "torch.compile the backbone and the batched colour jitter (slow first steps, faster after) [off]")
-    optim.add_argument("--time-limit", type=_or_none(float), help="stop this many minutes after the start (data loading included), checkpoint and export the backbone [none]")
+    optim.add_argument("--time-limit", type=_OrNone(float), help="stop this many minutes after the start (data loading included), checkpoint and export the backbone [none]")
     run = parser.add_argument_group("run")
     run.add_argument("--output-dir", help=f"folder for checkpoints, metrics and the exported backbone [{d.output_dir}]")
     _bool_flag(run, "resume", "continue from the newest valid checkpoint in --output-dir, if any [on]")
@@ -161,11 +163,11 @@ def add_evaluate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", help="where datasets live [the pretraining run's own when evaluating on its "
                         "dataset, else data]")
     _bool_flag(parser, "download", "download the dataset with torchvision if missing [off]")
-    parser.add_argument("--test-fraction", type=_or_none(float),
+    parser.add_argument("--test-fraction", type=_OrNone(float),
                         help="for an image folder with class subfolders but no train/ and test/: hold out this share "
                         "of each class as the test set, chosen by each file's own path (a file keeps its side as "
                         "others come and go) [the share the run was pretrained without, on its own folder; else off]")
-    parser.add_argument("--image-size", type=_or_none(int), help="image side in pixels [the one pretrained at]")
+    parser.add_argument("--image-size", type=_OrNone(int), help="image side in pixels [the one pretrained at]")
     parser.add_argument("--protocols", nargs="+", choices=ALL_PROTOCOLS,
                         help="linear, linear_converged, knn: frozen features; finetune: the backbone trained too; "
                         "retrieval: precision@k and mAP on the test set; few_label: the linear probe(s), and "
@@ -207,19 +209,19 @@ def add_compare_options(parser: argparse.ArgumentParser) -> None:
                         f"'package.module:Class' [{' '.join(d.methods)}]")
     parser.add_argument("--seeds", nargs="+", type=int, help=f"one run per seed and method [{' '.join(map(str, d.seeds))}]")
     parser.add_argument("--epochs", type=int, help=f"epochs per run (an upper bound with --time-limit) [{d.epochs}]")
-    parser.add_argument("--time-limit", type=_or_none(float),
+    parser.add_argument("--time-limit", type=_OrNone(float),
                         help="minutes per run, its setup included: the same budget for every method (a rerun gives an "
                         "unfinished run what is left of its budget) [none]")
     parser.add_argument("-K", "--num-views", type=int, dest="num_views", help=f"views per image for relational [{d.num_views}]")
     parser.add_argument("--batch-size", type=int, help=f"images per batch [{d.batch_size}]")
-    parser.add_argument("--image-size", type=_or_none(int), help=_image_size_help())
+    parser.add_argument("--image-size", type=_OrNone(int), help=_image_size_help())
     parser.add_argument("--augment", choices=AUGMENT_MODES,
                         help=f"how views are made, as for pretrain [{d.augment}]")
     parser.add_argument("--min-crop-scale", type=float,
                         help=f"smallest random crop of every method's views, as for pretrain [{d.min_crop_scale}]")
     parser.add_argument("--jitter-strength", type=float,
                         help=f"colour jitter of every method's views, as for pretrain [{d.jitter_strength}]")
-    parser.add_argument("--test-fraction", type=_or_none(float),
+    parser.add_argument("--test-fraction", type=_OrNone(float),
                         help="an image folder with class subfolders but no train/ and test/: every run pretrains on "
                         "all but this share of each class, which the evaluations hold out [off]")
     parser.add_argument("--protocols", nargs="+", choices=COMPARABLE_PROTOCOLS,
@@ -547,13 +549,13 @@ class Terminated(BaseException):
 
 
 @contextlib.contextmanager
-def _sigterm_raises():
+def _sigterm_raises() -> Iterator[None]:
     """SIGTERM raises ``Terminated`` here instead of ending the process without a word (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def terminated(signum, frame):
+    def terminated(signum: int, frame: Any) -> NoReturn:
         raise Terminated
 
     previous = signal.signal(signal.SIGTERM, terminated)
@@ -574,14 +576,14 @@ def _after_interrupt(command: str | None, args: argparse.Namespace | None) -> st
     return _AFTER_INTERRUPT.get(command, "")
 
 
-_AFTER_SIGTERM = {
+_AFTER_SIGTERM: dict[str | None, str] = {  # by command (None: before one was read)
     "pretrain": " outside training; the same command resumes from the newest checkpoint (or starts the run, if it has "
                 "none)",
     "evaluate": "; the features already extracted stay cached, so the same command goes on from them",
     "compare": "; finished runs and extracted features are kept, and the same command goes on from where it stopped",
 }
 
-_AFTER_INTERRUPT = {
+_AFTER_INTERRUPT: dict[str | None, str] = {
     "pretrain": "; the checkpoints written so far are kept, and the same command (without --no-resume) resumes "
                 "from the newest",
     "compare": "; finished runs are kept, and the same command goes on from where it stopped",

@@ -29,7 +29,8 @@ from relreason.methods import check_method_name
 from relreason.run_files import BACKBONE_META_NAME, BACKBONE_NAME, CONFIG_NAME, FEATURES_DIR_NAME, STEPS_NAME
 from relreason.seeding import check_seed
 
-if TYPE_CHECKING:  # the trainer is imported when a run starts, not with the CLI
+if TYPE_CHECKING:  # the trainer and the data are imported when a run starts, not with the CLI
+    from relreason.data.datasets import LoadedDataset
     from relreason.train import PretrainConfig
 
 # Protocols with one headline number per run (few-label results are per fraction: use `evaluate` for them).
@@ -191,7 +192,7 @@ def check_existing_runs(config: CompareConfig) -> None:
             exported = meta.get("epochs", 0) if isinstance(meta, dict) else 0
             newest = list_checkpoints(run_dir)[:1]
             epochs, steps = max([(exported if isinstance(exported, int) else 0, 0),
-                                 *(checkpoint_position(path) for path in newest)])
+                                 *(position for path in newest if (position := checkpoint_position(path)))])
             if (epochs, steps) > (config.epochs, 0):
                 trained = f"{epochs} epoch(s)" + (f" and {steps} step(s) of the next" if steps else "")
                 raise RelreasonError(
@@ -265,6 +266,7 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     config.validate()
     check_existing_runs(config)
     info = dataset_info(config.dataset)
+    train_split: LoadedDataset
     if config.test_fraction is not None:  # evaluation will need both splits, labelled, of several classes
         train_split = held_out_split(config.dataset, config.data_root, config.test_fraction)[0]
     else:
@@ -322,8 +324,9 @@ def summarise_runs(runs: list[dict[str, Any]], config: CompareConfig) -> dict[st
         }
         for protocol in config.protocols:
             values = [headline(r["results"].get(protocol, {})) for r in mine]
-            if all(v is not None for v in values):
-                row[protocol] = summarise(values)
+            found = [v for v in values if v is not None]
+            if len(found) == len(values):
+                row[protocol] = summarise(found)
         table[method] = row
     return {"table": table}
 
@@ -367,7 +370,7 @@ def format_markdown(summary: dict[str, Any], config: CompareConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pyplot():
+def _pyplot() -> Any:  # matplotlib.pyplot, imported when first needed
     import matplotlib
 
     matplotlib.use("Agg")
@@ -435,7 +438,7 @@ def plot_embeddings(config: CompareConfig, path: Path) -> None:
     save_png(figure, path, dpi=110)
 
 
-def _test_features_source(run_dir: Path, config: CompareConfig):
+def _test_features_source(run_dir: Path, config: CompareConfig) -> tuple[torch.nn.Module, Any, Any, Path]:
     from relreason.backbones import build_backbone
     from relreason.data import dataset_info, eval_transform, held_out_split, load_dataset
     from relreason.data.image_folder import decoded_for
@@ -451,6 +454,7 @@ def _test_features_source(run_dir: Path, config: CompareConfig):
     # both splits), so that the map reads the test features the evaluation cached.
     name = meta["dataset"]
     info = dataset_info(name)
+    splits: tuple[LoadedDataset, ...]
     if config.test_fraction is not None:
         splits = held_out_split(name, config.data_root, config.test_fraction)
     else:

@@ -47,7 +47,7 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
         raise RelreasonError(f"config file {path} must be a mapping of option: value")
     actions = {action.dest: action for action in parser._actions
                if action.dest not in ("help", "config", "print_config")}
-    options = {}
+    options: dict[str, Any] = {}
     dests = {key: _config_dest(key) for key in loaded}
     # A file of pretrain's options alone (a shipped config, a run's config.json, a --print-config output) given to
     # another command: say so, rather than "unknown option" for the first of them. Not for a key with a near name

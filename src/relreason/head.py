@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -92,7 +94,7 @@ class RelationHead(nn.Sequential):
             )
         # max does not factorise; hooks on the head or its first Linear, or a replaced first layer, would be
         # bypassed by the factorised path: the pairs are formed and run through the modules.
-        if aggregation not in FACTORISABLE or not (is_plain(self, RelationHead) and is_plain(self[0], nn.Linear)):
+        if aggregation not in FACTORISABLE or not (is_plain(self, RelationHead) and is_plain(first, nn.Linear)):
             return self(gather_pairs(features, left, right, aggregation)).squeeze(1)
         if aggregation == "cat":
             # The bias joins the left projection, once per view rather than once per pair (under bf16
@@ -105,7 +107,9 @@ class RelationHead(nn.Sequential):
         if stream_tail is None:
             stream_tail = left.numel() * left_part.shape[1] * left_part.element_size() > STREAM_ABOVE_BYTES
         if stream_tail and can_stream(left_part, self[1], self[2], self[3], left.numel()):
-            return streamed_pair_tail(left_part, right_part, left, right, self[1], self[2].negative_slope, self[3])
+            # can_stream has checked that these are the stock modules.
+            batch_norm, activation, last = cast(nn.BatchNorm1d, self[1]), cast(nn.LeakyReLU, self[2]), cast(nn.Linear, self[3])
+            return streamed_pair_tail(left_part, right_part, left, right, batch_norm, activation.negative_slope, last)
         # index_select, not advanced indexing: its backward (index_add) is deterministic on CPU.
         hidden = left_part.index_select(0, left) + right_part.index_select(0, right)
         return self[3](self[2](self[1](hidden))).squeeze(1)

@@ -16,9 +16,14 @@ that builds a graph (``create_graph=True``, for second derivatives) redoes the p
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any, TypeGuard, TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 # Rows per chunk so that one (rows, h) fp32 chunk is 2 MB: a core's L2 on common x86 parts.
 _CHUNK_ELEMENTS = 1 << 19
@@ -31,7 +36,8 @@ def chunk_rows(hidden: int) -> int:
     return max(1, _CHUNK_ELEMENTS // hidden)
 
 
-def _pair_chunks(left_table: torch.Tensor, right_table: torch.Tensor, left: torch.Tensor, right: torch.Tensor, rows: int):
+def _pair_chunks(left_table: torch.Tensor, right_table: torch.Tensor, left: torch.Tensor, right: torch.Tensor, rows: int
+                 ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """For each chunk of ``rows`` pairs: its slice, its left and right indices and ``left_table[left] + right_table[right]``."""
     for start in range(0, left.numel(), rows):
         chunk = slice(start, start + rows)
@@ -53,7 +59,9 @@ class _StreamedPairTail(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, left_part, right_part, left, right, bn_weight, bn_bias, out_weight, out_bias, eps, slope, rows):
+    def forward(ctx: Any, left_part: torch.Tensor, right_part: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
+                bn_weight: torch.Tensor, bn_bias: torch.Tensor, out_weight: torch.Tensor, out_bias: torch.Tensor,
+                eps: float, slope: float, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dtype = torch.promote_types(left_part.dtype, torch.float32)
         num_pairs, (num_views, hidden) = left.numel(), left_part.shape
         with torch.autocast(left_part.device.type, enabled=False):
@@ -85,7 +93,7 @@ class _StreamedPairTail(torch.autograd.Function):
         return logits, mean, var
 
     @staticmethod
-    def backward(ctx, grad_logits, _grad_mean, _grad_var):
+    def backward(ctx: Any, grad_logits: torch.Tensor, _grad_mean: Any, _grad_var: Any) -> tuple[torch.Tensor | None, ...]:
         if torch.is_grad_enabled():  # create_graph=True: the hand-written pass below builds no graph of its own
             return _differentiable_backward(ctx, grad_logits)
         left, right, x_left, x_right, gamma, beta, rstd, w = ctx.saved_tensors[:8]
@@ -140,7 +148,7 @@ class _StreamedPairTail(torch.autograd.Function):
         )
 
 
-def _differentiable_backward(ctx, grad_logits: torch.Tensor) -> tuple:
+def _differentiable_backward(ctx: Any, grad_logits: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     """The tail's gradients as a graph (for second derivatives, e.g. a gradient penalty): the plain modules'
     computation redone on whole ``(P, h)`` tensors from the saved inputs and differentiated by autograd."""
     left, right = ctx.saved_tensors[:2]
@@ -151,7 +159,7 @@ def _differentiable_backward(ctx, grad_logits: torch.Tensor) -> tuple:
     logits = F.linear(F.leaky_relu(normalised, ctx.slope), out_weight, out_bias).squeeze(1)
     wanted = [i for i, tensor in enumerate(inputs) if tensor.requires_grad]
     grads = torch.autograd.grad(logits, [inputs[i] for i in wanted], grad_logits, create_graph=True, allow_unused=True)
-    result = [None] * len(inputs)
+    result: list[torch.Tensor | None] = [None] * len(inputs)
     for i, grad in zip(wanted, grads):
         result[i] = grad
     left_grad, right_grad, gamma_grad, beta_grad, weight_grad, bias_grad = result
@@ -176,20 +184,21 @@ def streamed_pair_tail(
         left_part, right_part, left, right, batch_norm.weight, batch_norm.bias, last.weight, last.bias,
         batch_norm.eps, negative_slope, chunk_rows(left_part.shape[1]),
     )
-    if batch_norm.track_running_stats:
+    running_mean, running_var, batches = batch_norm.running_mean, batch_norm.running_var, batch_norm.num_batches_tracked
+    if batch_norm.track_running_stats and running_mean is not None and running_var is not None and batches is not None:
         with torch.no_grad():
-            batch_norm.num_batches_tracked.add_(1)
+            batches.add_(1)
             momentum = batch_norm.momentum
             if momentum is None:
-                momentum = 1.0 / float(batch_norm.num_batches_tracked)
+                momentum = 1.0 / float(batches)
             num_pairs = left.numel()
             unbiased = var * (num_pairs / max(num_pairs - 1, 1))
-            batch_norm.running_mean.lerp_(mean.to(batch_norm.running_mean.dtype), momentum)
-            batch_norm.running_var.lerp_(unbiased.to(batch_norm.running_var.dtype), momentum)
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_var.lerp_(unbiased.to(running_var.dtype), momentum)
     return logits
 
 
-def is_plain(module: nn.Module, kind: type[nn.Module]) -> bool:
+def is_plain(module: nn.Module, kind: type[ModuleT]) -> TypeGuard[ModuleT]:
     """Exactly ``kind`` (not a subclass with its own forward), without hooks of its own or global module hooks:
     the fast paths call functions, not the module, so they would bypass all of these."""
     hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")

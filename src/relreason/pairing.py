@@ -89,7 +89,8 @@ def relation_pair_indices(
     ``features[right[p]]`` form pair ``p``. The tensors are the caller's own (copies of a per-``(K, B,
     device)`` cache), so changing them in place, e.g. smoothing the targets, affects nothing else.
     """
-    return tuple(t.clone() for t in shared_pair_indices(num_views, batch_size, device))
+    left, right, targets = shared_pair_indices(num_views, batch_size, device)
+    return left.clone(), right.clone(), targets.clone()
 
 
 def aggregate_pairs(left: torch.Tensor, right: torch.Tensor, aggregation: str = "cat") -> torch.Tensor:

@@ -23,7 +23,7 @@ def code_folder(spec: str) -> str | None:
     module_name = spec.partition(":")[0] if isinstance(spec, str) and ":" in spec else None
     module = sys.modules.get(module_name) if module_name else None
     file = getattr(module, "__file__", None)
-    if not file:
+    if not file or module_name is None:
         return None
     path = os.path.abspath(file)
     depth = module_name.count(".") + (2 if os.path.basename(path) == "__init__.py" else 1)

@@ -50,7 +50,9 @@ class CifarResNet(nn.Module):
         if len(channels) != 3:
             raise RelreasonError(f"channels must give the 3 stages' widths, got {tuple(channels)}; "
                                  "pass e.g. (16, 32, 64)")
-        channels = tuple(check_positive_int(c, "each stage's channels", example=16) for c in channels)
+        channels = (check_positive_int(channels[0], "each stage's channels", example=16),
+                    check_positive_int(channels[1], "each stage's channels", example=16),
+                    check_positive_int(channels[2], "each stage's channels", example=16))
         self.conv1 = _conv3x3(in_channels, channels[0])
         self.bn1 = nn.BatchNorm2d(channels[0])
         self.relu = nn.ReLU(inplace=True)

@@ -25,7 +25,7 @@ def infer_feature_dim(backbone: nn.Module, image_size: int = 32, in_channels: in
     statistic moves; every submodule's own train/eval flag is put back afterwards (a user's frozen BatchNorm
     stays frozen).
     """
-    tensor = next(backbone.parameters(), None)
+    tensor: torch.Tensor | None = next(backbone.parameters(), None)
     if tensor is None:
         tensor = next(backbone.buffers(), None)
     device = tensor.device if tensor is not None else torch.device("cpu")

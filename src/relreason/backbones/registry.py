@@ -248,10 +248,11 @@ def build_backbone(name: str, image_size: int = 32, args: Mapping[str, Any] | No
     if not isinstance(backbone, nn.Module):
         raise RelreasonError(f"backbone factory '{name}' returned {type(backbone).__name__}, not a torch.nn.Module; "
                              "make it return the backbone module")
-    if getattr(backbone, "feature_dim", None) is None:
-        backbone.feature_dim = infer_feature_dim(backbone, image_size, kwargs.get("in_channels"))
+    module: Any = backbone  # feature_dim is the module's own attribute, which nn.Module's type does not know
+    if getattr(module, "feature_dim", None) is None:
+        module.feature_dim = infer_feature_dim(backbone, image_size, kwargs.get("in_channels"))
     else:  # the module's own: a NumPy integer would break backbone.json, a wrong one the relation head
-        width = check_positive_int(backbone.feature_dim, f"the feature_dim of backbone '{name}'")
-        if type(backbone.feature_dim) is not int:
-            backbone.feature_dim = width
+        width = check_positive_int(module.feature_dim, f"the feature_dim of backbone '{name}'")
+        if type(module.feature_dim) is not int:
+            module.feature_dim = width
     return backbone

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from relreason.errors import RelreasonError, one_line
 
 
-def _check_labels(labels, n: int) -> np.ndarray | None:
+def _check_labels(labels: object, n: int) -> np.ndarray | None:
     if labels is None:
         return None
     arr = np.asarray(labels)

@@ -99,11 +99,11 @@ class AugmentationRecipe:
                    saturation=saturation, hue=hue)
 
 
-def _is_real(value) -> bool:
+def _is_real(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
-def _pair(value, name: str) -> tuple[float, float]:
+def _pair(value: object, name: str) -> tuple[float, float]:
     if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(_is_real(v) for v in value):
         raise RelreasonError(f"the crop {name} must be two numbers (low, high), got {value!r}")
     return value[0], value[1]
@@ -123,7 +123,8 @@ class ViewParameters:
     grayscale: torch.Tensor  # (N,) bool
 
 
-def _uniform(shape: Sequence[int], low: float, high: float, generator: torch.Generator | None, device) -> torch.Tensor:
+def _uniform(shape: Sequence[int], low: float, high: float, generator: torch.Generator | None,
+             device: torch.device | str | None) -> torch.Tensor:
     return torch.rand(shape, generator=generator, device=device) * (high - low) + low
 
 
@@ -326,7 +327,8 @@ def _lists_selected(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _apply_where(images: torch.Tensor, selected: torch.Tensor, operation, factor: torch.Tensor) -> torch.Tensor:
+def _apply_where(images: torch.Tensor, selected: torch.Tensor,
+                 operation: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], factor: torch.Tensor) -> torch.Tensor:
     if _lists_selected(images.device):
         # On the CPU, work on the selected views only (finding them costs nothing there).
         index = selected.nonzero().squeeze(1)

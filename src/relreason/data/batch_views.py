@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Subset
 
 from relreason.checks import check_positive_int, whole_number
 from relreason.data.batch_augment import BatchRelationalAugmentation
+from relreason.data.sized_dataset import SizedDataset
 from relreason.errors import RelreasonError, format_bytes
 from relreason.seeding import check_optional_seed, mix_seed
 
 __all__ = ["BatchViewLoader", "DeviceMultiViewDataset", "images_as_tensor"]
 
 
-def images_as_tensor(dataset: Dataset, keep_grey: bool = False) -> torch.Tensor:
+def images_as_tensor(dataset: SizedDataset, keep_grey: bool = False) -> torch.Tensor:
     """The images of an in-memory dataset as one ``(N, 3, H, W)`` uint8 tensor: relreason's ``ArrayImageDataset``
     (its ``images``), a torchvision dataset that keeps its images as one uint8 array and has no ``transform`` or
     ``target_transform`` of its own (its ``data``: MNIST, Fashion-MNIST, CIFAR, SVHN, STL-10), or a ``Subset`` of
@@ -126,7 +127,7 @@ class DeviceMultiViewDataset:
 
     def __init__(
         self,
-        dataset: Dataset,
+        dataset: SizedDataset,
         augmentation: BatchRelationalAugmentation,
         num_views: int,
         seed: int | None = None,
@@ -181,6 +182,14 @@ class DeviceMultiViewDataset:
         return self.augmentation(batch, self.num_views, generator), self.labels.index_select(0, indices)
 
 
+class SizedBatches(Protocol):
+    """A batch sampler: batches of dataset positions, and how many there are."""
+
+    def __iter__(self) -> Iterator[Sequence[int]]: ...
+
+    def __len__(self) -> int: ...
+
+
 class BatchViewLoader:
     """Iterates over ``(views, labels)`` for the batches of ``batch_sampler``, each made in one go on the device.
 
@@ -188,7 +197,7 @@ class BatchViewLoader:
     a resumed epoch makes exactly the views it would have made (a dataset without a seed: PyTorch's global one).
     """
 
-    def __init__(self, dataset: DeviceMultiViewDataset, batch_sampler: Iterable[Sequence[int]], rank: int = 0) -> None:
+    def __init__(self, dataset: DeviceMultiViewDataset, batch_sampler: SizedBatches, rank: int = 0) -> None:
         self.dataset = dataset
         self.batch_sampler = batch_sampler
         self.rank = rank

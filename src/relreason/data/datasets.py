@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import Dataset
 
 from relreason.data import standard_datasets
-from relreason.data.array_dataset import pil_to_rgb
+from relreason.data.array_dataset import ArrayImageDataset, pil_to_rgb
 from relreason.data.image_folder import ImageFolderDataset, decoded_for
+from relreason.data.sized_dataset import SizedDataset
 from relreason.data.splits import check_fraction_range, has_split_dirs, load_folder_split, split_image_folder
 from relreason.data.standard_datasets import load_benchmark, load_digits
 from relreason.errors import RelreasonError
@@ -39,6 +39,9 @@ __all__ = [
     "load_dataset",
     "same_dataset",
 ]
+
+#: What ``load_dataset`` gives: arrays in memory, or an image folder read from its files.
+LoadedDataset = ArrayImageDataset | ImageFolderDataset
 
 DATASET_NAMES: tuple[str, ...] = (
     "cifar10",
@@ -70,6 +73,14 @@ class DatasetInfo:
     pretrain_split: str = "train"
     train_split: str = "train"
     test_split: str = "test"
+
+    def normalization(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+        """``(mean, std)`` to normalise this dataset's views with; refused for ``folder``, which has none of its
+        own (``compute_normalization(images)`` gives a folder's)."""
+        if self.mean is None or self.std is None:
+            raise RelreasonError(f"dataset '{self.name}' has no fixed normalisation; compute it from its images: "
+                                 "mean, std = compute_normalization(images)")
+        return self.mean, self.std
 
 
 def _grey(v: float) -> tuple[float, float, float]:
@@ -110,10 +121,10 @@ def dataset_info(name: str) -> DatasetInfo:
     return _INFO[_canonical_name(name)]
 
 
-def same_dataset(name: str, other: str | None) -> bool:
+def same_dataset(name: str | None, other: str | None) -> bool:
     """Whether two names, as typed, name one dataset (``fashion_mnist`` is ``fashion-mnist``); unknown: no."""
     try:
-        return other is not None and _canonical_name(name) == _canonical_name(other)
+        return name is not None and other is not None and _canonical_name(name) == _canonical_name(other)
     except RelreasonError:  # a name this version does not know (e.g. from a foreign backbone.json)
         return False
 
@@ -131,7 +142,7 @@ PATH_SAMPLED_METHODS = (NORMALIZATION_METHOD, "per-image-draft-path-sample")
 
 
 def compute_normalization(
-    dataset: Dataset, max_images: int = 2000, seed: int = 0, method: str = NORMALIZATION_METHOD
+    dataset: SizedDataset, max_images: int = 2000, seed: int = 0, method: str = NORMALIZATION_METHOD
 ) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
     """Per-channel RGB mean and std (0..1 scale) over a seeded sample of images.
 
@@ -163,12 +174,12 @@ def compute_normalization(
         raise RelreasonError(f"max_images must be at least 1, got {max_images}; pass a positive number")
     read_or_skip = getattr(dataset, "read_or_skip", None) if method in PATH_SAMPLED_METHODS else None
     if read_or_skip is not None:
-        candidates = dataset.seeded_order(seed)
+        candidates = dataset.seeded_order(seed)  # type: ignore[attr-defined]  # read_or_skip's dataset has it
     elif n <= max_images:
         candidates = range(n)
     else:
         candidates = np.sort(np.random.default_rng(seed).choice(n, size=max_images, replace=False))
-    moments = {}  # index: the image's per-channel mean and mean square
+    moments: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # index: the image's per-channel mean and mean square
     for i in candidates:
         if len(moments) == max_images:
             break
@@ -179,7 +190,7 @@ def compute_normalization(
         scale = NORMALIZATION_SIDE / max(image.size)
         if scale < 1:
             size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-            image = image.resize(size, Image.BILINEAR, reducing_gap=3.0)
+            image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
         arr = np.asarray(image, dtype=np.float64).reshape(-1, 3) / 255.0
         moments[int(i)] = (arr.mean(axis=0), np.square(arr).mean(axis=0))
     if not moments:
@@ -225,7 +236,7 @@ def load_dataset(
     root: str | os.PathLike | None,
     split: str = "train",
     download: bool = False,
-) -> Dataset:
+) -> LoadedDataset:
     """Load split ``split`` of dataset ``name`` (one of :data:`DATASET_NAMES`) from ``root``.
 
     Files are looked for in torchvision's layout under ``root`` (and in ``root``

@@ -78,7 +78,7 @@ def cifar_labels(batch: dict[str, Any], key: str, path: str | os.PathLike, n: in
 # --------------------------------------------------------------------------- IDX (MNIST family)
 
 # IDX type codes -> big-endian numpy dtypes.
-_IDX_DTYPES = {
+_IDX_DTYPES: dict[int, np.dtype] = {
     0x08: np.dtype(">u1"),
     0x09: np.dtype(">i1"),
     0x0B: np.dtype(">i2"),

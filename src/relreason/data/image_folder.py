@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -19,6 +19,11 @@ from torch.utils.data import Dataset
 
 from relreason.data.array_dataset import pil_to_rgb
 from relreason.errors import RelreasonError, one_line, short_reason
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+DatasetT = TypeVar("DatasetT")
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
@@ -116,7 +121,7 @@ def read_skip_log(path: str | os.PathLike) -> dict[str, str]:
 DRAFT_MARGIN = 4
 
 
-def decoded_for(dataset: Dataset, image_size: int, smallest_crop: float = 1.0) -> Dataset:
+def decoded_for(dataset: DatasetT, image_size: int, smallest_crop: float = 1.0) -> DatasetT:
     """``dataset`` for use at ``image_size`` px from crops whose side is at least ``smallest_crop`` of an image's
     short side: an :class:`ImageFolderDataset` (a copy) then decodes its JPEGs only as large as that needs
     (:data:`DRAFT_MARGIN`); any other dataset is returned as it is."""
@@ -247,7 +252,7 @@ class ImageFolderDataset(Dataset):
         if skip_log is not None:
             self.log_skips_to(skip_log)
 
-    def subset(self, indices: Sequence[int]) -> ImageFolderDataset:
+    def subset(self, indices: Sequence[int] | np.ndarray) -> ImageFolderDataset:
         """The images at ``indices`` (in that order) as a folder dataset of their own, with the same classes; an
         unreadable one is replaced by the next readable image of the subset."""
         part = copy.copy(self)
@@ -256,7 +261,7 @@ class ImageFolderDataset(Dataset):
         part.skipped = {}
         return part
 
-    def decoded_at_least(self, side: int | None) -> ImageFolderDataset:
+    def decoded_at_least(self, side: int | None) -> Self:
         """This dataset (a copy sharing its skipped files and skip log) whose JPEGs are decoded at the largest
         reduction, 1/2, 1/4 or 1/8, that keeps both sides at least ``side`` pixels; None decodes at full size."""
         if side is not None and (isinstance(side, bool) or not isinstance(side, numbers.Integral) or side < 1):
@@ -265,7 +270,7 @@ class ImageFolderDataset(Dataset):
         copied.decode_side = None if side is None else int(side)
         return copied
 
-    def read_as_stored(self) -> ImageFolderDataset:
+    def read_as_stored(self) -> Self:
         """This dataset (a copy sharing its skipped files and skip log) reading photos as stored, their EXIF
         orientation not applied: as versions before it did, for the statistics of runs they started."""
         copied = copy.copy(self)

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import Dataset
 
 from relreason.checks import check_positive_int, whole_number
+from relreason.data.sized_dataset import SizedDataset
 from relreason.errors import RelreasonError
 from relreason.seeding import check_optional_seed, mix_seed
 
@@ -27,7 +28,7 @@ class MultiViewDataset(Dataset):
     """
 
     def __init__(
-        self, dataset: Dataset, transform: Callable[[Any], Any], num_views: int, seed: int | None = None
+        self, dataset: SizedDataset, transform: Callable[[Any], Any], num_views: int, seed: int | None = None
     ) -> None:
         # One view is valid (rotation and supervised pretraining); relational pairs check K >= 2 themselves.
         num_views = check_positive_int(num_views, "the number of views per image", example=4)

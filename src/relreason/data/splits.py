@@ -127,6 +127,6 @@ def split_image_folder(
             f"--test-fraction {test_fraction:g} of the {len(folder)} images of {folder.root} rounds to no test image "
             "in any class; choose a larger fraction"
         )
-    train, test = folder.subset(train_idx), folder.subset(test_idx)
-    train.held_out = len(test)
-    return train, test
+    train_part, test_part = folder.subset(train_idx), folder.subset(test_idx)
+    train_part.held_out = len(test_part)
+    return train_part, test_part

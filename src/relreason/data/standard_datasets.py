@@ -6,10 +6,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
-from torch.utils.data import Dataset
 
 from relreason.data.array_dataset import ArrayImageDataset
 from relreason.data.splits import stratified_split
@@ -46,8 +45,8 @@ class _Layout:
     """Where a benchmark's files live and which files each split needs."""
 
     subdirs: tuple[str, ...]  # tried below root, in order ("" = root itself)
-    files: dict[str, tuple[str, ...]]  # split -> required file names
-    expected: dict[str, str]  # split -> human description for error messages
+    files: Mapping[str, tuple[str, ...]]  # split -> required file names
+    expected: Mapping[str, str]  # split -> human description for error messages
     gz_ok: bool = False  # a file may also be present as NAME.gz
 
 
@@ -341,7 +340,7 @@ def _read_mnist_family(files: dict[str, Path], split: str, key: str, classes: li
     return ArrayImageDataset(x, y.astype(np.int64), list(classes))
 
 
-_READERS: dict[str, Callable[[dict[str, Path], str], Dataset]] = {
+_READERS: dict[str, Callable[[dict[str, Path], str], ArrayImageDataset]] = {
     "cifar10": _read_cifar10,
     "cifar100": lambda f, s: _read_cifar100(f, s, coarse=False),
     "cifar100-20": lambda f, s: _read_cifar100(f, s, coarse=True),

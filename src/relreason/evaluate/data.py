@@ -7,13 +7,13 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from relreason.data import dataset_info, has_split_dirs, load_dataset
+from relreason.data.datasets import LoadedDataset
 from relreason.data.decoded_folder import DecodedImageFolder, decoding_too_large
 from relreason.data.image_folder import DRAFT_MARGIN, ImageFolderDataset, read_in_threads, read_threads
 from relreason.errors import RelreasonError, note, warn
@@ -32,6 +32,16 @@ def decoded_once(dataset: Any, image_size: int, split: str) -> Any:
              f"into memory {too_large})")
         return dataset
     return DecodedImageFolder(dataset, image_size, progress=True, copies=1, processes=1)
+
+
+@overload
+def without_unreadable(dataset: Any, split: str, cache: Path | None, features: None = None,
+                       say: bool = True) -> tuple[Any, None]: ...
+
+
+@overload
+def without_unreadable(dataset: Any, split: str, cache: Path | None, features: tuple[torch.Tensor, torch.Tensor],
+                       say: bool = True) -> tuple[Any, tuple[torch.Tensor, torch.Tensor]]: ...
 
 
 def without_unreadable(dataset: Any, split: str, cache: Path | None,
@@ -65,7 +75,7 @@ def without_unreadable(dataset: Any, split: str, cache: Path | None,
     return dataset.subset(keep), kept
 
 
-def labelled_split(name: str, root: str, split: str, download: bool) -> Dataset:
+def labelled_split(name: str, root: str, split: str, download: bool) -> LoadedDataset:
     """Split ``split`` of dataset ``name``, refused in one line when its images have no labels."""
     dataset = load_dataset(name, root, split, download=download)
     if dataset.labels is None:

@@ -24,6 +24,7 @@ from relreason.data import (
     held_out_split,
     same_dataset,
 )
+from relreason.data.datasets import LoadedDataset
 from relreason.data.image_folder import decoded_for, read_threads
 from relreason.data.splits import image_folders_read
 from relreason.device import is_out_of_memory, resolve_device, use_device
@@ -141,7 +142,7 @@ def _run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     cache_dir = _feature_cache_dir(weights, output, data)
     digest = weights_digest(weights.read_bytes())
     data_tag = data_tag_of(data.name, data.data_root, data.mean, data.std, (train_set, test_set))
-    backbones = {"pretrained": state}
+    backbones: dict[str, dict[str, torch.Tensor] | None] = {"pretrained": state}  # None: a random one
     if config.random_baseline:
         backbones["random"] = None
     feature_protocols = [p for p in protocols if p != "finetune"]
@@ -173,7 +174,7 @@ def _run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
                      "what the weights were trained at); pass --image-size if it was another")
         row: dict[str, Any] = {}
         if feature_protocols:
-            features = {}
+            features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
             splits = {"train": train_set, "test": test_set}
             for split, dataset in splits.items():
                 cache = feature_cache_path(cache_dir, meta["backbone"], key, data.name, split, image_size, data_tag,
@@ -287,7 +288,7 @@ def _evaluation_data(config: EvaluateConfig, meta: dict[str, Any], output: Path)
     check_output_path(output)
     # The run's own held-out share when it was pretrained on part of this very folder (and none was asked for).
     same_folder = own_data and (not config.data_root or (recorded is not None and same_path(config.data_root, recorded)))
-    gone = bool(recorded) and not Path(recorded).expanduser().exists()
+    gone = bool(recorded and not Path(recorded).expanduser().exists())
     if info.name == "folder" and own_data and not same_folder and gone:
         # The run's folder is gone: the one given is taken for it, moved, as pretrain takes a moved folder on resuming.
         same_folder = True
@@ -297,6 +298,8 @@ def _evaluation_data(config: EvaluateConfig, meta: dict[str, Any], output: Path)
     test_fraction = config.test_fraction if config.test_fraction is not None else pretrained_share
     seen: bool | None = bool(same_folder and info.name == "folder" and config.test_fraction is not None
                              and (pretrained_share is None or config.test_fraction > pretrained_share))
+    train_set: LoadedDataset
+    test_set: LoadedDataset
     if test_fraction is not None:
         train_set, test_set = held_out_split(name, data_root, test_fraction)
         if seen:
@@ -314,7 +317,7 @@ def _evaluation_data(config: EvaluateConfig, meta: dict[str, Any], output: Path)
     # root whose train/ the run was pretrained on: its training images are the run's own.
     other_folder = bool(info.name == "folder" and own_data and not same_folder and recorded
                         and pretraining_folder(recorded).resolve() != pretraining_folder(data_root).resolve())
-    if other_folder:
+    if other_folder and recorded:
         # Another folder than the run's own, which may still hold (or lie inside) the one it was pretrained on.
         pretrained_on = pretraining_folder(recorded)
         inside = count_images_inside(test_set, pretrained_on)
@@ -352,7 +355,7 @@ def _data_root(config: EvaluateConfig, meta: dict[str, Any], name: str, info: Da
 def _feature_cache_dir(weights: Path, output: Path, data: _EvaluationData) -> Path:
     """Beside the weights, unless that folder is read-only (a shared or downloaded backbone) or lies in the image
     folder evaluated (the user's files, only ever read): then beside the output."""
-    folders = [data.data_root, *data.read] if data.info.name == "folder" else []
+    folders: list[str | Path] = [data.data_root, *data.read] if data.info.name == "folder" else []
     in_images = any(weights.parent.resolve().is_relative_to(Path(folder).resolve()) for folder in folders)
     beside_weights = os.access(weights.parent, os.W_OK) and not in_images
     return (weights.parent if beside_weights else output.parent) / FEATURES_DIR_NAME

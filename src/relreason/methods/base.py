@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, TypeVar
+from typing import ClassVar, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,20 @@ class StepOutput:
     features: torch.Tensor | None = None
 
 
+class StepResult(Protocol):
+    """What the trainer reads of a forward pass: a ``StepOutput``, or an object with the same attributes, such as
+    relational reasoning's ``RelationOutput``."""
+
+    @property
+    def loss(self) -> torch.Tensor: ...
+
+    @property
+    def metrics(self) -> Mapping[str, torch.Tensor]: ...
+
+    @property
+    def features(self) -> torch.Tensor | None: ...
+
+
 class PretrainMethod(nn.Module):
     """A pretraining objective over ``self.backbone``.
 
@@ -41,6 +55,9 @@ class PretrainMethod(nn.Module):
 
     name: ClassVar[str] = ""
     needs_labels: ClassVar[bool] = False
+    #: Whether a method that trains on labels checks their values in each step (which waits for the device); the
+    #: trainer checks them once beforehand and turns this off.
+    check_label_values: bool = True
 
     def __init__(self, backbone: nn.Module, feature_dim: int | None = None, image_size: int = 32) -> None:
         super().__init__()
@@ -76,7 +93,7 @@ class PretrainMethod(nn.Module):
         check_features(features, images.shape[0], self.feature_dim)
         return features
 
-    def forward(self, views: Sequence[torch.Tensor], labels: torch.Tensor | None = None) -> StepOutput:
+    def forward(self, views: Sequence[torch.Tensor], labels: torch.Tensor | None = None) -> StepResult:
         raise NotImplementedError
 
 

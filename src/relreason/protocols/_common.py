@@ -71,10 +71,10 @@ def as_device(device: Any) -> torch.device:
 
 
 def module_device(module: nn.Module) -> torch.device | None:
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
+    for parameter in module.parameters():
+        return parameter.device
+    for buffer in module.buffers():
+        return buffer.device
     return None
 
 

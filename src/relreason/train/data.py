@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from relreason.data.datasets import NORMALIZATION_METHOD
 from relreason.data.decoded_folder import DecodedImageFolder
 from relreason.data.image_folder import decoded_for, describe_left_out
 from relreason.data.sampler import EpochBatchSampler
+from relreason.data.sized_dataset import SizedDataset
 from relreason.data.splits import TEST_DIR_NAMES
 from relreason.data.transforms import smallest_crop_side
 from relreason.distributed import DistributedContext
@@ -63,19 +64,22 @@ def build_pretrain_data(
     method = method_class(config.method)
     # Supervised pretraining needs the labelled split (STL-10's unlabelled split has none).
     split = info.train_split if method is not None and method.needs_labels else info.pretrain_split
+    dataset: SizedDataset
     if config.test_fraction is not None:  # the rest of the folder is for evaluate alone
         dataset = held_out_split(config.dataset, config.data_root, config.test_fraction)[0]
     else:
         dataset = load_downloading_once(config, split, context)
     image_size = config.image_size or info.image_size
-    if info.mean is None:
+    mean: Sequence[float]
+    std: Sequence[float]
+    if info.mean is None or info.std is None:
         mean, std = compute_normalization(dataset)
     else:
         mean, std = info.mean, info.std
     views = max(views_used(config), 1)
     batched = config.augment == "tensor" or (config.augment == "auto" and isinstance(dataset, ArrayImageDataset))
     batched = batched and not (method is None and isinstance(dataset, ImageFolderDataset))  # 'random' makes no views
-    geometry = {"image_size": image_size, "mean": [float(m) for m in mean], "std": [float(s) for s in std],
+    geometry: dict[str, Any] = {"image_size": image_size, "mean": [float(m) for m in mean], "std": [float(s) for s in std],
                 "augment": "tensor" if batched else "pil"}  # the path taken, which 'auto' does not say
     if info.mean is None:
         geometry["normalization"] = NORMALIZATION_METHOD  # how the statistics were taken from the images
@@ -104,7 +108,7 @@ def load_downloading_once(config: PretrainConfig, split: str, context: Distribut
         return load_dataset(config.dataset, config.data_root, split, download=config.download)
     # A group of its own, patient beyond the default half hour (a large archive can take longer than that), made
     # before the download: making it is itself a wait for every rank.
-    patient = dist.new_group(backend="gloo", timeout=DOWNLOAD_TIMEOUT)
+    patient = cast(dist.ProcessGroup, dist.new_group(backend="gloo", timeout=DOWNLOAD_TIMEOUT))  # every rank's
     dataset = None
     try:
         for fetches in (context.is_main, context.local_rank == 0 and not context.is_main):

@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -25,11 +25,20 @@ from relreason.checks import with_home_expanded, with_plain_values
 from relreason.data import ImageFolderDataset, MultiViewDataset, read_skip_log
 from relreason.data.batch_views import DeviceMultiViewDataset
 from relreason.data.decoded_folder import DecodedImageFolder
+from relreason.data.sampler import EpochBatchSampler
 from relreason.device import autocast_dtype, is_out_of_memory, precise_float, resolve_device
 from relreason.distributed import DistributedContext, all_reduce_mean, barrier, init_distributed, shutdown_distributed
 from relreason.errors import RelreasonError, note, short_reason, warn
 from relreason.losses import build_loss
-from relreason.methods import PretrainMethod, is_built_in, method_class, takes_num_classes
+from relreason.methods import (
+    PretrainMethod,
+    RelationalReasoning,
+    SimCLR,
+    Supervised,
+    is_built_in,
+    method_class,
+    takes_num_classes,
+)
 from relreason.methods.online_probe import OnlineProbe
 from relreason.run_files import CONFIG_NAME, CURVES_NAME, SKIPPED_IMAGES_NAME
 from relreason.schedule import learning_rate_factor, set_learning_rate
@@ -247,7 +256,7 @@ def _check_training_data(dataset: Any, geometry: dict[str, Any], config: Pretrai
 
 
 def _step_module(method: PretrainMethod, probe: OnlineProbe | None, config: PretrainConfig, device: torch.device,
-                 context: DistributedContext) -> nn.Module:
+                 context: DistributedContext) -> PretrainModule:
     """What a step runs: the method and its online probe, on the device, in the memory format and compiled as the
     options say."""
     model = PretrainModule(method, probe).to(device)
@@ -261,7 +270,8 @@ def _step_module(method: PretrainMethod, probe: OnlineProbe | None, config: Pret
         # later step into a dynamic-shape graph.
         model.method.backbone.compile(dynamic=False)
     if config.sync_batchnorm and context.enabled:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # In place: only BatchNorm modules are swapped for new ones, the PretrainModule itself is returned.
+        model = cast(PretrainModule, nn.SyncBatchNorm.convert_sync_batchnorm(model))
     return model
 
 
@@ -348,20 +358,23 @@ def build_model(config: PretrainConfig, image_size: int, num_classes: int | None
     method = method_class(config.method)
     if method is None:
         return None
+    feature_dim = getattr(backbone, "feature_dim", None)  # set by build_backbone
     if config.method == "relational":
         loss = build_loss(config.loss, config.focal_gamma, config.focal_alpha)
-        return method(backbone, backbone.feature_dim, config.aggregation, config.head_hidden, loss, image_size=image_size)
+        return RelationalReasoning(backbone, feature_dim, config.aggregation, config.head_hidden, loss,
+                                   image_size=image_size)
     if config.method == "simclr":
-        return method(backbone, backbone.feature_dim, temperature=config.simclr_temperature)
-    if method.needs_labels and num_classes is None:
-        raise no_labels_error(config.dataset, config.method)
-    if config.method == "supervised":
-        return method(backbone, backbone.feature_dim, num_classes)
+        return SimCLR(backbone, feature_dim, temperature=config.simclr_temperature)
+    if method.needs_labels:
+        if num_classes is None:
+            raise no_labels_error(config.dataset, config.method)
+        if config.method == "supervised":
+            return Supervised(backbone, feature_dim, num_classes)
     if is_built_in(config.method):  # rotation
-        return method(backbone, backbone.feature_dim)
-    extra = {"num_classes": num_classes} if takes_num_classes(method) else {}
+        return method(backbone, feature_dim)
+    extra: dict[str, Any] = {"num_classes": num_classes} if takes_num_classes(method) else {}
     try:  # a user's own method: its constructor's error is its own, at its line
-        return method(backbone, backbone.feature_dim, **extra)
+        return method(backbone, feature_dim, **extra)
     except RelreasonError:
         raise
     except Exception as error:
@@ -404,7 +417,7 @@ def train_one_epoch(
     loader = make_loader(dataset, config, position, device, context)
     with loader_batches(loader) as batches:
         model.train()
-        sampler = loader.batch_sampler
+        sampler = cast(EpochBatchSampler, loader.batch_sampler)  # make_loader's, for both kinds of loader
         steps_per_epoch = position.steps_per_epoch = sampler.steps_per_epoch
         _start_where_the_sampler_starts(position, sampler, len(dataset), saver, context)
         # Sums stay on the device: reading them every step would stall a GPU on each batch.
@@ -439,7 +452,7 @@ def train_one_epoch(
                 totals = torch.zeros(len(names), device=device, dtype=precise_float(device))
             totals += torch.stack([step_values[name].float() for name in names]).to(totals.dtype)
             position.step += 1
-            position.items += config.batch_size * context.world_size
+            position.items = (position.items or 0) + config.batch_size * context.world_size  # set at the start
             position.views += len(views) * views[0].shape[0] * context.world_size
             # Reading the sums waits for the device: at most every POSTFIX_SECONDS, not every few (fast) steps.
             if (config.progress and context.is_main
@@ -478,7 +491,7 @@ def train_one_epoch(
         return record, stop.agreed(deadline, context)
 
 
-def _start_where_the_sampler_starts(position: TrainingPosition, sampler: Any, dataset_size: int,
+def _start_where_the_sampler_starts(position: TrainingPosition, sampler: EpochBatchSampler, dataset_size: int,
                                     saver: CheckpointSaver, context: DistributedContext) -> None:
     """Put ``position`` at the sampler's first step of the epoch: the checkpoint's own step, unless the run was
     resumed under another number of ranks, whose steps are of another size."""
@@ -528,11 +541,12 @@ def _epoch_record(position: TrainingPosition, optimizer: torch.optim.Optimizer,
         "views_per_second": position.views / position.seconds if position.seconds > 0 else 0.0,
         "lr": optimizer.param_groups[0]["lr"],
     }
-    skip_log = getattr(dataset.dataset, "skip_log", None)
+    images: Any = dataset.dataset  # an image folder, whose skip log and skips said so far are attributes of its own
+    skip_log = getattr(images, "skip_log", None)
     if skip_log is not None:
         record["skipped_images"] = len(read_skip_log(skip_log))
-        if record["skipped_images"] > getattr(dataset.dataset, "skips_reported", 0):  # said again only if more
-            dataset.dataset.skips_reported = record["skipped_images"]
+        if record["skipped_images"] > getattr(images, "skips_reported", 0):  # said again only if more
+            images.skips_reported = record["skipped_images"]
             log(f"skipped {record['skipped_images']} unreadable image(s) so far, each replaced by the next "
                 f"readable one; their paths are in {skip_log}", context)
     shown = "  ".join(f"{name} {format_metric(name, value)}" for name, value in means.items())

@@ -22,10 +22,10 @@ class MetricsLog:
         self.path = run_dir / METRICS_NAME
         self.steps_path = run_dir / STEPS_NAME
         self.tensorboard_dir = run_dir / "tensorboard" if use_tensorboard else None
-        self.writer = None
+        self.writer: Any = None  # a SummaryWriter once the first record is written
         self.purge_from: int | None = None  # the first epoch a resumed run writes again
 
-    def _tensorboard(self):
+    def _tensorboard(self) -> Any:  # a SummaryWriter, or None without tensorboard
         if self.writer is None and self.tensorboard_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -113,7 +113,7 @@ def check_resumable(checkpoint: dict[str, Any], config: PretrainConfig, geometry
             f"{config.epochs}-epoch run"
         )
     defaults = PretrainConfig()  # for options that checkpoints from older versions do not record
-    shaping = ("method", "backbone", "backbone_args", "dataset", "batch_size", "seed", "lr_schedule", "warmup_epochs",
+    shaping: tuple[str, ...] = ("method", "backbone", "backbone_args", "dataset", "batch_size", "seed", "lr_schedule", "warmup_epochs",
                "online_probe", "min_crop_scale", "jitter_strength", "test_fraction")
     if config.method == "relational":  # the relation head's options, its loss, and K shape only this method's runs
         shaping += ("aggregation", "head_hidden", "num_views", "loss")

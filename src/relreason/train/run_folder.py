@@ -162,7 +162,7 @@ def export_backbone(
         "backbone_code": code_folder(config.backbone),  # a factory of one's own: where it was imported from
         "backbone_defaults": factory_defaults(config.backbone, config.backbone_args),  # what args= left to it
         "method": config.method,
-        "feature_dim": int(backbone.feature_dim),
+        "feature_dim": int(getattr(backbone, "feature_dim", 0)),
         "dataset": config.dataset,
         "data_root": absolute_data_root(config),
         "epochs": position.epoch,

@@ -48,8 +48,8 @@ def check_step_output(out: Any, method: nn.Module, batch_size: int | None, needs
                              "relreason.methods.StepOutput(loss, metrics, features)")
     loss = out.loss
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise RelreasonError(f"method {name}'s StepOutput.loss must be a 0-d tensor, got {shape}; reduce it "
+        loss_shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise RelreasonError(f"method {name}'s StepOutput.loss must be a 0-d tensor, got {loss_shape}; reduce it "
                              "(e.g. .mean())")
     if torch.is_grad_enabled() and method.training and not loss.requires_grad:
         raise RelreasonError(f"method {name}'s loss does not depend on any parameter (was it detached?); nothing "

@@ -44,7 +44,7 @@ class StopRequest:
                 request.previous[signal.SIGINT] = signal.signal(signal.SIGINT, request._handle)
         return request
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT:
             if self.interrupted:  # the second Ctrl-C: no waiting for the step
                 self.uninstall()
