@@ -17,7 +17,7 @@ from relreason.data.array_dataset import ArrayImageDataset
 from relreason.data.transforms import eval_transform, relational_augmentation
 from relreason.errors import RelreasonError
 from relreason.losses import FocalLoss
-from relreason.pairing import aggregation_width, make_relation_pairs
+from relreason.pairing import AGGREGATIONS, aggregate_pairs, aggregation_width, make_relation_pairs
 from relreason.schedule import check_schedule, learning_rate_factor
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -138,6 +138,17 @@ def test_pairing_names_a_list_of_per_view_features():
     with pytest.raises(RelreasonError) as error:
         make_relation_pairs([torch.randn(4, 8), torch.randn(4, 8)], 2)
     assert "torch.cat(features)" in one_line(error)
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("left_rows,right_rows", [(6, 5), (1, 6), (6, 1)])
+def test_aggregate_pairs_refuses_members_of_other_counts_rather_than_broadcasting_them(left_rows, right_rows,
+                                                                                      aggregation):
+    with pytest.raises(RelreasonError) as error:
+        aggregate_pairs(torch.randn(left_rows, 8), torch.randn(right_rows, 8), aggregation)
+    assert one_line(error) == (f"aggregate_pairs joins row p of left with row p of right, (P, d) each, got "
+                               f"({left_rows}, 8) and ({right_rows}, 8); index both with relation_pair_indices(K, B)")
+    assert aggregate_pairs(torch.randn(6, 8), torch.randn(6, 8), aggregation).shape[0] == 6
 
 
 @pytest.mark.parametrize("feature_dim", ["64", 2.5, -3, 0])

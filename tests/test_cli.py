@@ -501,7 +501,7 @@ def test_ctrl_c_before_the_first_checkpoint_says_so(capsys, tmp_path, monkeypatc
     ["pretrain", "--config", "cifar10_resnet32", "-K", "8", "--epochs", "5", "--amp", "bf16", "--no-online-probe",
      "--weight-decay", "1e-5", "--time-limit", "2.5"],
     ["evaluate", "--run-dir", "runs/x", "--eval-dataset", "cifar100", "--protocols", "knn", "retrieval",
-     "--label-fractions", "0.05", "0.5", "--knn-k", "20"],
+     "--label-fractions", "0.05", "0.5", "--knn-k", "20", "--no-progress"],
     ["compare", "--methods", "relational", "simclr", "--seeds", "3", "4", "--time-limit", "1", "--jitter-strength", "0"],
 ])
 def test_print_config_reads_back_to_the_same_options(argv, tmp_path, monkeypatch, capsys):
@@ -522,6 +522,15 @@ def test_print_config_reads_back_to_the_same_options(argv, tmp_path, monkeypatch
 
     assert options(again) == options(asked)
     assert asked != options_class()  # the options above are not all defaults: the file carried them
+
+
+def test_evaluate_turns_its_progress_bars_off_as_pretrain_does():
+    from relreason.cli import _config_from, config_class
+
+    for command in ("pretrain", "evaluate", "compare"):
+        assert _config_from(parse_options(build_parser(), [command]), config_class(command)).progress is True
+        assert _config_from(parse_options(build_parser(), [command, "--no-progress"]),
+                            config_class(command)).progress is False
 
 
 def test_print_config_refuses_what_the_command_would_refuse(capsys):

@@ -59,7 +59,31 @@ def test_online_probe_learns_alongside_and_leaves_the_method_untouched(tmp_path)
     assert [r["loss"] for r in with_probe.history] == [r["loss"] for r in without.history]
 
 
-def test_compare_writes_tables_and_plots_from_the_runs(tmp_path, capsys):
+def record_progress_bars(monkeypatch):
+    """Every progress bar the commands make, by its description: whether it was shown where it could be (on a
+    terminal) or turned off."""
+    from tqdm import tqdm
+
+    import relreason.data.decoded_folder
+    import relreason.protocols.features
+    import relreason.protocols.finetune
+    import relreason.train.loop
+
+    made = []
+
+    class Recorded(tqdm):
+        def __init__(self, *args, **kwargs):
+            made.append((kwargs.get("desc"), kwargs.get("disable")))
+            super().__init__(*args, **kwargs)
+
+    for module in (relreason.data.decoded_folder, relreason.protocols.features, relreason.protocols.finetune,
+                   relreason.train.loop):
+        monkeypatch.setattr(module, "tqdm", Recorded)
+    return made
+
+
+def test_compare_writes_tables_and_plots_from_the_runs(tmp_path, capsys, monkeypatch):
+    bars = record_progress_bars(monkeypatch)
     output = tmp_path / "compare"
     argv = ["compare", "--dataset", "digits", "--image-size", "16", "--methods", "relational", "random",
             "--seeds", "1", "2", "--epochs", "1", "--protocols", "knn", "--embedding-points", "120", "--log-every", "5",
@@ -80,6 +104,9 @@ def test_compare_writes_tables_and_plots_from_the_runs(tmp_path, capsys):
     assert all(run["steps"] for run in summary["runs"] if run["method"] == "relational")
     for name in ("training_curves.png", "embedding_map.png"):
         assert (output / name).read_bytes()[:8] == PNG
+    # --no-progress: no bar of training, feature extraction or the map's features may show, even on a terminal.
+    assert {desc for desc, _ in bars} >= {"epoch 1/1", "extracting features"}
+    assert all(disable is True for _, disable in bars), bars
     # A second run resumes: nothing is trained again and the table is the same.
     capsys.readouterr()
     assert main(argv) == 0

@@ -466,6 +466,8 @@ def test_evaluate_finds_the_runs_own_data_root_and_takes_a_training_checkpoint(f
     exported, from_checkpoint = (json.loads((tmp_path / n).read_text()) for n in ("exported.json", "checkpoint.json"))
     assert from_checkpoint["results"] == exported["results"]  # the last checkpoint holds the exported backbone
     assert exported["test_size"] == 6
+    # How far the weights had trained, from the export's backbone.json or the checkpoint's own position.
+    assert from_checkpoint["pretraining"]["epochs_done"] == exported["pretraining"]["epochs_done"] > 0
 
 
 @pytest.mark.parametrize("case,message", [

@@ -208,12 +208,30 @@ def test_the_umask_is_read_without_being_changed():
 
 
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
-def test_atomic_writes_follow_the_umask(tmp_path, monkeypatch, umask, mode):
+def test_atomic_writes_follow_the_umask_in_force_when_they_write(tmp_path, umask, mode):
+    """Set after relreason was imported (a notebook tightening it later), as a file open() makes would get."""
     from relreason import atomic_files
 
-    monkeypatch.setattr(atomic_files, "_UMASK", umask)
-    atomic_files.atomic_write_json(tmp_path / "config.json", {"a": 1})
+    previous = os.umask(umask)
+    try:
+        atomic_files.atomic_write_json(tmp_path / "config.json", {"a": 1})
+        (tmp_path / "plain.txt").write_text("")
+    finally:
+        os.umask(previous)
     assert (tmp_path / "config.json").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == mode
+
+
+def test_without_proc_atomic_writes_take_the_umask_of_the_import(tmp_path, monkeypatch):
+    from relreason import atomic_files
+
+    def no_proc(*args, **kwargs):
+        raise FileNotFoundError("/proc/self/status")
+
+    monkeypatch.setattr(atomic_files, "open", no_proc, raising=False)  # the module's open(), not the builtin
+    monkeypatch.setattr(atomic_files, "_UMASK_AT_IMPORT", 0o077)
+    atomic_files.atomic_write_json(tmp_path / "config.json", {"a": 1})
+    assert (tmp_path / "config.json").stat().st_mode & 0o777 == 0o600
 
 
 def test_a_write_that_fails_midway_leaves_the_old_file_whole(tmp_path, monkeypatch):

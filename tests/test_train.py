@@ -468,7 +468,7 @@ def test_progress_means_are_read_by_time_not_every_few_steps(tmp_path, monkeypat
     monkeypatch.setattr(loop, "POSTFIX_SECONDS", interval)
     monkeypatch.setattr(tqdm.tqdm, "set_postfix", lambda self, values, **kwargs: shown.append(values))
     pretrain(config(tmp_path, progress=True, tensorboard=False))  # digits: 1,438 images, 23 steps
-    assert len(shown) == expected and set(shown[-1]) >= {"loss", "relation_accuracy"}
+    assert len(shown) == expected and set(shown[-1]) >= {"loss", "relation"}
 
 
 def test_compile_uses_static_shapes(tmp_path, monkeypatch):
@@ -567,12 +567,13 @@ def test_resume_under_another_number_of_processes_goes_on_with_the_unused_images
     err = capsys.readouterr().err
     assert "resumed under 1 process(es)" in err and "its 798 unused image(s), as step 10 of 23" in err
     steps = [json.loads(line) for line in (result.run_dir / "steps.jsonl").read_text().splitlines()]
-    assert steps[0]["epoch"] == pytest.approx(11 / 23)  # the first step after the resume is step 11 of 23
+    assert steps[0]["epoch"] == pytest.approx(5 / 23)  # where the first run stopped
+    assert steps[1]["epoch"] == pytest.approx(11 / 23)  # the first step after the resume is step 11 of 23
     assert result.history[-1]["epoch"] == 1
     # The running sums stand for the 10 steps' worth of images now counted as done, not the 5 steps taken:
     # the first mean after the resume stays near the mean before it (unscaled sums would nearly halve it).
     mean_before = checkpoint["position"]["totals"]["loss"] / checkpoint["position"]["step"]
-    assert steps[0]["loss"] == pytest.approx(mean_before, rel=0.15)
+    assert steps[1]["loss"] == pytest.approx(mean_before, rel=0.15)
 
 
 def test_a_fresh_start_drops_the_records_a_killed_run_left(tmp_path):
@@ -1021,3 +1022,26 @@ def test_an_export_cut_short_leaves_no_description_of_other_weights(tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         run_folder.export_backbone(run, result.model.backbone, config(tmp_path), {"image_size": 16}, position)
     assert not (run / "backbone.json").exists()
+
+
+def test_a_run_stopped_inside_its_first_epoch_logs_where_it_stopped_and_draws_its_curve(tmp_path, monkeypatch):
+    # digits: 23 steps an epoch; --log-every 10 would give no point before step 10.
+    stop_at_step(monkeypatch, 3)
+    result = pretrain(config(tmp_path, epochs=2, log_every=10))
+    assert result.stopped_early and result.history == []
+    steps = [json.loads(line) for line in (result.run_dir / "steps.jsonl").read_text().splitlines()]
+    assert [round(r["epoch"] * 23) for r in steps] == [3]
+    assert (result.run_dir / "training_curves.png").stat().st_size > 0
+    monkeypatch.undo()
+    resumed = pretrain(config(tmp_path, epochs=2, log_every=10))
+    steps = [json.loads(line) for line in (resumed.run_dir / "steps.jsonl").read_text().splitlines()]
+    # The stop's point is kept; the resumed run goes on with the run's own grid of steps.
+    assert [round(r["epoch"] * 23) for r in steps] == [3, 10, 20, 23, 30, 40, 46]
+
+
+def test_the_progress_bar_shows_the_loss_and_probe_first_under_short_names():
+    from relreason.train.metrics_log import progress_fields
+
+    means = {"relation_accuracy": 0.8312, "loss": 0.70401, "positive_accuracy": 0.5, "probe_accuracy": 0.25}
+    assert progress_fields(means) == {"loss": "0.7040", "probe": "25.0%", "relation": "83.1%", "positive": "50.0%"}
+    assert list(progress_fields(means)) == ["loss", "probe", "relation", "positive"]

@@ -19,7 +19,21 @@ def _read_umask() -> int:
     return mask
 
 
-_UMASK = _read_umask()  # once, at import: the round trip above is not safe beside threads that create files
+# Once, at import: the round trip above is not safe beside threads that create files.
+_UMASK_AT_IMPORT = _read_umask()
+
+
+def current_umask() -> int:
+    """The umask in force now, read from /proc without changing it (Linux 4.7 and later); elsewhere the one in
+    force when relreason was imported."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _UMASK_AT_IMPORT
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -29,7 +43,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         try:
-            os.fchmod(descriptor, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide the file from the user's group
+            os.fchmod(descriptor, 0o666 & ~current_umask())  # mkstemp's 0600 would hide the file from the user's group
         except OSError:
             pass  # a file system without modes (e.g. vfat): its own defaults apply
         with os.fdopen(descriptor, "wb") as handle:

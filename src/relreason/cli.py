@@ -190,6 +190,7 @@ def add_evaluate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help=DEVICE_HELP)
     parser.add_argument("--output", help="results JSON path [evaluation.json beside the weights; "
                         "evaluation-<name>.json for a training checkpoint]")
+    _bool_flag(parser, "progress", "show progress bars when standard error is a terminal [on]")
 
 
 def add_compare_options(parser: argparse.ArgumentParser) -> None:

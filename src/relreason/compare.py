@@ -24,7 +24,7 @@ from relreason.checks import check_folder_given, with_home_expanded, with_plain_
 from relreason.device import resolve_device
 from relreason.distributed import refuse_several_processes
 from relreason.errors import RelreasonError, option_flag, option_value
-from relreason.figures import save_png
+from relreason.figures import off_screen_figure, save_png
 from relreason.methods import check_method_name
 from relreason.run_files import BACKBONE_META_NAME, BACKBONE_NAME, CONFIG_NAME, FEATURES_DIR_NAME, STEPS_NAME
 from relreason.seeding import check_seed
@@ -298,7 +298,7 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
                 run_dir=str(run_dir), protocols=tuple(config.protocols), linear_epochs=config.linear_epochs,
                 knn_k=config.knn_k, random_baseline=False, seed=seed, device=config.device,
                 data_root=config.data_root, download=config.download, test_fraction=config.test_fraction,
-                time_limit_ends_the_run=True,
+                time_limit_ends_the_run=True, progress=config.progress,
             ))
             runs.append({
                 "method": method, "seed": seed, "run_dir": str(run_dir), "epochs": meta["epochs_done"],
@@ -370,19 +370,10 @@ def format_markdown(summary: dict[str, Any], config: CompareConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pyplot() -> Any:  # matplotlib.pyplot, imported when first needed
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_curves(runs: list[dict[str, Any]], path: Path) -> None:
     """Per run, against minutes of training: the loss and the online probe's accuracy (epoch running means)."""
-    plt = _pyplot()
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    figure = off_screen_figure(figsize=(10, 3.6))
+    left, right = figure.subplots(1, 2)
     colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["method"] for r in runs))}
     for run in runs:
         steps = run["steps"]
@@ -404,17 +395,25 @@ def plot_curves(runs: list[dict[str, Any]], path: Path) -> None:
     save_png(figure, path, dpi=110)
 
 
+#: Up to this many classes the t-SNE map has a colour of its own for each, named in a legend.
+LEGEND_CLASSES = 20
+
+
 def plot_embeddings(config: CompareConfig, path: Path) -> None:
-    """A t-SNE map of test-set features per method (its first seed), coloured by class."""
+    """A t-SNE map of test-set features per method (its first seed), coloured by class: with a legend of the class
+    names for up to ``LEGEND_CLASSES`` classes, a colour scale of class numbers above that."""
+    from matplotlib.lines import Line2D
     from sklearn.manifold import TSNE
 
     from relreason.data.image_folder import read_threads
     from relreason.evaluate import extract_features
     from relreason.evaluate.data import without_unreadable
 
-    plt = _pyplot()
     columns = len(config.methods)
-    figure, axes = plt.subplots(1, columns, figsize=(3.4 * columns, 3.6), squeeze=False)
+    width = 3.4 * columns + 1.6  # inches: a map per method, and a column for the legend on the right
+    figure = off_screen_figure(figsize=(width, 3.6))
+    axes = figure.subplots(1, columns, squeeze=False)
+    scatter, classes = None, None
     for axis, method in zip(axes[0], config.methods):
         run_dir = run_dir_of(config, method, config.seeds[0])
         backbone, dataset, transform, cache = _test_features_source(run_dir, config)
@@ -422,19 +421,31 @@ def plot_embeddings(config: CompareConfig, path: Path) -> None:
         # again; a run trained on (more epochs, the rest of its budget) or a random backbone remade for other
         # data gets a new map.
         extracted = extract_features(backbone, dataset, transform, device=resolve_device(config.device),
-                                     cache_path=cache, threads=read_threads(dataset))
+                                     cache_path=cache, threads=read_threads(dataset), progress=config.progress)
         _, (features, labels) = without_unreadable(dataset, "test", cache, extracted, say=False)  # as evaluate did
         chosen = np.random.default_rng(0).permutation(len(labels))[: config.embedding_points]
         points = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(chosen) - 1) / 3),
                       random_state=0).fit_transform(features[chosen].numpy())
-        axis.scatter(points[:, 0], points[:, 1], c=labels[chosen].numpy(), cmap="tab10", s=3)
+        classes = getattr(dataset, "classes", None) or [str(c) for c in range(int(labels.max()) + 1)]
+        count = len(classes)
+        cmap = "tab10" if count <= 10 else "tab20" if count <= LEGEND_CLASSES else "turbo"
+        scatter = axis.scatter(points[:, 0], points[:, 1], c=labels[chosen].numpy(), cmap=cmap, vmin=-0.5,
+                               vmax=count - 0.5, s=3)
         axis.set_title(method)
         axis.set_xticks([])
         axis.set_yticks([])
     # Wrapped to the figure's width: one method's map is a narrow figure.
-    title = f"t-SNE of {config.dataset} test features ({_backbone_named(config)}), coloured by class"
+    title = (f"t-SNE of {config.dataset} test features ({_backbone_named(config)}), coloured by class; "
+             f"{'the first seed' if len(config.seeds) > 1 else 'seed'} {config.seeds[0]}'s runs")
     figure.suptitle(textwrap.fill(title, width=int(9 * 3.4 * columns)))
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1 - 1.6 / width, 1))
+    if scatter is not None and classes is not None and len(classes) <= LEGEND_CLASSES:
+        handles = [Line2D([], [], linestyle="", marker="o", markersize=4, color=scatter.cmap(scatter.norm(number)))
+                   for number in range(len(classes))]
+        figure.legend(handles, [str(name) for name in classes], loc="center right", fontsize="x-small",
+                      frameon=False)
+    elif scatter is not None:
+        figure.colorbar(scatter, cax=figure.add_axes((1 - 1.1 / width, 0.15, 0.15 / width, 0.7)), label="class number")
     save_png(figure, path, dpi=110)
 
 

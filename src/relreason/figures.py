@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from relreason.atomic_files import atomic_write_bytes
 
 
+def off_screen_figure(**kwargs: Any) -> Any:
+    """A matplotlib ``Figure`` drawn by Agg, outside pyplot: the process's backend (a notebook's inline one, say)
+    is left as it is, and the figure goes with its last reference. ``kwargs`` go to ``Figure`` (``figsize``).
+    Raises ImportError without matplotlib."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(**kwargs)
+    FigureCanvasAgg(figure)
+    return figure
+
+
 def save_png(figure: Any, path: str | os.PathLike, dpi: int = 100) -> Path:
-    """Write a matplotlib ``figure`` to ``path``, and close it when pyplot made it (pyplot keeps its figures alive
-    until closed; a plain ``Figure`` goes with its last reference)."""
+    """Write a matplotlib ``figure`` to ``path``."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi)
-    pyplot = sys.modules.get("matplotlib.pyplot")
-    if pyplot is not None:
-        pyplot.close(figure)
     path = Path(path)
     atomic_write_bytes(path, buffer.getvalue())
     return path

@@ -38,6 +38,8 @@ class FocalLoss(nn.Module):
         self.alpha = alpha
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean focal loss (a 0-d tensor) of ``logits`` against ``targets`` of the same shape: 1 for a positive
+        pair, 0 for a negative one, or a soft target in between."""
         cross_entropy = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
         # (1 - p_true) ** gamma in log space: 1 - sigmoid(z) rounds to 0 from |z| ~ 17 in fp32, where the
         # derivative of x ** gamma is infinite for gamma < 1 and the gradient would be NaN.

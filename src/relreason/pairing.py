@@ -95,15 +95,20 @@ def relation_pair_indices(
 
 def aggregate_pairs(left: torch.Tensor, right: torch.Tensor, aggregation: str = "cat") -> torch.Tensor:
     """Join the two members of each pair (rows of ``left`` and ``right``) into one relation vector."""
+    if aggregation not in AGGREGATIONS:
+        raise RelreasonError(f"unknown aggregation '{aggregation}'; choose one of {', '.join(AGGREGATIONS)}")
+    # Checked, not left to broadcasting: a (1, d) member would be joined to every pair in silence.
+    if left.dim() != 2 or right.dim() != 2 or left.shape[0] != right.shape[0] or (
+            aggregation != "cat" and left.shape != right.shape):
+        raise RelreasonError(f"aggregate_pairs joins row p of left with row p of right, (P, d) each, got "
+                             f"{tuple(left.shape)} and {tuple(right.shape)}; index both with relation_pair_indices(K, B)")
     if aggregation == "cat":
         return torch.cat([left, right], dim=1)
     if aggregation == "sum":
         return left + right
     if aggregation == "mean":
         return (left + right) / 2.0
-    if aggregation == "max":
-        return torch.maximum(left, right)
-    raise RelreasonError(f"unknown aggregation '{aggregation}'; choose one of {', '.join(AGGREGATIONS)}")
+    return torch.maximum(left, right)
 
 
 def gather_pairs(

@@ -3,7 +3,9 @@ run's seed (per epoch, step, item)."""
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -46,6 +48,24 @@ def check_optional_seed(seed: Any, name: str = "seed") -> int | None:
     if number is None or not 0 <= number <= MAX_SEED:
         raise RelreasonError(f"{name} must be None or an integer in [0, 2**63 - 1], got {seed!r}; pass e.g. 0")
     return number
+
+
+@contextlib.contextmanager
+def caller_rng_kept() -> Iterator[None]:
+    """Inside, a run seeds the global generators as it needs; on leaving, Python's, NumPy's and PyTorch's (the
+    CPU's, and those of CUDA devices already in use) are as the caller left them, so that a call from a notebook or
+    one's own script does not change what the caller draws next."""
+    python_state, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    # Reading them would start CUDA in a process that has not used it.
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
 
 
 def seed_everything(seed: int) -> None:

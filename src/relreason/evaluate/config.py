@@ -41,6 +41,7 @@ class EvaluateConfig:
     test_fraction: float | None = None  # a labelled folder without train/ and test/: the share held out to test
     device: str = "auto"
     output: str | None = None
+    progress: bool = True  # progress bars while standard error is a terminal
     # Whether a run stopped by its time limit is said to be unfinished: not where that limit is the plan (compare).
     time_limit_ends_the_run: bool = False
 

@@ -19,7 +19,7 @@ from relreason.data.image_folder import DRAFT_MARGIN, ImageFolderDataset, read_i
 from relreason.errors import RelreasonError, note, warn
 
 
-def decoded_once(dataset: Any, image_size: int, split: str) -> Any:
+def decoded_once(dataset: Any, image_size: int, split: str, progress: bool = True) -> Any:
     """An image folder decoded into memory once, at the square of ``image_size`` that fine-tuning's transforms start
     from (so they see the same pixels; its JPEGs at the ``decode_side`` it was given), rather than read from its files
     every epoch. A folder that would take more than half the memory keeps being read from its files, with a note;
@@ -31,7 +31,7 @@ def decoded_once(dataset: Any, image_size: int, split: str) -> Any:
         note(f"fine-tuning reads the {split} images from their files every epoch (decoding them "
              f"into memory {too_large})")
         return dataset
-    return DecodedImageFolder(dataset, image_size, progress=True, copies=1, processes=1)
+    return DecodedImageFolder(dataset, image_size, progress=progress, copies=1, processes=1)
 
 
 @overload

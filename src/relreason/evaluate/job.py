@@ -58,6 +58,7 @@ from relreason.protocols.features import extract_features
 from relreason.protocols.finetune import FINETUNE_BATCH_SIZE, FINETUNE_LR_DECAY, finetune_milestones
 from relreason.protocols.frozen import ALL_PROTOCOLS, DEFAULT_LABEL_FRACTIONS, choose_protocols, evaluate_features
 from relreason.run_files import FEATURES_DIR_NAME
+from relreason.seeding import caller_rng_kept
 from relreason.user_code import UserCodeNotFound
 
 # Options that serve one protocol alone: set without it, they are said to do nothing.
@@ -100,7 +101,8 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     backbone is written beside the JSON (``<output stem>-retrieval-<label>.png``).
     """
     try:
-        return _run_evaluation(config)
+        with caller_rng_kept():
+            return _run_evaluation(config)
     except RuntimeError as error:
         if not is_out_of_memory(error):
             raise
@@ -180,7 +182,8 @@ def _run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
                 cache = feature_cache_path(cache_dir, meta["backbone"], key, data.name, split, image_size, data_tag,
                                            meta.get("backbone_args"))
                 extracted = extract_features(backbone, dataset, transform, batch_size=config.batch_size, device=device,
-                                             cache_path=cache, threads=read_threads(dataset))
+                                             cache_path=cache, threads=read_threads(dataset),
+                                             progress=config.progress)
                 splits[split], features[split] = without_unreadable(dataset, split, cache, extracted)
                 left_out[split] += len(dataset) - len(splits[split])
             train_set, test_set = splits["train"], splits["test"]  # what follows sees only the images read
@@ -196,13 +199,13 @@ def _run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         if "finetune" in protocols:
             for split, dataset in (("train", train_set), ("test", test_set)):  # once for every backbone
                 if split not in in_memory or in_memory[split][0] is not dataset:
-                    in_memory[split] = (dataset, decoded_once(dataset, image_size, split))
+                    in_memory[split] = (dataset, decoded_once(dataset, image_size, split, config.progress))
             tune = {
                 "train_set": in_memory["train"][1], "test_set": in_memory["test"][1],
                 "train_transform": finetune_transform(image_size, data.mean, data.std),
                 "test_transform": transform, "num_classes": num_classes, "epochs": config.finetune_epochs,
                 "backbone_lr": float(config.finetune_backbone_lr), "head_lr": float(config.finetune_head_lr),
-                "seed": config.seed, "device": device,
+                "seed": config.seed, "device": device, "progress": config.progress,
             }
             row["finetune"] = fine_tune(backbone, **tune)
             for fraction in fractions:

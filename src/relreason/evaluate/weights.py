@@ -42,6 +42,9 @@ def load_backbone_source(config: EvaluateConfig) -> tuple[Path, dict[str, Any], 
         meta |= checkpoint.get("geometry", {})
         if checkpoint.get("backbone_defaults") is not None:
             meta["backbone_defaults"] = checkpoint["backbone_defaults"]
+        position = checkpoint.get("position", {})
+        if position.get("steps_per_epoch"):  # how far it had trained, as backbone.json says of an export
+            meta["epochs_done"] = position.get("epoch", 0) + position.get("step", 0) / position["steps_per_epoch"]
         state = checkpoint["backbone"]
     else:
         meta = _read_backbone_meta(weights.parent / BACKBONE_META_NAME)

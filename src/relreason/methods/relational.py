@@ -19,8 +19,10 @@ from relreason.pairing import aggregation_width, gather_pairs, images_per_view_b
 class RelationOutput:
     """What one forward pass gives: the loss to minimise and the relation accuracies (fractions in [0, 1]).
 
-    Accuracies are detached tensors on the model's device, so reading them costs no host sync until
-    the caller asks for a number.
+    ``accuracy`` is over all pairs, ``positive_accuracy`` and ``negative_accuracy`` over each kind; ``scores`` are
+    the pairs' logits ``(P,)`` and ``targets`` their 0/1 targets, in ``relation_pair_indices`` order; ``features``
+    the first view's detached backbone features ``(B, d)``. Accuracies are detached tensors on the model's device,
+    so reading them costs no host sync until the caller asks for a number.
     """
 
     loss: torch.Tensor
@@ -80,7 +82,7 @@ class RelationalReasoning(PretrainMethod):
         feature_dim: ``d``; read from ``backbone.feature_dim`` or inferred with a dummy forward pass.
         aggregation: ``cat`` (default), ``sum``, ``mean`` or ``max``.
         hidden_features: width of the relation head's hidden layer (256 in the paper).
-        loss: ``"bce"``, ``"focal"`` or any module ``loss(logits, targets)``.
+        loss: ``"bce"``, ``"focal"`` or any module or function ``loss(logits, targets)`` giving a 0-d tensor.
         image_size: input size used only when ``feature_dim`` must be inferred.
         factorised_head: score pairs with ``RelationHead.score_pairs`` (the first Linear once per view, not
             once per pair). Same outputs and gradients up to float rounding; ``False`` forms every pair vector
@@ -95,7 +97,7 @@ class RelationalReasoning(PretrainMethod):
         feature_dim: int | None = None,
         aggregation: str = "cat",
         hidden_features: int = 256,
-        loss: str | nn.Module = "bce",
+        loss: str | nn.Module | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "bce",
         image_size: int = 32,
         factorised_head: bool = True,
     ) -> None:
@@ -123,7 +125,12 @@ class RelationalReasoning(PretrainMethod):
         return scores, targets.to(scores.dtype, copy=True)  # the caller's own: the cached one stays intact
 
     def forward(self, views: Sequence[torch.Tensor] | torch.Tensor, labels: torch.Tensor | None = None) -> RelationOutput:
-        """``labels`` are ignored (the method is self-supervised); accepted so every method is called alike."""
+        """The loss and accuracies of every relation pair among the views' K blocks.
+
+        ``views`` is a list of K tensors ``(B, C, H, W)`` (the same B images in the same order in each, as a K-view
+        dataset's loader yields them) or one tensor ``(K, B, C, H, W)`` (as ``BatchRelationalAugmentation`` makes
+        them). ``labels`` are ignored (the method is self-supervised); accepted so every method is called alike.
+        """
         images, num_views = stack_views(views)
         features = self.embed(images)
         scores, targets = self.relation_scores(features, num_views)

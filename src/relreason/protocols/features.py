@@ -47,6 +47,7 @@ def extract_features(
     num_workers: int = 0,
     cache_path: str | Path | None = None,
     threads: int = 1,
+    progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a frozen ``backbone`` over ``dataset`` and return ``(features, labels)``.
 
@@ -64,6 +65,7 @@ def extract_features(
     With ``num_workers`` 0, ``threads`` threads fetch and transform each batch's items, the next batch's while the
     backbone runs on this one: for image files, which PIL decodes without holding the interpreter lock. With a
     deterministic transform the result does not depend on their number (``threads`` is ignored with workers).
+    ``progress``: a progress bar while standard error is a terminal.
     """
     batch_size = check_positive_int(batch_size, "batch_size")
     threads = check_positive_int(threads, "threads")
@@ -110,7 +112,8 @@ def extract_features(
         backbone.eval()
         with torch.no_grad():
             batches = -(-n_items // batch_size) if n_items is not None else None
-            for images, labels in tqdm(loader, desc="extracting features", unit="batch", total=batches, disable=None):
+            for images, labels in tqdm(loader, desc="extracting features", unit="batch", total=batches,
+                                       disable=None if progress else True, leave=False):
                 out = backbone(images.to(target, input_dtype, non_blocking=True))
                 if not isinstance(out, torch.Tensor):
                     raise RelreasonError(

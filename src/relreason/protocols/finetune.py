@@ -124,6 +124,7 @@ def fine_tune(
     device: str | torch.device = "cpu",
     label_indices: Any = None,
     num_workers: int = 0,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Train a copy of ``backbone`` with a new ``nn.Linear`` head on labelled images; test it.
 
@@ -206,7 +207,8 @@ def fine_tune(
         )
         history: dict[str, list[float]] = {group["name"]: [] for group in optimizer.param_groups}
         with torch.enable_grad():
-            for _ in tqdm(range(epochs), desc="fine-tuning", unit="epoch", disable=None):
+            for _ in tqdm(range(epochs), desc="fine-tuning", unit="epoch", disable=None if progress else True,
+                          leave=False):
                 for group in optimizer.param_groups:
                     history[group["name"]].append(float(group["lr"]))
                 model.train()

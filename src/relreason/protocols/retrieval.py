@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from relreason.errors import RelreasonError
-from relreason.figures import save_png
+from relreason.figures import off_screen_figure, save_png
 from relreason.protocols._common import as_device, as_features, as_labels, check_positive_int, check_seed, precise_float
 
 __all__ = ["plot_retrieval", "retrieval_metrics"]
@@ -144,8 +144,7 @@ def plot_retrieval(
     sims = (normed[q].unsqueeze(1) * normed[neighbours]).sum(dim=2)
 
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        fig = off_screen_figure(figsize=(1.4 * (top + 1), 1.55 * num_queries))
     except ImportError:
         raise RelreasonError("matplotlib is not installed; `pip install matplotlib` to draw the retrieval plot") from None
 
@@ -154,8 +153,6 @@ def plot_retrieval(
     def class_name(c: int) -> str:
         return str(classes[c]) if classes is not None and 0 <= c < len(classes) else str(c)
 
-    fig = Figure(figsize=(1.4 * (top + 1), 1.55 * num_queries))
-    FigureCanvasAgg(fig)
     axes = fig.subplots(num_queries, top + 1, squeeze=False)
 
     def show(ax: Any, index: int, colour: str, caption: str) -> None:

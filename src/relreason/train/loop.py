@@ -42,7 +42,7 @@ from relreason.methods import (
 from relreason.methods.online_probe import OnlineProbe
 from relreason.run_files import CONFIG_NAME, CURVES_NAME, SKIPPED_IMAGES_NAME
 from relreason.schedule import learning_rate_factor, set_learning_rate
-from relreason.seeding import seed_everything
+from relreason.seeding import caller_rng_kept, seed_everything
 from relreason.train.config import PretrainConfig, PretrainResult, unused_option_notes, views_used
 from relreason.train.data import (
     build_pretrain_data,
@@ -53,7 +53,14 @@ from relreason.train.data import (
     no_labels_error,
     num_classes_of,
 )
-from relreason.train.metrics_log import MetricsLog, format_metric, in_percent, plot_training_curves, step_record
+from relreason.train.metrics_log import (
+    MetricsLog,
+    format_metric,
+    in_percent,
+    plot_training_curves,
+    progress_fields,
+    step_record,
+)
 from relreason.train.position import TrainingPosition
 from relreason.train.resume import (
     CheckpointSaver,
@@ -98,7 +105,8 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     deadline = time.monotonic() + config.time_limit * 60 if config.time_limit else math.inf
     context, device = init_distributed(resolve_device(config.device))
     try:
-        return _pretrain(config, context, device, deadline)
+        with caller_rng_kept():
+            return _pretrain(config, context, device, deadline)
     except OSError as error:
         if error.errno not in _DISK_FULL:
             raise
@@ -205,7 +213,8 @@ def _pretrain(
         if context.is_main:
             export_backbone(run_dir, model.method.backbone, config, geometry, position, stopped_by)
             metrics.close()
-            plot_training_curves(metrics.read(), run_dir / CURVES_NAME)
+            # A run stopped inside its first epoch has no epoch record yet: its --log-every points are drawn.
+            plot_training_curves(metrics.read() or metrics.read_steps(), run_dir / CURVES_NAME)
             if stopped_early:
                 _say_where_it_stopped(position, stop, overrun, context)
         barrier(context)  # every rank keeps the handlers until rank 0 is done: a SIGTERM then kills none of them
@@ -458,7 +467,7 @@ def train_one_epoch(
             if (config.progress and context.is_main
                     and (time.perf_counter() - shown_at >= POSTFIX_SECONDS or position.step == steps_per_epoch)):
                 means = dict(zip(names, (totals / position.step).tolist()))
-                bar.set_postfix({name: format_metric(name, value) for name, value in means.items()})
+                bar.set_postfix(progress_fields(means))
                 shown_at = time.perf_counter()
             # Counted over the whole run, so epochs shorter than --log-every still get points; the epoch's last
             # step is recorded at its end (below).
@@ -475,6 +484,8 @@ def train_one_epoch(
                     config.checkpoint_every and position.step % config.checkpoint_every == 0)):
                 if not log_now:
                     sync_position()
+                    if interrupted and config.log_every and context.is_main:
+                        metrics.write_step(step_record(position))  # the curve's last point: where the run stopped
                 saver.save(position)
             if interrupted and position.step < steps_per_epoch:
                 bar.close()

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from relreason.atomic_files import atomic_write_bytes
-from relreason.figures import save_png
+from relreason.figures import off_screen_figure, save_png
 from relreason.run_files import METRICS_NAME, STEPS_NAME
 from relreason.train.position import TrainingPosition
 
@@ -52,6 +52,9 @@ class MetricsLog:
 
     def read(self) -> list[dict[str, float]]:
         return read_json_lines(self.path)
+
+    def read_steps(self) -> list[dict[str, float]]:
+        return read_json_lines(self.steps_path)
 
     def truncate_after(self, epochs_done: float) -> None:
         """Drop records a resumed run will write again (those after the checkpoint it resumes)."""
@@ -104,19 +107,24 @@ def format_metric(name: str, value: float) -> str:
     return f"{100 * value:.2f}%" if name.endswith("accuracy") else f"{value:.4f}"
 
 
+def progress_fields(means: dict[str, float]) -> dict[str, str]:
+    """The running means as a progress bar shows them: short names (``relation`` for ``relation_accuracy``), the
+    loss and the probe first, so that a narrow terminal, which cuts the line on the right, keeps those."""
+    first = [name for name in ("loss", "probe_accuracy") if name in means]
+    return {name.removesuffix("_accuracy"): f"{100 * means[name]:.1f}%" if name.endswith("accuracy")
+            else f"{means[name]:.4f}" for name in [*first, *(n for n in means if n not in first)]}
+
+
 def plot_training_curves(history: list[dict[str, float]], path: Path) -> bool:
     """Loss and every accuracy per epoch as a PNG; skipped (returns False) without matplotlib."""
     if not history:
         return False
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        figure = off_screen_figure(figsize=(9, 3.2))
     except ImportError:
         return False
     epochs = [r["epoch"] for r in history]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    left, right = figure.subplots(1, 2)
     left.plot(epochs, [r["loss"] for r in history], marker="o")
     left.set(xlabel="epoch", ylabel="loss", title="training loss")
     for key in (k for k in history[-1] if k.endswith("accuracy")):
