@@ -56,3 +56,15 @@ def test_the_plots_leave_matplotlib_s_backend_as_the_caller_chose(tmp_path):
         matplotlib.use(chosen)
     for name in ("curves.png", "compare.png", "retrieval.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_work_on_the_cpu_leaves_cuda_s_generators_alone(tmp_path, monkeypatch):
+    """torch.manual_seed would queue a seed for CUDA's first use, which the caller's next GPU work would inherit."""
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: seeded.append(seed))
+    result = pretrain(PretrainConfig(dataset="digits", image_size=16, num_views=2, epochs=1, device="cpu", seed=7,
+                                     progress=False, tensorboard=False, output_dir=str(tmp_path / "run")))
+    run_evaluation(EvaluateConfig(run_dir=str(result.run_dir), protocols=("knn", "finetune"), finetune_epochs=1,
+                                  device="cpu", progress=False))
+    assert seeded == []

@@ -52,7 +52,7 @@ def single_process_reference(images: Path) -> dict[str, torch.Tensor]:
     """Each step: every rank's batch through the model separately (pairs and BatchNorm per rank), the mean loss."""
     config = PretrainConfig(dataset="folder", data_root=str(images), image_size=16, num_views=3, batch_size=8,
                             epochs=2, seed=5, device="cpu")
-    seed_everything(config.seed)
+    seed_everything(config.seed, torch.device("cpu"))
     dataset, geometry = build_pretrain_data(config)
     model = build_model(config, geometry["image_size"])
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -1045,3 +1046,19 @@ def test_the_progress_bar_shows_the_loss_and_probe_first_under_short_names():
     means = {"relation_accuracy": 0.8312, "loss": 0.70401, "positive_accuracy": 0.5, "probe_accuracy": 0.25}
     assert progress_fields(means) == {"loss": "0.7040", "probe": "25.0%", "relation": "83.1%", "positive": "50.0%"}
     assert list(progress_fields(means)) == ["loss", "probe", "relation", "positive"]
+
+
+def test_training_seconds_leave_out_the_checkpoints_written_inside_an_epoch(tmp_path, monkeypatch):
+    from relreason.train.resume import CheckpointSaver
+
+    real = CheckpointSaver.save
+
+    def slow_save(self, position):
+        time.sleep(1.0)
+        real(self, position)
+
+    monkeypatch.setattr(CheckpointSaver, "save", slow_save)
+    started = time.perf_counter()
+    result = pretrain(config(tmp_path, checkpoint_every=5, log_every=5))  # 23 steps: saves at 5, 10, 15, 20 and 23
+    wall = time.perf_counter() - started
+    assert result.history[0]["seconds"] <= wall - 4.5

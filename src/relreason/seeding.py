@@ -54,7 +54,8 @@ def check_optional_seed(seed: Any, name: str = "seed") -> int | None:
 def caller_rng_kept() -> Iterator[None]:
     """Inside, a run seeds the global generators as it needs; on leaving, Python's, NumPy's and PyTorch's (the
     CPU's, and those of CUDA devices already in use) are as the caller left them, so that a call from a notebook or
-    one's own script does not change what the caller draws next."""
+    one's own script does not change what the caller draws next. (A run on the GPU in a process that had not
+    started CUDA leaves CUDA's generators as the run left them; one on the CPU does not touch them.)"""
     python_state, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
     # Reading them would start CUDA in a process that has not used it.
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
@@ -68,7 +69,17 @@ def caller_rng_kept() -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda_states)
 
 
-def seed_everything(seed: int) -> None:
+def seed_torch(seed: int, device: torch.device) -> None:
+    """PyTorch's CPU generator, and CUDA's when the work runs there. Not torch.manual_seed: in a process that has
+    not started CUDA it also queues a seed for CUDA's first use, which a CPU run would leave behind for the
+    caller's next GPU work."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(seed)
+
+
+def seed_everything(seed: int, device: torch.device) -> None:
+    """Python's, NumPy's and PyTorch's generators for a run on ``device``."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    seed_torch(seed, device)

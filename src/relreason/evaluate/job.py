@@ -58,7 +58,7 @@ from relreason.protocols.features import extract_features
 from relreason.protocols.finetune import FINETUNE_BATCH_SIZE, FINETUNE_LR_DECAY, finetune_milestones
 from relreason.protocols.frozen import ALL_PROTOCOLS, DEFAULT_LABEL_FRACTIONS, choose_protocols, evaluate_features
 from relreason.run_files import FEATURES_DIR_NAME
-from relreason.seeding import caller_rng_kept
+from relreason.seeding import caller_rng_kept, seed_torch
 from relreason.user_code import UserCodeNotFound
 
 # Options that serve one protocol alone: set without it, they are said to do nothing.
@@ -162,7 +162,7 @@ def _run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         train_set, test_set = splits["train"], splits["test"]
         check_several_classes(train_set, data.name, left_out["train"])
     for label, weights_state in backbones.items():
-        torch.manual_seed(config.seed)
+        seed_torch(config.seed, device)
         backbone = build_backbone(meta["backbone"], image_size=image_size, args=meta.get("backbone_args"))
         check_takes_rgb_views(backbone, image_size, meta["backbone"])
         if weights_state is None:  # its caches named by the initialisation, which the factory's code decides

@@ -24,6 +24,7 @@ from relreason.protocols._common import (
     check_seed,
     module_dtype,
 )
+from relreason.seeding import seed_torch
 
 __all__ = [
     "FINETUNE_BATCH_SIZE",
@@ -180,7 +181,7 @@ def fine_tune(
     cuda_devices = [target.index if target.index is not None else torch.cuda.current_device()] \
         if target.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices):
-        torch.manual_seed(seed)
+        seed_torch(seed, target)
         model = copy.deepcopy(backbone).to(target)
         model.requires_grad_(True)
         model.eval()

@@ -143,7 +143,7 @@ def _pretrain(
     config: PretrainConfig, context: DistributedContext, device: torch.device, deadline: float
 ) -> PretrainResult:
     _say_option_notes(config, context, device)
-    seed_everything(config.seed)
+    seed_everything(config.seed, device)
     method_type = method_class(config.method)
     check_output_dir(config)  # in one line before any data is read; the folder is made after the data checks
     lock_run_folder(Path(config.output_dir), context)  # an existing one, before its checkpoints are read
@@ -486,7 +486,9 @@ def train_one_epoch(
                     sync_position()
                     if interrupted and config.log_every and context.is_main:
                         metrics.write_step(step_record(position))  # the curve's last point: where the run stopped
+                saving = time.perf_counter()
                 saver.save(position)
+                started += time.perf_counter() - saving  # training time, as at an epoch's end: not the writing
             if interrupted and position.step < steps_per_epoch:
                 bar.close()
                 return None, True
