@@ -595,3 +595,20 @@ def test_evaluate_builds_a_network_whose_default_changed_as_it_was_trained(tmp_p
     # Asked for explicitly, the other network is evaluated, without the note.
     assert main([*evaluate, "--output", str(tmp_path / "max.json"), "--backbone-args", "pool=max"]) == 0
     assert "other defaults" not in capsys.readouterr().err
+
+
+def test_a_backbone_too_large_for_memory_is_one_line(monkeypatch):
+    from relreason.backbones import registry
+
+    def too_large(width: int = 1) -> nn.Module:
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 1048576000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setitem(registry.BACKBONES, "huge", too_large)
+    with pytest.raises(RelreasonError) as error:
+        build_backbone("huge", args={"width": 1000})
+    assert str(error.value) == ("out of memory building backbone 'huge' with width=1000; choose a smaller one "
+                                "(--backbone-args) or free memory")
+    monkeypatch.setitem(registry.BACKBONES, "broken", lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # a factory's own bug keeps its traceback
+        build_backbone("broken")

@@ -67,7 +67,18 @@ PRETRAIN_CASES = [
      "--lr must be a finite number > 0, got -1.0; pass e.g. 0.001 (--lr is set in config file {tmp}/negative-lr.yaml)"),
     ("wrong type in config", ["--config", "{tmp}/wrong-type.yaml"], "must be an integer, got [1, 2]"),
     ("config is not YAML", ["--config", "{tmp}/broken.yaml"], "is not valid YAML at line 2 (while parsing a flow sequence)"),
+    ("a tab in a config file", ["--config", "{tmp}/tab.yaml"],
+     "tab.yaml is not valid YAML at line 1 (while scanning for the next token); YAML takes no tab between a key and its "
+     "value or in an indentation: use spaces"),
+    ("a symbolic link loop as the data root", ["--dataset", "folder", "--data-root", "{tmp}/loop1"],
+     "loop1' (a symbolic link that leads back to itself); fix the link or give another path"),
+    ("--config given twice", ["--config", "{tmp}/pretrain.yaml", "--config", "{tmp}/negative-lr.yaml"],
+     "--config is given twice ({tmp}/pretrain.yaml and {tmp}/negative-lr.yaml); one file is read: join their options "
+     "in one file, or give the second file's options as flags"),
     ("--no-resume over checkpoints", ["--no-resume", "--output-dir", "{tmp}/has-checkpoint"], "drop --no-resume"),
+    ("a finished run's folder whose checkpoints were deleted", ["--output-dir", "{tmp}/finished-no-checkpoints"],
+     "finished-no-checkpoints holds an exported backbone (backbone.pt, backbone.json) but no checkpoint to go on "
+     "from; choose another --output-dir (or move those files away to train there afresh)"),
     ("an abbreviated option", ["--epoch", "1"],
      "unrecognized arguments: --epoch 1 (did you mean --epochs?); see `relreason pretrain --help`"),
     ("output folder inside the image folder", ["--dataset", "folder", "--data-root", "{tmp}/no-images",
@@ -147,6 +158,8 @@ COMPARE_CASES = [
     ("negative linear-probe epochs", ["--linear-epochs", "-1"], "--linear-epochs must be a positive integer, got -1"),
     ("a seed beyond int64", ["--seeds", "1", "100000000000000000000000"], "--seeds must be an integer in [0, 2**63 - 1]"),
     ("a method twice", ["--methods", "random", "random"], "--methods must be distinct, got ['random', 'random']"),
+    ("a protocol twice", ["--protocols", "knn", "knn"],
+     "--protocols must be distinct, got ['knn', 'knn']; each is a column of the table"),
     ("a shipped pretrain config", ["--config", "fashion_mnist_conv4"],
      "run `relreason pretrain --config fashion_mnist_conv4`"),
     ("a pretrain config of one's own", ["--config", "{tmp}/pretrain.yaml"],
@@ -172,11 +185,17 @@ def workspace(tmp_path):
     (tmp_path / "negative-lr.yaml").write_text("lr: -1\n")
     (tmp_path / "wrong-type.yaml").write_text("epochs: [1, 2]\n")
     (tmp_path / "broken.yaml").write_text("epochs: [1, 2\n")
+    (tmp_path / "tab.yaml").write_text("epochs:\t1\n")
     (tmp_path / "pretrain.yaml").write_text("dataset: digits\nmethod: simclr\nlr: 0.001\n")  # --print-config's kind
     (tmp_path / "compare-typo.yaml").write_text("dataset: digits\nepochs: 3\nseed: 1\n")
     (tmp_path / "not-a-number.yaml").write_text("lr: fast\n")  # while lr: 1e-3 is read as the number
     (tmp_path / "has-checkpoint").mkdir()
     (tmp_path / "has-checkpoint" / "checkpoint-e0001-s0000000.pt").write_bytes(b"earlier work")
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    (tmp_path / "finished-no-checkpoints").mkdir()
+    (tmp_path / "finished-no-checkpoints" / "backbone.json").write_text('{"method": "relational", "finished": true}')
+    torch.save(Conv4().state_dict(), tmp_path / "finished-no-checkpoints" / "backbone.pt")
     (tmp_path / "bare").mkdir()
     torch.save(Conv4().state_dict(), tmp_path / "bare" / "weights.pt")
     for split in ("train", "test"):

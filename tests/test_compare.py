@@ -442,3 +442,27 @@ def test_a_config_value_of_the_wrong_kind_is_one_line_naming_the_field(tmp_path)
     with pytest.raises(RelreasonError, match=r"^each item of CompareConfig.seeds must be an int, got '1'"):
         run_compare(CompareConfig(seeds=("1",), output_dir=str(tmp_path / "compare")))
     assert not (tmp_path / "relational").exists() and not (tmp_path / "compare").exists()
+
+
+def test_compare_refuses_a_pretrain_run_s_folder_as_its_output(tmp_path, capsys):
+    run = pretrain(config(tmp_path, "relational")).run_dir
+    curves = (run / "training_curves.png").read_bytes()
+    assert main(compare_argv(run)) == 2
+    assert f"--output-dir {run} is a pretrain run's folder" in capsys.readouterr().err
+    assert (run / "training_curves.png").read_bytes() == curves
+
+
+def test_a_full_disk_while_comparing_is_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import relreason.compare
+
+    def disk_full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(relreason.compare, "atomic_write_bytes", disk_full)  # compare.md
+    output = tmp_path / "compare"
+    assert main(compare_argv(output)) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"relreason: error: cannot write {output / 'compare.md'} (No space left on device); free space there and "
+        "rerun the same command: finished runs and cached features are kept")

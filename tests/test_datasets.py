@@ -838,3 +838,22 @@ def test_download_failure_is_one_line_error(tmp_path, monkeypatch):
     with pytest.raises(RelreasonError, match="could not download"):
         load_dataset("cifar10", tmp_path / "data" / "cifar", "train", download=True)
     assert not os.listdir(tmp_path)
+
+
+def test_a_file_name_that_is_not_utf8_is_ranked_and_held_out_like_any_other(tmp_path):
+    """Linux file names are bytes: one in Latin-1 (café as b'caf\\xe9') reaches Python as a surrogate escape."""
+    from PIL import Image
+
+    from relreason.data import held_out_split
+
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for number in range(4):
+            Image.new("RGB", (8, 8), (40 * number, 0, 0)).save(tmp_path / label / f"{number}.png")
+    odd = os.fsdecode(os.fsencode(str(tmp_path / "b")) + b"/caf\xe9.png")
+    Image.new("RGB", (8, 8)).save(odd)
+    folder = ImageFolderDataset(tmp_path)
+    assert sorted(folder.seeded_order(0)) == list(range(9)) and folder.seeded_order(0) == folder.seeded_order(0)
+    train, test = held_out_split("folder", tmp_path, 0.25)
+    assert len(train) + len(test) == 9 and len(test) == 2
+    assert Path(odd) in [Path(path) for path in (*train.paths, *test.paths)]

@@ -1066,3 +1066,42 @@ def test_running_out_of_memory_while_evaluating_is_one_line(tmp_path, monkeypatc
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "relreason: error: out of memory evaluating (features are extracted in batches of 512 images, fine-tuning's "
         "steps 128); lower `relreason evaluate`'s --batch-size, or leave finetune out of --protocols")
+
+
+def test_evaluate_refuses_an_output_that_would_replace_the_weights_or_a_run_file(folder_run, tmp_path, capsys):
+    _, run = folder_run
+    for name, what in (("backbone.pt", "the weights evaluated"), ("config.json", "the run's config.json")):
+        before = (run / name).read_bytes()
+        assert evaluate_args("--run-dir", str(run), "--protocols", "knn", "--output", str(run / name)) == 2
+        assert (f"--output {run / name} would replace {what}; give the results a file of their own, e.g. "
+                f"{run / 'evaluation.json'}") in capsys.readouterr().err
+        assert (run / name).read_bytes() == before
+
+
+def test_the_run_s_own_train_folder_named_directly_is_known_as_seen(folder_run, tmp_path, capsys):
+    """Pretrained on a root holding train/ and test/ (on train/): that train/ given as --data-root, split with
+    --test-fraction, holds only images the backbone was trained on."""
+    images, run = folder_run
+    output = tmp_path / "own-train.json"
+    assert evaluate_args("--run-dir", str(run), "--data-root", str(images / "train"), "--test-fraction", "0.34",
+                         "--output", str(output)) == 0
+    assert "were all seen in pretraining (it held none out)" in capsys.readouterr().err
+    result = json.loads(output.read_text())
+    assert result["test_images_seen_in_pretraining"] is True and result["cross_domain"] is False
+
+
+def test_a_full_disk_while_evaluating_is_one_line(folder_run, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from relreason.evaluate import report
+
+    def disk_full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    _, run = folder_run
+    monkeypatch.setattr(report, "atomic_write_bytes", disk_full)
+    output = tmp_path / "full.json"
+    assert evaluate_args("--run-dir", str(run), "--output", str(output)) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"relreason: error: cannot write {output} (No space left on device); free space there and rerun the same "
+        "command: the features already cached are read, not extracted again")

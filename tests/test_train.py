@@ -1062,3 +1062,32 @@ def test_training_seconds_leave_out_the_checkpoints_written_inside_an_epoch(tmp_
     result = pretrain(config(tmp_path, checkpoint_every=5, log_every=5))  # 23 steps: saves at 5, 10, 15, 20 and 23
     wall = time.perf_counter() - started
     assert result.history[0]["seconds"] <= wall - 4.5
+
+
+def test_a_finished_run_whose_checkpoints_were_deleted_is_not_trained_over(tmp_path):
+    first = pretrain(config(tmp_path))
+    exported = (first.run_dir / "backbone.pt").read_bytes()
+    for path in list_checkpoints(first.run_dir):
+        path.unlink()
+    for resume in (True, False):
+        with pytest.raises(RelreasonError, match=r"holds an exported backbone \(backbone.pt, backbone.json\) but no "
+                                                 r"checkpoint to go on from; choose another --output-dir"):
+            pretrain(config(tmp_path, seed=5, resume=resume))
+    assert (first.run_dir / "backbone.pt").read_bytes() == exported
+
+
+def test_a_standard_error_that_cannot_be_written_does_not_stop_training(tmp_path, monkeypatch):
+    """A log file on a full disk (2>/dev/full) or a closed stderr (2>&-): the run's lines are lost, not its work."""
+    import errno
+    import io
+    import sys
+
+    class FullDisk(io.TextIOBase):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sys, "stderr", FullDisk())
+    result = pretrain(config(tmp_path, epochs=2))
+    assert result.epochs_done == 2 and not result.stopped_early
+    assert [p.name for p in list_checkpoints(result.run_dir)] == ["checkpoint-e0002-s0000000.pt",
+                                                                  "checkpoint-e0001-s0000000.pt"]

@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import errno
 import importlib
 import os
 import re
@@ -19,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 from relreason.config_files import as_yaml_value, backbone_args_from, config_as_yaml, load_config_file
-from relreason.errors import RelreasonError
+from relreason.errors import RelreasonError, one_line, say
 from relreason.launch import is_first_process
 from relreason.run_files import BACKBONE_NAME
 
@@ -237,9 +238,20 @@ def add_compare_options(parser: argparse.ArgumentParser) -> None:
     _bool_flag(parser, "progress", "show progress bars when standard error is a terminal [on]")
 
 
+class _OneConfig(argparse.Action):
+    """--config given once: a second would silently replace the first file's options."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"--config is given twice ({getattr(namespace, self.dest)} and {values}); one file is read: "
+                         "join their options in one file, or give the second file's options as flags")
+        setattr(namespace, self.dest, values)
+
+
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     shipped = ", or a shipped config's name (`relreason list`)" if parser.prog == "relreason pretrain" else ""
-    parser.add_argument("--config", help=f"YAML file of options{shipped}")
+    parser.add_argument("--config", action=_OneConfig, help=f"YAML file of options{shipped}")
     parser.add_argument("--print-config", action="store_true",
                         help="print every option as a YAML config (yours, the config's and the defaults) and exit")
 
@@ -530,16 +542,21 @@ def _run_command(argv: Sequence[str] | None) -> int:
             return handler(args)
     except Terminated:
         if is_first_process():  # under torchrun every rank gets it: one says so
-            sys.stderr.write(f"relreason: stopped by SIGTERM{_AFTER_SIGTERM.get(command, '')}\n")
+            say(f"relreason: stopped by SIGTERM{_AFTER_SIGTERM.get(command, '')}")
         return 143  # 128 + SIGTERM, as pretrain's
     except RelreasonError as error:
-        # One write: under torchrun every rank may say it, and two prints each would interleave on one line.
-        sys.stderr.write(f"relreason: error: {_naming_the_config_file(error, parser, args)}\n")
-        sys.stderr.flush()
+        say(f"relreason: error: {_naming_the_config_file(error, parser, args)}")
+        return 2
+    except (RuntimeError, OSError) as error:
+        # A path whose symbolic links point back to themselves, met wherever a path is resolved.
+        if not (isinstance(error, OSError) and error.errno == errno.ELOOP or str(error).startswith("Symlink loop")):
+            raise
+        say(f"relreason: error: {one_line(error)} (a symbolic link that leads back to itself); fix the link or give "
+            "another path")
         return 2
     except KeyboardInterrupt:
         if is_first_process():  # under torchrun every rank is interrupted: one says so
-            sys.stderr.write(f"relreason: interrupted{_after_interrupt(command, args)}\n")
+            say(f"relreason: interrupted{_after_interrupt(command, args)}")
         return 130
 
 

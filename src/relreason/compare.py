@@ -10,7 +10,6 @@ import dataclasses
 import io
 import json
 import statistics
-import sys
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from relreason.atomic_files import atomic_write_bytes, atomic_write_json
 from relreason.checks import check_folder_given, with_home_expanded, with_plain_values
 from relreason.device import resolve_device
 from relreason.distributed import refuse_several_processes
-from relreason.errors import RelreasonError, option_flag, option_value
+from relreason.errors import DISK_FULL_ERRNOS, RelreasonError, disk_full, option_flag, option_value, say
 from relreason.figures import off_screen_figure, save_png
 from relreason.methods import check_method_name
 from relreason.run_files import BACKBONE_META_NAME, BACKBONE_NAME, CONFIG_NAME, FEATURES_DIR_NAME, STEPS_NAME
@@ -81,6 +80,9 @@ class CompareConfig:
             raise RelreasonError(f"--seeds must be distinct, got {list(self.seeds)}")
         if len(set(self.methods)) != len(self.methods):
             raise RelreasonError(f"--methods must be distinct, got {list(self.methods)}; each is run with every seed")
+        if len(set(self.protocols)) != len(self.protocols):
+            raise RelreasonError(f"--protocols must be distinct, got {list(self.protocols)}; each is a column of the "
+                                 "table")
         for seed in self.seeds:
             check_seed(seed, "--seeds")
         unknown = [p for p in self.protocols if p not in COMPARABLE_PROTOCOLS]
@@ -147,6 +149,9 @@ def check_existing_runs(config: CompareConfig) -> None:
     from relreason.train.run_folder import check_writable_folder
 
     check_writable_folder(Path(config.output_dir))
+    if (Path(config.output_dir) / BACKBONE_META_NAME).is_file() or list_checkpoints(config.output_dir):
+        raise RelreasonError(f"--output-dir {config.output_dir} is a pretrain run's folder, whose training_curves.png "
+                             "the comparison's would replace; choose another --output-dir")
     budget = _read_json(Path(config.output_dir) / BUDGET_NAME)
     if isinstance(budget, dict) and budget.get("time_limit") != config.time_limit:
         def said(minutes: float | None) -> str:
@@ -256,6 +261,15 @@ def summarise(values: list[float]) -> dict[str, float]:
 
 def run_compare(config: CompareConfig) -> dict[str, Any]:
     """Train and evaluate every method x seed; write compare.json, compare.md and the plots; return the summary."""
+    try:
+        return _run_compare(config)
+    except OSError as error:
+        if error.errno not in DISK_FULL_ERRNOS:
+            raise
+        raise disk_full(error, "finished runs and cached features are kept") from None
+
+
+def _run_compare(config: CompareConfig) -> dict[str, Any]:
     from relreason.data import dataset_info, held_out_split
     from relreason.evaluate import EvaluateConfig, check_several_classes, labelled_split, run_evaluation
     from relreason.train import pretrain
@@ -279,7 +293,7 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
         for seed in config.seeds:
             run_dir = run_dir_of(config, method, seed)
             if not budget_spent(run_dir, config.epochs):
-                print(f"== {method}, seed {seed} ==", file=sys.stderr, flush=True)
+                say(f"== {method}, seed {seed} ==")
                 run_config = pretrain_config_for(config, method, seed)
                 run_config.time_limit = remaining_minutes(run_dir, config.time_limit)
                 if method != "random":  # the budget binds the folder once a run trains under it
@@ -290,9 +304,9 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
                     # it came in the last step of a run that then finished.
                     return {"preempted": f"{method}, seed {seed}"}
             else:
-                print(f"== {method}, seed {seed}: trained in an earlier run ==", file=sys.stderr, flush=True)
+                say(f"== {method}, seed {seed}: trained in an earlier run ==")
             # Features are cached beside each run's weights, but the probes run again: say so, as they take a while.
-            print(f"evaluating {method}, seed {seed}: {', '.join(config.protocols)}", file=sys.stderr, flush=True)
+            say(f"evaluating {method}, seed {seed}: {', '.join(config.protocols)}")
             meta = _read_json(run_dir / BACKBONE_META_NAME)
             evaluation = run_evaluation(EvaluateConfig(
                 run_dir=str(run_dir), protocols=tuple(config.protocols), linear_epochs=config.linear_epochs,
@@ -309,7 +323,7 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     atomic_write_json(output / "compare.json", {"config": dataclasses.asdict(config), **summary, "runs": runs})
     atomic_write_bytes(output / "compare.md", format_markdown(summary, config).encode())
     plot_curves(runs, output / "training_curves.png")
-    print("drawing the t-SNE map of each method's test features", file=sys.stderr, flush=True)
+    say("drawing the t-SNE map of each method's test features")
     plot_embeddings(config, output / "embedding_map.png")
     return summary
 

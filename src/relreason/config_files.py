@@ -42,7 +42,10 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise RelreasonError(f"config file {path} is not valid YAML{where} ({str(error).splitlines()[0]})") from None
+        lines = text.splitlines()
+        line = lines[mark.line] if mark is not None and mark.line < len(lines) else ""
+        tab = "; YAML takes no tab between a key and its value or in an indentation: use spaces" if "\t" in line else ""
+        raise RelreasonError(f"config file {path} is not valid YAML{where} ({str(error).splitlines()[0]}){tab}") from None
     if not isinstance(loaded, dict):
         raise RelreasonError(f"config file {path} must be a mapping of option: value")
     actions = {action.dest: action for action in parser._actions

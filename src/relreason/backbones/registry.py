@@ -20,6 +20,7 @@ from relreason.backbones.feature_dim import infer_feature_dim
 from relreason.backbones.torchvision_resnet import torchvision_resnet
 from relreason.checks import check_positive_int
 from relreason.config_files import as_yaml_value
+from relreason.device import is_out_of_memory
 from relreason.errors import RelreasonError
 from relreason.user_code import import_named
 
@@ -244,7 +245,14 @@ def build_backbone(name: str, image_size: int = 32, args: Mapping[str, Any] | No
     kwargs = {**check_backbone_args(args), **kwargs}
     factory = _factory(name)
     _check_call(factory, name, kwargs)
-    backbone = factory(**kwargs)
+    try:
+        backbone = factory(**kwargs)
+    except RuntimeError as error:
+        if not is_out_of_memory(error):
+            raise
+        given = " ".join(f"{key}={value}" for key, value in kwargs.items())
+        raise RelreasonError(f"out of memory building backbone '{name}'{f' with {given}' if given else ''}; choose "
+                             "a smaller one (--backbone-args) or free memory") from None
     if not isinstance(backbone, nn.Module):
         raise RelreasonError(f"backbone factory '{name}' returned {type(backbone).__name__}, not a torch.nn.Module; "
                              "make it return the backbone module")

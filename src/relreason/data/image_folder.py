@@ -338,7 +338,8 @@ class ImageFolderDataset(Dataset):
         removing a file, or moving the folder, does not change for the others."""
 
         def rank(index: int) -> bytes:
-            return hashlib.blake2b(f"{seed}/{self._name_in_root(self.paths[index])}".encode(), digest_size=16).digest()
+            return hashlib.blake2b(f"{seed}/{self._name_in_root(self.paths[index])}".encode("utf-8", "surrogateescape"),
+                                  digest_size=16).digest()
 
         return sorted(range(len(self.paths)), key=rank)
 

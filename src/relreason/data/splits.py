@@ -74,7 +74,7 @@ def load_folder_split(root: Path, split: str) -> ImageFolderDataset:
 
 def _rank_in_class(paths: Sequence[str], seed: int) -> np.ndarray:
     """A seeded order of files that depends on each file's own name: adding or removing one moves no other."""
-    keys = [hashlib.sha1(f"{seed}:{path}".encode()).hexdigest() for path in paths]
+    keys = [hashlib.sha1(f"{seed}:{path}".encode("utf-8", "surrogateescape")).hexdigest() for path in paths]
     return np.argsort(np.asarray(keys), kind="stable")
 
 

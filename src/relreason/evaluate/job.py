@@ -29,7 +29,7 @@ from relreason.data.image_folder import decoded_for, read_threads
 from relreason.data.splits import image_folders_read
 from relreason.device import is_out_of_memory, resolve_device, use_device
 from relreason.distributed import refuse_several_processes
-from relreason.errors import RelreasonError, note, option_flag, warn
+from relreason.errors import DISK_FULL_ERRNOS, RelreasonError, disk_full, note, option_flag, warn
 from relreason.evaluate.config import EvaluateConfig
 from relreason.evaluate.data import (
     check_several_classes,
@@ -44,7 +44,7 @@ from relreason.evaluate.data import (
     weights_digest,
     without_unreadable,
 )
-from relreason.evaluate.report import check_output_path, write_results_json
+from relreason.evaluate.report import check_output_path, check_output_spares, write_results_json
 from relreason.evaluate.weights import load_backbone_source, load_matching_state
 from relreason.protocols import (
     check_label_fractions,
@@ -103,6 +103,10 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     try:
         with caller_rng_kept():
             return _run_evaluation(config)
+    except OSError as error:
+        if error.errno not in DISK_FULL_ERRNOS:
+            raise
+        raise disk_full(error, "the features already cached are read, not extracted again") from None
     except RuntimeError as error:
         if not is_out_of_memory(error):
             raise
@@ -137,6 +141,7 @@ def _run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     # A training checkpoint's results go beside it under their own name, not over the exported backbone's.
     default = f"evaluation-{weights.stem}.json" if is_checkpoint_path(weights) else "evaluation.json"
     output = Path(config.output) if config.output else weights.parent / default
+    check_output_spares(output, weights)
     _say_if_partial(meta, weights, config)
     data = _evaluation_data(config, meta, output)
     image_size, train_set, test_set = data.image_size, data.train_set, data.test_set
@@ -290,7 +295,10 @@ def _evaluation_data(config: EvaluateConfig, meta: dict[str, Any], output: Path)
                              "as images next time); pass an --output outside it")
     check_output_path(output)
     # The run's own held-out share when it was pretrained on part of this very folder (and none was asked for).
-    same_folder = own_data and (not config.data_root or (recorded is not None and same_path(config.data_root, recorded)))
+    # Also the run's own images named otherwise: its root's train/ given for a root that holds train/ and test/.
+    same_folder = own_data and (not config.data_root or (recorded is not None and (
+        same_path(config.data_root, recorded) or (info.name == "folder" and pretraining_folder(config.data_root).resolve()
+                                                  == pretraining_folder(recorded).resolve()))))
     gone = bool(recorded and not Path(recorded).expanduser().exists())
     if info.name == "folder" and own_data and not same_folder and gone:
         # The run's folder is gone: the one given is taken for it, moved, as pretrain takes a moved folder on resuming.

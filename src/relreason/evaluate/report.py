@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from relreason.atomic_files import atomic_write_bytes, plain_json
+from relreason.checkpoint import is_checkpoint_path
 from relreason.errors import RelreasonError
 from relreason.protocols import fraction_name
 from relreason.protocols.frozen import ALL_PROTOCOLS, LINEAR_PROTOCOLS
+from relreason.run_files import RUN_FILE_NAMES
 
 #: Columns of the main table: (protocol, result key, header), in order.
 _TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -100,6 +102,19 @@ def write_results_json(path: str | Path, payload: Mapping[str, Any]) -> Path:
     path = Path(path)
     atomic_write_bytes(path, text.encode())
     return path
+
+
+def check_output_spares(output: Path, weights: Path) -> None:
+    """Refuse a results path that is the weights evaluated, or an existing file of a run folder (its backbone,
+    checkpoints, options, logs): the results would replace it."""
+    if output.resolve() == weights.resolve():
+        what = "the weights evaluated"
+    elif output.is_file() and (output.name in RUN_FILE_NAMES or is_checkpoint_path(output)):
+        what = f"the run's {output.name}"
+    else:
+        return
+    raise RelreasonError(f"--output {output} would replace {what}; give the results a file of their own, e.g. "
+                         f"{output.with_name('evaluation.json')}")
 
 
 def check_output_path(output: Path) -> None:

@@ -4,9 +4,7 @@ trains it epoch by epoch, logging and checkpointing on rank 0."""
 from __future__ import annotations
 
 import dataclasses
-import errno
 import math
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +26,7 @@ from relreason.data.decoded_folder import DecodedImageFolder
 from relreason.data.sampler import EpochBatchSampler
 from relreason.device import autocast_dtype, is_out_of_memory, precise_float, resolve_device
 from relreason.distributed import DistributedContext, all_reduce_mean, barrier, init_distributed, shutdown_distributed
-from relreason.errors import RelreasonError, note, short_reason, warn
+from relreason.errors import DISK_FULL_ERRNOS, RelreasonError, note, say, short_reason, warn
 from relreason.losses import build_loss
 from relreason.methods import (
     PretrainMethod,
@@ -83,9 +81,6 @@ from relreason.train.run_folder import (
 from relreason.train.step_module import PretrainModule
 from relreason.train.stop import StopRequest
 
-#: Write errors that no retry fixes and the user can: a full disk, a spent quota, a file system turned read-only.
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-
 POSTFIX_SECONDS = 2.0  # how often the progress bar's running means are refreshed
 
 
@@ -108,7 +103,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         with caller_rng_kept():
             return _pretrain(config, context, device, deadline)
     except OSError as error:
-        if error.errno not in _DISK_FULL:
+        if error.errno not in DISK_FULL_ERRNOS:
             raise
         # Every run file is written whole or not at all: the newest checkpoint there is whole.
         kept = list_checkpoints(config.output_dir)
@@ -400,7 +395,7 @@ def make_optimizer(groups: list[dict[str, Any]], config: PretrainConfig, device:
 
 def log(message: str, context: DistributedContext) -> None:
     if context.is_main:
-        print(message, file=sys.stderr, flush=True)
+        say(message)
 
 
 def train_one_epoch(

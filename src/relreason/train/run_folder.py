@@ -26,15 +26,20 @@ def check_output_dir(config: PretrainConfig) -> None:
     run_dir = Path(config.output_dir)
     check_writable_folder(run_dir)
     try:
-        checkpoints = list_checkpoints(run_dir) if not config.resume else []
+        checkpoints = list_checkpoints(run_dir)
     except OSError as error:
         raise RelreasonError(f"output folder {run_dir} cannot be read ({error.strerror or type(error).__name__}); "
                              "choose another --output-dir") from None
-    if checkpoints:
+    if checkpoints and not config.resume:
         raise RelreasonError(
             f"{run_dir} already holds training checkpoints and --no-resume was given; "
             "drop --no-resume to continue them or choose another --output-dir"
         )
+    if not checkpoints and config.method != "random" and (run_dir / BACKBONE_META_NAME).exists():
+        # Its checkpoints deleted (to save space, say): training there afresh would replace the trained backbone.
+        raise RelreasonError(f"{run_dir} holds an exported backbone ({BACKBONE_NAME}, {BACKBONE_META_NAME}) but no "
+                             "checkpoint to go on from; choose another --output-dir (or move those files away to "
+                             "train there afresh)")
 
 
 def check_writable_folder(folder: Path) -> None:
