@@ -76,6 +76,9 @@ PRETRAIN_CASES = [
      "--config is given twice ({tmp}/pretrain.yaml and {tmp}/negative-lr.yaml); one file is read: join their options "
      "in one file, or give the second file's options as flags"),
     ("--no-resume over checkpoints", ["--no-resume", "--output-dir", "{tmp}/has-checkpoint"], "drop --no-resume"),
+    ("a folder of one's own files named as a run's", ["--output-dir", "{tmp}/project"],
+     "project holds config.json, which no relreason run wrote there and a run would replace; choose another "
+     "--output-dir (a folder of its own for each run)"),
     ("a finished run's folder whose checkpoints were deleted", ["--output-dir", "{tmp}/finished-no-checkpoints"],
      "finished-no-checkpoints holds an exported backbone (backbone.pt, backbone.json) but no checkpoint to go on "
      "from; choose another --output-dir (or move those files away to train there afresh)"),
@@ -193,6 +196,8 @@ def workspace(tmp_path):
     (tmp_path / "has-checkpoint" / "checkpoint-e0001-s0000000.pt").write_bytes(b"earlier work")
     (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
     (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "config.json").write_text('{"learning_rate": 3}')
     (tmp_path / "finished-no-checkpoints").mkdir()
     (tmp_path / "finished-no-checkpoints" / "backbone.json").write_text('{"method": "relational", "finished": true}')
     torch.save(Conv4().state_dict(), tmp_path / "finished-no-checkpoints" / "backbone.pt")

@@ -580,6 +580,7 @@ def test_resume_under_another_number_of_processes_goes_on_with_the_unused_images
 def test_a_fresh_start_drops_the_records_a_killed_run_left(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
+    (run / "config.json").write_text('{"method": "relational"}')  # written first: killed before its first checkpoint
     (run / "steps.jsonl").write_text('{"epoch": 0.5, "loss": 9.0}\n')
     (run / "metrics.jsonl").write_text('{"epoch": 1, "loss": 9.0}\n')
     result = pretrain(config(tmp_path, log_every=10))
@@ -1091,3 +1092,24 @@ def test_a_standard_error_that_cannot_be_written_does_not_stop_training(tmp_path
     assert result.epochs_done == 2 and not result.stopped_early
     assert [p.name for p in list_checkpoints(result.run_dir)] == ["checkpoint-e0002-s0000000.pt",
                                                                   "checkpoint-e0001-s0000000.pt"]
+
+
+def test_a_folder_of_one_s_own_files_named_as_a_run_s_is_not_written_over(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    own = {"config.json": '{"learning_rate": 3}', "metrics.jsonl": '{"step": 1}\n', "training_curves.png": "png"}
+    for name, text in own.items():
+        (project / name).write_text(text)
+    with pytest.raises(RelreasonError, match=r"holds config.json, metrics.jsonl, training_curves.png, which no "
+                                             r"relreason run wrote there and a run would replace; choose another "
+                                             r"--output-dir \(a folder of its own for each run\)"):
+        pretrain(config(tmp_path, output_dir=str(project)))
+    assert {name: (project / name).read_text() for name in own} == own
+    (project / "config.json").unlink()
+    (project / "training_curves.png").unlink()
+    (project / "notes.txt").write_text("mine")  # files of other names are no run's business
+    with pytest.raises(RelreasonError, match=r"holds metrics.jsonl, which no relreason run wrote"):
+        pretrain(config(tmp_path, output_dir=str(project)))
+    (project / "metrics.jsonl").unlink()
+    assert pretrain(config(tmp_path, output_dir=str(project))).epochs_done == 1
+    assert (project / "notes.txt").read_text() == "mine"

@@ -185,9 +185,10 @@ def _pretrain(
     if found is not None:
         position = _resume(found, model, optimizer, groups, scaler, config, geometry, device, context)
     if context.is_main:
+        # config.json first: it marks the folder as a run's before any log is written (run_folder.foreign_run_files).
+        _record_options(run_dir, config, geometry, position, context)
         # Records past the starting point (all of them on a fresh start) are of steps about to be redone.
         metrics.truncate_after(position.epochs_done)
-        _record_options(run_dir, config, geometry, position, context)
 
     train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if context.enabled else model

@@ -14,7 +14,16 @@ from relreason.backbones.registry import factory_defaults
 from relreason.checkpoint import list_checkpoints
 from relreason.distributed import DistributedContext, broadcast_object
 from relreason.errors import RelreasonError
-from relreason.run_files import BACKBONE_META_NAME, BACKBONE_NAME, CONFIG_NAME, CURVES_NAME, METRICS_NAME, STEPS_NAME
+from relreason.run_files import (
+    BACKBONE_META_NAME,
+    BACKBONE_NAME,
+    CONFIG_NAME,
+    CURVES_NAME,
+    METRICS_NAME,
+    RUN_FILE_NAMES,
+    SKIPPED_IMAGES_NAME,
+    STEPS_NAME,
+)
 from relreason.train.config import PretrainConfig, views_used
 from relreason.train.position import TrainingPosition
 from relreason.user_code import code_folder
@@ -35,11 +44,34 @@ def check_output_dir(config: PretrainConfig) -> None:
             f"{run_dir} already holds training checkpoints and --no-resume was given; "
             "drop --no-resume to continue them or choose another --output-dir"
         )
+    foreign = [] if checkpoints else foreign_run_files(run_dir)
+    if foreign:
+        raise RelreasonError(f"{run_dir} holds {', '.join(foreign)}, which no relreason run wrote there and a run would "
+                             "replace; choose another --output-dir (a folder of its own for each run)")
     if not checkpoints and config.method != "random" and (run_dir / BACKBONE_META_NAME).exists():
         # Its checkpoints deleted (to save space, say): training there afresh would replace the trained backbone.
         raise RelreasonError(f"{run_dir} holds an exported backbone ({BACKBONE_NAME}, {BACKBONE_META_NAME}) but no "
                              "checkpoint to go on from; choose another --output-dir (or move those files away to "
                              "train there afresh)")
+
+
+def foreign_run_files(run_dir: Path) -> list[str]:
+    """The files of ``run_dir`` named as a run's files when no run wrote them: a folder with neither checkpoints nor a
+    run's config.json or backbone.json (``--output-dir .`` in a project of one's own, say)."""
+    # Not the skip log: a run may write it (while reading its images) before its config.json.
+    names = [name for name in RUN_FILE_NAMES if name != SKIPPED_IMAGES_NAME and (run_dir / name).exists()]
+    if not names or any(_is_run_record(run_dir / name) for name in (CONFIG_NAME, BACKBONE_META_NAME)):
+        return []
+    return names
+
+
+def _is_run_record(path: Path) -> bool:
+    """Whether ``path`` is a config.json or backbone.json a run wrote: JSON naming the run's method."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "method" in record
 
 
 def check_writable_folder(folder: Path) -> None:
