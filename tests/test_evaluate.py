@@ -1105,3 +1105,23 @@ def test_a_full_disk_while_evaluating_is_one_line(folder_run, tmp_path, monkeypa
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"relreason: error: cannot write {output} (No space left on device); free space there and rerun the same "
         "command: the features already cached are read, not extracted again")
+
+
+def test_the_root_above_a_run_s_folder_is_another_folder_with_its_own_split(tmp_path, capsys):
+    """Pretrained on R/train with a share held out: R itself (holding train/ and test/) is evaluated on its own
+    split, not taken for the run's folder (whose held-out share R's train/ and test/ would refuse)."""
+    from relreason.train import PretrainConfig, pretrain
+
+    root = labelled_folder(tmp_path / "R")
+    pretrain(PretrainConfig(dataset="folder", data_root=str(root / "train"), test_fraction=0.34, image_size=12,
+                            num_views=2, batch_size=8, epochs=1, device="cpu", progress=False, tensorboard=False,
+                            output_dir=str(tmp_path / "run")))
+    assert evaluate_args("--run-dir", str(tmp_path / "run"), "--data-root", str(root)) == 0
+    assert json.loads((tmp_path / "run" / "evaluation.json").read_text())["test_size"] == 6
+
+
+def test_evaluate_writes_again_over_its_own_output_outside_a_run(folder_run, tmp_path):
+    _, run = folder_run
+    output = tmp_path / "elsewhere" / "steps.jsonl"  # a run file's name, but no run's folder
+    for _ in range(2):
+        assert evaluate_args("--run-dir", str(run), "--output", str(output)) == 0

@@ -1113,3 +1113,10 @@ def test_a_folder_of_one_s_own_files_named_as_a_run_s_is_not_written_over(tmp_pa
     (project / "metrics.jsonl").unlink()
     assert pretrain(config(tmp_path, output_dir=str(project))).epochs_done == 1
     assert (project / "notes.txt").read_text() == "mine"
+
+
+def test_a_random_export_killed_between_its_two_files_is_written_again(tmp_path):
+    first = pretrain(config(tmp_path, method="random"))
+    (first.run_dir / "backbone.json").unlink()  # killed after backbone.pt was replaced, before backbone.json
+    again = pretrain(config(tmp_path, method="random"))
+    assert (again.run_dir / "backbone.json").exists()

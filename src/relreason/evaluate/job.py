@@ -297,7 +297,7 @@ def _evaluation_data(config: EvaluateConfig, meta: dict[str, Any], output: Path)
     # The run's own held-out share when it was pretrained on part of this very folder (and none was asked for).
     # Also the run's own images named otherwise: its root's train/ given for a root that holds train/ and test/.
     same_folder = own_data and (not config.data_root or (recorded is not None and (
-        same_path(config.data_root, recorded) or (info.name == "folder" and pretraining_folder(config.data_root).resolve()
+        same_path(config.data_root, recorded) or (info.name == "folder" and Path(config.data_root).expanduser().resolve()
                                                   == pretraining_folder(recorded).resolve()))))
     gone = bool(recorded and not Path(recorded).expanduser().exists())
     if info.name == "folder" and own_data and not same_folder and gone:

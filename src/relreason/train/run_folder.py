@@ -60,18 +60,20 @@ def foreign_run_files(run_dir: Path) -> list[str]:
     run's config.json or backbone.json (``--output-dir .`` in a project of one's own, say)."""
     # Not the skip log: a run may write it (while reading its images) before its config.json.
     names = [name for name in RUN_FILE_NAMES if name != SKIPPED_IMAGES_NAME and (run_dir / name).exists()]
-    if not names or any(_is_run_record(run_dir / name) for name in (CONFIG_NAME, BACKBONE_META_NAME)):
+    # backbone.pt alone: an export killed between its two files (--method random writes no config.json).
+    if names in ([], [BACKBONE_NAME]) or any(_is_run_record(run_dir / name) for name in (CONFIG_NAME, BACKBONE_META_NAME)):
         return []
     return names
 
 
 def _is_run_record(path: Path) -> bool:
-    """Whether ``path`` is a config.json or backbone.json a run wrote: JSON naming the run's method."""
+    """Whether ``path`` is a config.json or backbone.json a run wrote: JSON naming the run's method (the earliest
+    versions named only its backbone and dataset)."""
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(record, dict) and "method" in record
+    return isinstance(record, dict) and ("method" in record or {"backbone", "dataset"} <= record.keys())
 
 
 def check_writable_folder(folder: Path) -> None:
