@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from relreason.errors import RelreasonError, short_reason, warn
+from relreason.run_files import BACKBONE_META_NAME
 
 
 def rng_state(device: torch.device | None = None) -> dict[str, Any]:
@@ -84,6 +85,11 @@ def checkpoint_position(path: str | os.PathLike) -> tuple[int, int] | None:
     """``(epochs done, steps into the next)`` that a checkpoint's name says, or None for another name."""
     match = _CHECKPOINT_PATTERN.match(Path(path).name)
     return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def holds_a_run(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is a pretrain run's: it holds the run's exported backbone.json or a checkpoint."""
+    return (Path(folder) / BACKBONE_META_NAME).is_file() or bool(list_checkpoints(folder))
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:

@@ -143,13 +143,13 @@ def _read_json(path: Path) -> Any:
 def check_existing_runs(config: CompareConfig) -> None:
     """Refuse, before anything trains, run folders that another comparison's options made."""
     from relreason.backbones.registry import build_difference
-    from relreason.checkpoint import checkpoint_position, list_checkpoints
+    from relreason.checkpoint import checkpoint_position, holds_a_run, list_checkpoints
     from relreason.data import dataset_info, same_dataset
     from relreason.train import PretrainConfig
     from relreason.train.run_folder import check_writable_folder
 
     check_writable_folder(Path(config.output_dir))
-    if (Path(config.output_dir) / BACKBONE_META_NAME).is_file() or list_checkpoints(config.output_dir):
+    if holds_a_run(config.output_dir):
         raise RelreasonError(f"--output-dir {config.output_dir} is a pretrain run's folder, whose training_curves.png "
                              "the comparison's would replace; choose another --output-dir")
     budget = _read_json(Path(config.output_dir) / BUDGET_NAME)

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from relreason.atomic_files import atomic_write_bytes, plain_json
-from relreason.checkpoint import is_checkpoint_path, list_checkpoints
+from relreason.checkpoint import holds_a_run, is_checkpoint_path
 from relreason.errors import RelreasonError
 from relreason.protocols import fraction_name
 from relreason.protocols.frozen import ALL_PROTOCOLS, LINEAR_PROTOCOLS
-from relreason.run_files import BACKBONE_META_NAME, RUN_FILE_NAMES
+from relreason.run_files import RUN_FILE_NAMES
 
 #: Columns of the main table: (protocol, result key, header), in order.
 _TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -109,8 +109,7 @@ def check_output_spares(output: Path, weights: Path) -> None:
     checkpoints, options, logs): the results would replace it."""
     if output.resolve() == weights.resolve():
         what = "the weights evaluated"
-    elif output.is_file() and (output.name in RUN_FILE_NAMES or is_checkpoint_path(output)) and (
-            (output.parent / BACKBONE_META_NAME).exists() or list_checkpoints(output.parent)):  # a run's folder
+    elif output.is_file() and (output.name in RUN_FILE_NAMES or is_checkpoint_path(output)) and holds_a_run(output.parent):
         what = f"the run's {output.name}"
     else:
         return

@@ -103,16 +103,16 @@ def step_record(position: TrainingPosition) -> dict[str, float]:
     }
 
 
-def format_metric(name: str, value: float) -> str:
-    return f"{100 * value:.2f}%" if name.endswith("accuracy") else f"{value:.4f}"
+def format_metric(name: str, value: float, percent_decimals: int = 2) -> str:
+    return f"{100 * value:.{percent_decimals}f}%" if name.endswith("accuracy") else f"{value:.4f}"
 
 
 def progress_fields(means: dict[str, float]) -> dict[str, str]:
     """The running means as a progress bar shows them: short names (``relation`` for ``relation_accuracy``), the
     loss and the probe first, so that a narrow terminal, which cuts the line on the right, keeps those."""
     first = [name for name in ("loss", "probe_accuracy") if name in means]
-    return {name.removesuffix("_accuracy"): f"{100 * means[name]:.1f}%" if name.endswith("accuracy")
-            else f"{means[name]:.4f}" for name in [*first, *(n for n in means if n not in first)]}
+    return {name.removesuffix("_accuracy"): format_metric(name, means[name], percent_decimals=1)
+            for name in [*first, *(n for n in means if n not in first)]}
 
 
 def plot_training_curves(history: list[dict[str, float]], path: Path) -> bool:
